@@ -1,0 +1,327 @@
+"""The sweep definition: frozen dataclasses for the base model, data, search space, budget and resources.
+
+A sweep file builds one `Sweep` and hands it to `lora_search.run`:
+
+    python sweeps/tiny.py            # or: lora-search run sweeps/tiny.py
+
+Every part is frozen because trial configs travel to Ray workers and must not drift. `Sweep` checks all
+of its parts at construction and raises one `ConfigError` naming every problem (field, value, fix).
+Checks that need the outside world (the model's config, the data files, CUDA) run in
+`lora_search.preflight` before any trial starts; `lora-search validate` reports both kinds together.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import math
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Dtype = Literal["float32", "bfloat16", "float16", "auto"]
+SearchAlgorithm = Literal["random", "grid", "optuna"]
+Placement = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
+Targets = str | tuple[str, ...]
+"""A target-module preset name (see `lora_search.targets.PRESETS`) or an explicit tuple of module names."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a sweep: where (`field`, or `file:line` for data), what was given, how to fix it."""
+
+    field: str
+    value: Any
+    message: str
+    fix: str = ""
+
+    def __str__(self) -> str:
+        shown = "" if self.value is None else f" = {self.value!r}"
+        fix = f" Fix: {self.fix}" if self.fix else ""
+        return f"{self.field}{shown}: {self.message}.{fix}"
+
+
+class ConfigError(ValueError):
+    """A sweep that cannot run. `problems` holds every problem found, not just the first."""
+
+    def __init__(self, problems: list[Problem], header: str = "invalid sweep") -> None:
+        self.problems = list(problems)
+        lines = [f"{header}: {len(self.problems)} problem(s)"] + [f"  - {p}" for p in self.problems]
+        super().__init__("\n".join(lines))
+
+
+_collected: contextvars.ContextVar[list[Problem] | None] = contextvars.ContextVar("collected", default=None)
+
+
+@contextlib.contextmanager
+def collecting_problems() -> Iterator[list[Problem]]:
+    """Within this block a `Sweep` with problems is still built and its problems land in the yielded list.
+
+    `lora-search validate` and `run` use it so that construction problems and pre-flight problems
+    (missing modules, broken data lines) are reported together in one message.
+    """
+    problems: list[Problem] = []
+    token = _collected.set(problems)
+    try:
+        yield problems
+    finally:
+        _collected.reset(token)
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    """The model every trial adapts."""
+
+    name_or_path: str
+    """A Hugging Face hub id (`meta-llama/Llama-3.1-8B`) or a local directory with config.json and weights."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit). Pin a commit for reproducible nightly sweeps."""
+    dtype: Dtype = "float32"
+    """Weights dtype. bfloat16 halves memory on GPUs; CPUs train fastest and most exactly in float32."""
+    trust_remote_code: bool = False
+    """Run modelling code shipped with the checkpoint. Off unless you trust that repository."""
+
+    def problems(self) -> list[Problem]:
+        out = []
+        if not self.name_or_path:
+            out.append(Problem("base.name_or_path", self.name_or_path, "is empty", "give a hub id or a local model dir"))
+        return out
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Training data. Local JSONL rows are either chat (`{"messages": [{"role", "content"}, ...]}`) or
+    instruction (`{"instruction", "input"?, "output"}`); a local dir saved by `datasets` or a hub id also works."""
+
+    path: str
+    eval_path: str | None = None
+    """Held-out rows for the eval loss that ASHA prunes on. Without it, `eval_fraction` of `path` is held out."""
+    eval_fraction: float = 0.1
+    max_length: int = 512
+    """Longer rows are truncated. Memory per trial grows linearly with it (activations)."""
+    split: str = "train"
+    """Split to read when `path` is a hub id or a `datasets` dir."""
+
+    def problems(self) -> list[Problem]:
+        out = []
+        if not self.path:
+            out.append(Problem("dataset.path", self.path, "is empty", "give a .jsonl file, a dataset dir or hub id"))
+        if self.eval_path is None and not 0.0 < self.eval_fraction < 1.0:
+            out.append(
+                Problem("dataset.eval_fraction", self.eval_fraction, "must be in (0, 1)", "e.g. 0.1, or set eval_path")
+            )
+        if self.max_length < 8:
+            out.append(Problem("dataset.max_length", self.max_length, "must be >= 8 tokens", "e.g. 512"))
+        return out
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """What the sweep varies. Discrete axes are sampled uniformly (or gridded); lr is log-uniform."""
+
+    ranks: tuple[int, ...] = (8, 16)
+    """LoRA rank r. Adapter size and trainable params grow linearly with r."""
+    alpha_over_rank: tuple[float, ...] = (2.0,)
+    """lora_alpha = ratio * r. Ignored when `alpha` is set. (rsLoRA scales by alpha/sqrt(r) instead of alpha/r.)"""
+    alpha: tuple[float, ...] | None = None
+    """Absolute lora_alpha values; overrides `alpha_over_rank`."""
+    targets: tuple[Targets, ...] = ("all-linear",)
+    """Presets: attention (q,v), attention-all (q,k,v,o), mlp (gate,up,down), all-linear; or tuples of names."""
+    variants: tuple[str, ...] = ("lora",)
+    """Rows of `lora_search.variants.VARIANTS`."""
+    lr: tuple[float, float] = (1e-4, 1e-3)
+    """(low, high) of a log-uniform learning-rate range."""
+    lr_grid_points: int = 3
+    """With search='grid', lr takes this many geometrically spaced values from the range."""
+    dropout: tuple[float, ...] = (0.0,)
+
+    def problems(self) -> list[Problem]:
+        from lora_search.targets import PRESETS
+        from lora_search.variants import VARIANTS
+
+        out = []
+        for name in ("ranks", "targets", "variants", "dropout", "alpha_over_rank"):
+            if len(getattr(self, name)) == 0:
+                out.append(Problem(f"space.{name}", getattr(self, name), "is empty", "give at least one value"))
+        for r in self.ranks:
+            if not isinstance(r, int) or r < 1:
+                out.append(Problem("space.ranks", r, "rank must be a positive integer", "e.g. ranks=(8, 16)"))
+        for a in self.alpha if self.alpha is not None else ():
+            if not a > 0:
+                out.append(Problem("space.alpha", a, "lora_alpha must be > 0", "e.g. alpha=(16,) or use alpha_over_rank"))
+        if self.alpha is not None and len(self.alpha) == 0:
+            out.append(Problem("space.alpha", self.alpha, "is empty", "drop it to use alpha_over_rank"))
+        for ratio in self.alpha_over_rank:
+            if not ratio > 0:
+                out.append(Problem("space.alpha_over_rank", ratio, "must be > 0", "e.g. (1.0, 2.0)"))
+        if len(self.lr) != 2:
+            out.append(Problem("space.lr", self.lr, "must be a (low, high) pair", "e.g. lr=(1e-4, 1e-3)"))
+        else:
+            low, high = self.lr
+            if not (0 < low < high and math.isfinite(high)):
+                out.append(
+                    Problem("space.lr", self.lr, "need 0 < low < high", f"e.g. lr=({min(self.lr)}, {max(self.lr)})")
+                )
+        if self.lr_grid_points < 1:
+            out.append(Problem("space.lr_grid_points", self.lr_grid_points, "must be >= 1", "e.g. 3"))
+        for d in self.dropout:
+            if not 0.0 <= d < 1.0:
+                out.append(Problem("space.dropout", d, "must be in [0, 1)", "e.g. dropout=(0.0, 0.05)"))
+        for v in self.variants:
+            if v not in VARIANTS:
+                out.append(
+                    Problem(
+                        "space.variants",
+                        v,
+                        f"unknown variant; known: {', '.join(VARIANTS)}",
+                        "fix the name, or add a row to VARIANTS in lora_search/variants.py",
+                    )
+                )
+        for t in self.targets:
+            if isinstance(t, str):
+                if t not in PRESETS:
+                    out.append(
+                        Problem(
+                            "space.targets",
+                            t,
+                            f"unknown preset; presets: {', '.join(PRESETS)}",
+                            "use a preset or a tuple of module names, e.g. ('q_proj', 'v_proj')",
+                        )
+                    )
+            elif not t or not all(isinstance(m, str) and m for m in t):
+                out.append(Problem("space.targets", t, "must be a non-empty tuple of module names", "e.g. ('q_proj',)"))
+        return out
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How long each trial trains and how ASHA cuts it short. ASHA's time unit is the optimizer step."""
+
+    max_steps: int = 200
+    """Optimizer steps of a trial that is never pruned."""
+    eval_every: int = 25
+    """Eval loss is computed and reported to Tune every this many steps; ASHA decides only at reports."""
+    grace_period: int = 50
+    """No trial is pruned before this many steps. The first rung; later rungs are grace * factor^k."""
+    reduction_factor: int = 3
+    """ASHA keeps the best 1/factor of trials at each rung: 3 prunes about 2/3 at the first rung."""
+    batch_size: int = 8
+    """Sequences per optimizer step per worker."""
+    grad_accum: int = 1
+    warmup_steps: int = 0
+
+    def problems(self) -> list[Problem]:
+        out = []
+        for name in ("max_steps", "eval_every", "grace_period", "batch_size", "grad_accum"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                out.append(Problem(f"budget.{name}", value, "must be a positive integer", ""))
+        if out:
+            return out
+        if self.grace_period > self.max_steps:
+            out.append(
+                Problem(
+                    "budget.grace_period",
+                    self.grace_period,
+                    f"exceeds max_steps={self.max_steps}, so ASHA could never prune",
+                    f"set grace_period <= {self.max_steps}",
+                )
+            )
+        if self.eval_every > self.max_steps:
+            out.append(
+                Problem(
+                    "budget.eval_every",
+                    self.eval_every,
+                    f"exceeds max_steps={self.max_steps}: no eval loss would ever be reported",
+                    f"set eval_every <= {self.max_steps}",
+                )
+            )
+        if self.grace_period % self.eval_every:
+            out.append(
+                Problem(
+                    "budget.grace_period",
+                    self.grace_period,
+                    f"is not a multiple of eval_every={self.eval_every}; ASHA only sees reports at those steps",
+                    "make grace_period a multiple of eval_every",
+                )
+            )
+        if self.reduction_factor < 2:
+            out.append(Problem("budget.reduction_factor", self.reduction_factor, "must be >= 2", "e.g. 3"))
+        if not 0 <= self.warmup_steps < self.max_steps:
+            out.append(Problem("budget.warmup_steps", self.warmup_steps, "must be in [0, max_steps)", ""))
+        return out
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one trial gets. A trial is a Ray Train run of `workers` data-parallel workers."""
+
+    workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    placement: Placement = "PACK"
+    """PACK keeps a trial's workers on one node when they fit (fast NCCL); SPREAD puts them on different nodes."""
+
+    def problems(self) -> list[Problem]:
+        out = []
+        if self.workers < 1:
+            out.append(Problem("resources.workers", self.workers, "must be >= 1", ""))
+        if self.cpus_per_worker <= 0 and self.gpus_per_worker <= 0:
+            out.append(Problem("resources.cpus_per_worker", self.cpus_per_worker, "a worker needs a CPU or a GPU", ""))
+        if self.gpus_per_worker < 0:
+            out.append(Problem("resources.gpus_per_worker", self.gpus_per_worker, "must be >= 0", ""))
+        return out
+
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """One LoRA hyperparameter sweep. Results land in `<output_dir>/<name>/`."""
+
+    name: str
+    base: BaseModel
+    dataset: Dataset
+    space: SearchSpace = field(default_factory=SearchSpace)
+    budget: Budget = field(default_factory=Budget)
+    resources: Resources = field(default_factory=Resources)
+    search: SearchAlgorithm = "random"
+    """random and optuna (TPE through Ray's OptunaSearch) draw `num_samples` trials; grid runs every combination
+    `num_samples` times."""
+    num_samples: int = 16
+    seed: int = 0
+    output_dir: str = "reports"
+    max_concurrent_trials: int | None = None
+    """None: as many as the cluster's CPUs/GPUs fit at `resources` per trial."""
+
+    def __post_init__(self) -> None:
+        problems = self.problems()
+        if not problems:
+            return
+        collected = _collected.get()
+        if collected is None:
+            raise ConfigError(problems, header=f"invalid sweep {self.name!r}")
+        collected.extend(problems)
+
+    def problems(self) -> list[Problem]:
+        out = []
+        if not isinstance(self.name, str) or not _NAME.match(self.name):
+            out.append(
+                Problem("name", self.name, "must be letters, digits, '_', '-', '.'", "it names reports/<name>/")
+            )
+        for part in (self.base, self.dataset, self.space, self.budget, self.resources):
+            out.extend(part.problems())
+        if self.search not in ("random", "grid", "optuna"):
+            out.append(Problem("search", self.search, "unknown search algorithm", "use random, grid or optuna"))
+        if self.num_samples < 1:
+            out.append(Problem("num_samples", self.num_samples, "must be >= 1", ""))
+        if self.max_concurrent_trials is not None and self.max_concurrent_trials < 1:
+            out.append(Problem("max_concurrent_trials", self.max_concurrent_trials, "must be >= 1 or None", ""))
+        return out
+
+    def replace(self, **changes: Any) -> Sweep:
+        """A copy with top-level fields changed (`sweep.replace(num_samples=4)`)."""
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,99 @@
+"""Pre-flight checks: everything about a sweep that can be known before any trial spends compute.
+
+    lora-search validate sweeps/tiny.py     # exit 0 when clean, 2 with every problem listed
+
+Reads only the model's config (no weights: the model is built on the meta device), the data files and
+what this machine has installed. Ray is never started here.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import TYPE_CHECKING
+
+from lora_search import data, targets
+from lora_search.config import BaseModel, ConfigError, Problem, Sweep
+from lora_search.variants import VARIANTS
+
+if TYPE_CHECKING:
+    from lora_search.targets import LinearLayer
+
+
+def model_layers(base: BaseModel) -> list[LinearLayer]:
+    """The linear layers of `base`, read from its config alone. Raises OSError/ValueError if no config loads."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(
+        base.name_or_path, revision=base.revision, trust_remote_code=base.trust_remote_code
+    )
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=base.trust_remote_code)
+    return targets.linear_layers(model)
+
+
+def problems(sweep: Sweep) -> list[Problem]:
+    """Problems that need the outside world: model config, target modules, ranks, data, GPU prerequisites."""
+    out: list[Problem] = []
+    try:
+        layers = model_layers(sweep.base)
+    except Exception as e:  # noqa: BLE001 - transformers raises OSError, ValueError, KeyError for a bad model
+        out.append(
+            Problem(
+                "base.name_or_path",
+                sweep.base.name_or_path,
+                f"cannot read the model config ({type(e).__name__}: {str(e).splitlines()[0][:200]})",
+                "give a local dir with config.json, or a hub id this machine can reach (set HF_TOKEN if gated)",
+            )
+        )
+        layers = []
+    seen: set[str] = set()
+    for i, t in enumerate(sweep.space.targets if layers else ()):
+        if isinstance(t, str) and t not in targets.PRESETS:
+            continue  # already reported as an unknown preset
+        for p in targets.check(t, sweep.space.ranks, layers, f"space.targets[{i}]"):
+            # A too-large rank shows up once per target set; the user needs it once.
+            if str(p) not in seen:
+                seen.add(str(p))
+                out.append(p)
+    out.extend(_hardware(sweep))
+    out.extend(data.check(sweep.dataset))
+    return out
+
+
+def _hardware(sweep: Sweep) -> list[Problem]:
+    out = []
+    quantized = [v for v in sweep.space.variants if v in VARIANTS and VARIANTS[v].quantized]
+    if not quantized:
+        return out
+    names = ", ".join(quantized)
+    if sweep.resources.gpus_per_worker <= 0:
+        out.append(
+            Problem(
+                "space.variants",
+                names,
+                "4-bit NF4 variants run on CUDA GPUs only, but resources.gpus_per_worker = 0",
+                "set resources=Resources(gpus_per_worker=1) on a GPU cluster, or drop them from space.variants",
+            )
+        )
+    elif not os.environ.get("RAY_ADDRESS"):
+        import torch
+
+        if not torch.cuda.is_available():
+            out.append(
+                Problem("space.variants", names, "no CUDA device on this machine", "run on a GPU machine or cluster")
+            )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        out.append(
+            Problem("space.variants", names, "needs bitsandbytes, which is not installed",
+                    "pip install 'lora-search[gpu]' (or bitsandbytes)")
+        )
+    return out
+
+
+def validate(sweep: Sweep, construction_problems: list[Problem] | None = None) -> None:
+    """Raise one ConfigError naming every problem with `sweep`, construction and pre-flight alike."""
+    found = list(construction_problems or []) + problems(sweep)
+    if found:
+        raise ConfigError(found, header=f"sweep {sweep.name!r} cannot run")

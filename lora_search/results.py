@@ -1,0 +1,153 @@
+"""Trial records: what each trial was, how it ended, what it cost; written to `reports/<sweep>/trials.parquet`.
+
+A trial ends in exactly one of three states:
+- completed: trained the full budget (`budget.max_steps`);
+- pruned: ASHA stopped it at a rung (`stopped_at_step` says where);
+- failed: its training raised (`reason` says why). A failed trial never stops the sweep.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from lora_search.space import trial_params
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+Status = Literal["completed", "pruned", "failed"]
+
+TABLE_COLUMNS = [
+    "trial_id", "status", "eval_loss", "variant", "rank", "alpha", "lr", "targets",
+    "adapter_bytes", "trainable_params", "step", "train_s",
+]
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    trial_id: str
+    status: Status
+    variant: str
+    rank: int
+    alpha: float
+    targets: str
+    lr: float
+    dropout: float
+    step: int
+    """Last optimizer step reported (for pruned trials: the rung it was stopped at)."""
+    eval_loss: float
+    best_eval_loss: float
+    train_loss: float
+    trainable_params: int
+    adapter_bytes: int
+    train_s: float
+    device_s: float
+    trial_s: float
+    """Wall time of the whole trial as Tune saw it (start-up, loading and training)."""
+    tokens_per_s: float
+    peak_mem_bytes: int
+    adapter_path: str
+    reason: str
+
+
+def status_of(error: BaseException | None, last: dict[str, Any], max_steps: int) -> Status:
+    if error is not None:
+        return "failed"
+    if last.get("step", 0) >= max_steps:
+        return "completed"
+    return "pruned"
+
+
+def error_reason(error: BaseException | None) -> str:
+    """The last meaningful line of a trial's error (Ray wraps the worker's traceback several times)."""
+    if error is None:
+        return ""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for line in reversed(lines):
+        if not line.startswith(("File ", "^", "~", "The above exception", "Traceback")):
+            return line[:500]
+    return type(error).__name__
+
+
+def record(
+    trial_id: str,
+    config: dict[str, Any],
+    history: list[dict[str, Any]],
+    error: BaseException | None,
+    max_steps: int,
+    adapters_dir: Path,
+) -> TrialRecord:
+    """One trial's record; copies its newest adapter checkpoint to `adapters_dir/<trial_id>`."""
+    params = trial_params(config)
+    last = history[-1] if history else {}
+    adapter_path = ""
+    source = last.get("checkpoint_path")
+    if source and Path(source).is_dir():
+        target = adapters_dir / trial_id
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(source, target)
+        adapter_path = str(target)
+    losses = [h["eval_loss"] for h in history if "eval_loss" in h]
+    nan = float("nan")
+    return TrialRecord(
+        trial_id=trial_id,
+        status=status_of(error, last, max_steps),
+        variant=params["variant"],
+        rank=int(params["rank"]),
+        alpha=float(params["alpha"]),
+        targets=params["targets"],
+        lr=float(params["lr"]),
+        dropout=float(params["dropout"]),
+        step=int(last.get("step", 0)),
+        eval_loss=float(last.get("eval_loss", nan)),
+        best_eval_loss=min(losses) if losses else nan,
+        train_loss=float(last.get("train_loss", nan)),
+        trainable_params=int(last.get("trainable_params", 0)),
+        adapter_bytes=int(last.get("adapter_bytes", 0)),
+        train_s=float(last.get("train_s", 0.0)),
+        device_s=float(last.get("device_s", 0.0)),
+        trial_s=float(last.get("time_total_s", 0.0)),
+        tokens_per_s=float(last.get("tokens_per_s", 0.0)),
+        peak_mem_bytes=int(last.get("peak_mem_bytes", 0)),
+        adapter_path=adapter_path,
+        reason=error_reason(error),
+    )
+
+
+def to_frame(records: list[TrialRecord]) -> pd.DataFrame:
+    import pandas as pd
+
+    return pd.DataFrame([asdict(r) for r in records], columns=list(TrialRecord.__dataclass_fields__))
+
+
+def write(records: list[TrialRecord], path: Path) -> None:
+    """Write atomically: a reader (or a killed driver) never sees half a file."""
+    tmp = path.with_suffix(".parquet.tmp")
+    to_frame(records).to_parquet(tmp, index=False)
+    tmp.replace(path)
+
+
+def table(frame: pd.DataFrame, top: int | None = None) -> str:
+    """The final table: completed trials first, best eval loss first; then pruned, then failed."""
+    order = {"completed": 0, "pruned": 1, "failed": 2}
+    shown = frame.assign(_o=frame["status"].map(order)).sort_values(["_o", "eval_loss"], na_position="last")
+    shown = shown[TABLE_COLUMNS].head(top) if top else shown[TABLE_COLUMNS]
+    return shown.to_string(
+        index=False,
+        formatters={
+            "eval_loss": "{:.4f}".format,
+            "lr": "{:.2e}".format,
+            "alpha": "{:g}".format,
+            "train_s": "{:.1f}".format,
+        },
+    )
+
+
+def summary(frame: pd.DataFrame) -> str:
+    counts = frame["status"].value_counts()
+    parts = [f"{counts.get(s, 0)} {s}" for s in ("completed", "pruned", "failed")]
+    return f"{len(frame)} trials: " + ", ".join(parts)

@@ -1,0 +1,82 @@
+"""The search space as Ray Tune sees it: param_space, search algorithm and ASHA scheduler for a Sweep.
+
+Every trial's config has the same flat keys (variant, rank, alpha, targets, lr, dropout) so results,
+MLflow params and reports line up. Alpha is derived from rank when the space gives `alpha_over_rank`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from lora_search.config import Sweep
+from lora_search.targets import target_key
+
+PARAMS = ("variant", "rank", "alpha", "targets", "lr", "dropout")
+
+
+def lr_grid(low: float, high: float, points: int) -> list[float]:
+    """`points` geometrically spaced learning rates from low to high (inclusive)."""
+    if points == 1:
+        return [math.sqrt(low * high)]
+    ratio = (high / low) ** (1 / (points - 1))
+    return [low * ratio**i for i in range(points)]
+
+
+def param_space(sweep: Sweep) -> dict[str, Any]:
+    """Tune param_space. Grid search enumerates every combination; random/optuna sample."""
+    from ray import tune
+
+    space = sweep.space
+    grid = sweep.search == "grid"
+    pick = tune.grid_search if grid else tune.choice
+    out: dict[str, Any] = {
+        "variant": pick(list(space.variants)),
+        "rank": pick(list(space.ranks)),
+        "targets": pick([target_key(t) for t in space.targets]),
+        "dropout": pick(list(space.dropout)),
+        "lr": tune.grid_search(lr_grid(*space.lr, space.lr_grid_points)) if grid else tune.loguniform(*space.lr),
+    }
+    if space.alpha is not None:
+        out["alpha"] = pick([float(a) for a in space.alpha])
+    else:
+        out["alpha_over_rank"] = pick([float(r) for r in space.alpha_over_rank])
+    return out
+
+
+def trial_params(config: dict[str, Any]) -> dict[str, Any]:
+    """The flat PARAMS of one sampled Tune config (alpha resolved from alpha_over_rank)."""
+    params = {k: config[k] for k in PARAMS if k in config}
+    if "alpha" not in params:
+        params["alpha"] = float(config["alpha_over_rank"] * config["rank"])
+    return params
+
+
+def search_algorithm(sweep: Sweep) -> Any:
+    """None (Tune's BasicVariantGenerator: random or grid) or Optuna's TPE through Ray's OptunaSearch."""
+    if sweep.search != "optuna":
+        return None
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    return OptunaSearch(sampler=optuna.samplers.TPESampler(seed=sweep.seed))
+
+
+def scheduler(sweep: Sweep) -> Any:
+    """ASHA on eval loss with optimizer steps as its time unit."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    b = sweep.budget
+    return ASHAScheduler(
+        time_attr="step", max_t=b.max_steps, grace_period=b.grace_period, reduction_factor=b.reduction_factor
+    )
+
+
+def rungs(sweep: Sweep) -> list[int]:
+    """The steps at which ASHA compares trials: grace * factor^k up to max_steps (Ray's milestones)."""
+    b = sweep.budget
+    out, step = [], b.grace_period
+    while step <= b.max_steps:
+        out.append(step)
+        step *= b.reduction_factor
+    return out

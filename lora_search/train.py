@@ -1,0 +1,242 @@
+"""Per-worker LoRA training: what every Ray Train worker of a trial runs.
+
+Loads the base model and tokenizer, attaches the trial's adapter (`lora_search.variants`), trains with
+TRL's SFTTrainer (completion-only loss on prompt/completion data), and at every `budget.eval_every`
+steps reports eval loss plus cost figures to Ray Train (and through it to Tune, whose ASHA may stop the
+trial there) with an adapter-only checkpoint.
+
+Run through `lora_search.trial`, never directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from transformers import PrinterCallback, TrainerCallback
+
+from lora_search import data, targets, variants
+from lora_search.config import BaseModel, Sweep
+from lora_search.variants import VARIANTS, Adapter
+
+if TYPE_CHECKING:
+    import torch
+    from peft import PeftModel
+
+log = logging.getLogger("lora_search.train")
+
+
+@dataclass(frozen=True)
+class TrialParams:
+    """The point of the search space one trial trains (Tune's sampled config, typed)."""
+
+    variant: str
+    rank: int
+    alpha: float
+    targets: str
+    """`lora_search.targets.target_key` form: a preset name or names joined by '+'."""
+    lr: float
+    dropout: float
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> TrialParams:
+        return cls(**{k: config[k] for k in cls.__dataclass_fields__})
+
+
+def load_base(base: BaseModel, quantized: bool) -> torch.nn.Module:
+    """The base model, on the worker's device; 4-bit NF4 for quantized variants."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"revision": base.revision, "trust_remote_code": base.trust_remote_code}
+    if quantized:
+        kwargs["quantization_config"] = variants.quantization_config()
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+        kwargs["dtype"] = torch.bfloat16
+    else:
+        kwargs["dtype"] = "auto" if base.dtype == "auto" else getattr(torch, base.dtype)
+    model = AutoModelForCausalLM.from_pretrained(base.name_or_path, **kwargs)
+    model.config.use_cache = False  # the KV cache only costs memory while training
+    return model
+
+
+def build_adapter(model: torch.nn.Module, params: TrialParams, total_steps: int) -> Adapter:
+    layers = targets.linear_layers(model)
+    return Adapter(
+        variant=params.variant,
+        rank=params.rank,
+        alpha=params.alpha,
+        target_modules=targets.resolve(targets.targets_from_key(params.targets), layers),
+        dropout=params.dropout,
+        lr=params.lr,
+        total_steps=total_steps,
+    )
+
+
+def trainable_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def peak_memory_bytes() -> tuple[int, str]:
+    """Peak memory of this worker: CUDA allocator peak on GPU, else the process's peak RSS."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return int(torch.cuda.max_memory_allocated()), "cuda"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rss"
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Ray Train worker entry point. `config` holds the Sweep and the trial's sampled params."""
+    import ray.train
+    import torch
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    sweep: Sweep = config["sweep"]
+    params = TrialParams.from_config(config)
+    budget = sweep.budget
+    context = ray.train.get_context()
+    rank0 = context.get_world_rank() == 0
+    variant = VARIANTS[params.variant]
+    start = time.perf_counter()
+
+    torch.manual_seed(sweep.seed)
+    tokenizer = AutoTokenizer.from_pretrained(
+        sweep.base.name_or_path, revision=sweep.base.revision, trust_remote_code=sweep.base.trust_remote_code
+    )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = load_base(sweep.base, variant.quantized)
+    adapter = build_adapter(model, params, budget.max_steps)
+    work = Path(tempfile.mkdtemp(prefix="lora_search_"))
+    init_dir = work / "init_adapter"
+    model = variants.attach(model, adapter, init_dir)
+    n_trainable = trainable_parameters(model)
+    train_ds, eval_ds = data.load(sweep.dataset, sweep.seed)
+    load_s = time.perf_counter() - start
+
+    on_gpu = torch.cuda.is_available() and sweep.resources.gpus_per_worker > 0
+    args = SFTConfig(
+        output_dir=str(work / "trainer"),
+        max_steps=budget.max_steps,
+        per_device_train_batch_size=budget.batch_size,
+        per_device_eval_batch_size=budget.batch_size * 2,
+        gradient_accumulation_steps=budget.grad_accum,
+        learning_rate=params.lr,
+        lr_scheduler_type="linear",
+        warmup_steps=budget.warmup_steps,
+        eval_strategy="steps",
+        eval_steps=budget.eval_every,
+        logging_steps=budget.eval_every,
+        save_strategy="no",  # checkpoints go to Ray Train (adapter only), not the HF output dir
+        report_to="none",
+        seed=sweep.seed,
+        data_seed=sweep.seed,
+        max_length=sweep.dataset.max_length,
+        use_cpu=not on_gpu,
+        bf16=on_gpu and (sweep.base.dtype == "bfloat16" or variant.quantized),
+        include_num_input_tokens_seen="non_padding",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        dataset_num_proc=None,
+    )
+    reporter = _Reporter(sweep, params, adapter, model, init_dir, work, rank0, n_trainable, load_s)
+    callbacks: list[TrainerCallback] = [reporter]
+    if variant.step_hook is not None:
+        callbacks.append(_StepHook(model, variant.step_hook))
+    optimizer = variant.optimizer(model, adapter) if variant.optimizer else None
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+        optimizers=(optimizer, None),
+    )
+    trainer.remove_callback(PrinterCallback)  # progress goes to Tune, not one dict per log line
+    reporter.trainer = trainer
+    trainer.train()
+
+
+class _StepHook(TrainerCallback):
+    """Calls a variant's per-step hook after the optimizer step, while gradients still exist."""
+
+    def __init__(self, model: PeftModel, hook: Any) -> None:
+        self.model, self.hook = model, hook
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.hook(self.model, state.global_step)
+
+
+class _Reporter(TrainerCallback):
+    """At each evaluation: save the adapter, report metrics + checkpoint to Ray Train (ASHA decides there)."""
+
+    def __init__(
+        self,
+        sweep: Sweep,
+        params: TrialParams,
+        adapter: Adapter,
+        model: PeftModel,
+        init_dir: Path,
+        work: Path,
+        rank0: bool,
+        n_trainable: int,
+        load_s: float,
+    ) -> None:
+        self.sweep, self.params, self.adapter, self.model = sweep, params, adapter, model
+        self.init_dir, self.work, self.rank0 = init_dir, work, rank0
+        self.n_trainable, self.load_s = n_trainable, load_s
+        self.trainer: Any = None
+        self.train_start = 0.0
+        self.last_train_loss = float("nan")
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.train_start = time.perf_counter()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step >= state.max_steps:
+            control.should_evaluate = True  # always report the final step, whatever eval_every is
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kw: Any) -> None:
+        if logs and "loss" in logs:
+            self.last_train_loss = float(logs["loss"])
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, float], **kw: Any) -> None:
+        import ray.train
+
+        train_s = time.perf_counter() - self.train_start
+        resources = self.sweep.resources
+        per_worker_devices = resources.gpus_per_worker if resources.gpus_per_worker > 0 else resources.cpus_per_worker
+        peak, peak_kind = peak_memory_bytes()
+        step = int(state.global_step)
+        report = {
+            "step": step,
+            "eval_loss": float(metrics["eval_loss"]),
+            "train_loss": self.last_train_loss,
+            "trainable_params": self.n_trainable,
+            "train_s": train_s,
+            "load_s": self.load_s,
+            # device-seconds: what a cloud bill counts (devices held x time), summed over the trial's workers
+            "device_s": train_s * resources.workers * per_worker_devices,
+            "tokens": int(state.num_input_tokens_seen),
+            "tokens_per_s": state.num_input_tokens_seen / train_s if train_s > 0 else 0.0,
+            "peak_mem_bytes": peak,
+            "peak_mem_kind": peak_kind,
+        }
+        checkpoint = None
+        if self.rank0:
+            out = self.work / f"adapter_step{step}"
+            report["adapter_bytes"] = variants.save(self.model, self.adapter, out, self.init_dir)
+            checkpoint = ray.train.Checkpoint.from_directory(str(out))
+        log.info("step %d eval_loss %.4f", step, report["eval_loss"])
+        ray.train.report(report, checkpoint=checkpoint, checkpoint_dir_name=f"step_{step:06d}")
+        if self.rank0 and checkpoint is not None:
+            shutil.rmtree(out, ignore_errors=True)  # Ray copied it into the sweep's storage

@@ -1,0 +1,183 @@
+"""The LoRA variants a sweep can try, as one table: name -> how its PEFT config and optimizer are built.
+
+Adding a variant is one row in `VARIANTS` (plus, at most, a small function). Every row runs through the
+same contract test (tests/test_variants.py): build, train a few steps, loss falls, save, reload with
+plain `peft.PeftModel.from_pretrained` in a fresh model, identical logits.
+
+| name     | what changes                                                      | needs          |
+|----------|-------------------------------------------------------------------|----------------|
+| lora     | plain LoRA, scale alpha/r                                         |                |
+| rslora   | rank-stabilised scale alpha/sqrt(r)                               |                |
+| dora     | weight-decomposed LoRA (magnitude vector + LoRA direction)        |                |
+| pissa    | A,B from the top-r singular vectors; saved converted to plain LoRA|                |
+| loraplus | LoRA with B's learning rate 16x A's (PEFT's LoRA+ optimizer)      |                |
+| adalora  | SVD-form LoRA whose ranks are re-allocated during training        |                |
+| vera     | frozen shared random A,B; trains only scaling vectors             |                |
+| qlora    | LoRA on an NF4 (double-quantised) base, bf16 compute              | CUDA, bnb      |
+| loftq    | qlora with LoftQ init (A,B absorb the quantisation error)         | CUDA, bnb      |
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from peft import PeftConfig, PeftModel
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """The sampled hyperparameters of one trial, as the variant builders need them."""
+
+    variant: str
+    rank: int
+    alpha: float
+    target_modules: tuple[str, ...]
+    dropout: float
+    lr: float
+    total_steps: int
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    summary: str
+    peft_config: Callable[[Adapter], PeftConfig]
+    optimizer: Callable[[PeftModel, Adapter], torch.optim.Optimizer] | None = None
+    """None: the trainer's default AdamW over the trainable parameters."""
+    quantized: bool = False
+    """The base is loaded in 4-bit NF4 with double quantisation (bitsandbytes, CUDA only)."""
+    after_init: Callable[[PeftModel], None] | None = None
+    """Runs once after `get_peft_model` (LoftQ's weight replacement)."""
+    step_hook: Callable[[PeftModel, int], None] | None = None
+    """Runs after each optimizer step, before gradients are zeroed (AdaLoRA's rank allocator)."""
+    converts_on_save: bool = False
+    """The trained adapter only makes sense on a mutated base (PiSSA); save it converted to plain LoRA."""
+    uses_alpha: bool = True
+
+
+def _lora(a: Adapter, **extra: Any) -> PeftConfig:
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=a.rank,
+        lora_alpha=a.alpha,
+        target_modules=list(a.target_modules),
+        lora_dropout=a.dropout,
+        task_type="CAUSAL_LM",
+        **extra,
+    )
+
+
+def _loraplus_optimizer(model: PeftModel, a: Adapter) -> torch.optim.Optimizer:
+    import torch
+    from peft.optimizers import create_loraplus_optimizer
+
+    # lr ratio 16 is the LoRA+ paper's recommendation for decoder LMs (B learns 16x faster than A).
+    return create_loraplus_optimizer(model, torch.optim.AdamW, lr=a.lr, loraplus_lr_ratio=16.0)
+
+
+def _adalora(a: Adapter) -> PeftConfig:
+    from peft import AdaLoraConfig
+
+    # Start 1.5x above the target rank and prune down; allocate between 10% and 70% of training.
+    tinit = max(1, a.total_steps // 10)
+    tfinal = max(1, (3 * a.total_steps) // 10)
+    return AdaLoraConfig(
+        init_r=max(a.rank + 1, math.ceil(1.5 * a.rank)),
+        target_r=a.rank,
+        lora_alpha=a.alpha,
+        target_modules=list(a.target_modules),
+        lora_dropout=a.dropout,
+        total_step=a.total_steps,
+        tinit=tinit,
+        tfinal=tfinal,
+        deltaT=max(1, a.total_steps // 20),
+        task_type="CAUSAL_LM",
+    )
+
+
+def _adalora_step(model: PeftModel, step: int) -> None:
+    model.base_model.update_and_allocate(step)
+
+
+def _vera(a: Adapter) -> PeftConfig:
+    from peft import VeraConfig
+
+    return VeraConfig(r=a.rank, target_modules=list(a.target_modules), vera_dropout=a.dropout, task_type="CAUSAL_LM")
+
+
+def _loftq_replace(model: PeftModel) -> None:
+    from peft import replace_lora_weights_loftq
+
+    replace_lora_weights_loftq(model)
+
+
+VARIANTS: dict[str, Variant] = {
+    v.name: v
+    for v in (
+        Variant("lora", "LoRA (Hu et al. 2021)", _lora),
+        Variant("rslora", "rank-stabilised LoRA", lambda a: _lora(a, use_rslora=True)),
+        Variant("dora", "weight-decomposed LoRA", lambda a: _lora(a, use_dora=True)),
+        Variant("pissa", "principal singular vectors init", lambda a: _lora(a, init_lora_weights="pissa_niter_4"),
+                converts_on_save=True),
+        Variant("loraplus", "LoRA+ (B at 16x lr)", _lora, optimizer=_loraplus_optimizer),
+        Variant("adalora", "adaptive rank allocation", _adalora, step_hook=_adalora_step),
+        Variant("vera", "shared random projections", _vera, uses_alpha=False),
+        Variant("qlora", "LoRA on an NF4 base", _lora, quantized=True),
+        Variant("loftq", "QLoRA with LoftQ init", _lora, quantized=True, after_init=_loftq_replace),
+    )
+}
+
+
+def quantization_config() -> Any:
+    """QLoRA's recipe: NF4 weights, double quantisation of the scales, bf16 compute."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+
+
+def attach(model: torch.nn.Module, adapter: Adapter, init_dir: Path | None = None) -> PeftModel:
+    """Wrap `model` in the variant's adapter. For variants that convert on save, the untrained adapter is
+    written to `init_dir` first (PEFT needs it to express the trained adapter as plain LoRA)."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    variant = VARIANTS[adapter.variant]
+    if variant.quantized:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    peft_model = get_peft_model(model, variant.peft_config(adapter))
+    if variant.after_init is not None:
+        variant.after_init(peft_model)
+    if variant.converts_on_save:
+        if init_dir is None:
+            raise ValueError(f"variant {adapter.variant!r} needs an init_dir to save its initial adapter")
+        # Saved with init_lora_weights=True so that reloading it for the conversion does not re-run the SVD.
+        peft_model.peft_config["default"].init_lora_weights = True
+        peft_model.save_pretrained(str(init_dir))
+    return peft_model
+
+
+def save(model: PeftModel, adapter: Adapter, out_dir: Path, init_dir: Path | None = None) -> int:
+    """Save the adapter as a standard PEFT dir (safetensors) that loads on the original base; return its bytes."""
+    variant = VARIANTS[adapter.variant]
+    kwargs = {}
+    if variant.converts_on_save:
+        kwargs["path_initial_model_for_weight_conversion"] = str(init_dir)
+    model.save_pretrained(str(out_dir), safe_serialization=True, **kwargs)
+    return adapter_bytes(out_dir)
+
+
+def adapter_bytes(adapter_dir: Path) -> int:
+    """Bytes of the adapter weights on disk (the number the Pareto frontier uses)."""
+    return sum(p.stat().st_size for p in Path(adapter_dir).glob("adapter_model.*"))

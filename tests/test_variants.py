@@ -1,0 +1,87 @@
+"""The variant contract: every row of VARIANTS builds, trains, saves a standard PEFT dir, and reloads exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lora_search import targets, variants
+from lora_search.variants import VARIANTS, Adapter
+
+CPU_VARIANTS = [name for name, v in VARIANTS.items() if not v.quantized]
+GPU_VARIANTS = [name for name, v in VARIANTS.items() if v.quantized]
+STEPS = 8
+
+
+def _batch(tokenizer) -> dict[str, torch.Tensor]:
+    enc = tokenizer(["the cat joy runs", "a dog fear eats", "the bird calm sleeps"], return_tensors="pt", padding=True)
+    enc["labels"] = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+    return enc
+
+
+def _contract(name: str, model_dir, tmp_path, device: str = "cpu", quantized: bool = False) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lora_search.config import BaseModel
+    from lora_search.train import load_base
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = load_base(BaseModel(str(model_dir)), quantized)
+    adapter = Adapter(
+        variant=name, rank=4, alpha=8.0, lr=5e-3, dropout=0.0, total_steps=STEPS,
+        target_modules=targets.resolve("all-linear", targets.linear_layers(model)),
+    )
+    model = variants.attach(model, adapter, tmp_path / "init")
+    variant = VARIANTS[name]
+    optimizer = (
+        variant.optimizer(model, adapter)
+        if variant.optimizer
+        else torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=adapter.lr)
+    )
+    batch = {k: v.to(device) for k, v in _batch(tokenizer).items()}
+    losses = []
+    model.train()
+    for step in range(STEPS):
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        if variant.step_hook is not None:
+            variant.step_hook(model, step)
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], f"{name}: loss did not fall: {losses}"
+
+    model.eval()
+    with torch.no_grad():
+        trained_logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    out = tmp_path / "adapter"
+    size = variants.save(model, adapter, out, tmp_path / "init")
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    assert size == (out / "adapter_model.safetensors").stat().st_size > 0
+
+    fresh = load_base(BaseModel(str(model_dir)), quantized) if quantized else AutoModelForCausalLM.from_pretrained(model_dir)
+    reloaded = PeftModel.from_pretrained(fresh, str(out)).to(device).eval()
+    with torch.no_grad():
+        logits = reloaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    # PiSSA is reloaded as the converted plain-LoRA adapter on the original base: equal up to float rounding.
+    torch.testing.assert_close(logits, trained_logits, atol=2e-4 if variant.converts_on_save else 1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", CPU_VARIANTS)
+def test_variant_contract(name: str, tiny_model_dir, tmp_path) -> None:
+    _contract(name, tiny_model_dir, tmp_path)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", GPU_VARIANTS)
+def test_quantized_variant_contract(name: str, tiny_model_dir, tmp_path) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (run with -m gpu on the device machine)")
+    _contract(name, tiny_model_dir, tmp_path, device="cuda", quantized=True)
+
+
+def test_every_variant_is_tested() -> None:
+    assert set(CPU_VARIANTS) | set(GPU_VARIANTS) == set(VARIANTS)
+    assert {"lora", "rslora", "dora", "pissa", "loraplus", "qlora", "adalora", "loftq", "vera"} <= set(VARIANTS)

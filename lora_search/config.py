@@ -16,6 +16,7 @@ import contextlib
 import contextvars
 import dataclasses
 import math
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -293,7 +294,9 @@ class Sweep:
     `num_samples` times."""
     num_samples: int = 16
     seed: int = 0
-    output_dir: str = "reports"
+    output_dir: str = field(default_factory=lambda: os.environ.get("LORA_SEARCH_OUTPUT_DIR", "reports"))
+    """Relative paths resolve against the driver's working directory. Under `ray job submit --working-dir` that
+    is a temporary copy: point LORA_SEARCH_OUTPUT_DIR (or this field) at storage that outlives the job."""
     max_concurrent_trials: int | None = None
     """None: as many as the cluster's CPUs/GPUs fit at `resources` per trial."""
 

@@ -53,9 +53,11 @@ def trial_params(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def search_algorithm(sweep: Sweep) -> Any:
-    """None (Tune's BasicVariantGenerator: random or grid) or Optuna's TPE through Ray's OptunaSearch."""
+    """Tune's BasicVariantGenerator (random or grid, seeded) or Optuna's TPE through Ray's OptunaSearch."""
     if sweep.search != "optuna":
-        return None
+        from ray.tune.search import BasicVariantGenerator
+
+        return BasicVariantGenerator(random_state=sweep.seed)
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 

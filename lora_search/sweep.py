@@ -103,7 +103,8 @@ def _progress(sweep: Sweep, start: float) -> Any:
             self._say(f"trial {trial.trial_id} {how}")
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            self._say(f"trial {trial.trial_id} FAILED (the sweep goes on): {results.error_reason(trial.error_msg)}")
+            reason = results.error_reason(info.get("error") or trial.get_error())
+            self._say(f"trial {trial.trial_id} FAILED (the sweep goes on): {reason}")
 
     return Progress()
 

@@ -23,6 +23,7 @@ from transformers import PrinterCallback, TrainerCallback
 
 from lora_search import data, targets, variants
 from lora_search.config import BaseModel, Sweep
+from lora_search.probe import PROBE_FILE, probe_batch, save_probe
 from lora_search.variants import VARIANTS, Adapter
 
 if TYPE_CHECKING:
@@ -147,7 +148,8 @@ def train_loop(config: dict[str, Any]) -> None:
         dataloader_num_workers=0,
         dataset_num_proc=None,
     )
-    reporter = _Reporter(sweep, params, adapter, model, init_dir, work, rank0, n_trainable, load_s)
+    probe = probe_batch(tokenizer, eval_ds)
+    reporter = _Reporter(sweep, params, adapter, model, init_dir, work, rank0, n_trainable, load_s, probe)
     callbacks: list[TrainerCallback] = [reporter]
     if variant.step_hook is not None:
         callbacks.append(_StepHook(model, variant.step_hook))
@@ -190,10 +192,11 @@ class _Reporter(TrainerCallback):
         rank0: bool,
         n_trainable: int,
         load_s: float,
+        probe: list[torch.Tensor],
     ) -> None:
         self.sweep, self.params, self.adapter, self.model = sweep, params, adapter, model
         self.init_dir, self.work, self.rank0 = init_dir, work, rank0
-        self.n_trainable, self.load_s = n_trainable, load_s
+        self.n_trainable, self.load_s, self.probe = n_trainable, load_s, probe
         self.trainer: Any = None
         self.train_start = 0.0
         self.last_train_loss = float("nan")
@@ -235,6 +238,7 @@ class _Reporter(TrainerCallback):
         if self.rank0:
             out = self.work / f"adapter_step{step}"
             report["adapter_bytes"] = variants.save(self.model, self.adapter, out, self.init_dir)
+            save_probe(self.model, self.probe, out / PROBE_FILE)
             checkpoint = ray.train.Checkpoint.from_directory(str(out))
         log.info("step %d eval_loss %.4f", step, report["eval_loss"])
         ray.train.report(report, checkpoint=checkpoint, checkpoint_dir_name=f"step_{step:06d}")

@@ -1,0 +1,88 @@
+"""Whole sweeps through a real local Ray: Tune + ASHA over Ray Train trials, results on disk."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from lora_search import BaseModel, Budget, Dataset, SearchSpace, Sweep, space
+from lora_search.sweep import SweepExistsError, run
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_ray_for_this_module():
+    yield
+    import ray
+
+    ray.shutdown()
+
+
+def _sweep(model_dir: Path, data: Path, out: Path, **changes) -> Sweep:
+    sweep = Sweep(
+        name="it",
+        base=BaseModel(str(model_dir)),
+        dataset=Dataset(str(data), eval_fraction=0.2, max_length=96),
+        space=SearchSpace(ranks=(2, 4), targets=("attention", "all-linear"), variants=("lora", "dora"), lr=(1e-3, 1e-2)),
+        budget=Budget(max_steps=20, eval_every=5, grace_period=5, reduction_factor=2, batch_size=8),
+        num_samples=4,
+        seed=1,
+        output_dir=str(out),
+    )
+    return sweep.replace(**changes)
+
+
+def test_small_sweep_end_to_end(tiny_model_dir, tiny_jsonl, tmp_path) -> None:
+    sweep = _sweep(tiny_model_dir, tiny_jsonl, tmp_path)
+    frame = run(sweep)
+
+    on_disk = pd.read_parquet(tmp_path / "it" / "trials.parquet")
+    assert len(on_disk) == len(frame) == 4
+    assert set(on_disk["variant"]) == {"lora", "dora"} or on_disk["variant"].nunique() >= 1
+    assert set(on_disk["status"]) <= {"completed", "pruned"}
+    assert (on_disk["status"] == "completed").sum() >= 1
+    rungs = space.rungs(sweep)
+    for row in on_disk.itertuples():
+        assert row.trainable_params > 0 and row.adapter_bytes > 0 and row.tokens_per_s > 0
+        assert row.eval_loss == row.eval_loss  # not NaN
+        if row.status == "completed":
+            assert row.step == 20
+        else:
+            assert row.step in rungs and row.step < 20, (row.step, rungs)
+        adapter = Path(row.adapter_path)
+        assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+
+    # An adapter loads in a fresh process with plain PeftModel.from_pretrained and gives the trial's logits.
+    best = on_disk[on_disk.status == "completed"].sort_values("eval_loss").iloc[0]
+    check = subprocess.run(
+        [sys.executable, "-m", "lora_search.probe", best.adapter_path], capture_output=True, text=True, check=True
+    )
+    diff = float(check.stdout.strip().rsplit("=", 1)[1])
+    assert diff < 1e-5, check.stdout
+
+    # Running the same sweep again never overwrites finished results.
+    with pytest.raises(SweepExistsError, match="already has results"):
+        run(sweep)
+    # --fresh moves them aside first.
+    frame2 = run(sweep.replace(num_samples=1, budget=Budget(max_steps=5, eval_every=5, grace_period=5, batch_size=8)),
+                 fresh=True)
+    assert len(frame2) == 1
+    assert len(list(tmp_path.glob("it.*/trials.parquet"))) == 1
+
+
+def test_failing_trials_do_not_stop_the_sweep(tiny_model_dir, tiny_jsonl, tmp_path) -> None:
+    broken = tmp_path / "broken_model"
+    broken.mkdir()
+    for f in tiny_model_dir.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")  # config is fine; weights are not
+    sweep = _sweep(broken, tiny_jsonl, tmp_path, num_samples=2)
+    frame = run(sweep)
+    assert list(frame["status"]) == ["failed", "failed"]
+    assert all(frame["reason"].str.len() > 0)
+    assert frame["reason"].str.contains("safetensors|header|deserializ", case=False).all(), list(frame["reason"])

@@ -1,0 +1,136 @@
+"""Pre-flight validation: every problem of a sweep in one message, exit 2, before Ray starts."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from lora_search import cli
+from lora_search.config import BaseModel, Budget, ConfigError, Dataset, SearchSpace, Sweep, collecting_problems
+from lora_search.data import check_jsonl
+
+
+def _broken_jsonl(path: Path) -> Path:
+    rows = [
+        json.dumps({"instruction": "Name the mood.", "input": "the cat joy", "output": "joy"}),
+        json.dumps({"instruction": "Name the mood.", "input": "the dog fear", "output": "fear"}),
+        '{"instruction": "Name the mood.", "input": "the bird calm", "output": ',  # line 3: cut off
+        json.dumps({"instruction": "Name the mood.", "input": "the cat anger", "output": "anger"}),
+    ]
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_validate_names_all_seven_problems_and_starts_no_ray(tiny_model_dir, tmp_path, capsys) -> None:
+    data = _broken_jsonl(tmp_path / "train.jsonl")
+    sweep_file = tmp_path / "bad_sweep.py"
+    sweep_file.write_text(textwrap.dedent(f"""
+        from lora_search import BaseModel, Dataset, SearchSpace, Sweep
+        SWEEP = Sweep(
+            name="bad",
+            base=BaseModel({str(tiny_model_dir)!r}),
+            dataset=Dataset({str(data)!r}),
+            space=SearchSpace(
+                ranks=(4, 10000),
+                alpha=(0,),
+                targets=(("q_prj",), ("q_proj", "v_projj")),
+                variants=("lora", "qlora"),
+                lr=(1e-3, 1e-5),
+            ),
+        )
+    """))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["validate", str(sweep_file)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    expected = [
+        "space.targets[0] = ('q_prj',): module(s) q_prj not in the model",          # misspelled module
+        "v_projj not in the model (PEFT would silently train only the rest)",       # partly wrong list
+        "space.ranks = 10000: exceeds min(in, out) = 64",                           # rank too large
+        "space.alpha = 0: lora_alpha must be > 0",                                  # alpha 0
+        "space.lr = (0.001, 1e-05): need 0 < low < high",                           # reversed lr range
+        f"{data}:3: invalid JSON",                                                  # broken JSONL line 3
+        "space.variants = 'qlora': 4-bit NF4 variants run on CUDA GPUs only",      # qlora on CPU
+    ]
+    for text in expected:
+        assert text in err, f"missing {text!r} in:\n{err}"
+    assert "problem(s)" in err.splitlines()[0]
+    import ray
+
+    assert not ray.is_initialized()
+
+
+def test_valid_sweep_passes(tiny_model_dir, tiny_jsonl, tmp_path, capsys) -> None:
+    sweep_file = tmp_path / "ok_sweep.py"
+    sweep_file.write_text(
+        "from lora_search import BaseModel, Dataset, SearchSpace, Sweep\n"
+        f"SWEEP = Sweep(name='ok', base=BaseModel({str(tiny_model_dir)!r}), dataset=Dataset({str(tiny_jsonl)!r}),\n"
+        "              space=SearchSpace(ranks=(4,), targets=('attention', 'mlp'), variants=('lora', 'dora')))\n"
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["validate", str(sweep_file)])
+    assert exit_info.value.code == 0
+    assert "is valid" in capsys.readouterr().out
+
+
+def test_construction_reports_every_static_problem_at_once() -> None:
+    with pytest.raises(ConfigError) as e:
+        Sweep(
+            name="bad name!",
+            base=BaseModel("x"),
+            dataset=Dataset("x.jsonl", eval_fraction=1.5),
+            space=SearchSpace(variants=("dorra",), targets=("attn",), dropout=(1.0,)),
+            budget=Budget(max_steps=10, grace_period=20, eval_every=30),
+        )
+    fields = {p.field for p in e.value.problems}
+    assert {"name", "dataset.eval_fraction", "space.variants", "space.targets", "space.dropout",
+            "budget.grace_period", "budget.eval_every"} <= fields
+    message = str(e.value)
+    assert "unknown variant; known: lora, rslora, dora" in message
+    assert "add a row to VARIANTS in lora_search/variants.py" in message
+
+
+def test_collecting_problems_builds_the_sweep_anyway() -> None:
+    with collecting_problems() as problems:
+        sweep = Sweep(name="s", base=BaseModel("x"), dataset=Dataset("x.jsonl"), space=SearchSpace(lr=(1.0, 0.1)))
+    assert sweep.name == "s"
+    assert [p.field for p in problems] == ["space.lr"]
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("not json", "invalid JSON"),
+        ("[1, 2]", "expected a JSON object"),
+        ('{"instruction": "x"}', "missing or empty string field 'output'"),
+        ('{"instruction": "x", "output": ""}', "missing or empty string field 'output'"),
+        ('{"messages": [{"role": "user", "content": "hi"}]}', "the last message must be from the assistant"),
+        ('{"messages": [{"role": "robot", "content": "hi"}]}', "role = 'robot'"),
+        ('{"text": "hello"}', "unknown row format"),
+    ],
+)
+def test_bad_jsonl_rows_are_reported_with_file_and_line(tmp_path, line: str, message: str) -> None:
+    good = json.dumps({"instruction": "Name the mood.", "output": "joy"})
+    path = tmp_path / "d.jsonl"
+    path.write_text(f"{good}\n{line}\n{good}\n")
+    problems = check_jsonl(path)
+    assert len(problems) == 1
+    assert problems[0].field == f"{path}:2"
+    assert message in problems[0].message
+
+
+def test_missing_and_empty_data_files(tmp_path) -> None:
+    assert "file not found" in check_jsonl(tmp_path / "nope.jsonl")[0].message
+    (tmp_path / "empty.jsonl").write_text("\n")
+    assert "has no rows" in check_jsonl(tmp_path / "empty.jsonl")[0].message
+
+
+def test_chat_rows_are_accepted(tmp_path) -> None:
+    path = tmp_path / "chat.jsonl"
+    row = {"messages": [{"role": "user", "content": "mood of 'the cat joy'?"}, {"role": "assistant", "content": "joy"}]}
+    path.write_text(json.dumps(row) + "\n")
+    assert check_jsonl(path) == []

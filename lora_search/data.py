@@ -5,6 +5,8 @@ Accepted rows (local JSONL, one object per line):
   assistant; trained on the last assistant turn (TRL conversational prompt/completion).
 - instruction: `{"instruction": "...", "input": "..." (optional), "output": "..."}`; the prompt is
   `format_prompt(instruction, input)` and the loss covers only the output.
+- prompt/completion (TRL's own): `{"prompt": "...", "completion": "..."}`, for data that brings its own prompt
+  format; the loss covers only the completion.
 A directory written by `datasets.Dataset.save_to_disk`, or a hub dataset id, with the same columns, works too.
 """
 
@@ -51,6 +53,11 @@ def row_problem(row: Any) -> str | None:
         if len(messages) < 2:
             return "needs at least one message before the assistant's answer"
         return None
+    if "prompt" in row or "completion" in row:
+        for key in ("prompt", "completion"):
+            if not isinstance(row.get(key), str) or not row[key].strip():
+                return f"missing or empty string field {key!r}"
+        return None
     if "instruction" in row or "output" in row:
         for key in ("instruction", "output"):
             if not isinstance(row.get(key), str) or not row[key].strip():
@@ -58,7 +65,10 @@ def row_problem(row: Any) -> str | None:
         if not isinstance(row.get("input", ""), str):
             return "'input' must be a string"
         return None
-    return f"unknown row format with keys {sorted(row)}; need 'messages' (chat) or 'instruction'+'output'"
+    return (
+        f"unknown row format with keys {sorted(row)}; need 'messages' (chat), 'instruction'+'output', "
+        "or 'prompt'+'completion'"
+    )
 
 
 def check_jsonl(path: Path) -> list[Problem]:
@@ -141,6 +151,8 @@ def to_prompt_completion(row: dict[str, Any]) -> dict[str, Any]:
     if "messages" in row:
         messages = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
         return {"prompt": messages[:-1], "completion": messages[-1:]}
+    if "prompt" in row:
+        return {"prompt": row["prompt"], "completion": row["completion"]}
     return {"prompt": format_prompt(row["instruction"], row.get("input") or ""), "completion": row["output"]}
 
 

@@ -40,6 +40,8 @@ class TrialRecord:
     """Last optimizer step reported (for pruned trials: the rung it was stopped at)."""
     eval_loss: float
     best_eval_loss: float
+    base_eval_loss: float
+    """The base model's eval loss (the trial's step-0 eval, before the adapter has learned anything)."""
     train_loss: float
     trainable_params: int
     adapter_bytes: int
@@ -105,6 +107,7 @@ def record(
         step=int(last.get("step", 0)),
         eval_loss=float(last.get("eval_loss", nan)),
         best_eval_loss=min(losses) if losses else nan,
+        base_eval_loss=float(last.get("base_eval_loss", nan)),
         train_loss=float(last.get("train_loss", nan)),
         trainable_params=int(last.get("trainable_params", 0)),
         adapter_bytes=int(last.get("adapter_bytes", 0)),
@@ -148,6 +151,15 @@ def table(frame: pd.DataFrame, top: int | None = None) -> str:
 
 
 def summary(frame: pd.DataFrame) -> str:
+    """Counts per status, and the best completed trial's eval loss against the base model's."""
     counts = frame["status"].value_counts()
     parts = [f"{counts.get(s, 0)} {s}" for s in ("completed", "pruned", "failed")]
-    return f"{len(frame)} trials: " + ", ".join(parts)
+    line = f"{len(frame)} trials: " + ", ".join(parts)
+    done = frame[frame["status"] == "completed"]
+    if len(done):
+        best = done.sort_values("eval_loss").iloc[0]
+        line += (
+            f"; best eval loss {best.eval_loss:.4f} ({best.trial_id}: {best.variant} r={best.rank}) "
+            f"vs base {best.base_eval_loss:.4f}"
+        )
+    return line

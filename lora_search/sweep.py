@@ -186,7 +186,9 @@ def run(sweep: Sweep, *, fresh: bool = False, construction_problems: list[Proble
         )
     results.write(records, parquet)
     frame = results.to_frame(records)
-    print(f"\n{results.summary(frame)} in {time.monotonic() - start:.0f}s; best first:\n{results.table(frame)}")
+    print(
+        f"\n{results.summary(frame)}\nfinished in {time.monotonic() - start:.0f}s; trials, best first:\n{results.table(frame)}"
+    )
     print(f"\nresults: {parquet}\nadapters: {out / 'adapters'}")
     return frame
 

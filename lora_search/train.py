@@ -165,6 +165,9 @@ def train_loop(config: dict[str, Any]) -> None:
     )
     trainer.remove_callback(PrinterCallback)  # progress goes to Tune, not one dict per log line
     reporter.trainer = trainer
+    # Step-0 eval: every variant starts as an exact (PiSSA: numerically exact) copy of the base, so this is the
+    # base model's eval loss, the reference every trial's gain is measured against.
+    reporter.base_eval_loss = float(trainer.evaluate()["eval_loss"])
     trainer.train()
 
 
@@ -198,6 +201,7 @@ class _Reporter(TrainerCallback):
         self.init_dir, self.work, self.rank0 = init_dir, work, rank0
         self.n_trainable, self.load_s, self.probe = n_trainable, load_s, probe
         self.trainer: Any = None
+        self.base_eval_loss = float("nan")
         self.train_start = 0.0
         self.last_train_loss = float("nan")
 
@@ -215,6 +219,9 @@ class _Reporter(TrainerCallback):
     def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, float], **kw: Any) -> None:
         import ray.train
 
+        if state.global_step == 0:
+            return  # the base reference, taken before training; reported with every later result
+
         train_s = time.perf_counter() - self.train_start
         resources = self.sweep.resources
         per_worker_devices = resources.gpus_per_worker if resources.gpus_per_worker > 0 else resources.cpus_per_worker
@@ -223,6 +230,7 @@ class _Reporter(TrainerCallback):
         report = {
             "step": step,
             "eval_loss": float(metrics["eval_loss"]),
+            "base_eval_loss": self.base_eval_loss,
             "train_loss": self.last_train_loss,
             "trainable_params": self.n_trainable,
             "train_s": train_s,

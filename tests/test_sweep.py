@@ -57,6 +57,11 @@ def test_small_sweep_end_to_end(tiny_model_dir, tiny_jsonl, tmp_path) -> None:
         adapter = Path(row.adapter_path)
         assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
 
+    # Every trial measured the same base reference (step-0 eval) and improved on it.
+    base = on_disk["base_eval_loss"]
+    assert (base - base.iloc[0]).abs().max() < 1e-4
+    assert on_disk["eval_loss"].min() < base.iloc[0]
+
     # An adapter loads in a fresh process with plain PeftModel.from_pretrained and gives the trial's logits.
     best = on_disk[on_disk.status == "completed"].sort_values("eval_loss").iloc[0]
     check = subprocess.run(

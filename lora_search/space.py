@@ -52,12 +52,17 @@ def trial_params(config: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
-def search_algorithm(sweep: Sweep) -> Any:
-    """Tune's BasicVariantGenerator (random or grid, seeded) or Optuna's TPE through Ray's OptunaSearch."""
+def search_algorithm(sweep: Sweep, max_concurrent: int) -> Any:
+    """Tune's BasicVariantGenerator (random or grid, seeded) or Optuna's TPE through Ray's OptunaSearch.
+
+    The trial driver reserves no CPU, so the concurrency limit is what keeps trials from starting before their
+    workers can get devices: BasicVariantGenerator takes it directly; Tune wraps other searchers in a
+    ConcurrencyLimiter from TuneConfig.max_concurrent_trials.
+    """
     if sweep.search != "optuna":
         from ray.tune.search import BasicVariantGenerator
 
-        return BasicVariantGenerator(random_state=sweep.seed)
+        return BasicVariantGenerator(random_state=sweep.seed, max_concurrent=max_concurrent)
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 

@@ -167,8 +167,11 @@ def train_loop(config: dict[str, Any]) -> None:
     reporter.trainer = trainer
     # Step-0 eval: every variant starts as an exact (PiSSA: numerically exact) copy of the base, so this is the
     # base model's eval loss, the reference every trial's gain is measured against.
-    reporter.base_eval_loss = float(trainer.evaluate()["eval_loss"])
-    trainer.train()
+    try:
+        reporter.base_eval_loss = float(trainer.evaluate()["eval_loss"])
+        trainer.train()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 class _StepHook(TrainerCallback):

@@ -159,7 +159,7 @@ def summary(frame: pd.DataFrame) -> str:
     if len(done):
         best = done.sort_values("eval_loss").iloc[0]
         line += (
-            f"; best eval loss {best.eval_loss:.4f} ({best.trial_id}: {best.variant} r={best.rank}) "
-            f"vs base {best.base_eval_loss:.4f}"
+            f"; best eval loss {best['eval_loss']:.4f} ({best['trial_id']}: {best['variant']} r={best['rank']}) "
+            f"vs base {best['base_eval_loss']:.4f}"
         )
     return line

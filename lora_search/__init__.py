@@ -13,9 +13,10 @@ from lora_search.config import (
     SearchSpace,
     Sweep,
 )
+from lora_search.evals import Evals
 
 __all__ = [
-    "BaseModel", "Budget", "ConfigError", "Dataset", "Problem", "Resources", "SearchSpace", "Sweep", "run", "main",
+    "BaseModel", "Budget", "ConfigError", "Dataset", "Evals", "Problem", "Resources", "SearchSpace", "Sweep", "run", "main",
 ]
 
 

@@ -1,6 +1,6 @@
 """The project's own tiny Llama base model and its demo task, both built offline from generated toy English.
 
-Run: python -m lora_search.basemodel          # builds (or finds) the cached base, writes data/tiny/*.jsonl
+Run: python -m lora_search.basemodel   # builds (or finds) the cached base; writes data/tiny/ and evals/golden/tiny_*
 
 Nothing here touches a model hub. `build_tiny_base` generates a toy-English corpus from templates, trains a
 byte-level BPE tokenizer on it, pretrains a ~0.9M-parameter `LlamaForCausalLM` for a fixed number of steps
@@ -199,7 +199,7 @@ def _chat_row(instruction: str, text: str, output: str) -> dict[str, object]:
     }
 
 
-def write_demo_data(out_dir: Path, seed: int = 0) -> dict[str, Path]:
+def write_demo_data(out_dir: Path, seed: int = 0, golden_dir: Path | None = None) -> dict[str, Path]:
     """Write the demo task's JSONL files into `out_dir`, byte-identical for the same seed; returns name -> path.
 
     Run: python -m lora_search.basemodel   (writes data/tiny/)
@@ -245,7 +245,12 @@ def write_demo_data(out_dir: Path, seed: int = 0) -> dict[str, Path]:
     for name, split_rows in (("train", rows["train"]), ("eval", rows["eval"]), ("golden_mood", golden_mood),
                              ("golden_antonym", golden_antonym)):
         rng.shuffle(split_rows)  # mix skills and keys, so the first N rows (lm-eval --limit) are a fair sample
-        path = out_dir / f"{name}.jsonl"
+        path = (
+            (golden_dir or out_dir) / f"tiny_{name.removeprefix('golden_')}.jsonl"
+            if name.startswith("golden_")
+            else out_dir / f"{name}.jsonl"
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("w", encoding="utf-8", newline="\n") as f:
             for i, row in enumerate(split_rows):
                 row = {k: v for k, v in row.items() if not (name in ("train", "eval") and k == "text")}
@@ -484,5 +489,5 @@ def build_tiny_base(cache_dir: Path | None = None, seed: int = 0, *, steps: int 
 
 if __name__ == "__main__":
     print(build_tiny_base())
-    for name, path in write_demo_data(Path("data/tiny")).items():
+    for name, path in write_demo_data(Path("data/tiny"), golden_dir=Path("evals/golden")).items():
         print(f"{name}: {path}")

@@ -3,6 +3,7 @@
     lora-search validate sweeps/tiny.py     # every problem at once; exit 2 if any, Ray never started
     lora-search run sweeps/tiny.py          # validate, then run (or resume) the sweep
     lora-search run --fresh sweeps/tiny.py  # move earlier results aside first
+    lora-search eval sweeps/tiny.py [--adapters DIR ...]  # rescore saved adapters on the golden sets
 
 A sweep file is a Python file that defines one `Sweep` (conventionally `SWEEP`) at module level.
 Exit codes: 0 ok, 2 invalid sweep (nothing ran), 3 results exist (nothing overwritten), 1 anything else.
@@ -53,6 +54,30 @@ def _run(sweep: Sweep, problems: list[Problem], fresh: bool) -> int:
     return 0
 
 
+def _eval(sweep: Sweep, problems: list[Problem], adapters: list[str] | None) -> int:
+    import pandas as pd
+
+    from lora_search.evals import rescore
+    from lora_search.sweep import sweep_dir
+
+    if problems:
+        raise ConfigError(problems, header=f"invalid sweep {sweep.name!r}")
+    if sweep.evals is None:
+        raise ConfigError([Problem("evals", None, "the sweep names no golden sets", "set evals=Evals(...)")])
+    if adapters:
+        dirs = [Path(a) for a in adapters]
+    else:
+        trials = pd.read_parquet(sweep_dir(sweep) / "trials.parquet")
+        dirs = [Path(p) for p in trials["adapter_path"] if p]
+    missing = [str(d) for d in dirs if not (d / "adapter_config.json").is_file()]
+    if missing or not dirs:
+        raise ConfigError([Problem("adapters", m, "not a PEFT adapter dir (no adapter_config.json)", "") for m in missing]
+                          or [Problem("adapters", None, "no adapters to score", "run the sweep first")])
+    rows = rescore(sweep, dirs)
+    print(pd.DataFrame(rows).to_string(index=False))
+    return 0
+
+
 def _guarded(action) -> int:  # noqa: ANN001
     from lora_search.sweep import SweepExistsError
 
@@ -85,6 +110,9 @@ def main(argv: list[str] | None = None) -> None:
     p_run = sub.add_parser("run", help="validate and run (or resume) a sweep")
     p_run.add_argument("sweep_file")
     p_run.add_argument("--fresh", action="store_true", help="move earlier results of this sweep aside first")
+    p_eval = sub.add_parser("eval", help="score saved adapters on the sweep's golden sets (one base load)")
+    p_eval.add_argument("sweep_file")
+    p_eval.add_argument("--adapters", nargs="+", help="adapter dirs (default: every adapter of the sweep)")
     args = parser.parse_args(argv)
 
     def load_and(action):  # noqa: ANN001, ANN202
@@ -96,6 +124,8 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.command == "validate":
         sys.exit(_guarded(load_and(_validate)))
+    if args.command == "eval":
+        sys.exit(_guarded(load_and(lambda s, p: _eval(s, p, args.adapters))))
     if args.command == "run":
         sys.exit(_guarded(load_and(lambda s, p: _run(s, p, args.fresh))))
 

@@ -20,7 +20,10 @@ import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from lora_search.evals import Evals
 
 Dtype = Literal["float32", "bfloat16", "float16", "auto"]
 SearchAlgorithm = Literal["random", "grid", "optuna"]
@@ -299,6 +302,8 @@ class Sweep:
     is a temporary copy: point LORA_SEARCH_OUTPUT_DIR (or this field) at storage that outlives the job."""
     max_concurrent_trials: int | None = None
     """None: as many as the cluster's CPUs/GPUs fit at `resources` per trial."""
+    evals: Evals | None = None
+    """Golden sets (lm-eval tasks) that score every completed trial and the base model; None: eval loss only."""
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -315,8 +320,9 @@ class Sweep:
             out.append(
                 Problem("name", self.name, "must be letters, digits, '_', '-', '.'", "it names reports/<name>/")
             )
-        for part in (self.base, self.dataset, self.space, self.budget, self.resources):
-            out.extend(part.problems())
+        for part in (self.base, self.dataset, self.space, self.budget, self.resources, self.evals):
+            if part is not None:
+                out.extend(part.problems())
         if self.search not in ("random", "grid", "optuna"):
             out.append(Problem("search", self.search, "unknown search algorithm", "use random, grid or optuna"))
         if self.num_samples < 1:

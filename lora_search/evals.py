@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -152,3 +153,173 @@ def flatten(output: dict[str, Any], evals: Evals) -> dict[str, Any]:
         "higher_is_better": bool(higher),
         "results": json.loads(json.dumps(output, default=str)),
     }
+
+
+def score_base(sweep: Any) -> dict[str, Any]:
+    """The base model's golden scores: the reference every adapter's gain is shown against (once per sweep)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert sweep.evals is not None
+    base = sweep.base
+    tokenizer = AutoTokenizer.from_pretrained(
+        base.name_or_path, revision=base.revision, trust_remote_code=base.trust_remote_code
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        base.name_or_path,
+        revision=base.revision,
+        trust_remote_code=base.trust_remote_code,
+        dtype="auto" if base.dtype == "auto" else getattr(torch, base.dtype),
+        device_map="auto" if torch.cuda.is_available() else None,
+    )
+    return score(model, tokenizer, sweep.evals, sweep.seed)
+
+
+def _probe_ids(adapter_dir: Path, tokenizer: Any) -> torch.Tensor:
+    from lora_search.probe import PROBE_FILE
+
+    probe = adapter_dir / PROBE_FILE
+    if probe.is_file():
+        from safetensors.torch import load_file
+
+        return load_file(str(probe))["input_ids_0"][None]
+    return tokenizer("A probe sentence to see whether the adapter changes anything.", return_tensors="pt")["input_ids"]
+
+
+def rescore(sweep: Any, adapter_dirs: list[Path], *, log: Any = print) -> list[dict[str, Any]]:
+    """Score saved adapters on the sweep's golden sets with one base load: PEFT load_adapter / set_adapter /
+    delete_adapter swap them on the same in-memory base. Returns one dict per adapter (metrics, objective, seconds).
+    """
+    import time
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert sweep.evals is not None
+    base = sweep.base
+    tokenizer = AutoTokenizer.from_pretrained(
+        base.name_or_path, revision=base.revision, trust_remote_code=base.trust_remote_code
+    )
+    model: Any = AutoModelForCausalLM.from_pretrained(
+        base.name_or_path,
+        revision=base.revision,
+        trust_remote_code=base.trust_remote_code,
+        dtype="auto" if base.dtype == "auto" else getattr(torch, base.dtype),
+    )
+    out = []
+    previous = None
+    for i, adapter_dir in enumerate(adapter_dirs):
+        start = time.perf_counter()
+        name = f"a{i}"
+        if previous is None:
+            model = PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=name)
+        else:
+            model.load_adapter(str(adapter_dir), adapter_name=name)
+        model.set_adapter(name)
+        if previous is not None:
+            model.delete_adapter(previous)
+        previous = name
+        check_applied(model, _probe_ids(Path(adapter_dir), tokenizer))
+        scored = score(model, tokenizer, sweep.evals, sweep.seed)
+        row = {"adapter": str(adapter_dir), "objective": scored["objective"], **scored["metrics"],
+               "seconds": time.perf_counter() - start}
+        log(f"{adapter_dir}: {sweep.evals.objective} = {scored['objective']:.4f} ({row['seconds']:.1f}s)")
+        out.append(row)
+    return out
+
+
+_FIELD = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def _fields(config: dict[str, Any]) -> set[str]:
+    """Document fields the task's templates read: `{{x}}` in doc_to_*, or a bare field name as doc_to_target."""
+    fields: set[str] = set()
+    for key in ("doc_to_text", "doc_to_target", "doc_to_choice"):
+        value = config.get(key)
+        if isinstance(value, str):
+            found = _FIELD.findall(value)
+            fields.update(found if found else ([value] if key != "doc_to_choice" and value.isidentifier() else []))
+    return fields
+
+
+def check(evals: Evals) -> list[Problem]:
+    """Problems with the golden sets, before any trial runs: task YAMLs, data files line by line, and whether
+    lm-eval itself accepts each task."""
+    from lora_search.data import MAX_REPORTED_PER_FILE
+
+    try:
+        configs = task_configs(evals)
+    except (FileNotFoundError, yaml.YAMLError) as e:
+        return [Problem("evals.tasks", evals.tasks, str(e).splitlines()[0], f"add the task YAML under {evals.tasks_dir}")]
+    problems: list[Problem] = []
+    for config in configs:
+        task = config["task"]
+        needed = _fields(config)
+        for split, location in config.get("dataset_kwargs", {}).get("data_files", {}).items():
+            path = Path(location)
+            if not path.is_file():
+                problems.append(Problem(f"evals task {task}", str(path), "golden data file not found",
+                                        "fix data_files in the task YAML (relative to the project root)"))
+                continue
+            problems.extend(_check_golden_file(path, needed, config, MAX_REPORTED_PER_FILE))
+    if not problems:
+        problems.extend(_lm_eval_accepts(configs))
+    return problems
+
+
+def _check_golden_file(path: Path, needed: set[str], config: dict[str, Any], cap: int) -> list[Problem]:
+    problems: list[Problem] = []
+    ids: dict[str, int] = {}
+    rows = 0
+    choice_field = next(iter(_FIELD.findall(str(config.get("doc_to_choice", "")))), None)
+    target = config.get("doc_to_target")
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            rows += 1
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                problems.append(Problem(where, None, f"invalid JSON ({e.msg} at column {e.colno})", "fix the line"))
+                continue
+            if not isinstance(row, dict):
+                problems.append(Problem(where, None, "expected a JSON object", "fix the line"))
+                continue
+            missing = sorted(needed - row.keys())
+            if missing:
+                problems.append(Problem(where, None, f"missing field(s) {', '.join(missing)} used by the task",
+                                        "add them, or change the task YAML's templates"))
+            if "id" in row:
+                if row["id"] in ids:
+                    problems.append(Problem(where, row["id"], f"duplicate id (first on line {ids[row['id']]})",
+                                            "give every golden example its own id"))
+                ids.setdefault(row["id"], lineno)
+            if choice_field and isinstance(target, str) and target.isidentifier() and target in row:
+                choices, label = row.get(choice_field), row[target]
+                if isinstance(choices, list) and (not isinstance(label, int) or not 0 <= label < len(choices)):
+                    problems.append(Problem(where, label, f"label out of range for {len(choices)} choices",
+                                            f"use an index in 0..{len(choices) - 1}"))
+            if len(problems) >= cap:
+                break
+    if rows == 0:
+        problems.append(Problem(str(path), None, "golden set is empty", "add examples, one JSON object per line"))
+    return problems
+
+
+def _lm_eval_accepts(configs: list[dict[str, Any]]) -> list[Problem]:
+    """Let lm-eval build each task from its config (what `lm_eval --tasks` would do) and report its refusal."""
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    problems = []
+    manager = TaskManager(include_defaults=False)
+    for config in configs:
+        try:
+            get_task_dict([config], manager)
+        except Exception as e:  # noqa: BLE001 - lm-eval raises many types for a bad task config
+            problems.append(Problem(f"evals task {config.get('task')}", None,
+                                    f"lm-eval rejects the task YAML: {type(e).__name__}: {str(e).splitlines()[0][:300]}",
+                                    "fix the task YAML (see lm-eval's task guide)"))
+    return problems

@@ -59,6 +59,10 @@ def problems(sweep: Sweep) -> list[Problem]:
                 out.append(p)
     out.extend(_hardware(sweep))
     out.extend(data.check(sweep.dataset))
+    if sweep.evals is not None:
+        from lora_search import evals
+
+        out.extend(evals.check(sweep.evals))
     return out
 
 

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from lora_search.space import trial_params
 
+GOLDEN_PREFIX = "golden/"
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -53,6 +55,12 @@ class TrialRecord:
     peak_mem_bytes: int
     adapter_path: str
     reason: str
+    objective: float = float("nan")
+    """The sweep's primary golden-set metric (`Evals.objective`), for completed trials scored with lm-eval."""
+    eval_s: float = 0.0
+    """Seconds spent on golden-set scoring, apart from training."""
+    scores: dict[str, float] | None = None
+    """Every golden metric and stderr, `task/metric` -> value; a column each in trials.parquet."""
 
 
 def status_of(error: BaseException | None, last: dict[str, Any], max_steps: int) -> Status:
@@ -118,13 +126,24 @@ def record(
         peak_mem_bytes=int(last.get("peak_mem_bytes", 0)),
         adapter_path=adapter_path,
         reason=error_reason(error),
+        objective=float(last.get("objective", nan)),
+        eval_s=float(last.get("eval_s", 0.0)),
+        scores={k.removeprefix(GOLDEN_PREFIX): float(v) for k, v in last.items() if k.startswith(GOLDEN_PREFIX)},
     )
 
 
 def to_frame(records: list[TrialRecord]) -> pd.DataFrame:
+    """One row per trial; golden scores spread into one column per `task/metric`."""
     import pandas as pd
 
-    return pd.DataFrame([asdict(r) for r in records], columns=list(TrialRecord.__dataclass_fields__))
+    rows = []
+    for r in records:
+        row = asdict(r)
+        row.update(row.pop("scores") or {})
+        rows.append(row)
+    columns = [c for c in TrialRecord.__dataclass_fields__ if c != "scores"]
+    extra = sorted({k for r in records for k in (r.scores or {})})
+    return pd.DataFrame(rows, columns=columns + extra)
 
 
 def write(records: list[TrialRecord], path: Path) -> None:
@@ -138,11 +157,13 @@ def table(frame: pd.DataFrame, top: int | None = None) -> str:
     """The final table: completed trials first, best eval loss first; then pruned, then failed."""
     order = {"completed": 0, "pruned": 1, "failed": 2}
     shown = frame.assign(_o=frame["status"].map(order)).sort_values(["_o", "eval_loss"], na_position="last")
-    shown = shown[TABLE_COLUMNS].head(top) if top else shown[TABLE_COLUMNS]
+    columns = TABLE_COLUMNS[:3] + (["objective"] if frame["objective"].notna().any() else []) + TABLE_COLUMNS[3:]
+    shown = shown[columns].head(top) if top else shown[columns]
     return shown.to_string(
         index=False,
         formatters={
             "eval_loss": "{:.4f}".format,
+            "objective": "{:.4f}".format,
             "lr": "{:.2e}".format,
             "alpha": "{:g}".format,
             "train_s": "{:.1f}".format,
@@ -163,3 +184,16 @@ def summary(frame: pd.DataFrame) -> str:
             f"vs base {best['base_eval_loss']:.4f}"
         )
     return line
+
+
+def objective_summary(frame: pd.DataFrame, objective: str, base_value: float, higher_is_better: bool) -> str:
+    """The best completed trial on the primary golden metric against the base model's value."""
+    scored = frame[(frame["status"] == "completed") & frame["objective"].notna()]
+    if not len(scored):
+        return f"{objective}: no completed trial was scored; base {base_value:.4f}"
+    best = scored.sort_values("objective", ascending=not higher_is_better).iloc[0]
+    gain = best["objective"] - base_value
+    return (
+        f"{objective}: best {best['objective']:.4f} ({best['trial_id']}: {best['variant']} r={best['rank']}) "
+        f"vs base {base_value:.4f} ({gain:+.4f})"
+    )

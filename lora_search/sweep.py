@@ -13,6 +13,7 @@ local Ray with the dashboard off. Results land in `<output_dir>/<name>/`:
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -176,6 +177,14 @@ def run(sweep: Sweep, *, fresh: bool = False, construction_problems: list[Proble
                 verbose=0,
             ),
         )
+    base_scores = None
+    if sweep.evals is not None:
+        # The base reference is scored once, on the devices one trial worker would get, beside the trials.
+        from lora_search.evals import score_base
+
+        r = sweep.resources
+        base_scores = ray.remote(score_base).options(num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker)
+        base_scores = base_scores.remote(sweep)
     grid = tuner.fit()
     records = []
     for result in grid:
@@ -186,6 +195,24 @@ def run(sweep: Sweep, *, fresh: bool = False, construction_problems: list[Proble
         )
     results.write(records, parquet)
     frame = results.to_frame(records)
+    if base_scores is not None:
+        base = ray.get(base_scores)
+        (out / "base_scores.json").write_text(
+            json.dumps(
+                {
+                    "metrics": base["metrics"],
+                    "objective": base["objective"],
+                    "higher_is_better": base["higher_is_better"],
+                },
+                indent=1,
+            )
+        )
+        (out / "base_lm_eval_results.json").write_text(json.dumps(base["results"], indent=1))
+        print(
+            "\nbase model on the golden sets: "
+            + ", ".join(f"{k} {v:.4f}" for k, v in base["metrics"].items() if not k.endswith("_stderr"))
+        )
+        print(results.objective_summary(frame, sweep.evals.objective, base["objective"], base["higher_is_better"]))
     print(
         f"\n{results.summary(frame)}\nfinished in {time.monotonic() - start:.0f}s; trials, best first:\n{results.table(frame)}"
     )

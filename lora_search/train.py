@@ -24,6 +24,7 @@ from transformers import PrinterCallback, TrainerCallback
 from lora_search import data, targets, variants
 from lora_search.config import BaseModel, Sweep
 from lora_search.probe import PROBE_FILE, probe_batch, save_probe
+from lora_search.results import GOLDEN_PREFIX
 from lora_search.variants import VARIANTS, Adapter
 
 if TYPE_CHECKING:
@@ -150,6 +151,7 @@ def train_loop(config: dict[str, Any]) -> None:
     )
     probe = probe_batch(tokenizer, eval_ds)
     reporter = _Reporter(sweep, params, adapter, model, init_dir, work, rank0, n_trainable, load_s, probe)
+    reporter.tokenizer = tokenizer
     callbacks: list[TrainerCallback] = [reporter]
     if variant.step_hook is not None:
         callbacks.append(_StepHook(model, variant.step_hook))
@@ -172,6 +174,9 @@ def train_loop(config: dict[str, Any]) -> None:
         trainer.train()
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+LM_EVAL_RESULTS = "lm_eval_results.json"
 
 
 class _StepHook(TrainerCallback):
@@ -204,12 +209,29 @@ class _Reporter(TrainerCallback):
         self.init_dir, self.work, self.rank0 = init_dir, work, rank0
         self.n_trainable, self.load_s, self.probe = n_trainable, load_s, probe
         self.trainer: Any = None
+        self.tokenizer: Any = None
         self.base_eval_loss = float("nan")
         self.train_start = 0.0
         self.last_train_loss = float("nan")
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.train_start = time.perf_counter()
+
+    def _golden_scores(self, adapter_dir: Path) -> dict[str, Any]:
+        """Score the live adapted model on the golden sets (lm-eval); results JSON saved beside the adapter."""
+        import json
+
+        from lora_search import evals
+
+        assert self.sweep.evals is not None
+        start = time.perf_counter()
+        evals.check_applied(self.model, self.probe[0])  # raises: a trial whose adapter does nothing gets no score
+        scored = evals.score(self.model, self.tokenizer, self.sweep.evals, self.sweep.seed)
+        (adapter_dir / LM_EVAL_RESULTS).write_text(json.dumps(scored["results"], indent=1))
+        out = {f"{GOLDEN_PREFIX}{k}": v for k, v in scored["metrics"].items()}
+        out["objective"] = scored["objective"]
+        out["eval_s"] = time.perf_counter() - start
+        return out
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.global_step >= state.max_steps:
@@ -250,6 +272,8 @@ class _Reporter(TrainerCallback):
             out = self.work / f"adapter_step{step}"
             report["adapter_bytes"] = variants.save(self.model, self.adapter, out, self.init_dir)
             save_probe(self.model, self.probe, out / PROBE_FILE)
+            if step >= state.max_steps and self.sweep.evals is not None:
+                report.update(self._golden_scores(out))
             checkpoint = ray.train.Checkpoint.from_directory(str(out))
         log.info("step %d eval_loss %.4f", step, report["eval_loss"])
         ray.train.report(report, checkpoint=checkpoint, checkpoint_dir_name=f"step_{step:06d}")

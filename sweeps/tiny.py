@@ -6,15 +6,18 @@ On a running Ray cluster:  ray job submit --working-dir . -- python sweeps/tiny.
 The base model (a ~4M-parameter Llama and its tokenizer) is built and pretrained here on first use and cached
 (lora_search/basemodel.py). The task, in data/tiny/, is one the base cannot do before adaptation: name the
 mood of a sentence and give the antonym of its adjective. 18 trials over 7 variants and 4 ranks; ASHA on
-eval loss prunes the weak ones at steps 50 and 150 of 200.
+eval loss prunes the weak ones at steps 50 and 150 of 200. Completed trials and the base model are scored
+on two held-out golden sets with lm-eval (evals/tasks/tiny_mood.yaml: multiple choice; tiny_antonym.yaml:
+greedy generation, exact match).
 """
 
 from pathlib import Path
 
-from lora_search import BaseModel, Budget, Dataset, Resources, SearchSpace, Sweep, main
+from lora_search import BaseModel, Budget, Dataset, Evals, Resources, SearchSpace, Sweep, main
 from lora_search.basemodel import build_tiny_base
 
-DATA = Path(__file__).resolve().parent.parent / "data" / "tiny"
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "data" / "tiny"
 
 BASE = BaseModel(str(build_tiny_base()), dtype="float32")  # float32: fastest and exact on a CPU
 
@@ -37,6 +40,8 @@ SWEEP = Sweep(
     search="random",
     num_samples=18,
     seed=0,
+    # Golden sets (lm-eval tasks in evals/tasks): every completed trial and the base are scored on them.
+    evals=Evals(tasks=("tiny_mood", "tiny_antonym"), objective="tiny_mood/acc", tasks_dir=str(ROOT / "evals" / "tasks")),
 )
 
 if __name__ == "__main__":

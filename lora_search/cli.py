@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -54,7 +55,7 @@ def _run(sweep: Sweep, problems: list[Problem], fresh: bool) -> int:
     return 0
 
 
-def _eval(sweep: Sweep, problems: list[Problem], adapters: list[str] | None) -> int:
+def _eval(sweep: Sweep, problems: list[Problem], adapters: list[str] | None, output: str | None) -> int:
     import pandas as pd
 
     from lora_search.evals import rescore
@@ -75,6 +76,8 @@ def _eval(sweep: Sweep, problems: list[Problem], adapters: list[str] | None) -> 
                           or [Problem("adapters", None, "no adapters to score", "run the sweep first")])
     rows = rescore(sweep, dirs)
     print(pd.DataFrame(rows).to_string(index=False))
+    if output:
+        Path(output).write_text(json.dumps(rows, indent=1))
     return 0
 
 
@@ -113,6 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     p_eval = sub.add_parser("eval", help="score saved adapters on the sweep's golden sets (one base load)")
     p_eval.add_argument("sweep_file")
     p_eval.add_argument("--adapters", nargs="+", help="adapter dirs (default: every adapter of the sweep)")
+    p_eval.add_argument("--output", help="also write the scores as JSON here")
     args = parser.parse_args(argv)
 
     def load_and(action):  # noqa: ANN001, ANN202
@@ -125,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "validate":
         sys.exit(_guarded(load_and(_validate)))
     if args.command == "eval":
-        sys.exit(_guarded(load_and(lambda s, p: _eval(s, p, args.adapters))))
+        sys.exit(_guarded(load_and(lambda s, p: _eval(s, p, args.adapters, args.output))))
     if args.command == "run":
         sys.exit(_guarded(load_and(lambda s, p: _run(s, p, args.fresh))))
 

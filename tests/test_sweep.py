@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -9,10 +10,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from lora_search import BaseModel, Budget, Dataset, SearchSpace, Sweep, space
+from lora_search import BaseModel, Budget, Dataset, Evals, SearchSpace, Sweep, space
 from lora_search.sweep import SweepExistsError, run
 
 pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+EVALS = Evals(tasks=("tiny_mood", "tiny_antonym"), objective="tiny_mood/acc", tasks_dir=str(REPO / "evals" / "tasks"),
+              limit=16)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -33,6 +37,7 @@ def _sweep(model_dir: Path, data: Path, out: Path, **changes) -> Sweep:
         num_samples=4,
         seed=1,
         output_dir=str(out),
+        evals=EVALS,
     )
     return sweep.replace(**changes)
 
@@ -56,6 +61,15 @@ def test_small_sweep_end_to_end(tiny_model_dir, tiny_jsonl, tmp_path) -> None:
             assert row.step in rungs and row.step < 20, (row.step, rungs)
         adapter = Path(row.adapter_path)
         assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+
+    # Completed trials carry golden scores (lm-eval) and keep lm-eval's results JSON beside the adapter.
+    done = on_disk[on_disk.status == "completed"]
+    assert done["tiny_mood/acc"].between(0, 1).all() and done["objective"].equals(done["tiny_mood/acc"])
+    assert (done["eval_s"] > 0).all()
+    for path in done["adapter_path"]:
+        assert json.loads((Path(path) / "lm_eval_results.json").read_text())["results"]["tiny_mood"]
+    base_scores = json.loads((tmp_path / "it" / "base_scores.json").read_text())
+    assert 0 <= base_scores["metrics"]["tiny_mood/acc"] <= 1 and base_scores["higher_is_better"] is True
 
     # Every trial measured the same base reference (step-0 eval) and improved on it.
     base = on_disk["base_eval_loss"]
@@ -91,3 +105,14 @@ def test_failing_trials_do_not_stop_the_sweep(tiny_model_dir, tiny_jsonl, tmp_pa
     assert list(frame["status"]) == ["failed", "failed"]
     assert all(frame["reason"].str.len() > 0)
     assert frame["reason"].str.contains("safetensors|header|deserializ", case=False).all(), list(frame["reason"])
+
+
+def test_an_adapter_that_stays_zero_fails_its_trial_with_the_guard(tiny_model_dir, tiny_jsonl, tmp_path) -> None:
+    # lr ~1e-30: the trained B matrices stay ~0, so the adapter changes nothing and must never get a score.
+    sweep = _sweep(tiny_model_dir, tiny_jsonl, tmp_path, num_samples=1,
+                   space=SearchSpace(ranks=(4,), targets=("attention",), variants=("lora",), lr=(1e-30, 2e-30)),
+                   budget=Budget(max_steps=5, eval_every=5, grace_period=5, batch_size=8))
+    frame = run(sweep)
+    assert list(frame["status"]) == ["failed"]
+    assert "does not change the model's outputs" in frame["reason"].iloc[0]
+    assert frame["objective"].isna().all()

@@ -1,0 +1,64 @@
+"""Search space, ASHA rungs and concurrency: pure functions, no cluster."""
+
+from __future__ import annotations
+
+
+import pytest
+
+from lora_search import BaseModel, Budget, Dataset, Resources, SearchSpace, Sweep, space
+from lora_search.sweep import concurrent_trials
+
+
+def _sweep(**changes) -> Sweep:
+    base = Sweep(name="s", base=BaseModel("m"), dataset=Dataset("d.jsonl"),
+                 space=SearchSpace(ranks=(4, 8), targets=("attention", ("q_proj", "down_proj")),
+                                   variants=("lora", "dora"), lr=(1e-4, 1e-2)))
+    return base.replace(**changes)
+
+
+def test_lr_grid_is_geometric_and_inclusive() -> None:
+    grid = space.lr_grid(1e-4, 1e-2, 3)
+    assert grid == pytest.approx([1e-4, 1e-3, 1e-2])
+    assert space.lr_grid(1e-4, 1e-2, 1) == pytest.approx([1e-3])
+
+
+def test_param_space_random_and_grid() -> None:
+    from ray.tune.search.sample import Categorical, Float
+
+    random_space = space.param_space(_sweep())
+    assert isinstance(random_space["variant"], Categorical) and isinstance(random_space["lr"], Float)
+    assert random_space["targets"].categories == ["attention", "q_proj+down_proj"]
+    grid = space.param_space(_sweep(search="grid"))
+    assert grid["rank"] == {"grid_search": [4, 8]}
+    assert grid["lr"]["grid_search"] == pytest.approx([1e-4, 1e-3, 1e-2])
+
+
+def test_alpha_resolves_from_ratio_or_absolute() -> None:
+    assert space.trial_params({"variant": "lora", "rank": 8, "alpha_over_rank": 2.0, "targets": "mlp",
+                               "lr": 1e-3, "dropout": 0.0})["alpha"] == 16.0
+    assert space.trial_params({"variant": "lora", "rank": 8, "alpha": 4.0, "targets": "mlp",
+                               "lr": 1e-3, "dropout": 0.0})["alpha"] == 4.0
+
+
+@pytest.mark.parametrize(("max_steps", "grace", "factor"), [(200, 50, 3), (150, 50, 3), (20, 5, 2), (100, 10, 4)])
+def test_rungs_match_ray_asha_milestones(max_steps: int, grace: int, factor: int) -> None:
+    sweep = _sweep(budget=Budget(max_steps=max_steps, eval_every=grace, grace_period=grace, reduction_factor=factor))
+    asha = space.scheduler(sweep)
+    assert space.rungs(sweep) == sorted(int(m) for m, _ in asha._brackets[0]._rungs)
+
+
+def test_search_algorithms() -> None:
+    from ray.tune.search import BasicVariantGenerator
+    from ray.tune.search.optuna import OptunaSearch
+
+    assert isinstance(space.search_algorithm(_sweep(), 2), BasicVariantGenerator)
+    assert isinstance(space.search_algorithm(_sweep(search="optuna"), 2), OptunaSearch)
+
+
+def test_concurrent_trials_fit_the_cluster() -> None:
+    assert concurrent_trials(_sweep(), {"CPU": 2.0}) == 2
+    assert concurrent_trials(_sweep(resources=Resources(workers=2, cpus_per_worker=1)), {"CPU": 2.0}) == 1
+    gpu = _sweep(resources=Resources(workers=2, cpus_per_worker=4, gpus_per_worker=1))
+    assert concurrent_trials(gpu, {"CPU": 64.0, "GPU": 8.0}) == 4
+    assert concurrent_trials(_sweep(max_concurrent_trials=3), {"CPU": 64.0}) == 3
+    assert concurrent_trials(_sweep(), {"CPU": 0.5}) == 1  # never 0: Tune would queue the trials forever

@@ -110,6 +110,26 @@ def _progress(sweep: Sweep, start: float) -> Any:
     return Progress()
 
 
+def _report_base(sweep: Sweep, frame: pd.DataFrame, pending: Any, out: Path) -> None:
+    """Wait for the base model's golden scores; a failure there is reported, and loses no trial result."""
+    import ray
+
+    assert sweep.evals is not None
+    try:
+        base = ray.get(pending)
+    except Exception as e:  # noqa: BLE001 - whatever broke, the trials' results are already on disk
+        reason = results.error_reason(e)
+        (out / "base_scores.json").write_text(json.dumps({"error": reason}, indent=1))
+        print(f"\nthe base model could not be scored on the golden sets: {reason}")
+        return
+    summary = {k: base[k] for k in ("metrics", "objective", "higher_is_better")}
+    (out / "base_scores.json").write_text(json.dumps(summary, indent=1))
+    (out / "base_lm_eval_results.json").write_text(json.dumps(base["results"], indent=1))
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in base["metrics"].items() if not k.endswith("_stderr"))
+    print(f"\nbase model on the golden sets: {shown}")
+    print(results.objective_summary(frame, sweep.evals.objective, base["objective"], base["higher_is_better"]))
+
+
 def validate(sweep: Sweep, construction_problems: list[Problem] | None = None) -> None:
     """Raise ConfigError with every problem of the sweep; print nothing, start nothing."""
     preflight.validate(sweep, construction_problems)
@@ -195,27 +215,10 @@ def run(sweep: Sweep, *, fresh: bool = False, construction_problems: list[Proble
         )
     results.write(records, parquet)
     frame = results.to_frame(records)
+    print(f"\n{results.summary(frame)}\nfinished in {time.monotonic() - start:.0f}s; trials, best first:")
+    print(results.table(frame))
     if base_scores is not None:
-        base = ray.get(base_scores)
-        (out / "base_scores.json").write_text(
-            json.dumps(
-                {
-                    "metrics": base["metrics"],
-                    "objective": base["objective"],
-                    "higher_is_better": base["higher_is_better"],
-                },
-                indent=1,
-            )
-        )
-        (out / "base_lm_eval_results.json").write_text(json.dumps(base["results"], indent=1))
-        print(
-            "\nbase model on the golden sets: "
-            + ", ".join(f"{k} {v:.4f}" for k, v in base["metrics"].items() if not k.endswith("_stderr"))
-        )
-        print(results.objective_summary(frame, sweep.evals.objective, base["objective"], base["higher_is_better"]))
-    print(
-        f"\n{results.summary(frame)}\nfinished in {time.monotonic() - start:.0f}s; trials, best first:\n{results.table(frame)}"
-    )
+        _report_base(sweep, frame, base_scores, out)
     print(f"\nresults: {parquet}\nadapters: {out / 'adapters'}")
     return frame
 

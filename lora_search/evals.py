@@ -140,7 +140,7 @@ def flatten(output: dict[str, Any], evals: Evals) -> dict[str, Any]:
     metrics: dict[str, float] = {}
     for task, values in output["results"].items():
         for key, value in values.items():
-            if not isinstance(value, (int, float)) or key == "alias":
+            if not isinstance(value, (int, float)) or "," not in key:  # "acc,none"; skips sample_len, alias
                 continue
             metric, _, filter_name = key.partition(",")
             metrics[f"{task}/{metric}"] = float(value)

@@ -115,7 +115,10 @@ def _vera(a: Adapter) -> PeftConfig:
 def _loftq_replace(model: PeftModel) -> None:
     from peft import replace_lora_weights_loftq
 
-    replace_lora_weights_loftq(model)
+    # LoftQ reads the unquantised weights from the checkpoint's safetensors: a local model dir is passed as is
+    # (PEFT only resolves hub ids itself, from the local HF cache).
+    source = Path(model.base_model.config._name_or_path)
+    replace_lora_weights_loftq(model, model_path=str(source) if source.is_dir() else None)
 
 
 VARIANTS: dict[str, Variant] = {

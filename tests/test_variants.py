@@ -61,7 +61,13 @@ def _contract(name: str, model_dir, tmp_path, device: str = "cpu", quantized: bo
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
     assert size == (out / "adapter_model.safetensors").stat().st_size > 0
 
-    fresh = load_base(BaseModel(str(model_dir)), quantized) if quantized else AutoModelForCausalLM.from_pretrained(model_dir)
+    if quantized:
+        from peft import prepare_model_for_kbit_training
+
+        # The same set-up as the trial's (norms upcast to float32), so the comparison is exact, not bf16-close.
+        fresh = prepare_model_for_kbit_training(load_base(BaseModel(str(model_dir)), True), use_gradient_checkpointing=False)
+    else:
+        fresh = AutoModelForCausalLM.from_pretrained(model_dir)
     reloaded = PeftModel.from_pretrained(fresh, str(out)).to(device).eval()
     with torch.no_grad():
         logits = reloaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()

@@ -18,4 +18,5 @@ demo: setup
 	$(VENV)/bin/python sweeps/tiny.py $(ARGS)
 
 test: setup
+	$(VENV)/bin/ruff check lora_search tests sweeps benchmarks
 	$(VENV)/bin/python -m pytest -q $(ARGS)

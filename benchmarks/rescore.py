@@ -40,8 +40,22 @@ def main() -> None:
 
     start = time.perf_counter()
     ours_json = tmp / "ours.json"
-    subprocess.run([sys.executable, "-m", "lora_search.cli", "eval", str(SWEEP_FILE), "--adapters", *adapters,
-                    "--output", str(ours_json)], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lora_search.cli",
+            "eval",
+            str(SWEEP_FILE),
+            "--adapters",
+            *adapters,
+            "--output",
+            str(ours_json),
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
     ours_s = time.perf_counter() - start
     ours = json.loads(ours_json.read_text())
 
@@ -50,11 +64,28 @@ def main() -> None:
     for i, adapter in enumerate(adapters):
         out = tmp / f"cli{i}"
         subprocess.run(
-            [sys.executable, "-m", "lm_eval", "--model", "hf",
-             "--model_args", f"pretrained={sweep.base.name_or_path},peft={adapter},dtype={sweep.base.dtype}",
-             "--tasks", tasks, "--include_path", sweep.evals.tasks_dir, "--batch_size", str(sweep.evals.batch_size),
-             "--seed", str(sweep.seed), "--output_path", str(out)],
-            cwd=ROOT, check=True, capture_output=True,
+            [
+                sys.executable,
+                "-m",
+                "lm_eval",
+                "--model",
+                "hf",
+                "--model_args",
+                f"pretrained={sweep.base.name_or_path},peft={adapter},dtype={sweep.base.dtype}",
+                "--tasks",
+                tasks,
+                "--include_path",
+                sweep.evals.tasks_dir,
+                "--batch_size",
+                str(sweep.evals.batch_size),
+                "--seed",
+                str(sweep.seed),
+                "--output_path",
+                str(out),
+            ],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
         )
         cli.append(json.loads(next(out.rglob("results*.json")).read_text())["results"])
     cli_s = time.perf_counter() - start
@@ -70,13 +101,21 @@ def main() -> None:
         "lm_eval_cli_per_adapter_s": round(cli_s, 2),
         "speedup": round(cli_s / ours_s, 2),
         "scores_equal": equal,
-        "scores": [{"adapter": Path(r["adapter"]).name, "tiny_mood/acc": r["tiny_mood/acc"],
-                    "tiny_antonym/exact_match": r["tiny_antonym/exact_match"]} for r in ours],
+        "scores": [
+            {
+                "adapter": Path(r["adapter"]).name,
+                "tiny_mood/acc": r["tiny_mood/acc"],
+                "tiny_antonym/exact_match": r["tiny_antonym/exact_match"],
+            }
+            for r in ours
+        ],
         "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, python {platform.python_version()}",
     }
     (ROOT / "benchmarks" / "rescore.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(f"k={args.k} adapters: lora-search eval {ours_s:.1f}s, lm_eval CLI per adapter {cli_s:.1f}s, "
-          f"speedup {cli_s / ours_s:.2f}x, scores equal: {equal}")
+    print(
+        f"k={args.k} adapters: lora-search eval {ours_s:.1f}s, lm_eval CLI per adapter {cli_s:.1f}s, "
+        f"speedup {cli_s / ours_s:.2f}x, scores equal: {equal}"
+    )
 
 
 if __name__ == "__main__":

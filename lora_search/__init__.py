@@ -1,6 +1,6 @@
 """lora_search: find the right LoRA configuration for a model and a task.
 
-    from lora_search import Sweep, BaseModel, Dataset, SearchSpace, Budget, Resources, run
+from lora_search import Sweep, BaseModel, Dataset, SearchSpace, Budget, Resources, run
 """
 
 from lora_search.config import (
@@ -16,7 +16,17 @@ from lora_search.config import (
 from lora_search.evals import Evals
 
 __all__ = [
-    "BaseModel", "Budget", "ConfigError", "Dataset", "Evals", "Problem", "Resources", "SearchSpace", "Sweep", "run", "main",
+    "BaseModel",
+    "Budget",
+    "ConfigError",
+    "Dataset",
+    "Evals",
+    "Problem",
+    "Resources",
+    "SearchSpace",
+    "Sweep",
+    "run",
+    "main",
 ]
 
 

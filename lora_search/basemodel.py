@@ -42,19 +42,47 @@ if TYPE_CHECKING:
 # --- the toy world ---------------------------------------------------------------------------------------------
 
 NAMES = ("Tom", "Anna", "Sam", "Lily", "Ben", "Mia", "Max", "Eva")
-ANIMALS = ("cat", "dog", "fox", "owl", "bear", "wolf", "duck", "goat", "horse", "mouse", "frog", "lion", "sheep",
-           "crow", "deer", "pig")
+ANIMALS = (
+    "cat",
+    "dog",
+    "fox",
+    "owl",
+    "bear",
+    "wolf",
+    "duck",
+    "goat",
+    "horse",
+    "mouse",
+    "frog",
+    "lion",
+    "sheep",
+    "crow",
+    "deer",
+    "pig",
+)
 COLOURS = ("red", "blue", "green", "yellow", "black", "white", "brown", "grey", "pink", "purple")
 FOODS = ("bread", "cheese", "apples", "rice", "soup", "fish", "corn", "honey", "cake", "beans", "carrots", "plums")
-PLACES = ("park", "forest", "river", "garden", "market", "house", "field", "lake", "hill", "barn", "school",
-          "beach")
-VERBS = ("walked", "stood", "waited", "looked", "turned", "stopped", "sat", "jumped", "ran", "slept", "sang",
-         "played")
+PLACES = ("park", "forest", "river", "garden", "market", "house", "field", "lake", "hill", "barn", "school", "beach")
+VERBS = ("walked", "stood", "waited", "looked", "turned", "stopped", "sat", "jumped", "ran", "slept", "sang", "played")
 # Each word belongs to exactly one pair, so "the opposite" is well defined in both directions.
-ANTONYM_PAIRS = (("big", "small"), ("hot", "cold"), ("fast", "slow"), ("tall", "short"), ("old", "young"),
-                 ("wet", "dry"), ("loud", "quiet"), ("hard", "soft"), ("full", "empty"), ("clean", "dirty"),
-                 ("strong", "weak"), ("rich", "poor"), ("thick", "thin"), ("heavy", "light"), ("sweet", "sour"),
-                 ("bright", "dark"))
+ANTONYM_PAIRS = (
+    ("big", "small"),
+    ("hot", "cold"),
+    ("fast", "slow"),
+    ("tall", "short"),
+    ("old", "young"),
+    ("wet", "dry"),
+    ("loud", "quiet"),
+    ("hard", "soft"),
+    ("full", "empty"),
+    ("clean", "dirty"),
+    ("strong", "weak"),
+    ("rich", "poor"),
+    ("thick", "thin"),
+    ("heavy", "light"),
+    ("sweet", "sour"),
+    ("bright", "dark"),
+)
 OPPOSITE = {a: b for a, b in ANTONYM_PAIRS} | {b: a for a, b in ANTONYM_PAIRS}
 ADJECTIVES = tuple(OPPOSITE)
 # A sentence's mood is decided only by which group its mood word is in. The label words appear in the corpus
@@ -127,8 +155,16 @@ def format_completion(output: str) -> str:
 
 def _fill(template: str, rng: random.Random, adjs: tuple[str, ...]) -> tuple[str, dict[str, str]]:
     """Fill a template's slots from the world, {adj} from `adjs`; returns the sentence and the slot values."""
-    pools = {"name": NAMES, "animal": ANIMALS, "colour": COLOURS, "food": FOODS, "place": PLACES, "verb": VERBS,
-             "adj": adjs, "label": MOOD_LABELS}
+    pools = {
+        "name": NAMES,
+        "animal": ANIMALS,
+        "colour": COLOURS,
+        "food": FOODS,
+        "place": PLACES,
+        "verb": VERBS,
+        "adj": adjs,
+        "label": MOOD_LABELS,
+    }
     names = _SLOT.findall(template)
     slots = {s: rng.choice(pools[s]) for s in names if s != "opp"}
     if "opp" in names:
@@ -162,8 +198,9 @@ def _story(rng: random.Random) -> str:
         adjs, templates = ADJECTIVES, STORY_TEMPLATES + LABEL_TEMPLATES
     # The character's slots are drawn once and reused by every sentence; the others vary per sentence.
     fixed = {"name": rng.choice(NAMES), "animal": rng.choice(ANIMALS), "colour": rng.choice(COLOURS)}
-    return " ".join(_fill(rng.choice(templates).format_map(_Keep(fixed)), rng, adjs)[0]
-                    for _ in range(rng.randint(3, 6)))
+    return " ".join(
+        _fill(rng.choice(templates).format_map(_Keep(fixed)), rng, adjs)[0] for _ in range(rng.randint(3, 6))
+    )
 
 
 class _Keep(dict[str, str]):
@@ -205,9 +242,11 @@ def write_demo_data(out_dir: Path, seed: int = 0, golden_dir: Path | None = None
     Run: python -m lora_search.basemodel   (writes data/tiny/)
 
     Files: train.jsonl (1992 rows) and eval.jsonl (196 rows) as chat rows {"id", "messages": [user, assistant]}
-    (the tokenizer's chat template renders them as `format_prompt` + `format_completion`), both skills mixed; golden_mood.jsonl (160 rows: {"id", "text", "prompt", "choices", "label"}) and golden_antonym.jsonl (160
-    rows: {"id", "text", "prompt", "answer"}) for lm-eval, where `prompt` is `format_prompt` of the skill's
-    instruction and `text`. Raises RuntimeError if a golden input also occurs in train or eval.
+    (the tokenizer's chat template renders them as `format_prompt` + `format_completion`), both skills mixed.
+    Golden sets, into `golden_dir` (default `out_dir`): tiny_mood.jsonl (160 rows: {"id", "text", "prompt",
+    "choices", "label"}) and tiny_antonym.jsonl (160 rows: {"id", "text", "prompt", "answer"}) for lm-eval, where
+    `prompt` is `format_prompt` of the skill's instruction and `text`.
+    Raises RuntimeError if a golden input also occurs in train or eval.
     """
     rng = random.Random(f"demo-{seed}")
     seen: set[str] = set()
@@ -216,22 +255,26 @@ def write_demo_data(out_dir: Path, seed: int = 0, golden_dir: Path | None = None
     golden_antonym: list[dict[str, object]] = []
     for label in MOOD_LABELS:
         texts = _unique_inputs(rng, sum(_MOOD_COUNTS.values()), seen, MOOD_WORDS[label])
-        golden, rest = texts[:_MOOD_COUNTS["golden"]], texts[_MOOD_COUNTS["golden"]:]
-        golden_mood += [{"text": t, "prompt": format_prompt(MOOD_INSTRUCTION, t), "choices": list(MOOD_LABELS),
-                         "label": MOOD_LABELS.index(label)} for t in golden]
-        rows["eval"] += [_chat_row(MOOD_INSTRUCTION, t, label)
-                         for t in rest[:_MOOD_COUNTS["eval"]]]
-        rows["train"] += [_chat_row(MOOD_INSTRUCTION, t, label)
-                          for t in rest[_MOOD_COUNTS["eval"]:]]
+        golden, rest = texts[: _MOOD_COUNTS["golden"]], texts[_MOOD_COUNTS["golden"] :]
+        golden_mood += [
+            {
+                "text": t,
+                "prompt": format_prompt(MOOD_INSTRUCTION, t),
+                "choices": list(MOOD_LABELS),
+                "label": MOOD_LABELS.index(label),
+            }
+            for t in golden
+        ]
+        rows["eval"] += [_chat_row(MOOD_INSTRUCTION, t, label) for t in rest[: _MOOD_COUNTS["eval"]]]
+        rows["train"] += [_chat_row(MOOD_INSTRUCTION, t, label) for t in rest[_MOOD_COUNTS["eval"] :]]
     for adj in ADJECTIVES:
         texts = _unique_inputs(rng, sum(_ANTONYM_COUNTS.values()), seen, (adj,))
-        golden, rest = texts[:_ANTONYM_COUNTS["golden"]], texts[_ANTONYM_COUNTS["golden"]:]
-        golden_antonym += [{"text": t, "prompt": format_prompt(ANTONYM_INSTRUCTION, t), "answer": OPPOSITE[adj]}
-                           for t in golden]
-        rows["eval"] += [_chat_row(ANTONYM_INSTRUCTION, t, OPPOSITE[adj])
-                         for t in rest[:_ANTONYM_COUNTS["eval"]]]
-        rows["train"] += [_chat_row(ANTONYM_INSTRUCTION, t, OPPOSITE[adj])
-                          for t in rest[_ANTONYM_COUNTS["eval"]:]]
+        golden, rest = texts[: _ANTONYM_COUNTS["golden"]], texts[_ANTONYM_COUNTS["golden"] :]
+        golden_antonym += [
+            {"text": t, "prompt": format_prompt(ANTONYM_INSTRUCTION, t), "answer": OPPOSITE[adj]} for t in golden
+        ]
+        rows["eval"] += [_chat_row(ANTONYM_INSTRUCTION, t, OPPOSITE[adj]) for t in rest[: _ANTONYM_COUNTS["eval"]]]
+        rows["train"] += [_chat_row(ANTONYM_INSTRUCTION, t, OPPOSITE[adj]) for t in rest[_ANTONYM_COUNTS["eval"] :]]
 
     # `seen` already makes every input unique; this re-checks the promise the golden sets rely on, whatever
     # future edits do to the drawing above.
@@ -242,8 +285,12 @@ def write_demo_data(out_dir: Path, seed: int = 0, golden_dir: Path | None = None
 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
-    for name, split_rows in (("train", rows["train"]), ("eval", rows["eval"]), ("golden_mood", golden_mood),
-                             ("golden_antonym", golden_antonym)):
+    for name, split_rows in (
+        ("train", rows["train"]),
+        ("eval", rows["eval"]),
+        ("golden_mood", golden_mood),
+        ("golden_antonym", golden_antonym),
+    ):
         rng.shuffle(split_rows)  # mix skills and keys, so the first N rows (lm-eval --limit) are a fair sample
         path = (
             (golden_dir or out_dir) / f"tiny_{name.removeprefix('golden_')}.jsonl"
@@ -286,17 +333,32 @@ def _train_tokenizer(corpus: list[str], vocab_size: int, max_length: int) -> Pre
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[PAD, BOS, EOS], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=[PAD, BOS, EOS],
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     # BOS like Llama's tokenizer: plain `tok(text)` and the chat template both start with it.
-    tok.post_processor = processors.Sequence([
-        processors.ByteLevel(trim_offsets=False),
-        processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A $B",
-                                      special_tokens=[(BOS, tok.token_to_id(BOS))]),
-    ])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
-                                   chat_template=CHAT_TEMPLATE, model_max_length=max_length)
+    tok.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(
+                single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, tok.token_to_id(BOS))]
+            ),
+        ]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=max_length,
+    )
 
 
 # --- the base model --------------------------------------------------------------------------------------------
@@ -305,8 +367,15 @@ def _train_tokenizer(corpus: list[str], vocab_size: int, max_length: int) -> Pre
 # Small because of the CPU budget: a 256-wide model takes ~2.5x longer per step, and learns to look words up
 # in its context more slowly per step too, so it cannot pretrain in 90 s. PEFT's "all-linear" skips the tied
 # lm_head, so adapters train q/k/v/o/gate/up/down only.
-MODEL_CONFIG = {"hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 4, "num_attention_heads": 4,
-                "num_key_value_heads": 4, "max_position_embeddings": 256, "tie_word_embeddings": True}
+MODEL_CONFIG = {
+    "hidden_size": 128,
+    "intermediate_size": 352,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 256,
+    "tie_word_embeddings": True,
+}
 VOCAB_SIZE = 1024  # an upper bound: the corpus has ~200 words and BPE runs out of merges near 670 tokens
 TOKENIZER_DOCS = 20_000  # documents the BPE is trained on; every word occurs hundreds of times in them
 # Each step adds two losses, each averaged over its own tokens: next-token loss on packed stories and
@@ -333,9 +402,20 @@ def _corpus_version() -> str:
 
 def _recipe(seed: int, steps: int) -> dict[str, object]:
     """Everything that determines the built weights; its hash names the cache entry."""
-    return {"corpus_version": _corpus_version(), "model": MODEL_CONFIG, "vocab_size": VOCAB_SIZE, "seed": seed,
-            "steps": steps, "tokenizer_docs": TOKENIZER_DOCS, "lm_batch": LM_BATCH, "block_size": BLOCK_SIZE,
-            "qa_batch": QA_BATCH, "lr": LR, "warmup_steps": WARMUP_STEPS, "qa_label_smoothing": QA_LABEL_SMOOTHING}
+    return {
+        "corpus_version": _corpus_version(),
+        "model": MODEL_CONFIG,
+        "vocab_size": VOCAB_SIZE,
+        "seed": seed,
+        "steps": steps,
+        "tokenizer_docs": TOKENIZER_DOCS,
+        "lm_batch": LM_BATCH,
+        "block_size": BLOCK_SIZE,
+        "qa_batch": QA_BATCH,
+        "lr": LR,
+        "warmup_steps": WARMUP_STEPS,
+        "qa_label_smoothing": QA_LABEL_SMOOTHING,
+    }
 
 
 def _padded(seqs: list[list[int]], labels: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -362,7 +442,9 @@ def _lm_batches(tok: PreTrainedTokenizerFast, rng: random.Random, steps: int) ->
                 rows.append(row)
                 row = []
             row += ids
-    return [_padded(rows[i:i + LM_BATCH], rows[i:i + LM_BATCH], tok.pad_token_id) for i in range(0, n_rows, LM_BATCH)]
+    return [
+        _padded(rows[i : i + LM_BATCH], rows[i : i + LM_BATCH], tok.pad_token_id) for i in range(0, n_rows, LM_BATCH)
+    ]
 
 
 def _qa_batches(tok: PreTrainedTokenizerFast, rng: random.Random, steps: int) -> list[tuple[Tensor, Tensor, Tensor]]:
@@ -378,22 +460,25 @@ def _qa_batches(tok: PreTrainedTokenizerFast, rng: random.Random, steps: int) ->
     return batches
 
 
-def _pretrain(model: LlamaForCausalLM, lm: list[tuple[Tensor, Tensor, Tensor]],
-              qa: list[tuple[Tensor, Tensor, Tensor]]) -> tuple[float, float]:
+def _pretrain(
+    model: LlamaForCausalLM, lm: list[tuple[Tensor, Tensor, Tensor]], qa: list[tuple[Tensor, Tensor, Tensor]]
+) -> tuple[float, float]:
     """Train `model` one AdamW step per (lm, qa) batch pair (warmup, cosine to 10%); returns the last losses."""
     import torch
 
     steps = len(lm)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.95), weight_decay=0.1)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / WARMUP_STEPS) * (
-        0.1 + 0.45 * (1 + math.cos(math.pi * s / steps))))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / WARMUP_STEPS) * (0.1 + 0.45 * (1 + math.cos(math.pi * s / steps)))
+    )
     model.train()
     start, totals, logged = time.monotonic(), [0.0, 0.0], (0.0, 0.0)
     for step, ((ids, mask, labels), (qa_ids, qa_mask, qa_labels)) in enumerate(zip(lm, qa, strict=True)):
         lm_loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         qa_logits = model(input_ids=qa_ids, attention_mask=qa_mask).logits[:, :-1]
-        qa_loss = torch.nn.functional.cross_entropy(qa_logits.flatten(0, 1), qa_labels[:, 1:].flatten(),
-                                                    ignore_index=-100, label_smoothing=QA_LABEL_SMOOTHING)
+        qa_loss = torch.nn.functional.cross_entropy(
+            qa_logits.flatten(0, 1), qa_labels[:, 1:].flatten(), ignore_index=-100, label_smoothing=QA_LABEL_SMOOTHING
+        )
         (lm_loss + qa_loss).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -403,8 +488,11 @@ def _pretrain(model: LlamaForCausalLM, lm: list[tuple[Tensor, Tensor, Tensor]],
         if (step + 1) % 25 == 0 or step + 1 == steps:
             n = step % 25 + 1
             logged, totals = (totals[0] / n, totals[1] / n), [0.0, 0.0]
-            print(f"[basemodel] step {step + 1}/{steps} lm loss {logged[0]:.3f} qa loss {logged[1]:.3f} "
-                  f"({time.monotonic() - start:.0f}s)", flush=True)
+            print(
+                f"[basemodel] step {step + 1}/{steps} lm loss {logged[0]:.3f} qa loss {logged[1]:.3f} "
+                f"({time.monotonic() - start:.0f}s)",
+                flush=True,
+            )
     model.eval()
     return logged
 
@@ -417,15 +505,23 @@ def _build(dest: Path, seed: int, steps: int) -> None:
 
     start = time.monotonic()
     rng = random.Random(f"corpus-{seed}")
-    tok = _train_tokenizer([_story(rng) for _ in range(TOKENIZER_DOCS)], VOCAB_SIZE,
-                           int(MODEL_CONFIG["max_position_embeddings"]))
+    tok = _train_tokenizer(
+        [_story(rng) for _ in range(TOKENIZER_DOCS)], VOCAB_SIZE, int(MODEL_CONFIG["max_position_embeddings"])
+    )
     lm, qa = _lm_batches(tok, rng, steps), _qa_batches(tok, rng, steps)
     n_tokens = sum(int(mask.sum()) for _, mask, _ in lm + qa)
-    print(f"[basemodel] tokenizer {len(tok)} tokens, {n_tokens} training tokens ({time.monotonic() - start:.0f}s)",
-          flush=True)
+    print(
+        f"[basemodel] tokenizer {len(tok)} tokens, {n_tokens} training tokens ({time.monotonic() - start:.0f}s)",
+        flush=True,
+    )
 
-    config = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id, **MODEL_CONFIG)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        **MODEL_CONFIG,
+    )
     threads = torch.get_num_threads()
     torch.set_num_threads(min(2, os.cpu_count() or 1))  # the budget above is for 2 cores; more barely help
     try:
@@ -439,10 +535,14 @@ def _build(dest: Path, seed: int, steps: int) -> None:
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(dest)
     tok.save_pretrained(dest)
-    provenance = {"recipe": _recipe(seed, steps), "lm_loss": round(lm_loss, 4), "qa_loss": round(qa_loss, 4),
-                  "params": sum(p.numel() for p in model.parameters()),
-                  "build_seconds": round(time.monotonic() - start, 1),
-                  "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
+    provenance = {
+        "recipe": _recipe(seed, steps),
+        "lm_loss": round(lm_loss, 4),
+        "qa_loss": round(qa_loss, 4),
+        "params": sum(p.numel() for p in model.parameters()),
+        "build_seconds": round(time.monotonic() - start, 1),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+    }
     (dest / "basemodel.json").write_text(json.dumps(provenance, indent=2) + "\n")
     print(f"[basemodel] built in {provenance['build_seconds']}s", flush=True)
 

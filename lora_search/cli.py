@@ -72,8 +72,10 @@ def _eval(sweep: Sweep, problems: list[Problem], adapters: list[str] | None, out
         dirs = [Path(p) for p in trials["adapter_path"] if p]
     missing = [str(d) for d in dirs if not (d / "adapter_config.json").is_file()]
     if missing or not dirs:
-        raise ConfigError([Problem("adapters", m, "not a PEFT adapter dir (no adapter_config.json)", "") for m in missing]
-                          or [Problem("adapters", None, "no adapters to score", "run the sweep first")])
+        raise ConfigError(
+            [Problem("adapters", m, "not a PEFT adapter dir (no adapter_config.json)", "") for m in missing]
+            or [Problem("adapters", None, "no adapters to score", "run the sweep first")]
+        )
     rows = rescore(sweep, dirs)
     print(pd.DataFrame(rows).to_string(index=False))
     if output:

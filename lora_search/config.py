@@ -90,7 +90,9 @@ class BaseModel:
     def problems(self) -> list[Problem]:
         out = []
         if not self.name_or_path:
-            out.append(Problem("base.name_or_path", self.name_or_path, "is empty", "give a hub id or a local model dir"))
+            out.append(
+                Problem("base.name_or_path", self.name_or_path, "is empty", "give a hub id or a local model dir")
+            )
         return out
 
 
@@ -154,7 +156,9 @@ class SearchSpace:
                 out.append(Problem("space.ranks", r, "rank must be a positive integer", "e.g. ranks=(8, 16)"))
         for a in self.alpha if self.alpha is not None else ():
             if not a > 0:
-                out.append(Problem("space.alpha", a, "lora_alpha must be > 0", "e.g. alpha=(16,) or use alpha_over_rank"))
+                out.append(
+                    Problem("space.alpha", a, "lora_alpha must be > 0", "e.g. alpha=(16,) or use alpha_over_rank")
+                )
         if self.alpha is not None and len(self.alpha) == 0:
             out.append(Problem("space.alpha", self.alpha, "is empty", "drop it to use alpha_over_rank"))
         for ratio in self.alpha_over_rank:
@@ -317,9 +321,7 @@ class Sweep:
     def problems(self) -> list[Problem]:
         out = []
         if not isinstance(self.name, str) or not _NAME.match(self.name):
-            out.append(
-                Problem("name", self.name, "must be letters, digits, '_', '-', '.'", "it names reports/<name>/")
-            )
+            out.append(Problem("name", self.name, "must be letters, digits, '_', '-', '.'", "it names reports/<name>/"))
         for part in (self.base, self.dataset, self.space, self.budget, self.resources, self.evals):
             if part is not None:
                 out.extend(part.problems())

@@ -113,8 +113,12 @@ def check(dataset: Dataset) -> list[Problem]:
                 rows = _load_source(location, dataset.split)
             except Exception as e:  # noqa: BLE001 - the datasets library raises many types for "not found"
                 problems.append(
-                    Problem(field_name, location, f"not a local .jsonl/dir and not loadable as a hub dataset ({e})",
-                            "give an existing .jsonl file, a save_to_disk dir, or a reachable hub id")
+                    Problem(
+                        field_name,
+                        location,
+                        f"not a local .jsonl/dir and not loadable as a hub dataset ({e})",
+                        "give an existing .jsonl file, a save_to_disk dir, or a reachable hub id",
+                    )
                 )
                 continue
             problems.extend(_check_rows(field_name, location, rows))

@@ -57,8 +57,12 @@ class Evals:
         task, _, metric = self.objective.partition("/")
         if not metric or task not in self.tasks:
             out.append(
-                Problem("evals.objective", self.objective, "must be 'task/metric' with task in evals.tasks",
-                        f"e.g. '{self.tasks[0] if self.tasks else 'my_task'}/acc'")
+                Problem(
+                    "evals.objective",
+                    self.objective,
+                    "must be 'task/metric' with task in evals.tasks",
+                    f"e.g. '{self.tasks[0] if self.tasks else 'my_task'}/acc'",
+                )
             )
         return out
 
@@ -222,8 +226,12 @@ def rescore(sweep: Any, adapter_dirs: list[Path], *, log: Any = print) -> list[d
         previous = name
         check_applied(model, _probe_ids(Path(adapter_dir), tokenizer))
         scored = score(model, tokenizer, sweep.evals, sweep.seed)
-        row = {"adapter": str(adapter_dir), "objective": scored["objective"], **scored["metrics"],
-               "seconds": time.perf_counter() - start}
+        row = {
+            "adapter": str(adapter_dir),
+            "objective": scored["objective"],
+            **scored["metrics"],
+            "seconds": time.perf_counter() - start,
+        }
         log(f"{adapter_dir}: {sweep.evals.objective} = {scored['objective']:.4f} ({row['seconds']:.1f}s)")
         out.append(row)
     return out
@@ -251,16 +259,24 @@ def check(evals: Evals) -> list[Problem]:
     try:
         configs = task_configs(evals)
     except (FileNotFoundError, yaml.YAMLError) as e:
-        return [Problem("evals.tasks", evals.tasks, str(e).splitlines()[0], f"add the task YAML under {evals.tasks_dir}")]
+        return [
+            Problem("evals.tasks", evals.tasks, str(e).splitlines()[0], f"add the task YAML under {evals.tasks_dir}")
+        ]
     problems: list[Problem] = []
     for config in configs:
         task = config["task"]
         needed = _fields(config)
-        for split, location in config.get("dataset_kwargs", {}).get("data_files", {}).items():
+        for location in config.get("dataset_kwargs", {}).get("data_files", {}).values():
             path = Path(location)
             if not path.is_file():
-                problems.append(Problem(f"evals task {task}", str(path), "golden data file not found",
-                                        "fix data_files in the task YAML (relative to the project root)"))
+                problems.append(
+                    Problem(
+                        f"evals task {task}",
+                        str(path),
+                        "golden data file not found",
+                        "fix data_files in the task YAML (relative to the project root)",
+                    )
+                )
                 continue
             problems.extend(_check_golden_file(path, needed, config, MAX_REPORTED_PER_FILE))
     if not problems:
@@ -290,18 +306,36 @@ def _check_golden_file(path: Path, needed: set[str], config: dict[str, Any], cap
                 continue
             missing = sorted(needed - row.keys())
             if missing:
-                problems.append(Problem(where, None, f"missing field(s) {', '.join(missing)} used by the task",
-                                        "add them, or change the task YAML's templates"))
+                problems.append(
+                    Problem(
+                        where,
+                        None,
+                        f"missing field(s) {', '.join(missing)} used by the task",
+                        "add them, or change the task YAML's templates",
+                    )
+                )
             if "id" in row:
                 if row["id"] in ids:
-                    problems.append(Problem(where, row["id"], f"duplicate id (first on line {ids[row['id']]})",
-                                            "give every golden example its own id"))
+                    problems.append(
+                        Problem(
+                            where,
+                            row["id"],
+                            f"duplicate id (first on line {ids[row['id']]})",
+                            "give every golden example its own id",
+                        )
+                    )
                 ids.setdefault(row["id"], lineno)
             if choice_field and isinstance(target, str) and target.isidentifier() and target in row:
                 choices, label = row.get(choice_field), row[target]
                 if isinstance(choices, list) and (not isinstance(label, int) or not 0 <= label < len(choices)):
-                    problems.append(Problem(where, label, f"label out of range for {len(choices)} choices",
-                                            f"use an index in 0..{len(choices) - 1}"))
+                    problems.append(
+                        Problem(
+                            where,
+                            label,
+                            f"label out of range for {len(choices)} choices",
+                            f"use an index in 0..{len(choices) - 1}",
+                        )
+                    )
             if len(problems) >= cap:
                 break
     if rows == 0:
@@ -319,7 +353,12 @@ def _lm_eval_accepts(configs: list[dict[str, Any]]) -> list[Problem]:
         try:
             get_task_dict([config], manager)
         except Exception as e:  # noqa: BLE001 - lm-eval raises many types for a bad task config
-            problems.append(Problem(f"evals task {config.get('task')}", None,
-                                    f"lm-eval rejects the task YAML: {type(e).__name__}: {str(e).splitlines()[0][:300]}",
-                                    "fix the task YAML (see lm-eval's task guide)"))
+            problems.append(
+                Problem(
+                    f"evals task {config.get('task')}",
+                    None,
+                    f"lm-eval rejects the task YAML: {type(e).__name__}: {str(e).splitlines()[0][:300]}",
+                    "fix the task YAML (see lm-eval's task guide)",
+                )
+            )
     return problems

@@ -90,8 +90,12 @@ def _hardware(sweep: Sweep) -> list[Problem]:
             )
     if importlib.util.find_spec("bitsandbytes") is None:
         out.append(
-            Problem("space.variants", names, "needs bitsandbytes, which is not installed",
-                    "pip install 'lora-search[gpu]' (or bitsandbytes)")
+            Problem(
+                "space.variants",
+                names,
+                "needs bitsandbytes, which is not installed",
+                "pip install 'lora-search[gpu]' (or bitsandbytes)",
+            )
         )
     return out
 

@@ -23,8 +23,18 @@ if TYPE_CHECKING:
 Status = Literal["completed", "pruned", "failed"]
 
 TABLE_COLUMNS = [
-    "trial_id", "status", "eval_loss", "variant", "rank", "alpha", "lr", "targets",
-    "adapter_bytes", "trainable_params", "step", "train_s",
+    "trial_id",
+    "status",
+    "eval_loss",
+    "variant",
+    "rank",
+    "alpha",
+    "lr",
+    "targets",
+    "adapter_bytes",
+    "trainable_params",
+    "step",
+    "train_s",
 ]
 
 

@@ -41,7 +41,9 @@ SWEEP = Sweep(
     num_samples=18,
     seed=0,
     # Golden sets (lm-eval tasks in evals/tasks): every completed trial and the base are scored on them.
-    evals=Evals(tasks=("tiny_mood", "tiny_antonym"), objective="tiny_mood/acc", tasks_dir=str(ROOT / "evals" / "tasks")),
+    evals=Evals(
+        tasks=("tiny_mood", "tiny_antonym"), objective="tiny_mood/acc", tasks_dir=str(ROOT / "evals" / "tasks")
+    ),
 )
 
 if __name__ == "__main__":

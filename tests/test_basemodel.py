@@ -73,8 +73,11 @@ def test_second_call_hits_the_cache(base_dir: Path, capsys: pytest.CaptureFixtur
 
 def test_recipe_change_builds_a_new_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(basemodel, "_build", _fake_build)
-    paths = {build_tiny_base(tmp_path, seed=0, steps=STEPS), build_tiny_base(tmp_path, seed=1, steps=STEPS),
-             build_tiny_base(tmp_path, seed=0, steps=STEPS + 1)}
+    paths = {
+        build_tiny_base(tmp_path, seed=0, steps=STEPS),
+        build_tiny_base(tmp_path, seed=1, steps=STEPS),
+        build_tiny_base(tmp_path, seed=0, steps=STEPS + 1),
+    }
     assert len(paths) == 3
 
 
@@ -119,8 +122,12 @@ def test_concurrent_callers_build_once(tmp_path: Path) -> None:
         "print(basemodel.build_tiny_base(Path(sys.argv[1]), steps=3))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True,
-                              env=env, cwd=REPO) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=env, cwd=REPO
+        )
+        for _ in range(2)
+    ]
     outputs = [p.communicate(timeout=60)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs)
     assert sum(out.count("BUILDING") for out in outputs) == 1
@@ -144,7 +151,7 @@ def test_tokenizer_round_trips_and_has_chat_template(base_dir: Path) -> None:
     prompt_ids = tok(format_prompt(instruction, sentence))["input_ids"]
     full_ids = tok(format_prompt(instruction, sentence) + format_completion(output))["input_ids"]
     assert list(chat["input_ids"]) == [*full_ids, tok.eos_token_id]
-    assert full_ids[:len(prompt_ids)] == prompt_ids  # the prompt ends on a token boundary
+    assert full_ids[: len(prompt_ids)] == prompt_ids  # the prompt ends on a token boundary
     assert sum(chat["assistant_masks"]) == len(full_ids) - len(prompt_ids) + 1  # the answer and EOS
 
 
@@ -171,6 +178,7 @@ def test_demo_data_rows_and_golden_sets_are_held_out(tmp_path: Path) -> None:
     assert len(rows["train"]) >= 1900 and len(rows["eval"]) >= 190
     assert len(rows["golden_mood"]) >= 120 and len(rows["golden_antonym"]) >= 120
     mood_word_label = {word: label for label, words in MOOD_WORDS.items() for word in words}
+
     def sentence(row: dict) -> str:
         return row["messages"][0]["content"].split("\n", 1)[1]
 

@@ -52,12 +52,16 @@ def test_zero_adapter_is_refused_by_the_guard(tiny_model_dir, tmp_path) -> None:
     from transformers import AutoModelForCausalLM
 
     ids = torch.tensor([[1, 5, 6, 7]])
-    zero = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-                                     str(_adapter(tiny_model_dir, tmp_path / "zero", zero=True)))
+    zero = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        str(_adapter(tiny_model_dir, tmp_path / "zero", zero=True)),
+    )
     with pytest.raises(AdapterNotAppliedError, match="does not change the model's outputs"):
         check_applied(zero, ids)
-    live = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-                                     str(_adapter(tiny_model_dir, tmp_path / "live", zero=False)))
+    live = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        str(_adapter(tiny_model_dir, tmp_path / "live", zero=False)),
+    )
     assert check_applied(live, ids) > 1e-4
 
 
@@ -71,14 +75,35 @@ def test_scores_equal_the_lm_eval_cli(tiny_model_dir, tmp_path) -> None:
 
     out = tmp_path / "cli"
     subprocess.run(
-        [sys.executable, "-m", "lm_eval", "--model", "hf",
-         "--model_args", f"pretrained={tiny_model_dir},peft={adapter},dtype=float32",
-         "--tasks", "tiny_mood,tiny_antonym", "--include_path", str(TASKS), "--limit", "40",
-         "--batch_size", "16", "--seed", "0", "--output_path", str(out)],
-        cwd=REPO, check=True, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "lm_eval",
+            "--model",
+            "hf",
+            "--model_args",
+            f"pretrained={tiny_model_dir},peft={adapter},dtype=float32",
+            "--tasks",
+            "tiny_mood,tiny_antonym",
+            "--include_path",
+            str(TASKS),
+            "--limit",
+            "40",
+            "--batch_size",
+            "16",
+            "--seed",
+            "0",
+            "--output_path",
+            str(out),
+        ],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     cli = json.loads(next(out.rglob("results*.json")).read_text())["results"]
-    assert ours["tiny_mood/acc"] == cli["tiny_mood"]["acc,none"]           # loglikelihood: identical
+    assert ours["tiny_mood/acc"] == cli["tiny_mood"]["acc,none"]  # loglikelihood: identical
     assert ours["tiny_antonym/exact_match"] == cli["tiny_antonym"]["exact_match,strip"]  # greedy generation
 
 
@@ -90,11 +115,15 @@ def test_shipped_golden_sets_validate() -> None:
     ("edit", "message"),
     [
         (lambda rows: rows.__setitem__(2, "{not json"), ":3: invalid JSON"),
-        (lambda rows: rows.__setitem__(1, json.dumps({"id": "x", "choices": ["a"], "label": 0})),
-         ":2: missing field(s) prompt"),
+        (
+            lambda rows: rows.__setitem__(1, json.dumps({"id": "x", "choices": ["a"], "label": 0})),
+            ":2: missing field(s) prompt",
+        ),
         (lambda rows: rows.__setitem__(3, rows[0]), ":4 = 'golden_mood-0000': duplicate id (first on line 1)"),
-        (lambda rows: rows.__setitem__(0, json.dumps({**json.loads(rows[0]), "label": 7})),
-         ":1 = 7: label out of range for 4 choices"),
+        (
+            lambda rows: rows.__setitem__(0, json.dumps({**json.loads(rows[0]), "label": 7})),
+            ":1 = 7: label out of range for 4 choices",
+        ),
         (lambda rows: rows.clear(), "golden set is empty"),
     ],
 )

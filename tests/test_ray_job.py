@@ -33,9 +33,20 @@ def head_node():
     ray.shutdown()  # no in-process Ray from other tests may be running when `ray stop` sweeps the machine
     gcs, dashboard = _free_port(), _free_port()
     subprocess.run(
-        [RAY, "start", "--head", f"--port={gcs}", "--num-cpus=2", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dashboard}", "--disable-usage-stats"],
-        check=True, capture_output=True, text=True, timeout=120,
+        [
+            RAY,
+            "start",
+            "--head",
+            f"--port={gcs}",
+            "--num-cpus=2",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}",
+            "--disable-usage-stats",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
         # Started from an activated venv, as a user would: the job's `python` is this venv's.
         env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"},
     )
@@ -50,7 +61,8 @@ def test_ray_job_submit_runs_a_sweep(head_node, tiny_model_dir, tiny_jsonl, tmp_
     work = tmp_path / "work"
     (work / "sweeps").mkdir(parents=True)
     shutil.copytree(repo / "lora_search", work / "lora_search", ignore=shutil.ignore_patterns("__pycache__"))
-    (work / "sweeps" / "job.py").write_text(textwrap.dedent(f"""
+    (work / "sweeps" / "job.py").write_text(
+        textwrap.dedent(f"""
         from lora_search import BaseModel, Budget, Dataset, SearchSpace, Sweep, main
         SWEEP = Sweep(
             name="job",
@@ -62,13 +74,30 @@ def test_ray_job_submit_runs_a_sweep(head_node, tiny_model_dir, tiny_jsonl, tmp_
         )
         if __name__ == "__main__":
             main(SWEEP)
-    """))
+    """)
+    )
     out = tmp_path / "reports"
     runtime_env = {"env_vars": {"LORA_SEARCH_OUTPUT_DIR": str(out)}}
     job = subprocess.run(
-        [RAY, "job", "submit", "--address", head_node, "--working-dir", ".",
-         "--runtime-env-json", json.dumps(runtime_env), "--", "python", "sweeps/job.py"],
-        cwd=work, capture_output=True, text=True, timeout=600, env={
+        [
+            RAY,
+            "job",
+            "submit",
+            "--address",
+            head_node,
+            "--working-dir",
+            ".",
+            "--runtime-env-json",
+            json.dumps(runtime_env),
+            "--",
+            "python",
+            "sweeps/job.py",
+        ],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={
             **os.environ,
             "RAY_ADDRESS": "",
             "RAY_AUTH_MODE": "token",  # the head enables token auth (Ray >= 2.59); its token is in ~/.ray

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 
 from lora_search import BaseModel, Budget, Dataset, Resources, SearchSpace, Sweep, space
@@ -10,9 +9,14 @@ from lora_search.sweep import concurrent_trials
 
 
 def _sweep(**changes) -> Sweep:
-    base = Sweep(name="s", base=BaseModel("m"), dataset=Dataset("d.jsonl"),
-                 space=SearchSpace(ranks=(4, 8), targets=("attention", ("q_proj", "down_proj")),
-                                   variants=("lora", "dora"), lr=(1e-4, 1e-2)))
+    base = Sweep(
+        name="s",
+        base=BaseModel("m"),
+        dataset=Dataset("d.jsonl"),
+        space=SearchSpace(
+            ranks=(4, 8), targets=("attention", ("q_proj", "down_proj")), variants=("lora", "dora"), lr=(1e-4, 1e-2)
+        ),
+    )
     return base.replace(**changes)
 
 
@@ -34,10 +38,18 @@ def test_param_space_random_and_grid() -> None:
 
 
 def test_alpha_resolves_from_ratio_or_absolute() -> None:
-    assert space.trial_params({"variant": "lora", "rank": 8, "alpha_over_rank": 2.0, "targets": "mlp",
-                               "lr": 1e-3, "dropout": 0.0})["alpha"] == 16.0
-    assert space.trial_params({"variant": "lora", "rank": 8, "alpha": 4.0, "targets": "mlp",
-                               "lr": 1e-3, "dropout": 0.0})["alpha"] == 4.0
+    assert (
+        space.trial_params(
+            {"variant": "lora", "rank": 8, "alpha_over_rank": 2.0, "targets": "mlp", "lr": 1e-3, "dropout": 0.0}
+        )["alpha"]
+        == 16.0
+    )
+    assert (
+        space.trial_params({"variant": "lora", "rank": 8, "alpha": 4.0, "targets": "mlp", "lr": 1e-3, "dropout": 0.0})[
+            "alpha"
+        ]
+        == 4.0
+    )
 
 
 @pytest.mark.parametrize(("max_steps", "grace", "factor"), [(200, 50, 3), (150, 50, 3), (20, 5, 2), (100, 10, 4)])

@@ -15,8 +15,9 @@ from lora_search.sweep import SweepExistsError, run
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
-EVALS = Evals(tasks=("tiny_mood", "tiny_antonym"), objective="tiny_mood/acc", tasks_dir=str(REPO / "evals" / "tasks"),
-              limit=16)
+EVALS = Evals(
+    tasks=("tiny_mood", "tiny_antonym"), objective="tiny_mood/acc", tasks_dir=str(REPO / "evals" / "tasks"), limit=16
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -32,7 +33,9 @@ def _sweep(model_dir: Path, data: Path, out: Path, **changes) -> Sweep:
         name="it",
         base=BaseModel(str(model_dir)),
         dataset=Dataset(str(data), eval_fraction=0.2, max_length=96),
-        space=SearchSpace(ranks=(2, 4), targets=("attention", "all-linear"), variants=("lora", "dora"), lr=(1e-3, 1e-2)),
+        space=SearchSpace(
+            ranks=(2, 4), targets=("attention", "all-linear"), variants=("lora", "dora"), lr=(1e-3, 1e-2)
+        ),
         budget=Budget(max_steps=20, eval_every=5, grace_period=5, reduction_factor=2, batch_size=8),
         num_samples=4,
         seed=1,
@@ -88,8 +91,9 @@ def test_small_sweep_end_to_end(tiny_model_dir, tiny_jsonl, tmp_path) -> None:
     with pytest.raises(SweepExistsError, match="already has results"):
         run(sweep)
     # --fresh moves them aside first.
-    frame2 = run(sweep.replace(num_samples=1, budget=Budget(max_steps=5, eval_every=5, grace_period=5, batch_size=8)),
-                 fresh=True)
+    frame2 = run(
+        sweep.replace(num_samples=1, budget=Budget(max_steps=5, eval_every=5, grace_period=5, batch_size=8)), fresh=True
+    )
     assert len(frame2) == 1
     assert len(list(tmp_path.glob("it.*/trials.parquet"))) == 1
 
@@ -109,9 +113,14 @@ def test_failing_trials_do_not_stop_the_sweep(tiny_model_dir, tiny_jsonl, tmp_pa
 
 def test_an_adapter_that_stays_zero_fails_its_trial_with_the_guard(tiny_model_dir, tiny_jsonl, tmp_path) -> None:
     # lr ~1e-30: the trained B matrices stay ~0, so the adapter changes nothing and must never get a score.
-    sweep = _sweep(tiny_model_dir, tiny_jsonl, tmp_path, num_samples=1,
-                   space=SearchSpace(ranks=(4,), targets=("attention",), variants=("lora",), lr=(1e-30, 2e-30)),
-                   budget=Budget(max_steps=5, eval_every=5, grace_period=5, batch_size=8))
+    sweep = _sweep(
+        tiny_model_dir,
+        tiny_jsonl,
+        tmp_path,
+        num_samples=1,
+        space=SearchSpace(ranks=(4,), targets=("attention",), variants=("lora",), lr=(1e-30, 2e-30)),
+        budget=Budget(max_steps=5, eval_every=5, grace_period=5, batch_size=8),
+    )
     frame = run(sweep)
     assert list(frame["status"]) == ["failed"]
     assert "does not change the model's outputs" in frame["reason"].iloc[0]

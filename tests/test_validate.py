@@ -27,7 +27,8 @@ def _broken_jsonl(path: Path) -> Path:
 def test_validate_names_all_seven_problems_and_starts_no_ray(tiny_model_dir, tmp_path, capsys) -> None:
     data = _broken_jsonl(tmp_path / "train.jsonl")
     sweep_file = tmp_path / "bad_sweep.py"
-    sweep_file.write_text(textwrap.dedent(f"""
+    sweep_file.write_text(
+        textwrap.dedent(f"""
         from lora_search import BaseModel, Dataset, SearchSpace, Sweep
         SWEEP = Sweep(
             name="bad",
@@ -41,20 +42,21 @@ def test_validate_names_all_seven_problems_and_starts_no_ray(tiny_model_dir, tmp
                 lr=(1e-3, 1e-5),
             ),
         )
-    """))
+    """)
+    )
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["validate", str(sweep_file)])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
     expected = [
-        "space.targets[0] = ('q_prj',): module(s) q_prj not in the model",          # misspelled module
-        "v_projj not in the model (PEFT would silently train only the rest)",       # partly wrong list
-        "space.ranks = 10000: exceeds min(in, out) = 64",                           # rank too large
-        "space.alpha = 0: lora_alpha must be > 0",                                  # alpha 0
-        "space.lr = (0.001, 1e-05): need 0 < low < high",                           # reversed lr range
-        f"{data}:3: invalid JSON",                                                  # broken JSONL line 3
-        "space.variants = 'qlora': 4-bit NF4 variants run on CUDA GPUs only",      # qlora on CPU
+        "space.targets[0] = ('q_prj',): module(s) q_prj not in the model",  # misspelled module
+        "v_projj not in the model (PEFT would silently train only the rest)",  # partly wrong list
+        "space.ranks = 10000: exceeds min(in, out) = 64",  # rank too large
+        "space.alpha = 0: lora_alpha must be > 0",  # alpha 0
+        "space.lr = (0.001, 1e-05): need 0 < low < high",  # reversed lr range
+        f"{data}:3: invalid JSON",  # broken JSONL line 3
+        "space.variants = 'qlora': 4-bit NF4 variants run on CUDA GPUs only",  # qlora on CPU
     ]
     for text in expected:
         assert text in err, f"missing {text!r} in:\n{err}"
@@ -87,8 +89,15 @@ def test_construction_reports_every_static_problem_at_once() -> None:
             budget=Budget(max_steps=10, grace_period=20, eval_every=30),
         )
     fields = {p.field for p in e.value.problems}
-    assert {"name", "dataset.eval_fraction", "space.variants", "space.targets", "space.dropout",
-            "budget.grace_period", "budget.eval_every"} <= fields
+    assert {
+        "name",
+        "dataset.eval_fraction",
+        "space.variants",
+        "space.targets",
+        "space.dropout",
+        "budget.grace_period",
+        "budget.eval_every",
+    } <= fields
     message = str(e.value)
     assert "unknown variant; known: lora, rslora, dora" in message
     assert "add a row to VARIANTS in lora_search/variants.py" in message

@@ -30,7 +30,12 @@ def _contract(name: str, model_dir, tmp_path, device: str = "cpu", quantized: bo
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = load_base(BaseModel(str(model_dir)), quantized)
     adapter = Adapter(
-        variant=name, rank=4, alpha=8.0, lr=5e-3, dropout=0.0, total_steps=STEPS,
+        variant=name,
+        rank=4,
+        alpha=8.0,
+        lr=5e-3,
+        dropout=0.0,
+        total_steps=STEPS,
         target_modules=targets.resolve("all-linear", targets.linear_layers(model)),
     )
     model = variants.attach(model, adapter, tmp_path / "init")
@@ -65,7 +70,9 @@ def _contract(name: str, model_dir, tmp_path, device: str = "cpu", quantized: bo
         from peft import prepare_model_for_kbit_training
 
         # The same set-up as the trial's (norms upcast to float32), so the comparison is exact, not bf16-close.
-        fresh = prepare_model_for_kbit_training(load_base(BaseModel(str(model_dir)), True), use_gradient_checkpointing=False)
+        fresh = prepare_model_for_kbit_training(
+            load_base(BaseModel(str(model_dir)), True), use_gradient_checkpointing=False
+        )
     else:
         fresh = AutoModelForCausalLM.from_pretrained(model_dir)
     reloaded = PeftModel.from_pretrained(fresh, str(out)).to(device).eval()

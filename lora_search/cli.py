@@ -68,7 +68,20 @@ def _eval(sweep: Sweep, problems: list[Problem], adapters: list[str] | None, out
     if adapters:
         dirs = [Path(a) for a in adapters]
     else:
-        trials = pd.read_parquet(sweep_dir(sweep) / "trials.parquet")
+        parquet = sweep_dir(sweep) / "trials.parquet"
+        if not parquet.is_file():
+            raise ConfigError(
+                [
+                    Problem(
+                        "sweep results",
+                        str(parquet),
+                        "not found",
+                        "run the sweep first, or name adapter dirs with --adapters",
+                    )
+                ],
+                header="nothing to score",
+            )
+        trials = pd.read_parquet(parquet)
         dirs = [Path(p) for p in trials["adapter_path"] if p]
     missing = [str(d) for d in dirs if not (d / "adapter_config.json").is_file()]
     if missing or not dirs:

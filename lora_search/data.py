@@ -168,9 +168,8 @@ def load(dataset: Dataset, seed: int) -> tuple[datasets.Dataset, datasets.Datase
     else:
         split = train.train_test_split(test_size=dataset.eval_fraction, seed=seed)
         train, evaluation = split["train"], split["test"]
-    columns = lambda ds: [c for c in ds.column_names]  # noqa: E731
-    train = train.map(to_prompt_completion, remove_columns=columns(train))
-    evaluation = evaluation.map(to_prompt_completion, remove_columns=columns(evaluation))
+    train = train.map(to_prompt_completion, remove_columns=train.column_names)
+    evaluation = evaluation.map(to_prompt_completion, remove_columns=evaluation.column_names)
     return train, evaluation
 
 

@@ -150,8 +150,7 @@ def train_loop(config: dict[str, Any]) -> None:
         dataset_num_proc=None,
     )
     probe = probe_batch(tokenizer, eval_ds)
-    reporter = _Reporter(sweep, params, adapter, model, init_dir, work, rank0, n_trainable, load_s, probe)
-    reporter.tokenizer = tokenizer
+    reporter = _Reporter(sweep, tokenizer, adapter, model, init_dir, work, rank0, n_trainable, load_s, probe)
     callbacks: list[TrainerCallback] = [reporter]
     if variant.step_hook is not None:
         callbacks.append(_StepHook(model, variant.step_hook))
@@ -166,7 +165,6 @@ def train_loop(config: dict[str, Any]) -> None:
         optimizers=(optimizer, None),
     )
     trainer.remove_callback(PrinterCallback)  # progress goes to Tune, not one dict per log line
-    reporter.trainer = trainer
     # Step-0 eval: every variant starts as an exact (PiSSA: numerically exact) copy of the base, so this is the
     # base model's eval loss, the reference every trial's gain is measured against.
     try:
@@ -195,7 +193,7 @@ class _Reporter(TrainerCallback):
     def __init__(
         self,
         sweep: Sweep,
-        params: TrialParams,
+        tokenizer: Any,
         adapter: Adapter,
         model: PeftModel,
         init_dir: Path,
@@ -205,11 +203,9 @@ class _Reporter(TrainerCallback):
         load_s: float,
         probe: list[torch.Tensor],
     ) -> None:
-        self.sweep, self.params, self.adapter, self.model = sweep, params, adapter, model
+        self.sweep, self.tokenizer, self.adapter, self.model = sweep, tokenizer, adapter, model
         self.init_dir, self.work, self.rank0 = init_dir, work, rank0
         self.n_trainable, self.load_s, self.probe = n_trainable, load_s, probe
-        self.trainer: Any = None
-        self.tokenizer: Any = None
         self.base_eval_loss = float("nan")
         self.train_start = 0.0
         self.last_train_loss = float("nan")

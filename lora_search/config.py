@@ -283,6 +283,51 @@ class Resources:
         return out
 
 
+GPU_HOUR_PRICES = {"H200": 3.50, "H100": 2.50, "A100": 1.30, "L40S": 1.00, "A10G": 1.00, "L4": 0.70, "T4": 0.35}
+"""Rough on-demand cloud prices per GPU-hour in USD (late 2026). Placeholders: set what you actually pay."""
+
+
+@dataclass(frozen=True)
+class Pricing:
+    """What a device-hour costs: the cost column of every trial and the cost axis of the Pareto frontier.
+
+    A trial's cost is its device-seconds x price / 3600, where device-seconds count every device the trial holds
+    (workers x GPUs per worker; on CPU workers x cores per worker) for as long as it holds them: start-up,
+    loading and training count as training, golden-set scoring as eval. Example: 1 worker x 8 H100 for 30 min
+    = 4 device-hours = $10 at $2.50.
+    """
+
+    gpu_hour: dict[str, float] = field(default_factory=lambda: dict(GPU_HOUR_PRICES))
+    """Price per GPU-hour by device type: a key matches when it appears in torch's device name
+    ("NVIDIA H100 80GB HBM3" matches "H100"); the longest matching key wins."""
+    default_gpu_hour: float = 2.00
+    """For a GPU whose name matches no key of `gpu_hour`."""
+    cpu_core_hour: float = 0.04
+    """Price per CPU core-hour (a cloud vCPU is about $0.02-0.05)."""
+    currency: str = "USD"
+    reference_trial_hours: float = 1.0
+    """The Pareto hypervolume's cost reference: a trial costing as much as this many hours of its devices adds
+    nothing. Fixed by the sweep, not by its trials, so nightly hypervolumes compare; raise it for long trials."""
+
+    def per_device_hour(self, device_name: str) -> float:
+        """Price of one device-hour of `device_name` ("cpu", or torch.cuda.get_device_name())."""
+        if device_name.lower() == "cpu":
+            return self.cpu_core_hour
+        matches = [k for k in self.gpu_hour if k.lower() in device_name.lower()]
+        return self.gpu_hour[max(matches, key=len)] if matches else self.default_gpu_hour
+
+    def problems(self) -> list[Problem]:
+        out = []
+        prices = {f"pricing.gpu_hour[{k!r}]": v for k, v in self.gpu_hour.items()}
+        prices |= {"pricing.default_gpu_hour": self.default_gpu_hour, "pricing.cpu_core_hour": self.cpu_core_hour}
+        for name, value in prices.items():
+            if not isinstance(value, int | float) or value < 0 or math.isnan(value):
+                out.append(Problem(name, value, "must be a price >= 0", "a price per device-hour, e.g. 2.5"))
+        if not self.reference_trial_hours > 0:
+            out.append(Problem("pricing.reference_trial_hours", self.reference_trial_hours, "must be > 0", "e.g. 1.0"))
+        return out
+
+
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -308,6 +353,10 @@ class Sweep:
     """None: as many as the cluster's CPUs/GPUs fit at `resources` per trial."""
     evals: Evals | None = None
     """Golden sets (lm-eval tasks) that score every completed trial and the base model; None: eval loss only."""
+    pricing: Pricing = field(default_factory=Pricing)
+    tracking_uri: str | None = None
+    """MLflow tracking URI (`http://mlflow.internal:5000`, `sqlite:///...`). None: $MLFLOW_TRACKING_URI, else a
+    SQLite store at `<output_dir>/mlflow.db` with artifacts in `<output_dir>/mlartifacts` (`lora-search ui`)."""
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -322,7 +371,7 @@ class Sweep:
         out = []
         if not isinstance(self.name, str) or not _NAME.match(self.name):
             out.append(Problem("name", self.name, "must be letters, digits, '_', '-', '.'", "it names reports/<name>/"))
-        for part in (self.base, self.dataset, self.space, self.budget, self.resources, self.evals):
+        for part in (self.base, self.dataset, self.space, self.budget, self.resources, self.evals, self.pricing):
             if part is not None:
                 out.extend(part.problems())
         if self.search not in ("random", "grid", "optuna"):

@@ -6,6 +6,17 @@ Each objective carries its direction (`higher_is_better`, as lm-eval declares it
     points = to_minimise(rows, OBJECTIVES)      # rows: dicts with "objective", "adapter_bytes", "cost"
     front = non_dominated(points)               # boolean mask of the frontier
     hv = hypervolume(points[front], reference)  # reference: a point every counted trial must beat
+
+`frontier` does all of it for a sweep, with the sweep's stable reference point:
+
+    quality       the base model's own score: an adapter that does not beat its base adds nothing
+    adapter size  the base model's weight bytes: an adapter as large as a full fine-tune adds nothing
+    cost          `Pricing.reference_trial_hours` of one trial's devices (lora_search.cost.reference_cost)
+
+None of the three depends on which trials ran, so hypervolumes of nightly runs of one sweep compare. The
+hypervolume is measured in normalised units: quality gain over the base (in the metric's own units) x
+fraction of the base's size saved x fraction of the reference cost saved. One trial with gain g, size
+fraction s and cost fraction c alone has hypervolume g (1 - s) (1 - c).
 """
 
 from __future__ import annotations
@@ -29,6 +40,42 @@ OBJECTIVES = (
     Objective("adapter_bytes", higher_is_better=False),
     Objective("cost", higher_is_better=False),
 )
+
+
+def frontier(
+    rows: Sequence[dict[str, Any]],
+    quality: Objective,
+    base_quality: float,
+    base_bytes: float,
+    reference_cost: float,
+) -> Frontier:
+    """The frontier of `rows` (each with `quality.key`, "adapter_bytes" and "cost") and its hypervolume."""
+    objectives = (quality, OBJECTIVES[1], OBJECTIVES[2])
+    points = to_minimise(rows, objectives)
+    sign = -1.0 if quality.higher_is_better else 1.0
+    # Normalised: quality relative to the base, size and cost as fractions of their references (all minimised).
+    normalised = (points - np.array([sign * base_quality, 0.0, 0.0])) / np.array([1.0, base_bytes, reference_cost])
+    mask = non_dominated(points) if len(points) else np.zeros(0, dtype=bool)
+    names = [o.key for o in objectives]
+    return Frontier(
+        keys=tuple(names),
+        mask=mask,
+        projections=projections(points, names) if len(points) else {},
+        hypervolume=hypervolume(normalised[mask], [0.0, 1.0, 1.0]),
+        reference={quality.key: base_quality, "adapter_bytes": base_bytes, "cost": reference_cost},
+    )
+
+
+@dataclass(frozen=True)
+class Frontier:
+    keys: tuple[str, ...]
+    """The objectives: the quality key ("objective" or "eval_loss"), "adapter_bytes", "cost"."""
+    mask: np.ndarray
+    """Over the rows given: True where no other row is at least as good in every objective and better in one."""
+    projections: dict[tuple[str, str], np.ndarray]
+    """The same over every pair of objectives (the 2-D frontiers a plot shows)."""
+    hypervolume: float
+    reference: dict[str, float]
 
 
 def to_minimise(rows: Sequence[dict[str, Any]], objectives: Sequence[Objective] = OBJECTIVES) -> np.ndarray:

@@ -17,11 +17,13 @@ from lora_search.config import BaseModel, ConfigError, Problem, Sweep
 from lora_search.variants import VARIANTS
 
 if TYPE_CHECKING:
+    import torch
+
     from lora_search.targets import LinearLayer
 
 
-def model_layers(base: BaseModel) -> list[LinearLayer]:
-    """The linear layers of `base`, read from its config alone. Raises OSError/ValueError if no config loads."""
+def meta_model(base: BaseModel) -> torch.nn.Module:
+    """`base` built from its config alone on the meta device (no weights). Raises OSError/ValueError if no config."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -29,8 +31,22 @@ def model_layers(base: BaseModel) -> list[LinearLayer]:
         base.name_or_path, revision=base.revision, trust_remote_code=base.trust_remote_code
     )
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=base.trust_remote_code)
-    return targets.linear_layers(model)
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=base.trust_remote_code)
+
+
+def model_layers(base: BaseModel) -> list[LinearLayer]:
+    """The linear layers of `base`, read from its config alone."""
+    return targets.linear_layers(meta_model(base))
+
+
+def base_weight_bytes(base: BaseModel) -> int:
+    """Bytes of the base's weights at the sweep's dtype: what a full fine-tune would save (tied weights once)."""
+    import torch
+
+    model = meta_model(base)
+    dtype = getattr(model.config, "dtype", None) if base.dtype == "auto" else getattr(torch, base.dtype)
+    size = torch.empty(0, dtype=dtype if isinstance(dtype, torch.dtype) else torch.float32).element_size()
+    return sum(p.numel() for p in model.parameters()) * size
 
 
 def problems(sweep: Sweep) -> list[Problem]:
@@ -63,6 +79,9 @@ def problems(sweep: Sweep) -> list[Problem]:
         from lora_search import evals
 
         out.extend(evals.check(sweep.evals))
+    from lora_search import tracking
+
+    out.extend(tracking.problems(sweep))
     return out
 
 

@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from lora_search.config import Sweep
+from lora_search.cost import devices_per_trial, trial_cost
 from lora_search.space import trial_params
 
 GOLDEN_PREFIX = "golden/"
@@ -35,6 +37,7 @@ TABLE_COLUMNS = [
     "trainable_params",
     "step",
     "train_s",
+    "cost",
 ]
 
 
@@ -59,8 +62,9 @@ class TrialRecord:
     adapter_bytes: int
     train_s: float
     device_s: float
+    """Device-seconds the trial held: devices x (trial_s), start-up, training and golden scoring; `cost` prices them."""
     trial_s: float
-    """Wall time of the whole trial as Tune saw it (start-up, loading and training)."""
+    """Wall time of the whole trial as Tune saw it (start-up, loading, training and scoring)."""
     tokens_per_s: float
     peak_mem_bytes: int
     adapter_path: str
@@ -69,6 +73,14 @@ class TrialRecord:
     """The sweep's primary golden-set metric (`Evals.objective`), for completed trials scored with lm-eval."""
     eval_s: float = 0.0
     """Seconds spent on golden-set scoring, apart from training."""
+    device_name: str = "cpu"
+    """What the trial's workers ran on ("cpu", or torch's CUDA device name); picks the price per device-hour."""
+    train_cost: float = 0.0
+    eval_cost: float = 0.0
+    cost: float = 0.0
+    """train_cost + eval_cost, in `Pricing.currency` (lora_search.cost)."""
+    pareto: bool = False
+    """On the Pareto frontier of quality vs adapter bytes vs cost (lora_search.pareto), among completed trials."""
     scores: dict[str, float] | None = None
     """Every golden metric and stderr, `task/metric` -> value; a column each in trials.parquet."""
 
@@ -97,11 +109,12 @@ def record(
     config: dict[str, Any],
     history: list[dict[str, Any]],
     error: BaseException | None,
-    max_steps: int,
+    sweep: Sweep,
     adapters_dir: Path,
 ) -> TrialRecord:
-    """One trial's record; copies its newest adapter checkpoint to `adapters_dir/<trial_id>`."""
+    """One trial's record, priced; copies its newest adapter checkpoint to `adapters_dir/<trial_id>`."""
     params = trial_params(config)
+    max_steps = sweep.budget.max_steps
     last = history[-1] if history else {}
     adapter_path = ""
     source = last.get("checkpoint_path")
@@ -113,6 +126,9 @@ def record(
         adapter_path = str(target)
     losses = [h["eval_loss"] for h in history if "eval_loss" in h]
     nan = float("nan")
+    device_name = str(last.get("device_name") or "cpu")
+    trial_s, eval_s = float(last.get("time_total_s", 0.0)), float(last.get("eval_s", 0.0))
+    priced = trial_cost(trial_s, eval_s, devices_per_trial(sweep.resources), device_name, sweep.pricing)
     return TrialRecord(
         trial_id=trial_id,
         status=status_of(error, last, max_steps),
@@ -130,14 +146,18 @@ def record(
         trainable_params=int(last.get("trainable_params", 0)),
         adapter_bytes=int(last.get("adapter_bytes", 0)),
         train_s=float(last.get("train_s", 0.0)),
-        device_s=float(last.get("device_s", 0.0)),
-        trial_s=float(last.get("time_total_s", 0.0)),
+        device_s=priced.device_s,
+        trial_s=trial_s,
         tokens_per_s=float(last.get("tokens_per_s", 0.0)),
         peak_mem_bytes=int(last.get("peak_mem_bytes", 0)),
         adapter_path=adapter_path,
         reason=error_reason(error),
         objective=float(last.get("objective", nan)),
-        eval_s=float(last.get("eval_s", 0.0)),
+        eval_s=eval_s,
+        device_name=device_name,
+        train_cost=priced.train_cost,
+        eval_cost=priced.eval_cost,
+        cost=priced.cost,
         scores={k.removeprefix(GOLDEN_PREFIX): float(v) for k, v in last.items() if k.startswith(GOLDEN_PREFIX)},
     )
 
@@ -177,6 +197,7 @@ def table(frame: pd.DataFrame, top: int | None = None) -> str:
             "lr": "{:.2e}".format,
             "alpha": "{:g}".format,
             "train_s": "{:.1f}".format,
+            "cost": "{:.2g}".format,
         },
     )
 

@@ -13,6 +13,7 @@ local Ray with the dashboard off. Results land in `<output_dir>/<name>/`:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -21,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from ray.tune import Callback
 
-from lora_search import preflight, results, space
+from lora_search import cost, pareto, preflight, registry, results, space, tracking
 from lora_search.config import ConfigError, Problem, Sweep
 from lora_search.trial import DRIVER_RESOURCES, run_trial
 
@@ -69,65 +71,188 @@ def concurrent_trials(sweep: Sweep, cluster: dict[str, float]) -> int:
     return max(1, min(fits))
 
 
-def _progress(sweep: Sweep, start: float) -> Any:
-    from ray.tune import Callback
-
-    class Progress(Callback):
-        """One line per trial event, so a long sweep shows what it is doing."""
-
-        def __init__(self) -> None:
-            self.best = math.inf
-            self.started = 0
-
-        def _say(self, text: str) -> None:
-            print(f"[{time.monotonic() - start:6.0f}s] {text}", flush=True)
-
-        def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            self.started += 1
-            p = space.trial_params(trial.config)
-            self._say(
-                f"trial {trial.trial_id} started ({self.started}): {p['variant']} r={p['rank']} "
-                f"alpha={p['alpha']:g} targets={p['targets']} lr={p['lr']:.2e}"
-            )
-
-        def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-            self.best = min(self.best, result["eval_loss"])
-            self._say(
-                f"trial {trial.trial_id} step {result['step']:>4}/{sweep.budget.max_steps} "
-                f"eval_loss {result['eval_loss']:.4f} (best {self.best:.4f})"
-            )
-
-        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            last = trial.last_result or {}
-            status = results.status_of(None, last, sweep.budget.max_steps)
-            how = "completed" if status == "completed" else f"pruned by ASHA at step {last.get('step')}"
-            self._say(f"trial {trial.trial_id} {how}")
-
-        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            reason = results.error_reason(info.get("error") or trial.get_error())
-            self._say(f"trial {trial.trial_id} FAILED (the sweep goes on): {reason}")
-
-    return Progress()
+class SweepInterrupted(RuntimeError):
+    """The driver stopped (Ctrl+C, SIGINT) before every trial ended; Ray saved the state, a rerun resumes it."""
 
 
-def _report_base(sweep: Sweep, frame: pd.DataFrame, pending: Any, out: Path) -> None:
+class _Session:
+    """This driver's view of the running sweep: the progress lines and the MLflow tracker.
+
+    Module-level and reached through `_SESSION` because Tune pickles its callbacks into the experiment state;
+    a resumed sweep runs the unpickled copies, which must report to this run, not to the one that pickled them.
+    """
+
+    def __init__(self, sweep: Sweep, tracker: tracking.Tracker | None) -> None:
+        self.sweep, self.tracker = sweep, tracker
+        self.start = time.monotonic()
+        self.best = math.inf
+        self.started = 0
+        self.unfinished: list[tuple[str, dict[str, Any]]] = []
+
+    def say(self, text: str) -> None:
+        print(f"[{time.monotonic() - self.start:6.0f}s] {text}", flush=True)
+
+
+_SESSION: _Session | None = None
+
+
+class _Events(Callback):
+    """One progress line per trial event, and live MLflow logging. Holds no state (see `_Session`)."""
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if (s := _SESSION) is None:
+            return
+        s.started += 1
+        p = space.trial_params(trial.config)
+        s.say(
+            f"trial {trial.trial_id} started ({s.started}): {p['variant']} r={p['rank']} "
+            f"alpha={p['alpha']:g} targets={p['targets']} lr={p['lr']:.2e}"
+        )
+        if s.tracker:
+            s.tracker.trial_started(trial.trial_id, trial.config)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        if (s := _SESSION) is None:
+            return
+        s.best = min(s.best, result["eval_loss"])
+        s.say(
+            f"trial {trial.trial_id} step {result['step']:>4}/{s.sweep.budget.max_steps} "
+            f"eval_loss {result['eval_loss']:.4f} (best {s.best:.4f})"
+        )
+        if s.tracker:
+            s.tracker.trial_result(trial.trial_id, trial.config, result)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if (s := _SESSION) is None:
+            return
+        last = trial.last_result or {}
+        status = results.status_of(None, last, s.sweep.budget.max_steps)
+        how = "completed" if status == "completed" else f"pruned by ASHA at step {last.get('step')}"
+        s.say(f"trial {trial.trial_id} {how}")
+        if s.tracker:
+            s.tracker.trial_ended(trial.trial_id, trial.config, status, int(last.get("step", 0)))
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if (s := _SESSION) is None:
+            return
+        reason = results.error_reason(info.get("error") or trial.get_error())
+        s.say(f"trial {trial.trial_id} FAILED (the sweep goes on): {reason}")
+        if s.tracker:
+            s.tracker.trial_ended(trial.trial_id, trial.config, "failed", 0, reason)
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        if (s := _SESSION) is not None:
+            s.unfinished = [(t.trial_id, t.config) for t in trials if t.status not in ("TERMINATED", "ERROR")]
+
+
+def _base_scores(sweep: Sweep, pending: Any, out: Path) -> dict[str, Any] | None:
     """Wait for the base model's golden scores; a failure there is reported, and loses no trial result."""
     import ray
 
-    assert sweep.evals is not None
     try:
         base = ray.get(pending)
     except Exception as e:  # noqa: BLE001 - whatever broke, the trials' results are already on disk
         reason = results.error_reason(e)
         (out / "base_scores.json").write_text(json.dumps({"error": reason}, indent=1))
         print(f"\nthe base model could not be scored on the golden sets: {reason}")
-        return
+        return None
     summary = {k: base[k] for k in ("metrics", "objective", "higher_is_better")}
     (out / "base_scores.json").write_text(json.dumps(summary, indent=1))
     (out / "base_lm_eval_results.json").write_text(json.dumps(base["results"], indent=1))
-    shown = ", ".join(f"{k} {v:.4f}" for k, v in base["metrics"].items() if not k.endswith("_stderr"))
-    print(f"\nbase model on the golden sets: {shown}")
-    print(results.objective_summary(frame, sweep.evals.objective, base["objective"], base["higher_is_better"]))
+    return base
+
+
+def _frontier(
+    sweep: Sweep, records: list[results.TrialRecord], base: dict[str, Any] | None, base_bytes: int
+) -> tuple[list[results.TrialRecord], pd.DataFrame, dict[str, float]]:
+    """Mark the Pareto frontier among completed trials; the frontier table and the sweep's cost figures."""
+    if sweep.evals is not None:
+        quality = pareto.Objective("objective", higher_is_better=bool(base["higher_is_better"]) if base else True)
+        base_quality = float(base["objective"]) if base else math.nan
+    else:
+        quality = pareto.Objective("eval_loss", higher_is_better=False)
+        base_quality = float(pd.Series([r.base_eval_loss for r in records]).median()) if records else math.nan
+    candidates = [r for r in records if r.status == "completed" and math.isfinite(getattr(r, quality.key))]
+    device = next((r.device_name for r in records if r.device_name), "cpu")
+    ref_cost = cost.reference_cost(sweep.resources, sweep.pricing, device)
+    rows = [dataclasses.asdict(r) for r in candidates]
+    front = pareto.frontier(rows, quality, base_quality, base_bytes, ref_cost)
+    on_front = {r.trial_id for r, keep in zip(candidates, front.mask, strict=True) if keep}
+    records = [dataclasses.replace(r, pareto=r.trial_id in on_front) for r in records]
+
+    table = pd.DataFrame(
+        {
+            "trial_id": [r.trial_id for r in candidates],
+            "variant": [r.variant for r in candidates],
+            "rank": [r.rank for r in candidates],
+            "targets": [r.targets for r in candidates],
+            "lr": [r.lr for r in candidates],
+            quality.key: [getattr(r, quality.key) for r in candidates],
+            "adapter_bytes": [r.adapter_bytes for r in candidates],
+            "cost": [r.cost for r in candidates],
+            "pareto": front.mask.tolist(),
+            **{f"pareto_{a}_vs_{b}": m.tolist() for (a, b), m in front.projections.items()},
+        }
+    )
+    pruned = [cost.PrunedTrial(r.step, r.train_s, r.device_name) for r in records if r.status == "pruned"]
+    scored = [r.eval_s for r in records if r.status == "completed" and r.eval_s > 0]
+    mean_eval_s = sum(scored) / len(scored) if scored else 0.0
+    devices = cost.devices_per_trial(sweep.resources)
+    saved = cost.pruning_savings(pruned, sweep.budget.max_steps, mean_eval_s, devices, sweep.pricing)
+    spent = sum(r.cost for r in records)
+    figures = {
+        "sweep_cost": spent,
+        "sweep_device_hours": sum(r.device_s for r in records) / 3600,
+        "asha_saved_cost": saved,
+        "full_budget_cost": spent + saved,
+        "hypervolume": front.hypervolume if math.isfinite(base_quality) else math.nan,
+        "frontier_size": float(len(on_front)),
+        "reference_cost": ref_cost,
+        "base_weight_bytes": float(base_bytes),
+        f"base_{quality.key}": base_quality,
+        **{f"trials_{s}": float(sum(r.status == s for r in records)) for s in ("completed", "pruned", "failed")},
+    }
+    return records, table, figures
+
+
+def _write_meta(sweep: Sweep, records: list[results.TrialRecord], fingerprint: str, tracker: Any) -> None:
+    """lora_search.json beside each adapter: the base it belongs on, so no other base loads it silently."""
+    for r in records:
+        if r.adapter_path:
+            meta = {
+                "base_name_or_path": sweep.base.name_or_path,
+                "base_revision": sweep.base.revision,
+                "base_fingerprint": fingerprint,
+                "sweep": sweep.name,
+                "trial_id": r.trial_id,
+                "status": r.status,
+                "step": r.step,
+                **{k: getattr(r, k) for k in ("variant", "rank", "alpha", "targets", "lr", "dropout")},
+                "mlflow_run_id": tracker.children.get(r.trial_id) if tracker else None,
+            }
+            registry.write_meta(Path(r.adapter_path), meta)
+
+
+def _print_outcome(
+    sweep: Sweep, frame: pd.DataFrame, base: dict[str, Any] | None, figures: dict[str, float], elapsed: float
+) -> None:
+    print(f"\n{results.summary(frame)}\nfinished in {elapsed:.0f}s; trials, best first:")
+    print(results.table(frame))
+    if base is not None and sweep.evals is not None:
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in base["metrics"].items() if not k.endswith("_stderr"))
+        print(f"\nbase model on the golden sets: {shown}")
+        print(results.objective_summary(frame, sweep.evals.objective, base["objective"], base["higher_is_better"]))
+    currency = sweep.pricing.currency
+    print(
+        f"cost: {figures['sweep_cost']:.4g} {currency} for {figures['sweep_device_hours']:.3g} device-hours; "
+        f"ASHA's pruning saved about {figures['asha_saved_cost']:.4g} {currency} "
+        f"of {figures['full_budget_cost']:.4g} {currency} for every trial at the full budget"
+    )
+    front = frame[frame["pareto"]]
+    print(
+        f"Pareto frontier (quality vs adapter bytes vs cost): {len(front)} trial(s) "
+        f"[{', '.join(front['trial_id'])}], hypervolume {figures['hypervolume']:.4g}"
+    )
 
 
 def validate(sweep: Sweep, construction_problems: list[Problem] | None = None) -> None:
@@ -153,11 +278,19 @@ def run(sweep: Sweep, *, fresh: bool = False, construction_problems: list[Proble
             )
         out.rename(out.with_name(f"{sweep.name}.{time.strftime('%Y%m%d-%H%M%S')}"))
     out.mkdir(parents=True, exist_ok=True)
+    fingerprint = registry.fingerprint(sweep.base)
+    base_bytes = preflight.base_weight_bytes(sweep.base)
+    try:
+        tracker = tracking.Tracker(sweep, out, fingerprint)
+    except Exception as e:  # noqa: BLE001 - before any compute: say what to fix
+        uri = tracking.tracking_uri(sweep)
+        raise ConfigError(
+            [Problem("tracking_uri", uri, f"MLflow tracking cannot start ({type(e).__name__}: {str(e)[:300]})", "")]
+        ) from e
 
     from ray import tune
 
     _init_ray()
-    start = time.monotonic()
     import ray
 
     storage = out / "ray"
@@ -192,7 +325,7 @@ def run(sweep: Sweep, *, fresh: bool = False, construction_problems: list[Proble
             run_config=tune.RunConfig(
                 name=sweep.name,
                 storage_path=str(storage),
-                callbacks=[_progress(sweep, start)],
+                callbacks=[_Events()],
                 failure_config=tune.FailureConfig(max_failures=0),
                 verbose=0,
             ),
@@ -205,22 +338,39 @@ def run(sweep: Sweep, *, fresh: bool = False, construction_problems: list[Proble
         r = sweep.resources
         base_scores = ray.remote(score_base).options(num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker)
         base_scores = base_scores.remote(sweep)
-    grid = tuner.fit()
-    records = []
+    global _SESSION
+    _SESSION = _Session(sweep, tracker)
+    try:
+        grid = tuner.fit()
+    finally:
+        session, _SESSION = _SESSION, None
+    if session.unfinished:
+        if tracker:
+            tracker.interrupted(session.unfinished)
+        raise SweepInterrupted(
+            f"sweep {sweep.name!r} stopped with {len(session.unfinished)} trial(s) unfinished; Ray saved its state "
+            f"in {experiment}. Run the same command again to resume: finished trials are kept, unfinished ones "
+            "go on from their last checkpoint."
+        )
+    records, configs, histories = [], {}, {}
     for result in grid:
         trial_id = Path(result.path).name.removeprefix("trial_")
         history = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
-        records.append(
-            results.record(trial_id, result.config, history, result.error, sweep.budget.max_steps, out / "adapters")
-        )
+        records.append(results.record(trial_id, result.config, history, result.error, sweep, out / "adapters"))
+        configs[trial_id], histories[trial_id] = result.config, history
+    base = _base_scores(sweep, base_scores, out) if base_scores is not None else None
+    records, frontier_table, figures = _frontier(sweep, records, base, base_bytes)
+    _write_meta(sweep, records, fingerprint, tracker)
     results.write(records, parquet)
+    frontier_table.to_csv(out / "frontier.csv", index=False)
+    (out / "sweep_metrics.json").write_text(json.dumps(figures, indent=1))
     frame = results.to_frame(records)
-    print(f"\n{results.summary(frame)}\nfinished in {time.monotonic() - start:.0f}s; trials, best first:")
-    print(results.table(frame))
-    if base_scores is not None:
-        _report_base(sweep, frame, base_scores, out)
+    _print_outcome(sweep, frame, base, figures, time.monotonic() - session.start)
+    if tracker:
+        tracker.finish(records, configs, histories, figures, frontier_table, base["results"] if base else None)
+        print(f"MLflow: experiment {sweep.name!r} at {tracker.uri} (parent run {tracker.parent_id}); `lora-search ui`")
     print(f"\nresults: {parquet}\nadapters: {out / 'adapters'}")
     return frame
 
 
-__all__ = ["ConfigError", "SweepExistsError", "run", "validate"]
+__all__ = ["ConfigError", "SweepExistsError", "SweepInterrupted", "run", "validate"]

@@ -94,6 +94,15 @@ def peak_memory_bytes() -> tuple[int, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rss"
 
 
+def device_name() -> str:
+    """"cpu", or the CUDA device's name ("NVIDIA H100 80GB HBM3"): what `Pricing` prices."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.get_device_name()
+    return "cpu"
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train worker entry point. `config` holds the Sweep and the trial's sampled params."""
     import ray.train
@@ -226,6 +235,7 @@ class _Reporter(TrainerCallback):
         (adapter_dir / LM_EVAL_RESULTS).write_text(json.dumps(scored["results"], indent=1))
         out = {f"{GOLDEN_PREFIX}{k}": v for k, v in scored["metrics"].items()}
         out["objective"] = scored["objective"]
+        out["objective_higher_is_better"] = scored["higher_is_better"]
         out["eval_s"] = time.perf_counter() - start
         return out
 
@@ -262,6 +272,7 @@ class _Reporter(TrainerCallback):
             "tokens_per_s": state.num_input_tokens_seen / train_s if train_s > 0 else 0.0,
             "peak_mem_bytes": peak,
             "peak_mem_kind": peak_kind,
+            "device_name": device_name(),
         }
         checkpoint = None
         if self.rank0:

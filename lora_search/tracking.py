@@ -1,0 +1,424 @@
+"""MLflow tracking: one parent run per sweep, a nested child run per trial, the Pareto frontier marked.
+
+    python sweeps/tiny.py                  # tracks to the embedded store by default
+    lora-search ui                         # MLflow UI for it on http://127.0.0.1:5000
+    MLFLOW_TRACKING_URI=http://mlflow.internal:5000 python sweeps/tiny.py   # or Sweep(tracking_uri=...)
+
+Where: `Sweep.tracking_uri`, else $MLFLOW_TRACKING_URI, else the embedded store: SQLite at
+`<output_dir>/mlflow.db`, artifacts under `<output_dir>/mlartifacts`. The experiment is named after the sweep.
+
+What:
+- parent run `<sweep>`: the sweep's settings as params; at the end the sweep's cost, what ASHA's pruning saved,
+  the frontier's hypervolume, `frontier.csv`, and the base model's golden scores.
+- child run `trial_<id>` per trial: its hyperparameters as params, eval/train loss and throughput at every
+  reported step, final golden scores, trainable params, adapter bytes, device-seconds and cost; completed trials
+  log `adapter/` (a PEFT adapter dir) and `lm_eval_results.json`. Frontier trials are tagged `pareto=true` and
+  their adapters registered as versions of the registered model `<sweep>-adapters`, tagged with the base's
+  fingerprint (lora_search.registry refuses to load them onto another base).
+- status, exactly Ray's trial state: completed -> FINISHED; pruned -> FINISHED with `lora_search.status=pruned`
+  and `lora_search.stopped_at_step`; failed -> FAILED with `lora_search.failure_reason`; driver interrupted ->
+  KILLED (a resumed sweep sets it again).
+- provenance tags on every run: git commit and dirty flag, package versions, eval task versions, sweep name,
+  base model id, revision and fingerprint; children also their Ray trial id.
+
+Runs nest through MLflow's `mlflow.parentRunId` tag, the one `mlflow.start_run(nested=True)` sets; Ray's
+MLflowLoggerCallback makes flat runs, so the driver logs through `MlflowClient` from a Tune callback. Resume
+finds the parent through `<sweep dir>/tracking.json` and the children through their `lora_search.trial_id` tag.
+A tracking failure never stops a sweep: it is printed once, live logging stops, and the results on disk stay.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+import math
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lora_search import registry
+from lora_search.config import Problem, Sweep
+from lora_search.space import trial_params
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from mlflow import MlflowClient
+
+    from lora_search.results import TrialRecord
+
+TRACKING_FILE = "tracking.json"
+PACKAGES = ("lora_search", "torch", "transformers", "peft", "trl", "ray", "lm_eval", "mlflow")
+STEP_METRICS = ("eval_loss", "train_loss", "tokens_per_s", "tokens", "train_s", "peak_mem_bytes")
+"""Logged at every reported step (the curves the MLflow UI draws)."""
+FINAL_METRICS = (
+    "best_eval_loss",
+    "base_eval_loss",
+    "objective",
+    "trainable_params",
+    "adapter_bytes",
+    "train_s",
+    "eval_s",
+    "trial_s",
+    "device_s",
+    "train_cost",
+    "eval_cost",
+    "cost",
+    "peak_mem_bytes",
+    "tokens_per_s",
+)
+BUDGET_PARAMS = ("max_steps", "batch_size", "grad_accum", "warmup_steps", "eval_every")
+MLFLOW_STATUS = {"completed": "FINISHED", "pruned": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}
+
+
+def tracking_uri(sweep: Sweep) -> str:
+    return (
+        sweep.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or registry.default_tracking_uri(sweep.output_dir)
+    )
+
+
+def registered_model_name(sweep: Sweep) -> str:
+    return f"{sweep.name}-adapters"
+
+
+def _git(*args: str) -> str:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return done.stdout.strip() if done.returncode == 0 else ""
+
+
+def provenance(sweep: Sweep, base_fingerprint: str) -> dict[str, str]:
+    """Tags that say exactly what produced a run."""
+    tags = {
+        "mlflow.source.git.commit": _git("rev-parse", "HEAD") or "unknown",
+        "lora_search.git_dirty": str(bool(_git("status", "--porcelain", "--untracked-files=no"))).lower(),
+        "lora_search.sweep": sweep.name,
+        "lora_search.base": sweep.base.name_or_path,
+        "lora_search.base_revision": sweep.base.revision or "",
+        "lora_search.base_fingerprint": base_fingerprint,
+    }
+    for package in PACKAGES:
+        try:
+            tags[f"lora_search.version.{package}"] = importlib.metadata.version(package.replace("_", "-"))
+        except importlib.metadata.PackageNotFoundError:
+            tags[f"lora_search.version.{package}"] = "not installed"
+    if sweep.evals is not None:
+        from lora_search.evals import task_versions
+
+        for task, version in task_versions(sweep.evals).items():
+            tags[f"lora_search.eval_task_version.{task}"] = str(version)
+    return tags
+
+
+def sweep_params(sweep: Sweep) -> dict[str, str]:
+    """The sweep's settings flattened to `part.field` params (MLflow params are strings)."""
+    out = {"search": sweep.search, "num_samples": str(sweep.num_samples), "seed": str(sweep.seed)}
+    for part in ("base", "dataset", "space", "budget", "resources", "evals"):
+        value = getattr(sweep, part)
+        if value is not None:
+            out.update({f"{part}.{k}": str(v) for k, v in dataclasses.asdict(value).items()})
+    return out
+
+
+def trial_param_values(sweep: Sweep, config: dict[str, Any]) -> dict[str, str]:
+    params = {k: str(v) for k, v in trial_params(config).items()}
+    params.update({k: str(getattr(sweep.budget, k)) for k in BUDGET_PARAMS})
+    params["seed"] = str(sweep.seed)
+    return params
+
+
+def _metrics(values: dict[str, Any], keys: tuple[str, ...] | list[str], step: int) -> list[Any]:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    out = []
+    for key in keys:
+        value = values.get(key)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            continue
+        out.append(Metric(_metric_key(key), float(value), now, step))
+    return out
+
+
+def _metric_key(key: str) -> str:
+    """MLflow keys allow letters, digits, '_', '-', '.', ' ', '/'; lm-eval metric names may carry others."""
+    return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in key)
+
+
+def problems(sweep: Sweep) -> list[Problem]:
+    """Whether the tracking store can be reached and written, before any trial spends compute."""
+    uri = tracking_uri(sweep)
+    field = (
+        "tracking_uri"
+        if sweep.tracking_uri
+        else "MLFLOW_TRACKING_URI"
+        if os.environ.get("MLFLOW_TRACKING_URI")
+        else "output_dir"
+    )
+    scheme = uri.split(":", 1)[0].lower() if ":" in uri else "file"
+    if scheme.startswith("http"):
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5) as response:
+                if response.status == 200:
+                    return []
+                reason = f"answered HTTP {response.status} on /health"
+        except (urllib.error.URLError, OSError) as e:
+            reason = f"cannot be reached ({getattr(e, 'reason', e)})"
+        return [
+            Problem(
+                field, uri, f"the MLflow tracking server {reason}", "start it (`mlflow server ...`), or fix the URI"
+            )
+        ]
+    if scheme == "sqlite":
+        folder = Path(uri.removeprefix("sqlite:///")).parent
+        existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("/"))
+        if not os.access(existing, os.W_OK):
+            return [
+                Problem(field, uri, f"{existing} is not writable", "point output_dir or the URI somewhere writable")
+            ]
+        return []
+    if scheme in ("file", "postgresql", "mysql", "mssql", "databricks") or len(scheme) == 1:  # len 1: C:\ paths
+        return []
+    return [Problem(field, uri, f"unknown tracking URI scheme {scheme!r}", "use http(s)://, sqlite:///, postgresql://")]
+
+
+class Tracker:
+    """The sweep's MLflow runs, from the driver. Every public method swallows tracking errors (printed once)."""
+
+    def __init__(self, sweep: Sweep, out: Path, base_fingerprint: str) -> None:
+        from mlflow import MlflowClient
+
+        self.sweep, self.out, self.base_fingerprint = sweep, out, base_fingerprint
+        self.uri = tracking_uri(sweep)
+        Path(sweep.output_dir).mkdir(parents=True, exist_ok=True)
+        self.client: MlflowClient = MlflowClient(self.uri)
+        self.tags = provenance(sweep, base_fingerprint)
+        self.children: dict[str, str] = {}
+        self.broken = False
+        self.experiment_id = self._experiment()
+        self.parent_id = self._parent()
+
+    # --- set-up -------------------------------------------------------------------------------------------------
+
+    def _experiment(self) -> str:
+        from mlflow.exceptions import MlflowException
+
+        found = self.client.get_experiment_by_name(self.sweep.name)
+        if found is not None:
+            return found.experiment_id
+        location = None
+        if self.uri == registry.default_tracking_uri(self.sweep.output_dir):
+            location = (Path(self.sweep.output_dir).resolve() / "mlartifacts").as_uri()
+        try:
+            return self.client.create_experiment(self.sweep.name, artifact_location=location)
+        except MlflowException:  # created meanwhile by another driver
+            found = self.client.get_experiment_by_name(self.sweep.name)
+            if found is None:
+                raise
+            return found.experiment_id
+
+    def _parent(self) -> str:
+        state_file = self.out / TRACKING_FILE
+        if state_file.is_file():
+            state = json.loads(state_file.read_text())
+            if state.get("tracking_uri") == self.uri:
+                parent = state["parent_run_id"]
+                self.client.update_run(parent, status="RUNNING")
+                for run in self._child_runs(parent):
+                    self.children[run.data.tags["lora_search.trial_id"]] = run.info.run_id
+                return parent
+        run = self.client.create_run(self.experiment_id, run_name=self.sweep.name, tags=self.tags)
+        params = sweep_params(self.sweep)
+        self._log(run.info.run_id, params=params)
+        state = {"tracking_uri": self.uri, "experiment_id": self.experiment_id, "parent_run_id": run.info.run_id}
+        state_file.write_text(json.dumps(state, indent=1))
+        return run.info.run_id
+
+    def _child_runs(self, parent: str) -> list[Any]:
+        return self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'", max_results=50000
+        )
+
+    def _log(self, run_id: str, params: dict[str, str] | None = None, metrics: list[Any] | None = None) -> None:
+        from mlflow.entities import Param
+
+        batch = [Param(k, v[:6000]) for k, v in (params or {}).items()]
+        for i in range(0, max(len(batch), 1), 100):  # MLflow takes at most 100 params per batch
+            if batch[i : i + 100]:
+                self.client.log_batch(run_id, params=batch[i : i + 100])
+        metrics = metrics or []
+        for i in range(0, len(metrics), 1000):
+            self.client.log_batch(run_id, metrics=metrics[i : i + 1000])
+
+    def _guard(self, what: str, action: Any) -> Any:
+        if self.broken:
+            return None
+        try:
+            return action()
+        except Exception as e:  # noqa: BLE001 - tracking must never take the sweep down
+            self.broken = True
+            print(
+                f"MLflow tracking at {self.uri} failed while {what} ({type(e).__name__}: {str(e)[:300]}); "
+                f"the sweep goes on untracked and its results stay in {self.out}",
+                flush=True,
+            )
+            return None
+
+    # --- live, from Tune callbacks --------------------------------------------------------------------------
+
+    def child(self, trial_id: str, config: dict[str, Any]) -> str:
+        """The trial's child run, created (with its params) on first sight."""
+        if trial_id in self.children:
+            return self.children[trial_id]
+        tags = {**self.tags, "mlflow.parentRunId": self.parent_id, "lora_search.trial_id": trial_id}
+        run = self.client.create_run(self.experiment_id, run_name=f"trial_{trial_id}", tags=tags)
+        self._log(run.info.run_id, params=trial_param_values(self.sweep, config))
+        self.children[trial_id] = run.info.run_id
+        return run.info.run_id
+
+    def trial_started(self, trial_id: str, config: dict[str, Any]) -> None:
+        def go() -> None:
+            run_id = self.child(trial_id, config)
+            self.client.update_run(run_id, status="RUNNING")
+            self.client.set_tag(run_id, "lora_search.status", "running")
+
+        self._guard(f"starting trial {trial_id}", go)
+
+    def trial_result(self, trial_id: str, config: dict[str, Any], result: dict[str, Any]) -> None:
+        step = int(result.get("step", 0))
+        self._guard(
+            f"logging trial {trial_id}",
+            lambda: self._log(self.child(trial_id, config), metrics=_metrics(result, STEP_METRICS, step)),
+        )
+
+    def trial_ended(self, trial_id: str, config: dict[str, Any], status: str, step: int, reason: str = "") -> None:
+        self._guard(
+            f"ending trial {trial_id}", lambda: self._set_status(self.child(trial_id, config), status, step, reason)
+        )
+
+    def _set_status(self, run_id: str, status: str, step: int, reason: str = "") -> None:
+        self.client.set_tag(run_id, "lora_search.status", status)
+        if status == "pruned":
+            self.client.set_tag(run_id, "lora_search.stopped_at_step", str(step))
+        if status == "failed":
+            self.client.set_tag(run_id, "lora_search.failure_reason", reason[:5000] or "unknown")
+        self.client.set_terminated(run_id, MLFLOW_STATUS[status])
+
+    def interrupted(self, unfinished: list[tuple[str, dict[str, Any]]]) -> None:
+        """The driver stopped before these trials ended: their runs and the parent are KILLED until a resume."""
+
+        def go() -> None:
+            for trial_id, config in unfinished:
+                self._set_status(self.child(trial_id, config), "interrupted", 0)
+            self.client.set_tag(self.parent_id, "lora_search.status", "interrupted")
+            self.client.set_terminated(self.parent_id, "KILLED")
+
+        self._guard("marking the interrupted runs", go)
+
+    # --- at the end ------------------------------------------------------------------------------------------
+
+    def finish(
+        self,
+        records: list[TrialRecord],
+        configs: dict[str, dict[str, Any]],
+        histories: dict[str, list[dict[str, Any]]],
+        sweep_metrics: dict[str, float],
+        frontier_table: pd.DataFrame,
+        base_results: dict[str, Any] | None,
+    ) -> None:
+        """Final state of every run: figures, statuses, artifacts, frontier tags and registry versions."""
+        self.broken = False  # a fresh try: the live logging may have failed on a server that is back
+        self._guard(
+            "finishing the sweep's runs",
+            lambda: self._finish(records, configs, histories, sweep_metrics, frontier_table, base_results),
+        )
+
+    def _finish(
+        self,
+        records: list[TrialRecord],
+        configs: dict[str, dict[str, Any]],
+        histories: dict[str, list[dict[str, Any]]],
+        sweep_metrics: dict[str, float],
+        frontier_table: pd.DataFrame,
+        base_results: dict[str, Any] | None,
+    ) -> None:
+        from lora_search.train import LM_EVAL_RESULTS
+
+        for r in records:
+            run_id = self.child(r.trial_id, configs[r.trial_id])
+            self._backfill(run_id, histories.get(r.trial_id, []))
+            values = dataclasses.asdict(r)
+            scores = {f"golden/{k}": v for k, v in (r.scores or {}).items()}
+            metrics = _metrics(values, FINAL_METRICS, r.step) + _metrics(scores, sorted(scores), r.step)
+            self._log(run_id, metrics=metrics)
+            self.client.set_tag(run_id, "lora_search.device", r.device_name)
+            self.client.set_tag(run_id, "pareto", str(r.pareto).lower())
+            if r.status == "completed" and r.adapter_path:
+                adapter = Path(r.adapter_path)
+                with tempfile.TemporaryDirectory() as tmp:
+                    staged = Path(tmp) / "adapter"  # the PEFT dir without the lm-eval JSON, which is logged apart
+                    staged.mkdir()
+                    for f in adapter.iterdir():
+                        if f.is_file() and f.name != LM_EVAL_RESULTS:
+                            (staged / f.name).write_bytes(f.read_bytes())
+                    self.client.log_artifacts(run_id, str(staged), "adapter")
+                if (adapter / LM_EVAL_RESULTS).is_file():
+                    self.client.log_artifact(run_id, str(adapter / LM_EVAL_RESULTS))
+            self._set_status(run_id, r.status, r.step, r.reason)
+            if r.pareto and r.adapter_path:
+                self._register(r, run_id)
+        parent = self.parent_id
+        self._log(parent, metrics=_metrics(sweep_metrics, sorted(sweep_metrics), 0))
+        with tempfile.TemporaryDirectory() as tmp:
+            table = frontier_table.assign(run_id=[self.children.get(t, "") for t in frontier_table["trial_id"]])
+            table.to_csv(Path(tmp) / "frontier.csv", index=False)
+            self.client.log_artifact(parent, str(Path(tmp) / "frontier.csv"))
+            if base_results is not None:
+                (Path(tmp) / "base_lm_eval_results.json").write_text(json.dumps(base_results, indent=1))
+                self.client.log_artifact(parent, str(Path(tmp) / "base_lm_eval_results.json"))
+        self.client.set_tag(parent, "lora_search.status", "finished")
+        self.client.set_terminated(parent, "FINISHED")
+
+    def _backfill(self, run_id: str, history: list[dict[str, Any]]) -> None:
+        """Log the step metrics the live callback missed (a resume, or a tracking outage); never twice."""
+        logged = {(m.key, m.step) for key in STEP_METRICS for m in self.client.get_metric_history(run_id, key)}
+        missing = [
+            m
+            for row in history
+            for m in _metrics(row, STEP_METRICS, int(row.get("step", 0)))
+            if (m.key, m.step) not in logged
+        ]
+        self._log(run_id, metrics=missing)
+
+    def _register(self, r: TrialRecord, run_id: str) -> None:
+        """A frontier adapter becomes a version of `<sweep>-adapters`, tagged with its base's fingerprint."""
+        from mlflow.exceptions import MlflowException
+
+        name = registered_model_name(self.sweep)
+        try:
+            self.client.create_registered_model(
+                name, description=f"Pareto-frontier LoRA adapters of sweep {self.sweep.name!r} (lora_search)"
+            )
+        except MlflowException:
+            pass  # it exists
+        if self.client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
+            return
+        source = f"{self.client.get_run(run_id).info.artifact_uri}/adapter"
+        tags = {
+            "lora_search.base": self.sweep.base.name_or_path,
+            "lora_search.base_revision": self.sweep.base.revision or "",
+            "lora_search.base_fingerprint": self.base_fingerprint,
+            "lora_search.trial_id": r.trial_id,
+            "variant": r.variant,
+            "rank": str(r.rank),
+        }
+        self.client.create_model_version(name, source, run_id=run_id, tags=tags)

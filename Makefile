@@ -11,12 +11,22 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install -q -e ".[dev]"
 	touch $@
 
-.PHONY: setup demo test
+# The MLflow UI test drives a real headless Chromium (Debian's package; Playwright's own browser download is
+# not used). Installed here when missing; needs root or an apt that works.
+CHROMIUM ?= $(shell command -v chromium || command -v chromium-browser)
+
+.PHONY: setup demo test browser ui
 setup: $(VENV)/.installed
+
+browser:
+	@if [ -z "$(CHROMIUM)" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; fi
+
+ui: setup
+	$(VENV)/bin/lora-search ui $(ARGS)
 
 demo: setup
 	$(VENV)/bin/python sweeps/tiny.py $(ARGS)
 
-test: setup
+test: setup browser
 	$(VENV)/bin/ruff check lora_search tests sweeps benchmarks
 	$(VENV)/bin/python -m pytest -q $(ARGS)

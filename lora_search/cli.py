@@ -4,9 +4,12 @@
     lora-search run sweeps/tiny.py          # validate, then run (or resume) the sweep
     lora-search run --fresh sweeps/tiny.py  # move earlier results aside first
     lora-search eval sweeps/tiny.py [--adapters DIR ...]  # rescore saved adapters on the golden sets
+    lora-search export RUN_ID_OR_ADAPTER_DIR [--merge] [--output DIR] [--base PATH_OR_ID]  # checked export
+    lora-search ui [--port 5000]            # the MLflow UI on 127.0.0.1 for the embedded store (reports/mlflow.db)
 
 A sweep file is a Python file that defines one `Sweep` (conventionally `SWEEP`) at module level.
-Exit codes: 0 ok, 2 invalid sweep (nothing ran), 3 results exist (nothing overwritten), 1 anything else.
+Exit codes: 0 ok, 2 invalid sweep or export (nothing ran), 3 results exist (nothing overwritten), 130 interrupted
+(state saved: rerun to resume), 1 anything else.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -21,6 +25,7 @@ from lora_search.config import ConfigError, Problem, Sweep, collecting_problems
 
 EXIT_INVALID = 2
 EXIT_EXISTS = 3
+EXIT_INTERRUPTED = 130
 
 
 def load_sweep(path: str | Path) -> tuple[Sweep, list[Problem]]:
@@ -96,8 +101,49 @@ def _eval(sweep: Sweep, problems: list[Problem], adapters: list[str] | None, out
     return 0
 
 
+def _export(
+    source: str, merge: bool, output: str | None, base: str | None, tracking_uri: str | None, check: bool
+) -> int:
+    import tempfile
+
+    from lora_search import registry
+
+    src = Path(source)  # a dir is exported as is (export says if it is no adapter); anything else is a run id
+    name = src.resolve().name if src.is_dir() else source
+    out = Path(output) if output else Path("exported") / (name + ("-merged" if merge else ""))
+    with tempfile.TemporaryDirectory() as tmp:  # a downloaded adapter is only needed until it is exported
+        if src.is_dir():
+            adapter_dir = src
+        else:
+            uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+            uri = uri or registry.default_tracking_uri(os.environ.get("LORA_SEARCH_OUTPUT_DIR", "reports"))
+            adapter_dir = registry.download_run_adapter(source, uri, Path(tmp))
+        registry.export(adapter_dir, out, merge=merge, base=base, check=check)
+    record = json.loads((out / registry.EXPORT_FILE).read_text())
+    diff = f" (max |logit diff| after merging: {record['max_abs_logit_diff']:.3g})" if merge else ""
+    print(f"exported {'merged model' if merge else 'adapter'} to {out}{diff}")
+    return 0
+
+
+def _ui(output_dir: str | None, tracking_uri: str | None, host: str, port: int) -> int:
+    """Start the MLflow UI (an `mlflow server` process) in the foreground; Ctrl+C stops it."""
+    from lora_search.registry import default_tracking_uri
+
+    uri = tracking_uri or default_tracking_uri(output_dir or os.environ.get("LORA_SEARCH_OUTPUT_DIR", "reports"))
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        where = uri.removeprefix("sqlite:///")
+        raise ConfigError(
+            [Problem("tracking store", where, "not found: no sweep has been tracked there", "run a sweep first")]
+        )
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host]
+    command += ["--port", str(port)]
+    print(f"MLflow UI for {uri} on http://{host}:{port} (Ctrl+C stops it)", flush=True)
+    os.execv(sys.executable, command)  # the UI server replaces this process: signals and exit code are its own
+    return 0
+
+
 def _guarded(action) -> int:  # noqa: ANN001
-    from lora_search.sweep import SweepExistsError
+    from lora_search.sweep import SweepExistsError, SweepInterrupted
 
     try:
         return action()
@@ -107,6 +153,9 @@ def _guarded(action) -> int:  # noqa: ANN001
     except SweepExistsError as e:
         print(e, file=sys.stderr)
         return EXIT_EXISTS
+    except SweepInterrupted as e:
+        print(e, file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def run_sweep_main(sweep: Sweep, argv: list[str] | None = None) -> None:
@@ -132,6 +181,18 @@ def main(argv: list[str] | None = None) -> None:
     p_eval.add_argument("sweep_file")
     p_eval.add_argument("--adapters", nargs="+", help="adapter dirs (default: every adapter of the sweep)")
     p_eval.add_argument("--output", help="also write the scores as JSON here")
+    p_export = sub.add_parser("export", help="export an adapter (MLflow run or dir), optionally merged, base checked")
+    p_export.add_argument("source", metavar="RUN_ID_OR_ADAPTER_DIR")
+    p_export.add_argument("--merge", action="store_true", help="merge into the base; write one plain model")
+    p_export.add_argument("--output", help="default: ./exported/<run id or dir name>[-merged]")
+    p_export.add_argument("--base", help="base dir or hub id (default: the one the adapter was trained on)")
+    p_export.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else the sweep's)")
+    p_export.add_argument("--no-check", action="store_true", help="skip the base fingerprint check")
+    p_ui = sub.add_parser("ui", help="start the MLflow UI for the sweeps' tracking store")
+    p_ui.add_argument("--output-dir", help="where the sweeps ran (default: $LORA_SEARCH_OUTPUT_DIR, else reports)")
+    p_ui.add_argument("--tracking-uri", help="another store, e.g. a PostgreSQL URI (default: the embedded one)")
+    p_ui.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1: this machine only")
+    p_ui.add_argument("--port", type=int, default=5000)
     args = parser.parse_args(argv)
 
     def load_and(action):  # noqa: ANN001, ANN202
@@ -147,6 +208,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(_guarded(load_and(lambda s, p: _eval(s, p, args.adapters, args.output))))
     if args.command == "run":
         sys.exit(_guarded(load_and(lambda s, p: _run(s, p, args.fresh))))
+    if args.command == "export":
+        export = lambda: _export(args.source, args.merge, args.output, args.base, args.tracking_uri, not args.no_check)
+        sys.exit(_guarded(export))
+    if args.command == "ui":
+        sys.exit(_guarded(lambda: _ui(args.output_dir, args.tracking_uri, args.host, args.port)))
 
 
 if __name__ == "__main__":

@@ -220,9 +220,7 @@ def _write_meta(sweep: Sweep, records: list[results.TrialRecord], fingerprint: s
     for r in records:
         if r.adapter_path:
             meta = {
-                "base_name_or_path": sweep.base.name_or_path,
-                "base_revision": sweep.base.revision,
-                "base_fingerprint": fingerprint,
+                **registry.base_meta(sweep.base, fingerprint),
                 "sweep": sweep.name,
                 "trial_id": r.trial_id,
                 "status": r.status,

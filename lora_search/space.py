@@ -44,6 +44,16 @@ def param_space(sweep: Sweep) -> dict[str, Any]:
     return out
 
 
+def total_trials(sweep: Sweep) -> int:
+    """How many trials the sweep runs in all: `num_samples`, times every grid combination for grid search."""
+    if sweep.search != "grid":
+        return sweep.num_samples
+    combos = 1
+    for values in param_space(sweep).values():
+        combos *= len(values["grid_search"]) if isinstance(values, dict) and "grid_search" in values else 1
+    return sweep.num_samples * combos
+
+
 def trial_params(config: dict[str, Any]) -> dict[str, Any]:
     """The flat PARAMS of one sampled Tune config (alpha resolved from alpha_over_rank)."""
     params = {k: config[k] for k in PARAMS if k in config}

@@ -87,7 +87,11 @@ class _Session:
         self.start = time.monotonic()
         self.best = math.inf
         self.started = 0
+        self.ended: set[str] = set()
+        """Trials Tune saw complete, get pruned or fail. A trial the driver's stop cut short is TERMINATED
+        too, but without this event."""
         self.unfinished: list[tuple[str, dict[str, Any]]] = []
+        self.interrupted = False
 
     def say(self, text: str) -> None:
         print(f"[{time.monotonic() - self.start:6.0f}s] {text}", flush=True)
@@ -128,6 +132,7 @@ class _Events(Callback):
         last = trial.last_result or {}
         status = results.status_of(None, last, s.sweep.budget.max_steps)
         how = "completed" if status == "completed" else f"pruned by ASHA at step {last.get('step')}"
+        s.ended.add(trial.trial_id)
         s.say(f"trial {trial.trial_id} {how}")
         if s.tracker:
             s.tracker.trial_ended(trial.trial_id, trial.config, status, int(last.get("step", 0)))
@@ -136,13 +141,17 @@ class _Events(Callback):
         if (s := _SESSION) is None:
             return
         reason = results.error_reason(info.get("error") or trial.get_error())
+        s.ended.add(trial.trial_id)
         s.say(f"trial {trial.trial_id} FAILED (the sweep goes on): {reason}")
         if s.tracker:
             s.tracker.trial_ended(trial.trial_id, trial.config, "failed", 0, reason)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         if (s := _SESSION) is not None:
-            s.unfinished = [(t.trial_id, t.config) for t in trials if t.status not in ("TERMINATED", "ERROR")]
+            # On Ctrl+C Tune saves its state, then stops the running trials as TERMINATED without a completion
+            # event; the trials the searcher had not yet drawn do not exist at all.
+            s.unfinished = [(t.trial_id, t.config) for t in trials if t.trial_id not in s.ended]
+            s.interrupted = bool(s.unfinished) or len(trials) < space.total_trials(s.sweep)
 
 
 def _base_scores(sweep: Sweep, pending: Any, out: Path) -> dict[str, Any] | None:
@@ -296,8 +305,13 @@ def run(sweep: Sweep, *, fresh: bool = False, construction_problems: list[Proble
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, sweep=sweep, storage_path=str(storage)), DRIVER_RESOURCES
     )
+    session = _Session(sweep, tracker)
     if tune.Tuner.can_restore(str(experiment)):
         print(f"resuming sweep {sweep.name!r} from {experiment}", flush=True)
+        from ray.tune import ExperimentAnalysis
+
+        done = [t.trial_id for t in ExperimentAnalysis(str(experiment)).trials if t.status in ("TERMINATED", "ERROR")]
+        session.ended.update(done)
         tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_errored=False, restart_errored=False)
     else:
         n_concurrent = concurrent_trials(sweep, ray.cluster_resources())
@@ -337,18 +351,18 @@ def run(sweep: Sweep, *, fresh: bool = False, construction_problems: list[Proble
         base_scores = ray.remote(score_base).options(num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker)
         base_scores = base_scores.remote(sweep)
     global _SESSION
-    _SESSION = _Session(sweep, tracker)
+    _SESSION = session
     try:
         grid = tuner.fit()
     finally:
         session, _SESSION = _SESSION, None
-    if session.unfinished:
+    if session.interrupted:
         if tracker:
             tracker.interrupted(session.unfinished)
         raise SweepInterrupted(
-            f"sweep {sweep.name!r} stopped with {len(session.unfinished)} trial(s) unfinished; Ray saved its state "
-            f"in {experiment}. Run the same command again to resume: finished trials are kept, unfinished ones "
-            "go on from their last checkpoint."
+            f"sweep {sweep.name!r} stopped before its end ({len(session.unfinished)} trial(s) cut short); "
+            f"Ray saved its state in {experiment}. Run the same command again to resume: finished trials are "
+            "kept, unfinished ones go on from their last checkpoint."
         )
     records, configs, histories = [], {}, {}
     for result in grid:

@@ -87,6 +87,15 @@ def test_small_sweep_end_to_end(tiny_model_dir, tiny_jsonl, tmp_path) -> None:
     diff = float(check.stdout.strip().rsplit("=", 1)[1])
     assert diff < 1e-5, check.stdout
 
+    # With no tracking URI the sweep is tracked in the embedded SQLite store beside its results.
+    from mlflow import MlflowClient
+
+    store = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = store.search_runs([store.get_experiment_by_name("it").experiment_id])
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(runs) == 5 and {r.data.tags["lora_search.trial_id"] for r in children} == set(on_disk["trial_id"])
+    assert store.get_experiment_by_name("it").artifact_location == (tmp_path / "mlartifacts").as_uri()
+
     # Running the same sweep again never overwrites finished results.
     with pytest.raises(SweepExistsError, match="already has results"):
         run(sweep)

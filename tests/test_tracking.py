@@ -1,0 +1,341 @@
+"""Sweeps tracked on a real `mlflow server` process, read back through MlflowClient; the UI in headless Chromium.
+
+What Ray says about each trial (its experiment state on disk) is the truth the MLflow statuses must match.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from lora_search import BaseModel, Budget, Dataset, Evals, SearchSpace, Sweep, pareto, registry
+from lora_search.sweep import run
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+EVALS = Evals(tasks=("tiny_mood",), objective="tiny_mood/acc", tasks_dir=str(REPO / "evals" / "tasks"), limit=16)
+PACKAGES = ("torch", "transformers", "peft", "trl", "ray", "lm_eval")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real tracking server: SQLite backend, proxied artifact store, on a free localhost port."""
+    root = tmp_path_factory.mktemp("mlflow_server")
+    port = _free_port()
+    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "art")]
+    log = (root / "server.log").open("w")
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            if urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200:
+                break
+        except OSError:
+            pass
+        assert server.poll() is None and time.monotonic() < deadline, (root / "server.log").read_text()[-3000:]
+        time.sleep(0.5)
+    yield uri
+    os.killpg(server.pid, signal.SIGTERM)
+    server.wait(timeout=30)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_ray_for_this_module():
+    yield
+    import ray
+
+    ray.shutdown()
+
+
+def _sweep(model_dir: Path, data: Path, out: Path, uri: str, **changes) -> Sweep:
+    sweep = Sweep(
+        name="tracked",
+        base=BaseModel(str(model_dir)),
+        dataset=Dataset(str(data), eval_fraction=0.2, max_length=96),
+        space=SearchSpace(
+            ranks=(2, 8), targets=("attention", "all-linear"), variants=("lora", "dora"), lr=(3e-3, 1e-2)
+        ),
+        budget=Budget(max_steps=20, eval_every=5, grace_period=5, reduction_factor=2, batch_size=8),
+        num_samples=4,
+        seed=3,
+        output_dir=str(out),
+        evals=EVALS,
+        tracking_uri=uri,
+    )
+    return sweep.replace(**changes)
+
+
+def _ray_truth(out: Path, name: str, max_steps: int) -> dict[str, tuple[str, int]]:
+    """trial id -> (our status, last step) from Ray Tune's own experiment state."""
+    from ray.tune import ExperimentAnalysis
+
+    truth = {}
+    for trial in ExperimentAnalysis(str(out / name / "ray" / name)).trials:
+        step = int((trial.last_result or {}).get("step", 0))
+        if trial.status == "ERROR":
+            truth[trial.trial_id] = ("failed", step)
+        else:
+            assert trial.status == "TERMINATED", trial.status
+            truth[trial.trial_id] = ("completed" if step >= max_steps else "pruned", step)
+    return truth
+
+
+@pytest.fixture(scope="module")
+def tracked(tiny_model_dir, tiny_jsonl, tmp_path_factory, mlflow_server):
+    out = tmp_path_factory.mktemp("tracked")
+    sweep = _sweep(tiny_model_dir, tiny_jsonl, out, mlflow_server)
+    frame = run(sweep)
+    return sweep, frame, out
+
+
+def _runs(client, sweep: Sweep):
+    experiment = client.get_experiment_by_name(sweep.name)
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return experiment, parents, children
+
+
+def test_runs_nest_and_statuses_match_ray(tracked, mlflow_server) -> None:
+    from mlflow import MlflowClient
+
+    sweep, frame, out = tracked
+    client = MlflowClient(mlflow_server)
+    _, parents, children = _runs(client, sweep)
+    assert len(parents) == 1 and parents[0].info.run_name == sweep.name and parents[0].info.status == "FINISHED"
+    parent = parents[0]
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+
+    truth = _ray_truth(out, sweep.name, sweep.budget.max_steps)
+    assert {c.data.tags["lora_search.trial_id"] for c in children} == set(truth) == set(frame["trial_id"])
+    assert {s for s, _ in truth.values()} >= {"completed", "pruned"}, truth  # the sweep shows both
+    expected = {"completed": "FINISHED", "pruned": "FINISHED", "failed": "FAILED"}
+    for child in children:
+        status, step = truth[child.data.tags["lora_search.trial_id"]]
+        assert child.info.status == expected[status]
+        assert child.data.tags["lora_search.status"] == status
+        if status == "pruned":
+            assert child.data.tags["lora_search.stopped_at_step"] == str(step)
+
+
+def test_child_runs_hold_params_metrics_and_provenance(tracked, mlflow_server) -> None:
+    from mlflow import MlflowClient
+
+    sweep, frame, out = tracked
+    client = MlflowClient(mlflow_server)
+    _, parents, children = _runs(client, sweep)
+    rows = frame.set_index("trial_id")
+    fingerprint = registry.fingerprint(sweep.base)
+    for run_ in [*parents, *children]:
+        tags = run_.data.tags
+        assert len(tags["mlflow.source.git.commit"]) in (40, 7), tags["mlflow.source.git.commit"]  # or "unknown"
+        assert tags["lora_search.git_dirty"] in ("true", "false")
+        assert tags["lora_search.base_fingerprint"] == fingerprint
+        assert tags["lora_search.base"] == str(sweep.base.name_or_path)
+        assert tags["lora_search.sweep"] == sweep.name
+        assert tags["lora_search.eval_task_version.tiny_mood"] == "1.0"
+        for package in PACKAGES:
+            assert tags[f"lora_search.version.{package}"][0].isdigit(), (
+                package,
+                tags[f"lora_search.version.{package}"],
+            )
+    assert parents[0].data.params["budget.max_steps"] == "20"
+
+    for child in children:
+        row = rows.loc[child.data.tags["lora_search.trial_id"]]
+        p, m = child.data.params, child.data.metrics
+        assert (p["variant"], p["rank"], p["targets"]) == (row["variant"], str(row["rank"]), row["targets"])
+        assert float(p["lr"]) == pytest.approx(row["lr"]) and float(p["alpha"]) == pytest.approx(row["alpha"])
+        assert p["max_steps"] == "20" and p["batch_size"] == "8"
+        history = client.get_metric_history(child.info.run_id, "eval_loss")
+        steps = sorted(h.step for h in history)
+        assert steps == list(range(5, int(row["step"]) + 1, 5)), steps  # every reported step, once
+        assert sorted(history, key=lambda h: h.step)[-1].value == pytest.approx(row["eval_loss"])
+        for key in ("adapter_bytes", "trainable_params", "cost", "device_s"):
+            assert m[key] == pytest.approx(row[key]) and m[key] > 0, key
+        if row["status"] == "completed":
+            assert m["golden/tiny_mood/acc"] == pytest.approx(row["tiny_mood/acc"])
+            assert m["objective"] == pytest.approx(row["objective"])
+            adapter = {a.path for a in client.list_artifacts(child.info.run_id, "adapter")}
+            assert {"adapter/adapter_config.json", "adapter/adapter_model.safetensors"} <= adapter
+            assert "adapter/lora_search.json" in adapter
+            results = client.download_artifacts(child.info.run_id, "lm_eval_results.json", str(out / "dl"))
+            assert "tiny_mood" in json.loads(Path(results).read_text())["results"]
+        else:
+            assert not client.list_artifacts(child.info.run_id, "adapter")
+
+
+def test_frontier_tags_match_ours_and_optuna(tracked, mlflow_server) -> None:
+    from mlflow import MlflowClient
+    from optuna.study._multi_objective import _is_pareto_front
+
+    sweep, frame, out = tracked
+    client = MlflowClient(mlflow_server)
+    _, parents, children = _runs(client, sweep)
+    done = [c for c in children if c.data.tags["lora_search.status"] == "completed"]
+    assert all(c.data.tags["pareto"] == "false" for c in children if c not in done)
+    rows = [{k: c.data.metrics[k] for k in ("objective", "adapter_bytes", "cost")} for c in done]
+    points = pareto.to_minimise(rows)
+    tagged = [c.data.tags["pareto"] == "true" for c in done]
+    assert tagged == pareto.non_dominated(points).tolist()
+    order = np.lexsort(points.T[::-1])
+    independent = np.empty(len(points), dtype=bool)
+    independent[order] = _is_pareto_front(points[order], assume_unique_lexsorted=False)
+    assert tagged == independent.tolist() and any(tagged)
+
+    # The parent holds the frontier table and its hypervolume, recomputed here from the table itself.
+    parent = parents[0]
+    table = pd.read_csv(client.download_artifacts(parent.info.run_id, "frontier.csv", str(out / "dl_parent")))
+    assert set(table.loc[table["pareto"], "run_id"]) == {c.info.run_id for c, t in zip(done, tagged, strict=True) if t}
+    m = parent.data.metrics
+    front = pareto.frontier(
+        table.to_dict("records"),
+        pareto.Objective("objective", higher_is_better=True),
+        m["base_objective"],
+        m["base_weight_bytes"],
+        m["reference_cost"],
+    )
+    assert m["hypervolume"] == pytest.approx(front.hypervolume)
+    assert m["sweep_cost"] == pytest.approx(sum(c.data.metrics["cost"] for c in children))
+    assert m["asha_saved_cost"] > 0  # the sweep pruned trials, so pruning saved something
+
+    # Frontier adapters are registered with their base's fingerprint; one loads onto its base and no other.
+    versions = client.search_model_versions(f"name = '{sweep.name}-adapters'")
+    assert {v.run_id for v in versions} == {c.info.run_id for c, t in zip(done, tagged, strict=True) if t}
+    assert {v.tags["lora_search.base_fingerprint"] for v in versions} == {registry.fingerprint(sweep.base)}
+
+
+def test_export_merge_from_the_tracking_server(tracked, mlflow_server, tiny_model_dir, tmp_path) -> None:
+    import torch
+    from mlflow import MlflowClient
+    from transformers import AutoModelForCausalLM
+
+    from lora_search.cli import main
+    from safetensors.torch import load_file
+
+    from lora_search.probe import PROBE_FILE
+
+    sweep, frame, out = tracked
+    client = MlflowClient(mlflow_server)
+    _, _, children = _runs(client, sweep)
+    run_id = next(c.info.run_id for c in children if c.data.tags["pareto"] == "true")
+    with pytest.raises(SystemExit) as exit_:
+        main(["export", run_id, "--merge", "--tracking-uri", mlflow_server, "--output", str(tmp_path / "merged")])
+    assert exit_.value.code == 0
+    adapter = registry.download_run_adapter(run_id, mlflow_server, tmp_path / "adapter")
+    unmerged = registry.load_adapter(str(tiny_model_dir), adapter).eval()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    ids = load_file(str(adapter / PROBE_FILE))["input_ids_0"][None]
+    with torch.no_grad():
+        expected, got = unmerged(input_ids=ids).logits, merged(input_ids=ids).logits
+        with unmerged.disable_adapter():
+            base = unmerged(input_ids=ids).logits
+    assert (expected - base).abs().max() > 1e-3  # the adapter matters, so a merge that drops it would show
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+    # The same adapter onto a different base is refused before any weight loads.
+    other = tmp_path / "other_base"
+    shutil.copytree(tiny_model_dir, other)
+    model = AutoModelForCausalLM.from_pretrained(other)
+    with torch.no_grad():
+        model.lm_head.weight.add_(0.01)
+    model.save_pretrained(other)
+    with pytest.raises(registry.BaseMismatchError, match="--base"):
+        registry.load_adapter(str(other), adapter)
+
+
+def test_failed_trial_is_a_failed_run_with_its_reason(tiny_model_dir, tiny_jsonl, tmp_path, mlflow_server) -> None:
+    from mlflow import MlflowClient
+
+    broken = tmp_path / "broken_model"
+    shutil.copytree(tiny_model_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    sweep = _sweep(broken, tiny_jsonl, tmp_path, mlflow_server, name="tracked_fail", num_samples=1)
+    frame = run(sweep)
+    assert list(frame["status"]) == ["failed"]
+    _, parents, children = _runs(MlflowClient(mlflow_server), sweep)
+    assert [c.info.status for c in children] == ["FAILED"] and parents[0].info.status == "FINISHED"
+    assert children[0].data.tags["lora_search.failure_reason"] == frame["reason"].iloc[0] != ""
+
+
+def test_interrupted_sweep_is_killed_then_resumed(tiny_model_dir, tiny_jsonl, tmp_path, mlflow_server) -> None:
+    """Ctrl+C on the driver: unfinished runs and the parent turn KILLED; rerunning resumes into the same runs."""
+    import ray
+    from mlflow import MlflowClient
+
+    ray.shutdown()  # the driver below starts its own local Ray
+    sweep_file = tmp_path / "interrupted.py"
+    sweep_file.write_text(
+        textwrap.dedent(f"""
+        from lora_search import BaseModel, Budget, Dataset, SearchSpace, Sweep, main
+        SWEEP = Sweep(
+            name="interrupted",
+            base=BaseModel({str(tiny_model_dir)!r}),
+            dataset=Dataset({str(tiny_jsonl)!r}, eval_fraction=0.2, max_length=96),
+            space=SearchSpace(ranks=(2,), targets=("attention",), variants=("lora",), lr=(1e-3, 2e-3)),
+            budget=Budget(max_steps=150, eval_every=10, grace_period=150, batch_size=4),
+            num_samples=2, max_concurrent_trials=1, seed=0, output_dir={str(tmp_path)!r},
+            tracking_uri={mlflow_server!r},
+        )
+        if __name__ == "__main__":
+            main(SWEEP)
+        """)
+    )
+    client = MlflowClient(mlflow_server)
+    driver = subprocess.Popen(
+        [sys.executable, str(sweep_file)], cwd=tmp_path, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    deadline = time.monotonic() + 240
+    while True:  # wait until a trial is training and has logged a step
+        experiment = client.get_experiment_by_name("interrupted")
+        runs = client.search_runs([experiment.experiment_id]) if experiment else []
+        if any(r.data.metrics.get("eval_loss") for r in runs):
+            break
+        assert driver.poll() is None and time.monotonic() < deadline, driver.stdout.read()[-3000:]
+        time.sleep(1)
+    os.kill(driver.pid, signal.SIGINT)
+    output, _ = driver.communicate(timeout=180)
+    assert driver.returncode == 130, output[-3000:]
+    assert "Run the same command again to resume" in output
+    sweep = _load(sweep_file)
+    _, parents, children = _runs(client, sweep)
+    assert parents[0].info.status == "KILLED"
+    killed = [c for c in children if c.info.status == "KILLED"]
+    assert killed and all(c.data.tags["lora_search.status"] == "interrupted" for c in killed)
+    first_parent = parents[0].info.run_id
+
+    # The same command resumes: the unfinished trial goes on from its checkpoint, the pending one starts.
+    done = subprocess.run([sys.executable, str(sweep_file)], cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    _, parents, children = _runs(client, sweep)
+    assert [p.info.run_id for p in parents] == [first_parent] and parents[0].info.status == "FINISHED"
+    truth = _ray_truth(tmp_path, "interrupted", 150)
+    assert sorted(c.data.tags["lora_search.trial_id"] for c in children) == sorted(truth)  # no duplicate child
+    assert all(c.info.status == "FINISHED" and c.data.tags["lora_search.status"] == "completed" for c in children)
+
+
+def _load(sweep_file: Path) -> Sweep:
+    from lora_search.cli import load_sweep
+
+    return load_sweep(sweep_file)[0]

@@ -215,11 +215,11 @@ class Tracker:
         found = self.client.get_experiment_by_name(self.sweep.name)
         if found is not None:
             return found.experiment_id
-        location = None
+        location, tags = None, {"mlflow.experimentKind": "custom_model_development"}  # the UI's training-run view
         if self.uri == registry.default_tracking_uri(self.sweep.output_dir):
             location = (Path(self.sweep.output_dir).resolve() / "mlartifacts").as_uri()
         try:
-            return self.client.create_experiment(self.sweep.name, artifact_location=location)
+            return self.client.create_experiment(self.sweep.name, artifact_location=location, tags=tags)
         except MlflowException:  # created meanwhile by another driver
             found = self.client.get_experiment_by_name(self.sweep.name)
             if found is None:

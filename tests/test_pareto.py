@@ -46,3 +46,23 @@ def test_matches_optuna_on_random_points(seed: int) -> None:
     assert non_dominated(points).tolist() == expected.tolist()
     reference = np.array([1.1, 1.1, 1.1])
     assert hypervolume(points, reference) == pytest.approx(compute_hypervolume(points, reference), rel=1e-12)
+
+
+def test_sweep_frontier_hypervolume_by_hand() -> None:
+    from lora_search.pareto import Objective, frontier
+
+    quality = Objective("objective", higher_is_better=True)
+    rows = [
+        {"objective": 0.9, "adapter_bytes": 50, "cost": 2.0},  # gain 0.4, size 0.5, cost 0.2 of the references
+        {"objective": 0.4, "adapter_bytes": 10, "cost": 1.0},  # worse than the base: on the frontier, adds nothing
+    ]
+    front = frontier(rows, quality, base_quality=0.5, base_bytes=100, reference_cost=10.0)
+    assert front.mask.tolist() == [True, True]
+    assert front.hypervolume == pytest.approx(0.4 * (1 - 0.5) * (1 - 0.2))
+    assert front.reference == {"objective": 0.5, "adapter_bytes": 100, "cost": 10.0}
+    # The reference is the sweep's, not its trials': adding a dominated trial changes nothing.
+    more = frontier([*rows, {"objective": 0.8, "adapter_bytes": 60, "cost": 3.0}], quality, 0.5, 100, 10.0)
+    assert more.mask.tolist() == [True, True, False] and more.hypervolume == pytest.approx(front.hypervolume)
+    # Lower-is-better quality (eval loss) is flipped once, the same way.
+    loss = frontier([{"eval_loss": 1.0, "adapter_bytes": 50, "cost": 5.0}], Objective("eval_loss", False), 3.0, 100, 10)
+    assert loss.hypervolume == pytest.approx(2.0 * 0.5 * 0.5)

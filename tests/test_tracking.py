@@ -229,11 +229,10 @@ def test_frontier_tags_match_ours_and_optuna(tracked, mlflow_server) -> None:
 def test_export_merge_from_the_tracking_server(tracked, mlflow_server, tiny_model_dir, tmp_path) -> None:
     import torch
     from mlflow import MlflowClient
+    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     from lora_search.cli import main
-    from safetensors.torch import load_file
-
     from lora_search.probe import PROBE_FILE
 
     sweep, frame, out = tracked
@@ -339,3 +338,45 @@ def _load(sweep_file: Path) -> Sweep:
     from lora_search.cli import load_sweep
 
     return load_sweep(sweep_file)[0]
+
+
+def test_mlflow_ui_renders_the_sweep_in_headless_chromium(tracked, mlflow_server, tmp_path) -> None:
+    """The real MLflow UI in a real browser: the experiment lists the sweep; comparing its trials shows their
+    params and metrics. LORA_SEARCH_SCREENSHOTS=DIR keeps the screenshots."""
+    import urllib.parse
+
+    from mlflow import MlflowClient
+    from playwright.sync_api import sync_playwright
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "no Chromium: `make browser` installs Debian's package (apt-get install chromium)"
+    sweep, frame, _ = tracked
+    experiment, parents, children = _runs(MlflowClient(mlflow_server), sweep)
+    keep = Path(os.environ.get("LORA_SEARCH_SCREENSHOTS", tmp_path))
+    keep.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1600, "height": 1100})
+        page.goto(f"{mlflow_server}/#/experiments/{experiment.experiment_id}/runs")
+        page.get_by_text(f"{len(children) + 1} matching runs").wait_for(timeout=90_000)  # the parent + its children
+        page.get_by_role("button", name="Close").click()  # the assistant side panel, for a readable screenshot
+        assert page.get_by_text(sweep.name, exact=True).count() >= 1
+        page.screenshot(path=str(keep / "mlflow_experiment.png"))
+
+        ids = urllib.parse.quote(json.dumps([c.info.run_id for c in children]))
+        experiments = urllib.parse.quote(json.dumps([experiment.experiment_id]))
+        page.goto(f"{mlflow_server}/#/compare-runs?runs={ids}&experiments={experiments}")
+        page.get_by_text(f"Comparing {len(children)} Runs").wait_for(timeout=90_000)
+        page.get_by_text("golden/tiny_mood/acc").first.wait_for(timeout=30_000)
+        text = page.inner_text("body")
+        page.screenshot(path=str(keep / "mlflow_compare.png"), full_page=True)
+        browser.close()
+    for child in children:
+        assert child.info.run_name in text
+    for name in ("variant", "rank", "alpha", "targets", "lr", "max_steps"):
+        assert f"\n{name}\t" in text, name  # a row of the parameters table
+    for name in ("eval_loss", "adapter_bytes", "cost", "device_s", "golden/tiny_mood/acc"):
+        assert name in text, name
+    for row in frame.itertuples():
+        assert f"{row.lr}" in text  # each trial's sampled learning rate, as logged
+    assert (keep / "mlflow_compare.png").stat().st_size > 20_000

@@ -362,7 +362,7 @@ def run(sweep: Sweep, *, fresh: bool = False, construction_problems: list[Proble
         raise SweepInterrupted(
             f"sweep {sweep.name!r} stopped before its end ({len(session.unfinished)} trial(s) cut short); "
             f"Ray saved its state in {experiment}. Run the same command again to resume: finished trials are "
-            "kept, unfinished ones go on from their last checkpoint."
+            "kept, the ones cut short train again from the start."
         )
     records, configs, histories = [], {}, {}
     for result in grid:

@@ -337,19 +337,16 @@ class Tracker:
     ) -> None:
         """Final state of every run: figures, statuses, artifacts, frontier tags and registry versions."""
         self.broken = False  # a fresh try: the live logging may have failed on a server that is back
+        self._guard("finishing the trials' runs", lambda: self._finish_trials(records, configs, histories))
         self._guard(
-            "finishing the sweep's runs",
-            lambda: self._finish(records, configs, histories, sweep_metrics, frontier_table, base_results),
+            "finishing the sweep's run", lambda: self._finish_parent(sweep_metrics, frontier_table, base_results)
         )
 
-    def _finish(
+    def _finish_trials(
         self,
         records: list[TrialRecord],
         configs: dict[str, dict[str, Any]],
         histories: dict[str, list[dict[str, Any]]],
-        sweep_metrics: dict[str, float],
-        frontier_table: pd.DataFrame,
-        base_results: dict[str, Any] | None,
     ) -> None:
         from lora_search.train import LM_EVAL_RESULTS
 
@@ -376,6 +373,10 @@ class Tracker:
             self._set_status(run_id, r.status, r.step, r.reason)
             if r.pareto and r.adapter_path:
                 self._register(r, run_id)
+
+    def _finish_parent(
+        self, sweep_metrics: dict[str, float], frontier_table: pd.DataFrame, base_results: dict[str, Any] | None
+    ) -> None:
         parent = self.parent_id
         self._log(parent, metrics=_metrics(sweep_metrics, sorted(sweep_metrics), 0))
         with tempfile.TemporaryDirectory() as tmp:

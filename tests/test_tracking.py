@@ -324,7 +324,7 @@ def test_interrupted_sweep_is_killed_then_resumed(tiny_model_dir, tiny_jsonl, tm
     assert killed and all(c.data.tags["lora_search.status"] == "interrupted" for c in killed)
     first_parent = parents[0].info.run_id
 
-    # The same command resumes: the unfinished trial goes on from its checkpoint, the pending one starts.
+    # The same command resumes: the trial cut short trains again, the one never started starts.
     done = subprocess.run([sys.executable, str(sweep_file)], cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     _, parents, children = _runs(client, sweep)

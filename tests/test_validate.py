@@ -143,3 +143,27 @@ def test_chat_rows_are_accepted(tmp_path) -> None:
     row = {"messages": [{"role": "user", "content": "mood of 'the cat joy'?"}, {"role": "assistant", "content": "joy"}]}
     path.write_text(json.dumps(row) + "\n")
     assert check_jsonl(path) == []
+
+
+def test_unreachable_tracking_server_is_reported_before_any_compute(tiny_model_dir, tiny_jsonl, tmp_path) -> None:
+    import socket
+
+    from lora_search.preflight import validate
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    sweep = Sweep(
+        name="t",
+        base=BaseModel(str(tiny_model_dir)),
+        dataset=Dataset(str(tiny_jsonl)),
+        output_dir=str(tmp_path),
+        tracking_uri=f"http://127.0.0.1:{port}",
+    )
+    with pytest.raises(ConfigError) as e:
+        validate(sweep)
+    assert [p.field for p in e.value.problems] == ["tracking_uri"]
+    assert f"tracking_uri = 'http://127.0.0.1:{port}': the MLflow tracking server cannot be reached" in str(e.value)
+    bad_scheme = sweep.replace(tracking_uri="ftp://somewhere")
+    with pytest.raises(ConfigError, match="unknown tracking URI scheme 'ftp'"):
+        validate(bad_scheme)

@@ -79,6 +79,8 @@ class TrialRecord:
     eval_cost: float = 0.0
     cost: float = 0.0
     """train_cost + eval_cost, in `Pricing.currency` (lora_search.cost)."""
+    mlflow_run_id: str = ""
+    """The trial's MLflow child run ("" when tracking was off or failed)."""
     pareto: bool = False
     """On the Pareto frontier of quality vs adapter bytes vs cost (lora_search.pareto), among completed trials."""
     scores: dict[str, float] | None = None
@@ -174,6 +176,17 @@ def to_frame(records: list[TrialRecord]) -> pd.DataFrame:
     columns = [c for c in TrialRecord.__dataclass_fields__ if c != "scores"]
     extra = sorted({k for r in records for k in (r.scores or {})})
     return pd.DataFrame(rows, columns=columns + extra)
+
+
+HISTORY_COLUMNS = ("trial_id", "step", "eval_loss", "train_loss", "tokens_per_s", "time_total_s")
+
+
+def history_frame(histories: dict[str, list[dict[str, Any]]]) -> pd.DataFrame:
+    """Every reported step of every trial (what ASHA saw): one row per (trial_id, step)."""
+    import pandas as pd
+
+    rows = [{"trial_id": t, **{k: h.get(k) for k in HISTORY_COLUMNS[1:]}} for t, hs in histories.items() for h in hs]
+    return pd.DataFrame(rows, columns=list(HISTORY_COLUMNS))
 
 
 def write(records: list[TrialRecord], path: Path) -> None:

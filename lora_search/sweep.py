@@ -6,8 +6,14 @@
 On a cluster (`ray job submit ...`, or RAY_ADDRESS set) it joins that cluster; otherwise it starts a
 local Ray with the dashboard off. Results land in `<output_dir>/<name>/`:
 
-    trials.parquet        one row per trial (lora_search.results.TrialRecord)
-    adapters/<trial_id>/  the newest adapter of every trial (standard PEFT dir, safetensors)
+    trials.parquet        one row per trial (lora_search.results.TrialRecord), `pareto` and `mlflow_run_id` included
+    history.parquet       every reported step of every trial (results.HISTORY_COLUMNS): what ASHA saw
+    frontier.csv          completed trials' quality, adapter bytes, cost; 3-D and 2-D frontier flags
+    sweep_metrics.json    sweep cost, ASHA's savings, hypervolume and its reference point, status counts
+    base_scores.json      the base model's golden scores (with base_lm_eval_results.json)
+    provenance.json       git commit and dirty flag, package and eval task versions, base fingerprint
+    tracking.json         MLflow tracking URI, experiment and parent run id (lora_search.tracking)
+    adapters/<trial_id>/  the newest adapter of every trial (standard PEFT dir, safetensors, lora_search.json)
     ray/                  Ray Tune/Train state; an interrupted sweep resumes from it
 """
 
@@ -235,7 +241,7 @@ def _write_meta(sweep: Sweep, records: list[results.TrialRecord], fingerprint: s
                 "status": r.status,
                 "step": r.step,
                 **{k: getattr(r, k) for k in ("variant", "rank", "alpha", "targets", "lr", "dropout")},
-                "mlflow_run_id": tracker.children.get(r.trial_id) if tracker else None,
+                "mlflow_run_id": r.mlflow_run_id,
             }
             registry.write_meta(Path(r.adapter_path), meta)
 
@@ -372,7 +378,11 @@ def run(sweep: Sweep, *, fresh: bool = False, construction_problems: list[Proble
         configs[trial_id], histories[trial_id] = result.config, history
     base = _base_scores(sweep, base_scores, out) if base_scores is not None else None
     records, frontier_table, figures = _frontier(sweep, records, base, base_bytes)
+    if tracker:
+        records = [dataclasses.replace(r, mlflow_run_id=tracker.children.get(r.trial_id, "")) for r in records]
     _write_meta(sweep, records, fingerprint, tracker)
+    results.history_frame(histories).to_parquet(out / "history.parquet", index=False)
+    (out / "provenance.json").write_text(json.dumps(tracking.provenance(sweep, fingerprint), indent=1))
     results.write(records, parquet)
     frontier_table.to_csv(out / "frontier.csv", index=False)
     (out / "sweep_metrics.json").write_text(json.dumps(figures, indent=1))

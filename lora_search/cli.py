@@ -5,7 +5,9 @@
     lora-search run --fresh sweeps/tiny.py  # move earlier results aside first
     lora-search eval sweeps/tiny.py [--adapters DIR ...]  # rescore saved adapters on the golden sets
     lora-search export RUN_ID_OR_ADAPTER_DIR [--merge] [--output DIR] [--base PATH_OR_ID]  # checked export
+    lora-search nightly sweeps/nightly.py --baseline mlflow|FILE [--promote]  # regression check; exit 1 on one
     lora-search ui [--port 5000]            # the MLflow UI on 127.0.0.1 for the embedded store (reports/mlflow.db)
+    lora-search report NAME_OR_DIR [--output-dir DIR]  # the sweep's results as one offline HTML page
 
 A sweep file is a Python file that defines one `Sweep` (conventionally `SWEEP`) at module level.
 Exit codes: 0 ok, 2 invalid sweep or export (nothing ran), 3 results exist (nothing overwritten), 130 interrupted
@@ -125,6 +127,33 @@ def _export(
     return 0
 
 
+def _nightly(sweep: Sweep, problems: list[Problem], source: str, promote: bool) -> int:
+    from lora_search import nightly
+    from lora_search.sweep import run, sweep_dir
+
+    baseline = nightly.load_baseline(source, sweep)  # a broken baseline fails here, before any compute
+    run(sweep, fresh=True, construction_problems=problems)
+    out = sweep_dir(sweep)
+    summary = nightly.summarise(out)
+    verdicts = nightly.compare(summary, baseline) if baseline is not None else []
+    if baseline is None:
+        print(f"\nnightly {sweep.name!r}: no baseline at {source!r} yet; --promote makes this run the baseline")
+    else:
+        print(f"\nnightly {sweep.name!r} versus the baseline at {source!r} (commit {baseline.git_commit[:12]}):")
+        print(nightly.table(verdicts))
+    nightly.record(sweep, out, summary, verdicts, source, promote)
+    try:
+        from lora_search.report import write_report
+
+        section = nightly.report_section(verdicts, source) if baseline is not None else None
+        print(f"report: {write_report(out, baseline=section)}")
+    except Exception as e:  # noqa: BLE001 - the verdict stands without the report
+        print(f"the HTML report could not be written: {type(e).__name__}: {e}", file=sys.stderr)
+    ok = nightly.passed(verdicts)
+    print(f"nightly {'PASSED' if ok else 'REGRESSED'}" + (" and is the new baseline" if ok and promote else ""))
+    return 0 if ok else 1
+
+
 def _ui(output_dir: str | None, tracking_uri: str | None, host: str, port: int) -> int:
     """Start the MLflow UI (an `mlflow server` process) in the foreground; Ctrl+C stops it."""
     from lora_search.registry import default_tracking_uri
@@ -139,6 +168,18 @@ def _ui(output_dir: str | None, tracking_uri: str | None, host: str, port: int) 
     command += ["--port", str(port)]
     print(f"MLflow UI for {uri} on http://{host}:{port} (Ctrl+C stops it)", flush=True)
     os.execv(sys.executable, command)  # the UI server replaces this process: signals and exit code are its own
+    return 0
+
+
+def _report(name_or_dir: str, output_dir: str | None) -> int:
+    """A bare NAME is a sweep under the output dir; anything with a path separator is the sweep dir itself."""
+    from lora_search.report import write_report
+
+    if os.sep in name_or_dir or name_or_dir in (".", ".."):
+        where = Path(name_or_dir)
+    else:
+        where = Path(output_dir or os.environ.get("LORA_SEARCH_OUTPUT_DIR", "reports")) / name_or_dir
+    print(write_report(where))
     return 0
 
 
@@ -188,11 +229,18 @@ def main(argv: list[str] | None = None) -> None:
     p_export.add_argument("--base", help="base dir or hub id (default: the one the adapter was trained on)")
     p_export.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else the sweep's)")
     p_export.add_argument("--no-check", action="store_true", help="skip the base fingerprint check")
+    p_nightly = sub.add_parser("nightly", help="run a pinned sweep and compare it with a baseline (exit 1: regressed)")
+    p_nightly.add_argument("sweep_file")
+    p_nightly.add_argument("--baseline", required=True, help="'mlflow' (the last promoted nightly) or a JSON file")
+    p_nightly.add_argument("--promote", action="store_true", help="a passing run becomes the baseline")
     p_ui = sub.add_parser("ui", help="start the MLflow UI for the sweeps' tracking store")
     p_ui.add_argument("--output-dir", help="where the sweeps ran (default: $LORA_SEARCH_OUTPUT_DIR, else reports)")
     p_ui.add_argument("--tracking-uri", help="another store, e.g. a PostgreSQL URI (default: the embedded one)")
     p_ui.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1: this machine only")
     p_ui.add_argument("--port", type=int, default=5000)
+    p_report = sub.add_parser("report", help="write a finished sweep's results as one self-contained HTML page")
+    p_report.add_argument("sweep", metavar="NAME_OR_DIR", help="a sweep name under the output dir, or a sweep dir")
+    p_report.add_argument("--output-dir", help="where NAME ran (default: $LORA_SEARCH_OUTPUT_DIR, else reports)")
     args = parser.parse_args(argv)
 
     def load_and(action):  # noqa: ANN001, ANN202
@@ -211,8 +259,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "export":
         export = lambda: _export(args.source, args.merge, args.output, args.base, args.tracking_uri, not args.no_check)
         sys.exit(_guarded(export))
+    if args.command == "nightly":
+        sys.exit(_guarded(load_and(lambda s, p: _nightly(s, p, args.baseline, args.promote))))
     if args.command == "ui":
         sys.exit(_guarded(lambda: _ui(args.output_dir, args.tracking_uri, args.host, args.port)))
+    if args.command == "report":
+        sys.exit(_guarded(lambda: _report(args.sweep, args.output_dir)))
 
 
 if __name__ == "__main__":

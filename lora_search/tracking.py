@@ -311,7 +311,10 @@ class Tracker:
             self.client.set_tag(run_id, "lora_search.stopped_at_step", str(step))
         if status == "failed":
             self.client.set_tag(run_id, "lora_search.failure_reason", reason[:5000] or "unknown")
-        self.client.set_terminated(run_id, MLFLOW_STATUS[status])
+        info = self.client.get_run(run_id).info
+        # Confirming a status the live callback already set keeps its end time (the trial's, not the sweep's end).
+        end_time = info.end_time if info.status == MLFLOW_STATUS[status] else None
+        self.client.set_terminated(run_id, MLFLOW_STATUS[status], end_time=end_time)
 
     def interrupted(self, unfinished: list[tuple[str, dict[str, Any]]]) -> None:
         """The driver stopped before these trials ended: their runs and the parent are KILLED until a resume."""

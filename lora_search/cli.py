@@ -129,7 +129,7 @@ def _export(
 
 def _nightly(sweep: Sweep, problems: list[Problem], source: str, promote: bool) -> int:
     from lora_search import nightly
-    from lora_search.sweep import run, sweep_dir
+    from lora_search.sweep import run, sweep_dir, write_report
 
     baseline = nightly.load_baseline(source, sweep)  # a broken baseline fails here, before any compute
     run(sweep, fresh=True, construction_problems=problems)
@@ -142,13 +142,10 @@ def _nightly(sweep: Sweep, problems: list[Problem], source: str, promote: bool) 
         print(f"\nnightly {sweep.name!r} versus the baseline at {source!r} (commit {baseline.git_commit[:12]}):")
         print(nightly.table(verdicts))
     nightly.record(sweep, out, summary, verdicts, source, promote)
-    try:
-        from lora_search.report import write_report
-
-        section = nightly.report_section(verdicts, source) if baseline is not None else None
-        print(f"report: {write_report(out, baseline=section)}")
-    except Exception as e:  # noqa: BLE001 - the verdict stands without the report
-        print(f"the HTML report could not be written: {type(e).__name__}: {e}", file=sys.stderr)
+    section = nightly.report_section(verdicts, source) if baseline is not None else None
+    report = write_report(sweep, out, baseline=section)  # the sweep's report again, with "versus baseline"
+    if report:
+        print(f"report: {report}")
     ok = nightly.passed(verdicts)
     print(f"nightly {'PASSED' if ok else 'REGRESSED'}" + (" and is the new baseline" if ok and promote else ""))
     return 0 if ok else 1

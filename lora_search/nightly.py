@@ -80,8 +80,7 @@ def summarise(sweep_dir: Path) -> Summary:
     metrics = json.loads((sweep_dir / "sweep_metrics.json").read_text())
     provenance = _read(sweep_dir / "provenance.json")
     base = _read(sweep_dir / "base_scores.json")
-    scored = trials["objective"].notna().any()
-    key = next((k for k in trials.columns if k != "objective" and scored and _is_objective(trials, k)), "eval_loss")
+    key = str(metrics.get("quality_key", "eval_loss"))
     higher = bool(base.get("higher_is_better", True)) if key != "eval_loss" else False
     done = trials[trials["status"] == "completed"]
     best, stderr, best_trial = math.nan, 0.0, ""
@@ -106,12 +105,6 @@ def summarise(sweep_dir: Path) -> Summary:
         git_commit=str(provenance.get("mlflow.source.git.commit", "unknown")),
         created=time.time(),
     )
-
-
-def _is_objective(trials: Any, column: str) -> bool:
-    """The golden column whose values are the `objective` column's (the sweep's primary metric)."""
-    both = trials[["objective", column]].dropna()
-    return len(both) > 0 and "/" in column and bool((both["objective"] == both[column]).all())
 
 
 def _read(path: Path) -> dict[str, Any]:

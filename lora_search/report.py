@@ -32,8 +32,21 @@ if TYPE_CHECKING:
 
 STATUS_COLOURS = {"completed": "#2a9d8f", "pruned": "#e9a03b", "failed": "#d62828"}
 TABLE_COLUMNS = (
-    "trial_id", "status", "reason", "step", "eval_loss", "objective", "variant", "rank", "alpha", "targets", "lr",
-    "adapter_bytes", "cost", "pareto", "mlflow_run_id",
+    "trial_id",
+    "status",
+    "reason",
+    "step",
+    "eval_loss",
+    "objective",
+    "variant",
+    "rank",
+    "alpha",
+    "targets",
+    "lr",
+    "adapter_bytes",
+    "cost",
+    "pareto",
+    "mlflow_run_id",
 )
 
 # Columns older sweeps' trials.parquet lack, with the value a sweep without them means.
@@ -196,21 +209,35 @@ def _headline(r: SweepResults) -> str:
         best = scored.sort_values(q.key, ascending=not q.higher_is_better).iloc[0]
         gain = (best[q.key] - base) * (1 if q.higher_is_better else -1)
         verdict = "better than the base" if gain > 0 else "not better than the base"
-        items.append((f"best {label}", f"{_fmt(best[q.key])} ({best['trial_id']}) vs base {_fmt(base)}: "
-                      f"{_fmt(gain, '+.4g')} {verdict}"))
+        items.append(
+            (
+                f"best {label}",
+                f"{_fmt(best[q.key])} ({best['trial_id']}) vs base {_fmt(base)}: {_fmt(gain, '+.4g')} {verdict}",
+            )
+        )
     else:
         items.append((f"best {label}", f"no completed trial was scored; base {_fmt(base)}"))
     if r.base is None and q.key == "eval_loss":
         items.append(("golden sets", "none (no base_scores.json): quality is eval loss, lower is better"))
     elif r.base is not None and "error" in r.base:
         items.append(("base model", f"not scored on the golden sets: {r.base['error']}"))
-    items.append(("Pareto frontier", f"{_fmt(m.get('frontier_size', math.nan), '.0f')} trial(s), "
-                  f"hypervolume {_fmt(m.get('hypervolume', math.nan))}"))
+    items.append(
+        (
+            "Pareto frontier",
+            f"{_fmt(m.get('frontier_size', math.nan), '.0f')} trial(s), "
+            f"hypervolume {_fmt(m.get('hypervolume', math.nan))}",
+        )
+    )
     full = _float(m.get("full_budget_cost"))
     saved = _float(m.get("asha_saved_cost"))
     share = f" ({_fmt(100 * saved / full, '.0f')}% of the full-budget {_fmt(full)} {currency})" if full > 0 else ""
-    items.append(("total cost", f"{_fmt(m.get('sweep_cost', t['cost'].sum()))} {currency} for "
-                  f"{_fmt(m.get('sweep_device_hours', math.nan), '.3g')} device-hours"))
+    items.append(
+        (
+            "total cost",
+            f"{_fmt(m.get('sweep_cost', t['cost'].sum()))} {currency} for "
+            f"{_fmt(m.get('sweep_device_hours', math.nan), '.3g')} device-hours",
+        )
+    )
     items.append(("ASHA's pruning saved", f"about {_fmt(saved)} {currency}{share}"))
     return _section("Headline", _kv(dict(items)), "headline")
 
@@ -228,12 +255,19 @@ def _pareto_section(r: SweepResults) -> str:
     on_front = done["pareto"].astype(bool).tolist()
     fig = go.Figure()
     fig.add_scatter(
-        name="trials", x=done["adapter_bytes"].tolist(), y=done[q.key].tolist(), mode="markers",
+        name="trials",
+        x=done["adapter_bytes"].tolist(),
+        y=done[q.key].tolist(),
+        mode="markers",
         customdata=hover.astype(str).values.tolist(),
-        marker={"color": done["cost"].tolist(), "colorscale": "Viridis", "showscale": True,
-                "colorbar": {"title": {"text": f"cost ({r.metrics.get('currency', 'USD')})"}},
-                "size": [16 if f else 9 for f in on_front],
-                "line": {"width": [2.5 if f else 0 for f in on_front], "color": "black"}},
+        marker={
+            "color": done["cost"].tolist(),
+            "colorscale": "Viridis",
+            "showscale": True,
+            "colorbar": {"title": {"text": f"cost ({r.metrics.get('currency', 'USD')})"}},
+            "size": [16 if f else 9 for f in on_front],
+            "line": {"width": [2.5 if f else 0 for f in on_front], "color": "black"},
+        },
         hovertemplate="<b>%{customdata[0]}</b> %{customdata[1]} r=%{customdata[2]} alpha=%{customdata[3]}<br>"
         "targets %{customdata[4]}, lr %{customdata[5]}<br>cost %{customdata[6]}<br>MLflow run %{customdata[7]}"
         "<extra></extra>",
@@ -242,15 +276,24 @@ def _pareto_section(r: SweepResults) -> str:
     sign = -1.0 if q.higher_is_better else 1.0
     mask = pareto.non_dominated(np.column_stack([sign * done[q.key].to_numpy(float), done["adapter_bytes"]]))
     front = done[mask]
-    fig.add_scatter(name="frontier: quality vs size", x=front["adapter_bytes"].tolist(), y=front[q.key].tolist(),
-                    mode="lines", line={"color": "black", "dash": "dot"}, hoverinfo="skip")
+    fig.add_scatter(
+        name="frontier: quality vs size",
+        x=front["adapter_bytes"].tolist(),
+        y=front[q.key].tolist(),
+        mode="lines",
+        line={"color": "black", "dash": "dot"},
+        hoverinfo="skip",
+    )
     if math.isfinite(r.base_quality):
         fig.add_hline(y=r.base_quality, line_dash="dash", line_color="grey", annotation_text="base model")
-    fig.update_layout(xaxis={"type": "log", "title": "adapter bytes"}, yaxis={"title": label},
-                      legend={"orientation": "h", "y": 1.08})
+    fig.update_layout(
+        xaxis={"type": "log", "title": "adapter bytes"}, yaxis={"title": label}, legend={"orientation": "h", "y": 1.08}
+    )
     better = "higher" if q.higher_is_better else "lower"
-    note = _note(f"{len(done)} completed trial(s); {better} {label} is better. Outlined: on the Pareto frontier of "
-                 f"{label}, adapter bytes and cost. Dotted: the frontier of {label} vs adapter bytes alone.")
+    note = _note(
+        f"{len(done)} completed trial(s); {better} {label} is better. Outlined: on the Pareto frontier of "
+        f"{label}, adapter bytes and cost. Dotted: the frontier of {label} vs adapter bytes alone."
+    )
     return _section("Pareto frontier", note + _figure(fig, "fig-pareto"), "pareto")
 
 
@@ -267,7 +310,10 @@ def _asha_section(r: SweepResults) -> str:
         n = len(steps)
         end = "x" if s == "pruned" else "circle"
         fig.add_scatter(
-            name=f"{trial_id} ({s})", x=steps["step"].tolist(), y=steps["eval_loss"].tolist(), mode="lines+markers",
+            name=f"{trial_id} ({s})",
+            x=steps["step"].tolist(),
+            y=steps["eval_loss"].tolist(),
+            mode="lines+markers",
             line={"color": STATUS_COLOURS[s], "dash": "dash" if s == "failed" else "solid", "width": 1.5},
             marker={"symbol": ["circle"] * (n - 1) + [end], "size": [5] * (n - 1) + [12 if s == "pruned" else 5]},
             hovertemplate=f"{html.escape(str(trial_id))} ({s})<br>step %{{x}}: eval loss %{{y:.4f}}<extra></extra>",
@@ -278,8 +324,10 @@ def _asha_section(r: SweepResults) -> str:
     if math.isfinite(r.base_eval_loss):
         fig.add_hline(y=r.base_eval_loss, line_dash="dash", line_color="black", annotation_text="base model")
     fig.update_layout(xaxis={"title": "optimizer step"}, yaxis={"title": "eval loss"})
-    note = _note(f"One line per trial; x marks where ASHA pruned a trial (rungs at steps {rungs or 'none'}); "
-                 "failed trials are dashed.")
+    note = _note(
+        f"One line per trial; x marks where ASHA pruned a trial (rungs at steps {rungs or 'none'}); "
+        "failed trials are dashed."
+    )
     return _section("ASHA: eval loss per step", note + _figure(fig, "fig-asha"), "asha")
 
 
@@ -333,8 +381,15 @@ def _variants_section(r: SweepResults) -> str:
     fig = go.Figure()
     rows = []
     for variant, group in ran.groupby("variant"):
-        fig.add_box(name=str(variant), y=group["eval_loss"].tolist(), boxpoints="all", jitter=0.4, pointpos=0,
-                    text=group["trial_id"].tolist(), hovertemplate="%{text}: %{y:.4f}<extra></extra>")
+        fig.add_box(
+            name=str(variant),
+            y=group["eval_loss"].tolist(),
+            boxpoints="all",
+            jitter=0.4,
+            pointpos=0,
+            text=group["trial_id"].tolist(),
+            hovertemplate="%{text}: %{y:.4f}<extra></extra>",
+        )
         scored = group[group["objective"].notna()]
         best = scored.sort_values("objective", ascending=not q.higher_is_better).head(1)
         best_obj = f"{_fmt(best['objective'].iloc[0])} ({best['trial_id'].iloc[0]})" if len(best) else "–"
@@ -373,8 +428,14 @@ def _baseline_section(baseline: dict[str, Any]) -> str:
     rows = []
     for v in verdicts:
         ok = bool(v.get("passed"))
-        cells = [v.get("check"), _fmt(v.get("baseline")), _fmt(v.get("current")), _fmt(v.get("tolerance")),
-                 "pass" if ok else "FAIL", v.get("reason", "")]
+        cells = [
+            v.get("check"),
+            _fmt(v.get("baseline")),
+            _fmt(v.get("current")),
+            _fmt(v.get("tolerance")),
+            "pass" if ok else "FAIL",
+            v.get("reason", ""),
+        ]
         rows.append(_row(cells, "pass" if ok else "fail"))
     return _section("Versus baseline", f"{summary}<table id='baseline'>{head}{''.join(rows)}</table>", "baseline")
 

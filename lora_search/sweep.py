@@ -11,6 +11,7 @@ local Ray with the dashboard off. Results land in `<output_dir>/<name>/`:
     frontier.csv          completed trials' quality, adapter bytes, cost; 3-D and 2-D frontier flags
     sweep_metrics.json    sweep cost, ASHA's savings, hypervolume and its reference point, status counts
     base_scores.json      the base model's golden scores (with base_lm_eval_results.json)
+    index.html            the HTML report (lora_search.report; `lora-search report NAME` writes it again)
     provenance.json       git commit and dirty flag, package and eval task versions, base fingerprint
     tracking.json         MLflow tracking URI, experiment and parent run id (lora_search.tracking)
     adapters/<trial_id>/  the newest adapter of every trial (standard PEFT dir, safetensors, lora_search.json)
@@ -385,14 +386,30 @@ def run(sweep: Sweep, *, fresh: bool = False, construction_problems: list[Proble
     (out / "provenance.json").write_text(json.dumps(tracking.provenance(sweep, fingerprint), indent=1))
     results.write(records, parquet)
     frontier_table.to_csv(out / "frontier.csv", index=False)
-    (out / "sweep_metrics.json").write_text(json.dumps(figures, indent=1))
+    quality = sweep.evals.objective if sweep.evals is not None else "eval_loss"
+    labels = {"quality_key": quality, "currency": sweep.pricing.currency}
+    (out / "sweep_metrics.json").write_text(json.dumps({**figures, **labels}, indent=1))
     frame = results.to_frame(records)
     _print_outcome(sweep, frame, base, figures, time.monotonic() - session.start)
+    report = write_report(sweep, out)
     if tracker:
-        tracker.finish(records, configs, histories, figures, frontier_table, base["results"] if base else None)
+        tracker.finish(records, configs, histories, figures, frontier_table, base["results"] if base else None, report)
         print(f"MLflow: experiment {sweep.name!r} at {tracker.uri} (parent run {tracker.parent_id}); `lora-search ui`")
     print(f"\nresults: {parquet}\nadapters: {out / 'adapters'}")
+    if report:
+        print(f"report: {report}")
     return frame
+
+
+def write_report(sweep: Sweep, out: Path, baseline: dict[str, Any] | None = None) -> Path | None:
+    """The sweep's HTML report (lora_search.report); a failure is printed and loses no result."""
+    from lora_search.report import write_report as write
+
+    try:
+        return write(out, baseline=baseline, extra_provenance=tracking.sweep_params(sweep))
+    except Exception as e:  # noqa: BLE001 - the results on disk stand without their report
+        print(f"the HTML report could not be written ({type(e).__name__}: {e}); `lora-search report {sweep.name}`")
+        return None
 
 
 __all__ = ["ConfigError", "SweepExistsError", "SweepInterrupted", "run", "validate"]

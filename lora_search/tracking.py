@@ -337,12 +337,14 @@ class Tracker:
         sweep_metrics: dict[str, float],
         frontier_table: pd.DataFrame,
         base_results: dict[str, Any] | None,
+        report: Path | None = None,
     ) -> None:
         """Final state of every run: figures, statuses, artifacts, frontier tags and registry versions."""
         self.broken = False  # a fresh try: the live logging may have failed on a server that is back
         self._guard("finishing the trials' runs", lambda: self._finish_trials(records, configs, histories))
         self._guard(
-            "finishing the sweep's run", lambda: self._finish_parent(sweep_metrics, frontier_table, base_results)
+            "finishing the sweep's run",
+            lambda: self._finish_parent(sweep_metrics, frontier_table, base_results, report),
         )
 
     def _finish_trials(
@@ -378,9 +380,15 @@ class Tracker:
                 self._register(r, run_id)
 
     def _finish_parent(
-        self, sweep_metrics: dict[str, float], frontier_table: pd.DataFrame, base_results: dict[str, Any] | None
+        self,
+        sweep_metrics: dict[str, float],
+        frontier_table: pd.DataFrame,
+        base_results: dict[str, Any] | None,
+        report: Path | None,
     ) -> None:
         parent = self.parent_id
+        if report is not None:
+            self.client.log_artifact(parent, str(report))  # index.html: the MLflow UI shows it inline
         self._log(parent, metrics=_metrics(sweep_metrics, sorted(sweep_metrics), 0))
         with tempfile.TemporaryDirectory() as tmp:
             table = frontier_table.assign(run_id=[self.children.get(t, "") for t in frontier_table["trial_id"]])

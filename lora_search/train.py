@@ -95,7 +95,7 @@ def peak_memory_bytes() -> tuple[int, str]:
 
 
 def device_name() -> str:
-    """"cpu", or the CUDA device's name ("NVIDIA H100 80GB HBM3"): what `Pricing` prices."""
+    """ "cpu", or the CUDA device's name ("NVIDIA H100 80GB HBM3"): what `Pricing` prices."""
     import torch
 
     if torch.cuda.is_available() and torch.cuda.is_initialized():

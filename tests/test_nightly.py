@@ -105,7 +105,7 @@ def test_nightly_passes_twice_then_flags_broken_changes(tmp_path, capsys) -> Non
     try:
         code, out, first = nightly(1.0, "--baseline", "mlflow", "--promote")
         assert code == 0 and "no baseline" in out and "is the new baseline" in out, out[-2000:]
-        assert first["summary"]["best"] > 0.5, first["summary"]  # the adapters learned the task
+        assert first["summary"]["best"] > 0.4, first["summary"]  # the adapters learned the task (base: 0.2)
 
         code, out, second = nightly(1.0, "--baseline", "mlflow")
         assert code == 0 and "nightly PASSED" in out, out[-3000:]

@@ -196,12 +196,40 @@ def _guarded(action) -> int:  # noqa: ANN001
         return EXIT_INTERRUPTED
 
 
-def run_sweep_main(sweep: Sweep, argv: list[str] | None = None) -> None:
-    """`python sweeps/NAME.py [--validate] [--fresh]`."""
+def run_sweep_main(sweep: Sweep, argv: list[str] | None = None, *, config_dir: str | Path | None = None) -> None:
+    """`python sweeps/NAME.py [--validate] [--fresh] [--dry-run [--gpus N] [--nodes N] [--gpu H100]]`.
+
+    `config_dir`: a dir with the base's config.json that --dry-run plans from, so that a hub id plans offline.
+    """
     parser = argparse.ArgumentParser(description=f"run the {sweep.name!r} sweep")
     parser.add_argument("--validate", action="store_true", help="only check the sweep, start nothing")
     parser.add_argument("--fresh", action="store_true", help="move earlier results of this sweep aside first")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print the plan (memory, GPU-hours, cost), start nothing"
+    )
+    parser.add_argument("--gpus", type=int, default=8, help="--dry-run: GPUs in the cluster (default 8)")
+    parser.add_argument("--nodes", type=int, help="--dry-run: nodes they are on (default: full nodes)")
+    parser.add_argument("--gpus-per-node", type=int, default=8, help="--dry-run: GPUs per node at most (default 8)")
+    parser.add_argument("--gpu", default="H100", help="--dry-run: GPU type for time and cost (H100, H200)")
+    parser.add_argument("--config-dir", default=config_dir, help="--dry-run: plan from this config.json's dir")
     args = parser.parse_args(argv)
+    if args.dry_run:  # not through _guarded, which imports Ray: a plan needs neither Ray nor a GPU
+        from lora_search.plan import format_plan, plan
+
+        try:
+            found = plan(
+                sweep,
+                cluster_gpus=args.gpus,
+                nodes=args.nodes,
+                gpus_per_node=args.gpus_per_node,
+                config_dir=args.config_dir,
+                gpu=args.gpu,
+            )
+        except ConfigError as e:
+            print(e, file=sys.stderr)
+            sys.exit(EXIT_INVALID)
+        print(format_plan(found))
+        sys.exit(0)
     if args.validate:
         sys.exit(_guarded(lambda: _validate(sweep, [])))
     sys.exit(_guarded(lambda: _run(sweep, [], args.fresh)))
@@ -235,6 +263,16 @@ def main(argv: list[str] | None = None) -> None:
     p_ui.add_argument("--tracking-uri", help="another store, e.g. a PostgreSQL URI (default: the embedded one)")
     p_ui.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1: this machine only")
     p_ui.add_argument("--port", type=int, default=5000)
+    p_plan = sub.add_parser("plan", help="a sweep's trials, memory per GPU, GPU-hours and cost; start nothing")
+    p_plan.add_argument("sweep_file")
+    p_plan.add_argument("--gpus", type=int, default=8, help="GPUs in the cluster (default 8)")
+    p_plan.add_argument("--nodes", type=int, help="nodes they are on (default: full nodes of --gpus-per-node)")
+    p_plan.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node at most (default 8)")
+    p_plan.add_argument("--gpu", default="H100", help="GPU type for time and cost (H100, H200)")
+    p_plan.add_argument(
+        "--config-dir",
+        help="plan from this config.json's dir (default: configs/<model> beside the sweep file, else the base itself)",
+    )
     p_report = sub.add_parser("report", help="write a finished sweep's results as one self-contained HTML page")
     p_report.add_argument("sweep", metavar="NAME_OR_DIR", help="a sweep name under the output dir, or a sweep dir")
     p_report.add_argument("--output-dir", help="where NAME ran (default: $LORA_SEARCH_OUTPUT_DIR, else reports)")
@@ -260,6 +298,21 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(_guarded(load_and(lambda s, p: _nightly(s, p, args.baseline, args.promote))))
     if args.command == "ui":
         sys.exit(_guarded(lambda: _ui(args.output_dir, args.tracking_uri, args.host, args.port)))
+    if args.command == "plan":  # the sweep file's --dry-run, with its shipped architecture found by name
+        try:
+            sweep, problems = load_sweep(args.sweep_file)
+        except ConfigError as e:
+            print(e, file=sys.stderr)
+            sys.exit(EXIT_INVALID)
+        if problems:
+            print(ConfigError(problems, header=f"invalid sweep {sweep.name!r}"), file=sys.stderr)
+            sys.exit(EXIT_INVALID)
+        from lora_search.plan import shipped_config_dir
+
+        flags = ["--gpus", str(args.gpus), "--gpus-per-node", str(args.gpus_per_node), "--gpu", args.gpu]
+        flags += ["--nodes", str(args.nodes)] if args.nodes is not None else []
+        config_dir = args.config_dir or shipped_config_dir(args.sweep_file, sweep.base)
+        run_sweep_main(sweep, ["--dry-run", *flags], config_dir=config_dir)
     if args.command == "report":
         sys.exit(_guarded(lambda: _report(args.sweep, args.output_dir)))
 

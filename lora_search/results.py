@@ -79,6 +79,8 @@ class TrialRecord:
     eval_cost: float = 0.0
     cost: float = 0.0
     """train_cost + eval_cost, in `Pricing.currency` (lora_search.cost)."""
+    worker_nodes: str = ""
+    """Ray node ids the trial's workers ran on (',' joined): a multi-node trial lists several."""
     mlflow_run_id: str = ""
     """The trial's MLflow child run ("" when tracking was off or failed)."""
     pareto: bool = False
@@ -157,6 +159,7 @@ def record(
         objective=float(last.get("objective", nan)),
         eval_s=eval_s,
         device_name=device_name,
+        worker_nodes=str(last.get("worker_nodes") or ""),
         train_cost=priced.train_cost,
         eval_cost=priced.eval_cost,
         cost=priced.cost,

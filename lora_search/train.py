@@ -103,6 +103,19 @@ def device_name() -> str:
     return "cpu"
 
 
+def worker_nodes() -> str:
+    """The Ray node ids of this trial's workers, sorted and joined by ','; shows where a trial ran."""
+    import ray
+    import torch.distributed as dist
+
+    node = ray.get_runtime_context().get_node_id()
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return node
+    nodes: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, node)
+    return ",".join(sorted({str(n) for n in nodes}))
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train worker entry point. `config` holds the Sweep and the trial's sampled params."""
     import ray.train
@@ -160,6 +173,7 @@ def train_loop(config: dict[str, Any]) -> None:
     )
     probe = probe_batch(tokenizer, eval_ds)
     reporter = _Reporter(sweep, tokenizer, adapter, model, init_dir, work, rank0, n_trainable, load_s, probe)
+    reporter.worker_nodes = worker_nodes()
     callbacks: list[TrainerCallback] = [reporter]
     if variant.step_hook is not None:
         callbacks.append(_StepHook(model, variant.step_hook))
@@ -215,6 +229,7 @@ class _Reporter(TrainerCallback):
         self.sweep, self.tokenizer, self.adapter, self.model = sweep, tokenizer, adapter, model
         self.init_dir, self.work, self.rank0 = init_dir, work, rank0
         self.n_trainable, self.load_s, self.probe = n_trainable, load_s, probe
+        self.worker_nodes = ""
         self.base_eval_loss = float("nan")
         self.train_start = 0.0
         self.last_train_loss = float("nan")
@@ -273,6 +288,7 @@ class _Reporter(TrainerCallback):
             "peak_mem_bytes": peak,
             "peak_mem_kind": peak_kind,
             "device_name": device_name(),
+            "worker_nodes": self.worker_nodes,
         }
         checkpoint = None
         if self.rank0:

@@ -1,0 +1,108 @@
+"""A real three-node Ray cluster on localhost (`ray start`: one head, two workers with their own node resources):
+every trial spans two workers on two different nodes (DDP over gloo on CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+pytestmark = pytest.mark.slow
+
+RAY = str(Path(sys.executable).with_name("ray"))
+ENV = {
+    **os.environ,
+    "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    "RAY_ADDRESS": "",
+    "RAY_AUTH_MODE": "token",  # the head enables token auth (Ray >= 2.59); its token is in ~/.ray
+}
+
+
+NODES = (
+    "import json, ray; ray.init(logging_level='ERROR'); "
+    "print(json.dumps({n['NodeID']: n['Resources'] for n in ray.nodes() if n['Alive']}))"
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ray(*args: str) -> None:
+    done = subprocess.run([RAY, *args], capture_output=True, text=True, timeout=180, env=ENV)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+
+@pytest.fixture
+def three_nodes():
+    """Head (no CPUs: trials' workers never land there) + two 2-CPU workers; `ray stop` at the end."""
+    import ray
+
+    ray.shutdown()  # no in-process Ray from other tests may be running when `ray stop` sweeps the machine
+    gcs, dashboard = _free_port(), _free_port()
+    try:
+        _ray(
+            "start", "--head", f"--port={gcs}", "--num-cpus=0", "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}", "--disable-usage-stats", "--resources", '{"head": 1}',
+        )  # fmt: skip
+        for name in ("node_a", "node_b"):
+            _ray("start", f"--address=127.0.0.1:{gcs}", "--num-cpus=2", "--resources", f'{{"{name}": 1}}')
+        yield f"127.0.0.1:{gcs}"
+    finally:
+        subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120, env=ENV)
+
+
+def test_two_worker_trials_spread_over_two_nodes(three_nodes, tiny_model_dir, tiny_jsonl, tmp_path) -> None:
+    sweep_file = tmp_path / "multinode.py"
+    sweep_file.write_text(
+        textwrap.dedent(f"""
+        from lora_search import BaseModel, Budget, Dataset, Resources, SearchSpace, Sweep, main
+        SWEEP = Sweep(
+            name="multinode",
+            base=BaseModel({str(tiny_model_dir)!r}),
+            dataset=Dataset({str(tiny_jsonl)!r}, eval_fraction=0.2, max_length=96),
+            space=SearchSpace(ranks=(2, 4), targets=("attention",), variants=("lora",), lr=(1e-3, 2e-3)),
+            budget=Budget(max_steps=10, eval_every=5, grace_period=10, batch_size=4),
+            # Two data-parallel workers per trial, never on the same node.
+            resources=Resources(workers=2, cpus_per_worker=1, placement="STRICT_SPREAD"),
+            num_samples=2, seed=0, output_dir={str(tmp_path / "reports")!r},
+        )
+        if __name__ == "__main__":
+            main(SWEEP)
+        """)
+    )
+    driver = subprocess.run(
+        [sys.executable, str(sweep_file)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**ENV, "RAY_ADDRESS": three_nodes},
+    )
+    assert driver.returncode == 0, driver.stdout[-3000:] + driver.stderr[-3000:]
+    listing = subprocess.run(
+        [sys.executable, "-c", NODES],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**ENV, "RAY_ADDRESS": three_nodes},
+    )
+    assert listing.returncode == 0, listing.stderr[-2000:]
+    nodes = json.loads(listing.stdout.strip().splitlines()[-1])
+    workers = {node for node, resources in nodes.items() if "node_a" in resources or "node_b" in resources}
+    assert len(nodes) == 3 and len(workers) == 2
+
+    frame = pd.read_parquet(tmp_path / "reports" / "multinode" / "trials.parquet")
+    assert list(frame["status"]) == ["completed", "completed"], frame[["status", "reason"]]
+    for row in frame.itertuples():
+        used = set(row.worker_nodes.split(","))
+        assert used == workers, (used, workers)  # both workers of the trial, one on each worker node
+        assert row.device_s > 0 and row.trainable_params > 0

@@ -182,7 +182,44 @@ def save(model: PeftModel, adapter: Adapter, out_dir: Path, init_dir: Path | Non
     if variant.converts_on_save:
         kwargs["path_initial_model_for_weight_conversion"] = str(init_dir)
     model.save_pretrained(str(out_dir), safe_serialization=True, **kwargs)
+    check_saved(model, out_dir, reshaped=variant.converts_on_save)
     return adapter_bytes(out_dir)
+
+
+class EmptyAdapterError(RuntimeError):
+    """A saved adapter file holds tensors of the wrong shape or all zeros: the known failure of saving a sharded
+    (FSDP, DeepSpeed ZeRO-3) model without gathering its parameters first."""
+
+
+def check_saved(model: PeftModel, out_dir: Path, *, reshaped: bool = False) -> None:
+    """Every saved tensor has the live parameter's full shape and is non-empty; trained B/up matrices are non-zero.
+
+    The full shape of a sharded parameter is its `ds_shape` (DeepSpeed ZeRO-3) or its `shape` (FSDP2's DTensor is
+    global). `reshaped`: the variant rewrites its matrices on save (PiSSA's conversion doubles the rank), so only
+    emptiness and zeros are checked.
+    """
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    saved = load_file(str(Path(out_dir) / "adapter_model.safetensors"))
+    live = get_peft_model_state_dict(model)
+    problems = []
+    for name, tensor in saved.items():
+        param = live.get(name)
+        expected = tuple(getattr(param, "ds_shape", None) or param.shape) if param is not None else None
+        if tensor.numel() == 0:
+            problems.append(f"{name} is empty {tuple(tensor.shape)}")
+        elif expected is not None and not reshaped and tuple(tensor.shape) != expected:
+            problems.append(f"{name} has shape {tuple(tensor.shape)}, the model's is {expected}")
+        elif any(k in name for k in ("lora_B", "vera_lambda_b")) and not bool(tensor.abs().max() > 0):
+            problems.append(f"{name} is all zeros")
+    if not saved or problems:
+        raise EmptyAdapterError(
+            f"the adapter saved to {out_dir} is broken: "
+            + ("; ".join(problems[:5]) or "it holds no tensors")
+            + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
+            + ". A sharded model (FSDP, ZeRO-3) must be gathered before saving its adapter."
+        )
 
 
 def adapter_bytes(adapter_dir: Path) -> int:

@@ -98,3 +98,33 @@ def test_quantized_variant_contract(name: str, tiny_model_dir, tmp_path) -> None
 def test_every_variant_is_tested() -> None:
     assert set(CPU_VARIANTS) | set(GPU_VARIANTS) == set(VARIANTS)
     assert {"lora", "rslora", "dora", "pissa", "loraplus", "qlora", "adalora", "loftq", "vera"} <= set(VARIANTS)
+
+
+def test_saving_a_sharded_looking_adapter_is_refused(tiny_model_dir, tmp_path, monkeypatch) -> None:
+    """What an ungathered FSDP/ZeRO-3 save writes (empty or zero tensors) never passes as an adapter."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    adapter = Adapter(
+        variant="lora", rank=4, alpha=8.0, target_modules=["q_proj", "v_proj"], dropout=0.0, lr=1e-3, total_steps=1
+    )
+    model = variants.attach(model, adapter, tmp_path / "init")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    assert variants.save(model, adapter, tmp_path / "ok") > 0  # a trained adapter passes
+
+    original = type(model).save_pretrained
+
+    def save_like_an_ungathered_shard(self, out_dir, **kwargs):
+        original(self, out_dir, **kwargs)
+        path = f"{out_dir}/adapter_model.safetensors"
+        tensors = load_file(path)
+        broken = {k: (v[:0] if "lora_A" in k else torch.zeros_like(v)) for k, v in tensors.items()}
+        save_file(broken, path)
+
+    monkeypatch.setattr(type(model), "save_pretrained", save_like_an_ungathered_shard)
+    with pytest.raises(variants.EmptyAdapterError, match=r"lora_A.weight is empty .*must be gathered before saving"):
+        variants.save(model, adapter, tmp_path / "broken")

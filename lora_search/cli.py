@@ -8,6 +8,7 @@
     lora-search nightly sweeps/nightly.py --baseline mlflow|FILE [--promote]  # regression check; exit 1 on one
     lora-search ui [--port 5000]            # the MLflow UI on 127.0.0.1 for the embedded store (reports/mlflow.db)
     lora-search report NAME_OR_DIR [--output-dir DIR]  # the sweep's results as one offline HTML page
+    lora-search plan sweeps/llama70b.py --gpus 64      # the --dry-run plan: memory per GPU, budget, cost; no Ray
 
 A sweep file is a Python file that defines one `Sweep` (conventionally `SWEEP`) at module level.
 Exit codes: 0 ok, 2 invalid sweep or export (nothing ran), 3 results exist (nothing overwritten), 130 interrupted

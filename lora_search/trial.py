@@ -8,6 +8,7 @@ devices. A failing training run raises here, which Tune records as this trial's 
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,11 @@ def run_trial(config: dict[str, Any], sweep: Sweep, storage_path: str) -> None:
     from lora_search.space import trial_params
 
     trial_id = ray.tune.get_context().get_trial_id()
+    run_dir = Path(storage_path) / "train" / f"trial_{trial_id}"
+    if run_dir.exists():
+        # A trial cut short by an interrupted driver trains again from step 0 when the sweep resumes. Ray Train
+        # would otherwise try to restore the cut-short run, whose newest checkpoint may never have been written.
+        shutil.rmtree(run_dir)
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config={"sweep": sweep, **trial_params(config)},

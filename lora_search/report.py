@@ -84,7 +84,10 @@ class SweepResults:
 
     @property
     def objective_name(self) -> str:
-        """The golden `task/metric` column the objective copies (trials.parquet does not name it)."""
+        """The golden `task/metric` column the objective copies: named in sweep_metrics.json; older sweeps did not
+        name it, so it is found by its values."""
+        if self.metrics.get("quality_key") not in (None, "eval_loss"):
+            return str(self.metrics["quality_key"])
         scored = self.trials[self.trials["objective"].notna()]
         golden = [c for c in self.trials.columns if "/" in c and not c.endswith("_stderr")]
         same = [c for c in golden if len(scored) and np.allclose(scored[c].astype(float), scored["objective"])]

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lora_search.config import ConfigError, Problem
+
 Z = 1.96
 """Two-sided 95%: a drop of the best score beyond Z combined standard errors is not noise."""
 TIMING_TOLERANCE = 0.30
@@ -203,7 +205,21 @@ def load_baseline(source: str, sweep: Any) -> Summary | None:
     """`source` is "mlflow" or a JSON file path; None when there is no baseline yet."""
     if source != "mlflow":
         path = Path(source)
-        return _from_dict(json.loads(path.read_text())) if path.is_file() else None
+        if not path.is_file():
+            return None
+        try:
+            return _from_dict(json.loads(path.read_text()))
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(
+                [
+                    Problem(
+                        "--baseline",
+                        source,
+                        f"is not a nightly summary ({type(e).__name__}: {e})",
+                        "give a file written by `lora-search nightly ... --baseline FILE --promote`, or remove it",
+                    )
+                ]
+            ) from e
     from mlflow import MlflowClient
 
     from lora_search import tracking

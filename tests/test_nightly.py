@@ -144,3 +144,14 @@ def test_nightly_passes_twice_then_flags_broken_changes(tmp_path, capsys) -> Non
         assert len(pd.read_parquet(tmp_path / "reports" / "nightly" / "trials.parquet")) == 2
     finally:
         ray.shutdown()
+
+
+def test_a_broken_baseline_file_is_refused_before_any_compute(tmp_path) -> None:
+    from lora_search.config import ConfigError
+    from lora_search.nightly import load_baseline
+
+    bad = tmp_path / "baseline.json"
+    bad.write_text('{"sweep": "nightly"}')
+    with pytest.raises(ConfigError, match=r"--baseline = '.*baseline.json': is not a nightly summary \(KeyError"):
+        load_baseline(str(bad), sweep=None)
+    assert load_baseline(str(tmp_path / "absent.json"), sweep=None) is None

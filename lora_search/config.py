@@ -203,6 +203,10 @@ class SearchSpace:
         return out
 
 
+OPTIMIZERS = ("auto", "adamw_torch", "adamw_torch_fused", "paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit")
+"""`Budget.optimizer` values: Transformers `optim` names (the 8-bit and paged ones need bitsandbytes and CUDA)."""
+
+
 @dataclass(frozen=True)
 class Budget:
     """How long each trial trains and how ASHA cuts it short. ASHA's time unit is the optimizer step."""
@@ -219,6 +223,10 @@ class Budget:
     """Sequences per optimizer step per worker."""
     grad_accum: int = 1
     warmup_steps: int = 0
+    optimizer: str = "auto"
+    """A Transformers `optim` name for the adapter's optimizer. "auto": paged 8-bit AdamW for 4-bit variants on
+    GPU (QLoRA's recipe: 2 bytes of state per adapter parameter instead of 8, paged to the CPU under memory
+    spikes), fused AdamW on other GPU trials, plain AdamW on CPU. LoRA+ always builds its own AdamW groups."""
 
     def problems(self) -> list[Problem]:
         out = []
@@ -228,6 +236,10 @@ class Budget:
                 out.append(Problem(f"budget.{name}", value, "must be a positive integer", ""))
         if out:
             return out
+        if self.optimizer not in OPTIMIZERS:
+            out.append(
+                Problem("budget.optimizer", self.optimizer, "unknown optimizer", f"use one of {', '.join(OPTIMIZERS)}")
+            )
         if self.grace_period > self.max_steps:
             out.append(
                 Problem(
@@ -271,9 +283,38 @@ class Resources:
     gpus_per_worker: float = 0.0
     placement: Placement = "PACK"
     """PACK keeps a trial's workers on one node when they fit (fast NCCL); SPREAD puts them on different nodes."""
+    strategy: str = "ddp"
+    """How the workers share the model (`lora_search.strategies.STRATEGIES`): "ddp" replicates the base on every
+    GPU; "fsdp" and "deepspeed-zero3" shard it (a 70B bf16 base is 131 GiB: 16.4 GiB a GPU over 8);
+    "deepspeed-zero2" shards only the adapter's gradients and optimizer state. Sharding costs communication:
+    take the least that fits (`lora-search plan` prints the memory per GPU of each)."""
+    strategy_by_variant: dict[str, str] = field(default_factory=dict)
+    """Per-variant overrides, e.g. {"qlora": "ddp"} beside strategy="fsdp": an NF4 70B base fits one GPU, so
+    its trials skip the sharding traffic."""
+
+    def strategy_for(self, variant: str) -> str:
+        return self.strategy_by_variant.get(variant, self.strategy)
 
     def problems(self) -> list[Problem]:
+        from lora_search.strategies import STRATEGIES
+
         out = []
+        names = ", ".join(STRATEGIES)
+        for where, name in (("resources.strategy", self.strategy),) + tuple(
+            (f"resources.strategy_by_variant[{v!r}]", s) for v, s in self.strategy_by_variant.items()
+        ):
+            if name not in STRATEGIES:
+                out.append(Problem(where, name, "unknown strategy", f"use one of {names}"))
+            elif STRATEGIES[name].gpu_only and self.gpus_per_worker <= 0:
+                out.append(
+                    Problem(
+                        where,
+                        name,
+                        "runs on CUDA GPUs only (Transformers' Trainer has no CPU FSDP path), but "
+                        "resources.gpus_per_worker = 0",
+                        'use strategy="ddp" or "deepspeed-zero3" on CPU, or gpus_per_worker=1 on a GPU cluster',
+                    )
+                )
         if self.workers < 1:
             out.append(Problem("resources.workers", self.workers, "must be >= 1", ""))
         if self.cpus_per_worker <= 0 and self.gpus_per_worker <= 0:
@@ -356,7 +397,8 @@ class Sweep:
     pricing: Pricing = field(default_factory=Pricing)
     tracking_uri: str | None = None
     """MLflow tracking URI (`http://mlflow.internal:5000`, `sqlite:///...`). None: $MLFLOW_TRACKING_URI, else a
-    SQLite store at `<output_dir>/mlflow.db` with artifacts in `<output_dir>/mlartifacts` (`lora-search ui`)."""
+    SQLite store at `<output_dir>/mlflow.db` with artifacts in `<output_dir>/mlartifacts` (`lora-search ui`).
+    "off": no MLflow at all; every result still lands in the sweep dir (trials.parquet, adapters, index.html)."""
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -374,12 +416,32 @@ class Sweep:
         for part in (self.base, self.dataset, self.space, self.budget, self.resources, self.evals, self.pricing):
             if part is not None:
                 out.extend(part.problems())
+        out.extend(self._strategy_problems())
         if self.search not in ("random", "grid", "optuna"):
             out.append(Problem("search", self.search, "unknown search algorithm", "use random, grid or optuna"))
         if self.num_samples < 1:
             out.append(Problem("num_samples", self.num_samples, "must be >= 1", ""))
         if self.max_concurrent_trials is not None and self.max_concurrent_trials < 1:
             out.append(Problem("max_concurrent_trials", self.max_concurrent_trials, "must be >= 1 or None", ""))
+        return out
+
+    def _strategy_problems(self) -> list[Problem]:
+        from lora_search.strategies import STRATEGIES, incompatibility
+
+        out = []
+        for v in self.space.variants:
+            strategy = self.resources.strategy_for(v)
+            why = incompatibility(v, strategy) if strategy in STRATEGIES else None
+            if why:
+                out.append(
+                    Problem(
+                        "space.variants",
+                        v,
+                        f"cannot train under strategy {strategy!r}: {why}",
+                        f"drop {v!r}, or give it an unsharded strategy: "
+                        f'Resources(strategy_by_variant={{"{v}": "ddp"}})',
+                    )
+                )
         return out
 
     def replace(self, **changes: Any) -> Sweep:

@@ -117,9 +117,12 @@ def check_applied(model: Any, input_ids: torch.Tensor) -> float:
     return diff
 
 
-def score(model: Any, tokenizer: Any, evals: Evals, seed: int) -> dict[str, Any]:
+def score(model: Any, tokenizer: Any, evals: Evals, seed: int) -> dict[str, Any] | None:
     """Score an in-memory model on the golden sets. Returns flat metrics (`task/metric`, `task/metric_stderr`),
-    the objective's value and direction, and lm-eval's own results JSON (`results`)."""
+    the objective's value and direction, and lm-eval's own results JSON (`results`).
+
+    Every rank of a sharded model runs it in step (each forward needs every rank's shard); lm-eval hands the results
+    to the process with LOCAL_RANK 0 only, and None to the others."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -137,7 +140,7 @@ def score(model: Any, tokenizer: Any, evals: Evals, seed: int) -> dict[str, Any]
         fewshot_random_seed=seed,
         bootstrap_iters=1000,
     )
-    return flatten(output, evals)
+    return None if output is None else flatten(output, evals)
 
 
 def flatten(output: dict[str, Any], evals: Evals) -> dict[str, Any]:

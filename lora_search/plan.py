@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Literal
 
 from lora_search import space, targets
 from lora_search.config import BaseModel, ConfigError, Problem, Resources, Sweep
+from lora_search.strategies import STRATEGIES
 from lora_search.targets import LinearLayer
 
 if TYPE_CHECKING:
@@ -49,15 +50,6 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 USABLE_FRACTION = 0.9
 """A row fits a GPU when its total is at most 90% of the GPU's memory: the CUDA context and NCCL buffers take
 1-3 GiB, and PyTorch's caching allocator fragments."""
-
-STRATEGIES: dict[str, tuple[bool, bool]] = {
-    "ddp": (False, False),
-    "deepspeed-zero2": (False, True),
-    "fsdp": (True, True),
-    "deepspeed-zero3": (True, True),
-}
-"""strategy -> (frozen base sharded over the trial's workers, adapter gradients and optimizer state sharded).
-Read as `getattr(resources, "strategy", "ddp")`: Resources without the field trains with DDP."""
 
 NF4_BYTES = (4 + 8 / 64 + 32 / (64 * 256)) / 8
 """Bytes per NF4 weight with double quantisation (QLoRA, Dettmers et al. 2023): 4 bits of code, plus one 8-bit
@@ -345,7 +337,7 @@ def memory_row(
     optimizer   trainable x 8 [/ world if state is sharded]
     activations activation_bytes (with dora_transient_bytes in the block for DoRA); never sharded
     """
-    base_sharded, state_sharded = STRATEGIES[strategy]
+    base_sharded, state_sharded = STRATEGIES[strategy].shards_base, STRATEGIES[strategy].shards_grads
     kind, r = adapter_shape(variant, rank)
     trainable = adapter_params(kind, r, layers)
     total_weights = weight_bytes(arch, dtype_bytes, quantized)
@@ -482,16 +474,7 @@ def plan(
         problems.append(
             Problem("--gpu", gpu, f"unknown GPU; known: {', '.join(GPUS)}", "add a row to GPUS in lora_search/plan.py")
         )
-    strategy = getattr(sweep.resources, "strategy", "ddp")
-    if strategy not in STRATEGIES:
-        problems.append(
-            Problem(
-                "resources.strategy",
-                strategy,
-                f"the planner knows {', '.join(STRATEGIES)}",
-                "add it to STRATEGIES in lora_search/plan.py",
-            )
-        )
+    strategy = sweep.resources.strategy
     r = sweep.resources
     if r.gpus_per_worker <= 0:
         problems.append(
@@ -547,7 +530,7 @@ def plan(
                         dtype_bytes=dtype_bytes,
                         batch=b,
                         seq=seq,
-                        strategy=strategy,
+                        strategy=r.strategy_for(variant),
                         world=r.workers,
                     )
                 )
@@ -606,7 +589,9 @@ def _fit_notes(rows: Sequence[MemoryRow], arch: Architecture, strategy: str, wor
     notes = []
     misfits = [row for row in rows if not any(row.fits(g) for g in GPUS)]
     whole_base = arch.params * dtype_bytes
-    replicated = [] if STRATEGIES[strategy][0] or world == 1 else [r for r in misfits if r.weights >= whole_base]
+    replicated = (
+        [] if STRATEGIES[strategy].shards_base or world == 1 else [r for r in misfits if r.weights >= whole_base]
+    )
     if replicated:
         sharded = whole_base / world + 2 * arch.block_params * dtype_bytes
         notes.append(
@@ -650,7 +635,7 @@ def format_plan(p: Plan) -> str:
     a = p.architecture
     nodes = len(p.node_gpus)
     shape = f"{nodes} node(s) of {p.node_gpus[0]}" if len(set(p.node_gpus)) == 1 else f"nodes of {p.node_gpus}"
-    replicated = "replicates the base on every GPU" if not STRATEGIES[p.strategy][0] else "shards the base"
+    replicated = "replicates the base on every GPU" if not STRATEGIES[p.strategy].shards_base else "shards the base"
     passes = ", ".join(f"1/{p.reduction_factor ** (k + 1)} pass {rung}" for k, rung in enumerate(p.rungs))
     out = [
         f"plan for sweep {p.sweep!r}",

@@ -87,6 +87,18 @@ def problems(sweep: Sweep) -> list[Problem]:
 
 def _hardware(sweep: Sweep) -> list[Problem]:
     out = []
+    deepspeed = sorted(
+        {sweep.resources.strategy_for(v) for v in sweep.space.variants} & {"deepspeed-zero2", "deepspeed-zero3"}
+    )
+    if deepspeed and importlib.util.find_spec("deepspeed") is None:
+        out.append(
+            Problem(
+                "resources.strategy",
+                ", ".join(deepspeed),
+                "needs DeepSpeed, which is not installed",
+                "pip install 'lora-search[deepspeed]' on every node, or choose strategy='fsdp'",
+            )
+        )
     quantized = [v for v in sweep.space.variants if v in VARIANTS and VARIANTS[v].quantized]
     if not quantized:
         return out

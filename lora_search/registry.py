@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from lora_search.basemodel import default_cache_dir
 from lora_search.config import BaseModel, ConfigError, Problem
 from lora_search.probe import PROBE_FILE
+from lora_search.variants import VARIANTS
 
 if TYPE_CHECKING:
     import torch
@@ -232,8 +233,11 @@ def _as_base(base: str | Path | BaseModel, meta: dict[str, Any]) -> BaseModel:
 # --- loading and export ----------------------------------------------------------------------------------------
 
 
-def load_adapter(base: str | Path | BaseModel, adapter_dir: Path, *, check: bool = True) -> PeftModel:
-    """The base (in its dtype, on the CPU) with the adapter applied, in eval mode.
+def load_adapter(
+    base: str | Path | BaseModel, adapter_dir: Path, *, check: bool = True, dequantized_nf4: bool = False
+) -> PeftModel:
+    """The base (in its dtype, on the CPU) with the adapter applied, in eval mode. `dequantized_nf4`: the base as
+    4-bit variants (qlora, loftq) train on it, NF4-quantised and dequantised to bf16, on the GPU (needs CUDA).
 
     With `check`, a base whose fingerprint differs from the adapter's recorded one is refused before any
     weights load (BaseMismatchError); without it, an adapter with no meta loads too.
@@ -246,12 +250,28 @@ def load_adapter(base: str | Path | BaseModel, adapter_dir: Path, *, check: bool
         check_base(adapter_dir, base)
     meta = read_meta(adapter_dir) if (Path(adapter_dir) / META_FILE).is_file() else {}
     base = _as_base(base, meta)
-    model = AutoModelForCausalLM.from_pretrained(
-        base.name_or_path,
-        revision=base.revision,
-        trust_remote_code=base.trust_remote_code,
-        dtype="auto" if base.dtype == "auto" else getattr(torch, base.dtype),
-    )
+    if dequantized_nf4:
+        # The base as a 4-bit variant trained against it: NF4 on the GPU, then dequantised to bf16 weights. Merging
+        # into these reproduces what training saw; merging into the original weights would add the adapter to
+        # weights it never saw (off by the quantisation error, which the adapter partly learned to correct).
+        from lora_search.variants import quantization_config
+
+        model = AutoModelForCausalLM.from_pretrained(
+            base.name_or_path,
+            revision=base.revision,
+            trust_remote_code=base.trust_remote_code,
+            dtype=torch.bfloat16,
+            quantization_config=quantization_config(),
+            device_map={"": torch.cuda.current_device()},
+        )
+        model = model.dequantize()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            base.name_or_path,
+            revision=base.revision,
+            trust_remote_code=base.trust_remote_code,
+            dtype="auto" if base.dtype == "auto" else getattr(torch, base.dtype),
+        )
     return PeftModel.from_pretrained(model, str(adapter_dir)).eval()
 
 
@@ -293,7 +313,20 @@ def export(adapter_dir: Path, output: Path, *, merge: bool, base: str | Path | N
         "base_fingerprint": check_base(adapter_dir, base_model) if check else None,
         "adapter_meta": meta,
     }
-    merged = _merge_checked(adapter_dir, base_model) if merge else None  # raises before anything is written
+    quantized = bool(meta) and meta.get("variant") in VARIANTS and VARIANTS[meta["variant"]].quantized
+    dequantize = False
+    if merge and quantized:
+        import torch
+
+        dequantize = torch.cuda.is_available()
+        record["merged_into"] = (
+            "NF4-dequantised bf16 base (the weights the adapter trained on)"
+            if dequantize
+            else "the original base weights: NF4 needs CUDA to dequantise, so the merge omits the quantisation error "
+            "the adapter trained against; merge on a GPU machine to reproduce training exactly"
+        )
+    # raises before anything is written
+    merged = _merge_checked(adapter_dir, base_model, dequantize) if merge else None
 
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
@@ -315,8 +348,11 @@ def export(adapter_dir: Path, output: Path, *, merge: bool, base: str | Path | N
     return output
 
 
-def _merge_checked(adapter_dir: Path, base: BaseModel) -> tuple[torch.nn.Module, Any, float, float]:
-    """Merge the adapter into its base; return (merged model, tokenizer, max |logit diff|, tolerance)."""
+def _merge_checked(
+    adapter_dir: Path, base: BaseModel, dequantize: bool = False
+) -> tuple[torch.nn.Module, Any, float, float]:
+    """Merge the adapter into its base; return (merged model, tokenizer, max |logit diff|, tolerance).
+    `dequantize`: merge into the NF4-dequantised bf16 base a 4-bit variant trained on (`load_adapter`)."""
     import torch
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
@@ -335,7 +371,9 @@ def _merge_checked(adapter_dir: Path, base: BaseModel) -> tuple[torch.nn.Module,
         with torch.no_grad():  # every position, not just the last: a merge bug shows anywhere
             return torch.cat([model(input_ids=ids).logits[0].float() for ids in batch])
 
-    model = load_adapter(base, adapter_dir, check=False)
+    model = load_adapter(base, adapter_dir, check=False, dequantized_nf4=dequantize)
+    device = next(model.parameters()).device
+    batch = [ids.to(device) for ids in batch]
     before = logits(model)
     merged = model.merge_and_unload()
     after = logits(merged)

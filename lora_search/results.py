@@ -81,6 +81,8 @@ class TrialRecord:
     """train_cost + eval_cost, in `Pricing.currency` (lora_search.cost)."""
     worker_nodes: str = ""
     """Ray node ids the trial's workers ran on (',' joined): a multi-node trial lists several."""
+    strategy: str = "ddp"
+    """How the trial's workers shared the model (`lora_search.strategies`)."""
     mlflow_run_id: str = ""
     """The trial's MLflow child run ("" when tracking was off or failed)."""
     pareto: bool = False
@@ -160,6 +162,7 @@ def record(
         eval_s=eval_s,
         device_name=device_name,
         worker_nodes=str(last.get("worker_nodes") or ""),
+        strategy=str(last.get("strategy") or sweep.resources.strategy_for(params["variant"])),
         train_cost=priced.train_cost,
         eval_cost=priced.eval_cost,
         cost=priced.cost,

@@ -295,7 +295,7 @@ def run(sweep: Sweep, *, fresh: bool = False, construction_problems: list[Proble
     fingerprint = registry.fingerprint(sweep.base)
     base_bytes = preflight.base_weight_bytes(sweep.base)
     try:
-        tracker = tracking.Tracker(sweep, out, fingerprint)
+        tracker = None if tracking.is_off(sweep) else tracking.Tracker(sweep, out, fingerprint)
     except Exception as e:  # noqa: BLE001 - before any compute: say what to fix
         uri = tracking.tracking_uri(sweep)
         raise ConfigError(

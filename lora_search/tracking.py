@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from lora_search.results import TrialRecord
 
 TRACKING_FILE = "tracking.json"
+OFF = "off"
 PACKAGES = ("lora_search", "torch", "transformers", "peft", "trl", "ray", "lm_eval", "mlflow")
 STEP_METRICS = ("eval_loss", "train_loss", "tokens_per_s", "tokens", "train_s", "peak_mem_bytes")
 """Logged at every reported step (the curves the MLflow UI draws)."""
@@ -151,8 +152,15 @@ def _metric_key(key: str) -> str:
     return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in key)
 
 
+def is_off(sweep: Sweep) -> bool:
+    """`Sweep(tracking_uri="off")`: no MLflow at all (results stay in the sweep dir); for clusters without MLflow."""
+    return sweep.tracking_uri == OFF
+
+
 def problems(sweep: Sweep) -> list[Problem]:
     """Whether the tracking store can be reached and written, before any trial spends compute."""
+    if is_off(sweep):
+        return []
     uri = tracking_uri(sweep)
     field = (
         "tracking_uri"
@@ -363,6 +371,7 @@ class Tracker:
             metrics = _metrics(values, FINAL_METRICS, r.step) + _metrics(scores, sorted(scores), r.step)
             self._log(run_id, metrics=metrics)
             self.client.set_tag(run_id, "lora_search.device", r.device_name)
+            self.client.set_tag(run_id, "lora_search.strategy", r.strategy)
             self.client.set_tag(run_id, "pareto", str(r.pareto).lower())
             if r.status == "completed" and r.adapter_path:
                 adapter = Path(r.adapter_path)

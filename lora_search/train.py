@@ -15,16 +15,19 @@ import resource
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from transformers import PrinterCallback, TrainerCallback
+from trl import SFTTrainer
 
-from lora_search import data, targets, variants
+from lora_search import data, strategies, targets, variants
 from lora_search.config import BaseModel, Sweep
 from lora_search.probe import PROBE_FILE, probe_batch, save_probe
 from lora_search.results import GOLDEN_PREFIX
+from lora_search.strategies import STRATEGIES, Strategy
 from lora_search.variants import VARIANTS, Adapter
 
 if TYPE_CHECKING:
@@ -51,15 +54,18 @@ class TrialParams:
         return cls(**{k: config[k] for k in cls.__dataclass_fields__})
 
 
-def load_base(base: BaseModel, quantized: bool) -> torch.nn.Module:
-    """The base model, on the worker's device; 4-bit NF4 for quantized variants."""
+def load_base(base: BaseModel, quantized: bool, sharded: bool = False) -> torch.nn.Module:
+    """The base model; 4-bit NF4 for quantized variants. Unsharded NF4 loads straight onto the worker's GPU; under a
+    sharding strategy the trainer places it, and the 4-bit weights are stored as bf16 so FSDP/ZeRO-3 can shard
+    them like the rest of the layer (bitsandbytes' `quant_storage`)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"revision": base.revision, "trust_remote_code": base.trust_remote_code}
     if quantized:
-        kwargs["quantization_config"] = variants.quantization_config()
-        kwargs["device_map"] = {"": torch.cuda.current_device()}
+        kwargs["quantization_config"] = variants.quantization_config(storage=torch.bfloat16 if sharded else None)
+        if not sharded:
+            kwargs["device_map"] = {"": torch.cuda.current_device()}
         kwargs["dtype"] = torch.bfloat16
     else:
         kwargs["dtype"] = "auto" if base.dtype == "auto" else getattr(torch, base.dtype)
@@ -103,6 +109,26 @@ def device_name() -> str:
     return "cpu"
 
 
+def gpu_memory_in_use() -> int:
+    """Bytes in use on this worker's GPU by every process, read before the trial loads anything (0 on CPU). A figure
+    above the bare CUDA context's few hundred MiB means an earlier trial on this GPU has not given its memory back."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return 0
+    free, total = torch.cuda.mem_get_info()
+    return int(total - free)
+
+
+def optimizer_name(budget_optimizer: str, quantized: bool, on_gpu: bool) -> str:
+    """`Budget.optimizer` resolved to a Transformers `optim` name for this trial."""
+    if budget_optimizer != "auto":
+        return budget_optimizer
+    if not on_gpu:
+        return "adamw_torch"
+    return "paged_adamw_8bit" if quantized else "adamw_torch_fused"
+
+
 def worker_nodes() -> str:
     """The Ray node ids of this trial's workers, sorted and joined by ','; shows where a trial ran."""
     import ray
@@ -121,7 +147,7 @@ def train_loop(config: dict[str, Any]) -> None:
     import ray.train
     import torch
     from transformers import AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
     sweep: Sweep = config["sweep"]
     params = TrialParams.from_config(config)
@@ -129,24 +155,15 @@ def train_loop(config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank0 = context.get_world_rank() == 0
     variant = VARIANTS[params.variant]
+    strategy = STRATEGIES[sweep.resources.strategy_for(params.variant)]
+    gpu_in_use_at_start = gpu_memory_in_use()
     start = time.perf_counter()
 
     torch.manual_seed(sweep.seed)
-    tokenizer = AutoTokenizer.from_pretrained(
-        sweep.base.name_or_path, revision=sweep.base.revision, trust_remote_code=sweep.base.trust_remote_code
-    )
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = load_base(sweep.base, variant.quantized)
-    adapter = build_adapter(model, params, budget.max_steps)
-    work = Path(tempfile.mkdtemp(prefix="lora_search_"))
-    init_dir = work / "init_adapter"
-    model = variants.attach(model, adapter, init_dir)
-    n_trainable = trainable_parameters(model)
-    train_ds, eval_ds = data.load(sweep.dataset, sweep.seed)
-    load_s = time.perf_counter() - start
-
     on_gpu = torch.cuda.is_available() and sweep.resources.gpus_per_worker > 0
+    work = Path(tempfile.mkdtemp(prefix="lora_search_"))
+    # Built before the model loads: under ZeRO-3 it makes from_pretrained partition the weights as they load, under
+    # FSDP it makes ranks > 0 load none (`strategies.trainer_kwargs`).
     args = SFTConfig(
         output_dir=str(work / "trainer"),
         max_steps=budget.max_steps,
@@ -158,6 +175,11 @@ def train_loop(config: dict[str, Any]) -> None:
         warmup_steps=budget.warmup_steps,
         eval_strategy="steps",
         eval_steps=budget.eval_every,
+        # Step-0 eval: every variant starts as an exact (PiSSA: numerically exact) copy of the base, so this is the
+        # base model's eval loss, the reference every trial's gain is measured against. Taken inside train(): a
+        # separate evaluate() first would prepare the model for inference alone, which FSDP2 and DeepSpeed refuse
+        # or cannot train from afterwards.
+        eval_on_start=True,
         logging_steps=budget.eval_every,
         save_strategy="no",  # checkpoints go to Ray Train (adapter only), not the HF output dir
         report_to="none",
@@ -170,34 +192,70 @@ def train_loop(config: dict[str, Any]) -> None:
         disable_tqdm=True,
         dataloader_num_workers=0,
         dataset_num_proc=None,
+        optim=optimizer_name(budget.optimizer, variant.quantized, on_gpu),
+        **strategies.trainer_kwargs(strategy.name),
     )
+    tokenizer = AutoTokenizer.from_pretrained(
+        sweep.base.name_or_path, revision=sweep.base.revision, trust_remote_code=sweep.base.trust_remote_code
+    )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = load_base(sweep.base, variant.quantized, sharded=strategy.shards_base)
+    adapter = build_adapter(model, params, budget.max_steps)
+    init_dir = work / "init_adapter"
+    model = variants.attach(model, adapter, init_dir)
+    n_trainable = trainable_parameters(model)
+    train_ds, eval_ds = data.load(sweep.dataset, sweep.seed)
+    load_s = time.perf_counter() - start
+    log.info(
+        "%s r=%d on %s x %d worker(s), strategy %s, optimizer %s",
+        params.variant,
+        params.rank,
+        device_name(),
+        context.get_world_size(),
+        strategy.name,
+        args.optim,
+    )
+
     probe = probe_batch(tokenizer, eval_ds)
     reporter = _Reporter(sweep, tokenizer, adapter, model, init_dir, work, rank0, n_trainable, load_s, probe)
     reporter.worker_nodes = worker_nodes()
+    reporter.strategy = strategy
+    reporter.gpu_in_use_at_start = gpu_in_use_at_start
     callbacks: list[TrainerCallback] = [reporter]
     if variant.step_hook is not None:
         callbacks.append(_StepHook(model, variant.step_hook))
-    optimizer = variant.optimizer(model, adapter) if variant.optimizer else None
-    trainer = SFTTrainer(
+    trainer = _Trainer(
         model=model,
         args=args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
         callbacks=callbacks,
-        optimizers=(optimizer, None),
+        make_optimizer=(lambda m: variant.optimizer(m, adapter)) if variant.optimizer else None,
     )
     trainer.remove_callback(PrinterCallback)  # progress goes to Tune, not one dict per log line
-    # Step-0 eval: every variant starts as an exact (PiSSA: numerically exact) copy of the base, so this is the
-    # base model's eval loss, the reference every trial's gain is measured against.
     try:
-        reporter.base_eval_loss = float(trainer.evaluate()["eval_loss"])
         trainer.train()
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
 LM_EVAL_RESULTS = "lm_eval_results.json"
+
+
+class _Trainer(SFTTrainer):
+    """SFTTrainer that builds a variant's own optimizer (LoRA+) when the Trainer builds optimizers: after FSDP or
+    DeepSpeed has wrapped the model, where passing a ready optimizer is refused (or would hold stale parameters)."""
+
+    def __init__(self, *args: Any, make_optimizer: Callable[[Any], Any] | None = None, **kwargs: Any) -> None:
+        self._make_optimizer = make_optimizer
+        super().__init__(*args, **kwargs)
+
+    def create_optimizer(self, model: Any = None) -> Any:
+        if self.optimizer is None and self._make_optimizer is not None:
+            self.optimizer = self._make_optimizer(self.model if model is None else model)
+        return super().create_optimizer(model)
 
 
 class _StepHook(TrainerCallback):
@@ -230,6 +288,8 @@ class _Reporter(TrainerCallback):
         self.init_dir, self.work, self.rank0 = init_dir, work, rank0
         self.n_trainable, self.load_s, self.probe = n_trainable, load_s, probe
         self.worker_nodes = ""
+        self.strategy: Strategy = STRATEGIES["ddp"]
+        self.gpu_in_use_at_start = 0
         self.base_eval_loss = float("nan")
         self.train_start = 0.0
         self.last_train_loss = float("nan")
@@ -247,6 +307,8 @@ class _Reporter(TrainerCallback):
         start = time.perf_counter()
         evals.check_applied(self.model, self.probe[0])  # raises: a trial whose adapter does nothing gets no score
         scored = evals.score(self.model, self.tokenizer, self.sweep.evals, self.sweep.seed)
+        if scored is None:  # a rank other than 0 of a sharded model: it took part, rank 0 reports
+            return {}
         (adapter_dir / LM_EVAL_RESULTS).write_text(json.dumps(scored["results"], indent=1))
         out = {f"{GOLDEN_PREFIX}{k}": v for k, v in scored["metrics"].items()}
         out["objective"] = scored["objective"]
@@ -265,8 +327,10 @@ class _Reporter(TrainerCallback):
     def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, float], **kw: Any) -> None:
         import ray.train
 
-        if state.global_step == 0:
-            return  # the base reference, taken before training; reported with every later result
+        if state.global_step == 0:  # the base reference (eval_on_start); reported with every later result
+            self.base_eval_loss = float(metrics["eval_loss"])
+            self.train_start = time.perf_counter()
+            return
 
         train_s = time.perf_counter() - self.train_start
         resources = self.sweep.resources
@@ -290,15 +354,22 @@ class _Reporter(TrainerCallback):
             "device_name": device_name(),
             "worker_nodes": self.worker_nodes,
         }
+        report["strategy"] = self.strategy.name
+        report["gpu_in_use_at_start_bytes"] = self.gpu_in_use_at_start
         checkpoint = None
-        if self.rank0:
+        # A sharded strategy gathers the adapter with a collective, and a forward pass through a sharded base needs
+        # every rank's shard: then every rank saves, probes and scores (each into its own scratch dir), in step.
+        sharded = self.strategy.shards_base
+        if self.rank0 or sharded:
             out = self.work / f"adapter_step{step}"
-            report["adapter_bytes"] = variants.save(self.model, self.adapter, out, self.init_dir)
+            state_dict = strategies.full_adapter_state_dict(self.model) if sharded else None
+            report["adapter_bytes"] = variants.save(self.model, self.adapter, out, self.init_dir, state_dict=state_dict)
             save_probe(self.model, self.probe, out / PROBE_FILE)
             if step >= state.max_steps and self.sweep.evals is not None:
                 report.update(self._golden_scores(out))
-            checkpoint = ray.train.Checkpoint.from_directory(str(out))
+            if self.rank0:
+                checkpoint = ray.train.Checkpoint.from_directory(str(out))
         log.info("step %d eval_loss %.4f", step, report["eval_loss"])
         ray.train.report(report, checkpoint=checkpoint, checkpoint_dir_name=f"step_{step:06d}")
-        if self.rank0 and checkpoint is not None:
-            shutil.rmtree(out, ignore_errors=True)  # Ray copied it into the sweep's storage
+        if self.rank0 or sharded:
+            shutil.rmtree(out, ignore_errors=True)  # Ray copied rank 0's into the sweep's storage

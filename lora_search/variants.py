@@ -142,16 +142,19 @@ VARIANTS: dict[str, Variant] = {
 }
 
 
-def quantization_config() -> Any:
-    """QLoRA's recipe: NF4 weights, double quantisation of the scales, bf16 compute."""
+def quantization_config(storage: torch.dtype | None = None) -> Any:
+    """QLoRA's recipe: NF4 weights, double quantisation of the scales, bf16 compute. `storage`: the dtype the packed
+    4-bit weights are stored as (default uint8); FSDP and ZeRO-3 need the model's float dtype to shard them."""
     import torch
     from transformers import BitsAndBytesConfig
 
+    extra = {"bnb_4bit_quant_storage": storage} if storage is not None else {}
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.bfloat16,
+        **extra,
     )
 
 
@@ -175,12 +178,23 @@ def attach(model: torch.nn.Module, adapter: Adapter, init_dir: Path | None = Non
     return peft_model
 
 
-def save(model: PeftModel, adapter: Adapter, out_dir: Path, init_dir: Path | None = None) -> int:
-    """Save the adapter as a standard PEFT dir (safetensors) that loads on the original base; return its bytes."""
+def save(
+    model: PeftModel,
+    adapter: Adapter,
+    out_dir: Path,
+    init_dir: Path | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> int:
+    """Save the adapter as a standard PEFT dir (safetensors) that loads on the original base; return its bytes.
+
+    `state_dict`: the adapter's tensors gathered whole from a sharded model (`strategies.full_adapter_state_dict`);
+    None reads them from the model, which holds them whole under DDP."""
     variant = VARIANTS[adapter.variant]
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     if variant.converts_on_save:
         kwargs["path_initial_model_for_weight_conversion"] = str(init_dir)
+    if state_dict is not None:
+        kwargs["state_dict"] = state_dict
     model.save_pretrained(str(out_dir), safe_serialization=True, **kwargs)
     check_saved(model, out_dir, reshaped=variant.converts_on_save)
     return adapter_bytes(out_dir)
@@ -198,15 +212,23 @@ def check_saved(model: PeftModel, out_dir: Path, *, reshaped: bool = False) -> N
     global). `reshaped`: the variant rewrites its matrices on save (PiSSA's conversion doubles the rank), so only
     emptiness and zeros are checked.
     """
+    import torch
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import load_file
 
     saved = load_file(str(Path(out_dir) / "adapter_model.safetensors"))
-    live = get_peft_model_state_dict(model)
+    # The model's own tensors, each standing in at its full shape: a ZeRO-3 parameter holds a shape-[0] placeholder
+    # whose real shape is `ds_shape`, which PEFT's state dict (tensors, not Parameters) would lose.
+    whole: dict[str, Any] = dict(model.state_dict())
+    for name, p in model.named_parameters(remove_duplicate=False):
+        ds_shape = getattr(p, "ds_shape", None)
+        if ds_shape is not None:
+            whole[name] = torch.empty(tuple(ds_shape), dtype=p.dtype, device="meta")
+    live = get_peft_model_state_dict(model, state_dict=whole)
     problems = []
     for name, tensor in saved.items():
         param = live.get(name)
-        expected = tuple(getattr(param, "ds_shape", None) or param.shape) if param is not None else None
+        expected = tuple(param.shape) if param is not None else None
         if tensor.numel() == 0:
             problems.append(f"{name} is empty {tuple(tensor.shape)}")
         elif expected is not None and not reshaped and tuple(tensor.shape) != expected:

@@ -1,5 +1,5 @@
 """A real three-node Ray cluster on localhost (`ray start`: one head, two workers with their own node resources):
-every trial spans two workers on two different nodes (DDP over gloo on CPU)."""
+every trial spans two workers on two different nodes (DDP, and DeepSpeed ZeRO-3, over gloo on CPU)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+
+from lora_search.probe import check_reload
 
 pytestmark = pytest.mark.slow
 
@@ -70,11 +72,14 @@ def test_two_worker_trials_spread_over_two_nodes(three_nodes, tiny_model_dir, ti
             name="multinode",
             base=BaseModel({str(tiny_model_dir)!r}),
             dataset=Dataset({str(tiny_jsonl)!r}, eval_fraction=0.2, max_length=96),
-            space=SearchSpace(ranks=(2, 4), targets=("attention",), variants=("lora",), lr=(1e-3, 2e-3)),
+            space=SearchSpace(ranks=(4,), targets=("attention",), variants=("lora", "dora"), lr=(1e-3, 2e-3),
+                              lr_grid_points=1),
             budget=Budget(max_steps=10, eval_every=5, grace_period=10, batch_size=4),
-            # Two data-parallel workers per trial, never on the same node.
-            resources=Resources(workers=2, cpus_per_worker=1, placement="STRICT_SPREAD"),
-            num_samples=2, seed=0, output_dir={str(tmp_path / "reports")!r},
+            # Two workers per trial, never on the same node: lora's replicate the model (DDP), dora's shard it
+            # (DeepSpeed ZeRO-3 over gloo: each node holds half the base and must gather the adapter to save it).
+            resources=Resources(workers=2, cpus_per_worker=1, placement="STRICT_SPREAD",
+                                strategy_by_variant={{"dora": "deepspeed-zero3"}}),
+            search="grid", num_samples=1, seed=0, output_dir={str(tmp_path / "reports")!r},
         )
         if __name__ == "__main__":
             main(SWEEP)
@@ -102,7 +107,9 @@ def test_two_worker_trials_spread_over_two_nodes(three_nodes, tiny_model_dir, ti
 
     frame = pd.read_parquet(tmp_path / "reports" / "multinode" / "trials.parquet")
     assert list(frame["status"]) == ["completed", "completed"], frame[["status", "reason"]]
+    assert dict(zip(frame["variant"], frame["strategy"], strict=True)) == {"lora": "ddp", "dora": "deepspeed-zero3"}
     for row in frame.itertuples():
         used = set(row.worker_nodes.split(","))
         assert used == workers, (used, workers)  # both workers of the trial, one on each worker node
         assert row.device_s > 0 and row.trainable_params > 0
+        assert check_reload(Path(row.adapter_path)) < 1e-5  # whole adapters, though dora's was sharded over 2 nodes

@@ -134,3 +134,33 @@ def test_an_adapter_that_stays_zero_fails_its_trial_with_the_guard(tiny_model_di
     assert list(frame["status"]) == ["failed"]
     assert "does not change the model's outputs" in frame["reason"].iloc[0]
     assert frame["objective"].isna().all()
+
+
+def test_deepspeed_zero3_sweep_two_workers(tiny_model_dir, tiny_jsonl, tmp_path) -> None:
+    """ZeRO-3 trials of 2 CPU workers (DeepSpeed's CPU accelerator over gloo): the base and the adapter are
+    partitioned, yet every saved adapter is whole (gathered), reloads with plain PEFT to the trial's own probe logits,
+    and the golden sets are scored by both ranks in step (lm-eval, multiple choice and greedy generation)."""
+    pytest.importorskip("deepspeed")
+    from lora_search import Resources
+    from lora_search.probe import check_reload
+
+    sweep = _sweep(
+        tiny_model_dir,
+        tiny_jsonl,
+        tmp_path,
+        space=SearchSpace(
+            ranks=(4,), targets=("all-linear",), variants=("dora", "loraplus"), lr=(2e-3, 4e-3), lr_grid_points=1
+        ),
+        budget=Budget(max_steps=10, eval_every=5, grace_period=10, batch_size=8),
+        resources=Resources(workers=2, cpus_per_worker=1, strategy="deepspeed-zero3"),
+        search="grid",
+        num_samples=1,
+        max_concurrent_trials=1,
+    )
+    run(sweep)
+    on_disk = pd.read_parquet(tmp_path / "it" / "trials.parquet")
+    assert list(on_disk["status"]) == ["completed", "completed"], on_disk[["variant", "status", "reason"]]
+    assert set(on_disk["strategy"]) == {"deepspeed-zero3"}
+    for row in on_disk.itertuples():
+        assert row.objective == row.objective  # scored: not NaN
+        assert check_reload(Path(row.adapter_path)) < 1e-5

@@ -1,0 +1,207 @@
+"""Strategies (lora_search/strategies.py): validation before compute, trainer arguments, and the adapter gather that
+saving a sharded model needs, run for real on 2 CPU processes sharded by torch's FSDP2 (gloo).
+
+Transformers' Trainer runs FSDP and DeepSpeed on CUDA only, so whole FSDP/ZeRO-3 trials are GPU tests
+(tests marked `gpu`, and benchmarks/strategies.py on the device); the gather they depend on is tested here."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+
+from lora_search import strategies, variants
+from lora_search.config import Budget, ConfigError, Resources, SearchSpace, Sweep
+from lora_search.strategies import STRATEGIES, trainer_kwargs
+from lora_search.train import optimizer_name
+from lora_search.variants import Adapter, EmptyAdapterError
+
+
+@pytest.fixture
+def base_sweep(tiny_model_dir: Path, tiny_jsonl: Path) -> Sweep:
+    from lora_search.config import BaseModel, Dataset
+
+    return Sweep(
+        name="strategies",
+        base=BaseModel(str(tiny_model_dir)),
+        dataset=Dataset(str(tiny_jsonl)),
+        space=SearchSpace(variants=("lora",)),
+    )
+
+
+@pytest.mark.parametrize(
+    ("resources", "variants_", "field", "says"),
+    [
+        ({"strategy": "zero3"}, ("lora",), "resources.strategy", "use one of ddp, fsdp"),
+        ({"strategy": "fsdp"}, ("lora",), "resources.strategy", "CUDA GPUs only"),
+        (
+            {"strategy": "ddp", "gpus_per_worker": 1, "strategy_by_variant": {"lora": "deepspeed-zero3"}},
+            ("lora",),
+            None,
+            None,
+        ),
+        ({"strategy": "fsdp", "gpus_per_worker": 1}, ("pissa",), "space.variants", "cannot train under strategy"),
+        ({"strategy": "deepspeed-zero2", "gpus_per_worker": 1}, ("adalora",), "space.variants", "rank allocator"),
+        ({"strategy": "ddp", "strategy_by_variant": {"dora": "fsdp"}}, ("dora",), "strategy_by_variant", "CUDA"),
+    ],
+)
+def test_strategy_problems_refused_at_construction(
+    base_sweep: Sweep, resources: dict, variants_: tuple[str, ...], field: str | None, says: str | None
+) -> None:
+    """Bad strategy choices are refused when the Sweep is built, naming the field, the value and the fix."""
+    space = SearchSpace(variants=variants_)
+    if field is None:
+        sweep = base_sweep.replace(space=space, resources=Resources(**resources))
+        assert sweep.resources.strategy_for("lora") == "deepspeed-zero3"
+        return
+    with pytest.raises(ConfigError) as e:
+        base_sweep.replace(space=space, resources=Resources(**resources))
+    text = str(e.value)
+    assert field in text and says in text, text
+
+
+def test_pissa_allowed_with_an_unsharded_override(base_sweep: Sweep) -> None:
+    sweep = base_sweep.replace(
+        space=SearchSpace(variants=("lora", "pissa")),
+        resources=Resources(gpus_per_worker=1, strategy="fsdp", strategy_by_variant={"pissa": "ddp"}),
+    )
+    assert [sweep.resources.strategy_for(v) for v in ("lora", "pissa")] == ["fsdp", "ddp"]
+
+
+def test_unknown_optimizer_refused(base_sweep: Sweep) -> None:
+    with pytest.raises(ConfigError, match=r"budget\.optimizer.*adamw_9bit.*paged_adamw_8bit"):
+        base_sweep.replace(budget=Budget(optimizer="adamw_9bit"))
+
+
+def test_optimizer_auto() -> None:
+    assert optimizer_name("auto", quantized=True, on_gpu=True) == "paged_adamw_8bit"
+    assert optimizer_name("auto", quantized=False, on_gpu=True) == "adamw_torch_fused"
+    assert optimizer_name("auto", quantized=False, on_gpu=False) == "adamw_torch"
+    assert optimizer_name("adamw_8bit", quantized=False, on_gpu=True) == "adamw_8bit"
+
+
+def test_trainer_kwargs() -> None:
+    """fsdp selects FSDP2 with per-layer wrapping and rank-0 loading; DeepSpeed points at the shipped configs."""
+    assert trainer_kwargs("ddp") == {}
+    fsdp = trainer_kwargs("fsdp")
+    assert fsdp["fsdp"] is True and fsdp["fsdp_config"]["version"] == 2
+    assert fsdp["fsdp_config"]["cpu_ram_efficient_loading"] is True
+    for name, stage in (("deepspeed-zero2", 2), ("deepspeed-zero3", 3)):
+        path = Path(trainer_kwargs(name)["deepspeed"])
+        config = json.loads(path.read_text())
+        assert config["zero_optimization"]["stage"] == stage
+        # "auto" lets the Trainer fill batch sizes, accumulation and precision from the sweep's Budget
+        assert config["train_micro_batch_size_per_gpu"] == "auto" and config["bf16"]["enabled"] == "auto"
+    assert set(STRATEGIES) == {"ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3"}
+
+
+def test_deepspeed_configs_ship_in_the_wheel() -> None:
+    """The JSON configs are package data: a `pip install` (not only a checkout) has them."""
+    import tomllib
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["lora_search"]
+    shipped = {p.name for pattern in patterns for p in Path(strategies.__file__).parent.glob(pattern)}
+    assert {"zero2.json", "zero3.json"} <= shipped
+
+
+ADAPTER = Adapter("lora", rank=4, alpha=8.0, target_modules=("q_proj", "v_proj"), dropout=0.0, lr=1e-3, total_steps=1)
+
+
+def _tiny_peft() -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+    )
+    model = variants.attach(LlamaForCausalLM(config), ADAPTER)
+    with torch.no_grad():  # as after training: B is no longer zero
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    return model
+
+
+def _sharded_worker(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+    from peft.utils import get_peft_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        model = _tiny_peft()
+        whole = {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
+        for layer in model.base_model.model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        live = get_peft_model_state_dict(model)
+        assert all(isinstance(v, DTensor) for v in live.values()), "the model is not sharded"
+
+        gathered = strategies.full_adapter_state_dict(model)  # a collective: both ranks call it
+        save_dir = Path(out) / f"rank{rank}"
+        variants.save(model, ADAPTER, save_dir, state_dict=gathered)  # check_saved runs inside
+        assert get_peft_model_state_dict(model, state_dict=gathered).keys() == whole.keys()
+        for k, v in get_peft_model_state_dict(model, state_dict=gathered).items():
+            torch.testing.assert_close(v, whole[k], rtol=0, atol=0)
+
+        # The known failure, reproduced: saving each rank's local shards writes half-size tensors.
+        local = {
+            k: v.to_local() if isinstance(v, DTensor) else v for k, v in model.state_dict().items() if "lora_" in k
+        }
+        try:
+            variants.save(model, ADAPTER, Path(out) / f"local{rank}", state_dict=local)
+        except EmptyAdapterError as e:
+            (Path(out) / f"refused{rank}.txt").write_text(str(e))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_fsdp2_adapter_gather_and_empty_guard(tmp_path: Path) -> None:
+    """Under FSDP2 (2 gloo ranks) the gathered adapter saves whole: it equals the unsharded model's and reloads with
+    plain PEFT onto an unsharded copy with identical logits. Saving the local shards instead is refused."""
+    import torch.multiprocessing as mp
+    from peft import PeftModel
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    mp.spawn(_sharded_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+
+    for rank in (0, 1):
+        refused = (tmp_path / f"refused{rank}.txt").read_text()
+        assert "has shape" in refused and "must be gathered before saving" in refused, refused
+    reference = _tiny_peft().eval()
+    config = LlamaConfig(
+        **{
+            k: getattr(reference.config, k)
+            for k in (
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "vocab_size",
+            )
+        }
+    )
+    torch.manual_seed(0)
+    reloaded = PeftModel.from_pretrained(LlamaForCausalLM(config), str(tmp_path / "rank0")).eval()
+    ids = torch.tensor([[1, 5, 9, 2, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, reference(input_ids=ids).logits)

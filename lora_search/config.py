@@ -283,6 +283,10 @@ class Resources:
     gpus_per_worker: float = 0.0
     placement: Placement = "PACK"
     """PACK keeps a trial's workers on one node when they fit (fast NCCL); SPREAD puts them on different nodes."""
+    memory_limit_gb: float | None = None
+    """Stop a trial whose worker's peak memory passes this (GPU allocator peak, or the process's peak RSS on CPU)
+    as `infeasible`, as a CUDA out-of-memory error does anyway: set it to keep trials within a budget smaller than
+    the device. None: no limit of ours."""
     strategy: str = "ddp"
     """How the workers share the model (`lora_search.strategies.STRATEGIES`): "ddp" replicates the base on every
     GPU; "fsdp" and "deepspeed-zero3" shard it (a 70B bf16 base is 131 GiB: 16.4 GiB a GPU over 8);
@@ -317,6 +321,8 @@ class Resources:
                 )
         if self.workers < 1:
             out.append(Problem("resources.workers", self.workers, "must be >= 1", ""))
+        if self.memory_limit_gb is not None and not self.memory_limit_gb > 0:
+            out.append(Problem("resources.memory_limit_gb", self.memory_limit_gb, "must be > 0 or None", "e.g. 70"))
         if self.cpus_per_worker <= 0 and self.gpus_per_worker <= 0:
             out.append(Problem("resources.cpus_per_worker", self.cpus_per_worker, "a worker needs a CPU or a GPU", ""))
         if self.gpus_per_worker < 0:

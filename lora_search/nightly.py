@@ -90,7 +90,7 @@ def summarise(sweep_dir: Path) -> Summary:
         row = done.loc[done[key].idxmax() if higher else done[key].idxmin()]
         best, best_trial = float(row[key]), str(row["trial_id"])
         stderr = float(row.get(f"{key}_stderr", 0.0) or 0.0)
-    failed = trials[trials["status"] == "failed"]
+    failed = trials[trials["status"].isin(("failed", "diverged", "infeasible"))]  # none is a result
     return Summary(
         sweep=sweep_dir.name,
         quality_key=key,

@@ -30,7 +30,15 @@ if TYPE_CHECKING:
     import pandas as pd
     import plotly.graph_objects as go
 
-STATUS_COLOURS = {"completed": "#2a9d8f", "pruned": "#e9a03b", "failed": "#d62828"}
+STATUS_COLOURS = {
+    "completed": "#2a9d8f",
+    "pruned": "#e9a03b",
+    "failed": "#d62828",
+    "diverged": "#9d4edd",
+    "infeasible": "#6c757d",
+}
+STOPPED = ("failed", "diverged", "infeasible")
+"""Endings that are not a result: dashed in the ASHA picture, left out of the variant comparison."""
 TABLE_COLUMNS = (
     "trial_id",
     "status",
@@ -317,7 +325,7 @@ def _asha_section(r: SweepResults) -> str:
             x=steps["step"].tolist(),
             y=steps["eval_loss"].tolist(),
             mode="lines+markers",
-            line={"color": STATUS_COLOURS[s], "dash": "dash" if s == "failed" else "solid", "width": 1.5},
+            line={"color": STATUS_COLOURS[s], "dash": "dash" if s in STOPPED else "solid", "width": 1.5},
             marker={"symbol": ["circle"] * (n - 1) + [end], "size": [5] * (n - 1) + [12 if s == "pruned" else 5]},
             hovertemplate=f"{html.escape(str(trial_id))} ({s})<br>step %{{x}}: eval loss %{{y:.4f}}<extra></extra>",
         )
@@ -329,7 +337,7 @@ def _asha_section(r: SweepResults) -> str:
     fig.update_layout(xaxis={"title": "optimizer step"}, yaxis={"title": "eval loss"})
     note = _note(
         f"One line per trial; x marks where ASHA pruned a trial (rungs at steps {rungs or 'none'}); "
-        "failed trials are dashed."
+        "failed, diverged (NaN/inf loss) and infeasible (out of memory) trials are dashed."
     )
     return _section("ASHA: eval loss per step", note + _figure(fig, "fig-asha"), "asha")
 
@@ -378,7 +386,7 @@ def _variants_section(r: SweepResults) -> str:
     import plotly.graph_objects as go
 
     t, q = r.trials, r.quality
-    ran = t[t["status"] != "failed"]
+    ran = t[~t["status"].isin(STOPPED)]
     if not len(ran):
         return _section("Variants", _note("No completed or pruned trial: no variant to compare."), "variants")
     fig = go.Figure()
@@ -459,7 +467,7 @@ table.kv th { background: #f5f5f5; font-weight: 600; }
 table.sortable td.reason { white-space: normal; min-width: 16em; max-width: 28em; }
 table.sortable th { cursor: pointer; background: #f0f0f0; user-select: none; }
 table.sortable th.asc::after { content: " \\25B2"; } table.sortable th.desc::after { content: " \\25BC"; }
-tr.failed td { color: #a00; } tr.pruned td { color: #666; }
+tr.failed td, tr.diverged td, tr.infeasible td { color: #a00; } tr.pruned td { color: #666; }
 tr.fail td { background: #fde2e2; color: #900; font-weight: 600; } tr.pass td { background: #e6f4ea; }
 .note { color: #555; font-size: 14px; } section, footer { margin-bottom: 2em; }
 """

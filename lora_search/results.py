@@ -1,13 +1,17 @@
 """Trial records: what each trial was, how it ended, what it cost; written to `reports/<sweep>/trials.parquet`.
 
-A trial ends in exactly one of three states:
+A trial ends in exactly one of five states:
 - completed: trained the full budget (`budget.max_steps`);
 - pruned: ASHA stopped it at a rung (`stopped_at_step` says where);
-- failed: its training raised (`reason` says why). A failed trial never stops the sweep.
+- diverged: its train or eval loss became NaN or infinite (`step` and the loss columns hold where and what);
+- infeasible: it ran out of device memory or past `Resources.memory_limit_gb` (`peak_mem_bytes` holds the peak);
+- failed: its training raised for any other reason (`reason` says why).
+No ending but completed puts a trial on the frontier, and none stops the sweep.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,7 +26,54 @@ GOLDEN_PREFIX = "golden/"
 if TYPE_CHECKING:
     import pandas as pd
 
-Status = Literal["completed", "pruned", "failed"]
+Status = Literal["completed", "pruned", "failed", "diverged", "infeasible"]
+
+
+class LossDivergedError(RuntimeError):
+    """A trial's train or eval loss became NaN or infinite. Raised by the worker at the report where it shows (ASHA
+    never records the value, so its cutoffs stay finite); the trial ends as `diverged`, is never retried, and a
+    searcher is told it errored, not that it scored. Build it with `diverged` (one message argument, so that it
+    pickles across Ray processes)."""
+
+
+class InfeasibleError(RuntimeError):
+    """A trial ran out of device memory, or past `Resources.memory_limit_gb`. The trial ends as `infeasible` (its
+    configuration cannot run on these devices: not retried, kept off the frontier), with the peak it reached. Build
+    it with `infeasible`."""
+
+
+def diverged(which: str, value: float, step: int) -> LossDivergedError:
+    return LossDivergedError(f"{which}={value} at step {step}: the loss diverged (lower the learning rate)")
+
+
+def infeasible(what: str, peak_bytes: int, step: int) -> InfeasibleError:
+    return InfeasibleError(
+        f"{what} at step {step}, peak_mem_bytes={peak_bytes} ({peak_bytes / 2**30:.2f} GiB): infeasible on these "
+        "devices (a smaller micro-batch, rank or max_length, a 4-bit variant, or a sharding strategy may fit)"
+    )
+
+
+_STOPPED = {"diverged": LossDivergedError.__name__, "infeasible": InfeasibleError.__name__}
+_DIVERGED = re.compile(r"(train_loss|eval_loss)=(\S+) at step (\d+)")
+_PEAK = re.compile(r"at step (\d+), peak_mem_bytes=(\d+)")
+
+
+def stopped_status(reason: str) -> Status:
+    """The status of a trial that raised with `reason`: diverged, infeasible, or failed."""
+    for status, name in _STOPPED.items():
+        if name in reason:
+            return status  # type: ignore[return-value]
+    return "failed"
+
+
+def stopped_figures(reason: str) -> dict[str, Any]:
+    """What a diverged or infeasible trial's error says: the real loss value and its step, or the peak memory."""
+    if m := _DIVERGED.search(reason):
+        return {m.group(1): float(m.group(2)), "step": int(m.group(3))}
+    if m := _PEAK.search(reason):
+        return {"step": int(m.group(1)), "peak_mem_bytes": int(m.group(2))}
+    return {}
+
 
 TABLE_COLUMNS = [
     "trial_id",
@@ -93,13 +144,13 @@ class TrialRecord:
 
 def status_of(error: BaseException | None, last: dict[str, Any], max_steps: int) -> Status:
     if error is not None:
-        return "failed"
+        return stopped_status(error_reason(error))
     if last.get("step", 0) >= max_steps:
         return "completed"
     return "pruned"
 
 
-def error_reason(error: BaseException | None) -> str:
+def error_reason(error: BaseException | str | None) -> str:
     """The last meaningful line of a trial's error (Ray wraps the worker's traceback several times)."""
     if error is None:
         return ""
@@ -122,6 +173,9 @@ def record(
     params = trial_params(config)
     max_steps = sweep.budget.max_steps
     last = history[-1] if history else {}
+    status = status_of(error, last, max_steps)
+    if status in ("diverged", "infeasible"):
+        last = {**last, **stopped_figures(error_reason(error))}  # the real loss value / the peak, at its step
     adapter_path = ""
     source = last.get("checkpoint_path")
     if source and Path(source).is_dir():
@@ -137,7 +191,7 @@ def record(
     priced = trial_cost(trial_s, eval_s, devices_per_trial(sweep.resources), device_name, sweep.pricing)
     return TrialRecord(
         trial_id=trial_id,
-        status=status_of(error, last, max_steps),
+        status=status,
         variant=params["variant"],
         rank=int(params["rank"]),
         alpha=float(params["alpha"]),
@@ -203,8 +257,8 @@ def write(records: list[TrialRecord], path: Path) -> None:
 
 
 def table(frame: pd.DataFrame, top: int | None = None) -> str:
-    """The final table: completed trials first, best eval loss first; then pruned, then failed."""
-    order = {"completed": 0, "pruned": 1, "failed": 2}
+    """The final table: completed trials first, best eval loss first; then pruned, diverged, infeasible, failed."""
+    order = {"completed": 0, "pruned": 1, "diverged": 2, "infeasible": 3, "failed": 4}
     shown = frame.assign(_o=frame["status"].map(order)).sort_values(["_o", "eval_loss"], na_position="last")
     columns = TABLE_COLUMNS[:3] + (["objective"] if frame["objective"].notna().any() else []) + TABLE_COLUMNS[3:]
     shown = shown[columns].head(top) if top else shown[columns]
@@ -225,6 +279,7 @@ def summary(frame: pd.DataFrame) -> str:
     """Counts per status, and the best completed trial's eval loss against the base model's."""
     counts = frame["status"].value_counts()
     parts = [f"{counts.get(s, 0)} {s}" for s in ("completed", "pruned", "failed")]
+    parts += [f"{counts[s]} {s}" for s in ("diverged", "infeasible") if counts.get(s, 0)]
     line = f"{len(frame)} trials: " + ", ".join(parts)
     done = frame[frame["status"] == "completed"]
     if len(done):

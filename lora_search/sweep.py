@@ -147,11 +147,17 @@ class _Events(Callback):
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         if (s := _SESSION) is None:
             return
-        reason = results.error_reason(info.get("error") or trial.get_error())
+        # Tune writes the error to the trial's local error file before this callback; get_error() reads the copy in
+        # the sweep's storage, which is synced later (often empty here).
+        local = Path(getattr(trial, "error_file", None) or "")
+        text = local.read_text() if local.name and local.is_file() else trial.get_error()
+        reason = results.error_reason(text)
+        status = results.stopped_status(reason)
         s.ended.add(trial.trial_id)
-        s.say(f"trial {trial.trial_id} FAILED (the sweep goes on): {reason}")
+        s.say(f"trial {trial.trial_id} {status.upper()} (the sweep goes on): {reason}")
         if s.tracker:
-            s.tracker.trial_ended(trial.trial_id, trial.config, "failed", 0, reason)
+            step = int(results.stopped_figures(reason).get("step", 0))
+            s.tracker.trial_ended(trial.trial_id, trial.config, status, step, reason)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         if (s := _SESSION) is not None:
@@ -226,7 +232,10 @@ def _frontier(
         "reference_cost": ref_cost,
         "base_weight_bytes": float(base_bytes),
         f"base_{quality.key}": base_quality,
-        **{f"trials_{s}": float(sum(r.status == s for r in records)) for s in ("completed", "pruned", "failed")},
+        **{
+            f"trials_{s}": float(sum(r.status == s for r in records))
+            for s in ("completed", "pruned", "failed", "diverged", "infeasible")
+        },
     }
     return records, table, figures
 

@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lora_search import registry
+from lora_search import registry, results
 from lora_search.config import Problem, Sweep
 from lora_search.space import trial_params
 
@@ -72,7 +72,14 @@ FINAL_METRICS = (
     "tokens_per_s",
 )
 BUDGET_PARAMS = ("max_steps", "batch_size", "grad_accum", "warmup_steps", "eval_every")
-MLFLOW_STATUS = {"completed": "FINISHED", "pruned": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}
+MLFLOW_STATUS = {
+    "completed": "FINISHED",
+    "pruned": "FINISHED",
+    "failed": "FAILED",
+    "diverged": "FAILED",
+    "infeasible": "FAILED",
+    "interrupted": "KILLED",
+}
 
 
 def tracking_uri(sweep: Sweep) -> str:
@@ -317,7 +324,7 @@ class Tracker:
         self.client.set_tag(run_id, "lora_search.status", status)
         if status == "pruned":
             self.client.set_tag(run_id, "lora_search.stopped_at_step", str(step))
-        if status == "failed":
+        if MLFLOW_STATUS[status] == "FAILED":
             self.client.set_tag(run_id, "lora_search.failure_reason", reason[:5000] or "unknown")
         info = self.client.get_run(run_id).info
         # Confirming a status the live callback already set keeps its end time (the trial's, not the sweep's end).
@@ -369,6 +376,13 @@ class Tracker:
             values = dataclasses.asdict(r)
             scores = {f"golden/{k}": v for k, v in (r.scores or {}).items()}
             metrics = _metrics(values, FINAL_METRICS, r.step) + _metrics(scores, sorted(scores), r.step)
+            if r.status == "diverged":  # the value itself, NaN or inf, where the curve ends: what the UI should show
+                from mlflow.entities import Metric
+
+                now = int(time.time() * 1000)
+                for key, value in results.stopped_figures(r.reason).items():
+                    if key != "step":
+                        metrics.append(Metric(key, value, now, r.step))
             self._log(run_id, metrics=metrics)
             self.client.set_tag(run_id, "lora_search.device", r.device_name)
             self.client.set_tag(run_id, "lora_search.strategy", r.strategy)

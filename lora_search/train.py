@@ -11,6 +11,7 @@ Run through `lora_search.trial`, never directly.
 from __future__ import annotations
 
 import logging
+import math
 import resource
 import shutil
 import tempfile
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from transformers import PrinterCallback, TrainerCallback
 from trl import SFTTrainer
 
-from lora_search import data, strategies, targets, variants
+from lora_search import data, results, strategies, targets, variants
 from lora_search.config import BaseModel, Sweep
 from lora_search.probe import PROBE_FILE, probe_batch, save_probe
 from lora_search.results import GOLDEN_PREFIX
@@ -237,6 +238,9 @@ def train_loop(config: dict[str, Any]) -> None:
     trainer.remove_callback(PrinterCallback)  # progress goes to Tune, not one dict per log line
     try:
         trainer.train()
+    except torch.cuda.OutOfMemoryError as e:
+        peak, _ = peak_memory_bytes()
+        raise results.infeasible("CUDA out of memory", peak, trainer.state.global_step) from e
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -317,12 +321,19 @@ class _Reporter(TrainerCallback):
         return out
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        limit = self.sweep.resources.memory_limit_gb
+        if limit is not None:
+            peak, kind = peak_memory_bytes()
+            if peak > limit * 2**30:
+                raise results.infeasible(f"past resources.memory_limit_gb={limit:g} ({kind})", peak, state.global_step)
         if state.global_step >= state.max_steps:
             control.should_evaluate = True  # always report the final step, whatever eval_every is
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kw: Any) -> None:
         if logs and "loss" in logs:
             self.last_train_loss = float(logs["loss"])
+            if not math.isfinite(self.last_train_loss):
+                raise results.diverged("train_loss", self.last_train_loss, state.global_step)
 
     def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, float], **kw: Any) -> None:
         import ray.train
@@ -332,6 +343,8 @@ class _Reporter(TrainerCallback):
             self.train_start = time.perf_counter()
             return
 
+        if not math.isfinite(float(metrics["eval_loss"])):
+            raise results.diverged("eval_loss", float(metrics["eval_loss"]), int(state.global_step))
         train_s = time.perf_counter() - self.train_start
         resources = self.sweep.resources
         per_worker_devices = resources.gpus_per_worker if resources.gpus_per_worker > 0 else resources.cpus_per_worker

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -164,3 +165,52 @@ def test_deepspeed_zero3_sweep_two_workers(tiny_model_dir, tiny_jsonl, tmp_path)
     for row in on_disk.itertuples():
         assert row.objective == row.objective  # scored: not NaN
         assert check_reload(Path(row.adapter_path)) < 1e-5
+
+
+def test_diverged_and_infeasible_trials(tiny_model_dir, tiny_jsonl, tmp_path) -> None:
+    """A trial whose loss goes NaN/inf stops at the report where it shows, as `diverged`: ASHA never records the
+    value (the other trial is judged against finite cutoffs), and MLflow holds the real value. A trial past its
+    memory limit stops as `infeasible` with its peak. Neither is on the frontier; the sweep completes."""
+    from mlflow import MlflowClient
+
+    from lora_search import Resources
+
+    sweep = _sweep(
+        tiny_model_dir,
+        tiny_jsonl,
+        tmp_path,
+        space=SearchSpace(ranks=(4,), targets=("all-linear",), variants=("lora",), lr=(1e-3, 1e30), lr_grid_points=2),
+        budget=Budget(max_steps=10, eval_every=5, grace_period=5, reduction_factor=2, batch_size=8),
+        search="grid",
+        num_samples=1,
+        max_concurrent_trials=1,
+        evals=None,
+    )
+    run(sweep)
+    trials = pd.read_parquet(tmp_path / "it" / "trials.parquet").set_index("lr")
+    sane, wild = trials.loc[trials.index.min()], trials.loc[trials.index.max()]
+    assert wild.status == "diverged", wild.reason
+    assert wild.step <= sweep.budget.eval_every  # stopped at the first report that showed it
+    assert not (np.isfinite(wild.train_loss) and np.isfinite(wild.eval_loss)), (wild.train_loss, wild.eval_loss)
+    assert sane.status == "completed" and np.isfinite(sane.eval_loss)
+    history = pd.read_parquet(tmp_path / "it" / "history.parquet")
+    assert np.isfinite(history["eval_loss"]).all()  # nothing non-finite ever reached Tune (or ASHA's rungs)
+    assert not trials["pareto"].loc[trials["status"] != "completed"].any()
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_ = client.get_run(wild.mlflow_run_id)
+    assert run_.info.status == "FAILED" and run_.data.tags["lora_search.status"] == "diverged"
+    key = "eval_loss" if "eval_loss=" in wild.reason else "train_loss"
+    shown = client.get_metric_history(wild.mlflow_run_id, key)
+    assert shown and not np.isfinite(shown[-1].value) and shown[-1].step == wild.step
+
+    limited = sweep.replace(
+        name="limited",
+        space=SearchSpace(ranks=(4,), targets=("attention",), variants=("lora",), lr=(1e-3, 2e-3), lr_grid_points=1),
+        resources=Resources(memory_limit_gb=0.05),  # below what a worker process with torch imported holds
+    )
+    run(limited)
+    row = pd.read_parquet(tmp_path / "limited" / "trials.parquet").iloc[0]
+    assert row.status == "infeasible", row.reason
+    assert row.peak_mem_bytes > 0.05 * 2**30 and "memory_limit_gb=0.05" in row.reason
+    assert not row.pareto

@@ -265,7 +265,7 @@ def check(evals: Evals) -> list[Problem]:
         return [
             Problem("evals.tasks", evals.tasks, str(e).splitlines()[0], f"add the task YAML under {evals.tasks_dir}")
         ]
-    problems: list[Problem] = []
+    problems: list[Problem] = list(_objective_problems(evals, configs))
     for config in configs:
         task = config["task"]
         needed = _fields(config)
@@ -285,6 +285,36 @@ def check(evals: Evals) -> list[Problem]:
     if not problems:
         problems.extend(_lm_eval_accepts(configs))
     return problems
+
+
+DEFAULT_METRICS = {
+    "multiple_choice": ("acc", "acc_norm"),
+    "generate_until": ("exact_match",),
+    "loglikelihood": ("perplexity", "acc"),
+    "loglikelihood_rolling": ("word_perplexity", "byte_perplexity", "bits_per_byte"),
+}
+"""What lm-eval scores a task by when its YAML has no metric_list."""
+
+
+def _objective_problems(evals: Evals, configs: list[dict[str, Any]]) -> list[Problem]:
+    """The objective's metric must be one its task computes: a typo would otherwise show only after every trial, as
+    a missing score."""
+    task, _, metric = evals.objective.partition("/")
+    config = next((c for c in configs if c.get("task") == task), None)
+    if config is None or not metric:
+        return []  # Evals.problems has reported it
+    listed = tuple(m["metric"] for m in config.get("metric_list", []) if isinstance(m, dict) and "metric" in m)
+    known = listed or DEFAULT_METRICS.get(str(config.get("output_type")), ())
+    if not known or metric in known:
+        return []
+    return [
+        Problem(
+            "evals.objective",
+            evals.objective,
+            f"task {task!r} computes {', '.join(known)}, not {metric!r}",
+            f"use one of {', '.join(f'{task}/{m}' for m in known)}, or add {metric!r} to its metric_list",
+        )
+    ]
 
 
 def _check_golden_file(path: Path, needed: set[str], config: dict[str, Any], cap: int) -> list[Problem]:

@@ -1,0 +1,147 @@
+"""The bad-input matrix: malformed sweeps, datasets and golden sets, each run as a user would (`lora-search run
+SWEEP_FILE`). Every one must exit 2 with a message naming the field (or file:line) and the bad value, print no
+traceback, and start nothing: Ray's start-up is replaced by a tripwire, so a case that slips past the checks fails
+here instead of spending compute."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from lora_search import cli, sweep
+
+REPO = Path(__file__).resolve().parents[1]
+GOOD_ROW = {"instruction": "Name the mood.", "input": "the cat smiles", "output": "joy"}
+
+
+def _rows(n: int = 40) -> list[str]:
+    return [json.dumps({**GOOD_ROW, "input": f"the cat smiles {i}"}) for i in range(n)]
+
+
+def _golden(tmp: Path, edit=None) -> str:
+    """evals/ copied into `tmp`, its tiny_mood golden set edited by `edit(rows)`; returns the tasks dir."""
+    shutil.copytree(REPO / "evals", tmp / "evals")
+    golden = tmp / "evals" / "golden" / "tiny_mood.jsonl"
+    rows = golden.read_text().splitlines()[:20]
+    if edit is not None:
+        edit(rows)
+    golden.write_text("\n".join(rows) + ("\n" if rows else ""))
+    return str(tmp / "evals" / "tasks")
+
+
+def _set(rows: list[str], i: int, **changes: object) -> None:
+    rows[i] = json.dumps({**json.loads(rows[i]), **changes})
+
+
+# id -> (Sweep keyword arguments as source text, data edit, golden edit, what the message must say)
+CASES: dict[str, tuple[str, object, object, tuple[str, ...]]] = {
+    "name": ("name='my sweep!'", None, None, ("name", "'my sweep!'")),
+    "base-missing": ("base=BaseModel('/nonexistent/model')", None, None, ("base.name_or_path", "/nonexistent/model")),
+    "rank-zero": ("space=SearchSpace(ranks=(0,))", None, None, ("space.ranks", "0")),
+    "rank-too-big": ("space=SearchSpace(ranks=(100000,))", None, None, ("100000",)),
+    "target-preset": ("space=SearchSpace(targets=('attn',))", None, None, ("space.targets", "attn")),
+    "target-module": ("space=SearchSpace(targets=(('q_prj',),))", None, None, ("space.targets", "q_prj")),
+    "variant": ("space=SearchSpace(variants=('lorra',))", None, None, ("space.variants", "lorra")),
+    "lr-order": ("space=SearchSpace(lr=(1e-3, 1e-4))", None, None, ("space.lr", "0 < low < high")),
+    "lr-zero": ("space=SearchSpace(lr=(0.0, 1e-3))", None, None, ("space.lr",)),
+    "alpha-zero": ("space=SearchSpace(alpha=(0,))", None, None, ("space.alpha",)),
+    "max-steps": ("budget=Budget(max_steps=0)", None, None, ("budget.max_steps", "positive integer")),
+    "grace": ("budget=Budget(max_steps=20, grace_period=50)", None, None, ("budget.grace_period", "50")),
+    "eval-every": ("budget=Budget(max_steps=20, grace_period=5, eval_every=40)", None, None, ("budget.eval_every",)),
+    "batch": ("budget=Budget(batch_size=-2)", None, None, ("budget.batch_size", "-2")),
+    "optimizer": ("budget=Budget(optimizer='adam9')", None, None, ("budget.optimizer", "adam9")),
+    "workers": ("resources=Resources(workers=0)", None, None, ("resources.workers", "0")),
+    "memory-limit": ("resources=Resources(memory_limit_gb=-1)", None, None, ("resources.memory_limit_gb", "-1")),
+    "strategy": ("resources=Resources(strategy='zero9')", None, None, ("resources.strategy", "zero9")),
+    "fsdp-cpu": ("resources=Resources(strategy='fsdp')", None, None, ("resources.strategy", "CUDA")),
+    "pissa-sharded": (
+        "space=SearchSpace(variants=('pissa',)), resources=Resources(gpus_per_worker=1, strategy='fsdp')",
+        None,
+        None,
+        ("space.variants", "pissa", "strategy_by_variant"),
+    ),
+    "qlora-cpu": ("space=SearchSpace(variants=('qlora',))", None, None, ("space.variants", "qlora", "CUDA")),
+    "search": ("search='bayes'", None, None, ("search", "bayes")),
+    "num-samples": ("num_samples=0", None, None, ("num_samples", "0")),
+    "tracking-down": ("tracking_uri='http://127.0.0.1:9'", None, None, ("tracking_uri", "127.0.0.1:9")),
+    "data-missing": ("dataset=Dataset('/nonexistent/train.jsonl')", None, None, ("/nonexistent/train.jsonl",)),
+    "data-truncated": ("", lambda rows: rows.__setitem__(2, rows[2][:25]), None, ("train.jsonl:3",)),
+    "data-no-output": ("", lambda rows: _set(rows, 4, output=None), None, ("train.jsonl:5",)),
+    "data-not-object": ("", lambda rows: rows.__setitem__(6, "[1, 2, 3]"), None, ("train.jsonl:7",)),
+    "data-empty": ("", lambda rows: rows.clear(), None, ("train.jsonl",)),
+    "max-length": ("dataset=Dataset(DATA, max_length=0)", None, None, ("dataset.max_length", "0")),
+    "golden-objective": (
+        "evals=Evals(tasks=('tiny_mood',), objective='tiny_mood/f9', tasks_dir=TASKS)",
+        None,
+        lambda rows: None,
+        ("evals.objective", "tiny_mood/f9"),
+    ),
+    "golden-task": (
+        "evals=Evals(tasks=('tiny_nope',), objective='tiny_nope/acc', tasks_dir=TASKS)",
+        None,
+        lambda rows: None,
+        ("tiny_nope",),
+    ),
+    "golden-row": (
+        "evals=Evals(tasks=('tiny_mood',), objective='tiny_mood/acc', tasks_dir=TASKS)",
+        None,
+        lambda rows: _set(rows, 1, label=9),
+        ("tiny_mood.jsonl:2", "9"),
+    ),
+    "golden-duplicate-id": (
+        "evals=Evals(tasks=('tiny_mood',), objective='tiny_mood/acc', tasks_dir=TASKS)",
+        None,
+        lambda rows: rows.__setitem__(3, rows[0]),
+        ("tiny_mood.jsonl:4", "duplicate id"),
+    ),
+}
+
+
+@pytest.fixture
+def tripwire(monkeypatch: pytest.MonkeyPatch) -> None:
+    def started(*_a: object, **_k: object) -> None:
+        raise AssertionError("a bad input got past the checks: Ray was about to start")
+
+    monkeypatch.setattr(sweep, "_init_ray", started)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_is_refused_before_compute(
+    case: str, tiny_model_dir: Path, tmp_path: Path, tripwire: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    kwargs, data_edit, golden_edit, says = CASES[case]
+    rows = _rows()
+    if callable(data_edit):
+        data_edit(rows)
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(rows) + ("\n" if rows else ""))
+    tasks = _golden(tmp_path, golden_edit) if golden_edit is not None else ""
+    sweep_file = tmp_path / "sweep_file.py"
+    fields = {"name": "'bad'", "base": "BaseModel(BASE)", "dataset": "Dataset(DATA)", "output_dir": "OUT"}
+    defaults = ", ".join(f"{k}={v}" for k, v in fields.items() if f"{k}=" not in kwargs)
+    sweep_file.write_text(
+        textwrap.dedent(f"""
+        from lora_search import BaseModel, Budget, Dataset, Evals, Resources, SearchSpace, Sweep, main
+        BASE, DATA, TASKS, OUT = {str(tiny_model_dir)!r}, {str(data)!r}, {tasks!r}, {str(tmp_path / "out")!r}
+        SWEEP = Sweep({", ".join(p for p in (defaults, kwargs) if p)})
+        if __name__ == "__main__":
+            main(SWEEP)
+        """)
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["run", str(sweep_file)])
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert exit_info.value.code == 2, text
+    assert "Traceback" not in text, text
+    for fragment in says:
+        assert fragment in text, f"{case}: {fragment!r} not in:\n{text}"
+    assert not (tmp_path / "out" / "bad" / "ray").exists()  # no Tune experiment was created
+
+
+def test_the_matrix_is_big_enough() -> None:
+    assert len(CASES) >= 25

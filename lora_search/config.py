@@ -435,6 +435,16 @@ class Sweep:
         from lora_search.strategies import STRATEGIES, incompatibility
 
         out = []
+        for v in self.resources.strategy_by_variant:
+            if v not in self.space.variants:
+                out.append(
+                    Problem(
+                        f"resources.strategy_by_variant[{v!r}]",
+                        v,
+                        f"is not a variant of this sweep ({', '.join(self.space.variants)}): it would do nothing",
+                        "fix the name, or add the variant to space.variants",
+                    )
+                )
         for v in self.space.variants:
             strategy = self.resources.strategy_for(v)
             why = incompatibility(v, strategy) if strategy in STRATEGIES else None

@@ -64,6 +64,12 @@ CASES: dict[str, tuple[str, object, object, tuple[str, ...]]] = {
         None,
         ("space.variants", "pissa", "strategy_by_variant"),
     ),
+    "strategy-override-typo": (
+        "resources=Resources(strategy_by_variant={'qlroa': 'ddp'})",
+        None,
+        None,
+        ("resources.strategy_by_variant['qlroa']", "not a variant of this sweep"),
+    ),
     "qlora-cpu": ("space=SearchSpace(variants=('qlora',))", None, None, ("space.variants", "qlora", "CUDA")),
     "search": ("search='bayes'", None, None, ("search", "bayes")),
     "num-samples": ("num_samples=0", None, None, ("num_samples", "0")),

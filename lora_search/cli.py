@@ -5,8 +5,10 @@
     lora-search run --fresh sweeps/tiny.py  # move earlier results aside first
     lora-search eval sweeps/tiny.py [--adapters DIR ...]  # rescore saved adapters on the golden sets
     lora-search export RUN_ID_OR_ADAPTER_DIR [--merge] [--output DIR] [--base PATH_OR_ID]  # checked export
+    (eval and export read adapters from safetensors only; --allow-pickle also admits adapter_model.bin)
     lora-search nightly sweeps/nightly.py --baseline mlflow|FILE [--promote]  # regression check; exit 1 on one
-    lora-search ui [--port 5000]            # the MLflow UI on 127.0.0.1 for the embedded store (reports/mlflow.db)
+    lora-search ui [--port 5000] [--host 127.0.0.1]  # the MLflow UI for the embedded store (reports/mlflow.db);
+                                            # on this machine only unless --host says otherwise
     lora-search report NAME_OR_DIR [--output-dir DIR]  # the sweep's results as one offline HTML page
     lora-search plan sweeps/llama70b.py --gpus 64      # the --dry-run plan: memory per GPU, budget, cost; no Ray
 
@@ -29,6 +31,12 @@ from lora_search.config import ConfigError, Problem, Sweep, collecting_problems
 EXIT_INVALID = 2
 EXIT_EXISTS = 3
 EXIT_INTERRUPTED = 130
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+"""`lora-search ui --host` values that keep the UI on this machine; any other is an explicit opt-in."""
+ALLOW_PICKLE_HELP = (
+    "also load adapters whose weights are a pickle (adapter_model.bin): unpickling can run code, so only for "
+    "files you trust (default: safetensors only)"
+)
 
 
 def load_sweep(path: str | Path) -> tuple[Sweep, list[Problem]]:
@@ -63,7 +71,9 @@ def _run(sweep: Sweep, problems: list[Problem], fresh: bool) -> int:
     return 0
 
 
-def _eval(sweep: Sweep, problems: list[Problem], adapters: list[str] | None, output: str | None) -> int:
+def _eval(
+    sweep: Sweep, problems: list[Problem], adapters: list[str] | None, output: str | None, allow_pickle: bool = False
+) -> int:
     import pandas as pd
 
     from lora_search.evals import rescore
@@ -97,7 +107,7 @@ def _eval(sweep: Sweep, problems: list[Problem], adapters: list[str] | None, out
             [Problem("adapters", m, "not a PEFT adapter dir (no adapter_config.json)", "") for m in missing]
             or [Problem("adapters", None, "no adapters to score", "run the sweep first")]
         )
-    rows = rescore(sweep, dirs)
+    rows = rescore(sweep, dirs, allow_pickle=allow_pickle)
     print(pd.DataFrame(rows).to_string(index=False))
     if output:
         Path(output).write_text(json.dumps(rows, indent=1))
@@ -105,7 +115,13 @@ def _eval(sweep: Sweep, problems: list[Problem], adapters: list[str] | None, out
 
 
 def _export(
-    source: str, merge: bool, output: str | None, base: str | None, tracking_uri: str | None, check: bool
+    source: str,
+    merge: bool,
+    output: str | None,
+    base: str | None,
+    tracking_uri: str | None,
+    check: bool,
+    allow_pickle: bool = False,
 ) -> int:
     import tempfile
 
@@ -121,7 +137,7 @@ def _export(
             uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
             uri = uri or registry.default_tracking_uri(os.environ.get("LORA_SEARCH_OUTPUT_DIR", "reports"))
             adapter_dir = registry.download_run_adapter(source, uri, Path(tmp))
-        registry.export(adapter_dir, out, merge=merge, base=base, check=check)
+        registry.export(adapter_dir, out, merge=merge, base=base, check=check, allow_pickle=allow_pickle)
     record = json.loads((out / registry.EXPORT_FILE).read_text())
     diff = f" (max |logit diff| after merging: {record['max_abs_logit_diff']:.3g})" if merge else ""
     print(f"exported {'merged model' if merge else 'adapter'} to {out}{diff}")
@@ -162,8 +178,19 @@ def _ui(output_dir: str | None, tracking_uri: str | None, host: str, port: int) 
         raise ConfigError(
             [Problem("tracking store", where, "not found: no sweep has been tracked there", "run a sweep first")]
         )
+    if not host.strip():
+        raise ConfigError([Problem("--host", host, "is empty", "drop it (127.0.0.1: this machine only)")])
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host]
     command += ["--port", str(port)]
+    if host not in LOOPBACK_HOSTS:  # the opt-in: say what it exposes
+        print(
+            f"warning: --host {host} serves the MLflow UI beyond this machine, without a login: whoever reaches "
+            f"port {port} can read, change and delete every run and artifact of {uri}. Keep it behind a firewall "
+            "or an authenticating proxy (MLflow still answers only the Host headers of --allowed-hosts: localhost "
+            "and private IPs)",
+            file=sys.stderr,
+            flush=True,
+        )
     print(f"MLflow UI for {uri} on http://{host}:{port} (Ctrl+C stops it)", flush=True)
     os.execv(sys.executable, command)  # the UI server replaces this process: signals and exit code are its own
     return 0
@@ -248,6 +275,7 @@ def main(argv: list[str] | None = None) -> None:
     p_eval.add_argument("sweep_file")
     p_eval.add_argument("--adapters", nargs="+", help="adapter dirs (default: every adapter of the sweep)")
     p_eval.add_argument("--output", help="also write the scores as JSON here")
+    p_eval.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)
     p_export = sub.add_parser("export", help="export an adapter (MLflow run or dir), optionally merged, base checked")
     p_export.add_argument("source", metavar="RUN_ID_OR_ADAPTER_DIR")
     p_export.add_argument("--merge", action="store_true", help="merge into the base; write one plain model")
@@ -255,6 +283,7 @@ def main(argv: list[str] | None = None) -> None:
     p_export.add_argument("--base", help="base dir or hub id (default: the one the adapter was trained on)")
     p_export.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else the sweep's)")
     p_export.add_argument("--no-check", action="store_true", help="skip the base fingerprint check")
+    p_export.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)
     p_nightly = sub.add_parser("nightly", help="run a pinned sweep and compare it with a baseline (exit 1: regressed)")
     p_nightly.add_argument("sweep_file")
     p_nightly.add_argument("--baseline", required=True, help="'mlflow' (the last promoted nightly) or a JSON file")
@@ -262,7 +291,11 @@ def main(argv: list[str] | None = None) -> None:
     p_ui = sub.add_parser("ui", help="start the MLflow UI for the sweeps' tracking store")
     p_ui.add_argument("--output-dir", help="where the sweeps ran (default: $LORA_SEARCH_OUTPUT_DIR, else reports)")
     p_ui.add_argument("--tracking-uri", help="another store, e.g. a PostgreSQL URI (default: the embedded one)")
-    p_ui.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1: this machine only")
+    p_ui.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="default 127.0.0.1: this machine only; 0.0.0.0 (opt-in) serves every network, with no login",
+    )
     p_ui.add_argument("--port", type=int, default=5000)
     p_plan = sub.add_parser("plan", help="a sweep's trials, memory per GPU, GPU-hours and cost; start nothing")
     p_plan.add_argument("sweep_file")
@@ -289,11 +322,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "validate":
         sys.exit(_guarded(load_and(_validate)))
     if args.command == "eval":
-        sys.exit(_guarded(load_and(lambda s, p: _eval(s, p, args.adapters, args.output))))
+        sys.exit(_guarded(load_and(lambda s, p: _eval(s, p, args.adapters, args.output, args.allow_pickle))))
     if args.command == "run":
         sys.exit(_guarded(load_and(lambda s, p: _run(s, p, args.fresh))))
     if args.command == "export":
-        export = lambda: _export(args.source, args.merge, args.output, args.base, args.tracking_uri, not args.no_check)
+        export = lambda: _export(
+            args.source, args.merge, args.output, args.base, args.tracking_uri, not args.no_check, args.allow_pickle
+        )
         sys.exit(_guarded(export))
     if args.command == "nightly":
         sys.exit(_guarded(load_and(lambda s, p: _nightly(s, p, args.baseline, args.promote))))

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from lora_search.config import Problem
+from lora_search.config import ConfigError, Problem
 
 if TYPE_CHECKING:
     import torch
@@ -193,9 +193,13 @@ def _probe_ids(adapter_dir: Path, tokenizer: Any) -> torch.Tensor:
     return tokenizer("A probe sentence to see whether the adapter changes anything.", return_tensors="pt")["input_ids"]
 
 
-def rescore(sweep: Any, adapter_dirs: list[Path], *, log: Any = print) -> list[dict[str, Any]]:
+def rescore(
+    sweep: Any, adapter_dirs: list[Path], *, log: Any = print, allow_pickle: bool = False
+) -> list[dict[str, Any]]:
     """Score saved adapters on the sweep's golden sets with one base load: PEFT load_adapter / set_adapter /
     delete_adapter swap them on the same in-memory base. Returns one dict per adapter (metrics, objective, seconds).
+    Raises ConfigError, before the base loads, naming every adapter whose weights are a pickle (adapter_model.bin)
+    unless `allow_pickle`.
     """
     import time
 
@@ -203,7 +207,17 @@ def rescore(sweep: Any, adapter_dirs: list[Path], *, log: Any = print) -> list[d
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from lora_search.registry import check_safetensors
+
     assert sweep.evals is not None
+    refused = []
+    for adapter_dir in adapter_dirs:
+        try:
+            check_safetensors(Path(adapter_dir), allow_pickle=allow_pickle)
+        except ConfigError as e:
+            refused.extend(e.problems)
+    if refused:
+        raise ConfigError(refused, header="pickle adapter refused")
     base = sweep.base
     tokenizer = AutoTokenizer.from_pretrained(
         base.name_or_path, revision=base.revision, trust_remote_code=base.trust_remote_code

@@ -10,6 +10,10 @@ branch moves), so `load_adapter` and `export` compare fingerprints first and ref
 (`BaseMismatchError`). A merged export is checked too: the merged model's logits must match the unmerged
 adapter's on a fixed batch (`MERGE_TOLERANCE`), so a scaling bug (alpha/r vs alpha/sqrt(r), DoRA's norm)
 cannot ship silently.
+
+Adapters are read from safetensors only: an adapter dir whose weights are a pickle (`adapter_model.bin`, which PEFT
+reads with torch.load) is refused by `load_adapter`, `export` and `lora-search eval` unless the caller opts in
+(`allow_pickle=True`, `--allow-pickle`), since unpickling a file can run code it carries.
 """
 
 from __future__ import annotations
@@ -37,6 +41,9 @@ FINGERPRINT_CACHE = "fingerprints.json"
 """Per-file sha256 digests under `$LORA_SEARCH_CACHE`, so a large base is read once, not per export."""
 CHUNK = 8 << 20  # 8 MiB reads: hashing runs at disk speed without holding a shard in memory
 META_KEYS = ("base_name_or_path", "base_revision", "base_fingerprint")
+
+SAFE_WEIGHTS = "adapter_model.safetensors"  # PEFT's SAFETENSORS_WEIGHTS_NAME: what every save writes
+PICKLE_WEIGHTS = "adapter_model.bin"  # PEFT's WEIGHTS_NAME: read with torch.load, i.e. unpickled
 
 MERGE_TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
 """atol = rtol for merged vs unmerged logits, by the base's dtype. float32: merging only reorders roundings
@@ -67,6 +74,32 @@ class BaseMismatchError(ConfigError):
             ],
             header="adapter does not match the base",
         )
+
+
+class PickleAdapterError(ConfigError):
+    """The adapter's weights are a pickle, and the caller did not opt in to unpickling them."""
+
+
+def check_safetensors(adapter_dir: Path, *, allow_pickle: bool = False) -> None:
+    """Raise PickleAdapterError when PEFT would read this adapter's weights from a pickle (`adapter_model.bin`
+    and no `adapter_model.safetensors`, which PEFT prefers when both exist), unless `allow_pickle`."""
+    adapter_dir = Path(adapter_dir)
+    if allow_pickle or (adapter_dir / SAFE_WEIGHTS).is_file() or not (adapter_dir / PICKLE_WEIGHTS).is_file():
+        return
+    raise PickleAdapterError(
+        [
+            Problem(
+                "adapter",
+                str(adapter_dir / PICKLE_WEIGHTS),
+                f"is a pickle and the dir has no {SAFE_WEIGHTS}: loading it runs torch.load, and unpickling can "
+                "execute code the file carries; lora_search reads adapters from safetensors only",
+                "convert it once, where you trust its source: "
+                f"PeftModel.from_pretrained(base, DIR).save_pretrained(DIR) writes {SAFE_WEIGHTS} beside it; "
+                "or, trusting the file, pass --allow-pickle (allow_pickle=True)",
+            )
+        ],
+        header="pickle adapter refused",
+    )
 
 
 class MergeCheckError(ConfigError):
@@ -234,18 +267,25 @@ def _as_base(base: str | Path | BaseModel, meta: dict[str, Any]) -> BaseModel:
 
 
 def load_adapter(
-    base: str | Path | BaseModel, adapter_dir: Path, *, check: bool = True, dequantized_nf4: bool = False
+    base: str | Path | BaseModel,
+    adapter_dir: Path,
+    *,
+    check: bool = True,
+    dequantized_nf4: bool = False,
+    allow_pickle: bool = False,
 ) -> PeftModel:
     """The base (in its dtype, on the CPU) with the adapter applied, in eval mode. `dequantized_nf4`: the base as
     4-bit variants (qlora, loftq) train on it, NF4-quantised and dequantised to bf16, on the GPU (needs CUDA).
 
     With `check`, a base whose fingerprint differs from the adapter's recorded one is refused before any
-    weights load (BaseMismatchError); without it, an adapter with no meta loads too.
+    weights load (BaseMismatchError); without it, an adapter with no meta loads too. Pickle weights are refused
+    (PickleAdapterError) unless `allow_pickle`.
     """
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    check_safetensors(adapter_dir, allow_pickle=allow_pickle)
     if check:
         check_base(adapter_dir, base)
     meta = read_meta(adapter_dir) if (Path(adapter_dir) / META_FILE).is_file() else {}
@@ -275,7 +315,15 @@ def load_adapter(
     return PeftModel.from_pretrained(model, str(adapter_dir)).eval()
 
 
-def export(adapter_dir: Path, output: Path, *, merge: bool, base: str | Path | None = None, check: bool = True) -> Path:
+def export(
+    adapter_dir: Path,
+    output: Path,
+    *,
+    merge: bool,
+    base: str | Path | None = None,
+    check: bool = True,
+    allow_pickle: bool = False,
+) -> Path:
     """Write the adapter (a copy of its PEFT dir) or, with `merge`, base + adapter as one plain model, to `output`.
 
     `base` defaults to the one recorded in the adapter's meta (at its revision), else, unchecked, to
@@ -284,13 +332,15 @@ def export(adapter_dir: Path, output: Path, *, merge: bool, base: str | Path | N
     model on the adapter's probe prompts (or `FALLBACK_PROMPTS`) must match the unmerged adapter's within
     `MERGE_TOLERANCE` (MergeCheckError). The merged dir holds model (safetensors), tokenizer and
     `lora_search_export.json` (source adapter, base fingerprint, max logit diff). Returns `output`.
-    Raises ConfigError when `output` exists and is not empty.
+    Raises ConfigError when `output` exists and is not empty, PickleAdapterError for pickle weights without
+    `allow_pickle`.
     """
     adapter_dir, output = Path(adapter_dir), Path(output)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise ConfigError(
             [Problem("adapter", str(adapter_dir), "has no adapter_config.json", "give a PEFT adapter dir")]
         )
+    check_safetensors(adapter_dir, allow_pickle=allow_pickle)
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise ConfigError(
             [Problem("--output", str(output), "exists and is not empty", "choose another --output, or remove it")],
@@ -326,7 +376,7 @@ def export(adapter_dir: Path, output: Path, *, merge: bool, base: str | Path | N
             "the adapter trained against; merge on a GPU machine to reproduce training exactly"
         )
     # raises before anything is written
-    merged = _merge_checked(adapter_dir, base_model, dequantize) if merge else None
+    merged = _merge_checked(adapter_dir, base_model, dequantize, allow_pickle) if merge else None
 
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
@@ -335,7 +385,7 @@ def export(adapter_dir: Path, output: Path, *, merge: bool, base: str | Path | N
             shutil.copytree(adapter_dir, tmp, dirs_exist_ok=True)
         else:
             model, tokenizer, diff, tol = merged
-            model.save_pretrained(str(tmp))  # safetensors
+            model.save_pretrained(str(tmp))  # safetensors: transformers 5 writes nothing else
             tokenizer.save_pretrained(str(tmp))
             record |= {"max_abs_logit_diff": diff, "tolerance": tol, "dtype": str(model.dtype).removeprefix("torch.")}
         (tmp / EXPORT_FILE).write_text(json.dumps(record, indent=1) + "\n")
@@ -349,7 +399,7 @@ def export(adapter_dir: Path, output: Path, *, merge: bool, base: str | Path | N
 
 
 def _merge_checked(
-    adapter_dir: Path, base: BaseModel, dequantize: bool = False
+    adapter_dir: Path, base: BaseModel, dequantize: bool = False, allow_pickle: bool = False
 ) -> tuple[torch.nn.Module, Any, float, float]:
     """Merge the adapter into its base; return (merged model, tokenizer, max |logit diff|, tolerance).
     `dequantize`: merge into the NF4-dequantised bf16 base a 4-bit variant trained on (`load_adapter`)."""
@@ -371,7 +421,7 @@ def _merge_checked(
         with torch.no_grad():  # every position, not just the last: a merge bug shows anywhere
             return torch.cat([model(input_ids=ids).logits[0].float() for ids in batch])
 
-    model = load_adapter(base, adapter_dir, check=False, dequantized_nf4=dequantize)
+    model = load_adapter(base, adapter_dir, check=False, dequantized_nf4=dequantize, allow_pickle=allow_pickle)
     device = next(model.parameters()).device
     batch = [ids.to(device) for ids in batch]
     before = logits(model)

@@ -20,6 +20,9 @@ What:
   KILLED (a resumed sweep sets it again).
 - provenance tags on every run: git commit and dirty flag, package versions, eval task versions, sweep name,
   base model id, revision and fingerprint; children also their Ray trial id.
+- never a secret: every param and tag value passes `redact` (the values of `SECRET_ENV` variables, anything shaped
+  like a Hugging Face token, a URL's password become `***`), and a tracking URI with a password in it is refused
+  by `problems` (MLflow and libpq read credentials from the environment instead).
 
 Runs nest through MLflow's `mlflow.parentRunId` tag, the one `mlflow.start_run(nested=True)` sets; Ray's
 MLflowLoggerCallback makes flat runs, so the driver logs through `MlflowClient` from a Tune callback. Resume
@@ -34,6 +37,7 @@ import importlib.metadata
 import json
 import math
 import os
+import re
 import subprocess
 import tempfile
 import time
@@ -72,6 +76,21 @@ FINAL_METRICS = (
     "tokens_per_s",
 )
 BUDGET_PARAMS = ("max_steps", "batch_size", "grad_accum", "warmup_steps", "eval_every")
+SECRET_ENV = (
+    "HF_TOKEN",
+    "HUGGING_FACE_HUB_TOKEN",
+    "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_TRACKING_PASSWORD",
+    "PGPASSWORD",
+    "RAY_AUTH_TOKEN",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "WANDB_API_KEY",
+)
+"""Environment variables whose values `redact` masks wherever they would be recorded."""
+_TOKEN_SHAPED = re.compile(r"\bhf_[A-Za-z0-9]{20,}|(?<=://)([^/@\s:]*):[^/@\s]+(?=@)")
+"""A Hugging Face token (hf_ + 34 letters and digits) or the password of scheme://user:password@host."""
+MASK = "***"
 MLFLOW_STATUS = {
     "completed": "FINISHED",
     "pruned": "FINISHED",
@@ -88,6 +107,20 @@ def tracking_uri(sweep: Sweep) -> str:
     )
 
 
+def redact(text: str) -> str:
+    """`text` with every secret masked: values of the `SECRET_ENV` variables set now (8 characters or more: shorter
+    ones would mask ordinary words), Hugging Face tokens, and URL passwords (`https://user:***@host`)."""
+    for name in SECRET_ENV:
+        value = os.environ.get(name, "")
+        if len(value) >= 8:
+            text = text.replace(value, MASK)
+    return _TOKEN_SHAPED.sub(lambda m: f"{m[1]}:{MASK}" if m[1] is not None else MASK, text)
+
+
+def _redacted(values: dict[str, str]) -> dict[str, str]:
+    return {k: redact(v) for k, v in values.items()}
+
+
 def registered_model_name(sweep: Sweep) -> str:
     return f"{sweep.name}-adapters"
 
@@ -102,7 +135,7 @@ def _git(*args: str) -> str:
 
 
 def provenance(sweep: Sweep, base_fingerprint: str) -> dict[str, str]:
-    """Tags that say exactly what produced a run."""
+    """Tags that say exactly what produced a run (redacted)."""
     tags = {
         "mlflow.source.git.commit": _git("rev-parse", "HEAD") or "unknown",
         "lora_search.git_dirty": str(bool(_git("status", "--porcelain", "--untracked-files=no"))).lower(),
@@ -121,24 +154,25 @@ def provenance(sweep: Sweep, base_fingerprint: str) -> dict[str, str]:
 
         for task, version in task_versions(sweep.evals).items():
             tags[f"lora_search.eval_task_version.{task}"] = str(version)
-    return tags
+    return _redacted(tags)
 
 
 def sweep_params(sweep: Sweep) -> dict[str, str]:
-    """The sweep's settings flattened to `part.field` params (MLflow params are strings)."""
+    """The sweep's settings flattened to `part.field` params (MLflow params are strings), redacted: they are also
+    the HTML report's provenance."""
     out = {"search": sweep.search, "num_samples": str(sweep.num_samples), "seed": str(sweep.seed)}
     for part in ("base", "dataset", "space", "budget", "resources", "evals"):
         value = getattr(sweep, part)
         if value is not None:
             out.update({f"{part}.{k}": str(v) for k, v in dataclasses.asdict(value).items()})
-    return out
+    return _redacted(out)
 
 
 def trial_param_values(sweep: Sweep, config: dict[str, Any]) -> dict[str, str]:
     params = {k: str(v) for k, v in trial_params(config).items()}
     params.update({k: str(getattr(sweep.budget, k)) for k in BUDGET_PARAMS})
     params["seed"] = str(sweep.seed)
-    return params
+    return _redacted(params)
 
 
 def _metrics(values: dict[str, Any], keys: tuple[str, ...] | list[str], step: int) -> list[Any]:
@@ -177,6 +211,18 @@ def problems(sweep: Sweep) -> list[Problem]:
         else "output_dir"
     )
     scheme = uri.split(":", 1)[0].lower() if ":" in uri else "file"
+    if redact(uri) != uri:  # a password in the URI would be recorded wherever the URI is (tracking.json, logs)
+        where = "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN), which MLflow reads"
+        if scheme.startswith("postgres"):
+            where = "PGPASSWORD (or a ~/.pgpass line), which libpq reads"
+        return [
+            Problem(
+                field,
+                redact(uri),
+                "holds a password or token, which would be recorded wherever the URI is (tracking.json, logs, report)",
+                f"drop it from the URI and set {where} from the environment",
+            )
+        ]
     if scheme.startswith("http"):
         import urllib.error
         import urllib.request
@@ -266,7 +312,7 @@ class Tracker:
     def _log(self, run_id: str, params: dict[str, str] | None = None, metrics: list[Any] | None = None) -> None:
         from mlflow.entities import Param
 
-        batch = [Param(k, v[:6000]) for k, v in (params or {}).items()]
+        batch = [Param(k, redact(v)[:6000]) for k, v in (params or {}).items()]
         for i in range(0, max(len(batch), 1), 100):  # MLflow takes at most 100 params per batch
             if batch[i : i + 100]:
                 self.client.log_batch(run_id, params=batch[i : i + 100])
@@ -321,6 +367,7 @@ class Tracker:
         )
 
     def _set_status(self, run_id: str, status: str, step: int, reason: str = "") -> None:
+        reason = redact(reason)  # a traceback can quote a URL or a header
         self.client.set_tag(run_id, "lora_search.status", status)
         if status == "pruned":
             self.client.set_tag(run_id, "lora_search.stopped_at_step", str(step))

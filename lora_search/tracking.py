@@ -252,16 +252,30 @@ def problems(sweep: Sweep) -> list[Problem]:
     return [Problem(field, uri, f"unknown tracking URI scheme {scheme!r}", "use http(s)://, sqlite:///, postgresql://")]
 
 
+def _open(uri: str) -> MlflowClient:
+    """A client on `uri` with its store open. MLflow creates and migrates a new SQLite store on first open, unguarded:
+    sixteen drivers opening one new `mlflow.db` at once left fifteen failing ('table ... already exists', 'duplicate
+    column name'; tests/test_concurrency.py). A lock file beside the database makes them take turns at that open."""
+    from mlflow import MlflowClient
+
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient(uri)
+    from filelock import FileLock
+
+    with FileLock(f"{uri.removeprefix('sqlite:///')}.lock", timeout=300):
+        client = MlflowClient(uri)
+        client.search_experiments(max_results=1)  # the open: creates and migrates the store when it is new
+    return client
+
+
 class Tracker:
     """The sweep's MLflow runs, from the driver. Every public method swallows tracking errors (printed once)."""
 
     def __init__(self, sweep: Sweep, out: Path, base_fingerprint: str) -> None:
-        from mlflow import MlflowClient
-
         self.sweep, self.out, self.base_fingerprint = sweep, out, base_fingerprint
         self.uri = tracking_uri(sweep)
         Path(sweep.output_dir).mkdir(parents=True, exist_ok=True)
-        self.client: MlflowClient = MlflowClient(self.uri)
+        self.client: MlflowClient = _open(self.uri)
         self.tags = provenance(sweep, base_fingerprint)
         self.children: dict[str, str] = {}
         self.broken = False

@@ -6,7 +6,7 @@ memory is back before the next trial starts.
 
 Run on the GPU machine (see ../shared/device/README.md for carrying Ray, TRL, DeepSpeed and bitsandbytes):
     python benchmarks/strategies.py --out "$OUT"
-Writes strategies.json (and gpu_memory.csv) into --out; commit the JSON as benchmarks/strategies_<gpu>.json.
+Writes NAME.json (and NAME_gpu_memory.csv) into --out; commit the JSON as benchmarks/NAME_<gpu>.json.
 """
 
 from __future__ import annotations
@@ -23,12 +23,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-STRATEGY_OF = {  # one trial per variant, each under the strategy it exercises
+STRATEGY_OF = {  # the default trials: one per variant, each under the strategy it exercises
     "lora": "fsdp",
-    "dora": "deepspeed-zero3",
     "rslora": "deepspeed-zero2",
     "qlora": "fsdp",  # FSDP-QLoRA: NF4 weights stored as bf16 so FSDP can shard them
-    "loftq": "ddp",  # NF4 base whole on each GPU
+    "dora": "deepspeed-zero3",
 }
 
 
@@ -40,9 +39,12 @@ class GpuSampler(threading.Thread):
         self.period, self.rows, self.stop = period, [], threading.Event()
 
     def run(self) -> None:
-        import pynvml
+        try:
+            import pynvml
 
-        pynvml.nvmlInit()
+            pynvml.nvmlInit()
+        except Exception:  # no NVIDIA driver (a CPU check of this script): no timeline
+            return
         handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
         while not self.stop.is_set():
             now = time.time()
@@ -57,6 +59,41 @@ class GpuSampler(threading.Thread):
             if when >= t and index not in out:
                 out[index] = used
         return out
+
+
+class StallDump(threading.Thread):
+    """When no trial has reported for `after` s, dumps every Ray worker's Python stack with py-spy into `out`: a
+    stalled collective or a JIT build shows up there, where a killed command would return nothing."""
+
+    def __init__(self, sweep_dir: Path, out: Path, after: float = 150.0) -> None:
+        super().__init__(daemon=True)
+        self.sweep_dir, self.out, self.after, self.stop = sweep_dir, out, after, threading.Event()
+        self.dumps = 0
+
+    def run(self) -> None:
+        import subprocess
+
+        import psutil
+
+        last = time.time()
+        while not self.stop.wait(10.0):
+            stamps = [p.stat().st_mtime for p in self.sweep_dir.glob("ray/*/*/result.json")]
+            last = max([last, *stamps])
+            if time.time() - last < self.after or self.dumps >= 1:
+                continue
+            self.dumps += 1
+            last = time.time()
+            lines = []
+            for proc in psutil.process_iter(["pid", "cmdline"]):
+                cmd = " ".join(proc.info["cmdline"] or [])
+                if "ray::" in cmd or "default_worker" in cmd:
+                    dump = subprocess.run(
+                        ["py-spy", "dump", "--pid", str(proc.info["pid"])], capture_output=True, text=True, timeout=60
+                    )
+                    lines.append(f"=== pid {proc.info['pid']} {cmd[:200]}\n{dump.stdout}{dump.stderr}")
+            dump_file = self.out / f"{self.sweep_dir.name}_stall_{self.dumps}.txt"
+            dump_file.write_text("\n".join(lines))
+            print(f"[stall] no trial report for {self.after:.0f}s: stacks in {dump_file.name}", flush=True)
 
 
 def reload_check(adapter_dir: Path, variant: str) -> dict[str, object]:
@@ -75,7 +112,7 @@ def reload_check(adapter_dir: Path, variant: str) -> dict[str, object]:
     empty = [k for k, v in tensors.items() if v.numel() == 0]
     zero_b = [k for k, v in tensors.items() if "lora_B" in k and not bool(v.abs().max() > 0)]
     base = read_meta(adapter_dir)["base_name_or_path"]
-    kwargs: dict[str, object] = {"dtype": torch.bfloat16, "device_map": {"": 0}}
+    kwargs: dict[str, object] = {"dtype": torch.bfloat16, "device_map": {"": 0 if torch.cuda.is_available() else "cpu"}}
     if VARIANTS[variant].quantized:
         kwargs["quantization_config"] = quantization_config()
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, **kwargs), str(adapter_dir)).eval()
@@ -94,13 +131,18 @@ def reload_check(adapter_dir: Path, variant: str) -> dict[str, object]:
     }
 
 
-def trial_timestamps(sweep_dir: Path) -> dict[str, tuple[float, float]]:
-    """trial_id -> (first, last) report timestamp, from Tune's result.json files."""
+def trial_timestamps(sweep_dir: Path) -> dict[str, tuple[float, float, int]]:
+    """trial_id -> (first, last) report timestamp and the GPU bytes in use (all processes) when its worker started,
+    from Tune's result.json files."""
     out = {}
     for result in sweep_dir.glob("ray/*/*/result.json"):
         rows = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
         if rows:
-            out[rows[0]["trial_id"]] = (rows[0]["timestamp"], rows[-1]["timestamp"])
+            out[rows[0]["trial_id"]] = (
+                rows[0]["timestamp"],
+                rows[-1]["timestamp"],
+                int(rows[0].get("gpu_in_use_at_start_bytes", -1)),
+            )
     return out
 
 
@@ -110,7 +152,20 @@ def main() -> None:
     parser.add_argument("--base-dir", type=Path, default=Path("/tmp/lora_search_llama_1b"))
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--only", default="", help="comma-separated variants of STRATEGY_OF to run (default: all)")
+    parser.add_argument(
+        "--trials",
+        default=",".join(f"{v}:{s}" for v, s in STRATEGY_OF.items()),
+        help="comma-separated VARIANT:STRATEGY pairs, one strategy per variant",
+    )
+    parser.add_argument(
+        "--lr",
+        default="4e-4",
+        help="comma-separated learning rates, each run for every variant; a tiny second one (1e-7) makes ASHA "
+        "prune trials, whose GPU memory hand-over the timeline then shows",
+    )
+    parser.add_argument("--name", default="gpu_strategies")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/lora_search_bench"), help="sweep output dir")
+    parser.add_argument("--stall-s", type=float, default=150.0, help="py-spy dump after this long without a report")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
@@ -121,8 +176,9 @@ def main() -> None:
 
     from lora_search import BaseModel, Budget, Dataset, Resources, SearchSpace, Sweep, run
 
-    gpus = torch.cuda.device_count()
-    chosen = {v: s for v, s in STRATEGY_OF.items() if not args.only or v in args.only.split(",")}
+    gpus = torch.cuda.device_count()  # 0: a CPU check of the script itself (DDP / DeepSpeed trials only)
+    chosen = dict(pair.split(":") for pair in args.trials.split(","))
+    lrs = sorted(float(x) for x in args.lr.split(","))
     sampler = GpuSampler()
     sampler.start()
     t_base = time.time()
@@ -132,7 +188,7 @@ def main() -> None:
 
     data = ROOT / "data" / "tiny"
     sweep = Sweep(
-        name="gpu_strategies",
+        name=args.name,
         base=BaseModel(str(base_dir), dtype="bfloat16"),
         dataset=Dataset(str(data / "train.jsonl"), eval_path=str(data / "eval.jsonl"), max_length=256),
         space=SearchSpace(
@@ -140,8 +196,8 @@ def main() -> None:
             alpha_over_rank=(2.0,),
             targets=("all-linear",),
             variants=tuple(chosen),
-            lr=(2e-4, 4e-4),
-            lr_grid_points=1,
+            lr=(lrs[0], lrs[-1]) if len(lrs) > 1 else (lrs[0] / 2, lrs[0] * 2),  # one point: their geometric mean
+            lr_grid_points=len(lrs),
         ),
         budget=Budget(
             max_steps=args.steps,
@@ -151,8 +207,8 @@ def main() -> None:
             batch_size=args.batch,
         ),
         resources=Resources(
-            workers=gpus,
-            gpus_per_worker=1,
+            workers=max(gpus, 1),
+            gpus_per_worker=1 if gpus else 0,
             cpus_per_worker=2,
             strategy="fsdp",
             strategy_by_variant={v: s for v, s in chosen.items() if s != "fsdp"},
@@ -161,12 +217,15 @@ def main() -> None:
         num_samples=1,
         max_concurrent_trials=1,  # one trial at a time on all GPUs: the memory timeline shows each hand-over
         seed=0,
-        output_dir=str(args.out / "reports"),
+        output_dir=str(args.work / "reports"),
         tracking_uri="off",
     )
     start = time.time()
+    stall = StallDump(Path(sweep.output_dir) / sweep.name, args.out, after=args.stall_s)
+    stall.start()
     run(sweep)
     sweep_s = time.time() - start
+    stall.stop.set()
     sampler.stop.set()
     sampler.join()
 
@@ -179,12 +238,13 @@ def main() -> None:
         row = {
             "trial_id": t.trial_id,
             "variant": t.variant,
+            "lr": float(t.lr),
             "strategy": t.strategy,
             "gpus": gpus,
             "status": t.status,
             "step": int(t.step),
             "tokens_per_s": round(float(t.tokens_per_s), 1),
-            "tokens_per_s_per_gpu": round(float(t.tokens_per_s) / gpus, 1),
+            "tokens_per_s_per_gpu": round(float(t.tokens_per_s) / max(gpus, 1), 1),
             "peak_mem_gib_per_gpu": round(float(t.peak_mem_bytes) / 2**30, 2),
             "adapter_bytes": int(t.adapter_bytes),
             "trainable_params": int(t.trainable_params),
@@ -196,8 +256,10 @@ def main() -> None:
             i = order.index(t.trial_id)
             last = stamps[t.trial_id][1]
             row["gpu_mib_after_end"] = sampler.used_at(last + 5.0)  # 5 s after its last report
+            row["order"] = i
+            row["gpu_mib_in_use_at_its_start"] = stamps[t.trial_id][2] // 2**20  # read by its worker, before loading
             if i + 1 < len(order):
-                row["gpu_mib_at_next_trial_first_report"] = sampler.used_at(stamps[order[i + 1]][0])
+                row["next_trial_gpu_mib_in_use_at_start"] = stamps[order[i + 1]][2] // 2**20
         rows.append(row)
 
     import peft
@@ -227,14 +289,15 @@ def main() -> None:
         "base_build_s": round(start - t_base, 1),
         "trials": rows,
     }
-    (args.out / "strategies.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
-    with open(args.out / "gpu_memory.csv", "w") as f:
+    (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    with open(args.out / f"{args.name}_gpu_memory.csv", "w") as f:
         f.write("unix_time,gpu,used_mib\n")
         f.writelines(f"{t:.2f},{i},{u}\n" for t, i, u in sampler.rows)
 
     print(f"\n{result['device']} x {gpus}; idle GPU memory before the sweep: {idle} MiB; sweep {sweep_s:.0f}s")
-    cols = ["variant", "strategy", "gpus", "status", "step", "tokens_per_s_per_gpu", "peak_mem_gib_per_gpu"]
-    cols += ["adapter_bytes", "empty_tensors", "zero_lora_B", "reload_max_logit_diff", "gpu_mib_after_end"]
+    cols = ["variant", "lr", "strategy", "gpus", "status", "step", "tokens_per_s_per_gpu", "peak_mem_gib_per_gpu"]
+    cols += ["adapter_bytes", "empty_tensors", "zero_lora_B", "reload_max_logit_diff", "gpu_mib_in_use_at_its_start"]
+    cols += ["next_trial_gpu_mib_in_use_at_start"]
     print(pd.DataFrame(rows).reindex(columns=cols).to_string(index=False))
     for r in rows:
         if r["reason"]:

@@ -85,8 +85,25 @@ def problems(sweep: Sweep) -> list[Problem]:
     return out
 
 
+# What Ray's `default` extra adds that a trial needs: without these Ray's dashboard starts in minimal mode, with no
+# state API, so Ray Train cannot look up a finished trial's workers to free their placement group. The trial's GPUs
+# are then never given back, and the next trial waits for them for ever (seen on a GPU machine: no error, no report).
+RAY_DASHBOARD_MODULES = ("aiohttp_cors", "opencensus")
+
+
 def _hardware(sweep: Sweep) -> list[Problem]:
     out = []
+    missing = [m for m in RAY_DASHBOARD_MODULES if importlib.util.find_spec(m) is None]
+    if missing and not os.environ.get("RAY_ADDRESS"):  # a cluster's head node has its own install
+        out.append(
+            Problem(
+                "ray",
+                "ray[default] missing " + ", ".join(missing),
+                "Ray's dashboard would start without its state API, so a finished trial's GPUs/CPUs are never given "
+                "back and the next trial waits for ever",
+                "pip install 'ray[default,tune,train]' (lora-search's own dependencies include it)",
+            )
+        )
     deepspeed = sorted(
         {sweep.resources.strategy_for(v) for v in sweep.space.variants} & {"deepspeed-zero2", "deepspeed-zero3"}
     )

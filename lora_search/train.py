@@ -163,6 +163,14 @@ def train_loop(config: dict[str, Any]) -> None:
     torch.manual_seed(sweep.seed)
     on_gpu = torch.cuda.is_available() and sweep.resources.gpus_per_worker > 0
     work = Path(tempfile.mkdtemp(prefix="lora_search_"))
+    adapter_numel = 0  # ZeRO-3 keeps tensors up to this size whole on every rank: the adapter's, never the base's
+    if strategy.deepspeed:
+        from transformers import AutoConfig
+
+        model_config = AutoConfig.from_pretrained(
+            sweep.base.name_or_path, revision=sweep.base.revision, trust_remote_code=sweep.base.trust_remote_code
+        )
+        adapter_numel = strategies.adapter_param_bound(model_config, params.rank)
     # Built before the model loads: under ZeRO-3 it makes from_pretrained partition the weights as they load, under
     # FSDP it makes ranks > 0 load none (`strategies.trainer_kwargs`).
     args = SFTConfig(
@@ -194,7 +202,7 @@ def train_loop(config: dict[str, Any]) -> None:
         dataloader_num_workers=0,
         dataset_num_proc=None,
         optim=optimizer_name(budget.optimizer, variant.quantized, on_gpu),
-        **strategies.trainer_kwargs(strategy.name),
+        **strategies.trainer_kwargs(strategy.name, adapter_numel),
     )
     tokenizer = AutoTokenizer.from_pretrained(
         sweep.base.name_or_path, revision=sweep.base.revision, trust_remote_code=sweep.base.trust_remote_code

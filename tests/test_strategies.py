@@ -16,7 +16,7 @@ import torch
 
 from lora_search import strategies, variants
 from lora_search.config import Budget, ConfigError, Resources, SearchSpace, Sweep
-from lora_search.strategies import STRATEGIES, trainer_kwargs
+from lora_search.strategies import DEEPSPEED_CONFIGS, STRATEGIES, adapter_param_bound, trainer_kwargs
 from lora_search.train import optimizer_name
 from lora_search.variants import Adapter, EmptyAdapterError
 
@@ -91,12 +91,27 @@ def test_trainer_kwargs() -> None:
     assert fsdp["fsdp"] is True and fsdp["fsdp_config"]["version"] == 2
     assert fsdp["fsdp_config"]["cpu_ram_efficient_loading"] is True
     for name, stage in (("deepspeed-zero2", 2), ("deepspeed-zero3", 3)):
-        path = Path(trainer_kwargs(name)["deepspeed"])
-        config = json.loads(path.read_text())
+        config = trainer_kwargs(name)["deepspeed"]
+        assert config == json.loads((DEEPSPEED_CONFIGS / STRATEGIES[name].deepspeed).read_text())  # the shipped file
         assert config["zero_optimization"]["stage"] == stage
         # "auto" lets the Trainer fill batch sizes, accumulation and precision from the sweep's Budget
         assert config["train_micro_batch_size_per_gpu"] == "auto" and config["bf16"]["enabled"] == "auto"
     assert set(STRATEGIES) == {"ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3"}
+
+
+def test_zero3_keeps_the_adapter_whole() -> None:
+    """Under ZeRO-3 the persistence threshold is raised to the largest adapter tensor, so no adapter tensor is
+    partitioned while every weight of the base larger than that still is; ZeRO-2 partitions no parameters anyway."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4)
+    bound = adapter_param_bound(config, 16)
+    assert bound == 16 * 5632  # lora_B of gate/up_proj: 5632 x 16
+    zero3 = trainer_kwargs("deepspeed-zero3", bound)["deepspeed"]["zero_optimization"]
+    assert zero3["stage3_param_persistence_threshold"] == bound
+    assert bound < 2048 * 256  # k_proj, the base's smallest linear weight (GQA 32/4): still partitioned
+    assert "stage3_param_persistence_threshold" not in trainer_kwargs("deepspeed-zero2", bound)["deepspeed"]
+    assert trainer_kwargs("deepspeed-zero3")["deepspeed"]["zero_optimization"]["stage3_param_persistence_threshold"]
 
 
 def test_deepspeed_configs_ship_in_the_wheel() -> None:

@@ -167,3 +167,25 @@ def test_unreachable_tracking_server_is_reported_before_any_compute(tiny_model_d
     bad_scheme = sweep.replace(tracking_uri="ftp://somewhere")
     with pytest.raises(ConfigError, match="unknown tracking URI scheme 'ftp'"):
         validate(bad_scheme)
+
+
+def test_ray_without_its_dashboard_extra_is_refused(tiny_model_dir, tiny_jsonl, tmp_path, monkeypatch) -> None:
+    """Without ray[default]'s dashboard modules a trial's GPUs are never handed back (the next trial hangs): that is
+    refused before any compute, naming what is missing and the install that fixes it."""
+    from lora_search import preflight
+
+    sweep = Sweep(
+        name="t",
+        base=BaseModel(str(tiny_model_dir)),
+        dataset=Dataset(str(tiny_jsonl)),
+        output_dir=str(tmp_path),
+        tracking_uri="off",
+    )
+    preflight.validate(sweep)  # this machine has ray[default]
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(preflight, "RAY_DASHBOARD_MODULES", ("aiohttp_cors", "no_such_module_xyz"))
+    with pytest.raises(ConfigError) as e:
+        preflight.validate(sweep)
+    assert [p.field for p in e.value.problems] == ["ray"]
+    assert "ray[default] missing no_such_module_xyz" in str(e.value)
+    assert "pip install 'ray[default,tune,train]'" in str(e.value)

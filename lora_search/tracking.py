@@ -517,4 +517,4 @@ class Tracker:
             "variant": r.variant,
             "rank": str(r.rank),
         }
-        self.client.create_model_version(name, source, run_id=run_id, tags=tags)
+        self.client.create_model_version(name, source, run_id=run_id, tags=_redacted(tags))

@@ -161,10 +161,20 @@ def test_cluster_files_bind_to_all_interfaces_only_as_a_marked_opt_in() -> None:
         assert "opt-in" in line or "opt-in" in comment, (
             f"cluster/{file}:{number} binds 0.0.0.0 unmarked: {line.strip()}"
         )
-    for name in ("raycluster.yaml", "rayjob-llama70b.yaml", "nightly-cronjob.yaml"):
-        for doc in yaml.safe_load_all((REPO / "cluster" / name).read_text()):
-            services = [s for s in _find(doc, "serviceType")]
-            assert all(s == "ClusterIP" for s in services), (name, services)  # never a LoadBalancer for the head
+    # What those bind is reached through Services that stay inside: ClusterIP (KubeRay's head Service by default,
+    # `serviceType` unset), or a load balancer that is internal and admits one CIDR.
+    services = []
+    for path in sorted((REPO / "cluster").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            services += [(path.name, "head", t) for t in _find(doc, "serviceType")]
+            if isinstance(doc, dict) and doc.get("kind") == "Service":
+                services.append((path.name, doc["metadata"]["name"], doc["spec"].get("type", "ClusterIP")))
+                if doc["spec"].get("type") == "LoadBalancer":
+                    annotations = doc["metadata"].get("annotations", {})
+                    assert annotations.get("service.beta.kubernetes.io/aws-load-balancer-scheme") == "internal"
+                    assert doc["spec"]["loadBalancerSourceRanges"], doc["metadata"]["name"]
+    assert ("mlflow.yaml", "mlflow-vpc", "LoadBalancer") in services
+    assert {t for *_, t in services} <= {"ClusterIP", "LoadBalancer"}, services
 
 
 def _find(doc: object, key: str) -> list[object]:

@@ -9,8 +9,8 @@
 # Ray's `default` extra is there (less virtualenv, which only runtime_env pip installs use): without it the dashboard
 # starts in minimal mode, with no state API, and Ray Train cannot free a finished trial's placement group, so the next
 # trial on that GPU waits for ever.
-# Slimmed: Ray without rllib, llm and the dashboard's web client (the dashboard's API, which Ray Train's state
-# queries need, stays); bitsandbytes with only its CUDA 13.0 library (the machine's torch is cu130).
+# Slimmed: Ray without rllib, llm and the dashboard's web client sources (its build stays: without it the dashboard
+# does not start at all); bitsandbytes with only its CUDA 13.0 library (the machine's torch is cu130).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${WHEELHOUSE:-.whl}
@@ -28,7 +28,7 @@ import os, sys, zipfile
 from pathlib import Path
 
 DROP = {
-    "ray": ("ray/jars/", "ray/rllib/", "ray/llm/", "ray/dashboard/client/"),
+    "ray": ("ray/jars/", "ray/rllib/", "ray/llm/", "ray/dashboard/client/src/"),
     "bitsandbytes": tuple(f"bitsandbytes/libbitsandbytes_{k}" for k in
                           ("cuda11", "cuda12", "cuda132", "rocm", "xpu")),
 }

@@ -32,7 +32,7 @@ STRATEGY_OF = {  # the default trials: one per variant, each under the strategy 
 
 
 class GpuSampler(threading.Thread):
-    """Samples `nvidia-smi` memory.used of every GPU every `period` s: the timeline trials start and end on."""
+    """Samples NVML's memory.used of every GPU every `period` s: the timeline trials start and end on."""
 
     def __init__(self, period: float = 0.5) -> None:
         super().__init__(daemon=True)
@@ -86,9 +86,9 @@ class StallDump(threading.Thread):
             lines = []
             for proc in psutil.process_iter(["pid", "cmdline"]):
                 cmd = " ".join(proc.info["cmdline"] or [])
-                if "ray::" in cmd or "default_worker" in cmd:
+                if any(k in cmd for k in ("RayTrainWorker", "ImplicitFunc", "TrainController")) and len(lines) < 6:
                     dump = subprocess.run(
-                        ["py-spy", "dump", "--pid", str(proc.info["pid"])], capture_output=True, text=True, timeout=60
+                        ["py-spy", "dump", "--pid", str(proc.info["pid"])], capture_output=True, text=True, timeout=20
                     )
                     lines.append(f"=== pid {proc.info['pid']} {cmd[:200]}\n{dump.stdout}{dump.stderr}")
             dump_file = self.out / f"{self.sweep_dir.name}_stall_{self.dumps}.txt"
@@ -183,8 +183,9 @@ def main() -> None:
     sampler.start()
     t_base = time.time()
     base_dir = random_base.build("1b", args.base_dir)
+    t_idle = time.time()
     time.sleep(1.0)
-    idle = sampler.used_at(time.time())  # nothing of ours holds the GPUs now
+    idle = sampler.used_at(t_idle)  # nothing of ours holds the GPUs now (the first sample after t_idle)
 
     data = ROOT / "data" / "tiny"
     sweep = Sweep(

@@ -205,6 +205,7 @@ class SearchSpace:
 
 OPTIMIZERS = ("auto", "adamw_torch", "adamw_torch_fused", "paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit")
 """`Budget.optimizer` values: Transformers `optim` names (the 8-bit and paged ones need bitsandbytes and CUDA)."""
+BITSANDBYTES_OPTIMIZERS = frozenset({"paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit"})
 
 
 @dataclass(frozen=True)
@@ -226,7 +227,8 @@ class Budget:
     optimizer: str = "auto"
     """A Transformers `optim` name for the adapter's optimizer. "auto": paged 8-bit AdamW for 4-bit variants on
     GPU (QLoRA's recipe: 2 bytes of state per adapter parameter instead of 8, paged to the CPU under memory
-    spikes), fused AdamW on other GPU trials, plain AdamW on CPU. LoRA+ always builds its own AdamW groups."""
+    spikes) unless they train under FSDP (bitsandbytes cannot update its sharded parameters), fused AdamW on other
+    GPU trials, plain AdamW on CPU. LoRA+ always builds its own AdamW groups."""
 
     def problems(self) -> list[Problem]:
         out = []
@@ -445,6 +447,18 @@ class Sweep:
                         "fix the name, or add the variant to space.variants",
                     )
                 )
+        fsdp = sorted(v for v in self.space.variants if self.resources.strategy_for(v) == "fsdp")
+        if fsdp and self.budget.optimizer in BITSANDBYTES_OPTIMIZERS:
+            out.append(
+                Problem(
+                    "budget.optimizer",
+                    self.budget.optimizer,
+                    f"bitsandbytes optimizers cannot update FSDP2's sharded (DTensor) adapter parameters, and "
+                    f"{', '.join(fsdp)} train under strategy 'fsdp'",
+                    "use optimizer='auto' (fused AdamW under FSDP, its state sharded) or 'adamw_torch_fused', or "
+                    "strategy 'deepspeed-zero3' for those variants",
+                )
+            )
         for v in self.space.variants:
             strategy = self.resources.strategy_for(v)
             why = incompatibility(v, strategy) if strategy in STRATEGIES else None

@@ -121,13 +121,15 @@ def gpu_memory_in_use() -> int:
     return int(total - free)
 
 
-def optimizer_name(budget_optimizer: str, quantized: bool, on_gpu: bool) -> str:
-    """`Budget.optimizer` resolved to a Transformers `optim` name for this trial."""
+def optimizer_name(budget_optimizer: str, quantized: bool, on_gpu: bool, fsdp: bool = False) -> str:
+    """`Budget.optimizer` resolved to a Transformers `optim` name for this trial. Under FSDP2 the adapter's parameters
+    are DTensors, which bitsandbytes' 8-bit kernels refuse ("got mixed torch.Tensor and DTensor", seen on an H200
+    with FSDP-QLoRA): there 4-bit variants get fused AdamW, whose state FSDP shards over the workers anyway."""
     if budget_optimizer != "auto":
         return budget_optimizer
     if not on_gpu:
         return "adamw_torch"
-    return "paged_adamw_8bit" if quantized else "adamw_torch_fused"
+    return "paged_adamw_8bit" if quantized and not fsdp else "adamw_torch_fused"
 
 
 def worker_nodes() -> str:
@@ -201,7 +203,7 @@ def train_loop(config: dict[str, Any]) -> None:
         disable_tqdm=True,
         dataloader_num_workers=0,
         dataset_num_proc=None,
-        optim=optimizer_name(budget.optimizer, variant.quantized, on_gpu),
+        optim=optimizer_name(budget.optimizer, variant.quantized, on_gpu, fsdp=strategy.fsdp),
         **strategies.trainer_kwargs(strategy.name, adapter_numel),
     )
     tokenizer = AutoTokenizer.from_pretrained(

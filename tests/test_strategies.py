@@ -77,11 +77,25 @@ def test_unknown_optimizer_refused(base_sweep: Sweep) -> None:
         base_sweep.replace(budget=Budget(optimizer="adamw_9bit"))
 
 
+def test_bitsandbytes_optimizer_under_fsdp_refused(base_sweep: Sweep) -> None:
+    """An explicit 8-bit/paged optimizer with an FSDP variant is refused before compute, naming the variants."""
+    with pytest.raises(ConfigError, match=r"budget\.optimizer = 'paged_adamw_8bit'.*DTensor.*lora train under"):
+        base_sweep.replace(
+            budget=Budget(optimizer="paged_adamw_8bit"),
+            resources=Resources(gpus_per_worker=1, strategy="fsdp"),
+        )
+    base_sweep.replace(  # the same optimizer under DDP is fine
+        budget=Budget(optimizer="paged_adamw_8bit"), resources=Resources(gpus_per_worker=1, strategy="ddp")
+    )
+
+
 def test_optimizer_auto() -> None:
     assert optimizer_name("auto", quantized=True, on_gpu=True) == "paged_adamw_8bit"
     assert optimizer_name("auto", quantized=False, on_gpu=True) == "adamw_torch_fused"
     assert optimizer_name("auto", quantized=False, on_gpu=False) == "adamw_torch"
     assert optimizer_name("adamw_8bit", quantized=False, on_gpu=True) == "adamw_8bit"
+    # FSDP2's DTensor parameters: bitsandbytes' 8-bit update refuses them, so FSDP-QLoRA gets fused AdamW
+    assert optimizer_name("auto", quantized=True, on_gpu=True, fsdp=True) == "adamw_torch_fused"
 
 
 def test_trainer_kwargs() -> None:

@@ -16,6 +16,17 @@ import time
 from pathlib import Path
 
 SHAPES: dict[str, dict[str, int | float]] = {
+    # Llama-3-8B's shape (GQA 32/8, 128,256 vocabulary): 8.03B parameters.
+    "8b": {
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "vocab_size": 128256,
+        "max_position_embeddings": 8192,
+        "rope_theta": 500000.0,
+    },
     # TinyLlama-1.1B's shape (Llama-2 architecture, GQA 32/4): 1.10B parameters at a 32,000 vocabulary.
     "1b": {
         "hidden_size": 2048,

@@ -1,0 +1,255 @@
+"""Trial speed against plain HF PEFT, side by side in one run on the GPU machine.
+
+For each shape and rank: (1) the reference, HF PEFT eager LoRA training in a fresh process (the loop of
+../shared/device/peft_baseline.py: random-init bf16 Llama, SDPA, LoRA on all 7 projections, AdamW on the adapter);
+(2) lora_search's own trial path on the same shape, rank, sequence length and micro-batch: a one-trial sweep through
+Ray Tune + Ray Train + TRL, with the fast path each trial picks (`lora_search.fastpath`). Prints tokens/s, MFU (4N
+accounting: the frozen base gets no weight gradients), peak memory, the ratio, and the trial's cold start (its wall
+time outside training) as a fraction of the trial.
+
+    python benchmarks/speed.py --out "$OUT"                                 # 8B seq 2048 r16, 1B r16, 8B r64
+    python benchmarks/speed.py --out "$OUT" --configs 1b:16 --steps 10      # one config
+    python benchmarks/speed.py --reference --shape 8b --rank 16 --profile   # the reference alone, with a profile
+
+Writes speed.json (device, versions, one row per config) into --out; commit it as benchmarks/speed_<gpu>.json.
+Needs Ray, TRL, datasets and liger-kernel carried as wheels (benchmarks/device_wheels.sh).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, by device name
+
+
+def peak_tflops(device: str) -> float:
+    return next((v for k, v in PEAK_TFLOPS.items() if k in device), 989.0)
+
+
+def matmul_params(config) -> int:  # noqa: ANN001 - a transformers config
+    """Parameters that take part in matrix products per token: all but the input embedding."""
+    h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    kv = config.num_key_value_heads * (h // config.num_attention_heads)
+    per_layer = h * h * 2 + h * kv * 2 + 3 * h * i
+    return layers * per_layer + config.vocab_size * h  # + lm_head
+
+
+def reference(shape: str, rank: int, seq: int, bs: int, steps: int, warmup: int, profile: Path | None) -> dict:
+    """HF PEFT eager: the loop of ../shared/device/peft_baseline.py."""
+    import random_base
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**random_base.SHAPES[shape], attn_implementation="sdpa")
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS, lora_dropout=0.0))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model.train()
+    x = torch.randint(0, config.vocab_size, (bs, seq), device="cuda")
+
+    def step() -> None:
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    tok_s = bs * seq * steps / (time.perf_counter() - t)
+    if profile is not None:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(2):
+                step()
+            torch.cuda.synchronize()
+        profile.write_text(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25))
+    device = torch.cuda.get_device_name(0)
+    return {
+        "tok_s": round(tok_s),
+        "mfu_4n": round(4 * matmul_params(config) * tok_s / (peak_tflops(device) * 1e12), 3),
+        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1),
+        "device": device,
+    }
+
+
+def write_rows(path: Path, tokenizer, seq: int, n: int, seed: int) -> None:  # noqa: ANN001
+    """`n` chat rows whose tokens fill `seq`: a long prompt and a 32-token answer, so truncation never cuts the
+    answer (a row with no answer token left would be dropped) and every batch is seq tokens long."""
+    from lora_search.basemodel import _story
+
+    rng = random.Random(seed)
+    with path.open("w") as f:
+        for _i in range(n):
+            words: list[str] = []
+            while len(tokenizer(" ".join(words))["input_ids"]) < seq - 96:
+                words.extend(_story(rng).split())
+            prompt = tokenizer.decode(tokenizer(" ".join(words))["input_ids"][: seq - 96])
+            answer = tokenizer.decode(tokenizer(_story(rng))["input_ids"][:32])
+            row = {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]}
+            f.write(json.dumps(row) + "\n")
+
+
+def ours(shape: str, rank: int, seq: int, bs: int, steps: int, work: Path) -> dict:
+    """One trial of lora_search's own path (Ray Tune + Ray Train + TRL + the trial's fast path)."""
+    import pandas as pd
+    import random_base
+    import torch
+    from transformers import AutoConfig, AutoTokenizer
+
+    from lora_search import BaseModel, Budget, Dataset, Resources, SearchSpace, Sweep, run
+
+    base_dir = random_base.build(shape, work / f"base_{shape}")
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    data = work / f"data_{seq}"
+    data.mkdir(parents=True, exist_ok=True)
+    if not (data / "train.jsonl").exists():
+        write_rows(data / "train.jsonl", tokenizer, seq, bs * (steps + 2), 0)
+        write_rows(data / "eval.jsonl", tokenizer, seq, bs, 1)
+    name = f"speed_{shape}_r{rank}"
+    sweep = Sweep(
+        name=name,
+        base=BaseModel(str(base_dir), dtype="bfloat16"),
+        dataset=Dataset(str(data / "train.jsonl"), eval_path=str(data / "eval.jsonl"), max_length=seq),
+        space=SearchSpace(
+            ranks=(rank,),
+            alpha_over_rank=(2.0,),
+            targets=("all-linear",),
+            variants=("lora",),
+            lr=(5e-5, 2e-4),
+            lr_grid_points=1,
+        ),
+        budget=Budget(max_steps=steps, eval_every=steps, grace_period=steps, batch_size=bs),
+        resources=Resources(workers=1, gpus_per_worker=1, cpus_per_worker=4),
+        search="grid",
+        num_samples=1,
+        seed=0,
+        output_dir=str(work / "reports"),
+        tracking_uri="off",
+    )
+    run(sweep, fresh=True)
+    t = pd.read_parquet(Path(sweep.output_dir) / name / "trials.parquet").iloc[0]
+    result = json.loads(next((Path(sweep.output_dir) / name).glob("ray/*/*/result.json")).read_text().splitlines()[-1])
+    config = AutoConfig.from_pretrained(base_dir)
+    device = torch.cuda.get_device_name(0)
+    tok_s = float(t.tokens_per_s)
+    return {
+        "status": t.status,
+        "tok_s": round(tok_s),
+        "mfu_4n": round(4 * matmul_params(config) * tok_s / (peak_tflops(device) * 1e12), 3),
+        "peak_gib": round(float(t.peak_mem_bytes) / 2**30, 1),
+        "trial_s": round(float(t.trial_s), 1),
+        "train_s": round(float(t.train_s), 1),
+        "cold_start_fraction": round(1 - float(t.train_s) / float(t.trial_s), 3) if t.trial_s else None,
+        "fast_path": result.get("fast_path", ""),
+        "reason": t.reason[:300],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, default=Path("/tmp/lora_search_speed"))
+    parser.add_argument("--work", type=Path, default=Path("/tmp/lora_search_speed_work"))
+    parser.add_argument("--configs", default="8b:16,1b:16,8b:64", help="SHAPE:RANK pairs")
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--bs", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--reference", action="store_true", help="run the HF PEFT reference alone, print JSON")
+    parser.add_argument("--shape", default="8b")
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--profile", action="store_true", help="with --reference: write a CUDA kernel profile")
+    args = parser.parse_args()
+    if args.reference:
+        profile = args.out / f"profile_{args.shape}_r{args.rank}.txt" if args.profile else None
+        args.out.mkdir(parents=True, exist_ok=True)
+        print(json.dumps(reference(args.shape, args.rank, args.seq, args.bs, args.steps, args.warmup, profile)))
+        return
+
+    import peft
+    import torch
+    import transformers
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for pair in args.configs.split(","):
+        shape, rank = pair.split(":")
+        cmd = [
+            sys.executable,
+            __file__,
+            "--reference",
+            "--shape",
+            shape,
+            "--rank",
+            rank,
+            "--seq",
+            str(args.seq),
+            "--bs",
+            str(args.bs),
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(args.warmup),
+            "--out",
+            str(args.out),
+        ]
+        if pair == args.configs.split(",")[0]:
+            cmd.append("--profile")
+        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        ref = (
+            json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else {"error": done.stderr[-800:]}
+        )
+        mine = ours(shape, int(rank), args.seq, args.bs, args.steps, args.work)
+        ratio = round(mine["tok_s"] / ref["tok_s"], 2) if ref.get("tok_s") and mine.get("tok_s") else None
+        rows.append(
+            {
+                "shape": shape,
+                "rank": int(rank),
+                "seq": args.seq,
+                "bs": args.bs,
+                "steps": args.steps,
+                "reference": ref,
+                "lora_search": mine,
+                "ratio": ratio,
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    result = {
+        "device": torch.cuda.get_device_name(0),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
+        "rows": rows,
+    }
+    (args.out / "speed.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(f"\n{result['device']}: lora_search trial path vs HF PEFT eager (tokens/s, MFU 4N, peak GiB)")
+    for r in rows:
+        ref, mine = r["reference"], r["lora_search"]
+        print(
+            f"{r['shape']} r{r['rank']} seq {r['seq']} bs {r['bs']}: ref {ref.get('tok_s')} ({ref.get('mfu_4n')}, "
+            f"{ref.get('peak_gib')}) | ours {mine.get('tok_s')} ({mine.get('mfu_4n')}, {mine.get('peak_gib')}) | "
+            f"x{r['ratio']} | cold start {mine.get('cold_start_fraction')} | {mine.get('fast_path')}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -74,6 +74,10 @@ def collecting_problems() -> Iterator[list[Problem]]:
         _collected.reset(token)
 
 
+ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+"""`BaseModel.attn_implementation` values (Transformers' names)."""
+
+
 @dataclass(frozen=True)
 class BaseModel:
     """The model every trial adapts."""
@@ -86,12 +90,25 @@ class BaseModel:
     """Weights dtype. bfloat16 halves memory on GPUs; CPUs train fastest and most exactly in float32."""
     trust_remote_code: bool = False
     """Run modelling code shipped with the checkpoint. Off unless you trust that repository."""
+    attn_implementation: str = "sdpa"
+    """Transformers' attention kernel. A varlen kernel ("flash_attention_2" with flash-attn installed,
+    "flash_attention_3", "flex_attention") also turns on padding-free batches (`lora_search.fastpath`); "eager" is
+    the slow reference."""
 
     def problems(self) -> list[Problem]:
         out = []
         if not self.name_or_path:
             out.append(
                 Problem("base.name_or_path", self.name_or_path, "is empty", "give a hub id or a local model dir")
+            )
+        if self.attn_implementation not in ATTENTION:
+            out.append(
+                Problem(
+                    "base.attn_implementation",
+                    self.attn_implementation,
+                    "unknown attention kernel",
+                    f"use one of {', '.join(ATTENTION)}",
+                )
             )
         return out
 

@@ -93,6 +93,18 @@ RAY_DASHBOARD_MODULES = ("aiohttp_cors", "opencensus")
 
 def _hardware(sweep: Sweep) -> list[Problem]:
     out = []
+    kernel = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}.get(
+        sweep.base.attn_implementation
+    )
+    if kernel and importlib.util.find_spec(kernel) is None:
+        out.append(
+            Problem(
+                "base.attn_implementation",
+                sweep.base.attn_implementation,
+                f"needs the {kernel} package, which is not installed",
+                "pip install flash-attn on every GPU node, or use 'sdpa' (or 'flex_attention' for padding-free)",
+            )
+        )
     missing = [m for m in RAY_DASHBOARD_MODULES if importlib.util.find_spec(m) is None]
     if missing and not os.environ.get("RAY_ADDRESS"):  # a cluster's head node has its own install
         out.append(

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from transformers import PrinterCallback, TrainerCallback
 from trl import SFTTrainer
 
-from lora_search import data, results, strategies, targets, variants
+from lora_search import data, fastpath, results, strategies, targets, variants
 from lora_search.config import BaseModel, Sweep
 from lora_search.probe import PROBE_FILE, probe_batch, save_probe
 from lora_search.results import GOLDEN_PREFIX
@@ -62,7 +62,11 @@ def load_base(base: BaseModel, quantized: bool, sharded: bool = False) -> torch.
     import torch
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {"revision": base.revision, "trust_remote_code": base.trust_remote_code}
+    kwargs: dict[str, Any] = {
+        "revision": base.revision,
+        "trust_remote_code": base.trust_remote_code,
+        "attn_implementation": base.attn_implementation,
+    }
     if quantized:
         kwargs["quantization_config"] = variants.quantization_config(storage=torch.bfloat16 if sharded else None)
         if not sharded:
@@ -149,7 +153,7 @@ def train_loop(config: dict[str, Any]) -> None:
     """Ray Train worker entry point. `config` holds the Sweep and the trial's sampled params."""
     import ray.train
     import torch
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
     from trl import SFTConfig
 
     sweep: Sweep = config["sweep"]
@@ -165,14 +169,12 @@ def train_loop(config: dict[str, Any]) -> None:
     torch.manual_seed(sweep.seed)
     on_gpu = torch.cuda.is_available() and sweep.resources.gpus_per_worker > 0
     work = Path(tempfile.mkdtemp(prefix="lora_search_"))
-    adapter_numel = 0  # ZeRO-3 keeps tensors up to this size whole on every rank: the adapter's, never the base's
-    if strategy.deepspeed:
-        from transformers import AutoConfig
-
-        model_config = AutoConfig.from_pretrained(
-            sweep.base.name_or_path, revision=sweep.base.revision, trust_remote_code=sweep.base.trust_remote_code
-        )
-        adapter_numel = strategies.adapter_param_bound(model_config, params.rank)
+    model_config = AutoConfig.from_pretrained(
+        sweep.base.name_or_path, revision=sweep.base.revision, trust_remote_code=sweep.base.trust_remote_code
+    )
+    # ZeRO-3 keeps tensors up to this size whole on every rank: the adapter's, never the base's
+    adapter_numel = strategies.adapter_param_bound(model_config, params.rank) if strategy.deepspeed else 0
+    path = fastpath.choose(on_gpu, model_config.model_type, sweep.base.attn_implementation)
     # Built before the model loads: under ZeRO-3 it makes from_pretrained partition the weights as they load, under
     # FSDP it makes ranks > 0 load none (`strategies.trainer_kwargs`).
     args = SFTConfig(
@@ -205,6 +207,7 @@ def train_loop(config: dict[str, Any]) -> None:
         dataset_num_proc=None,
         optim=optimizer_name(budget.optimizer, variant.quantized, on_gpu, fsdp=strategy.fsdp),
         **strategies.trainer_kwargs(strategy.name, adapter_numel),
+        **path.trainer_args(),
     )
     tokenizer = AutoTokenizer.from_pretrained(
         sweep.base.name_or_path, revision=sweep.base.revision, trust_remote_code=sweep.base.trust_remote_code
@@ -219,19 +222,21 @@ def train_loop(config: dict[str, Any]) -> None:
     train_ds, eval_ds = data.load(sweep.dataset, sweep.seed)
     load_s = time.perf_counter() - start
     log.info(
-        "%s r=%d on %s x %d worker(s), strategy %s, optimizer %s",
+        "%s r=%d on %s x %d worker(s), strategy %s, optimizer %s, fast path: %s",
         params.variant,
         params.rank,
         device_name(),
         context.get_world_size(),
         strategy.name,
         args.optim,
+        path.summary(),
     )
 
     probe = probe_batch(tokenizer, eval_ds)
     reporter = _Reporter(sweep, tokenizer, adapter, model, init_dir, work, rank0, n_trainable, load_s, probe)
     reporter.worker_nodes = worker_nodes()
     reporter.strategy = strategy
+    reporter.fast_path = path.summary()
     reporter.gpu_in_use_at_start = gpu_in_use_at_start
     callbacks: list[TrainerCallback] = [reporter]
     if variant.step_hook is not None:
@@ -242,6 +247,7 @@ def train_loop(config: dict[str, Any]) -> None:
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
+        data_collator=path.collator(tokenizer.pad_token_id),
         callbacks=callbacks,
         make_optimizer=(lambda m: variant.optimizer(m, adapter)) if variant.optimizer else None,
     )
@@ -303,6 +309,7 @@ class _Reporter(TrainerCallback):
         self.n_trainable, self.load_s, self.probe = n_trainable, load_s, probe
         self.worker_nodes = ""
         self.strategy: Strategy = STRATEGIES["ddp"]
+        self.fast_path = ""
         self.gpu_in_use_at_start = 0
         self.base_eval_loss = float("nan")
         self.train_start = 0.0
@@ -378,6 +385,7 @@ class _Reporter(TrainerCallback):
             "worker_nodes": self.worker_nodes,
         }
         report["strategy"] = self.strategy.name
+        report["fast_path"] = self.fast_path
         report["gpu_in_use_at_start_bytes"] = self.gpu_in_use_at_start
         checkpoint = None
         # A sharded strategy gathers the adapter with a collective, and a forward pass through a sharded base needs

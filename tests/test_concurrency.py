@@ -123,15 +123,21 @@ def _run_writers(out: Path, uri: str | None, steps: int = STEPS, own_sweep: bool
         context.Process(target=_tracker_writer, args=(str(out), uri, i, steps, own_sweep, barrier, results))
         for i in range(WRITERS)
     ]
-    for p in procs:
-        p.start()
-    barrier.wait(timeout=120)
-    start = time.monotonic()
-    reports = [results.get(timeout=300) for _ in procs]
-    elapsed = time.monotonic() - start
-    for p in procs:
-        p.join(timeout=30)
-        assert p.exitcode == 0, f"writer pid {p.pid} exited with {p.exitcode}"
+    try:
+        for p in procs:
+            p.start()
+        barrier.wait(timeout=120)
+        start = time.monotonic()
+        reports = [results.get(timeout=300) for _ in procs]
+        elapsed = time.monotonic() - start
+        for p in procs:
+            p.join(timeout=30)
+            assert p.exitcode == 0, f"writer pid {p.pid} exited with {p.exitcode}"
+    finally:
+        for p in procs:  # a writer stuck past the timeouts is ended with the test, not left behind
+            if p.pid is not None and p.exitcode is None:
+                p.kill()
+                p.join(timeout=10)
     return [dict(r, elapsed=elapsed) for r in sorted(reports, key=lambda r: r["index"])]
 
 

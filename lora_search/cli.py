@@ -3,6 +3,7 @@
     lora-search validate sweeps/tiny.py     # every problem at once; exit 2 if any, Ray never started
     lora-search run sweeps/tiny.py          # validate, then run (or resume) the sweep
     lora-search run --fresh sweeps/tiny.py  # move earlier results aside first
+    lora-search resume NAME [--output-dir DIR]  # resume the unfinished sweep NAME from its Ray state
     lora-search eval sweeps/tiny.py [--adapters DIR ...]  # rescore saved adapters on the golden sets
     lora-search export RUN_ID_OR_ADAPTER_DIR [--merge] [--output DIR] [--base PATH_OR_ID]  # checked export
     (eval and export read adapters from safetensors only; --allow-pickle also admits adapter_model.bin)
@@ -64,10 +65,49 @@ def _validate(sweep: Sweep, problems: list[Problem]) -> int:
     return 0
 
 
-def _run(sweep: Sweep, problems: list[Problem], fresh: bool) -> int:
+def _run(sweep: Sweep, problems: list[Problem], fresh: bool, sweep_file: str | None) -> int:
     from lora_search.sweep import run
 
-    run(sweep, fresh=fresh, construction_problems=problems)
+    run(sweep, fresh=fresh, construction_problems=problems, sweep_file=sweep_file)
+    return 0
+
+
+def _resume(name: str, output_dir: str | None) -> int:
+    """Resume the unfinished sweep NAME from its Ray Tune state, with the sweep file it was started from."""
+    from lora_search.sweep import SOURCE_FILE, file_sha256, resumable, run, sweep_dir
+
+    where = Path(output_dir or os.environ.get("LORA_SEARCH_OUTPUT_DIR", "reports")).resolve()
+    out, header = where / name, f"nothing to resume for sweep {name!r}"
+    if (out / "trials.parquet").exists():
+        fix = "`lora-search run --fresh FILE` runs it again"
+        raise ConfigError([Problem("sweep", name, f"finished: its results are in {out}", fix)], header=header)
+    if not resumable(out):
+        fix = (
+            f"start it with `lora-search run sweeps/<file>.py`, or pass --output-dir where {name!r} ran "
+            "(default: $LORA_SEARCH_OUTPUT_DIR, else reports)"
+        )
+        state = out / "ray" / name
+        raise ConfigError([Problem("sweep state", str(state), "no saved Ray Tune state here", fix)], header=header)
+    record = out / SOURCE_FILE
+    if not record.is_file():
+        problem = "not recorded: the sweep was started from Python, not from a sweep file"
+        fix = "`lora-search run FILE` (or run(SWEEP) again) resumes it as well"
+        raise ConfigError([Problem("sweep file", str(record), problem, fix)], header=header)
+    source = json.loads(record.read_text())
+    path = Path(source["sweep_file"])
+    if not path.is_file():
+        fix = "put it back, or `lora-search run FILE` with the file where it is now"
+        raise ConfigError([Problem("sweep file", str(path), "not found", fix)], header=header)
+    if file_sha256(path) != source["sha256"]:
+        problem = "changed since the sweep started (resuming would mix two sweeps)"
+        fix = "restore it, or `lora-search run --fresh FILE` to start over"
+        raise ConfigError([Problem("sweep file", str(path), problem, fix)], header=header)
+    sweep, problems = load_sweep(path)
+    if sweep_dir(sweep) != out:
+        problem = f"now puts sweep {sweep.name!r} in {sweep_dir(sweep)}, not {out}"
+        fix = "run from the directory the sweep started in, or set LORA_SEARCH_OUTPUT_DIR as it was"
+        raise ConfigError([Problem("sweep file", str(path), problem, fix)], header=header)
+    run(sweep, construction_problems=problems, sweep_file=path)
     return 0
 
 
@@ -260,7 +300,9 @@ def run_sweep_main(sweep: Sweep, argv: list[str] | None = None, *, config_dir: s
         sys.exit(0)
     if args.validate:
         sys.exit(_guarded(lambda: _validate(sweep, [])))
-    sys.exit(_guarded(lambda: _run(sweep, [], args.fresh)))
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)  # the sweep file, run as a script
+    sweep_file = main_file if main_file and main_file.endswith(".py") else None
+    sys.exit(_guarded(lambda: _run(sweep, [], args.fresh, sweep_file)))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -271,6 +313,9 @@ def main(argv: list[str] | None = None) -> None:
     p_run = sub.add_parser("run", help="validate and run (or resume) a sweep")
     p_run.add_argument("sweep_file")
     p_run.add_argument("--fresh", action="store_true", help="move earlier results of this sweep aside first")
+    p_resume = sub.add_parser("resume", help="resume an unfinished sweep by name (the file it started from is reused)")
+    p_resume.add_argument("name", metavar="NAME")
+    p_resume.add_argument("--output-dir", help="where NAME ran (default: $LORA_SEARCH_OUTPUT_DIR, else reports)")
     p_eval = sub.add_parser("eval", help="score saved adapters on the sweep's golden sets (one base load)")
     p_eval.add_argument("sweep_file")
     p_eval.add_argument("--adapters", nargs="+", help="adapter dirs (default: every adapter of the sweep)")
@@ -324,7 +369,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "eval":
         sys.exit(_guarded(load_and(lambda s, p: _eval(s, p, args.adapters, args.output, args.allow_pickle))))
     if args.command == "run":
-        sys.exit(_guarded(load_and(lambda s, p: _run(s, p, args.fresh))))
+        sys.exit(_guarded(load_and(lambda s, p: _run(s, p, args.fresh, args.sweep_file))))
+    if args.command == "resume":
+        sys.exit(_guarded(lambda: _resume(args.name, args.output_dir)))
     if args.command == "export":
         export = lambda: _export(
             args.source, args.merge, args.output, args.base, args.tracking_uri, not args.no_check, args.allow_pickle

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from lora_search.config import Sweep
 from lora_search.cost import devices_per_trial, trial_cost
+from lora_search.resume import REPORT_FILE, TRAINER_DIR
 from lora_search.space import trial_params
 
 GOLDEN_PREFIX = "golden/"
@@ -138,6 +139,10 @@ class TrialRecord:
     """The trial's MLflow child run ("" when tracking was off or failed)."""
     pareto: bool = False
     """On the Pareto frontier of quality vs adapter bytes vs cost (lora_search.pareto), among completed trials."""
+    restarts: int = 0
+    """Times the trial trained on from its last checkpoint after a worker process, a node or the driver died."""
+    steps_redone: int = 0
+    """Optimizer steps those restarts trained again (done after the last checkpoint, lost with the attempt)."""
     scores: dict[str, float] | None = None
     """Every golden metric and stderr, `task/metric` -> value; a column each in trials.parquet."""
 
@@ -182,12 +187,14 @@ def record(
         target = adapters_dir / trial_id
         if target.exists():
             shutil.rmtree(target)
-        shutil.copytree(source, target)
+        shutil.copytree(source, target, ignore=shutil.ignore_patterns(TRAINER_DIR, REPORT_FILE))  # the adapter only
         adapter_path = str(target)
     losses = [h["eval_loss"] for h in history if "eval_loss" in h]
     nan = float("nan")
     device_name = str(last.get("device_name") or "cpu")
-    trial_s, eval_s = float(last.get("time_total_s", 0.0)), float(last.get("eval_s", 0.0))
+    # Tune counts a trial's time from its latest start; `prior_s` is what earlier starts (before a killed driver) held.
+    trial_s = float(last.get("time_total_s", 0.0)) + _count(last, "prior_s")
+    eval_s = float(last.get("eval_s", 0.0))
     priced = trial_cost(trial_s, eval_s, devices_per_trial(sweep.resources), device_name, sweep.pricing)
     return TrialRecord(
         trial_id=trial_id,
@@ -220,8 +227,16 @@ def record(
         train_cost=priced.train_cost,
         eval_cost=priced.eval_cost,
         cost=priced.cost,
+        restarts=int(_count(last, "restarts")),
+        steps_redone=int(_count(last, "steps_redone")),
         scores={k.removeprefix(GOLDEN_PREFIX): float(v) for k, v in last.items() if k.startswith(GOLDEN_PREFIX)},
     )
+
+
+def _count(last: dict[str, Any], key: str) -> float:
+    """A figure older reports (or a history table's empty cell, NaN) do not have counts as 0."""
+    value = last.get(key)
+    return float(value) if isinstance(value, int | float) and value == value else 0.0
 
 
 def to_frame(records: list[TrialRecord]) -> pd.DataFrame:

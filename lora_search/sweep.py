@@ -14,13 +14,19 @@ local Ray with the dashboard off. Results land in `<output_dir>/<name>/`:
     index.html            the HTML report (lora_search.report; `lora-search report NAME` writes it again)
     provenance.json       git commit and dirty flag, package and eval task versions, base fingerprint
     tracking.json         MLflow tracking URI, experiment and parent run id (lora_search.tracking)
+    sweep_source.json     the sweep file it was started from and its sha256 (`lora-search resume NAME` reloads it)
     adapters/<trial_id>/  the newest adapter of every trial (standard PEFT dir, safetensors, lora_search.json)
-    ray/                  Ray Tune/Train state; an interrupted sweep resumes from it
+    ray/                  Ray Tune/Train state; an interrupted sweep resumes from it (`run` again, or `resume NAME`)
+
+Resume: a driver that died (Ctrl+C, SIGKILL, a lost machine) leaves Ray Tune's experiment state in `ray/<name>/`;
+running the sweep again restores it (`Tuner.restore`): finished trials, ASHA's rungs and the searcher's state are
+kept, and trials cut short train on from their last adapter checkpoint (lora_search.resume).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -31,7 +37,7 @@ from typing import Any
 import pandas as pd
 from ray.tune import Callback
 
-from lora_search import cost, pareto, preflight, registry, results, space, tracking
+from lora_search import cost, pareto, preflight, registry, results, resume, space, tracking
 from lora_search.config import ConfigError, Problem, Sweep
 from lora_search.trial import DRIVER_RESOURCES, run_trial
 
@@ -49,6 +55,9 @@ class SweepExistsError(RuntimeError):
     """The sweep's name already has finished results; running again would overwrite them."""
 
 
+SOURCE_FILE = "sweep_source.json"
+
+
 def sweep_dir(sweep: Sweep) -> Path:
     return Path(sweep.output_dir).resolve() / sweep.name
 
@@ -62,9 +71,28 @@ def _init_ray() -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env=runtime_env)  # ray job submit, or an explicit cluster
     else:
-        # Local: the dashboard (which Ray Train's state queries need) binds to 127.0.0.1 only. Worker logs stay
-        # in Ray's session dir; the driver prints one progress line per trial event instead.
-        ray.init(dashboard_host="127.0.0.1", log_to_driver=False, runtime_env=runtime_env)
+        # Local: always a new Ray of this driver's own ("local"; with no address Ray would join whatever cluster
+        # `ray start` last started on this machine, e.g. someone else's). Its GCS port is chosen here so that its
+        # workers can be told the address: Ray Train's placement-group cleaner looks its controller up through the
+        # State API, which without RAY_ADDRESS fails when several Rays run on the machine, and then never frees
+        # the devices of a trial ASHA stopped. The dashboard (which those state queries need) binds to 127.0.0.1
+        # only. Worker logs stay in Ray's session dir; the driver prints one progress line per trial event instead.
+        port = _free_port()
+        address = f"{ray.util.get_node_ip_address()}:{port}"
+        runtime_env["env_vars"] = {**WORKER_ENV, "RAY_ADDRESS": address}
+        os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # read by Ray when it starts the local head
+        try:
+            ray.init(address="local", dashboard_host="127.0.0.1", log_to_driver=False, runtime_env=runtime_env)
+        finally:
+            os.environ.pop("RAY_GCS_SERVER_PORT", None)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
 
 
 def concurrent_trials(sweep: Sweep, cluster: dict[str, float]) -> int:
@@ -130,7 +158,7 @@ class _Events(Callback):
             f"trial {trial.trial_id} step {result['step']:>4}/{s.sweep.budget.max_steps} "
             f"eval_loss {result['eval_loss']:.4f} (best {s.best:.4f})"
         )
-        if s.tracker:
+        if s.tracker and not result.get("replayed"):  # a resumed trial's repeat of its checkpoint's step: logged
             s.tracker.trial_result(trial.trial_id, trial.config, result)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -283,9 +311,27 @@ def validate(sweep: Sweep, construction_problems: list[Problem] | None = None) -
     preflight.validate(sweep, construction_problems)
 
 
-def run(sweep: Sweep, *, fresh: bool = False, construction_problems: list[Problem] | None = None) -> pd.DataFrame:
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def resumable(out: Path) -> bool:
+    """Whether the sweep dir holds Ray Tune state of a sweep that has not finished."""
+    from ray import tune
+
+    return not (out / "trials.parquet").exists() and tune.Tuner.can_restore(str(out / "ray" / out.name))
+
+
+def run(
+    sweep: Sweep,
+    *,
+    fresh: bool = False,
+    construction_problems: list[Problem] | None = None,
+    sweep_file: str | Path | None = None,
+) -> pd.DataFrame:
     """Validate, run (or resume) the sweep, write and print its results. Returns the trials table.
 
+    `sweep_file`: the file the sweep came from, recorded so that `lora-search resume NAME` finds it again.
     Raises ConfigError before Ray starts when the sweep cannot run, and SweepExistsError when its name
     already has finished results (pass fresh=True to move them aside first).
     """
@@ -301,6 +347,9 @@ def run(sweep: Sweep, *, fresh: bool = False, construction_problems: list[Proble
             )
         out.rename(out.with_name(f"{sweep.name}.{time.strftime('%Y%m%d-%H%M%S')}"))
     out.mkdir(parents=True, exist_ok=True)
+    if sweep_file is not None and not (out / SOURCE_FILE).exists():
+        source = Path(sweep_file).resolve()
+        (out / SOURCE_FILE).write_text(json.dumps({"sweep_file": str(source), "sha256": file_sha256(source)}))
     fingerprint = registry.fingerprint(sweep.base)
     base_bytes = preflight.base_weight_bytes(sweep.base)
     try:
@@ -318,6 +367,8 @@ def run(sweep: Sweep, *, fresh: bool = False, construction_problems: list[Proble
 
     storage = out / "ray"
     experiment = storage / sweep.name
+    storage.mkdir(exist_ok=True)
+    asha_state = storage / "asha_state.json"
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, sweep=sweep, storage_path=str(storage)), DRIVER_RESOURCES
     )
@@ -330,6 +381,7 @@ def run(sweep: Sweep, *, fresh: bool = False, construction_problems: list[Proble
         session.ended.update(done)
         tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_errored=False, restart_errored=False)
     else:
+        asha_state.unlink(missing_ok=True)  # of an earlier sweep by this name whose Ray state was unusable
         n_concurrent = concurrent_trials(sweep, ray.cluster_resources())
         print(
             f"sweep {sweep.name!r}: {sweep.num_samples} sample(s), search={sweep.search}, "
@@ -343,7 +395,7 @@ def run(sweep: Sweep, *, fresh: bool = False, construction_problems: list[Proble
             tune_config=tune.TuneConfig(
                 metric="eval_loss",
                 mode="min",
-                scheduler=space.scheduler(sweep),
+                scheduler=resume.restorable(space.scheduler(sweep), asha_state),
                 search_alg=space.search_algorithm(sweep, n_concurrent),
                 num_samples=sweep.num_samples,
                 max_concurrent_trials=n_concurrent,
@@ -378,17 +430,19 @@ def run(sweep: Sweep, *, fresh: bool = False, construction_problems: list[Proble
         raise SweepInterrupted(
             f"sweep {sweep.name!r} stopped before its end ({len(session.unfinished)} trial(s) cut short); "
             f"Ray saved its state in {experiment}. Run the same command again to resume: finished trials are "
-            "kept, the ones cut short train again from the start."
+            "kept, the ones cut short train on from their last checkpoint."
         )
     records, configs, histories = [], {}, {}
     for result in grid:
         trial_id = Path(result.path).name.removeprefix("trial_")
         history = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
+        history = list({int(h.get("step", 0)): h for h in history}.values())  # a step reported again after a resume
         records.append(results.record(trial_id, result.config, history, result.error, sweep, out / "adapters"))
         configs[trial_id], histories[trial_id] = result.config, history
     base = _base_scores(sweep, base_scores, out) if base_scores is not None else None
     records, frontier_table, figures = _frontier(sweep, records, base, base_bytes)
     if tracker:
+        _drop_orphan_runs(tracker, {r.trial_id for r in records})
         records = [dataclasses.replace(r, mlflow_run_id=tracker.children.get(r.trial_id, "")) for r in records]
     _write_meta(sweep, records, fingerprint, tracker)
     results.history_frame(histories).to_parquet(out / "history.parquet", index=False)
@@ -408,6 +462,19 @@ def run(sweep: Sweep, *, fresh: bool = False, construction_problems: list[Proble
     if report:
         print(f"report: {report}")
     return frame
+
+
+def _drop_orphan_runs(tracker: tracking.Tracker, trial_ids: set[str]) -> None:
+    """Delete child runs of trials Ray does not have: a driver killed after a trial started but before Tune saved
+    its state leaves that trial's run behind, and the restored searcher may give the trial another id."""
+    for trial_id in sorted(set(tracker.children) - trial_ids):
+        run_id = tracker.children.pop(trial_id)
+        try:
+            tracker.client.delete_run(run_id)
+        except Exception as e:  # noqa: BLE001 - tracking never takes the sweep down
+            print(f"MLflow: the orphan run {run_id} of trial {trial_id} could not be deleted ({e!s:.200})", flush=True)
+            continue
+        print(f"MLflow: deleted run {run_id} of trial {trial_id}, which the restored sweep does not have", flush=True)
 
 
 def write_report(sweep: Sweep, out: Path, baseline: dict[str, Any] | None = None) -> Path | None:

@@ -3,13 +3,15 @@
 Loads the base model and tokenizer, attaches the trial's adapter (`lora_search.variants`), trains with
 TRL's SFTTrainer (completion-only loss on prompt/completion data), and at every `budget.eval_every`
 steps reports eval loss plus cost figures to Ray Train (and through it to Tune, whose ASHA may stop the
-trial there) with an adapter-only checkpoint.
+trial there) with a checkpoint: the adapter, and (DDP) the adapter's training state as a Trainer checkpoint, so a
+trial whose worker, node or driver died trains on from there (lora_search.resume).
 
 Run through `lora_search.trial`, never directly.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import resource
@@ -24,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from transformers import PrinterCallback, TrainerCallback
 from trl import SFTTrainer
 
-from lora_search import data, fastpath, results, strategies, targets, variants
+from lora_search import data, fastpath, results, resume, strategies, targets, variants
 from lora_search.config import BaseModel, Sweep
 from lora_search.probe import PROBE_FILE, probe_batch, save_probe
 from lora_search.results import GOLDEN_PREFIX
@@ -169,6 +171,22 @@ def train_loop(config: dict[str, Any]) -> None:
     torch.manual_seed(sweep.seed)
     on_gpu = torch.cuda.is_available() and sweep.resources.gpus_per_worker > 0
     work = Path(tempfile.mkdtemp(prefix="lora_search_"))
+    # Sharded strategies keep their optimizer state in per-rank shards that only rank 0's checkpoint would miss:
+    # they restart from step 0. DDP resumes from the newest checkpoint Ray Train restored, if any.
+    resumable = strategy.name == "ddp"
+    run_dir = Path(config["run_dir"])
+    restored, source = _restored(run_dir, ray.train.get_checkpoint(), work) if resumable else (None, "")
+    earlier = resume.checkpoint_report(restored) if restored else {}
+    tracker = resume.Tracker(Path(config["progress_file"]), config["tune_run"], config["tune_run_start"])
+    progress = tracker.start(int(earlier.get("step", 0))) if rank0 else None
+    if restored:
+        # Report the step resumed from again: its report may never have reached Tune (the worker or the driver died
+        # first), or reached a driver that died before saving it. A repeat is not logged twice; the restored ASHA
+        # decides on it as it did, or would have.
+        ray.train.report({**earlier, **_progress_fields(progress), "replayed": True, "checkpoint_path": source})
+        if earlier["step"] >= budget.max_steps:
+            shutil.rmtree(work, ignore_errors=True)
+            return
     model_config = AutoConfig.from_pretrained(
         sweep.base.name_or_path, revision=sweep.base.revision, trust_remote_code=sweep.base.trust_remote_code
     )
@@ -191,10 +209,12 @@ def train_loop(config: dict[str, Any]) -> None:
         # Step-0 eval: every variant starts as an exact (PiSSA: numerically exact) copy of the base, so this is the
         # base model's eval loss, the reference every trial's gain is measured against. Taken inside train(): a
         # separate evaluate() first would prepare the model for inference alone, which FSDP2 and DeepSpeed refuse
-        # or cannot train from afterwards.
-        eval_on_start=True,
+        # or cannot train from afterwards. A resumed trial has it from its checkpoint's report.
+        eval_on_start=restored is None,
         logging_steps=budget.eval_every,
-        save_strategy="no",  # checkpoints go to Ray Train (adapter only), not the HF output dir
+        # Saved with every report (DDP): the Trainer's checkpoint joins the adapter in Ray Train's checkpoint.
+        save_strategy="steps" if resumable else "no",
+        save_steps=budget.eval_every,
         report_to="none",
         seed=sweep.seed,
         data_seed=sweep.seed,
@@ -238,6 +258,11 @@ def train_loop(config: dict[str, Any]) -> None:
     reporter.strategy = strategy
     reporter.fast_path = path.summary()
     reporter.gpu_in_use_at_start = gpu_in_use_at_start
+    reporter.resumable, reporter.tracker, reporter.progress = resumable, tracker, progress
+    reporter.run_dir = run_dir
+    if restored:
+        reporter.base_eval_loss = float(earlier["base_eval_loss"])
+        reporter.earlier_train_s = float(earlier["train_s"])
     callbacks: list[TrainerCallback] = [reporter]
     if variant.step_hook is not None:
         callbacks.append(_StepHook(model, variant.step_hook))
@@ -253,7 +278,7 @@ def train_loop(config: dict[str, Any]) -> None:
     )
     trainer.remove_callback(PrinterCallback)  # progress goes to Tune, not one dict per log line
     try:
-        trainer.train()
+        trainer.train(resume_from_checkpoint=str(restored / resume.TRAINER_DIR) if restored else None)
     except torch.cuda.OutOfMemoryError as e:
         peak, _ = peak_memory_bytes()
         raise results.infeasible("CUDA out of memory", peak, trainer.state.global_step) from e
@@ -262,6 +287,29 @@ def train_loop(config: dict[str, Any]) -> None:
 
 
 LM_EVAL_RESULTS = "lm_eval_results.json"
+TRAINER_FILES = ("adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt", "scaler.pt")
+TRAINER_FILES += ("trainer_state.json", "rng_state*.pth")
+"""What a trial resumes from in a Trainer checkpoint: the adapter and its training state, not the tokenizer."""
+
+
+def _restored(run_dir: Path, checkpoint: Any, work: Path) -> tuple[Path | None, str]:
+    """The newest complete checkpoint of this trial's run (uploaded, or restored by Ray Train), copied into `work`,
+    and where it is in the run's storage; (None, "") when there is none."""
+    for source in resume.candidates(run_dir, checkpoint.path if checkpoint is not None else None):
+        local = work / "restored"
+        try:
+            shutil.copytree(source, local)
+        except OSError:  # removed meanwhile (Ray keeps the newest registered checkpoint only): take the next
+            shutil.rmtree(local, ignore_errors=True)
+            continue
+        return local, str(source)
+    return None, ""
+
+
+def _progress_fields(progress: resume.Progress | None) -> dict[str, Any]:
+    if progress is None:  # ranks > 0: rank 0's report is the one Tune sees
+        return {}
+    return {"restarts": progress.restarts, "steps_redone": progress.steps_redone, "prior_s": progress.prior_s}
 
 
 class _Trainer(SFTTrainer):
@@ -314,6 +362,13 @@ class _Reporter(TrainerCallback):
         self.base_eval_loss = float("nan")
         self.train_start = 0.0
         self.last_train_loss = float("nan")
+        self.resumable = False
+        self.tracker: resume.Tracker | None = None
+        self.progress: resume.Progress | None = None
+        self.earlier_train_s = 0.0
+        """Training seconds of earlier attempts, up to the checkpoint this one resumed from."""
+        self.pending: tuple[dict[str, Any], Path | None] | None = None
+        self.run_dir = Path()
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.train_start = time.perf_counter()
@@ -345,6 +400,8 @@ class _Reporter(TrainerCallback):
                 raise results.infeasible(f"past resources.memory_limit_gb={limit:g} ({kind})", peak, state.global_step)
         if state.global_step >= state.max_steps:
             control.should_evaluate = True  # always report the final step, whatever eval_every is
+        if self.rank0 and self.tracker is not None:
+            self.tracker.step(int(state.global_step))
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kw: Any) -> None:
         if logs and "loss" in logs:
@@ -353,8 +410,6 @@ class _Reporter(TrainerCallback):
                 raise results.diverged("train_loss", self.last_train_loss, state.global_step)
 
     def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, float], **kw: Any) -> None:
-        import ray.train
-
         if state.global_step == 0:  # the base reference (eval_on_start); reported with every later result
             self.base_eval_loss = float(metrics["eval_loss"])
             self.train_start = time.perf_counter()
@@ -362,7 +417,7 @@ class _Reporter(TrainerCallback):
 
         if not math.isfinite(float(metrics["eval_loss"])):
             raise results.diverged("eval_loss", float(metrics["eval_loss"]), int(state.global_step))
-        train_s = time.perf_counter() - self.train_start
+        train_s = self.earlier_train_s + time.perf_counter() - self.train_start
         resources = self.sweep.resources
         per_worker_devices = resources.gpus_per_worker if resources.gpus_per_worker > 0 else resources.cpus_per_worker
         peak, peak_kind = peak_memory_bytes()
@@ -387,7 +442,7 @@ class _Reporter(TrainerCallback):
         report["strategy"] = self.strategy.name
         report["fast_path"] = self.fast_path
         report["gpu_in_use_at_start_bytes"] = self.gpu_in_use_at_start
-        checkpoint = None
+        report.update(_progress_fields(self.progress))
         # A sharded strategy gathers the adapter with a collective, and a forward pass through a sharded base needs
         # every rank's shard: then every rank saves, probes and scores (each into its own scratch dir), in step.
         sharded = self.strategy.shards_base
@@ -398,9 +453,38 @@ class _Reporter(TrainerCallback):
             save_probe(self.model, self.probe, out / PROBE_FILE)
             if step >= state.max_steps and self.sweep.evals is not None:
                 report.update(self._golden_scores(out))
-            if self.rank0:
-                checkpoint = ray.train.Checkpoint.from_directory(str(out))
         log.info("step %d eval_loss %.4f", step, report["eval_loss"])
-        ray.train.report(report, checkpoint=checkpoint, checkpoint_dir_name=f"step_{step:06d}")
-        if self.rank0 or sharded:
+        self.pending = (report, out if self.rank0 or sharded else None)
+        if not self.resumable:
+            self._report()
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Right after the Trainer saved its checkpoint of this step (DDP): it joins the adapter, then the report."""
+        if self.pending is None:
+            return
+        report, out = self.pending
+        if self.rank0 and out is not None:
+            saved = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            (out / resume.TRAINER_DIR).mkdir()
+            for pattern in TRAINER_FILES:
+                for f in saved.glob(pattern):
+                    f.replace(out / resume.TRAINER_DIR / f.name)
+            shutil.rmtree(saved, ignore_errors=True)
+        self._report()
+
+    def _report(self) -> None:
+        """Report the pending step to Ray Train (every rank takes part), with rank 0's checkpoint."""
+        import ray.train
+
+        assert self.pending is not None
+        (report, out), self.pending = self.pending, None
+        checkpoint = None
+        if self.rank0 and out is not None:
+            (out / resume.REPORT_FILE).write_text(json.dumps(resume.json_safe(report)))
+            checkpoint = ray.train.Checkpoint.from_directory(str(out))
+        name = f"step_{report['step']:06d}"
+        ray.train.report(report, checkpoint=checkpoint, checkpoint_dir_name=name)
+        if checkpoint is not None and self.resumable:
+            (self.run_dir / name / resume.UPLOADED_FILE).touch()  # report() uploaded it (synchronously)
+        if out is not None:
             shutil.rmtree(out, ignore_errors=True)  # Ray copied rank 0's into the sweep's storage

@@ -1,0 +1,186 @@
+"""Trial resume: which adapter checkpoint a trial restarts from, and how many steps each restart redid.
+
+Every report of a trial (lora_search.train) carries a checkpoint: the PEFT adapter, `report.json` (the metrics
+reported with it) and `resume/`, a Hugging Face Trainer checkpoint of the adapter's training state: adapter
+weights, optimizer, LR scheduler, trainer state (step, tokens seen) and RNG, never the base. A trial restarts
+from its newest checkpoint through Ray Train's own restore (`ray.train.get_checkpoint()` in the new workers):
+
+- a worker process or a whole node died: lora_search.trial sees the lost workers and fits the same Ray Train run
+  again (at most `trial.WORKER_LOSSES` times); application errors (failed, diverged, infeasible) are never retried;
+- the driver died: Tune restores the sweep and runs the trial again into the same Ray Train run dir (`usable_run`
+  checks its snapshot first; a run dir whose snapshot is broken starts over from step 0).
+
+`progress.json` (one per trial under the sweep's Ray storage, written by rank 0 after every optimizer step) holds
+the last step any attempt reached: a restart from step s after progress p redid p - s steps, at most
+`budget.eval_every` since every report checkpoints. It also carries the wall time of earlier Tune runs of the
+trial (Tune restarts `time_total_s` from 0 when it reruns a trial after the driver died), so a resumed trial's
+cost counts all the time it held its devices.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+REPORT_FILE = "report.json"
+"""Beside the adapter in every checkpoint: the metrics reported with it (JSON-safe values only)."""
+TRAINER_DIR = "resume"
+"""The Hugging Face Trainer checkpoint inside every reported checkpoint (`trainer.train(resume_from_checkpoint=)`)."""
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
+UPLOADED_FILE = ".uploaded"
+"""Written by rank 0 into a checkpoint in the run dir once `ray.train.report` has uploaded it (a synchronous
+upload): Ray Train registers a checkpoint only when its controller next polls, so a worker or driver that dies in
+between leaves a complete checkpoint that Ray's snapshot does not name yet."""
+"""Ray Train V2's record of a run's reported checkpoints, in the run dir (ray.train.v2._internal.constants)."""
+
+
+def is_complete(checkpoint: Path) -> bool:
+    """A checkpoint a trial can resume from: its report and the trainer state are there."""
+    return (checkpoint / REPORT_FILE).is_file() and (checkpoint / TRAINER_DIR / "trainer_state.json").is_file()
+
+
+def checkpoint_report(checkpoint: Path) -> dict[str, Any]:
+    return json.loads((checkpoint / REPORT_FILE).read_text())
+
+
+def usable_run(run_dir: Path) -> bool:
+    """Whether Ray Train can restore this run dir: its snapshot parses and every checkpoint it names is complete.
+
+    A driver killed mid-write can leave a truncated snapshot, or one naming a checkpoint that was never fully
+    written; Ray would refuse to start from it (or resume from half a checkpoint)."""
+    snapshot = run_dir / SNAPSHOT_FILE
+    if not snapshot.is_file():
+        return False
+    try:
+        state = json.loads(snapshot.read_text())
+        names = [r["checkpoint_dir_name"] for r in state["checkpoint_results"]]
+        if state.get("latest_checkpoint_result"):
+            names.append(state["latest_checkpoint_result"]["checkpoint_dir_name"])
+    except (ValueError, KeyError, TypeError):
+        return False
+    return bool(names) and all(is_complete(run_dir / name) for name in names)
+
+
+def candidates(run_dir: Path, registered: str | None) -> list[Path]:
+    """The checkpoints a restarted trial can resume from, newest step first: every uploaded one in the run dir, and the
+    one Ray Train restored (`registered`, its path)."""
+    found = [d for d in run_dir.glob("step_*") if (d / UPLOADED_FILE).is_file() and is_complete(d)]
+    if registered and is_complete(Path(registered)) and Path(registered) not in found:
+        found.append(Path(registered))
+    return sorted(found, key=lambda d: checkpoint_report(d)["step"], reverse=True)
+
+
+def json_safe(report: dict[str, Any]) -> dict[str, Any]:
+    """The report's values that JSON keeps exactly (numbers, strings, bools); NaN stays NaN (Python's JSON)."""
+    return {k: v for k, v in report.items() if isinstance(v, str | int | float | bool)}
+
+
+@dataclass
+class Progress:
+    """One trial's progress across attempts (`progress.json`)."""
+
+    step: int = 0
+    """The last optimizer step any attempt finished."""
+    restarts: int = 0
+    """Times the trial started again after an attempt ended early (a lost worker or node, a killed driver)."""
+    steps_redone: int = 0
+    """Steps trained again because an attempt ended after its last checkpoint: sum over restarts of step - resumed."""
+    prior_s: float = 0.0
+    """Wall seconds of earlier Tune runs of this trial (their `time_total_s`, lost when Tune reran the trial)."""
+    tune_run: str = ""
+    """Which Tune run of the trial wrote this (lora_search.trial makes one id per call of `run_trial`)."""
+    tune_run_s: float = 0.0
+    """Seconds since that Tune run started, at the last write."""
+
+    @classmethod
+    def read(cls, path: Path) -> Progress | None:
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def write(self, path: Path) -> None:
+        """Atomic: a process killed while writing leaves the previous state."""
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(asdict(self)))
+        tmp.replace(path)
+
+
+class Tracker:
+    """Rank 0's progress bookkeeping for one attempt: `start` once the resumed step is known, `step` after each step."""
+
+    def __init__(self, path: Path, tune_run: str, tune_run_start: float) -> None:
+        self.path, self.tune_run, self.tune_run_start = path, tune_run, tune_run_start
+        self.progress = Progress(tune_run=tune_run)
+
+    def start(self, resumed_step: int) -> Progress:
+        """Count this attempt: a restart when an earlier attempt left progress, with the steps it must redo."""
+        earlier = Progress.read(self.path)
+        if earlier is not None:
+            prior_s = earlier.prior_s + (earlier.tune_run_s if earlier.tune_run != self.tune_run else 0.0)
+            self.progress = Progress(
+                step=resumed_step,
+                restarts=earlier.restarts + 1,
+                steps_redone=earlier.steps_redone + max(0, earlier.step - resumed_step),
+                prior_s=prior_s,
+                tune_run=self.tune_run,
+            )
+        self.step(resumed_step)
+        return self.progress
+
+    def step(self, step: int) -> None:
+        self.progress.step = step
+        self.progress.tune_run_s = time.time() - self.tune_run_start
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.progress.write(self.path)
+
+
+def restorable(asha: Any, state_file: Path) -> Any:
+    """ASHA whose rungs and stop decisions survive a killed driver, in `state_file` (JSON, rewritten after each result).
+
+    Tune restores trials and the searcher, but a restored sweep gets the scheduler as it was created: empty rungs.
+    Then the trials still to come are judged against no one, and a trial stopped just before the driver died (its
+    stop not yet in Tune's saved state) trains on. This one reloads both before its first decision."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    class RestorableASHA(ASHAScheduler):
+        def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
+            self._load()
+            if trial.trial_id in self._stopped:
+                return self.STOP  # stopped before the driver died: its resumed report only repeats that step
+            decision = super().on_trial_result(tune_controller, trial, result)
+            if decision == self.STOP:
+                self._stopped.add(trial.trial_id)
+            self._save()
+            return decision
+
+        def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> None:
+            self._load()
+            super().on_trial_complete(tune_controller, trial, result)
+            self._save()
+
+        def _load(self) -> None:
+            if self._loaded:
+                return
+            self._loaded = True
+            if not self._state_file.is_file():
+                return
+            state = json.loads(self._state_file.read_text())
+            for bracket, rungs in zip(self._brackets, state["rungs"], strict=True):
+                for (_, recorded), saved in zip(bracket._rungs, rungs, strict=True):
+                    recorded.update(saved)
+            self._stopped.update(state["stopped"])
+
+        def _save(self) -> None:
+            rungs = [[{k: float(v) for k, v in recorded.items()} for _, recorded in b._rungs] for b in self._brackets]
+            tmp = self._state_file.with_name(f".{self._state_file.name}.tmp")
+            tmp.write_text(json.dumps({"rungs": rungs, "stopped": sorted(self._stopped)}))
+            tmp.replace(self._state_file)
+
+    scheduler = RestorableASHA.__new__(RestorableASHA)
+    scheduler.__dict__.update(asha.__dict__)
+    scheduler._state_file, scheduler._loaded, scheduler._stopped = state_file, False, set()
+    return scheduler

@@ -1,0 +1,391 @@
+"""Resume and failures, with real processes killed by real signals: the driver (SIGKILL, three times, then
+`lora-search run` / `lora-search resume` again), one trial's Ray Train worker process, and a whole worker node of a
+localhost `ray start` cluster. Truth comes from Ray's own experiment state, MLflow through MlflowClient, and an
+uninterrupted run of the same seeded sweep.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import psutil
+import pytest
+
+from lora_search import pareto
+from lora_search.cli import main
+from tests.test_multinode import ENV, _free_port, _ray
+
+CLI = [sys.executable, "-m", "lora_search.cli"]
+PARAMS = ["variant", "rank", "alpha", "targets", "lr", "dropout"]
+
+
+def _sweep_file(tmp: Path, name: str, model: Path, data: Path, out: Path, **fields: str) -> Path:
+    """A sweep file; `fields` replace Sweep keyword arguments (as source text)."""
+    args = {
+        "name": repr(name),
+        "base": f"BaseModel({str(model)!r})",
+        "dataset": f"Dataset({str(data)!r}, eval_fraction=0.2, max_length=96)",
+        "space": 'SearchSpace(ranks=(2, 4), targets=("attention", "all-linear"), variants=("lora", "dora"), '
+        "lr=(1e-3, 1e-2))",
+        "budget": "Budget(max_steps=40, eval_every=5, grace_period=10, reduction_factor=2, batch_size=4)",
+        "num_samples": "6",
+        "max_concurrent_trials": "1",
+        "seed": "0",
+        "output_dir": repr(str(out)),
+        **fields,
+    }
+    path = tmp / f"{name}_{out.name}.py"
+    body = ",\n    ".join(f"{k}={v}" for k, v in args.items())
+    path.write_text(
+        "from lora_search import BaseModel, Budget, Dataset, Resources, SearchSpace, Sweep, main\n"
+        f"SWEEP = Sweep(\n    {body},\n)\n"
+        'if __name__ == "__main__":\n    main(SWEEP)\n'
+    )
+    return path
+
+
+def _ray_trials(out: Path, name: str) -> dict[str, tuple[str, int]]:
+    """trial id -> (Ray's status, last step), from Ray Tune's experiment state on disk."""
+    from ray.tune import ExperimentAnalysis
+
+    return {
+        t.trial_id: (t.status, int((t.last_result or {}).get("step", 0)))
+        for t in ExperimentAnalysis(str(out / name / "ray" / name)).trials
+    }
+
+
+def _params(frame: pd.DataFrame) -> pd.DataFrame:
+    """Trials keyed by their sampled params (trial ids differ between runs)."""
+    keyed = frame.assign(lr=frame["lr"].round(12), alpha=frame["alpha"].astype(float))
+    return keyed.set_index(PARAMS).sort_index()
+
+
+def _session_processes(sid: int) -> list[psutil.Process]:
+    """Processes of the session a driver was started in (start_new_session): its local Ray, its workers."""
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if os.getsid(p.pid) == sid:
+                found.append(p)
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            continue
+    return found
+
+
+def _wait_session_gone(sid: int, timeout: float = 60) -> int:
+    """Wait until the killed driver's Ray has gone (Ray shares the driver's fate); SIGKILL what outlives `timeout`.
+    Returns how many processes had to be killed."""
+    deadline = time.monotonic() + timeout
+    while (left := _session_processes(sid)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for p in left:
+        p.kill()
+    return len(left)
+
+
+@pytest.mark.slow
+def test_driver_killed_three_times_resumes_to_the_uninterrupted_sweep(tiny_model_dir, tiny_jsonl, tmp_path) -> None:
+    """SIGKILL the driver at three seeded random points; `run` and `resume` bring the sweep to the same end as an
+    uninterrupted run with the same seed: the same trials (by params), statuses and eval losses, the same frontier
+    (the 3-D one up to measured cost: wall time), one MLflow child run per Ray trial with a truthful status."""
+    import ray
+    from mlflow import MlflowClient
+
+    ray.shutdown()  # the drivers below start their own local Ray
+    name = "killed"
+    env = {**os.environ, "RAY_ADDRESS": ""}
+
+    plain_file = _sweep_file(tmp_path, name, tiny_model_dir, tiny_jsonl, tmp_path / "plain")
+    start = time.monotonic()
+    plain_driver = subprocess.Popen(
+        [*CLI, "run", str(plain_file)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
+    first_report_s, lines = math.inf, []
+    for line in plain_driver.stdout:  # how long a driver takes from its start to a trial's first report
+        lines.append(line)
+        if " step " in line and math.isinf(first_report_s):
+            first_report_s = time.monotonic() - start
+    assert plain_driver.wait(timeout=600) == 0, "".join(lines)[-3000:]
+    uninterrupted_s = time.monotonic() - start
+
+    killed_file = _sweep_file(tmp_path, name, tiny_model_dir, tiny_jsonl, tmp_path / "killed")
+    # Kill points: seeded random points of the sweep's training (the steps all its trials train, as the uninterrupted
+    # run's progress files count them), each a random fraction of a second into its step.
+    rng = random.Random(0)
+    plain_steps = sum(
+        json.loads(f.read_text())["step"] for f in (tmp_path / "plain" / name).glob("ray/progress/*.json")
+    )
+    targets = sorted(rng.uniform(0.1, 0.9) * plain_steps for _ in range(3))
+    progress = tmp_path / "killed" / name / "ray" / "progress"
+    kills, outlived, log = 0, 0, []
+    start = time.monotonic()
+    while True:
+        if kills % 2 == 0:
+            command = [*CLI, "run", str(killed_file)]
+        else:
+            command = [*CLI, "resume", name, "--output-dir", str(tmp_path / "killed")]
+        driver_log = tmp_path / f"driver_{kills}.log"
+        with driver_log.open("w") as sink:
+            driver = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        if kills == 3:
+            returncode = driver.wait(timeout=600)
+            output = driver_log.read_text()
+            assert returncode == 0, output[-3000:]
+            break
+        driver_start = time.monotonic()
+        while (done_steps := sum(json.loads(f.read_text())["step"] for f in progress.glob("*.json"))) < targets[kills]:
+            if driver.poll() is not None or time.monotonic() - driver_start > 600:
+                driver.kill()
+                pytest.fail(f"the driver ended before its kill: {driver_log.read_text()[-3000:]}")
+            time.sleep(0.1)
+        time.sleep(rng.uniform(0, 0.1))
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait()
+        kills += 1
+        log.append(
+            f"kill {kills} at step {done_steps} of {plain_steps}, {time.monotonic() - driver_start:.0f}s "
+            f"into `{command[3]}`"
+        )
+        outlived += _wait_session_gone(driver.pid)
+    total_s = time.monotonic() - start
+    if kills:
+        assert "resuming sweep" in output, output[-3000:]
+
+    plain = pd.read_parquet(tmp_path / "plain" / name / "trials.parquet")
+    resumed = pd.read_parquet(tmp_path / "killed" / name / "trials.parquet")
+    a, b = _params(plain), _params(resumed)
+    print(
+        f"\n{log}; uninterrupted {uninterrupted_s:.0f}s (first report at {first_report_s:.0f}s), "
+        f"killed 3x and resumed {total_s:.0f}s "
+        f"(x{total_s / uninterrupted_s:.2f}); Ray processes that outlived their driver: {outlived}"
+    )
+    print(resumed[["trial_id", "status", "step", "restarts", "steps_redone", "eval_loss", "trial_s"]].to_string())
+
+    # The same trials (the seeded searcher's state survived), ending the same way (ASHA's rungs survived).
+    assert list(a.index) == list(b.index), (list(a.index), list(b.index))
+    assert list(a["status"]) == list(b["status"]), pd.concat([a["status"], b["status"]], axis=1)
+    assert set(b["status"]) == {"completed", "pruned"}, b["status"]
+    pd.testing.assert_series_equal(a["step"], b["step"])
+    # A resumed trial continues its optimizer, schedule, data order and RNG: its losses are the uninterrupted ones.
+    assert (a["eval_loss"] - b["eval_loss"]).abs().max() < 1e-4, pd.concat([a["eval_loss"], b["eval_loss"]], axis=1)
+    assert b["restarts"].sum() >= 1  # a kill landed inside a trial at least once...
+    eval_every = 5
+    assert (b["steps_redone"] <= b["restarts"] * eval_every).all()  # ...and redid less than one checkpoint interval
+
+    # Frontier: quality vs adapter bytes is the same; the 3-D one only differs through measured cost (wall time).
+    fa = pd.read_csv(tmp_path / "plain" / name / "frontier.csv").pipe(_params)
+    fb = pd.read_csv(tmp_path / "killed" / name / "frontier.csv").pipe(_params)
+    two_d = "pareto_eval_loss_vs_adapter_bytes"
+    assert list(fa.index[fa[two_d]]) == list(fb.index[fb[two_d]])
+    with_plain_costs = fb.assign(cost=fa["cost"])
+    metrics = json.loads((tmp_path / "plain" / name / "sweep_metrics.json").read_text())
+    recomputed = pareto.frontier(
+        with_plain_costs.reset_index().to_dict("records"),
+        pareto.Objective("eval_loss", higher_is_better=False),
+        metrics["base_eval_loss"],
+        metrics["base_weight_bytes"],
+        metrics["reference_cost"],
+    )
+    assert list(recomputed.mask) == list(fa["pareto"]), (list(fb["pareto"]), list(fa["pareto"]))
+
+    # MLflow: one child run per Ray trial, no duplicates, no orphans, statuses as Ray's.
+    truth = _ray_trials(tmp_path / "killed", name)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'killed' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(name)
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    ids = [c.data.tags["lora_search.trial_id"] for c in children]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert sorted(ids) == sorted(truth) == sorted(resumed["trial_id"]), (ids, truth)
+    rows = resumed.set_index("trial_id")
+    for child in children:
+        trial_id = child.data.tags["lora_search.trial_id"]
+        ray_status, step = truth[trial_id]
+        assert ray_status == "TERMINATED", (trial_id, ray_status)
+        ours = "completed" if step >= 40 else "pruned"
+        assert rows.loc[trial_id, "status"] == ours == child.data.tags["lora_search.status"]
+        assert child.info.status == "FINISHED" and child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        steps = sorted(m.step for m in client.get_metric_history(child.info.run_id, "eval_loss"))
+        assert steps == list(range(5, step + 1, 5)), (trial_id, steps)  # every reported step, once
+
+    # A trial's cost counts all the time it held its devices, the attempts before each kill too.
+    assert (b["trial_s"] > 0).all()
+    # Time: each kill costs a new driver and a restarted trial (`first_report_s`, about 45 s on a loaded 2-core
+    # machine), plus under one checkpoint interval of redone steps. On this tiny workload that start-up is a large part
+    # of a trial, so 1.5x the uninterrupted time is out of reach; what is asserted is that no kill cost more than a
+    # fresh start-up (a resume that retrained whole trials, or waited on a stale Ray, would).
+    assert total_s <= uninterrupted_s + kills * 1.5 * first_report_s, (total_s, uninterrupted_s, first_report_s)
+
+
+def _trial_worker(driver: psutil.Process) -> psutil.Process | None:
+    """The Ray Train worker process of a running trial, among the processes of this driver's local Ray."""
+    for p in driver.children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(p.cmdline()):
+                return p
+        except psutil.Error:
+            continue
+    return None
+
+
+def _wait_progress(progress: Path, at_least: int, driver: subprocess.Popen, timeout: float = 300) -> int:
+    deadline = time.monotonic() + timeout
+    while True:
+        files = list(progress.glob("trial_*.json"))
+        if files:
+            step = json.loads(files[0].read_text())["step"]
+            if step >= at_least:
+                return step
+        if driver.poll() is not None or time.monotonic() > deadline:
+            driver.kill()
+            pytest.fail(f"the sweep ended before the kill: {driver.communicate()[0][-3000:]}")
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_killed_worker_process_trains_on_from_its_checkpoint(tiny_model_dir, tiny_jsonl, tmp_path) -> None:
+    """SIGKILL a trial's Ray Train worker process after its first checkpoint: the trial trains on from that
+    checkpoint (steps redone < the checkpoint interval), completes, and the sweep loses no trial."""
+    import ray
+
+    ray.shutdown()
+    out = tmp_path / "reports"
+    sweep_file = _sweep_file(
+        tmp_path,
+        "worker_loss",
+        tiny_model_dir,
+        tiny_jsonl,
+        out,
+        space='SearchSpace(ranks=(4,), targets=("attention",), variants=("lora",), lr=(2e-3, 4e-3))',
+        budget="Budget(max_steps=30, eval_every=10, grace_period=30, batch_size=4)",
+        num_samples="1",
+    )
+    driver = subprocess.Popen(
+        [*CLI, "run", str(sweep_file)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "RAY_ADDRESS": ""},
+    )
+    killed_at = _wait_progress(out / "worker_loss" / "ray" / "progress", 13, driver)
+    worker = _trial_worker(psutil.Process(driver.pid))
+    assert worker is not None
+    worker.send_signal(signal.SIGKILL)
+    output, _ = driver.communicate(timeout=600)
+    assert driver.returncode == 0, output[-3000:]
+    row = pd.read_parquet(out / "worker_loss" / "trials.parquet").iloc[0]
+    print(f"\nworker killed after step {killed_at}: restarts {row.restarts}, steps redone {row.steps_redone}")
+    assert row.status == "completed" and row.step == 30, row.reason
+    assert row.restarts == 1 and 1 <= row.steps_redone < 10, (row.restarts, row.steps_redone)
+    history = pd.read_parquet(out / "worker_loss" / "history.parquet")
+    assert list(history["step"]) == [10, 20, 30]  # trained on from step 10: no step reported twice
+    assert math.isfinite(row.eval_loss) and row.eval_loss < row.base_eval_loss
+
+
+def _cluster_processes(gcs: str) -> list[psutil.Process]:
+    """Every process of the localhost cluster whose GCS is `gcs`, and their children."""
+    port = gcs.rsplit(":", 1)[1]
+    mine = re.compile(rf"gcs[-_]address[= ]\S*:{port}\b|--gcs_server_port={port}\b")
+    found: dict[int, psutil.Process] = {}
+    for p in psutil.process_iter():
+        try:
+            if mine.search(" ".join(p.cmdline())):
+                found.update({q.pid: q for q in [p, *p.children(recursive=True)]})
+        except psutil.Error:
+            continue
+    return list(found.values())
+
+
+@pytest.fixture
+def three_nodes():
+    """tests/test_multinode.py's cluster (a head without CPUs, two 2-CPU worker nodes), stopped by killing its own
+    processes: `ray stop` would stop every Ray on the machine, other tests' too."""
+    gcs, dashboard = _free_port(), _free_port()
+    address = f"127.0.0.1:{gcs}"
+    try:
+        _ray(
+            "start", "--head", f"--port={gcs}", "--num-cpus=0", "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}", "--disable-usage-stats", "--resources", '{"head": 1}',
+        )  # fmt: skip
+        for name in ("node_a", "node_b"):
+            _ray("start", f"--address={address}", "--num-cpus=2", "--resources", f'{{"{name}": 1}}')
+        yield address
+    finally:
+        for p in _cluster_processes(address):
+            p.terminate()
+        _, alive = psutil.wait_procs(_cluster_processes(address), timeout=20)
+        for p in alive:
+            p.kill()
+
+
+def _raylets(gcs: str) -> list[psutil.Process]:
+    """The raylet processes of the cluster whose GCS listens on `gcs` (one per node)."""
+    found = []
+    for p in psutil.process_iter():
+        try:
+            line = " ".join(p.cmdline())
+        except psutil.Error:
+            continue
+        if "raylet/raylet" in line and re.search(rf"--gcs-address=\S*:{gcs.rsplit(':', 1)[1]}\b", line):
+            found.append(p)
+    return found
+
+
+@pytest.mark.slow
+def test_lost_worker_node_trains_on_from_its_checkpoint(three_nodes, tiny_model_dir, tiny_jsonl, tmp_path) -> None:
+    """Kill the whole worker node (its raylet and every process under it) that a trial is training on, after the
+    trial's first checkpoint: the trial trains on, on the node that is left, from that checkpoint."""
+    out = tmp_path / "reports"
+    sweep_file = _sweep_file(
+        tmp_path,
+        "node_loss",
+        tiny_model_dir,
+        tiny_jsonl,
+        out,
+        space='SearchSpace(ranks=(4,), targets=("attention",), variants=("lora",), lr=(2e-3, 4e-3))',
+        budget="Budget(max_steps=30, eval_every=10, grace_period=30, batch_size=4)",
+        num_samples="1",
+    )
+    driver = subprocess.Popen(
+        [*CLI, "run", str(sweep_file)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**ENV, "RAY_ADDRESS": three_nodes},
+    )
+    killed_at = _wait_progress(out / "node_loss" / "ray" / "progress", 13, driver)
+    node = next(r for r in _raylets(three_nodes) if _trial_worker(r) is not None)
+    doomed = [node, *node.children(recursive=True)]
+    for p in doomed:
+        p.kill()
+    output, _ = driver.communicate(timeout=600)
+    assert driver.returncode == 0, output[-3000:]
+    row = pd.read_parquet(out / "node_loss" / "trials.parquet").iloc[0]
+    print(
+        f"\nnode killed after step {killed_at}: restarts {row.restarts}, steps redone {row.steps_redone}, "
+        f"ran on {row.worker_nodes}"
+    )
+    assert row.status == "completed" and row.step == 30, row.reason
+    assert row.restarts == 1 and 1 <= row.steps_redone < 10, (row.restarts, row.steps_redone)
+    history = pd.read_parquet(out / "node_loss" / "history.parquet")
+    assert list(history["step"]) == [10, 20, 30]
+
+
+def test_resume_names_the_missing_state_and_the_fix(tmp_path, capsys) -> None:
+    """`lora-search resume NAME` without saved state refuses (exit 2) with the path it looked in and the fix."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["resume", "nosuch", "--output-dir", str(tmp_path)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "nosuch" / "ray" / "nosuch") in err and "lora-search run" in err and "--output-dir" in err

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -131,6 +132,33 @@ def reload_check(adapter_dir: Path, variant: str) -> dict[str, object]:
     }
 
 
+def last_reports(sweep_dir: Path) -> list[dict[str, object]]:
+    """One row per trial that reported, from its last Tune result: the table of a sweep cut short."""
+    out = []
+    for result in sweep_dir.glob("ray/*/*/result.json"):
+        rows = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
+        if not rows:
+            continue
+        last, config = rows[-1], rows[-1].get("config", {})
+        out.append(
+            {
+                "trial_id": last["trial_id"],
+                "variant": config.get("variant", "?"),
+                "lr": config.get("lr", float("nan")),
+                "strategy": last.get("strategy", "?"),
+                "status": f"cut short at the deadline (last report: step {last.get('step')})",
+                "step": last.get("step", 0),
+                "tokens_per_s": last.get("tokens_per_s", 0.0),
+                "peak_mem_bytes": last.get("peak_mem_bytes", 0),
+                "adapter_bytes": last.get("adapter_bytes", 0),
+                "trainable_params": last.get("trainable_params", 0),
+                "reason": "",
+                "adapter_path": "",
+            }
+        )
+    return out
+
+
 def trial_timestamps(sweep_dir: Path) -> dict[str, tuple[float, float, int]]:
     """trial_id -> (first, last) report timestamp and the GPU bytes in use (all processes) when its worker started,
     from Tune's result.json files."""
@@ -165,6 +193,7 @@ def main() -> None:
     )
     parser.add_argument("--name", default="gpu_strategies")
     parser.add_argument("--work", type=Path, default=Path("/tmp/lora_search_bench"), help="sweep output dir")
+    parser.add_argument("--deadline-s", type=float, default=1e9, help="interrupt the sweep after this long")
     parser.add_argument("--stall-s", type=float, default=150.0, help="py-spy dump after this long without a report")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -211,8 +240,8 @@ def main() -> None:
             workers=max(gpus, 1),
             gpus_per_worker=1 if gpus else 0,
             cpus_per_worker=2,
-            strategy="fsdp",
-            strategy_by_variant={v: s for v, s in chosen.items() if s != "fsdp"},
+            strategy="fsdp" if gpus else "ddp",
+            strategy_by_variant={v: s for v, s in chosen.items() if s != ("fsdp" if gpus else "ddp")},
         ),
         search="grid",
         num_samples=1,
@@ -224,15 +253,27 @@ def main() -> None:
     start = time.time()
     stall = StallDump(Path(sweep.output_dir) / sweep.name, args.out, after=args.stall_s)
     stall.start()
-    run(sweep)
+    # At the deadline the sweep is interrupted like Ctrl+C: what the trials reported so far still makes the table,
+    # from Tune's result files, instead of a killed command returning nothing.
+    deadline = threading.Timer(args.deadline_s, lambda: os.kill(os.getpid(), signal.SIGINT))
+    deadline.daemon = True
+    deadline.start()
+    try:
+        run(sweep)
+    except (KeyboardInterrupt, SystemExit, Exception) as e:  # noqa: BLE001 - SweepInterrupted, or a crash: report
+        print(f"sweep ended early: {type(e).__name__}: {e}", flush=True)
+    deadline.cancel()
     sweep_s = time.time() - start
     stall.stop.set()
     sampler.stop.set()
     sampler.join()
 
     sweep_dir = Path(sweep.output_dir) / sweep.name
-    trials = pd.read_parquet(sweep_dir / "trials.parquet")
     stamps = trial_timestamps(sweep_dir)
+    if (sweep_dir / "trials.parquet").is_file():
+        trials = pd.read_parquet(sweep_dir / "trials.parquet")
+    else:
+        trials = pd.DataFrame(last_reports(sweep_dir))
     order = sorted(stamps, key=lambda t: stamps[t][0])
     rows = []
     for _, t in trials.iterrows():
@@ -274,9 +315,11 @@ def main() -> None:
     except ImportError:
         ds_version = None
     result = {
-        "device": torch.cuda.get_device_name(0),
+        "device": torch.cuda.get_device_name(0) if gpus else "cpu",
         "gpus": gpus,
-        "base": json.loads((base_dir / "random_base.json").read_text()),
+        "base": json.loads((base_dir / "random_base.json").read_text())
+        if (base_dir / "random_base.json").is_file()
+        else {"dir": str(base_dir)},
         "settings": {"steps": args.steps, "batch": args.batch, "max_length": 256, "rank": 16, "targets": "all-linear"},
         "versions": {
             "torch": torch.__version__,

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from lora_search.config import Sweep
 from lora_search.cost import devices_per_trial, trial_cost
-from lora_search.resume import REPORT_FILE, TRAINER_DIR
+from lora_search.resume import REPORT_FILE, TRAINER_DIR, UPLOADED_FILE
 from lora_search.space import trial_params
 
 GOLDEN_PREFIX = "golden/"
@@ -187,7 +187,7 @@ def record(
         target = adapters_dir / trial_id
         if target.exists():
             shutil.rmtree(target)
-        shutil.copytree(source, target, ignore=shutil.ignore_patterns(TRAINER_DIR, REPORT_FILE))  # the adapter only
+        shutil.copytree(source, target, ignore=shutil.ignore_patterns(TRAINER_DIR, REPORT_FILE, UPLOADED_FILE))
         adapter_path = str(target)
     losses = [h["eval_loss"] for h in history if "eval_loss" in h]
     nan = float("nan")

@@ -175,15 +175,22 @@ def train_loop(config: dict[str, Any]) -> None:
     # they restart from step 0. DDP resumes from the newest checkpoint Ray Train restored, if any.
     resumable = strategy.name == "ddp"
     run_dir = Path(config["run_dir"])
-    restored, source = _restored(run_dir, ray.train.get_checkpoint(), work) if resumable else (None, "")
+    registered = ray.train.get_checkpoint() if resumable else None
+    found = resume.candidates(run_dir, registered.path if registered is not None else None) if resumable else []
+    restored, source = _restored(found, work)
     earlier = resume.checkpoint_report(restored) if restored else {}
     tracker = resume.Tracker(Path(config["progress_file"]), config["tune_run"], config["tune_run_start"])
     progress = tracker.start(int(earlier.get("step", 0))) if rank0 else None
     if restored:
-        # Report the step resumed from again: its report may never have reached Tune (the worker or the driver died
-        # first), or reached a driver that died before saving it. A repeat is not logged twice; the restored ASHA
-        # decides on it as it did, or would have.
-        ray.train.report({**earlier, **_progress_fields(progress), "replayed": True, "checkpoint_path": source})
+        # Report the steps up to the one resumed from again, oldest first: their reports may never have reached Tune
+        # (a worker whose driver died trains on for a few seconds, uploading checkpoints no driver sees), or reached
+        # a driver that died before saving them. A repeat is not logged twice; the restored ASHA decides on each as it
+        # did, or would have.
+        for seen in reversed(found):
+            again = resume.checkpoint_report(seen)
+            if again["step"] <= earlier["step"]:
+                again.update(_progress_fields(progress), replayed=True, checkpoint_path=str(seen))
+                ray.train.report(again)
         if earlier["step"] >= budget.max_steps:
             shutil.rmtree(work, ignore_errors=True)
             return
@@ -292,10 +299,10 @@ TRAINER_FILES += ("trainer_state.json", "rng_state*.pth")
 """What a trial resumes from in a Trainer checkpoint: the adapter and its training state, not the tokenizer."""
 
 
-def _restored(run_dir: Path, checkpoint: Any, work: Path) -> tuple[Path | None, str]:
-    """The newest complete checkpoint of this trial's run (uploaded, or restored by Ray Train), copied into `work`,
-    and where it is in the run's storage; (None, "") when there is none."""
-    for source in resume.candidates(run_dir, checkpoint.path if checkpoint is not None else None):
+def _restored(found: list[Path], work: Path) -> tuple[Path | None, str]:
+    """The newest of the trial's complete checkpoints (`resume.candidates`), copied into `work`, and where it is in
+    the run's storage; (None, "") when there is none."""
+    for source in found:
         local = work / "restored"
         try:
             shutil.copytree(source, local)

@@ -66,8 +66,8 @@ def _ray_trials(out: Path, name: str) -> dict[str, tuple[str, int]]:
 
 def _params(frame: pd.DataFrame) -> pd.DataFrame:
     """Trials keyed by their sampled params (trial ids differ between runs)."""
-    keyed = frame.assign(lr=frame["lr"].round(12), alpha=frame["alpha"].astype(float))
-    return keyed.set_index(PARAMS).sort_index()
+    keyed = frame.assign(lr=frame["lr"].round(12))
+    return keyed.set_index([p for p in PARAMS if p in frame]).sort_index()
 
 
 def _session_processes(sid: int) -> list[psutil.Process]:
@@ -82,13 +82,28 @@ def _session_processes(sid: int) -> list[psutil.Process]:
     return found
 
 
+AGENTS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
+"""Per-node helpers of Ray that outlive a SIGKILLed driver's raylet; they run no trial and write nothing."""
+
+
 def _wait_session_gone(sid: int, timeout: float = 60) -> int:
-    """Wait until the killed driver's Ray has gone (Ray shares the driver's fate); SIGKILL what outlives `timeout`.
-    Returns how many processes had to be killed."""
+    """Wait until the killed driver's Ray has gone (Ray shares the driver's fate: its trials' processes die within
+    seconds), then end its leftover agents. Returns how many other processes outlived `timeout` (and were killed)."""
     deadline = time.monotonic() + timeout
-    while (left := _session_processes(sid)) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    for p in left:
+
+    def working() -> list[psutil.Process]:
+        out = []
+        for p in _session_processes(sid):
+            try:
+                if not " ".join(p.cmdline()).startswith(AGENTS):
+                    out.append(p)
+            except psutil.Error:
+                continue
+        return out
+
+    while (left := working()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for p in _session_processes(sid):
         p.kill()
     return len(left)
 

@@ -135,6 +135,8 @@ class TrialRecord:
     """Ray node ids the trial's workers ran on (',' joined): a multi-node trial lists several."""
     strategy: str = "ddp"
     """How the trial's workers shared the model (`lora_search.strategies`)."""
+    fast_path: str = ""
+    """Which speed pieces the trial ran with and why any was off (`lora_search.fastpath`)."""
     mlflow_run_id: str = ""
     """The trial's MLflow child run ("" when tracking was off or failed)."""
     pareto: bool = False
@@ -224,6 +226,7 @@ def record(
         device_name=device_name,
         worker_nodes=str(last.get("worker_nodes") or ""),
         strategy=str(last.get("strategy") or sweep.resources.strategy_for(params["variant"])),
+        fast_path=str(last.get("fast_path") or ""),
         train_cost=priced.train_cost,
         eval_cost=priced.eval_cost,
         cost=priced.cost,

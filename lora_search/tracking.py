@@ -447,6 +447,8 @@ class Tracker:
             self._log(run_id, metrics=metrics)
             self.client.set_tag(run_id, "lora_search.device", r.device_name)
             self.client.set_tag(run_id, "lora_search.strategy", r.strategy)
+            if r.fast_path:
+                self.client.set_tag(run_id, "lora_search.fast_path", r.fast_path)
             self.client.set_tag(run_id, "pareto", str(r.pareto).lower())
             if r.status == "completed" and r.adapter_path:
                 adapter = Path(r.adapter_path)

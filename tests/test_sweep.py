@@ -65,6 +65,8 @@ def test_small_sweep_end_to_end(tiny_model_dir, tiny_jsonl, tmp_path) -> None:
             assert row.step in rungs and row.step < 20, (row.step, rungs)
         adapter = Path(row.adapter_path)
         assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+        # the trial says which speed pieces it ran with; on CPU Liger is off and SDPA keeps padded batches
+        assert "liger off (no CUDA device)" in row.fast_path and "padding-free off (sdpa" in row.fast_path
 
     # Completed trials carry golden scores (lm-eval) and keep lm-eval's results JSON beside the adapter.
     done = on_disk[on_disk.status == "completed"]
@@ -95,6 +97,7 @@ def test_small_sweep_end_to_end(tiny_model_dir, tiny_jsonl, tmp_path) -> None:
     runs = store.search_runs([store.get_experiment_by_name("it").experiment_id])
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert len(runs) == 5 and {r.data.tags["lora_search.trial_id"] for r in children} == set(on_disk["trial_id"])
+    assert all("liger off" in r.data.tags["lora_search.fast_path"] for r in children)
     assert store.get_experiment_by_name("it").artifact_location == (tmp_path / "mlartifacts").as_uri()
 
     # Running the same sweep again never overwrites finished results.

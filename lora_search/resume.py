@@ -73,6 +73,20 @@ def candidates(run_dir: Path, registered: str | None) -> list[Path]:
     return sorted(found, key=lambda d: checkpoint_report(d)["step"], reverse=True)
 
 
+def reports_until(log: Path, step: int) -> list[dict[str, Any]]:
+    """The trial's reports (`<progress>.reports.jsonl`, one JSON line per report) up to `step`, oldest first, the
+    newest of each step; a line cut short by a killed writer is skipped."""
+    by_step: dict[int, dict[str, Any]] = {}
+    for line in log.read_text().splitlines() if log.is_file() else []:
+        try:
+            report = json.loads(line)
+        except ValueError:
+            continue
+        if report.get("step", step + 1) <= step:
+            by_step[int(report["step"])] = report
+    return [by_step[s] for s in sorted(by_step)]
+
+
 def json_safe(report: dict[str, Any]) -> dict[str, Any]:
     """The report's values that JSON keeps exactly (numbers, strings, bools); NaN stays NaN (Python's JSON)."""
     return {k: v for k, v in report.items() if isinstance(v, str | int | float | bool)}

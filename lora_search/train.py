@@ -181,16 +181,16 @@ def train_loop(config: dict[str, Any]) -> None:
     earlier = resume.checkpoint_report(restored) if restored else {}
     tracker = resume.Tracker(Path(config["progress_file"]), config["tune_run"], config["tune_run_start"])
     progress = tracker.start(int(earlier.get("step", 0))) if rank0 else None
+    reports_log = Path(config["progress_file"]).with_suffix(".reports.jsonl")
     if restored:
-        # Report the steps up to the one resumed from again, oldest first: their reports may never have reached Tune
-        # (a worker whose driver died trains on for a few seconds, uploading checkpoints no driver sees), or reached
-        # a driver that died before saving them. A repeat is not logged twice; the restored ASHA decides on each as it
-        # did, or would have.
-        for seen in reversed(found):
-            again = resume.checkpoint_report(seen)
-            if again["step"] <= earlier["step"]:
-                again.update(_progress_fields(progress), replayed=True, checkpoint_path=str(seen))
-                ray.train.report(again)
+        # Report every step up to the one resumed from again, oldest first: Tune's restored state keeps no results of
+        # a trial it reruns, and some never reached it (a worker whose driver died trains on for a few seconds). A
+        # repeat is not logged twice; the restored ASHA decides on each as it did, or would have.
+        for again in resume.reports_until(reports_log, int(earlier["step"])):
+            again.update(_progress_fields(progress), replayed=True)
+            if again["step"] == earlier["step"]:
+                again["checkpoint_path"] = source
+            ray.train.report(again)
         if earlier["step"] >= budget.max_steps:
             shutil.rmtree(work, ignore_errors=True)
             return
@@ -266,7 +266,7 @@ def train_loop(config: dict[str, Any]) -> None:
     reporter.fast_path = path.summary()
     reporter.gpu_in_use_at_start = gpu_in_use_at_start
     reporter.resumable, reporter.tracker, reporter.progress = resumable, tracker, progress
-    reporter.run_dir = run_dir
+    reporter.run_dir, reporter.reports_log = run_dir, reports_log
     if restored:
         reporter.base_eval_loss = float(earlier["base_eval_loss"])
         reporter.earlier_train_s = float(earlier["train_s"])
@@ -376,6 +376,7 @@ class _Reporter(TrainerCallback):
         """Training seconds of earlier attempts, up to the checkpoint this one resumed from."""
         self.pending: tuple[dict[str, Any], Path | None] | None = None
         self.run_dir = Path()
+        self.reports_log = Path()
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.train_start = time.perf_counter()
@@ -489,6 +490,9 @@ class _Reporter(TrainerCallback):
         if self.rank0 and out is not None:
             (out / resume.REPORT_FILE).write_text(json.dumps(resume.json_safe(report)))
             checkpoint = ray.train.Checkpoint.from_directory(str(out))
+            if self.resumable:  # before the upload: every checkpoint a restart may resume from has its line
+                with self.reports_log.open("a") as f:
+                    f.write(json.dumps(resume.json_safe(report)) + "\n")
         name = f"step_{report['step']:06d}"
         ray.train.report(report, checkpoint=checkpoint, checkpoint_dir_name=name)
         if checkpoint is not None and self.resumable:

@@ -2,10 +2,10 @@
 
     from lora_search import fastpath
     path = fastpath.choose(on_gpu=True, model_type="llama", attn="sdpa")
-    print(path.summary())      # "padding-free on; liger on (rms_norm, swiglu, rope, fused linear CE); ..."
+    print(path.summary())  # liger on (rms_norm, swiglu, rope, fused linear cross-entropy); padding-free off (...)
 
-One table of pieces, each with the condition it needs. A trial logs `summary()` and reports it to Tune and MLflow
-(`fast_path`), so a slow trial says which piece it ran without.
+The pieces, each with the condition it needs. A trial logs `summary()` and reports it to Tune, trials.parquet and
+MLflow (`fast_path`, tag `lora_search.fast_path`), so a slow trial says which piece it ran without.
 
 - liger: Liger kernels (RMSNorm, SwiGLU, RoPE, and the fused linear + cross-entropy that never materialises the
   tokens x vocab logits). Needs CUDA, Triton, liger-kernel and an architecture Liger patches.

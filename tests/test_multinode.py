@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import textwrap
 from pathlib import Path
 
 import pandas as pd
+import psutil
 import pytest
 
 from lora_search.probe import check_reload
@@ -44,23 +46,40 @@ def _ray(*args: str) -> None:
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
 
 
+def _cluster_processes(gcs: str) -> list[psutil.Process]:
+    """Every process of the localhost cluster whose GCS is `gcs`, and their children."""
+    port = gcs.rsplit(":", 1)[1]
+    mine = re.compile(rf"gcs[-_]address[= ]\S*:{port}\b|--gcs_server_port={port}\b")
+    found: dict[int, psutil.Process] = {}
+    for p in psutil.process_iter():
+        try:
+            if mine.search(" ".join(p.cmdline())):
+                found.update({q.pid: q for q in [p, *p.children(recursive=True)]})
+        except psutil.Error:
+            continue
+    return list(found.values())
+
+
 @pytest.fixture
 def three_nodes():
-    """Head (no CPUs: trials' workers never land there) + two 2-CPU workers; `ray stop` at the end."""
-    import ray
-
-    ray.shutdown()  # no in-process Ray from other tests may be running when `ray stop` sweeps the machine
+    """Head (no CPUs: trials' workers never land there) + two 2-CPU workers, stopped by killing the cluster's own
+    processes: `ray stop` would stop every Ray on the machine, other tests' too."""
     gcs, dashboard = _free_port(), _free_port()
+    address = f"127.0.0.1:{gcs}"
     try:
         _ray(
             "start", "--head", f"--port={gcs}", "--num-cpus=0", "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dashboard}", "--disable-usage-stats", "--resources", '{"head": 1}',
         )  # fmt: skip
         for name in ("node_a", "node_b"):
-            _ray("start", f"--address=127.0.0.1:{gcs}", "--num-cpus=2", "--resources", f'{{"{name}": 1}}')
-        yield f"127.0.0.1:{gcs}"
+            _ray("start", f"--address={address}", "--num-cpus=2", "--resources", f'{{"{name}": 1}}')
+        yield address
     finally:
-        subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120, env=ENV)
+        for p in _cluster_processes(address):
+            p.terminate()
+        _, alive = psutil.wait_procs(_cluster_processes(address), timeout=20)
+        for p in alive:
+            p.kill()
 
 
 def test_two_worker_trials_spread_over_two_nodes(three_nodes, tiny_model_dir, tiny_jsonl, tmp_path) -> None:

@@ -23,7 +23,7 @@ import pytest
 
 from lora_search import pareto
 from lora_search.cli import main
-from tests.test_multinode import ENV, _free_port, _ray
+from tests.test_multinode import ENV, three_nodes  # noqa: F401 - the fixture
 
 CLI = [sys.executable, "-m", "lora_search.cli"]
 PARAMS = ["variant", "rank", "alpha", "targets", "lr", "dropout"]
@@ -308,42 +308,6 @@ def test_killed_worker_process_trains_on_from_its_checkpoint(tiny_model_dir, tin
     assert math.isfinite(row.eval_loss) and row.eval_loss < row.base_eval_loss
 
 
-def _cluster_processes(gcs: str) -> list[psutil.Process]:
-    """Every process of the localhost cluster whose GCS is `gcs`, and their children."""
-    port = gcs.rsplit(":", 1)[1]
-    mine = re.compile(rf"gcs[-_]address[= ]\S*:{port}\b|--gcs_server_port={port}\b")
-    found: dict[int, psutil.Process] = {}
-    for p in psutil.process_iter():
-        try:
-            if mine.search(" ".join(p.cmdline())):
-                found.update({q.pid: q for q in [p, *p.children(recursive=True)]})
-        except psutil.Error:
-            continue
-    return list(found.values())
-
-
-@pytest.fixture
-def three_nodes():
-    """tests/test_multinode.py's cluster (a head without CPUs, two 2-CPU worker nodes), stopped by killing its own
-    processes: `ray stop` would stop every Ray on the machine, other tests' too."""
-    gcs, dashboard = _free_port(), _free_port()
-    address = f"127.0.0.1:{gcs}"
-    try:
-        _ray(
-            "start", "--head", f"--port={gcs}", "--num-cpus=0", "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dashboard}", "--disable-usage-stats", "--resources", '{"head": 1}',
-        )  # fmt: skip
-        for name in ("node_a", "node_b"):
-            _ray("start", f"--address={address}", "--num-cpus=2", "--resources", f'{{"{name}": 1}}')
-        yield address
-    finally:
-        for p in _cluster_processes(address):
-            p.terminate()
-        _, alive = psutil.wait_procs(_cluster_processes(address), timeout=20)
-        for p in alive:
-            p.kill()
-
-
 def _raylets(gcs: str) -> list[psutil.Process]:
     """The raylet processes of the cluster whose GCS listens on `gcs` (one per node)."""
     found = []
@@ -358,7 +322,7 @@ def _raylets(gcs: str) -> list[psutil.Process]:
 
 
 @pytest.mark.slow
-def test_lost_worker_node_trains_on_from_its_checkpoint(three_nodes, tiny_model_dir, tiny_jsonl, tmp_path) -> None:
+def test_lost_worker_node_trains_on_from_its_checkpoint(three_nodes, tiny_model_dir, tiny_jsonl, tmp_path) -> None:  # noqa: F811
     """Kill the whole worker node (its raylet and every process under it) that a trial is training on, after the
     trial's first checkpoint: the trial trains on, on the node that is left, from that checkpoint."""
     out = tmp_path / "reports"

@@ -27,6 +27,17 @@ SHAPES: dict[str, dict[str, int | float]] = {
         "max_position_embeddings": 8192,
         "rope_theta": 500000.0,
     },
+    # A few MiB: for checking the benchmarks' own code on a CPU.
+    "tiny": {
+        "hidden_size": 64,
+        "intermediate_size": 172,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 4096,
+        "max_position_embeddings": 512,
+        "rope_theta": 10000.0,
+    },
     # TinyLlama-1.1B's shape (Llama-2 architecture, GQA 32/4): 1.10B parameters at a 32,000 vocabulary.
     "1b": {
         "hidden_size": 2048,

@@ -11,6 +11,11 @@ time outside training) as a fraction of the trial.
     python benchmarks/speed.py --out "$OUT" --configs 1b:16 --steps 10      # one config
     python benchmarks/speed.py --reference --shape 8b --rank 16 --profile   # the reference alone, with a profile
 
+Also runs HF PEFT with Liger's kernels patched in (the well-kept library alone) so the table shows what the library
+gives and what lora_search's path adds. lora_search's figure is its trial's steady steps (`steady_tokens_per_s`:
+after warm-up, evaluations left out), with the whole trial's tokens/s and cold start beside it; its rank 0 writes a
+CUDA kernel profile of two steps (profile_lora_search_*.txt), the reference of the first config likewise.
+
 Writes speed.json (device, versions, one row per config) into --out; commit it as benchmarks/speed_<gpu>.json.
 Needs Ray, TRL, datasets and liger-kernel carried as wheels (benchmarks/device_wheels.sh).
 """
@@ -18,6 +23,7 @@ Needs Ray, TRL, datasets and liger-kernel carried as wheels (benchmarks/device_w
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import random
@@ -46,13 +52,22 @@ def matmul_params(config) -> int:  # noqa: ANN001 - a transformers config
     return layers * per_layer + config.vocab_size * h  # + lm_head
 
 
-def reference(shape: str, rank: int, seq: int, bs: int, steps: int, warmup: int, profile: Path | None) -> dict:
-    """HF PEFT eager: the loop of ../shared/device/peft_baseline.py."""
+def reference(
+    shape: str, rank: int, seq: int, bs: int, steps: int, warmup: int, profile: Path | None, mode: str = "eager"
+) -> dict:
+    """HF PEFT: the loop of ../shared/device/peft_baseline.py; `mode` "liger" patches Liger's kernels in first (the
+    well-kept library alone, without lora_search's path)."""
     import random_base
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    if mode == "liger":
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama(
+            rope=True, swiglu=True, rms_norm=True, cross_entropy=False, fused_linear_cross_entropy=True
+        )
     config = LlamaConfig(**random_base.SHAPES[shape], attn_implementation="sdpa")
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -84,7 +99,7 @@ def reference(shape: str, rank: int, seq: int, bs: int, steps: int, warmup: int,
             for _ in range(2):
                 step()
             torch.cuda.synchronize()
-        profile.write_text(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25))
+        profile.write_text(prof.key_averages().table(sort_by="self_device_time_total", row_limit=40))
     device = torch.cuda.get_device_name(0)
     return {
         "tok_s": round(tok_s),
@@ -128,6 +143,9 @@ def ours(shape: str, rank: int, seq: int, bs: int, steps: int, work: Path) -> di
         write_rows(data / "train.jsonl", tokenizer, seq, bs * (steps + 2), 0)
         write_rows(data / "eval.jsonl", tokenizer, seq, bs, 1)
     name = f"speed_{shape}_r{rank}"
+    # rank 0 of the trial writes a CUDA kernel profile of two steady steps (lora_search.train.PROFILE_ENV); the
+    # steady tokens/s window starts after them. Ray's workers inherit this process's environment.
+    os.environ["LORA_SEARCH_PROFILE_DIR"] = str(work / f"profile_{name}")
     sweep = Sweep(
         name=name,
         base=BaseModel(str(base_dir), dtype="bfloat16"),
@@ -141,7 +159,7 @@ def ours(shape: str, rank: int, seq: int, bs: int, steps: int, work: Path) -> di
             lr_grid_points=1,
         ),
         budget=Budget(max_steps=steps, eval_every=steps, grace_period=steps, batch_size=bs),
-        resources=Resources(workers=1, gpus_per_worker=1, cpus_per_worker=4),
+        resources=Resources(workers=1, gpus_per_worker=1 if torch.cuda.is_available() else 0, cpus_per_worker=2),
         search="grid",
         num_samples=1,
         seed=0,
@@ -150,19 +168,21 @@ def ours(shape: str, rank: int, seq: int, bs: int, steps: int, work: Path) -> di
     )
     run(sweep, fresh=True)
     t = pd.read_parquet(Path(sweep.output_dir) / name / "trials.parquet").iloc[0]
-    result = json.loads(next((Path(sweep.output_dir) / name).glob("ray/*/*/result.json")).read_text().splitlines()[-1])
     config = AutoConfig.from_pretrained(base_dir)
-    device = torch.cuda.get_device_name(0)
-    tok_s = float(t.tokens_per_s)
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    steady = float(t.steady_tokens_per_s)  # training steps alone, after warm-up and the profiled steps
+    profiles = sorted((work / f"profile_{name}").glob("*_kernels.txt"))
     return {
         "status": t.status,
-        "tok_s": round(tok_s),
-        "mfu_4n": round(4 * matmul_params(config) * tok_s / (peak_tflops(device) * 1e12), 3),
+        "tok_s": round(steady) if steady == steady else None,
+        "mfu_4n": round(4 * matmul_params(config) * steady / (peak_tflops(device) * 1e12), 3) if steady else None,
+        "whole_trial_tok_s": round(float(t.tokens_per_s)),
         "peak_gib": round(float(t.peak_mem_bytes) / 2**30, 1),
         "trial_s": round(float(t.trial_s), 1),
         "train_s": round(float(t.train_s), 1),
         "cold_start_fraction": round(1 - float(t.train_s) / float(t.trial_s), 3) if t.trial_s else None,
-        "fast_path": result.get("fast_path", ""),
+        "fast_path": t.fast_path,
+        "kernel_profile": profiles[0].read_text() if profiles else None,
         "reason": t.reason[:300],
     }
 
@@ -180,11 +200,14 @@ def main() -> None:
     parser.add_argument("--shape", default="8b")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--profile", action="store_true", help="with --reference: write a CUDA kernel profile")
+    parser.add_argument("--mode", choices=["eager", "liger"], default="eager", help="with --reference")
+    parser.add_argument("--no-liger-reference", action="store_true", help="skip HF PEFT + Liger (library alone)")
     args = parser.parse_args()
     if args.reference:
-        profile = args.out / f"profile_{args.shape}_r{args.rank}.txt" if args.profile else None
+        profile = args.out / f"profile_{args.mode}_{args.shape}_r{args.rank}.txt" if args.profile else None
         args.out.mkdir(parents=True, exist_ok=True)
-        print(json.dumps(reference(args.shape, args.rank, args.seq, args.bs, args.steps, args.warmup, profile)))
+        ref = reference(args.shape, args.rank, args.seq, args.bs, args.steps, args.warmup, profile, args.mode)
+        print(json.dumps(ref))
         return
 
     import peft
@@ -192,63 +215,60 @@ def main() -> None:
     import transformers
 
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for pair in args.configs.split(","):
-        shape, rank = pair.split(":")
-        cmd = [
-            sys.executable,
-            __file__,
-            "--reference",
-            "--shape",
-            shape,
-            "--rank",
-            rank,
-            "--seq",
-            str(args.seq),
-            "--bs",
-            str(args.bs),
-            "--steps",
-            str(args.steps),
-            "--warmup",
-            str(args.warmup),
-            "--out",
-            str(args.out),
-        ]
-        if pair == args.configs.split(",")[0]:
-            cmd.append("--profile")
-        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        ref = (
-            json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else {"error": done.stderr[-800:]}
-        )
-        mine = ours(shape, int(rank), args.seq, args.bs, args.steps, args.work)
-        ratio = round(mine["tok_s"] / ref["tok_s"], 2) if ref.get("tok_s") and mine.get("tok_s") else None
-        rows.append(
-            {
-                "shape": shape,
-                "rank": int(rank),
-                "seq": args.seq,
-                "bs": args.bs,
-                "steps": args.steps,
-                "reference": ref,
-                "lora_search": mine,
-                "ratio": ratio,
-            }
-        )
-        print(json.dumps(rows[-1]), flush=True)
+    rows: list[dict] = []
     result = {
         "device": torch.cuda.get_device_name(0),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
         "rows": rows,
     }
-    (args.out / "speed.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(f"\n{result['device']}: lora_search trial path vs HF PEFT eager (tokens/s, MFU 4N, peak GiB)")
+    for package in ("liger-kernel", "trl", "ray"):
+        try:
+            result["versions"][package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            result["versions"][package] = None
+    first = args.configs.split(",")[0]
+    for pair in args.configs.split(","):
+        shape, rank = pair.split(":")
+        refs = {}
+        for mode in ("eager",) if args.no_liger_reference else ("eager", "liger"):
+            refs[mode] = run_reference(args, shape, rank, mode, profile=pair == first)
+            print(f"[speed] {pair} HF PEFT {mode}: {json.dumps(refs[mode])[:400]}", flush=True)
+        try:
+            mine = ours(shape, int(rank), args.seq, args.bs, args.steps, args.work)
+        except Exception as e:  # noqa: BLE001 - the table still shows the references and why ours has no figure
+            mine = {"error": f"{type(e).__name__}: {e}"[:800]}
+        profile = mine.pop("kernel_profile", None)
+        if profile:
+            (args.out / f"profile_lora_search_{shape}_r{rank}.txt").write_text(profile)
+        row = {"shape": shape, "rank": int(rank), "seq": args.seq, "bs": args.bs, "steps": args.steps}
+        row.update(reference=refs["eager"], reference_liger=refs.get("liger"), lora_search=mine)
+        for key, ref in (("ratio", refs["eager"]), ("ratio_over_liger", refs.get("liger") or {})):
+            row[key] = round(mine["tok_s"] / ref["tok_s"], 2) if ref.get("tok_s") and mine.get("tok_s") else None
+        rows.append(row)
+        print(f"[speed] {pair} lora_search: {json.dumps(mine)[:600]}", flush=True)
+        (args.out / "speed.json").write_text(json.dumps(result, indent=1) + "\n")  # after every config
+    print(f"\n{result['device']}: tokens/s (MFU 4N, peak GiB); lora_search = its trial path's steady steps")
     for r in rows:
-        ref, mine = r["reference"], r["lora_search"]
+        ref, lig, mine = r["reference"], r["reference_liger"] or {}, r["lora_search"]
         print(
-            f"{r['shape']} r{r['rank']} seq {r['seq']} bs {r['bs']}: ref {ref.get('tok_s')} ({ref.get('mfu_4n')}, "
-            f"{ref.get('peak_gib')}) | ours {mine.get('tok_s')} ({mine.get('mfu_4n')}, {mine.get('peak_gib')}) | "
-            f"x{r['ratio']} | cold start {mine.get('cold_start_fraction')} | {mine.get('fast_path')}"
+            f"{r['shape']} r{r['rank']} seq {r['seq']} bs {r['bs']}: HF PEFT {ref.get('tok_s')} "
+            f"({ref.get('mfu_4n')}, {ref.get('peak_gib')}) | HF PEFT+Liger {lig.get('tok_s')} ({lig.get('mfu_4n')}, "
+            f"{lig.get('peak_gib')}) | lora_search {mine.get('tok_s')} ({mine.get('mfu_4n')}, {mine.get('peak_gib')}) "
+            f"| x{r['ratio']} (x{r['ratio_over_liger']} over Liger) | whole trial {mine.get('whole_trial_tok_s')} "
+            f"tok/s, cold start {mine.get('cold_start_fraction')} of {mine.get('trial_s')} s"
         )
+        print(f"   fast path: {mine.get('fast_path') or mine.get('error')}")
+
+
+def run_reference(args: argparse.Namespace, shape: str, rank: str, mode: str, profile: bool) -> dict:
+    """The HF PEFT reference in a fresh process (Liger patches transformers' classes process-wide)."""
+    cmd = [sys.executable, __file__, "--reference", "--mode", mode, "--shape", shape, "--rank", rank]
+    cmd += ["--seq", str(args.seq), "--bs", str(args.bs), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    cmd += ["--out", str(args.out)] + (["--profile"] if profile else [])
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if done.returncode != 0:
+        return {"error": done.stderr[-800:]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":

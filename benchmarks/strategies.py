@@ -193,9 +193,12 @@ def main() -> None:
     )
     parser.add_argument("--name", default="gpu_strategies")
     parser.add_argument("--work", type=Path, default=Path("/tmp/lora_search_bench"), help="sweep output dir")
-    parser.add_argument("--deadline-s", type=float, default=1e9, help="interrupt the sweep after this long")
+    parser.add_argument(
+        "--deadline-s", type=float, default=1e9, help="interrupt the sweep this long after the script started"
+    )
     parser.add_argument("--stall-s", type=float, default=150.0, help="py-spy dump after this long without a report")
     args = parser.parse_args()
+    script_start = time.time()
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
 
@@ -255,7 +258,10 @@ def main() -> None:
     stall.start()
     # At the deadline the sweep is interrupted like Ctrl+C: what the trials reported so far still makes the table,
     # from Tune's result files, instead of a killed command returning nothing.
-    deadline = threading.Timer(args.deadline_s, lambda: os.kill(os.getpid(), signal.SIGINT))
+    # counted from the script's start (base build and imports included), so an outer `timeout` of the same length
+    # never fires first
+    remaining = max(1.0, args.deadline_s - (time.time() - script_start))
+    deadline = threading.Timer(remaining, lambda: os.kill(os.getpid(), signal.SIGINT))
     deadline.daemon = True
     deadline.start()
     try:

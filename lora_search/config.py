@@ -223,6 +223,8 @@ class SearchSpace:
 OPTIMIZERS = ("auto", "adamw_torch", "adamw_torch_fused", "paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit")
 """`Budget.optimizer` values: Transformers `optim` names (the 8-bit and paged ones need bitsandbytes and CUDA)."""
 BITSANDBYTES_OPTIMIZERS = frozenset({"paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit"})
+CHECKPOINTING = ("auto", "on", "off")
+"""`Budget.gradient_checkpointing` values."""
 
 
 @dataclass(frozen=True)
@@ -246,6 +248,11 @@ class Budget:
     GPU (QLoRA's recipe: 2 bytes of state per adapter parameter instead of 8, paged to the CPU under memory
     spikes) unless they train under FSDP (bitsandbytes cannot update its sharded parameters), fused AdamW on other
     GPU trials, plain AdamW on CPU. LoRA+ always builds its own AdamW groups."""
+    gradient_checkpointing: str = "auto"
+    """"auto": off where the trial's activations without it fit its device (`lora_search.plan`'s estimate at
+    batch_size x max_length against the GPU's share, or `resources.memory_limit_gb`), on otherwise. Recomputing the
+    forward in backward costs about a third more compute per step (TRL's SFTConfig turns it on by default); keeping
+    every layer's activations costs memory. "on" / "off" force it."""
 
     def problems(self) -> list[Problem]:
         out = []
@@ -258,6 +265,15 @@ class Budget:
         if self.optimizer not in OPTIMIZERS:
             out.append(
                 Problem("budget.optimizer", self.optimizer, "unknown optimizer", f"use one of {', '.join(OPTIMIZERS)}")
+            )
+        if self.gradient_checkpointing not in CHECKPOINTING:
+            out.append(
+                Problem(
+                    "budget.gradient_checkpointing",
+                    self.gradient_checkpointing,
+                    "unknown setting",
+                    f"use one of {', '.join(CHECKPOINTING)}",
+                )
             )
         if self.grace_period > self.max_steps:
             out.append(

@@ -14,6 +14,8 @@ MLflow (`fast_path`, tag `lora_search.fast_path`), so a slow trial says which pi
   curve). Needs a varlen attention kernel (flash attention 2/3, flex attention) and an architecture whose masks read
   packed position ids.
 - attention: SDPA (flash / memory-efficient kernels) instead of eager attention; transformers' default, reported.
+- no-cudnn-sdpa: on GPU, SDPA's cuDNN backend is turned off in the trial's process (`CUDNN_WHY`).
+- keep-activations: gradient checkpointing off where the activations fit (`lora_search.train.gradient_checkpointing`).
 
 Padding-free stays off under plain SDPA: SDPA has no variable-length kernel, so a packed row of T tokens would
 cost T^2 attention (a block-diagonal mask computes the masked blocks too) where the padded batch costs
@@ -73,6 +75,17 @@ class FastPath:
     def summary(self) -> str:
         return "; ".join(f"{p.name} {'on' if p.active else 'off'} ({p.why})" for p in self.pieces)
 
+    def with_piece(self, piece: Piece) -> FastPath:
+        """This path with `piece` added (or replacing the piece of that name)."""
+        return FastPath((*(p for p in self.pieces if p.name != piece.name), piece))
+
+    def prepare(self) -> None:
+        """Process-wide switches of the active pieces, set in the trial's worker before training."""
+        if self.active(CUDNN_OFF):
+            import torch
+
+            torch.backends.cuda.enable_cudnn_sdp(False)
+
     def trainer_args(self) -> dict[str, Any]:
         """`SFTConfig` arguments for the active pieces."""
         return {"use_liger_kernel": True} if self.active("liger") else {}
@@ -121,4 +134,16 @@ def choose(on_gpu: bool, model_type: str, attn: str) -> FastPath:
         pieces.append(Piece("padding-free", True, f"one row per batch, {attn} varlen"))
 
     pieces.append(Piece("attention", attn in {"sdpa"} | VARLEN_ATTENTION, attn))
+    if on_gpu and attn == "sdpa":
+        pieces.append(Piece(CUDNN_OFF, True, "SDPA on flash / memory-efficient kernels: " + CUDNN_WHY))
     return FastPath(tuple(pieces))
+
+
+CUDNN_OFF = "no-cudnn-sdpa"
+CUDNN_WHY = (
+    "cuDNN's SDPA built a new graph for every masked call, 20 ms of CPU each (H200, torch 2.11: 64 calls a step on "
+    "an 8B, padded batches), leaving the GPU idle"
+)
+"""Why trials keep SDPA off its cuDNN backend. A padded batch's attention has a mask, and with a mask PyTorch
+picks cuDNN first on Hopper; the trial then ran at 0.76x HF PEFT's tokens/s on the 8B shape while its GPU kernels
+took half its step (benchmarks/NOTES.md). Unmasked calls (is_causal) go to flash attention instead, as fast."""

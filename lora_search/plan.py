@@ -8,8 +8,10 @@ no weights, no GPU, no Ray, no pre-flight checks). A hub id that cannot be read 
 holding the same config.json (`config_dir`; sweeps/configs/ ships Llama-3.1 8B and 70B).
 
 Every number is an estimate whose arithmetic is in the docstring of the function that makes it; the memory
-model follows what lora_search/train.py does today: TRL's SFTConfig (gradient checkpointing on, bf16 autocast),
-PEFT adapters in fp32, AdamW, and for NF4 variants `prepare_model_for_kbit_training`. tests/test_plan.py holds
+model follows what lora_search/train.py does: bf16 autocast, PEFT adapters in fp32, AdamW, for NF4 variants
+`prepare_model_for_kbit_training`, and gradient checkpointing on (the least a trial needs; a trial with
+`budget.gradient_checkpointing="auto"` turns it off where `activation_bytes(checkpointing=False)` fits, and uses
+more). tests/test_plan.py holds
 the estimates within 3% of peaks measured on an H100 (bf16 LoRA and DoRA; NF4 not measured).
 """
 
@@ -293,7 +295,9 @@ def weight_bytes(arch: Architecture, dtype_bytes: int, quantized: bool) -> float
     return arch.linear_params * NF4_BYTES + (arch.params - arch.linear_params) * 4
 
 
-def activation_bytes(arch: Architecture, batch: int, seq: int, extra_in_block: float = 0) -> float:
+def activation_bytes(
+    arch: Architecture, batch: int, seq: int, extra_in_block: float = 0, checkpointing: bool = True
+) -> float:
     """Peak bf16 activations of one worker's micro-batch (b sequences of s tokens) with gradient checkpointing:
 
     2*s*b*h*layers           the bf16 layer inputs kept at the checkpoints      (CHECKPOINT_BYTES)
@@ -302,9 +306,14 @@ def activation_bytes(arch: Architecture, batch: int, seq: int, extra_in_block: f
                              `extra_in_block` (DoRA's transient)
 
     The logits and one block's activations are never alive together, so the peak is the larger of the two.
+    Without checkpointing every block keeps its activations until backward reaches it, and the loss comes on top:
+
+    87*s*b*h*layers + extra + 12*s*b*vocab
     """
     sbh = seq * batch * arch.hidden
     loss = LOGIT_BYTES * seq * batch * arch.vocab
+    if not checkpointing:
+        return BLOCK_ACTIVATION_FACTOR * sbh * arch.num_layers + extra_in_block + loss
     return CHECKPOINT_BYTES * sbh * arch.num_layers + max(loss, BLOCK_ACTIVATION_FACTOR * sbh + extra_in_block)
 
 
@@ -329,6 +338,7 @@ def memory_row(
     seq: int,
     strategy: str,
     world: int,
+    checkpointing: bool = True,
 ) -> MemoryRow:
     """Per-GPU bytes of one trial worker. `world`: the trial's workers, over which a sharding strategy splits:
 
@@ -348,7 +358,8 @@ def memory_row(
         weights = total_weights
     state_div = world if state_sharded else 1
     adapter = trainable * (ADAPTER_WEIGHT_BYTES / (world if base_sharded else 1) + ADAPTER_GRAD_BYTES / state_div)
-    activations = activation_bytes(arch, batch, seq, dora_transient_bytes(layers) if kind == "dora" else 0)
+    dora = dora_transient_bytes(layers) if kind == "dora" else 0
+    activations = activation_bytes(arch, batch, seq, dora, checkpointing=checkpointing)
     return MemoryRow(
         variant, rank, targets_name, trainable, weights, adapter, trainable * ADAM_BYTES / state_div, activations
     )
@@ -547,6 +558,11 @@ def plan(
             f"use Resources(workers={r.workers * math.ceil(r.gpus_per_worker)}, gpus_per_worker=1)"
         )
     notes += _fit_notes(rows, arch, strategy, r.workers, dtype_bytes)
+    if sweep.budget.gradient_checkpointing == "auto":
+        notes.append(
+            "the memory table assumes gradient checkpointing; trials whose activations fit without it turn it off "
+            "(budget.gradient_checkpointing='auto'), about a third fewer FLOPs a step for more memory"
+        )
     notes.append(
         "time excludes model loading, the eval loss every "
         f"{sweep.budget.eval_every} steps and golden-set scoring; NF4 dequantisation makes qlora steps slower"

@@ -118,6 +118,7 @@ class TrialRecord:
     trial_s: float
     """Wall time of the whole trial as Tune saw it (start-up, loading, training and scoring)."""
     tokens_per_s: float
+    """Tokens over the trial's training seconds, warm-up and evaluations included: what the trial's cost pays for."""
     peak_mem_bytes: int
     adapter_path: str
     reason: str
@@ -137,6 +138,9 @@ class TrialRecord:
     """How the trial's workers shared the model (`lora_search.strategies`)."""
     fast_path: str = ""
     """Which speed pieces the trial ran with and why any was off (`lora_search.fastpath`)."""
+    steady_tokens_per_s: float = float("nan")
+    """Tokens per second of training steps alone, after the first `train.STEADY_AFTER_STEPS`, evaluations and
+    checkpoints left out: the figure to compare training paths by (NaN for a trial too short to have one)."""
     mlflow_run_id: str = ""
     """The trial's MLflow child run ("" when tracking was off or failed)."""
     pareto: bool = False
@@ -227,6 +231,7 @@ def record(
         worker_nodes=str(last.get("worker_nodes") or ""),
         strategy=str(last.get("strategy") or sweep.resources.strategy_for(params["variant"])),
         fast_path=str(last.get("fast_path") or ""),
+        steady_tokens_per_s=float(last.get("steady_tokens_per_s", nan)),
         train_cost=priced.train_cost,
         eval_cost=priced.eval_cost,
         cost=priced.cost,

@@ -74,6 +74,7 @@ FINAL_METRICS = (
     "cost",
     "peak_mem_bytes",
     "tokens_per_s",
+    "steady_tokens_per_s",
 )
 BUDGET_PARAMS = ("max_steps", "batch_size", "grad_accum", "warmup_steps", "eval_every")
 SECRET_ENV = (

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import resource
 import shutil
 import tempfile
@@ -138,6 +139,55 @@ def optimizer_name(budget_optimizer: str, quantized: bool, on_gpu: bool, fsdp: b
     return "paged_adamw_8bit" if quantized and not fsdp else "adamw_torch_fused"
 
 
+def gradient_checkpointing(
+    sweep: Sweep, params: TrialParams, strategy: str, world: int, on_gpu: bool
+) -> fastpath.Piece:
+    """Whether the trial recomputes activations in backward, as a fast-path piece: "keep-activations" is on (no
+    recompute) where `Budget.gradient_checkpointing` is "off", or "auto" and the plan's estimate of the trial's
+    memory without checkpointing fits what this worker holds: its share of the GPU (`gpus_per_worker` of the
+    device's total) or, on CPU, `resources.memory_limit_gb` when set (host memory otherwise)."""
+    choice = sweep.budget.gradient_checkpointing
+    if choice != "auto":
+        return fastpath.Piece("keep-activations", choice == "off", f"budget.gradient_checkpointing={choice!r}")
+    import torch
+
+    from lora_search import plan
+
+    arch = plan.read_architecture(sweep.base)
+    names = set(targets.resolve(targets.targets_from_key(params.targets), list(arch.linears)))
+    row = plan.memory_row(
+        arch,
+        variant=params.variant,
+        rank=params.rank,
+        targets_name=params.targets,
+        layers=[lay for lay in arch.linears if lay.name.rsplit(".", 1)[-1] in names],
+        quantized=VARIANTS[params.variant].quantized,
+        dtype_bytes=arch.dtype_bytes if sweep.base.dtype == "auto" else plan.DTYPE_BYTES[sweep.base.dtype],
+        batch=sweep.budget.batch_size,
+        seq=sweep.dataset.max_length,
+        strategy=strategy,
+        world=world,
+        checkpointing=False,
+    )
+    limit = sweep.resources.memory_limit_gb
+    if on_gpu:
+        have = torch.cuda.mem_get_info()[1] * min(sweep.resources.gpus_per_worker, 1.0)
+        where = f"{min(sweep.resources.gpus_per_worker, 1.0):g} of this GPU"
+    elif limit is not None:
+        have, where = limit * 2**30, f"resources.memory_limit_gb={limit:g}"
+    else:
+        have, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "host memory"
+    need, usable = row.total, plan.USABLE_FRACTION * have
+    fits = need <= usable
+    verdict = "fits" if fits else "exceeds"
+    return fastpath.Piece(
+        "keep-activations",
+        fits,
+        f"no recompute: {need / 2**30:.1f} GiB estimated without checkpointing {verdict} "
+        f"{usable / 2**30:.1f} GiB usable of {where}",
+    )
+
+
 def worker_nodes() -> str:
     """The Ray node ids of this trial's workers, sorted and joined by ','; shows where a trial ran."""
     import ray
@@ -200,6 +250,9 @@ def train_loop(config: dict[str, Any]) -> None:
     # ZeRO-3 keeps tensors up to this size whole on every rank: the adapter's, never the base's
     adapter_numel = strategies.adapter_param_bound(model_config, params.rank) if strategy.deepspeed else 0
     path = fastpath.choose(on_gpu, model_config.model_type, sweep.base.attn_implementation)
+    path = path.with_piece(
+        gradient_checkpointing(sweep, params, strategy.name, context.get_world_size(), on_gpu),
+    )
     # Built before the model loads: under ZeRO-3 it makes from_pretrained partition the weights as they load, under
     # FSDP it makes ranks > 0 load none (`strategies.trainer_kwargs`).
     args = SFTConfig(
@@ -233,6 +286,7 @@ def train_loop(config: dict[str, Any]) -> None:
         dataloader_num_workers=0,
         dataset_num_proc=None,
         optim=optimizer_name(budget.optimizer, variant.quantized, on_gpu, fsdp=strategy.fsdp),
+        gradient_checkpointing=not path.active("keep-activations"),
         **strategies.trainer_kwargs(strategy.name, adapter_numel),
         **path.trainer_args(),
     )
@@ -267,10 +321,11 @@ def train_loop(config: dict[str, Any]) -> None:
     reporter.gpu_in_use_at_start = gpu_in_use_at_start
     reporter.resumable, reporter.tracker, reporter.progress = resumable, tracker, progress
     reporter.run_dir, reporter.reports_log = run_dir, reports_log
+    reporter.throughput.name = Path(config["progress_file"]).stem  # trial_<id>
     if restored:
         reporter.base_eval_loss = float(earlier["base_eval_loss"])
         reporter.earlier_train_s = float(earlier["train_s"])
-    callbacks: list[TrainerCallback] = [reporter]
+    callbacks: list[TrainerCallback] = [reporter.throughput, reporter]
     if variant.step_hook is not None:
         callbacks.append(_StepHook(model, variant.step_hook))
     trainer = _Trainer(
@@ -284,6 +339,7 @@ def train_loop(config: dict[str, Any]) -> None:
         make_optimizer=(lambda m: variant.optimizer(m, adapter)) if variant.optimizer else None,
     )
     trainer.remove_callback(PrinterCallback)  # progress goes to Tune, not one dict per log line
+    path.prepare()
     try:
         trainer.train(resume_from_checkpoint=str(restored / resume.TRAINER_DIR) if restored else None)
     except torch.cuda.OutOfMemoryError as e:
@@ -343,6 +399,82 @@ class _StepHook(TrainerCallback):
         self.hook(self.model, state.global_step)
 
 
+STEADY_AFTER_STEPS = 3
+"""Steps a trial's steady-state throughput leaves out: the first ones pay CUDA/Triton kernel selection and
+allocator warm-up, a one-off cost that `tokens_per_s` (the whole trial's) keeps and `steady_tokens_per_s` drops."""
+
+PROFILE_ENV = "LORA_SEARCH_PROFILE_DIR"
+"""Set (on the cluster's workers) to a directory: rank 0 of every trial writes a CUDA kernel profile of two steady
+steps there, `trial_<id>_kernels.txt`, sorted by time. Off unless set; for finding where a trial's step goes."""
+
+
+class _Throughput(TrainerCallback):
+    """Steady-state tokens/s: tokens over wall seconds of training steps only, after `STEADY_AFTER_STEPS`, with the
+    evaluations, saves and reports between them left out. The window is closed (device synchronised) at the end of
+    each step that evaluates and reopened at the end of the next step, so eval and checkpoint time never count."""
+
+    def __init__(self, name: str = "trial") -> None:
+        self.name = name
+        self.window: tuple[float, int] | None = None
+        self.seconds, self.tokens = 0.0, 0
+        self.profiler: Any = None
+
+    @staticmethod
+    def _now() -> float:
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else math.nan
+
+    @staticmethod
+    def profiling() -> bool:
+        return bool(os.environ.get(PROFILE_ENV))
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.profiling() and state.global_step == STEADY_AFTER_STEPS and state.is_world_process_zero:
+            import torch
+            from torch.profiler import ProfilerActivity, profile
+
+            cuda = [ProfilerActivity.CUDA] if torch.cuda.is_available() else []
+            self.profiler = profile(activities=[ProfilerActivity.CPU, *cuda])
+            self.profiler.__enter__()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        step, tokens = int(state.global_step), int(state.num_input_tokens_seen)
+        if self.profiler is not None and step == STEADY_AFTER_STEPS + 2:
+            self._write_profile()
+        evaluates = control.should_evaluate or step >= state.max_steps
+        if self.window is not None and evaluates:
+            start, start_tokens = self.window
+            self.seconds += self._now() - start
+            self.tokens += tokens - start_tokens
+            self.window = None
+        elif self.window is None and step >= self.first_step() and not evaluates:
+            self.window = (self._now(), tokens)
+
+    def first_step(self) -> int:
+        """The step whose end opens the window: past the profiled steps when profiling, so they never count."""
+        return STEADY_AFTER_STEPS + 2 if self.profiling() else STEADY_AFTER_STEPS
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.profiler is not None:  # a trial shorter than the profiled steps: what it ran
+            self._write_profile()
+
+    def _write_profile(self) -> None:
+        self._now()
+        self.profiler.__exit__(None, None, None)
+        out = Path(os.environ[PROFILE_ENV])
+        out.mkdir(parents=True, exist_ok=True)
+        table = self.profiler.key_averages().table(sort_by="self_device_time_total", row_limit=40)
+        (out / f"{self.name}_kernels.txt").write_text(table)
+        self.profiler = None
+        log.info("kernel profile of steps %d-%d: %s", STEADY_AFTER_STEPS + 1, STEADY_AFTER_STEPS + 2, out)
+
+
 class _Reporter(TrainerCallback):
     """At each evaluation: save the adapter, report metrics + checkpoint to Ray Train (ASHA decides there)."""
 
@@ -375,6 +507,7 @@ class _Reporter(TrainerCallback):
         self.earlier_train_s = 0.0
         """Training seconds of earlier attempts, up to the checkpoint this one resumed from."""
         self.pending: tuple[dict[str, Any], Path | None] | None = None
+        self.throughput = _Throughput()
         self.run_dir = Path()
         self.reports_log = Path()
 
@@ -442,6 +575,7 @@ class _Reporter(TrainerCallback):
             "device_s": train_s * resources.workers * per_worker_devices,
             "tokens": int(state.num_input_tokens_seen),
             "tokens_per_s": state.num_input_tokens_seen / train_s if train_s > 0 else 0.0,
+            "steady_tokens_per_s": self.throughput.per_s(),
             "peak_mem_bytes": peak,
             "peak_mem_kind": peak_kind,
             "device_name": device_name(),

@@ -58,6 +58,7 @@ def test_small_sweep_end_to_end(tiny_model_dir, tiny_jsonl, tmp_path) -> None:
     rungs = space.rungs(sweep)
     for row in on_disk.itertuples():
         assert row.trainable_params > 0 and row.adapter_bytes > 0 and row.tokens_per_s > 0
+        assert row.steady_tokens_per_s > 0  # steps 3-5 at least: every trial reaches the first rung
         assert row.eval_loss == row.eval_loss  # not NaN
         if row.status == "completed":
             assert row.step == 20

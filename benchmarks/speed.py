@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+COLD_START = ("startup_s", "load_s", "prepare_s", "base_eval_s")  # lora_search.results.TrialRecord's parts
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, by device name
 
 
@@ -181,6 +182,7 @@ def ours(shape: str, rank: int, seq: int, bs: int, steps: int, work: Path) -> di
         "trial_s": round(float(t.trial_s), 1),
         "train_s": round(float(t.train_s), 1),
         "cold_start_fraction": round(1 - float(t.train_s) / float(t.trial_s), 3) if t.trial_s else None,
+        "cold_start_s": {k: round(float(getattr(t, k)), 1) for k in COLD_START},
         "fast_path": t.fast_path,
         "kernel_profile": profiles[0].read_text() if profiles else None,
         "reason": t.reason[:300],
@@ -257,6 +259,7 @@ def main() -> None:
             f"| x{r['ratio']} (x{r['ratio_over_liger']} over Liger) | whole trial {mine.get('whole_trial_tok_s')} "
             f"tok/s, cold start {mine.get('cold_start_fraction')} of {mine.get('trial_s')} s"
         )
+        print(f"   cold start (s): {mine.get('cold_start_s')}")
         print(f"   fast path: {mine.get('fast_path') or mine.get('error')}")
 
 

@@ -141,6 +141,14 @@ class TrialRecord:
     steady_tokens_per_s: float = float("nan")
     """Tokens per second of training steps alone, after the first `train.STEADY_AFTER_STEPS`, evaluations and
     checkpoints left out: the figure to compare training paths by (NaN for a trial too short to have one)."""
+    startup_s: float = 0.0
+    """Cold start, part 1: the trial's Ray Train worker group starting and importing, until its worker runs."""
+    load_s: float = 0.0
+    """Part 2: loading the base, attaching the adapter, reading the data."""
+    prepare_s: float = 0.0
+    """Part 3: building the Trainer (TRL tokenises the dataset here) and preparing the model for training."""
+    base_eval_s: float = 0.0
+    """Part 4: the step-0 eval of the base, the reference every eval loss is compared with."""
     mlflow_run_id: str = ""
     """The trial's MLflow child run ("" when tracking was off or failed)."""
     pareto: bool = False
@@ -232,6 +240,7 @@ def record(
         strategy=str(last.get("strategy") or sweep.resources.strategy_for(params["variant"])),
         fast_path=str(last.get("fast_path") or ""),
         steady_tokens_per_s=float(last.get("steady_tokens_per_s", nan)),
+        **{k: float(last.get(k, 0.0)) for k in ("startup_s", "load_s", "prepare_s", "base_eval_s")},
         train_cost=priced.train_cost,
         eval_cost=priced.eval_cost,
         cost=priced.cost,

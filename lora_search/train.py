@@ -217,6 +217,9 @@ def train_loop(config: dict[str, Any]) -> None:
     strategy = STRATEGIES[sweep.resources.strategy_for(params.variant)]
     gpu_in_use_at_start = gpu_memory_in_use()
     start = time.perf_counter()
+    # Seconds from the trial's Tune process starting this Ray Train run to this worker running: the worker group's
+    # start (placement, process, torch.distributed) and its imports.
+    startup_s = max(0.0, time.time() - float(config["tune_run_start"]))
 
     torch.manual_seed(sweep.seed)
     on_gpu = torch.cuda.is_available() and sweep.resources.gpus_per_worker > 0
@@ -322,6 +325,8 @@ def train_loop(config: dict[str, Any]) -> None:
     reporter.resumable, reporter.tracker, reporter.progress = resumable, tracker, progress
     reporter.run_dir, reporter.reports_log = run_dir, reports_log
     reporter.throughput.name = Path(config["progress_file"]).stem  # trial_<id>
+    reporter.startup_s = startup_s
+    reporter.trainer_built = time.perf_counter()
     if restored:
         reporter.base_eval_loss = float(earlier["base_eval_loss"])
         reporter.earlier_train_s = float(earlier["train_s"])
@@ -508,11 +513,17 @@ class _Reporter(TrainerCallback):
         """Training seconds of earlier attempts, up to the checkpoint this one resumed from."""
         self.pending: tuple[dict[str, Any], Path | None] | None = None
         self.throughput = _Throughput()
+        # Cold start, in order: the worker group's start and imports (startup_s), base + adapter + data (load_s), the
+        # Trainer's construction, dataset tokenisation included, and its prepare (prepare_s), the step-0 eval of the
+        # base (base_eval_s). A resumed trial reports its own attempt's figures.
+        self.startup_s = self.prepare_s = self.base_eval_s = 0.0
+        self.trainer_built = 0.0
         self.run_dir = Path()
         self.reports_log = Path()
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.train_start = time.perf_counter()
+        self.prepare_s = self.train_start - self.trainer_built if self.trainer_built else 0.0
 
     def _golden_scores(self, adapter_dir: Path) -> dict[str, Any]:
         """Score the live adapted model on the golden sets (lm-eval); results JSON saved beside the adapter."""
@@ -553,6 +564,7 @@ class _Reporter(TrainerCallback):
     def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, float], **kw: Any) -> None:
         if state.global_step == 0:  # the base reference (eval_on_start); reported with every later result
             self.base_eval_loss = float(metrics["eval_loss"])
+            self.base_eval_s = time.perf_counter() - self.train_start
             self.train_start = time.perf_counter()
             return
 
@@ -571,6 +583,10 @@ class _Reporter(TrainerCallback):
             "trainable_params": self.n_trainable,
             "train_s": train_s,
             "load_s": self.load_s,
+            # the rest of the cold start: see `_Reporter.startup_s`, `prepare_s`, `base_eval_s`
+            "startup_s": self.startup_s,
+            "prepare_s": self.prepare_s,
+            "base_eval_s": self.base_eval_s,
             # device-seconds: what a cloud bill counts (devices held x time), summed over the trial's workers
             "device_s": train_s * resources.workers * per_worker_devices,
             "tokens": int(state.num_input_tokens_seen),

@@ -59,6 +59,9 @@ def test_small_sweep_end_to_end(tiny_model_dir, tiny_jsonl, tmp_path) -> None:
     for row in on_disk.itertuples():
         assert row.trainable_params > 0 and row.adapter_bytes > 0 and row.tokens_per_s > 0
         assert row.steady_tokens_per_s > 0  # steps 3-5 at least: every trial reaches the first rung
+        # the cold start's parts, each measured: worker start + imports, load, Trainer build, step-0 eval
+        assert 0 < row.startup_s and 0 < row.load_s and 0 < row.prepare_s and 0 < row.base_eval_s
+        assert row.startup_s + row.load_s + row.prepare_s + row.base_eval_s + row.train_s < row.trial_s
         assert row.eval_loss == row.eval_loss  # not NaN
         if row.status == "completed":
             assert row.step == 20

@@ -325,6 +325,36 @@ def dora_transient_bytes(layers: Sequence[LinearLayer]) -> float:
     return max((6 * lay.in_features**2 + 6 * lay.in_features * lay.out_features for lay in layers), default=0)
 
 
+def dtype_bytes_of(sweep: Sweep, arch: Architecture) -> int:
+    """Bytes per base weight as the sweep loads it (`BaseModel.dtype`; "auto": the config's)."""
+    return arch.dtype_bytes if sweep.base.dtype == "auto" else DTYPE_BYTES[sweep.base.dtype]
+
+
+def trial_memory(
+    sweep: Sweep, arch: Architecture, variant: str, rank: int, target: targets.Targets, checkpointing: bool = True
+) -> MemoryRow:
+    """`memory_row` of one trial of `sweep`: `variant` x `rank` on `target` (a targets preset or names), at the
+    sweep's dtype, micro-batch, max_length, strategy and workers."""
+    from lora_search.variants import VARIANTS
+
+    names = set(targets.resolve(target, list(arch.linears)))
+    r = sweep.resources
+    return memory_row(
+        arch,
+        variant=variant,
+        rank=rank,
+        targets_name=targets.target_key(target),
+        layers=[lay for lay in arch.linears if lay.name.rsplit(".", 1)[-1] in names],
+        quantized=VARIANTS[variant].quantized,
+        dtype_bytes=dtype_bytes_of(sweep, arch),
+        batch=sweep.budget.batch_size,
+        seq=sweep.dataset.max_length,
+        strategy=r.strategy_for(variant),
+        world=r.workers,
+        checkpointing=checkpointing,
+    )
+
+
 def memory_row(
     arch: Architecture,
     *,
@@ -519,32 +549,12 @@ def plan(
     concurrent = min(fit, trials, sweep.max_concurrent_trials or fit)
 
     arch = read_architecture(sweep.base, config_dir)
-    dtype_bytes = arch.dtype_bytes if sweep.base.dtype == "auto" else DTYPE_BYTES[sweep.base.dtype]
+    dtype_bytes = dtype_bytes_of(sweep, arch)
     b, seq = sweep.budget.batch_size, sweep.dataset.max_length
-    from lora_search.variants import VARIANTS
-
     rows = []
     for variant in sweep.space.variants:
         for rank in sweep.space.ranks:
-            candidates = []
-            for t in sweep.space.targets:
-                names = set(targets.resolve(t, list(arch.linears)))
-                layers = [lay for lay in arch.linears if lay.name.rsplit(".", 1)[-1] in names]
-                candidates.append(
-                    memory_row(
-                        arch,
-                        variant=variant,
-                        rank=rank,
-                        targets_name=targets.target_key(t),
-                        layers=layers,
-                        quantized=VARIANTS[variant].quantized,
-                        dtype_bytes=dtype_bytes,
-                        batch=b,
-                        seq=seq,
-                        strategy=r.strategy_for(variant),
-                        world=r.workers,
-                    )
-                )
+            candidates = [trial_memory(sweep, arch, variant, rank, t) for t in sweep.space.targets]
             rows.append(max(candidates, key=lambda row: row.total))
 
     compute_gpus = r.workers * min(r.gpus_per_worker, 1.0)

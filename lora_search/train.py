@@ -139,9 +139,7 @@ def optimizer_name(budget_optimizer: str, quantized: bool, on_gpu: bool, fsdp: b
     return "paged_adamw_8bit" if quantized and not fsdp else "adamw_torch_fused"
 
 
-def gradient_checkpointing(
-    sweep: Sweep, params: TrialParams, strategy: str, world: int, on_gpu: bool
-) -> fastpath.Piece:
+def gradient_checkpointing(sweep: Sweep, params: TrialParams, on_gpu: bool) -> fastpath.Piece:
     """Whether the trial recomputes activations in backward, as a fast-path piece: "keep-activations" is on (no
     recompute) where `Budget.gradient_checkpointing` is "off", or "auto" and the plan's estimate of the trial's
     memory without checkpointing fits what this worker holds: its share of the GPU (`gpus_per_worker` of the
@@ -154,20 +152,8 @@ def gradient_checkpointing(
     from lora_search import plan
 
     arch = plan.read_architecture(sweep.base)
-    names = set(targets.resolve(targets.targets_from_key(params.targets), list(arch.linears)))
-    row = plan.memory_row(
-        arch,
-        variant=params.variant,
-        rank=params.rank,
-        targets_name=params.targets,
-        layers=[lay for lay in arch.linears if lay.name.rsplit(".", 1)[-1] in names],
-        quantized=VARIANTS[params.variant].quantized,
-        dtype_bytes=arch.dtype_bytes if sweep.base.dtype == "auto" else plan.DTYPE_BYTES[sweep.base.dtype],
-        batch=sweep.budget.batch_size,
-        seq=sweep.dataset.max_length,
-        strategy=strategy,
-        world=world,
-        checkpointing=False,
+    row = plan.trial_memory(
+        sweep, arch, params.variant, params.rank, targets.targets_from_key(params.targets), checkpointing=False
     )
     limit = sweep.resources.memory_limit_gb
     if on_gpu:
@@ -253,9 +239,7 @@ def train_loop(config: dict[str, Any]) -> None:
     # ZeRO-3 keeps tensors up to this size whole on every rank: the adapter's, never the base's
     adapter_numel = strategies.adapter_param_bound(model_config, params.rank) if strategy.deepspeed else 0
     path = fastpath.choose(on_gpu, model_config.model_type, sweep.base.attn_implementation)
-    path = path.with_piece(
-        gradient_checkpointing(sweep, params, strategy.name, context.get_world_size(), on_gpu),
-    )
+    path = path.with_piece(gradient_checkpointing(sweep, params, on_gpu))
     # Built before the model loads: under ZeRO-3 it makes from_pretrained partition the weights as they load, under
     # FSDP it makes ranks > 0 load none (`strategies.trainer_kwargs`).
     args = SFTConfig(

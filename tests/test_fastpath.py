@@ -231,18 +231,18 @@ def test_gradient_checkpointing_off_where_the_activations_fit(tiny_model_dir, ti
 
     params = TrialParams(variant="lora", rank=4, alpha=8.0, targets="all-linear", lr=1e-3, dropout=0.0)
     sweep = _trial_sweep(tiny_model_dir, tiny_jsonl)
-    piece = gradient_checkpointing(sweep, params, "ddp", 1, on_gpu=False)
+    piece = gradient_checkpointing(sweep, params, on_gpu=False)
     assert piece.name == "keep-activations" and piece.active, piece.why
     assert "fits" in piece.why and "host memory" in piece.why
 
     # a limit below the estimate (the tiny model needs a few MiB at 8 x 96 tokens): checkpointing stays on
     tight = sweep.replace(resources=dataclasses.replace(sweep.resources, memory_limit_gb=0.001))
-    piece = gradient_checkpointing(tight, params, "ddp", 1, on_gpu=False)
+    piece = gradient_checkpointing(tight, params, on_gpu=False)
     assert not piece.active and "exceeds" in piece.why and "memory_limit_gb=0.001" in piece.why
 
     for choice, active in (("on", False), ("off", True)):
         forced = _trial_sweep(tiny_model_dir, tiny_jsonl, gradient_checkpointing=choice)
-        assert gradient_checkpointing(forced, params, "ddp", 1, on_gpu=False).active is active
+        assert gradient_checkpointing(forced, params, on_gpu=False).active is active
 
 
 def test_unknown_gradient_checkpointing_setting_is_refused() -> None:

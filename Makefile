@@ -29,4 +29,4 @@ demo: setup
 
 test: setup browser
 	$(VENV)/bin/ruff check lora_search tests sweeps benchmarks
-	$(VENV)/bin/python -m pytest -q $(ARGS)
+	$(VENV)/bin/python -m pytest -q --durations=15 $(ARGS)

@@ -46,9 +46,9 @@ import pytest
 
 pytestmark = pytest.mark.slow
 WRITERS = 16
-STEPS = 100
+STEPS = 50
 METRICS = ("eval_loss", "train_loss", "tokens_per_s")
-"""Three of tracking.STEP_METRICS, logged at every step: 16 x 100 x 3 = 4,800 metric rows per store."""
+"""Three of tracking.STEP_METRICS, logged at every step: 16 x 50 x 3 = 2,400 metric rows per store."""
 CONFIG = {"variant": "lora", "rank": 8, "alpha_over_rank": 2.0, "targets": "attention", "dropout": 0.0, "lr": 1e-3}
 FINGERPRINT = "concurrency-test-base"
 FRESH_STEPS = 20

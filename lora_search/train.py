@@ -457,10 +457,14 @@ class _Throughput(TrainerCallback):
         self._now()
         self.profiler.__exit__(None, None, None)
         out = Path(os.environ[PROFILE_ENV])
-        out.mkdir(parents=True, exist_ok=True)
         table = self.profiler.key_averages().table(sort_by="self_device_time_total", row_limit=40)
-        (out / f"{self.name}_kernels.txt").write_text(table)
         self.profiler = None
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / f"{self.name}_kernels.txt").write_text(table)
+        except OSError as e:  # a profile is for looking, never a reason to lose the trial
+            log.warning("kernel profile not written: %s=%s: %s; set it to a writable dir", PROFILE_ENV, out, e)
+            return
         log.info("kernel profile of steps %d-%d: %s", STEADY_AFTER_STEPS + 1, STEADY_AFTER_STEPS + 2, out)
 
 

@@ -212,6 +212,19 @@ def test_kernel_profile_is_written_and_kept_out_of_the_steady_window(tmp_path, m
     assert meter.tokens == 30  # window from the end of step 5 (after the profiled steps 4-5) to the end of step 8
 
 
+def test_unwritable_profile_dir_warns_and_training_goes_on(tmp_path, monkeypatch, caplog) -> None:
+    from lora_search.train import PROFILE_ENV, _Throughput
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    monkeypatch.setenv(PROFILE_ENV, str(blocker / "profiles"))  # a dir under a file: mkdir fails
+    meter = _Throughput(name="trial_abc")
+    with caplog.at_level("WARNING", logger="lora_search.train"):
+        _steps(meter, {8}, max_steps=8, step_s=0.0, eval_s=0.0, tokens_per_step=10)
+    assert meter.tokens == 30 and meter.profiler is None
+    assert PROFILE_ENV in caplog.text and "writable" in caplog.text
+
+
 def _trial_sweep(model_dir: Path, data: Path, **budget):
     from lora_search import BaseModel, Budget, Resources, SearchSpace, Sweep
     from lora_search.config import Dataset as Data

@@ -139,6 +139,8 @@ def choose(on_gpu: bool, model_type: str, attn: str) -> FastPath:
     return FastPath(tuple(pieces))
 
 
+KEEP_ACTIVATIONS = "keep-activations"
+"""The piece for gradient checkpointing off (no recompute); `lora_search.train.gradient_checkpointing` decides it."""
 CUDNN_OFF = "no-cudnn-sdpa"
 CUDNN_WHY = (
     "cuDNN's SDPA built a new graph for every masked call, 20 ms of CPU each (H200, torch 2.11: 64 calls a step on "

@@ -146,7 +146,7 @@ def gradient_checkpointing(sweep: Sweep, params: TrialParams, on_gpu: bool) -> f
     device's total) or, on CPU, `resources.memory_limit_gb` when set (host memory otherwise)."""
     choice = sweep.budget.gradient_checkpointing
     if choice != "auto":
-        return fastpath.Piece("keep-activations", choice == "off", f"budget.gradient_checkpointing={choice!r}")
+        return fastpath.Piece(fastpath.KEEP_ACTIVATIONS, choice == "off", f"budget.gradient_checkpointing={choice!r}")
     import torch
 
     from lora_search import plan
@@ -167,7 +167,7 @@ def gradient_checkpointing(sweep: Sweep, params: TrialParams, on_gpu: bool) -> f
     fits = need <= usable
     verdict = "fits" if fits else "exceeds"
     return fastpath.Piece(
-        "keep-activations",
+        fastpath.KEEP_ACTIVATIONS,
         fits,
         f"no recompute: {need / 2**30:.1f} GiB estimated without checkpointing {verdict} "
         f"{usable / 2**30:.1f} GiB usable of {where}",
@@ -203,8 +203,9 @@ def train_loop(config: dict[str, Any]) -> None:
     strategy = STRATEGIES[sweep.resources.strategy_for(params.variant)]
     gpu_in_use_at_start = gpu_memory_in_use()
     start = time.perf_counter()
-    # Seconds from the trial's Tune process starting this Ray Train run to this worker running: the worker group's
-    # start (placement, process, torch.distributed) and its imports.
+    # Seconds from the trial's Tune process starting its Ray Train run to this worker running: the worker group's
+    # start (placement, process, torch.distributed) and its imports. A run retried after a lost worker counts from
+    # its first attempt (`trial.run_trial` sets tune_run_start once).
     startup_s = max(0.0, time.time() - float(config["tune_run_start"]))
 
     torch.manual_seed(sweep.seed)
@@ -273,7 +274,7 @@ def train_loop(config: dict[str, Any]) -> None:
         dataloader_num_workers=0,
         dataset_num_proc=None,
         optim=optimizer_name(budget.optimizer, variant.quantized, on_gpu, fsdp=strategy.fsdp),
-        gradient_checkpointing=not path.active("keep-activations"),
+        gradient_checkpointing=not path.active(fastpath.KEEP_ACTIVATIONS),
         **strategies.trainer_kwargs(strategy.name, adapter_numel),
         **path.trainer_args(),
     )
@@ -392,6 +393,9 @@ STEADY_AFTER_STEPS = 3
 """Steps a trial's steady-state throughput leaves out: the first ones pay CUDA/Triton kernel selection and
 allocator warm-up, a one-off cost that `tokens_per_s` (the whole trial's) keeps and `steady_tokens_per_s` drops."""
 
+PROFILED_STEPS = 2
+"""Steps a kernel profile covers: the ones right after `STEADY_AFTER_STEPS`."""
+
 PROFILE_ENV = "LORA_SEARCH_PROFILE_DIR"
 """Set (on the cluster's workers) to a directory: rank 0 of every trial writes a CUDA kernel profile of two steady
 steps there, `trial_<id>_kernels.txt`, sorted by time. Off unless set; for finding where a trial's step goes."""
@@ -434,7 +438,7 @@ class _Throughput(TrainerCallback):
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         step, tokens = int(state.global_step), int(state.num_input_tokens_seen)
-        if self.profiler is not None and step == STEADY_AFTER_STEPS + 2:
+        if self.profiler is not None and step == STEADY_AFTER_STEPS + PROFILED_STEPS:
             self._write_profile()
         evaluates = control.should_evaluate or step >= state.max_steps
         if self.window is not None and evaluates:
@@ -447,7 +451,7 @@ class _Throughput(TrainerCallback):
 
     def first_step(self) -> int:
         """The step whose end opens the window: past the profiled steps when profiling, so they never count."""
-        return STEADY_AFTER_STEPS + 2 if self.profiling() else STEADY_AFTER_STEPS
+        return STEADY_AFTER_STEPS + PROFILED_STEPS if self.profiling() else STEADY_AFTER_STEPS
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.profiler is not None:  # a trial shorter than the profiled steps: what it ran
@@ -465,7 +469,7 @@ class _Throughput(TrainerCallback):
         except OSError as e:  # a profile is for looking, never a reason to lose the trial
             log.warning("kernel profile not written: %s=%s: %s; set it to a writable dir", PROFILE_ENV, out, e)
             return
-        log.info("kernel profile of steps %d-%d: %s", STEADY_AFTER_STEPS + 1, STEADY_AFTER_STEPS + 2, out)
+        log.info("kernel profile of steps %d-%d: %s", STEADY_AFTER_STEPS + 1, STEADY_AFTER_STEPS + PROFILED_STEPS, out)
 
 
 class _Reporter(TrainerCallback):

@@ -15,7 +15,11 @@ MLflow (`fast_path`, tag `lora_search.fast_path`), so a slow trial says which pi
   packed position ids.
 - attention: SDPA (flash / memory-efficient kernels) instead of eager attention; transformers' default, reported.
 - no-cudnn-sdpa: on GPU, SDPA's cuDNN backend is turned off in the trial's process (`CUDNN_WHY`).
-- keep-activations: gradient checkpointing off where the activations fit (`lora_search.train.gradient_checkpointing`).
+- no-pad-mask: padded batches go without their attention mask (`NO_PAD_MASK_WHY`), so SDPA runs causal flash.
+- few-syncs: per-step metrics stay on the device between log steps (`FEW_SYNCS_WHY`).
+- keep-activations: gradient checkpointing off where the activations fit (`lora_search.train.micro_batching`).
+- merge-micro-batches: `budget.grad_accum` micro-batches run as fewer, larger ones where memory allows (the same
+  sequences per optimizer step and the same loss: the Trainer normalises by the step's label tokens either way).
 
 Padding-free stays off under plain SDPA: SDPA has no variable-length kernel, so a packed row of T tokens would
 cost T^2 attention (a block-diagonal mask computes the masked blocks too) where the padded batch costs
@@ -90,15 +94,41 @@ class FastPath:
         """`SFTConfig` arguments for the active pieces."""
         return {"use_liger_kernel": True} if self.active("liger") else {}
 
-    def collator(self, pad_token_id: int) -> Any | None:
-        """The data collator for the active pieces; None keeps TRL's padded default."""
-        if not self.active("padding-free"):
-            return None
-        from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+    def collator(self, pad_token_id: int) -> Any:
+        """The data collator for the active pieces: TRL's, padded or padding-free, that also counts each batch's
+        real tokens on the CPU (`REAL_TOKENS`) and, with `NO_PAD_MASK`, leaves out the attention mask."""
+        return collator_class()(
+            pad_token_id=pad_token_id, padding_free=self.active("padding-free"), drop_mask=self.active(NO_PAD_MASK)
+        )
 
-        # TRL's own padding-free collator. Passed in rather than set with SFTConfig(padding_free=True), which would
-        # also stop TRL truncating rows to `max_length` (it expects packing then); truncation must stay.
-        return DataCollatorForLanguageModeling(pad_token_id=pad_token_id, padding_free=True)
+
+REAL_TOKENS = "lora_search_real_tokens"
+"""The batch key holding how many real (non-pad) tokens the batch has, counted by the collator on the CPU: the
+trainer (`lora_search.train._Trainer`) counts tokens seen from it without reading a device tensor, and takes it
+out before the model's forward."""
+
+
+def collator_class() -> type:
+    """TRL's `DataCollatorForLanguageModeling` (right padding), plus the real-token count and the mask choice.
+
+    Passed in rather than set with SFTConfig(padding_free=True), which would also stop TRL truncating rows to
+    `max_length` (it expects packing then); truncation must stay."""
+    from dataclasses import dataclass as _dataclass
+
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    @_dataclass
+    class Collator(DataCollatorForLanguageModeling):
+        drop_mask: bool = False
+
+        def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+            batch = super().torch_call(examples)
+            batch[REAL_TOKENS] = sum(len(e["input_ids"]) for e in examples)
+            if self.drop_mask:  # TRL pads on the right: each row's mask is ones, then zeros
+                batch.pop("attention_mask", None)
+            return batch
+
+    return Collator
 
 
 def _liger_models() -> frozenset[str]:
@@ -134,13 +164,43 @@ def choose(on_gpu: bool, model_type: str, attn: str) -> FastPath:
         pieces.append(Piece("padding-free", True, f"one row per batch, {attn} varlen"))
 
     pieces.append(Piece("attention", attn in {"sdpa"} | VARLEN_ATTENTION, attn))
+    if any(p.name == "padding-free" and p.active for p in pieces):
+        pieces.append(Piece(NO_PAD_MASK, False, "padding-free rows have no padding"))
+    elif model_type not in PADDING_FREE_MODELS:
+        pieces.append(Piece(NO_PAD_MASK, False, f"{model_type!r} is not known to build its causal mask without one"))
+    elif attn not in {"sdpa"} | VARLEN_ATTENTION:
+        pieces.append(Piece(NO_PAD_MASK, False, f"{attn} attention masks every call anyway"))
+    else:
+        pieces.append(Piece(NO_PAD_MASK, True, NO_PAD_MASK_WHY))
+    pieces.append(Piece(FEW_SYNCS, True, FEW_SYNCS_WHY))
     if on_gpu and attn == "sdpa":
         pieces.append(Piece(CUDNN_OFF, True, "SDPA on flash / memory-efficient kernels: " + CUDNN_WHY))
     return FastPath(tuple(pieces))
 
 
+NO_PAD_MASK = "no-pad-mask"
+NO_PAD_MASK_WHY = "right-padded batches without an attention mask: causal SDPA on its flash kernel"
+"""Why a padded batch can go without its mask. Rows are padded on the right, and causal attention lets a token
+see only the ones before it, so no real token ever sees a pad: the mask changes nothing a loss counts (pads carry
+label -100; `tests/test_fastpath.py` checks the curve). Without it SDPA runs `is_causal` on the flash kernel; with
+it, the memory-efficient kernel, whose backward took 3.0 ms a layer against flash's 0.7 on the 8B shape (H200).
+Needs an architecture whose position ids and causal mask do not come from the attention mask (transformers'
+masking_utils: `PADDING_FREE_MODELS`)."""
+
+FEW_SYNCS = "few-syncs"
+FEW_SYNCS_WHY = "per-step metrics stay on the device until a log step"
+"""TRL's SFTTrainer reads its token accuracy, entropy and token count with `.item()` after every micro-batch, the
+Trainer its tokens seen and a NaN check: each a device sync that stops the CPU queueing the next kernels. The
+trial's trainer (`lora_search.train._Trainer`) sums them on the device, reads them at log steps, and counts tokens
+from the collator's CPU count (`REAL_TOKENS`). The Trainer's NaN filter is off: a NaN loss is not averaged away
+but shows in the logged loss, and the trial ends as diverged."""
+
 KEEP_ACTIVATIONS = "keep-activations"
-"""The piece for gradient checkpointing off (no recompute); `lora_search.train.gradient_checkpointing` decides it."""
+"""The piece for gradient checkpointing off (no recompute); `lora_search.train.micro_batching` decides it."""
+MERGE_MICRO = "merge-micro-batches"
+"""The piece for running a step's accumulated micro-batches as fewer, larger ones (`lora_search.train.micro_batching`).
+A step's CPU work (Python, kernel launches) is per micro-batch and its GPU work per token, so a larger micro-batch
+keeps the GPU busy where small ones leave it waiting on the CPU."""
 CUDNN_OFF = "no-cudnn-sdpa"
 CUDNN_WHY = (
     "cuDNN's SDPA built a new graph for every masked call, 20 ms of CPU each (H200, torch 2.11: 64 calls a step on "

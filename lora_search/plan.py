@@ -331,10 +331,16 @@ def dtype_bytes_of(sweep: Sweep, arch: Architecture) -> int:
 
 
 def trial_memory(
-    sweep: Sweep, arch: Architecture, variant: str, rank: int, target: targets.Targets, checkpointing: bool = True
+    sweep: Sweep,
+    arch: Architecture,
+    variant: str,
+    rank: int,
+    target: targets.Targets,
+    checkpointing: bool = True,
+    batch: int | None = None,
 ) -> MemoryRow:
     """`memory_row` of one trial of `sweep`: `variant` x `rank` on `target` (a targets preset or names), at the
-    sweep's dtype, micro-batch, max_length, strategy and workers."""
+    sweep's dtype, micro-batch (`budget.batch_size`, or `batch`), max_length, strategy and workers."""
     from lora_search.variants import VARIANTS
 
     names = set(targets.resolve(target, list(arch.linears)))
@@ -347,7 +353,7 @@ def trial_memory(
         layers=[lay for lay in arch.linears if lay.name.rsplit(".", 1)[-1] in names],
         quantized=VARIANTS[variant].quantized,
         dtype_bytes=dtype_bytes_of(sweep, arch),
-        batch=sweep.budget.batch_size,
+        batch=sweep.budget.batch_size if batch is None else batch,
         seq=sweep.dataset.max_length,
         strategy=r.strategy_for(variant),
         world=r.workers,

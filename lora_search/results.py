@@ -11,6 +11,7 @@ No ending but completed puts a trial on the frontier, and none stops the sweep.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from dataclasses import asdict, dataclass
@@ -192,18 +193,19 @@ def record(
     params = trial_params(config)
     max_steps = sweep.budget.max_steps
     last = history[-1] if history else {}
+    # a stopped trial's last result is where it stopped; one Tune pruned may have trained (and saved) past it
+    source, last = newest_checkpoint(trial_id, last, follow=error is None)
     status = status_of(error, last, max_steps)
     if status in ("diverged", "infeasible"):
         last = {**last, **stopped_figures(error_reason(error))}  # the real loss value / the peak, at its step
     adapter_path = ""
-    source = last.get("checkpoint_path")
-    if source and Path(source).is_dir():
+    if source is not None:
         target = adapters_dir / trial_id
         if target.exists():
             shutil.rmtree(target)
         shutil.copytree(source, target, ignore=shutil.ignore_patterns(TRAINER_DIR, REPORT_FILE, UPLOADED_FILE))
         adapter_path = str(target)
-    losses = [h["eval_loss"] for h in history if "eval_loss" in h]
+    losses = [h["eval_loss"] for h in [*history, last] if "eval_loss" in h]
     nan = float("nan")
     device_name = str(last.get("device_name") or "cpu")
     # Tune counts a trial's time from its latest start; `prior_s` is what earlier starts (before a killed driver) held.
@@ -248,6 +250,34 @@ def record(
         steps_redone=int(_count(last, "steps_redone")),
         scores={k.removeprefix(GOLDEN_PREFIX): float(v) for k, v in last.items() if k.startswith(GOLDEN_PREFIX)},
     )
+
+
+def newest_checkpoint(trial_id: str, last: dict[str, Any], follow: bool) -> tuple[Path | None, dict[str, Any]]:
+    """The checkpoint a trial's last result names, with that result; or, where Ray Train already dropped it and
+    `follow`, the newest checkpoint after it, with the report saved in it.
+
+    Tune stops a pruned trial on a result its Ray Train run may already be past: the run can register one or two
+    newer checkpoints (and drop the oldest, `trial.KEEP_CHECKPOINTS`) before the stop reaches it. The trial then
+    trained further than Tune saw, and its record says so rather than losing the adapter."""
+    named = last.get("checkpoint_path")
+    if not named:
+        return None, last
+    if Path(named).is_dir():
+        return Path(named), last
+    if not follow:
+        return None, last
+    later = sorted(d for d in Path(named).parent.glob("step_*") if (d / REPORT_FILE).is_file())
+    if not later:
+        return None, last
+    report = json.loads((later[-1] / REPORT_FILE).read_text())
+    if int(report.get("step", 0)) < int(last.get("step", 0)):
+        return None, last
+    print(
+        f"trial {trial_id}: the checkpoint of step {last.get('step')} is gone (Ray Train kept newer ones while Tune "
+        f"stopped the trial); recording step {report.get('step')}, the newest, from {later[-1]}",
+        flush=True,
+    )
+    return later[-1], {**last, **report, "checkpoint_path": str(later[-1])}
 
 
 def _count(last: dict[str, Any], key: str) -> float:

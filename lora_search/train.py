@@ -139,22 +139,34 @@ def optimizer_name(budget_optimizer: str, quantized: bool, on_gpu: bool, fsdp: b
     return "paged_adamw_8bit" if quantized and not fsdp else "adamw_torch_fused"
 
 
-def gradient_checkpointing(sweep: Sweep, params: TrialParams, on_gpu: bool) -> fastpath.Piece:
-    """Whether the trial recomputes activations in backward, as a fast-path piece: "keep-activations" is on (no
-    recompute) where `Budget.gradient_checkpointing` is "off", or "auto" and the plan's estimate of the trial's
-    memory without checkpointing fits what this worker holds: its share of the GPU (`gpus_per_worker` of the
-    device's total) or, on CPU, `resources.memory_limit_gb` when set (host memory otherwise)."""
-    choice = sweep.budget.gradient_checkpointing
-    if choice != "auto":
-        return fastpath.Piece(fastpath.KEEP_ACTIVATIONS, choice == "off", f"budget.gradient_checkpointing={choice!r}")
+@dataclass(frozen=True)
+class MicroBatching:
+    """How a trial runs its optimizer steps: `micro` sequences a forward/backward, `accum` of them a step (always
+    `budget.batch_size * budget.grad_accum` sequences a step), and whether it recomputes activations in backward."""
+
+    micro: int
+    accum: int
+    keep_activations: fastpath.Piece
+    merge: fastpath.Piece
+
+
+def micro_batching(sweep: Sweep, params: TrialParams, on_gpu: bool) -> MicroBatching:
+    """The trial's micro-batch and gradient checkpointing, from the plan's memory estimate (`plan.trial_memory`)
+    against what this worker holds: its share of the GPU (`gpus_per_worker` of the device's total) or, on CPU,
+    `resources.memory_limit_gb` when set (host memory otherwise), of which `plan.USABLE_FRACTION` is counted.
+
+    A step's `budget.grad_accum` micro-batches of `budget.batch_size` run as 1/k as many of k times the size, for the
+    largest k dividing grad_accum that fits ("merge-micro-batches"): the same sequences per step and the same loss
+    (the Trainer divides by the step's label tokens either way), with 1/k of the per-micro-batch CPU work. Without
+    recompute ("keep-activations": `Budget.gradient_checkpointing` "off", or "auto" where even k=1 fits without it)
+    the merge is sized without checkpointing; with it, with checkpointing."""
     import torch
 
     from lora_search import plan
 
+    budget = sweep.budget
     arch = plan.read_architecture(sweep.base)
-    row = plan.trial_memory(
-        sweep, arch, params.variant, params.rank, targets.targets_from_key(params.targets), checkpointing=False
-    )
+    target = targets.targets_from_key(params.targets)
     limit = sweep.resources.memory_limit_gb
     if on_gpu:
         have = torch.cuda.mem_get_info()[1] * min(sweep.resources.gpus_per_worker, 1.0)
@@ -163,15 +175,44 @@ def gradient_checkpointing(sweep: Sweep, params: TrialParams, on_gpu: bool) -> f
         have, where = limit * 2**30, f"resources.memory_limit_gb={limit:g}"
     else:
         have, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "host memory"
-    need, usable = row.total, plan.USABLE_FRACTION * have
-    fits = need <= usable
-    verdict = "fits" if fits else "exceeds"
-    return fastpath.Piece(
-        fastpath.KEEP_ACTIVATIONS,
-        fits,
-        f"no recompute: {need / 2**30:.1f} GiB estimated without checkpointing {verdict} "
-        f"{usable / 2**30:.1f} GiB usable of {where}",
-    )
+    usable = plan.USABLE_FRACTION * have
+
+    def need(checkpointing: bool, k: int) -> float:
+        row = plan.trial_memory(sweep, arch, params.variant, params.rank, target, checkpointing, budget.batch_size * k)
+        return row.total
+
+    choice = budget.gradient_checkpointing
+    alone = need(False, 1)
+    if choice == "auto":
+        keep = alone <= usable
+        verdict = "fits" if keep else "exceeds"
+        why = (
+            f"no recompute: {alone / 2**30:.1f} GiB estimated without checkpointing {verdict} "
+            f"{usable / 2**30:.1f} GiB usable of {where}"
+        )
+    else:
+        keep, why = choice == "off", f"budget.gradient_checkpointing={choice!r}"
+    factors = [k for k in range(budget.grad_accum, 0, -1) if budget.grad_accum % k == 0]
+    k = next((k for k in factors if need(not keep, k) <= usable), 1)
+    micro, accum = budget.batch_size * k, budget.grad_accum // k
+    if budget.grad_accum == 1:
+        merge = fastpath.Piece(fastpath.MERGE_MICRO, False, "budget.grad_accum=1: one micro-batch a step already")
+    elif k == 1:
+        larger = budget.batch_size * factors[-2]
+        merge = fastpath.Piece(
+            fastpath.MERGE_MICRO,
+            False,
+            f"a micro-batch of {larger} ({need(not keep, factors[-2]) / 2**30:.1f} GiB estimated) exceeds "
+            f"{usable / 2**30:.1f} GiB usable of {where}",
+        )
+    else:
+        merge = fastpath.Piece(
+            fastpath.MERGE_MICRO,
+            True,
+            f"{budget.grad_accum} micro-batches of {budget.batch_size} a step run as {accum} of {micro} "
+            f"({need(not keep, k) / 2**30:.1f} GiB estimated)",
+        )
+    return MicroBatching(micro, accum, fastpath.Piece(fastpath.KEEP_ACTIVATIONS, keep, why), merge)
 
 
 def worker_nodes() -> str:
@@ -240,15 +281,16 @@ def train_loop(config: dict[str, Any]) -> None:
     # ZeRO-3 keeps tensors up to this size whole on every rank: the adapter's, never the base's
     adapter_numel = strategies.adapter_param_bound(model_config, params.rank) if strategy.deepspeed else 0
     path = fastpath.choose(on_gpu, model_config.model_type, sweep.base.attn_implementation)
-    path = path.with_piece(gradient_checkpointing(sweep, params, on_gpu))
+    batching = micro_batching(sweep, params, on_gpu)
+    path = path.with_piece(batching.keep_activations).with_piece(batching.merge)
     # Built before the model loads: under ZeRO-3 it makes from_pretrained partition the weights as they load, under
     # FSDP it makes ranks > 0 load none (`strategies.trainer_kwargs`).
     args = SFTConfig(
         output_dir=str(work / "trainer"),
         max_steps=budget.max_steps,
-        per_device_train_batch_size=budget.batch_size,
+        per_device_train_batch_size=batching.micro,
         per_device_eval_batch_size=budget.batch_size * 2,
-        gradient_accumulation_steps=budget.grad_accum,
+        gradient_accumulation_steps=batching.accum,
         learning_rate=params.lr,
         lr_scheduler_type="linear",
         warmup_steps=budget.warmup_steps,
@@ -270,6 +312,9 @@ def train_loop(config: dict[str, Any]) -> None:
         use_cpu=not on_gpu,
         bf16=on_gpu and (sweep.base.dtype == "bfloat16" or variant.quantized),
         include_num_input_tokens_seen="non_padding",
+        # a NaN micro-batch loss shows in the logged loss (the trial ends as diverged) instead of being averaged
+        # away, and no step waits on the device for the check
+        logging_nan_inf_filter=False,
         disable_tqdm=True,
         dataloader_num_workers=0,
         dataset_num_proc=None,
@@ -324,7 +369,7 @@ def train_loop(config: dict[str, Any]) -> None:
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
-        data_collator=path.collator(tokenizer.pad_token_id),
+        data_collator=path.collator(tokenizer.pad_token_id),  # counts real tokens; `fastpath.NO_PAD_MASK`
         callbacks=callbacks,
         make_optimizer=(lambda m: variant.optimizer(m, adapter)) if variant.optimizer else None,
     )
@@ -367,16 +412,86 @@ def _progress_fields(progress: resume.Progress | None) -> dict[str, Any]:
 
 class _Trainer(SFTTrainer):
     """SFTTrainer that builds a variant's own optimizer (LoRA+) when the Trainer builds optimizers: after FSDP or
-    DeepSpeed has wrapped the model, where passing a ready optimizer is refused (or would hold stale parameters)."""
+    DeepSpeed has wrapped the model, where passing a ready optimizer is refused (or would hold stale parameters).
+
+    Its loss is TRL's (the fused LM head's per-token log-probs, divided by the step's label tokens), with the
+    per-micro-batch metrics kept on the device (`fastpath.FEW_SYNCS_WHY`): entropy and token accuracy are summed
+    there and read once per log step, as token-weighted means over the steps logged; tokens seen come from the
+    collator's CPU count (`fastpath.REAL_TOKENS`)."""
 
     def __init__(self, *args: Any, make_optimizer: Callable[[Any], Any] | None = None, **kwargs: Any) -> None:
         self._make_optimizer = make_optimizer
+        self._sums: dict[str, Any] = {}  # mode -> device tensor [label tokens, entropy, top-1 hits(, aux loss)]
+        self._summed: dict[str, int] = {}  # mode -> micro-batches in it
         super().__init__(*args, **kwargs)
+        parallel = self.accelerator.parallelism_config
+        unsupported = {
+            "compute_loss_func": self.compute_loss_func is not None,
+            "label_smoothing_factor": self.label_smoother is not None,
+            f"loss_type={self.args.loss_type!r}": self.args.loss_type != "nll",
+            "sequence parallelism": parallel is not None and getattr(parallel, "sp_enabled", False),
+        }
+        if any(unsupported.values()):  # lora_search's own SFTConfig never sets these
+            raise ValueError(f"the trial's trainer does not support {[k for k, v in unsupported.items() if v]}")
 
     def create_optimizer(self, model: Any = None) -> Any:
         if self.optimizer is None and self._make_optimizer is not None:
             self.optimizer = self._make_optimizer(self.model if model is None else model)
         return super().create_optimizer(model)
+
+    def compute_loss(
+        self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
+        import torch
+
+        inputs.pop(fastpath.REAL_TOKENS, None)
+        mode = "train" if self.model.training else "eval"
+        inputs["use_cache"] = False
+        if self.aux_loss_enabled:
+            inputs["output_router_logits"] = True
+        outputs = model(**inputs, fused_lm_head=True)
+        tokens = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
+        loss = -outputs.log_probs.sum() / torch.as_tensor(tokens).clamp(min=1)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())  # DDP averages the gradients
+        sums = [outputs.label_mask.sum(), outputs.entropy.detach().sum(), outputs.is_top1.sum()]
+        if self.aux_loss_enabled:
+            steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+            loss = loss + self.router_aux_loss_coef * outputs.aux_loss / steps
+            sums.append(outputs.aux_loss.detach())
+        with torch.no_grad():
+            step = torch.stack([x.float() for x in sums])
+            self._sums[mode] = step if mode not in self._sums else self._sums[mode] + step
+            self._summed[mode] = self._summed.get(mode, 0) + 1
+            if return_outputs:  # only asked for with compute_metrics: the logits, which the fused head never builds
+                outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
+        return (loss, outputs) if return_outputs else loss
+
+    def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
+        real = inputs.get(fastpath.REAL_TOKENS)
+        if real is None or self.args.include_num_input_tokens_seen == "no":
+            super()._track_num_input_tokens(inputs)
+            return
+        if self.args.world_size > 1:  # every rank's count: a collective, as the Trainer's own
+            import torch
+
+            real = self.accelerator.gather(torch.as_tensor(real, device=self.args.device)).sum().item()
+        self.state.num_input_tokens_seen += int(real)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        sums, n = self._sums.pop(mode, None), self._summed.pop(mode, 0)
+        if sums is not None:
+            if self.accelerator.num_processes > 1:
+                sums = self.accelerator.reduce(sums, reduction="sum")
+            valid, entropy, correct, *aux = sums.tolist()  # the one read of the steps logged
+            self._metrics[mode]["entropy"] = [entropy / valid if valid else 0.0]
+            self._metrics[mode]["mean_token_accuracy"] = [correct / valid if valid else 0.0]
+            if aux:
+                self._metrics[mode]["aux_loss"] = [aux[0] / (n * self.accelerator.num_processes)]
+        if mode == "train":
+            self._metrics[mode]["num_tokens"] = [self.state.num_input_tokens_seen]
+        super().log(logs, start_time)
 
 
 class _StepHook(TrainerCallback):

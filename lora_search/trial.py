@@ -28,6 +28,11 @@ so does the Ray Train controller it starts: losing a worker node never takes a t
 WORKER_LOSSES = 3
 """Times one trial may lose a worker process or node and still train on from its last checkpoint."""
 
+KEEP_CHECKPOINTS = 3
+"""Checkpoints a trial's Ray Train run keeps. Tune may stop a pruned trial on a result its run is up to two reports
+past (one waits in the queue to Tune, one in the report callback that feeds it), so keeping 3 keeps the checkpoint
+of the result Tune stopped on (`results.newest_checkpoint` covers a run that got further still)."""
+
 
 def scaling_config(sweep: Sweep) -> Any:
     from ray.train import ScalingConfig
@@ -78,8 +83,8 @@ def run_trial(config: dict[str, Any], sweep: Sweep, storage_path: str) -> None:
                 name=f"trial_{trial_id}",
                 storage_path=str(Path(storage_path) / "train"),
                 callbacks=[TuneReportCallback()],
-                # Keep the newest checkpoint only: what a pruned or finished trial hands on, and what a restart resumes.
-                checkpoint_config=CheckpointConfig(num_to_keep=1),
+                # The newest checkpoints only: what a pruned or finished trial hands on, and what a restart resumes.
+                checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
                 # Ray Train would retry every error, a diverged loss too; lost workers are retried below instead.
                 failure_config=FailureConfig(max_failures=0),
             ),

@@ -20,18 +20,28 @@ WORDS = "the a cat dog bird red blue green big small runs eats sleeps".split()
 
 def test_choose_names_every_piece_and_why() -> None:
     cpu = fastpath.choose(on_gpu=False, model_type="llama", attn="sdpa")
-    assert [p.name for p in cpu.pieces] == ["liger", "padding-free", "attention"]
+    assert [p.name for p in cpu.pieces] == ["liger", "padding-free", "attention", "no-pad-mask", "few-syncs"]
     assert not cpu.active("liger") and "no CUDA" in cpu.summary()
     # SDPA has no varlen kernel: padding-free would cost T^2 attention, so it stays off and says so
     assert not cpu.active("padding-free") and "no varlen kernel" in cpu.summary()
-    assert cpu.active("attention") and cpu.collator(0) is None and cpu.trainer_args() == {}
+    assert cpu.active("attention") and cpu.trainer_args() == {}
+    # padded rows, right-padded, without their mask; every collator counts the real tokens on the CPU
+    assert cpu.active("no-pad-mask") and cpu.active("few-syncs")
+    batch = cpu.collator(0)([{"input_ids": [5, 6, 7]}, {"input_ids": [8]}])
+    assert "attention_mask" not in batch and batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch[fastpath.REAL_TOKENS] == 4 and batch["labels"].tolist()[1] == [8, -100, -100]
 
     varlen = fastpath.choose(on_gpu=False, model_type="llama", attn="flash_attention_2")
     assert varlen.active("padding-free") and varlen.collator(0).padding_free is True
+    assert not varlen.active("no-pad-mask") and "have no padding" in varlen.summary()
 
     unknown = fastpath.choose(on_gpu=False, model_type="gpt2", attn="flash_attention_2")
     assert not unknown.active("padding-free") and "'gpt2' is not known" in unknown.summary()
-    assert not fastpath.choose(on_gpu=False, model_type="llama", attn="eager").active("attention")
+    assert not unknown.active("no-pad-mask") and "'gpt2' is not known to build its causal mask" in unknown.summary()
+    kept = unknown.collator(0)([{"input_ids": [5, 6, 7]}, {"input_ids": [8]}])
+    assert kept["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]] and kept[fastpath.REAL_TOKENS] == 4
+    eager = fastpath.choose(on_gpu=False, model_type="llama", attn="eager")
+    assert not eager.active("attention") and not eager.active("no-pad-mask")
 
 
 def test_liger_falls_back_piece_by_piece(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -84,19 +94,33 @@ def _rows(path: Path, n: int, seed: int) -> Path:
     return path
 
 
-def _curve(model_dir: Path, train: Path, evaluation: Path, collator: object | None, attn: str) -> list[float]:
+def _run(
+    model_dir: Path,
+    train: Path,
+    evaluation: Path,
+    collator: object | None,
+    attn: str,
+    ours: bool = False,
+    batch: int = 8,
+    accum: int = 1,
+) -> tuple[list[float], list[dict], object]:
+    """12 steps of LoRA through TRL's SFTTrainer (or, `ours`, the trial's `lora_search.train._Trainer`): the training
+    and eval losses in order, every log, and the Trainer's state."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     from lora_search import data
+    from lora_search.train import _Trainer
 
     class Losses(TrainerCallback):
         def __init__(self) -> None:
             self.values: list[float] = []
+            self.logs: list[dict] = []
 
         def on_log(self, args, state, control, logs=None, **kw) -> None:  # noqa: ANN001
+            self.logs.append(dict(logs or {}))
             for key in ("loss", "eval_loss"):
                 if logs and key in logs:
                     self.values.append(float(logs[key]))
@@ -108,9 +132,10 @@ def _curve(model_dir: Path, train: Path, evaluation: Path, collator: object | No
     train_ds, eval_ds = data.load(Dataset(str(train), eval_path=str(evaluation), max_length=64), seed=0)
     losses = Losses()
     args = SFTConfig(
-        output_dir=str(train.parent / f"out_{attn}_{collator is not None}"),
+        output_dir=str(train.parent / f"out_{attn}_{collator is not None}_{ours}_{batch}x{accum}"),
         max_steps=12,
-        per_device_train_batch_size=8,
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accum,
         per_device_eval_batch_size=8,
         learning_rate=3e-3,
         logging_steps=1,
@@ -124,8 +149,10 @@ def _curve(model_dir: Path, train: Path, evaluation: Path, collator: object | No
         use_cpu=True,
         disable_tqdm=True,
         dataloader_num_workers=0,
+        include_num_input_tokens_seen="non_padding",
+        logging_nan_inf_filter=not ours,
     )
-    trainer = SFTTrainer(
+    trainer = (_Trainer if ours else SFTTrainer)(
         model=model,
         args=args,
         train_dataset=train_ds,
@@ -135,7 +162,23 @@ def _curve(model_dir: Path, train: Path, evaluation: Path, collator: object | No
         callbacks=[losses],
     )
     trainer.train()
-    return losses.values
+    return losses.values, losses.logs, trainer.state
+
+
+def _curve(model_dir: Path, train: Path, evaluation: Path, collator: object | None, attn: str) -> list[float]:
+    return _run(model_dir, train, evaluation, collator, attn)[0]
+
+
+def _pieces(*names: str) -> fastpath.FastPath:
+    return fastpath.FastPath(tuple(fastpath.Piece(n, True, "test") for n in names))
+
+
+def _same(a: list[float], b: list[float], what: str) -> None:
+    assert len(a) == len(b) == 12 + 2, (len(a), len(b))  # 12 training losses, 2 eval losses
+    assert min(a) < a[0] - 0.3, f"the run must learn for the comparison to mean anything: {a}"
+    print(f"\n{what}: max |difference| over {len(a)} losses: {max(abs(x - y) for x, y in zip(a, b, strict=True)):.2e}")
+    for step, (x, y) in enumerate(zip(a, b, strict=True)):
+        assert abs(x - y) <= 2e-4 * max(1.0, abs(x)), f"{what}, entry {step}: {x} vs {y}"
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -147,21 +190,8 @@ def test_padding_free_trains_the_same_curve(tiny_model_dir: Path, tmp_path: Path
     train, evaluation = _rows(tmp_path / "train.jsonl", 120, 0), _rows(tmp_path / "eval.jsonl", 24, 1)
     pad_id = AutoTokenizer.from_pretrained(tiny_model_dir).pad_token_id
     padded = _curve(tiny_model_dir, train, evaluation, None, attn)
-    free = _curve(
-        tiny_model_dir,
-        train,
-        evaluation,
-        fastpath.FastPath((fastpath.Piece("padding-free", True, "test"),)).collator(pad_id),
-        attn,
-    )
-    assert len(padded) == len(free) == 12 + 2  # 12 training losses, 2 eval losses
-    assert min(padded) < padded[0] - 0.3, f"the run must learn for the comparison to mean anything: {padded}"
-    print(
-        f"\n{attn}: max |padded - padding-free| over {len(padded)} losses: "
-        f"{max(abs(a - b) for a, b in zip(padded, free, strict=True)):.2e}"
-    )
-    for step, (a, b) in enumerate(zip(padded, free, strict=True)):
-        assert abs(a - b) <= 2e-4 * max(1.0, abs(a)), f"entry {step}: padded {a} vs padding-free {b}"
+    free, _, _ = _run(tiny_model_dir, train, evaluation, _pieces("padding-free").collator(pad_id), attn, ours=True)
+    _same(padded, free, f"{attn}: padded vs padding-free")
 
 
 def _steps(meter, evals_at: set[int], max_steps: int, step_s: float, eval_s: float, tokens_per_step: int) -> None:
@@ -240,22 +270,22 @@ def _trial_sweep(model_dir: Path, data: Path, **budget):
 
 
 def test_gradient_checkpointing_off_where_the_activations_fit(tiny_model_dir, tiny_jsonl) -> None:
-    from lora_search.train import TrialParams, gradient_checkpointing
+    from lora_search.train import TrialParams, micro_batching
 
     params = TrialParams(variant="lora", rank=4, alpha=8.0, targets="all-linear", lr=1e-3, dropout=0.0)
     sweep = _trial_sweep(tiny_model_dir, tiny_jsonl)
-    piece = gradient_checkpointing(sweep, params, on_gpu=False)
+    piece = micro_batching(sweep, params, on_gpu=False).keep_activations
     assert piece.name == "keep-activations" and piece.active, piece.why
     assert "fits" in piece.why and "host memory" in piece.why
 
     # a limit below the estimate (the tiny model needs a few MiB at 8 x 96 tokens): checkpointing stays on
     tight = sweep.replace(resources=dataclasses.replace(sweep.resources, memory_limit_gb=0.001))
-    piece = gradient_checkpointing(tight, params, on_gpu=False)
+    piece = micro_batching(tight, params, on_gpu=False).keep_activations
     assert not piece.active and "exceeds" in piece.why and "memory_limit_gb=0.001" in piece.why
 
     for choice, active in (("on", False), ("off", True)):
         forced = _trial_sweep(tiny_model_dir, tiny_jsonl, gradient_checkpointing=choice)
-        assert gradient_checkpointing(forced, params, on_gpu=False).active is active
+        assert micro_batching(forced, params, on_gpu=False).keep_activations.active is active
 
 
 def test_unknown_gradient_checkpointing_setting_is_refused() -> None:
@@ -264,3 +294,73 @@ def test_unknown_gradient_checkpointing_setting_is_refused() -> None:
     problems = Budget(gradient_checkpointing="sometimes").problems()
     assert [(p.field, p.value) for p in problems] == [("budget.gradient_checkpointing", "sometimes")]
     assert "auto, on, off" in problems[0].fix
+
+
+def test_trial_trainer_without_the_pad_mask_trains_trls_curve(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The trial's trainer (metrics kept on the device, tokens counted by the collator) on right-padded batches
+    without their attention mask trains TRL's own curve on the masked batches, and counts the same tokens."""
+    from transformers import AutoTokenizer
+
+    train, evaluation = _rows(tmp_path / "train.jsonl", 120, 0), _rows(tmp_path / "eval.jsonl", 24, 1)
+    pad_id = AutoTokenizer.from_pretrained(tiny_model_dir).pad_token_id
+    trl, trl_logs, trl_state = _run(tiny_model_dir, train, evaluation, None, "sdpa")
+    masked, logs, masked_state = _run(tiny_model_dir, train, evaluation, _pieces().collator(pad_id), "sdpa", ours=True)
+    unmasked, unmasked_logs, state = _run(
+        tiny_model_dir, train, evaluation, _pieces(fastpath.NO_PAD_MASK).collator(pad_id), "sdpa", ours=True
+    )
+    _same(trl, masked, "TRL vs the trial's trainer")
+    _same(trl, unmasked, "TRL vs the trial's trainer without the pad mask")
+    assert state.num_input_tokens_seen == masked_state.num_input_tokens_seen == trl_state.num_input_tokens_seen
+    # TRL's per-step metrics still reach the logs, read at log steps: token accuracy, entropy, tokens seen
+    train_logs = [x for x in logs if "loss" in x]
+    trl_train = [x for x in trl_logs if "loss" in x]
+    assert len(train_logs) == 12
+    for ours, theirs in zip(train_logs, trl_train, strict=True):
+        assert 0 <= ours["mean_token_accuracy"] <= 1 and ours["entropy"] > 0
+        assert ours["num_tokens"] == theirs["num_tokens"]
+        # the same batches and kernels, one micro-batch a step: TRL's mean of per-batch means is the token-weighted mean
+        assert abs(ours["mean_token_accuracy"] - theirs["mean_token_accuracy"]) < 1e-4
+        assert abs(ours["entropy"] - theirs["entropy"]) < 1e-3 * theirs["entropy"]
+    assert any("eval_mean_token_accuracy" in x for x in logs)
+    # without the mask SDPA takes another kernel: the same figures to rounding (a near-tie's top-1 may flip)
+    unmasked_train = [x for x in unmasked_logs if "loss" in x]
+    assert [x["num_tokens"] for x in unmasked_train] == [x["num_tokens"] for x in trl_train]
+    assert all(0 <= x["mean_token_accuracy"] <= 1 and x["entropy"] > 0 for x in unmasked_train)
+
+
+def test_merged_micro_batches_train_the_accumulated_curve(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """4 micro-batches of 2 a step, accumulated, and 1 of 8: the same sequences a step, the same curve. Step 1's loss
+    agrees to 1e-6; after that AdamW's normalised update turns rounding-level gradient differences (other shapes,
+    other padding) into ~1e-4 of the loss, inside the tolerance."""
+    from transformers import AutoTokenizer
+
+    train, evaluation = _rows(tmp_path / "train.jsonl", 120, 0), _rows(tmp_path / "eval.jsonl", 24, 1)
+    collator = _pieces(fastpath.NO_PAD_MASK).collator(AutoTokenizer.from_pretrained(tiny_model_dir).pad_token_id)
+    accumulated, _, a = _run(tiny_model_dir, train, evaluation, collator, "sdpa", ours=True, batch=2, accum=4)
+    merged, _, b = _run(tiny_model_dir, train, evaluation, collator, "sdpa", ours=True, batch=8, accum=1)
+    _same(accumulated, merged, "2 x 4 accumulated vs 8 merged")
+    assert a.num_input_tokens_seen == b.num_input_tokens_seen > 0
+
+
+def test_micro_batching_merges_what_fits(tiny_model_dir, tiny_jsonl) -> None:
+    from lora_search.train import TrialParams, micro_batching
+
+    params = TrialParams(variant="lora", rank=4, alpha=8.0, targets="all-linear", lr=1e-3, dropout=0.0)
+    one = micro_batching(_trial_sweep(tiny_model_dir, tiny_jsonl), params, on_gpu=False)
+    assert (one.micro, one.accum, one.merge.active) == (8, 1, False) and "grad_accum=1" in one.merge.why
+
+    sweep = _trial_sweep(tiny_model_dir, tiny_jsonl, grad_accum=4)
+    merged = micro_batching(sweep, params, on_gpu=False)
+    assert (merged.micro, merged.accum) == (32, 1) and merged.merge.active and merged.keep_activations.active
+    assert "4 micro-batches of 8 a step run as 1 of 32" in merged.merge.why
+
+    # room for 8 x 96 tokens without checkpointing, not for 16: no merge, and the reason
+    from lora_search import plan
+
+    arch = plan.read_architecture(sweep.base)
+    at = [plan.trial_memory(sweep, arch, "lora", 4, "all-linear", False, b).total for b in (8, 16)]
+    limit = (at[0] + at[1]) / 2 / plan.USABLE_FRACTION / 2**30
+    tight = sweep.replace(resources=dataclasses.replace(sweep.resources, memory_limit_gb=limit))
+    kept = micro_batching(tight, params, on_gpu=False)
+    assert (kept.micro, kept.accum, kept.merge.active, kept.keep_activations.active) == (8, 4, False, True)
+    assert "a micro-batch of 16" in kept.merge.why and "exceeds" in kept.merge.why

@@ -27,6 +27,8 @@ from tests.test_multinode import ENV, three_nodes  # noqa: F401 - the fixture
 
 CLI = [sys.executable, "-m", "lora_search.cli"]
 PARAMS = ["variant", "rank", "alpha", "targets", "lr", "dropout"]
+MAX_STEPS = 30
+"""The killed-driver sweep's budget: rungs at 10 and 20, so its 4 trials end both pruned and completed."""
 
 
 def _sweep_file(tmp: Path, name: str, model: Path, data: Path, out: Path, **fields: str) -> Path:
@@ -37,8 +39,8 @@ def _sweep_file(tmp: Path, name: str, model: Path, data: Path, out: Path, **fiel
         "dataset": f"Dataset({str(data)!r}, eval_fraction=0.2, max_length=96)",
         "space": 'SearchSpace(ranks=(2, 4), targets=("attention", "all-linear"), variants=("lora", "dora"), '
         "lr=(1e-3, 1e-2))",
-        "budget": "Budget(max_steps=40, eval_every=5, grace_period=10, reduction_factor=2, batch_size=4)",
-        "num_samples": "6",
+        "budget": f"Budget(max_steps={MAX_STEPS}, eval_every=5, grace_period=10, reduction_factor=2, batch_size=4)",
+        "num_samples": "4",
         "max_concurrent_trials": "1",
         "seed": "0",
         "output_dir": repr(str(out)),
@@ -228,7 +230,7 @@ def test_driver_killed_three_times_resumes_to_the_uninterrupted_sweep(tiny_model
         trial_id = child.data.tags["lora_search.trial_id"]
         ray_status, step = truth[trial_id]
         assert ray_status == "TERMINATED", (trial_id, ray_status)
-        ours = "completed" if step >= 40 else "pruned"
+        ours = "completed" if step >= MAX_STEPS else "pruned"
         assert rows.loc[trial_id, "status"] == ours == child.data.tags["lora_search.status"]
         assert child.info.status == "FINISHED" and child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
         steps = sorted(m.step for m in client.get_metric_history(child.info.run_id, "eval_loss"))

@@ -54,10 +54,18 @@ def matmul_params(config) -> int:  # noqa: ANN001 - a transformers config
 
 
 def reference(
-    shape: str, rank: int, seq: int, bs: int, steps: int, warmup: int, profile: Path | None, mode: str = "eager"
+    shape: str,
+    rank: int,
+    seq: int,
+    bs: int,
+    steps: int,
+    warmup: int,
+    profile: Path | None,
+    mode: str = "eager",
+    accum: int = 1,
 ) -> dict:
     """HF PEFT: the loop of ../shared/device/peft_baseline.py; `mode` "liger" patches Liger's kernels in first (the
-    well-kept library alone, without lora_search's path)."""
+    well-kept library alone, without lora_search's path). `accum` micro-batches of `bs` an optimizer step."""
     import random_base
     import torch
     from peft import LoraConfig, get_peft_model
@@ -79,7 +87,8 @@ def reference(
     x = torch.randint(0, config.vocab_size, (bs, seq), device="cuda")
 
     def step() -> None:
-        model(input_ids=x, labels=x).loss.backward()
+        for _ in range(accum):
+            (model(input_ids=x, labels=x).loss / accum).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -91,7 +100,7 @@ def reference(
     for _ in range(steps):
         step()
     torch.cuda.synchronize()
-    tok_s = bs * seq * steps / (time.perf_counter() - t)
+    tok_s = bs * accum * seq * steps / (time.perf_counter() - t)
     if profile is not None:
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as torch_profile
@@ -127,8 +136,9 @@ def write_rows(path: Path, tokenizer, seq: int, n: int, seed: int) -> None:  # n
             f.write(json.dumps(row) + "\n")
 
 
-def ours(shape: str, rank: int, seq: int, bs: int, steps: int, work: Path) -> dict:
-    """One trial of lora_search's own path (Ray Tune + Ray Train + TRL + the trial's fast path)."""
+def ours(shape: str, rank: int, seq: int, bs: int, steps: int, work: Path, accum: int = 1) -> dict:
+    """One trial of lora_search's own path (Ray Tune + Ray Train + TRL + the trial's fast path), `bs` x `accum`
+    sequences an optimizer step as the reference's (the trial may merge the micro-batches: `micro_batching`)."""
     import pandas as pd
     import random_base
     import torch
@@ -138,12 +148,12 @@ def ours(shape: str, rank: int, seq: int, bs: int, steps: int, work: Path) -> di
 
     base_dir = random_base.build(shape, work / f"base_{shape}")
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    data = work / f"data_{seq}"
+    data = work / f"data_{seq}_{bs * accum}"
     data.mkdir(parents=True, exist_ok=True)
     if not (data / "train.jsonl").exists():
-        write_rows(data / "train.jsonl", tokenizer, seq, bs * (steps + 2), 0)
+        write_rows(data / "train.jsonl", tokenizer, seq, bs * accum * (steps + 2), 0)
         write_rows(data / "eval.jsonl", tokenizer, seq, bs, 1)
-    name = f"speed_{shape}_r{rank}"
+    name = f"speed_{shape}_r{rank}_bs{bs}x{accum}"
     # rank 0 of the trial writes a CUDA kernel profile of two steady steps (lora_search.train.PROFILE_ENV); the
     # steady tokens/s window starts after them. Ray's workers inherit this process's environment.
     os.environ["LORA_SEARCH_PROFILE_DIR"] = str(work / f"profile_{name}")
@@ -159,7 +169,7 @@ def ours(shape: str, rank: int, seq: int, bs: int, steps: int, work: Path) -> di
             lr=(5e-5, 2e-4),
             lr_grid_points=1,
         ),
-        budget=Budget(max_steps=steps, eval_every=steps, grace_period=steps, batch_size=bs),
+        budget=Budget(max_steps=steps, eval_every=steps, grace_period=steps, batch_size=bs, grad_accum=accum),
         resources=Resources(workers=1, gpus_per_worker=1 if torch.cuda.is_available() else 0, cpus_per_worker=2),
         search="grid",
         num_samples=1,
@@ -196,6 +206,7 @@ def main() -> None:
     parser.add_argument("--configs", default="8b:16,1b:16,8b:64", help="SHAPE:RANK pairs")
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--bs", type=int, default=2)
+    parser.add_argument("--accum", type=int, default=1, help="micro-batches of --bs an optimizer step")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--reference", action="store_true", help="run the HF PEFT reference alone, print JSON")
@@ -208,7 +219,9 @@ def main() -> None:
     if args.reference:
         profile = args.out / f"profile_{args.mode}_{args.shape}_r{args.rank}.txt" if args.profile else None
         args.out.mkdir(parents=True, exist_ok=True)
-        ref = reference(args.shape, args.rank, args.seq, args.bs, args.steps, args.warmup, profile, args.mode)
+        ref = reference(
+            args.shape, args.rank, args.seq, args.bs, args.steps, args.warmup, profile, args.mode, args.accum
+        )
         print(json.dumps(ref))
         return
 
@@ -236,13 +249,14 @@ def main() -> None:
             refs[mode] = run_reference(args, shape, rank, mode, profile=pair == first)
             print(f"[speed] {pair} HF PEFT {mode}: {json.dumps(refs[mode])[:400]}", flush=True)
         try:
-            mine = ours(shape, int(rank), args.seq, args.bs, args.steps, args.work)
+            mine = ours(shape, int(rank), args.seq, args.bs, args.steps, args.work, args.accum)
         except Exception as e:  # noqa: BLE001 - the table still shows the references and why ours has no figure
             mine = {"error": f"{type(e).__name__}: {e}"[:800]}
         profile = mine.pop("kernel_profile", None)
         if profile:
             (args.out / f"profile_lora_search_{shape}_r{rank}.txt").write_text(profile)
-        row = {"shape": shape, "rank": int(rank), "seq": args.seq, "bs": args.bs, "steps": args.steps}
+        row = {"shape": shape, "rank": int(rank), "seq": args.seq, "bs": args.bs, "accum": args.accum}
+        row["steps"] = args.steps
         row.update(reference=refs["eager"], reference_liger=refs.get("liger"), lora_search=mine)
         for key, ref in (("ratio", refs["eager"]), ("ratio_over_liger", refs.get("liger") or {})):
             row[key] = round(mine["tok_s"] / ref["tok_s"], 2) if ref.get("tok_s") and mine.get("tok_s") else None
@@ -253,7 +267,7 @@ def main() -> None:
     for r in rows:
         ref, lig, mine = r["reference"], r["reference_liger"] or {}, r["lora_search"]
         print(
-            f"{r['shape']} r{r['rank']} seq {r['seq']} bs {r['bs']}: HF PEFT {ref.get('tok_s')} "
+            f"{r['shape']} r{r['rank']} seq {r['seq']} bs {r['bs']} x accum {r['accum']}: HF PEFT {ref.get('tok_s')} "
             f"({ref.get('mfu_4n')}, {ref.get('peak_gib')}) | HF PEFT+Liger {lig.get('tok_s')} ({lig.get('mfu_4n')}, "
             f"{lig.get('peak_gib')}) | lora_search {mine.get('tok_s')} ({mine.get('mfu_4n')}, {mine.get('peak_gib')}) "
             f"| x{r['ratio']} (x{r['ratio_over_liger']} over Liger) | whole trial {mine.get('whole_trial_tok_s')} "
@@ -267,6 +281,7 @@ def run_reference(args: argparse.Namespace, shape: str, rank: str, mode: str, pr
     """The HF PEFT reference in a fresh process (Liger patches transformers' classes process-wide)."""
     cmd = [sys.executable, __file__, "--reference", "--mode", mode, "--shape", shape, "--rank", rank]
     cmd += ["--seq", str(args.seq), "--bs", str(args.bs), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    cmd += ["--accum", str(args.accum)]
     cmd += ["--out", str(args.out)] + (["--profile"] if profile else [])
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if done.returncode != 0:

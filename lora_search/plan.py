@@ -75,6 +75,13 @@ the 5*a*s/h attention-score term is 0 with SDPA/flash attention, which never mat
 block with LoRA under bf16 autocast measured 87 (Llama-3.1-70B widths, s=2048, b=1, H100): the SwiGLU MLP's
 3.5h-wide intermediates, RMSNorm's fp32 upcasts and the backward's gradient buffers come on top of the 34."""
 
+LIGER_BLOCK_FACTOR = 48
+"""`BLOCK_ACTIVATION_FACTOR` of a trial with Liger's kernels on (RMSNorm, SwiGLU and RoPE keep less for backward)
+and TRL's fused LM head (the loss scored in chunks: no s*b*vocab logits), without checkpointing: measured 45.8 on
+the Llama-3-8B shape (seq 2048, micro-batch 2, r16 on all 7 projections: 38.5 GiB peak on an H200, of which
+15.0 GiB weights and 0.6 GiB adapter state; benchmarks/speed_h200_2026-12-01.json), rounded up. Only the trial,
+which knows Liger is active on its worker, uses it (`lora_search.train.micro_batching`); the plan stays at 87."""
+
 CHECKPOINT_BYTES = 2
 """Bytes per token per hidden unit that gradient checkpointing keeps at each decoder-layer boundary (the bf16
 input of the layer)."""
@@ -296,7 +303,12 @@ def weight_bytes(arch: Architecture, dtype_bytes: int, quantized: bool) -> float
 
 
 def activation_bytes(
-    arch: Architecture, batch: int, seq: int, extra_in_block: float = 0, checkpointing: bool = True
+    arch: Architecture,
+    batch: int,
+    seq: int,
+    extra_in_block: float = 0,
+    checkpointing: bool = True,
+    liger: bool = False,
 ) -> float:
     """Peak bf16 activations of one worker's micro-batch (b sequences of s tokens) with gradient checkpointing:
 
@@ -309,8 +321,12 @@ def activation_bytes(
     Without checkpointing every block keeps its activations until backward reaches it, and the loss comes on top:
 
     87*s*b*h*layers + extra + 12*s*b*vocab
+
+    and with `liger` (Liger's kernels and TRL's fused LM head, as a trial runs them): 48*s*b*h*layers + extra.
     """
     sbh = seq * batch * arch.hidden
+    if liger and not checkpointing:  # measured as a whole, the fused head's chunks included (LIGER_BLOCK_FACTOR)
+        return LIGER_BLOCK_FACTOR * sbh * arch.num_layers + extra_in_block
     loss = LOGIT_BYTES * seq * batch * arch.vocab
     if not checkpointing:
         return BLOCK_ACTIVATION_FACTOR * sbh * arch.num_layers + extra_in_block + loss
@@ -338,9 +354,11 @@ def trial_memory(
     target: targets.Targets,
     checkpointing: bool = True,
     batch: int | None = None,
+    liger: bool = False,
 ) -> MemoryRow:
     """`memory_row` of one trial of `sweep`: `variant` x `rank` on `target` (a targets preset or names), at the
-    sweep's dtype, micro-batch (`budget.batch_size`, or `batch`), max_length, strategy and workers."""
+    sweep's dtype, micro-batch (`budget.batch_size`, or `batch`), max_length, strategy and workers; `liger`: the
+    trial runs Liger's kernels (`LIGER_BLOCK_FACTOR`)."""
     from lora_search.variants import VARIANTS
 
     names = set(targets.resolve(target, list(arch.linears)))
@@ -358,6 +376,7 @@ def trial_memory(
         strategy=r.strategy_for(variant),
         world=r.workers,
         checkpointing=checkpointing,
+        liger=liger,
     )
 
 
@@ -375,6 +394,7 @@ def memory_row(
     strategy: str,
     world: int,
     checkpointing: bool = True,
+    liger: bool = False,
 ) -> MemoryRow:
     """Per-GPU bytes of one trial worker. `world`: the trial's workers, over which a sharding strategy splits:
 
@@ -395,7 +415,7 @@ def memory_row(
     state_div = world if state_sharded else 1
     adapter = trainable * (ADAPTER_WEIGHT_BYTES / (world if base_sharded else 1) + ADAPTER_GRAD_BYTES / state_div)
     dora = dora_transient_bytes(layers) if kind == "dora" else 0
-    activations = activation_bytes(arch, batch, seq, dora, checkpointing=checkpointing)
+    activations = activation_bytes(arch, batch, seq, dora, checkpointing=checkpointing, liger=liger)
     return MemoryRow(
         variant, rank, targets_name, trainable, weights, adapter, trainable * ADAM_BYTES / state_div, activations
     )

@@ -150,7 +150,7 @@ class MicroBatching:
     merge: fastpath.Piece
 
 
-def micro_batching(sweep: Sweep, params: TrialParams, on_gpu: bool) -> MicroBatching:
+def micro_batching(sweep: Sweep, params: TrialParams, on_gpu: bool, liger: bool = False) -> MicroBatching:
     """The trial's micro-batch and gradient checkpointing, from the plan's memory estimate (`plan.trial_memory`)
     against what this worker holds: its share of the GPU (`gpus_per_worker` of the device's total) or, on CPU,
     `resources.memory_limit_gb` when set (host memory otherwise), of which `plan.USABLE_FRACTION` is counted.
@@ -159,7 +159,8 @@ def micro_batching(sweep: Sweep, params: TrialParams, on_gpu: bool) -> MicroBatc
     largest k dividing grad_accum that fits ("merge-micro-batches"): the same sequences per step and the same loss
     (the Trainer divides by the step's label tokens either way), with 1/k of the per-micro-batch CPU work. Without
     recompute ("keep-activations": `Budget.gradient_checkpointing` "off", or "auto" where even k=1 fits without it)
-    the merge is sized without checkpointing; with it, with checkpointing."""
+    the merge is sized without checkpointing; with it, with checkpointing. `liger`: the trial runs Liger's kernels,
+    which keep less (`plan.LIGER_BLOCK_FACTOR`)."""
     import torch
 
     from lora_search import plan
@@ -178,7 +179,9 @@ def micro_batching(sweep: Sweep, params: TrialParams, on_gpu: bool) -> MicroBatc
     usable = plan.USABLE_FRACTION * have
 
     def need(checkpointing: bool, k: int) -> float:
-        row = plan.trial_memory(sweep, arch, params.variant, params.rank, target, checkpointing, budget.batch_size * k)
+        row = plan.trial_memory(
+            sweep, arch, params.variant, params.rank, target, checkpointing, budget.batch_size * k, liger
+        )
         return row.total
 
     choice = budget.gradient_checkpointing
@@ -281,7 +284,7 @@ def train_loop(config: dict[str, Any]) -> None:
     # ZeRO-3 keeps tensors up to this size whole on every rank: the adapter's, never the base's
     adapter_numel = strategies.adapter_param_bound(model_config, params.rank) if strategy.deepspeed else 0
     path = fastpath.choose(on_gpu, model_config.model_type, sweep.base.attn_implementation)
-    batching = micro_batching(sweep, params, on_gpu)
+    batching = micro_batching(sweep, params, on_gpu, liger=path.active("liger"))
     path = path.with_piece(batching.keep_activations).with_piece(batching.merge)
     # Built before the model loads: under ZeRO-3 it makes from_pretrained partition the weights as they load, under
     # FSDP it makes ranks > 0 load none (`strategies.trainer_kwargs`).

@@ -17,6 +17,7 @@ MLflow (`fast_path`, tag `lora_search.fast_path`), so a slow trial says which pi
 - no-cudnn-sdpa: on GPU, SDPA's cuDNN backend is turned off in the trial's process (`CUDNN_WHY`).
 - no-pad-mask: padded batches go without their attention mask (`NO_PAD_MASK_WHY`), so SDPA runs causal flash.
 - few-syncs: per-step metrics stay on the device between log steps (`FEW_SYNCS_WHY`).
+- bf16-adapter-inputs: under bf16 autocast, LoRA layers take their input as it is (`BF16_INPUTS_WHY`).
 - keep-activations: gradient checkpointing off where the activations fit (`lora_search.train.micro_batching`).
 - merge-micro-batches: `budget.grad_accum` micro-batches run as fewer, larger ones where memory allows (the same
   sequences per optimizer step and the same loss: the Trainer normalises by the step's label tokens either way).
@@ -131,6 +132,23 @@ def collator_class() -> type:
     return Collator
 
 
+def bf16_inputs(autocast_bf16: bool) -> Piece:
+    """The `BF16_INPUTS` piece of a trial: on where it trains under bf16 autocast (the GPU trials with bf16)."""
+    if not autocast_bf16:
+        return Piece(BF16_INPUTS, False, "no bf16 autocast: inputs already match the adapter's dtype or need the cast")
+    return Piece(BF16_INPUTS, True, BF16_INPUTS_WHY)
+
+
+def keep_input_dtype(model: Any) -> int:
+    """Turn PEFT's input cast off in the plain LoRA layers of `model` (`BF16_INPUTS_WHY`); returns how many."""
+    from peft.tuners.lora.layer import Linear
+
+    layers = [m for m in model.modules() if type(m) is Linear and not m.lora_variant]
+    for layer in layers:
+        layer.cast_input_dtype_enabled = False
+    return len(layers)
+
+
 def _liger_models() -> frozenset[str]:
     try:
         from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
@@ -194,6 +212,16 @@ Trainer its tokens seen and a NaN check: each a device sync that stops the CPU q
 trial's trainer (`lora_search.train._Trainer`) sums them on the device, reads them at log steps, and counts tokens
 from the collator's CPU count (`REAL_TOKENS`). The Trainer's NaN filter is off: a NaN loss is not averaged away
 but shows in the logged loss, and the trial ends as diverged."""
+
+BF16_INPUTS = "bf16-adapter-inputs"
+BF16_INPUTS_WHY = "LoRA layers skip PEFT's fp32 copy of their input, which autocast cast straight back to bf16"
+"""Why a plain LoRA layer under bf16 autocast keeps its input's dtype. PEFT keeps the adapter's weights in fp32
+(`autocast_adapter_dtype`) and casts each layer's input to their dtype before `lora_B(lora_A(x))`; autocast then
+casts it back to bf16 for the matrix product. On an 8B step of 8 x 2048 tokens these copies of every targeted
+layer's input, and their gradients' copies in backward, took 180 ms of the 1,140 ms GPU step (H200 profile,
+benchmarks/NOTES.md). The round trip bf16 -> fp32 -> bf16 is exact, so the products, the loss and the adapter's
+fp32 gradients are the same without it (`tests/test_fastpath.py`). Layers with a variant forward (DoRA) or
+another class (QLoRA's 4-bit layers) keep PEFT's cast."""
 
 KEEP_ACTIVATIONS = "keep-activations"
 """The piece for gradient checkpointing off (no recompute); `lora_search.train.micro_batching` decides it."""

@@ -364,3 +364,50 @@ def test_micro_batching_merges_what_fits(tiny_model_dir, tiny_jsonl) -> None:
     kept = micro_batching(tight, params, on_gpu=False)
     assert (kept.micro, kept.accum, kept.merge.active, kept.keep_activations.active) == (8, 4, False, True)
     assert "a micro-batch of 16" in kept.merge.why and "exceeds" in kept.merge.why
+
+
+def test_adapter_inputs_stay_bf16_under_autocast_with_the_same_loss_and_gradients(tiny_model_dir: Path) -> None:
+    """A bf16 base with fp32 LoRA weights under bf16 autocast (a GPU trial's setting, here on the CPU's autocast):
+    without PEFT's fp32 copy of each layer's input the loss and every adapter gradient are the same, DoRA's
+    layers keep the cast, and off autocast the piece says why it is off."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    seen: list[torch.dtype] = []  # the dtype each run's first lora_A layer is given
+
+    def run(config: LoraConfig, keep: bool) -> tuple[float, dict[str, torch.Tensor], int]:
+        torch.manual_seed(0)
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+        model = get_peft_model(base, config)
+        for name, param in model.named_parameters():
+            if "lora_B" in name:  # a trained adapter: B != 0, so the inputs' path reaches the loss
+                torch.nn.init.normal_(param, std=0.02)
+        kept = fastpath.keep_input_dtype(model) if keep else 0
+        first = next(m for n, m in model.named_modules() if n.endswith("lora_A.default"))
+        first.register_forward_pre_hook(lambda _m, args: seen.append(args[0].dtype))
+        x = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(1))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        loss = loss.detach()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if p.requires_grad)
+        return float(loss), grads, kept
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
+    cast_loss, cast_grads, _ = run(lora, keep=False)
+    kept_loss, kept_grads, kept = run(lora, keep=True)
+    assert kept == 2 * 7  # 2 layers x 7 projections
+    assert seen == [torch.float32, torch.bfloat16]  # PEFT's cast, then none
+    assert kept_loss == cast_loss
+    for name, grad in cast_grads.items():
+        assert grad.abs().max() > 0, name
+        torch.testing.assert_close(kept_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+    dora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0, use_dora=True)
+    assert run(dora, keep=True)[2] == 0 and seen[-1] == torch.float32
+
+    assert fastpath.bf16_inputs(True).active
+    off = fastpath.bf16_inputs(False)
+    assert not off.active and "no bf16 autocast" in off.why

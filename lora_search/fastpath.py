@@ -18,6 +18,7 @@ MLflow (`fast_path`, tag `lora_search.fast_path`), so a slow trial says which pi
 - no-pad-mask: padded batches go without their attention mask (`NO_PAD_MASK_WHY`), so SDPA runs causal flash.
 - few-syncs: per-step metrics stay on the device between log steps (`FEW_SYNCS_WHY`).
 - bf16-adapter-inputs: under bf16 autocast, LoRA layers take their input as it is (`BF16_INPUTS_WHY`).
+- fused-lora-add: a plain LoRA layer adds its update inside the matrix product (`FUSED_ADD_WHY`).
 - keep-activations: gradient checkpointing off where the activations fit (`lora_search.train.micro_batching`).
 - merge-micro-batches: `budget.grad_accum` micro-batches run as fewer, larger ones where memory allows (the same
   sequences per optimizer step and the same loss: the Trainer normalises by the step's label tokens either way).
@@ -149,6 +150,53 @@ def keep_input_dtype(model: Any) -> int:
     return len(layers)
 
 
+def fused_add(strategy: str, autocast_bf16: bool, base_fp32: bool) -> Piece:
+    """The `FUSED_ADD` piece of a trial: DDP, and a bf16 autocast run or an all-fp32 one (the dtypes addmm needs)."""
+    if strategy != "ddp":
+        return Piece(FUSED_ADD, False, f"{strategy} gathers weights around PEFT's own layer calls")
+    if not (autocast_bf16 or base_fp32):
+        return Piece(FUSED_ADD, False, "neither bf16 autocast nor an fp32 base: PEFT's mixed-dtype add")
+    return Piece(FUSED_ADD, True, FUSED_ADD_WHY)
+
+
+def fuse_lora_add(model: Any) -> int:
+    """Give the plain LoRA layers of `model` the fused forward (`FUSED_ADD_WHY`); returns how many."""
+    import types
+
+    from peft.tuners.lora.layer import Linear
+
+    layers = [m for m in model.modules() if type(m) is Linear and not m.lora_variant]
+    for layer in layers:
+        layer.forward = types.MethodType(_fused_lora_forward, layer)
+    return len(layers)
+
+
+def _fused_lora_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+    import torch
+
+    names = self.active_adapters
+    name = names[0] if len(names) == 1 else None
+    if (
+        args
+        or kwargs
+        or self.disable_adapters
+        or self.merged
+        or name not in self.lora_A
+        or name in self.lora_variant
+        or self.lora_B[name].bias is not None
+    ):
+        return type(self).forward(self, x, *args, **kwargs)  # PEFT's own: merged, mixed, biased, several adapters
+    result = self.base_layer(x)
+    lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+    h = lora_a(self.lora_dropout[name](self._cast_input_dtype(x, lora_a.weight.dtype))) * self.scaling[name]
+    out = torch.addmm(
+        result.reshape(-1, result.shape[-1]),
+        h.reshape(-1, h.shape[-1]).to(result.dtype),
+        lora_b.weight.t().to(result.dtype),
+    )
+    return out.view(result.shape)
+
+
 def _liger_models() -> frozenset[str]:
     try:
         from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
@@ -222,6 +270,16 @@ layer's input, and their gradients' copies in backward, took 180 ms of the 1,140
 benchmarks/NOTES.md). The round trip bf16 -> fp32 -> bf16 is exact, so the products, the loss and the adapter's
 fp32 gradients are the same without it (`tests/test_fastpath.py`). Layers with a variant forward (DoRA) or
 another class (QLoRA's 4-bit layers) keep PEFT's cast."""
+
+FUSED_ADD = "fused-lora-add"
+FUSED_ADD_WHY = "result + (scaling * A(x)) @ B^T as one addmm: no output-sized multiply or add"
+"""Why plain LoRA layers run their own forward. PEFT computes `result + lora_B(lora_A(x)) * scaling`: a multiply and
+an add over the layer's whole output (tokens x out_features, 14,336 wide for Llama's MLP) in forward, and the
+multiply's gradient in backward, about 100 ms of a 960 ms 8B step (H200 profile, benchmarks/NOTES.md). Scaling
+the rank-r intermediate instead and letting the second product accumulate into the base output (`torch.addmm`, the
+GEMM's own beta=1 epilogue) does the same arithmetic with neither pass (`tests/test_fastpath.py` checks outputs and
+gradients). Only DDP trials: a layer that shards or gathers its weights around its submodules' own calls
+(DeepSpeed ZeRO-3, FSDP) keeps PEFT's forward, as do variant layers (DoRA) and QLoRA's 4-bit layers."""
 
 KEEP_ACTIVATIONS = "keep-activations"
 """The piece for gradient checkpointing off (no recompute); `lora_search.train.micro_batching` decides it."""

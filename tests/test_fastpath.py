@@ -411,3 +411,52 @@ def test_adapter_inputs_stay_bf16_under_autocast_with_the_same_loss_and_gradient
     assert fastpath.bf16_inputs(True).active
     off = fastpath.bf16_inputs(False)
     assert not off.active and "no bf16 autocast" in off.why
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16-autocast"])
+def test_fused_lora_add_gives_peft_outputs_and_gradients(tiny_model_dir: Path, precision: str) -> None:
+    """The fused forward (scaling on the rank-r intermediate, the update accumulated by addmm) against PEFT's own,
+    with dropout off: the same logits and adapter gradients, in fp32 (to 1e-5) and under bf16 autocast (to bf16
+    rounding); merged or disabled adapters fall back to PEFT's forward."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+
+    def run(fused: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor], object]:
+        torch.manual_seed(0)
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=dtype)
+        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0))
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.05)
+        if fused:
+            assert fastpath.fuse_lora_add(model) == 2 * 7
+        x = torch.randint(0, 300, (3, 24), generator=torch.Generator().manual_seed(2))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "fp32"):
+            out = model(input_ids=x, labels=x)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return out.logits.detach().float(), grads, (model, x)
+
+    peft_logits, peft_grads, _ = run(fused=False)
+    fused_logits, fused_grads, (model, x) = run(fused=True)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if precision == "fp32" else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(fused_logits, peft_logits, **tol)
+    for name, grad in peft_grads.items():
+        assert grad.abs().max() > 0, name
+        torch.testing.assert_close(fused_grads[name].float(), grad.float(), **tol, msg=name)
+
+    # PEFT's forward where the fused one does not apply: adapters off give the base alone, merged the same logits
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "fp32"):
+        with model.disable_adapter():
+            base_logits = model(input_ids=x).logits.float()
+        model.merge_adapter()
+        merged_logits = model(input_ids=x).logits.float()
+    assert (base_logits - fused_logits).abs().max() > 1e-3  # the adapter changes the output...
+    torch.testing.assert_close(merged_logits, fused_logits, **{**tol, "atol": max(tol["atol"], 1e-4)})
+
+    assert fastpath.fused_add("ddp", True, False).active and fastpath.fused_add("ddp", False, True).active
+    assert "gathers weights" in fastpath.fused_add("deepspeed-zero3", True, False).why
+    assert not fastpath.fused_add("ddp", False, False).active

@@ -240,8 +240,10 @@ class Budget:
     reduction_factor: int = 3
     """ASHA keeps the best 1/factor of trials at each rung: 3 prunes about 2/3 at the first rung."""
     batch_size: int = 8
-    """Sequences per optimizer step per worker."""
+    """Sequences per micro-batch (one forward/backward) per worker."""
     grad_accum: int = 1
+    """Micro-batches per optimizer step: a step sees batch_size x grad_accum sequences per worker. A trial runs them
+    as fewer, larger micro-batches where its memory allows (`lora_search.train.micro_batching`), with the same loss."""
     warmup_steps: int = 0
     optimizer: str = "auto"
     """A Transformers `optim` name for the adapter's optimizer. "auto": paged 8-bit AdamW for 4-bit variants on

@@ -29,9 +29,9 @@ sum(len_i^2): 8 rows of 1,000 tokens pay 8x the attention. It turns on with `att
 kernel.
 
 Not here yet, with why: torch.compile (a 96 s compile warm-up on an 8B H100 run for 1.1x over Liger; it pays only
-on long trials, and that threshold is not measured yet); fused LoRA projections (not profiled yet on the trial
-path). Sequence packing across examples (`packing=True`) is not used: it changes how many examples a step sees, and
-so what ASHA's step budget means.
+on long trials, and that threshold is not measured yet); one kernel for q/k/v and gate/up (the 8B step's matrix
+products already run at 71% of the GPU's peak; benchmarks/NOTES.md). Sequence packing across examples
+(`packing=True`) is not used: it changes how many examples a step sees, and so what ASHA's step budget means.
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-COLD_START = ("startup_s", "load_s", "prepare_s", "base_eval_s")  # lora_search.results.TrialRecord's parts
+COLD_START = ("startup_s", "imports_s", "load_s", "prepare_s", "base_eval_s")  # lora_search.results.TrialRecord's parts
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, by device name
 
 

@@ -144,6 +144,9 @@ class TrialRecord:
     checkpoints left out: the figure to compare training paths by (NaN for a trial too short to have one)."""
     startup_s: float = 0.0
     """Cold start, part 1: the trial's Ray Train worker group starting and importing, until its worker runs."""
+    imports_s: float = 0.0
+    """Of `startup_s`, the worker's imports of the training stack (torch, transformers, TRL, PEFT); the rest is Ray
+    Train starting the worker group (controller, placement, process, torch.distributed)."""
     load_s: float = 0.0
     """Part 2: loading the base, attaching the adapter, reading the data."""
     prepare_s: float = 0.0
@@ -242,7 +245,7 @@ def record(
         strategy=str(last.get("strategy") or sweep.resources.strategy_for(params["variant"])),
         fast_path=str(last.get("fast_path") or ""),
         steady_tokens_per_s=float(last.get("steady_tokens_per_s", nan)),
-        **{k: float(last.get(k, 0.0)) for k in ("startup_s", "load_s", "prepare_s", "base_eval_s")},
+        **{k: float(last.get(k, 0.0)) for k in ("startup_s", "imports_s", "load_s", "prepare_s", "base_eval_s")},
         train_cost=priced.train_cost,
         eval_cost=priced.eval_cost,
         cost=priced.cost,

@@ -251,6 +251,8 @@ def train_loop(config: dict[str, Any]) -> None:
     # start (placement, process, torch.distributed) and its imports. A run retried after a lost worker counts from
     # its first attempt (`trial.run_trial` sets tune_run_start once).
     startup_s = max(0.0, time.time() - float(config["tune_run_start"]))
+    # ...of which the worker's imports (torch, transformers, TRL, PEFT): what a worker kept across trials would save
+    imports_s = max(0.0, time.time() - float(config.get("imports_start", time.time())))
 
     torch.manual_seed(sweep.seed)
     on_gpu = torch.cuda.is_available() and sweep.resources.gpus_per_worker > 0
@@ -365,7 +367,7 @@ def train_loop(config: dict[str, Any]) -> None:
     reporter.resumable, reporter.tracker, reporter.progress = resumable, tracker, progress
     reporter.run_dir, reporter.reports_log = run_dir, reports_log
     reporter.throughput.name = Path(config["progress_file"]).stem  # trial_<id>
-    reporter.startup_s = startup_s
+    reporter.startup_s, reporter.imports_s = startup_s, imports_s
     reporter.trainer_built = time.perf_counter()
     if restored:
         reporter.base_eval_loss = float(earlier["base_eval_loss"])
@@ -633,7 +635,7 @@ class _Reporter(TrainerCallback):
         # Cold start, in order: the worker group's start and imports (startup_s), base + adapter + data (load_s), the
         # Trainer's construction, dataset tokenisation included, and its prepare (prepare_s), the step-0 eval of the
         # base (base_eval_s). A resumed trial reports its own attempt's figures.
-        self.startup_s = self.prepare_s = self.base_eval_s = 0.0
+        self.startup_s = self.imports_s = self.prepare_s = self.base_eval_s = 0.0
         self.trainer_built = 0.0
         self.run_dir = Path()
         self.reports_log = Path()
@@ -702,6 +704,7 @@ class _Reporter(TrainerCallback):
             "load_s": self.load_s,
             # the rest of the cold start: see `_Reporter.startup_s`, `prepare_s`, `base_eval_s`
             "startup_s": self.startup_s,
+            "imports_s": self.imports_s,
             "prepare_s": self.prepare_s,
             "base_eval_s": self.base_eval_s,
             # device-seconds: what a cloud bill counts (devices held x time), summed over the trial's workers

@@ -118,6 +118,7 @@ def lost_workers(error: BaseException) -> bool:
 
 def _train_worker(config: dict[str, Any]) -> None:
     # Imported here, on the worker: the trial process itself never loads transformers/TRL (seconds per trial).
+    imports_start = time.time()
     from lora_search.train import train_loop
 
-    train_loop(config)
+    train_loop({**config, "imports_start": imports_start})

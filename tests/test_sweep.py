@@ -62,6 +62,7 @@ def test_small_sweep_end_to_end(tiny_model_dir, tiny_jsonl, tmp_path) -> None:
         # the cold start's parts, each measured: worker start + imports, load, Trainer build, step-0 eval
         assert 0 < row.startup_s and 0 < row.load_s and 0 < row.prepare_s and 0 < row.base_eval_s
         assert row.startup_s + row.load_s + row.prepare_s + row.base_eval_s + row.train_s < row.trial_s
+        assert 0 < row.imports_s < row.startup_s  # the worker's imports, within its start
         assert row.eval_loss == row.eval_loss  # not NaN
         if row.status == "completed":
             assert row.step == 20

@@ -92,6 +92,13 @@ class FastPath:
 
             torch.backends.cuda.enable_cudnn_sdp(False)
 
+    def prepare_model(self, model: Any) -> None:
+        """Per-layer changes of the active pieces, made on the trial's PEFT model before training."""
+        if self.active(BF16_INPUTS):
+            keep_input_dtype(model)
+        if self.active(FUSED_ADD):
+            fuse_lora_add(model)
+
     def trainer_args(self) -> dict[str, Any]:
         """`SFTConfig` arguments for the active pieces."""
         return {"use_liger_kernel": True} if self.active("liger") else {}
@@ -140,11 +147,17 @@ def bf16_inputs(autocast_bf16: bool) -> Piece:
     return Piece(BF16_INPUTS, True, BF16_INPUTS_WHY)
 
 
-def keep_input_dtype(model: Any) -> int:
-    """Turn PEFT's input cast off in the plain LoRA layers of `model` (`BF16_INPUTS_WHY`); returns how many."""
+def plain_lora_layers(model: Any) -> list[Any]:
+    """PEFT's LoRA `Linear` layers of `model` that run its vanilla forward: no variant (DoRA), not a subclass (QLoRA's
+    4-bit layers)."""
     from peft.tuners.lora.layer import Linear
 
-    layers = [m for m in model.modules() if type(m) is Linear and not m.lora_variant]
+    return [m for m in model.modules() if type(m) is Linear and not m.lora_variant]
+
+
+def keep_input_dtype(model: Any) -> int:
+    """Turn PEFT's input cast off in the plain LoRA layers of `model` (`BF16_INPUTS_WHY`); returns how many."""
+    layers = plain_lora_layers(model)
     for layer in layers:
         layer.cast_input_dtype_enabled = False
     return len(layers)
@@ -163,9 +176,7 @@ def fuse_lora_add(model: Any) -> int:
     """Give the plain LoRA layers of `model` the fused forward (`FUSED_ADD_WHY`); returns how many."""
     import types
 
-    from peft.tuners.lora.layer import Linear
-
-    layers = [m for m in model.modules() if type(m) is Linear and not m.lora_variant]
+    layers = plain_lora_layers(model)
     for layer in layers:
         layer.forward = types.MethodType(_fused_lora_forward, layer)
     return len(layers)

@@ -337,13 +337,10 @@ def train_loop(config: dict[str, Any]) -> None:
     adapter = build_adapter(model, params, budget.max_steps)
     init_dir = work / "init_adapter"
     model = variants.attach(model, adapter, init_dir)
-    path = path.with_piece(fastpath.bf16_inputs(args.bf16))
-    if path.active(fastpath.BF16_INPUTS):
-        fastpath.keep_input_dtype(model)
     base_fp32 = model.get_base_model().dtype == torch.float32
+    path = path.with_piece(fastpath.bf16_inputs(args.bf16))
     path = path.with_piece(fastpath.fused_add(strategy.name, args.bf16, base_fp32))
-    if path.active(fastpath.FUSED_ADD):
-        fastpath.fuse_lora_add(model)
+    path.prepare_model(model)
     n_trainable = trainable_parameters(model)
     train_ds, eval_ds = data.load(sweep.dataset, sweep.seed)
     load_s = time.perf_counter() - start

@@ -332,6 +332,12 @@ class Resources:
     strategy_by_variant: dict[str, str] = field(default_factory=dict)
     """Per-variant overrides, e.g. {"qlora": "ddp"} beside strategy="fsdp": an NF4 70B base fits one GPU, so
     its trials skip the sharding traffic."""
+    reuse_workers: bool = True
+    """One-worker DDP trials (every variant's strategy "ddp", `workers=1`) train in their Tune trial process, and
+    Tune hands that process on to the next trial (`reuse_actors`): its imports, CUDA context and the loaded base
+    model (`lora_search.basemodel.BaseCache`) carry over, where a Ray Train worker group would start, import and
+    load again for every trial. It is still a Ray Train run (TorchTrainer's one-process local mode); a lost
+    process trains on from its last checkpoint as a lost worker does. False: every trial starts its own worker."""
 
     def strategy_for(self, variant: str) -> str:
         return self.strategy_by_variant.get(variant, self.strategy)

@@ -39,7 +39,7 @@ from ray.tune import Callback
 
 from lora_search import cost, pareto, preflight, registry, results, resume, space, tracking
 from lora_search.config import ConfigError, Problem, Sweep
-from lora_search.trial import DRIVER_RESOURCES, run_trial
+from lora_search.trial import FAILED_FILE, max_failures, run_trial, trial_resources, warm
 
 WORKER_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
@@ -127,6 +127,8 @@ class _Session:
         too, but without this event."""
         self.unfinished: list[tuple[str, dict[str, Any]]] = []
         self.interrupted = False
+        self.refailing: set[str] = set()
+        """Warm trials whose training raised, started once more by Tune's retry to end with the same error."""
 
     def say(self, text: str) -> None:
         print(f"[{time.monotonic() - self.start:6.0f}s] {text}", flush=True)
@@ -139,7 +141,7 @@ class _Events(Callback):
     """One progress line per trial event, and live MLflow logging. Holds no state (see `_Session`)."""
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        if (s := _SESSION) is None:
+        if (s := _SESSION) is None or trial.trial_id in s.refailing:
             return
         s.started += 1
         p = space.trial_params(trial.config)
@@ -171,6 +173,18 @@ class _Events(Callback):
         s.say(f"trial {trial.trial_id} {how}")
         if s.tracker:
             s.tracker.trial_ended(trial.trial_id, trial.config, status, int(last.get("step", 0)))
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        """Tune retries a warm trial (`trial.max_failures`): one that lost its process trains on from its newest
+        checkpoint; one whose training raised left its error (`trial.FAILED_FILE`), raises it again at once on this
+        start, and is retried no more."""
+        if (s := _SESSION) is None:
+            return
+        if (sweep_dir(s.sweep) / "ray" / "train" / f"trial_{trial.trial_id}" / FAILED_FILE).is_file():
+            trial.max_failures = 0
+            s.refailing.add(trial.trial_id)
+            return
+        s.say(f"trial {trial.trial_id} lost its process; it trains on from its newest checkpoint")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         if (s := _SESSION) is None:
@@ -370,7 +384,7 @@ def run(
     storage.mkdir(exist_ok=True)
     asha_state = storage / "asha_state.json"
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, sweep=sweep, storage_path=str(storage)), DRIVER_RESOURCES
+        tune.with_parameters(run_trial, sweep=sweep, storage_path=str(storage)), trial_resources(sweep)
     )
     session = _Session(sweep, tracker)
     if tune.Tuner.can_restore(str(experiment)):
@@ -401,12 +415,13 @@ def run(
                 max_concurrent_trials=n_concurrent,
                 trial_name_creator=lambda t: f"trial_{t.trial_id}",
                 trial_dirname_creator=lambda t: f"trial_{t.trial_id}",
+                reuse_actors=warm(sweep),  # a warm trial's process, imports and base go on to the next
             ),
             run_config=tune.RunConfig(
                 name=sweep.name,
                 storage_path=str(storage),
                 callbacks=[_Events()],
-                failure_config=tune.FailureConfig(max_failures=0),
+                failure_config=tune.FailureConfig(max_failures=max_failures(sweep)),
                 verbose=0,
             ),
         )

@@ -1,4 +1,4 @@
-"""Per-worker LoRA training: what every Ray Train worker of a trial runs.
+"""Per-worker LoRA training: what every Ray Train worker of a trial runs (or a warm trial's own process).
 
 Loads the base model and tokenizer, attaches the trial's adapter (`lora_search.variants`), trains with
 TRL's SFTTrainer (completion-only loss on prompt/completion data), and at every `budget.eval_every`
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from transformers import PrinterCallback, TrainerCallback
 from trl import SFTTrainer
 
-from lora_search import data, fastpath, results, resume, strategies, targets, variants
+from lora_search import data, fastpath, results, resume, strategies, targets, trial, variants
 from lora_search.config import BaseModel, Sweep
 from lora_search.probe import PROBE_FILE, probe_batch, save_probe
 from lora_search.results import GOLDEN_PREFIX
@@ -231,6 +231,16 @@ def worker_nodes() -> str:
     return ",".join(sorted({str(n) for n in nodes}))
 
 
+class _OneProcess:
+    """The world of a trial that trains in its own Tune process (`trial.warm`): rank 0 of 1."""
+
+    def get_world_rank(self) -> int:
+        return 0
+
+    def get_world_size(self) -> int:
+        return 1
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train worker entry point. `config` holds the Sweep and the trial's sampled params."""
     import ray.train
@@ -241,7 +251,8 @@ def train_loop(config: dict[str, Any]) -> None:
     sweep: Sweep = config["sweep"]
     params = TrialParams.from_config(config)
     budget = sweep.budget
-    context = ray.train.get_context()
+    warm = bool(config.get("warm"))  # training in the Tune trial process, as rank 0 of 1 (`trial.warm`)
+    context = _OneProcess() if warm else ray.train.get_context()
     rank0 = context.get_world_rank() == 0
     variant = VARIANTS[params.variant]
     strategy = STRATEGIES[sweep.resources.strategy_for(params.variant)]
@@ -261,7 +272,7 @@ def train_loop(config: dict[str, Any]) -> None:
     # they restart from step 0. DDP resumes from the newest checkpoint Ray Train restored, if any.
     resumable = strategy.name == "ddp"
     run_dir = Path(config["run_dir"])
-    registered = ray.train.get_checkpoint() if resumable else None
+    registered = ray.train.get_checkpoint() if resumable and not warm else None
     found = resume.candidates(run_dir, registered.path if registered is not None else None) if resumable else []
     restored, source = _restored(found, work)
     earlier = resume.checkpoint_report(restored) if restored else {}
@@ -276,7 +287,7 @@ def train_loop(config: dict[str, Any]) -> None:
             again.update(_progress_fields(progress), replayed=True)
             if again["step"] == earlier["step"]:
                 again["checkpoint_path"] = source
-            ray.train.report(again)
+            trial.report(again, None, "", run_dir, warm)
         if earlier["step"] >= budget.max_steps:
             shutil.rmtree(work, ignore_errors=True)
             return
@@ -362,7 +373,7 @@ def train_loop(config: dict[str, Any]) -> None:
     reporter.fast_path = path.summary()
     reporter.gpu_in_use_at_start = gpu_in_use_at_start
     reporter.resumable, reporter.tracker, reporter.progress = resumable, tracker, progress
-    reporter.run_dir, reporter.reports_log = run_dir, reports_log
+    reporter.run_dir, reporter.reports_log, reporter.warm = run_dir, reports_log, warm
     reporter.throughput.name = Path(config["progress_file"]).stem  # trial_<id>
     reporter.startup_s, reporter.imports_s = startup_s, imports_s
     reporter.trainer_built = time.perf_counter()
@@ -623,6 +634,7 @@ class _Reporter(TrainerCallback):
         self.train_start = 0.0
         self.last_train_loss = float("nan")
         self.resumable = False
+        self.warm = False
         self.tracker: resume.Tracker | None = None
         self.progress: resume.Progress | None = None
         self.earlier_train_s = 0.0
@@ -748,20 +760,18 @@ class _Reporter(TrainerCallback):
         self._report()
 
     def _report(self) -> None:
-        """Report the pending step to Ray Train (every rank takes part), with rank 0's checkpoint."""
-        import ray.train
-
+        """Report the pending step (every rank takes part), with rank 0's checkpoint (`trial.report`)."""
         assert self.pending is not None
         (report, out), self.pending = self.pending, None
         checkpoint = None
         if self.rank0 and out is not None:
             (out / resume.REPORT_FILE).write_text(json.dumps(resume.json_safe(report)))
-            checkpoint = ray.train.Checkpoint.from_directory(str(out))
+            checkpoint = out
             if self.resumable:  # before the upload: every checkpoint a restart may resume from has its line
                 with self.reports_log.open("a") as f:
                     f.write(json.dumps(resume.json_safe(report)) + "\n")
         name = f"step_{report['step']:06d}"
-        ray.train.report(report, checkpoint=checkpoint, checkpoint_dir_name=name)
+        trial.report(report, checkpoint, name, self.run_dir, self.warm)
         if checkpoint is not None and self.resumable:
             (self.run_dir / name / resume.UPLOADED_FILE).touch()  # report() uploaded it (synchronously)
         if out is not None:

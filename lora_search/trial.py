@@ -8,10 +8,21 @@ devices. A failing training run raises here, which Tune records as this trial's 
 A trial that lost a worker process or a whole node trains on from its last adapter checkpoint: the same Ray Train
 run is fitted again (Ray restores its checkpoints; lora_search.resume), up to `WORKER_LOSSES` times. Errors of
 the training itself (failed, diverged, infeasible) are not retried: they would fail again the same way.
+
+Warm trials (`warm`: one-worker DDP sweeps, `Resources.reuse_workers`) skip the worker group: the Tune trial
+process holds the trial's devices and runs the same `train_loop` itself, as rank 0 of 1, and Tune reuses the
+process for the next trial. (Ray Train starts a new worker group for every run and cannot keep one; its one-process
+local mode refuses to run inside Tune.) Its reports go to Tune directly (`report`), with checkpoints kept in the
+same run dir, under the same names, as Ray Train keeps them. A lost trial process is Tune's to retry
+(`max_failures`), and the retry trains on from the newest checkpoint; a retry of a trial whose training raised
+raises that error again (`FAILED_FILE`) instead of training a second time.
 """
 
 from __future__ import annotations
 
+import os
+import pickle
+import shutil
 import time
 import uuid
 from pathlib import Path
@@ -32,6 +43,31 @@ KEEP_CHECKPOINTS = 3
 """Checkpoints a trial's Ray Train run keeps. Tune may stop a pruned trial on a result its run is up to two reports
 past (one waits in the queue to Tune, one in the report callback that feeds it), so keeping 3 keeps the checkpoint
 of the result Tune stopped on (`results.newest_checkpoint` covers a run that got further still)."""
+
+
+FAILED_FILE = ".failed.pkl"
+"""In a warm trial's run dir: the error its training raised (pickled), so that Tune's retry, meant for a lost
+process, raises it again at once."""
+
+
+def warm(sweep: Sweep) -> bool:
+    """Whether the sweep's trials train in their (reused) Tune trial process: one worker, DDP for every variant."""
+    r = sweep.resources
+    return r.reuse_workers and r.workers == 1 and all(r.strategy_for(v) == "ddp" for v in sweep.space.variants)
+
+
+def trial_resources(sweep: Sweep) -> dict[str, float]:
+    """What Tune reserves for one trial's own process: the worker's devices when it trains there (`warm`)."""
+    if not warm(sweep):
+        return DRIVER_RESOURCES
+    r = sweep.resources
+    return {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.gpus_per_worker > 0 else {})}
+
+
+def max_failures(sweep: Sweep) -> int:
+    """Tune's retries of a trial: a warm trial's process is its worker, so Tune retries a lost one; other trials
+    retry lost workers themselves (`run_trial`), and Tune never retries a trial that raised."""
+    return WORKER_LOSSES if warm(sweep) else 0
 
 
 def scaling_config(sweep: Sweep) -> Any:
@@ -74,6 +110,9 @@ def run_trial(config: dict[str, Any], sweep: Sweep, storage_path: str) -> None:
         "tune_run": uuid.uuid4().hex,
         "tune_run_start": time.time(),
     }
+    if warm(sweep):
+        _fit_here(loop_config, run_dir)
+        return
     for losses in range(WORKER_LOSSES + 1):
         trainer = TorchTrainer(
             _train_worker,
@@ -96,6 +135,74 @@ def run_trial(config: dict[str, Any], sweep: Sweep, storage_path: str) -> None:
             if losses == WORKER_LOSSES or not lost_workers(e):
                 raise
             print(f"trial {trial_id} lost a worker ({e!s:.300}); training on from its last checkpoint", flush=True)
+
+
+def _fit_here(loop_config: dict[str, Any], run_dir: Path) -> None:
+    """Train in this process: a warm trial. Its error is kept for Tune's retry to raise."""
+    failed = run_dir / FAILED_FILE
+    if failed.is_file():
+        raise _unpickled(failed)
+    # Tune hands this process to the next trial once the training thread of a stopped (pruned) one has unwound
+    # (by default it waits 2 s, then starts a new process instead).
+    os.environ["TUNE_FUNCTION_THREAD_TIMEOUT_S"] = "60"
+    try:
+        _train_worker({**loop_config, "warm": True})
+    except Exception as e:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            failed.write_bytes(pickle.dumps(e))
+        except Exception:  # noqa: BLE001 - an error that does not pickle: its text, which is what results read
+            failed.write_bytes(pickle.dumps(RuntimeError(f"{type(e).__name__}: {e}")))
+        raise
+    finally:
+        _release_memory()
+
+
+def _unpickled(path: Path) -> BaseException:
+    try:
+        error = pickle.loads(path.read_bytes())
+    except Exception as e:  # noqa: BLE001
+        return RuntimeError(f"the trial failed before; its error ({path}) could not be read: {e}")
+    return error if isinstance(error, BaseException) else RuntimeError(str(error))
+
+
+def _release_memory() -> None:
+    """Free what the trial left for the next one in this process: its model, optimizer and cached device blocks."""
+    import gc
+    import sys
+
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+def report(metrics: dict[str, Any], checkpoint: Path | None, name: str, run_dir: Path, warm: bool) -> None:
+    """Report one result of a trial, with rank 0's checkpoint dir (or None), stored in the run dir as `name`.
+
+    Ray Train run: `ray.train.report` (every rank takes part; Ray uploads the checkpoint and forwards the result to
+    Tune). Warm trial: the checkpoint is copied into the run dir here, the newest `KEEP_CHECKPOINTS` are kept, and
+    the result goes to Tune with its `checkpoint_path`, as Ray Train's Tune callback sends it."""
+    if not warm:
+        import ray.train
+
+        ckpt = ray.train.Checkpoint.from_directory(str(checkpoint)) if checkpoint is not None else None
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name)
+        return
+    import ray.tune
+
+    metrics = dict(metrics)
+    if checkpoint is not None:
+        target = run_dir / name
+        partial = run_dir / f".{name}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(checkpoint, partial)
+        shutil.rmtree(target, ignore_errors=True)
+        partial.rename(target)  # whole or absent: a killed process never leaves half a checkpoint under its name
+        for old in sorted(run_dir.glob("step_*"))[:-KEEP_CHECKPOINTS]:
+            shutil.rmtree(old, ignore_errors=True)
+        metrics["checkpoint_path"] = str(target)
+    ray.tune.report(metrics)
 
 
 def lost_workers(error: BaseException) -> bool:

@@ -1,6 +1,6 @@
 """Resume and failures, with real processes killed by real signals: the driver (SIGKILL, three times, then
-`lora-search run` / `lora-search resume` again), one trial's Ray Train worker process, and a whole worker node of a
-localhost `ray start` cluster. Truth comes from Ray's own experiment state, MLflow through MlflowClient, and an
+`lora-search run` / `lora-search resume` again), the process training one trial (a warm trial's own), and a whole
+worker node of a localhost `ray start` cluster. Truth comes from Ray's own experiment state, MLflow through MlflowClient, and an
 uninterrupted run of the same seeded sweep.
 """
 
@@ -246,14 +246,18 @@ def test_driver_killed_three_times_resumes_to_the_uninterrupted_sweep(tiny_model
 
 
 def _trial_worker(driver: psutil.Process) -> psutil.Process | None:
-    """The Ray Train worker process of a running trial, among the processes of this driver's local Ray."""
+    """The process that trains a running trial, among the processes of this driver's local Ray: its Ray Train
+    worker, or the Tune trial process itself for a warm trial (`lora_search.trial.warm`)."""
+    found: dict[str, psutil.Process] = {}
     for p in driver.children(recursive=True):
         try:
-            if "RayTrainWorker" in " ".join(p.cmdline()):
-                return p
+            line = " ".join(p.cmdline())
         except psutil.Error:
             continue
-    return None
+        for kind in ("RayTrainWorker", "ImplicitFunc"):
+            if kind in line:
+                found.setdefault(kind, p)
+    return found.get("RayTrainWorker") or found.get("ImplicitFunc")
 
 
 def _wait_progress(progress: Path, at_least: int, driver: subprocess.Popen, timeout: float = 300) -> int:

@@ -143,12 +143,18 @@ class TrialRecord:
     """Tokens per second of training steps alone, after the first `train.STEADY_AFTER_STEPS`, evaluations and
     checkpoints left out: the figure to compare training paths by (NaN for a trial too short to have one)."""
     startup_s: float = 0.0
-    """Cold start, part 1: the trial's Ray Train worker group starting and importing, until its worker runs."""
+    """Cold start, part 1: the trial's Ray Train worker group starting and importing, until its worker runs. A warm
+    trial (`lora_search.trial.warm`) starts in its own, already running process: its imports, if any, alone."""
     imports_s: float = 0.0
     """Of `startup_s`, the worker's imports of the training stack (torch, transformers, TRL, PEFT); the rest is Ray
-    Train starting the worker group (controller, placement, process, torch.distributed)."""
+    Train starting the worker group (controller, placement, process, torch.distributed). About 0 in a warm process
+    after its first trial."""
     load_s: float = 0.0
-    """Part 2: loading the base, attaching the adapter, reading the data."""
+    """Part 2: loading the base (or taking the one the warm process kept, `base_reused`), attaching the adapter,
+    reading the data."""
+    base_reused: bool = False
+    """The trial trained on the base its warm process kept from its previous trial (`lora_search.train.BaseCache`)
+    instead of loading it."""
     prepare_s: float = 0.0
     """Part 3: building the Trainer (TRL tokenises the dataset here) and preparing the model for training."""
     base_eval_s: float = 0.0
@@ -246,6 +252,7 @@ def record(
         fast_path=str(last.get("fast_path") or ""),
         steady_tokens_per_s=float(last.get("steady_tokens_per_s", nan)),
         **{k: float(last.get(k, 0.0)) for k in ("startup_s", "imports_s", "load_s", "prepare_s", "base_eval_s")},
+        base_reused=bool(last.get("base_reused", False)),
         train_cost=priced.train_cost,
         eval_cost=priced.eval_cost,
         cost=priced.cost,

@@ -82,6 +82,52 @@ def load_base(base: BaseModel, quantized: bool, sharded: bool = False) -> torch.
     return model
 
 
+class BaseCache:
+    """The base model a warm trial process keeps for its next trial (`Resources.reuse_workers`): loaded once, lent to
+    each trial, and taken back without its adapter (`peft.PeftModel.unload`) when the trial ends or is stopped.
+
+    Only bases that a trial leaves as it found them: not quantized (QLoRA, LoftQ load 4-bit layers that PEFT
+    prepares in place) and not rewritten by the variant (PiSSA moves the principal part of every targeted weight
+    into its adapter). A trial that raised gives its base up. A trial asking for another base (or a quantized one)
+    frees the kept one before loading."""
+
+    _key: tuple[Any, ...] | None = None
+    _model: torch.nn.Module | None = None
+
+    @staticmethod
+    def key(base: BaseModel, variant: str) -> tuple[Any, ...] | None:
+        """What a kept base must match to be lent to a trial of `variant`; None: this variant never keeps one."""
+        v = VARIANTS[variant]
+        if v.quantized or v.converts_on_save or v.after_init is not None:
+            return None
+        return (base.name_or_path, base.revision, base.dtype, base.attn_implementation, base.trust_remote_code)
+
+    @classmethod
+    def take(cls, key: tuple[Any, ...] | None) -> torch.nn.Module | None:
+        """The kept base if it matches `key` (it is the caller's until `keep`); else frees it and returns None."""
+        model, kept = cls._model, cls._key
+        cls._model = cls._key = None
+        if model is not None and key is not None and key == kept:
+            return model
+        del model
+        trial.release_memory()
+        return None
+
+    @classmethod
+    def keep(cls, key: tuple[Any, ...], peft_model: Any) -> None:
+        """Take back the base of a trial's `peft_model`, as `load_base` returned it: adapter layers removed, training
+        switches (gradient checkpointing, input gradients) off, every weight trainable again, eval mode."""
+        model = peft_model.unload()
+        if getattr(model, "is_gradient_checkpointing", False):
+            model.gradient_checkpointing_disable()
+        if hasattr(model, "_require_grads_hook"):
+            model.disable_input_require_grads()
+        for param in model.parameters():
+            param.requires_grad_(True)
+        model.eval()
+        cls._key, cls._model = key, model
+
+
 def build_adapter(model: torch.nn.Module, params: TrialParams, total_steps: int) -> Adapter:
     layers = targets.linear_layers(model)
     return Adapter(
@@ -100,12 +146,29 @@ def trainable_parameters(model: torch.nn.Module) -> int:
 
 
 def peak_memory_bytes() -> tuple[int, str]:
-    """Peak memory of this worker: CUDA allocator peak on GPU, else the process's peak RSS."""
+    """Peak memory of this worker since `reset_peak_memory`: CUDA allocator peak on GPU, else the process's peak RSS
+    (Linux's VmHWM; elsewhere the peak of the process's whole life, which a warm process carries across trials)."""
     import torch
 
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return int(torch.cuda.max_memory_allocated()), "cuda"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rss"
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(status.split("VmHWM:", 1)[1].split()[0]) * 1024, "rss"
+    except (OSError, IndexError, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rss"
+
+
+def reset_peak_memory() -> None:
+    """Start this trial's peak (`peak_memory_bytes`) afresh: a warm process has run trials before it."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: resets the process's VmHWM to its current RSS
+    except OSError:
+        pass
 
 
 def device_name() -> str:
@@ -257,6 +320,7 @@ def train_loop(config: dict[str, Any]) -> None:
     variant = VARIANTS[params.variant]
     strategy = STRATEGIES[sweep.resources.strategy_for(params.variant)]
     gpu_in_use_at_start = gpu_memory_in_use()
+    reset_peak_memory()
     start = time.perf_counter()
     # Seconds from the trial's Tune process starting its Ray Train run to this worker running: the worker group's
     # start (placement, process, torch.distributed) and its imports. A run retried after a lost worker counts from
@@ -344,7 +408,12 @@ def train_loop(config: dict[str, Any]) -> None:
     )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = load_base(sweep.base, variant.quantized, sharded=strategy.shards_base)
+    cache_key = BaseCache.key(sweep.base, params.variant) if warm and not strategy.shards_base else None
+    model = BaseCache.take(cache_key)
+    base_reused = model is not None
+    if model is None:
+        model = load_base(sweep.base, variant.quantized, sharded=strategy.shards_base)
+    torch.manual_seed(sweep.seed)  # the adapter starts the same whether its base was loaded or kept
     adapter = build_adapter(model, params, budget.max_steps)
     init_dir = work / "init_adapter"
     model = variants.attach(model, adapter, init_dir)
@@ -375,7 +444,7 @@ def train_loop(config: dict[str, Any]) -> None:
     reporter.resumable, reporter.tracker, reporter.progress = resumable, tracker, progress
     reporter.run_dir, reporter.reports_log, reporter.warm = run_dir, reports_log, warm
     reporter.throughput.name = Path(config["progress_file"]).stem  # trial_<id>
-    reporter.startup_s, reporter.imports_s = startup_s, imports_s
+    reporter.startup_s, reporter.imports_s, reporter.base_reused = startup_s, imports_s, base_reused
     reporter.trainer_built = time.perf_counter()
     if restored:
         reporter.base_eval_loss = float(earlier["base_eval_loss"])
@@ -395,13 +464,20 @@ def train_loop(config: dict[str, Any]) -> None:
     )
     trainer.remove_callback(PrinterCallback)  # progress goes to Tune, not one dict per log line
     path.prepare()
+    intact = False  # whether the base is as loaded (bar the adapter): kept for this process's next trial
     try:
         trainer.train(resume_from_checkpoint=str(restored / resume.TRAINER_DIR) if restored else None)
+        intact = True
     except torch.cuda.OutOfMemoryError as e:
         peak, _ = peak_memory_bytes()
         raise results.infeasible("CUDA out of memory", peak, trainer.state.global_step) from e
+    except SystemExit:  # Tune stopped the trial (ASHA) at a report, between two steps
+        intact = True
+        raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        if intact and cache_key is not None:
+            BaseCache.keep(cache_key, model)
 
 
 LM_EVAL_RESULTS = "lm_eval_results.json"
@@ -646,6 +722,7 @@ class _Reporter(TrainerCallback):
         # base (base_eval_s). A resumed trial reports its own attempt's figures.
         self.startup_s = self.imports_s = self.prepare_s = self.base_eval_s = 0.0
         self.trainer_built = 0.0
+        self.base_reused = False
         self.run_dir = Path()
         self.reports_log = Path()
 
@@ -714,6 +791,7 @@ class _Reporter(TrainerCallback):
             # the rest of the cold start: see `_Reporter.startup_s`, `prepare_s`, `base_eval_s`
             "startup_s": self.startup_s,
             "imports_s": self.imports_s,
+            "base_reused": self.base_reused,  # lent by this warm process's previous trial (`BaseCache`)
             "prepare_s": self.prepare_s,
             "base_eval_s": self.base_eval_s,
             # device-seconds: what a cloud bill counts (devices held x time), summed over the trial's workers

@@ -155,7 +155,7 @@ def _fit_here(loop_config: dict[str, Any], run_dir: Path) -> None:
             failed.write_bytes(pickle.dumps(RuntimeError(f"{type(e).__name__}: {e}")))
         raise
     finally:
-        _release_memory()
+        release_memory()
 
 
 def _unpickled(path: Path) -> BaseException:
@@ -166,7 +166,7 @@ def _unpickled(path: Path) -> BaseException:
     return error if isinstance(error, BaseException) else RuntimeError(str(error))
 
 
-def _release_memory() -> None:
+def release_memory() -> None:
     """Free what the trial left for the next one in this process: its model, optimizer and cached device blocks."""
     import gc
     import sys

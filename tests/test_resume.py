@@ -1,7 +1,7 @@
 """Resume and failures, with real processes killed by real signals: the driver (SIGKILL, three times, then
 `lora-search run` / `lora-search resume` again), the process training one trial (a warm trial's own), and a whole
-worker node of a localhost `ray start` cluster. Truth comes from Ray's own experiment state, MLflow through MlflowClient, and an
-uninterrupted run of the same seeded sweep.
+worker node of a localhost `ray start` cluster. Truth comes from Ray's own experiment state, MLflow through
+MlflowClient, and an uninterrupted run of the same seeded sweep.
 """
 
 from __future__ import annotations

@@ -222,3 +222,45 @@ def test_diverged_and_infeasible_trials(tiny_model_dir, tiny_jsonl, tmp_path) ->
     assert row.status == "infeasible", row.reason
     assert row.peak_mem_bytes > 0.05 * 2**30 and "memory_limit_gb=0.05" in row.reason
     assert not row.pareto
+
+
+def test_warm_trials_share_a_process_and_its_base_and_train_as_cold_ones(tiny_model_dir, tiny_jsonl, tmp_path) -> None:
+    """One trial at a time: the warm sweep's trials run in one reused Tune process (imports done once), DoRA trains on
+    the base LoRA's trial left (PiSSA, which rewrites its base, loads its own), and every curve equals the same trial's
+    with a worker group of its own."""
+    from lora_search import Resources
+
+    grid = dict(
+        space=SearchSpace(ranks=(4,), targets=("attention",), variants=("lora", "dora", "pissa"), lr=(2e-3, 2e-3)),
+        search="grid",
+        num_samples=1,
+        max_concurrent_trials=1,
+        budget=Budget(max_steps=10, eval_every=5, grace_period=10, batch_size=8),
+        evals=None,
+    )
+    sweeps = {
+        reuse: _sweep(tiny_model_dir, tiny_jsonl, tmp_path / str(reuse), name=f"warm_{reuse}", **grid).replace(
+            resources=Resources(reuse_workers=reuse)
+        )
+        for reuse in (True, False)
+    }
+    frames = {reuse: run(s).set_index("variant").sort_values("trial_id") for reuse, s in sweeps.items()}
+    warm, cold = frames[True], frames[False]
+    print("\n" + warm[["trial_id", "startup_s", "imports_s", "load_s", "base_reused", "trial_s"]].to_string())
+    print(cold[["trial_id", "startup_s", "imports_s", "load_s", "base_reused", "trial_s"]].to_string())
+    assert list(warm.index) == ["lora", "dora", "pissa"] and set(warm["status"]) == {"completed"}
+    assert warm["base_reused"].to_dict() == {"lora": False, "dora": True, "pissa": False}
+    assert not cold["base_reused"].any()
+    first, later = warm["imports_s"].iloc[0], warm["imports_s"].iloc[1:]
+    assert first > 1.0 and (later < 0.2).all(), warm["imports_s"]  # torch, transformers, TRL, PEFT: imported once
+    assert (cold["imports_s"] > 1.0).all()  # every cold trial's own new worker imports them
+    histories = {
+        reuse: pd.read_parquet(tmp_path / str(reuse) / f"warm_{reuse}" / "history.parquet").set_index("trial_id")
+        for reuse in (True, False)
+    }
+    for variant in warm.index:
+        curves = [
+            histories[reuse].loc[frames[reuse].loc[variant, "trial_id"]].sort_values("step")["eval_loss"].to_numpy()
+            for reuse in (True, False)
+        ]
+        assert len(curves[0]) == 3 and np.allclose(curves[0], curves[1], rtol=0, atol=1e-6), (variant, curves)

@@ -231,7 +231,9 @@ def test_warm_trials_share_a_process_and_its_base_and_train_as_cold_ones(tiny_mo
     from lora_search import Resources
 
     grid = dict(
-        space=SearchSpace(ranks=(4,), targets=("attention",), variants=("lora", "dora", "pissa"), lr=(2e-3, 2e-3)),
+        space=SearchSpace(
+            ranks=(4,), targets=("attention",), variants=("lora", "dora", "pissa"), lr=(1e-3, 4e-3), lr_grid_points=1
+        ),
         search="grid",
         num_samples=1,
         max_concurrent_trials=1,

@@ -6,7 +6,7 @@ TRL's SFTTrainer on the PEFT model as TRL and Transformers give it (masked batch
 micro-batches accumulated one by one), with the same base, adapter config and init, data, order, learning-rate
 schedule, optimizer and bf16 autocast. Both evaluate the same eval set every `--eval-every` steps; the check passes
 when every eval loss (step 0 included) and every logged training loss agree within `--tolerance` (relative) and the
-run learned (the last eval loss at least 0.3 under the base's).
+run learned (the last eval loss at least 1% under the base's, so that the curves compared move).
 
     python benchmarks/lossmatch.py --out "$OUT"                                       # GPU: 1.1B shape
     python benchmarks/lossmatch.py --out /tmp/lm --shape tiny --seq 128 --steps 12    # CPU check of this script
@@ -71,7 +71,7 @@ def ours(args: argparse.Namespace, base_dir: Path, data: Path) -> dict:
 def reference(args: argparse.Namespace, base_dir: Path, data: Path, lr: float) -> dict:
     """TRL + PEFT as they come, on the trial's own data split, adapter config and seeds."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     from lora_search import Dataset, variants
@@ -137,6 +137,7 @@ def reference(args: argparse.Namespace, base_dir: Path, data: Path, lr: float) -
         processing_class=tokenizer,
         callbacks=[log],
     )
+    trainer.remove_callback(PrinterCallback)
     trainer.train()
     return {"eval": log.eval, "train": log.train}
 
@@ -177,7 +178,7 @@ def main() -> None:
     ref = reference(args, base_dir, data, mine["lr"])
     eval_diff, eval_steps = compare(mine["eval"], ref["eval"])
     train_diff, train_steps = compare(mine["train"], ref["train"])
-    learned = mine["eval"][max(mine["eval"])] < mine["eval"][0] - 0.3
+    learned = mine["eval"][max(mine["eval"])] < 0.99 * mine["eval"][0]
     passed = learned and eval_diff <= args.tolerance and train_diff <= args.tolerance and len(eval_steps) >= 2
     result = {
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",

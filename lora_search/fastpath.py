@@ -196,15 +196,15 @@ def _fused_lora_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
         or self.lora_B[name].bias is not None
     ):
         return type(self).forward(self, x, *args, **kwargs)  # PEFT's own: merged, mixed, biased, several adapters
-    result = self.base_layer(x)
+    # The base product on the tokens as rows (2-D), so that the update accumulates into it in place: `addmm_` on a
+    # view of a 3-D output would make autograd copy the whole output gradient back in backward (CopySlices), and
+    # out-of-place `addmm` copies the base output first. Nothing saved for backward holds the base output.
+    rows = x.reshape(-1, x.shape[-1])
+    result = self.base_layer(rows)
     lora_a, lora_b = self.lora_A[name], self.lora_B[name]
-    h = lora_a(self.lora_dropout[name](self._cast_input_dtype(x, lora_a.weight.dtype))) * self.scaling[name]
-    # In place, into the base product's output (a fresh tensor nothing saved for backward): out of place, addmm
-    # first copies it (a device-to-device copy of every projection's output, 41 ms in two 8B steps).
-    result.view(-1, result.shape[-1]).addmm_(
-        h.reshape(-1, h.shape[-1]).to(result.dtype), lora_b.weight.t().to(result.dtype)
-    )
-    return result
+    h = lora_a(self.lora_dropout[name](self._cast_input_dtype(rows, lora_a.weight.dtype))) * self.scaling[name]
+    result.addmm_(h.to(result.dtype), lora_b.weight.t().to(result.dtype))
+    return result.view(*x.shape[:-1], result.shape[-1])
 
 
 def _liger_models() -> frozenset[str]:

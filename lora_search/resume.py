@@ -157,17 +157,22 @@ def restorable(asha: Any, state_file: Path) -> Any:
 
     Tune restores trials and the searcher, but a restored sweep gets the scheduler as it was created: empty rungs.
     Then the trials still to come are judged against no one, and a trial stopped just before the driver died (its
-    stop not yet in Tune's saved state) trains on. This one reloads both before its first decision."""
+    stop not yet in Tune's saved state) trains on. This one reloads both before its first decision.
+
+    A stop is kept with its step. A trial Tune runs again after the driver died (it ended, pruned or at max_steps,
+    after Tune last saved its state) replays its reports from the start (`reports_until`): the replay goes on up to
+    that step and stops there, so the trial ends where it ended, not at its first replayed report."""
     from ray.tune.schedulers import ASHAScheduler
 
     class RestorableASHA(ASHAScheduler):
         def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
             self._load()
-            if trial.trial_id in self._stopped:
-                return self.STOP  # stopped before the driver died: its resumed report only repeats that step
+            step = int(result.get(self._time_attr, 0))
+            if trial.trial_id in self._stopped:  # stopped before the driver died: this run only repeats its reports
+                return self.STOP if step >= self._stopped[trial.trial_id] else self.CONTINUE
             decision = super().on_trial_result(tune_controller, trial, result)
             if decision == self.STOP:
-                self._stopped.add(trial.trial_id)
+                self._stopped[trial.trial_id] = step
             self._save()
             return decision
 
@@ -186,15 +191,16 @@ def restorable(asha: Any, state_file: Path) -> Any:
             for bracket, rungs in zip(self._brackets, state["rungs"], strict=True):
                 for (_, recorded), saved in zip(bracket._rungs, rungs, strict=True):
                     recorded.update(saved)
-            self._stopped.update(state["stopped"])
+            stopped = state["stopped"]  # {trial id: step}; a list (no steps): stop at the first report
+            self._stopped.update(stopped if isinstance(stopped, dict) else dict.fromkeys(stopped, 0))
 
         def _save(self) -> None:
             rungs = [[{k: float(v) for k, v in recorded.items()} for _, recorded in b._rungs] for b in self._brackets]
             tmp = self._state_file.with_name(f".{self._state_file.name}.tmp")
-            tmp.write_text(json.dumps({"rungs": rungs, "stopped": sorted(self._stopped)}))
+            tmp.write_text(json.dumps({"rungs": rungs, "stopped": self._stopped}))
             tmp.replace(self._state_file)
 
     scheduler = RestorableASHA.__new__(RestorableASHA)
     scheduler.__dict__.update(asha.__dict__)
-    scheduler._state_file, scheduler._loaded, scheduler._stopped = state_file, False, set()
+    scheduler._state_file, scheduler._loaded, scheduler._stopped = state_file, False, {}
     return scheduler

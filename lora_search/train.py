@@ -425,7 +425,8 @@ def train_loop(config: dict[str, Any]) -> None:
     train_ds, eval_ds = data.load(sweep.dataset, sweep.seed)
     load_s = time.perf_counter() - start
     log.info(
-        "%s r=%d on %s x %d worker(s), strategy %s, optimizer %s, fast path: %s",
+        "%s: %s r=%d on %s x %d worker(s), strategy %s, optimizer %s, fast path: %s",
+        Path(config["progress_file"]).stem,  # trial_<id>: a warm process trains one trial after another
         params.variant,
         params.rank,
         device_name(),

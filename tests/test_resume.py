@@ -374,3 +374,42 @@ def test_resume_names_the_missing_state_and_the_fix(tmp_path, capsys) -> None:
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert str(tmp_path / "nosuch" / "ray" / "nosuch") in err and "lora-search run" in err and "--output-dir" in err
+
+
+def test_a_stopped_trial_run_again_replays_up_to_its_stop_and_stops_there(tmp_path) -> None:
+    """ASHA's saved stops keep their step: a trial that ended (pruned at 20, or at max_steps 30) after Tune last saved
+    its state runs again from its first report on resume; its replayed reports go on up to that step and stop there."""
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import ASHAScheduler
+
+    from lora_search.resume import restorable
+
+    def asha():
+        base = ASHAScheduler(
+            time_attr="step", metric="eval_loss", mode="min", max_t=30, grace_period=10, reduction_factor=2
+        )
+        return restorable(base, tmp_path / "asha_state.json")
+
+    before = asha()
+    pruned, done = SimpleNamespace(trial_id="pruned"), SimpleNamespace(trial_id="done")
+    for t in (done, pruned):
+        before.on_trial_add(None, t)
+    losses = {"done": [5.0, 4.5, 4.0], "pruned": [4.9, 5.2, 5.1]}
+    decisions = {t.trial_id: [] for t in (done, pruned)}
+    for t in (done, pruned):
+        for step, loss in zip((10, 20, 30), losses[t.trial_id], strict=True):
+            decisions[t.trial_id].append(before.on_trial_result(None, t, {"step": step, "eval_loss": loss}))
+            if decisions[t.trial_id][-1] == before.STOP:
+                break
+    assert decisions == {"done": ["CONTINUE", "CONTINUE", "STOP"], "pruned": ["CONTINUE", "STOP"]}
+
+    after = asha()  # the resumed driver's scheduler: state from the file only
+    for t in (done, pruned):
+        after.on_trial_add(None, t)
+    replay = {
+        t.trial_id: [after.on_trial_result(None, t, {"step": s, "eval_loss": 9.0}) for s in (5, 10, 15, 20, 30)]
+        for t in (done, pruned)
+    }
+    assert replay["done"] == ["CONTINUE", "CONTINUE", "CONTINUE", "CONTINUE", "STOP"]
+    assert replay["pruned"] == ["CONTINUE", "CONTINUE", "CONTINUE", "STOP", "STOP"]

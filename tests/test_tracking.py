@@ -104,7 +104,9 @@ def _ray_truth(out: Path, name: str, max_steps: int) -> dict[str, tuple[str, int
 @pytest.fixture(scope="module")
 def tracked(tiny_model_dir, tiny_jsonl, tmp_path_factory, mlflow_server):
     out = tmp_path_factory.mktemp("tracked")
-    sweep = _sweep(tiny_model_dir, tiny_jsonl, out, mlflow_server)
+    # One trial at a time: ASHA's decisions then follow from the seeded trials alone (3 completed, 1 pruned), not from
+    # which of two concurrent trials reaches a rung first.
+    sweep = _sweep(tiny_model_dir, tiny_jsonl, out, mlflow_server, max_concurrent_trials=1)
     frame = run(sweep)
     return sweep, frame, out
 

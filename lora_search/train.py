@@ -182,7 +182,8 @@ def device_name() -> str:
 
 def gpu_memory_in_use() -> int:
     """Bytes in use on this worker's GPU by every process, read before the trial loads anything (0 on CPU). A figure
-    above the bare CUDA context's few hundred MiB means an earlier trial on this GPU has not given its memory back."""
+    above the bare CUDA context's few hundred MiB, and above the base a warm process keeps (`BaseCache`), means an
+    earlier trial on this GPU has not given its memory back."""
     import torch
 
     if not torch.cuda.is_available():

@@ -1,4 +1,5 @@
-"""One Tune trial: a Ray Train `TorchTrainer` run of `lora_search.train.train_loop`.
+"""One Tune trial: a Ray Train `TorchTrainer` run of `lora_search.train.train_loop`, or, warm, that loop in the
+trial's own reused process.
 
 Tune runs `run_trial` once per sampled config. It starts a Ray Train run sized by the sweep's
 `Resources` (workers x CPUs/GPUs, placement); the workers' reports reach Tune through
@@ -31,7 +32,8 @@ from typing import Any
 from lora_search.config import Sweep
 
 DRIVER_RESOURCES = {"CPU": 0, "memory": 256 * 2**20, "node:__internal_head__": 0.001}
-"""The Tune trial process only waits on its Ray Train run: it reserves the memory it uses (a Python process
+"""What a trial process that starts a Ray Train worker group reserves (a warm trial's reserves its worker's devices,
+`trial_resources`). It only waits on its Ray Train run: it reserves the memory it uses (a Python process
 with torch imported, ~256 MiB) and no CPU, so a 2-CPU laptop runs two 1-CPU trials at once, not one. It runs on
 the head node (Ray's own head resource; 0.001 of it: up to 1000 trials at once), where the Tune driver runs, and
 so does the Ray Train controller it starts: losing a worker node never takes a trial's bookkeeping with it."""

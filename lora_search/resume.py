@@ -32,8 +32,9 @@ TRAINER_DIR = "resume"
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
 UPLOADED_FILE = ".uploaded"
 """Written by rank 0 into a checkpoint in the run dir once `ray.train.report` has uploaded it (a synchronous
-upload): Ray Train registers a checkpoint only when its controller next polls, so a worker or driver that dies in
-between leaves a complete checkpoint that Ray's snapshot does not name yet."""
+upload; a warm trial's once it has copied the checkpoint there, `trial.report`): Ray Train registers a checkpoint
+only when its controller next polls, so a worker or driver that dies in between leaves a complete checkpoint that
+Ray's snapshot does not name yet."""
 """Ray Train V2's record of a run's reported checkpoints, in the run dir (ray.train.v2._internal.constants)."""
 
 

@@ -21,6 +21,7 @@ raises that error again (`FAILED_FILE`) instead of training a second time.
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import shutil
@@ -144,6 +145,7 @@ def _fit_here(loop_config: dict[str, Any], run_dir: Path) -> None:
     failed = run_dir / FAILED_FILE
     if failed.is_file():
         raise _unpickled(failed)
+    _log_to_stderr()
     # Tune hands this process to the next trial once the training thread of a stopped (pruned) one has unwound
     # (by default it waits 2 s, then starts a new process instead).
     os.environ["TUNE_FUNCTION_THREAD_TIMEOUT_S"] = "60"
@@ -158,6 +160,18 @@ def _fit_here(loop_config: dict[str, Any], run_dir: Path) -> None:
         raise
     finally:
         release_memory()
+
+
+def _log_to_stderr() -> None:
+    """lora_search's INFO lines (each trial's set-up and fast path, its evals) into the process's stderr, which Ray
+    keeps in the session's worker logs: one process runs trial after trial, and each line names its trial."""
+    logger = logging.getLogger("lora_search")
+    if logger.handlers or logger.level != logging.NOTSET:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 
 def _unpickled(path: Path) -> BaseException:
@@ -193,12 +207,17 @@ def report(metrics: dict[str, Any], checkpoint: Path | None, name: str, run_dir:
         return
     import ray.tune
 
+    from lora_search.resume import UPLOADED_FILE
+
     metrics = dict(metrics)
     if checkpoint is not None:
         target = run_dir / name
         partial = run_dir / f".{name}.partial"
         shutil.rmtree(partial, ignore_errors=True)
         shutil.copytree(checkpoint, partial)
+        # Marked complete before the report: Tune may stop the trial inside `ray.tune.report` (ASHA, or its last
+        # step), and a trial Tune runs again after a killed driver resumes from the newest marked checkpoint.
+        (partial / UPLOADED_FILE).touch()
         shutil.rmtree(target, ignore_errors=True)
         partial.rename(target)  # whole or absent: a killed process never leaves half a checkpoint under its name
         for old in sorted(run_dir.glob("step_*"))[:-KEEP_CHECKPOINTS]:

@@ -180,7 +180,7 @@ def _sharded_worker(rank: int, port: int, out: str) -> None:
 
         gathered = strategies.full_adapter_state_dict(model)  # a collective: both ranks call it
         save_dir = Path(out) / f"rank{rank}"
-        variants.save(model, ADAPTER, save_dir, state_dict=gathered)  # check_saved runs inside
+        variants.save(model, ADAPTER, save_dir, state_dict=gathered, sharded=True)  # check_saved runs inside
         assert get_peft_model_state_dict(model, state_dict=gathered).keys() == whole.keys()
         for k, v in get_peft_model_state_dict(model, state_dict=gathered).items():
             torch.testing.assert_close(v, whole[k], rtol=0, atol=0)
@@ -190,7 +190,7 @@ def _sharded_worker(rank: int, port: int, out: str) -> None:
             k: v.to_local() if isinstance(v, DTensor) else v for k, v in model.state_dict().items() if "lora_" in k
         }
         try:
-            variants.save(model, ADAPTER, Path(out) / f"local{rank}", state_dict=local)
+            variants.save(model, ADAPTER, Path(out) / f"local{rank}", state_dict=local, sharded=True)
         except EmptyAdapterError as e:
             (Path(out) / f"refused{rank}.txt").write_text(str(e))
     finally:

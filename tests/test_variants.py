@@ -62,7 +62,7 @@ def _contract(name: str, model_dir, tmp_path, device: str = "cpu", quantized: bo
     with torch.no_grad():
         trained_logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
     out = tmp_path / "adapter"
-    size = variants.save(model, adapter, out, tmp_path / "init")
+    size = variants.save(model, adapter, out, tmp_path / "init", sharded=False)
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
     assert size == (out / "adapter_model.safetensors").stat().st_size > 0
 
@@ -114,7 +114,7 @@ def test_saving_a_sharded_looking_adapter_is_refused(tiny_model_dir, tmp_path, m
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_()
-    assert variants.save(model, adapter, tmp_path / "ok") > 0  # a trained adapter passes
+    assert variants.save(model, adapter, tmp_path / "ok", sharded=True) > 0  # a trained adapter passes
 
     original = type(model).save_pretrained
 
@@ -127,4 +127,4 @@ def test_saving_a_sharded_looking_adapter_is_refused(tiny_model_dir, tmp_path, m
 
     monkeypatch.setattr(type(model), "save_pretrained", save_like_an_ungathered_shard)
     with pytest.raises(variants.EmptyAdapterError, match=r"lora_A.weight is empty .*must be gathered before saving"):
-        variants.save(model, adapter, tmp_path / "broken")
+        variants.save(model, adapter, tmp_path / "broken", sharded=True)

@@ -76,7 +76,8 @@ def reference(args: argparse.Namespace, base_dir: Path, data: Path, lr: float) -
 
     from lora_search import Dataset, variants
     from lora_search import data as lsdata
-    from lora_search.train import TrialParams, build_adapter
+    from lora_search.records import TrialParams
+    from lora_search.train import build_adapter
 
     on_gpu = torch.cuda.is_available()
     dtype = torch.bfloat16 if on_gpu else torch.float32
@@ -98,7 +99,7 @@ def reference(args: argparse.Namespace, base_dir: Path, data: Path, lr: float) -
             self.eval: dict[int, float] = {}
             self.train: dict[int, float] = {}
 
-        def on_log(self, a, state, control, logs=None, **kw) -> None:  # noqa: ANN001
+        def on_log(self, a, state, control, logs=None, **kw) -> None:
             if logs and "eval_loss" in logs:
                 self.eval[state.global_step] = float(logs["eval_loss"])
             if logs and "loss" in logs:

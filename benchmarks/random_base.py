@@ -57,7 +57,7 @@ def build(shape: str, dest: Path, seed: int = 0) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lora_search.basemodel import TOKENIZER_DOCS, VOCAB_SIZE, _story, _train_tokenizer
+    from lora_search.demo_base import TOKENIZER_DOCS, VOCAB_SIZE, _story, _train_tokenizer
 
     if (dest / "config.json").is_file() and any(dest.glob("*.safetensors")):
         return dest

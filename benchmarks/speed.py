@@ -45,7 +45,7 @@ def peak_tflops(device: str) -> float:
     return next((v for k, v in PEAK_TFLOPS.items() if k in device), 989.0)
 
 
-def matmul_params(config) -> int:  # noqa: ANN001 - a transformers config
+def matmul_params(config) -> int:  # a transformers config
     """Parameters that take part in matrix products per token: all but the input embedding."""
     h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     kv = config.num_key_value_heads * (h // config.num_attention_heads)
@@ -119,10 +119,10 @@ def reference(
     }
 
 
-def write_rows(path: Path, tokenizer, seq: int, n: int, seed: int) -> None:  # noqa: ANN001
+def write_rows(path: Path, tokenizer, seq: int, n: int, seed: int) -> None:
     """`n` chat rows whose tokens fill `seq`: a long prompt and a 32-token answer, so truncation never cuts the
     answer (a row with no answer token left would be dropped) and every batch is seq tokens long."""
-    from lora_search.basemodel import _story
+    from lora_search.demo_base import _story
 
     rng = random.Random(seed)
     with path.open("w") as f:
@@ -154,7 +154,7 @@ def ours(shape: str, rank: int, seq: int, bs: int, steps: int, work: Path, accum
         write_rows(data / "train.jsonl", tokenizer, seq, bs * accum * (steps + 2), 0)
         write_rows(data / "eval.jsonl", tokenizer, seq, bs, 1)
     name = f"speed_{shape}_r{rank}_bs{bs}x{accum}"
-    # rank 0 of the trial writes a CUDA kernel profile of two steady steps (lora_search.train.PROFILE_ENV); the
+    # rank 0 of the trial writes a CUDA kernel profile of two steady steps (lora_search.callbacks.PROFILE_ENV); the
     # steady tokens/s window starts after them. Ray's workers inherit this process's environment.
     os.environ["LORA_SEARCH_PROFILE_DIR"] = str(work / f"profile_{name}")
     sweep = Sweep(
@@ -250,7 +250,7 @@ def main() -> None:
             print(f"[speed] {pair} HF PEFT {mode}: {json.dumps(refs[mode])[:400]}", flush=True)
         try:
             mine = ours(shape, int(rank), args.seq, args.bs, args.steps, args.work, args.accum)
-        except Exception as e:  # noqa: BLE001 - the table still shows the references and why ours has no figure
+        except Exception as e:  # the table still shows the references and why ours has no figure
             mine = {"error": f"{type(e).__name__}: {e}"[:800]}
         profile = mine.pop("kernel_profile", None)
         if profile:

@@ -266,7 +266,7 @@ def main() -> None:
     deadline.start()
     try:
         run(sweep)
-    except (KeyboardInterrupt, SystemExit, Exception) as e:  # noqa: BLE001 - SweepInterrupted, or a crash: report
+    except (KeyboardInterrupt, SystemExit, Exception) as e:  # SweepInterrupted, or a crash: report
         print(f"sweep ended early: {type(e).__name__}: {e}", flush=True)
     deadline.cancel()
     sweep_s = time.time() - start

@@ -165,7 +165,7 @@ def _export(
 ) -> int:
     import tempfile
 
-    from lora_search import registry
+    from lora_search import layout, registry
 
     src = Path(source)  # a dir is exported as is (export says if it is no adapter); anything else is a run id
     name = src.resolve().name if src.is_dir() else source
@@ -175,7 +175,7 @@ def _export(
             adapter_dir = src
         else:
             uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-            uri = uri or registry.default_tracking_uri(os.environ.get("LORA_SEARCH_OUTPUT_DIR", "reports"))
+            uri = uri or layout.default_tracking_uri(os.environ.get("LORA_SEARCH_OUTPUT_DIR", "reports"))
             adapter_dir = registry.download_run_adapter(source, uri, Path(tmp))
         registry.export(adapter_dir, out, merge=merge, base=base, check=check, allow_pickle=allow_pickle)
     record = json.loads((out / registry.EXPORT_FILE).read_text())
@@ -186,7 +186,7 @@ def _export(
 
 def _nightly(sweep: Sweep, problems: list[Problem], source: str, promote: bool) -> int:
     from lora_search import nightly
-    from lora_search.sweep import run, sweep_dir, write_report
+    from lora_search.sweep import run, sweep_dir, write_sweep_report
 
     baseline = nightly.load_baseline(source, sweep)  # a broken baseline fails here, before any compute
     run(sweep, fresh=True, construction_problems=problems)
@@ -200,7 +200,7 @@ def _nightly(sweep: Sweep, problems: list[Problem], source: str, promote: bool) 
         print(nightly.table(verdicts))
     nightly.record(sweep, out, summary, verdicts, source, promote)
     section = nightly.report_section(verdicts, source) if baseline is not None else None
-    report = write_report(sweep, out, baseline=section)  # the sweep's report again, with "versus baseline"
+    report = write_sweep_report(sweep, out, baseline=section)  # the sweep's report again, with "versus baseline"
     if report:
         print(f"report: {report}")
     ok = nightly.passed(verdicts)
@@ -210,7 +210,7 @@ def _nightly(sweep: Sweep, problems: list[Problem], source: str, promote: bool) 
 
 def _ui(output_dir: str | None, tracking_uri: str | None, host: str, port: int) -> int:
     """Start the MLflow UI (an `mlflow server` process) in the foreground; Ctrl+C stops it."""
-    from lora_search.registry import default_tracking_uri
+    from lora_search.layout import default_tracking_uri
 
     uri = tracking_uri or default_tracking_uri(output_dir or os.environ.get("LORA_SEARCH_OUTPUT_DIR", "reports"))
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():

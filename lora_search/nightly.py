@@ -17,7 +17,8 @@ The checks, each with a tolerance that comes from the data where the data has on
 - cost per completed trial and training tokens/s: worse by more than `timing_tolerance` (relative, default
   30%). Timings have no standard error of their own; 30% is above the run-to-run jitter of a shared machine;
 - any failed trial.
-Everything here is pure except `load_baseline`/`save_baseline` and `main`.
+Everything here is pure except `summarise` (reads the sweep dir), `load_baseline` and `record` (a baseline file, or
+MLflow).
 """
 
 from __future__ import annotations
@@ -31,13 +32,21 @@ from pathlib import Path
 from typing import Any
 
 from lora_search.config import ConfigError, Problem
+from lora_search.layout import (
+    BASE_SCORES_FILE,
+    NIGHTLY_FILE,
+    PROVENANCE_FILE,
+    SWEEP_METRICS_FILE,
+    TRACKING_FILE,
+    TRIALS_FILE,
+)
 
 Z = 1.96
 """Two-sided 95%: a drop of the best score beyond Z combined standard errors is not noise."""
 TIMING_TOLERANCE = 0.30
 BASELINE_TAG = "lora_search.nightly_baseline"
 VERDICT_TAG = "lora_search.nightly"
-SUMMARY_FILE = "nightly.json"
+SUMMARY_FILE = NIGHTLY_FILE
 
 
 @dataclass(frozen=True)
@@ -78,10 +87,10 @@ def summarise(sweep_dir: Path) -> Summary:
     """The Summary of a finished sweep dir (trials.parquet, sweep_metrics.json, provenance.json)."""
     import pandas as pd
 
-    trials = pd.read_parquet(sweep_dir / "trials.parquet")
-    metrics = json.loads((sweep_dir / "sweep_metrics.json").read_text())
-    provenance = _read(sweep_dir / "provenance.json")
-    base = _read(sweep_dir / "base_scores.json")
+    trials = pd.read_parquet(sweep_dir / TRIALS_FILE)
+    metrics = json.loads((sweep_dir / SWEEP_METRICS_FILE).read_text())
+    provenance = _read(sweep_dir / PROVENANCE_FILE)
+    base = _read(sweep_dir / BASE_SCORES_FILE)
     key = str(metrics.get("quality_key", "eval_loss"))
     higher = bool(base.get("higher_is_better", True)) if key != "eval_loss" else False
     done = trials[trials["status"] == "completed"]
@@ -222,9 +231,9 @@ def load_baseline(source: str, sweep: Any) -> Summary | None:
             ) from e
     from mlflow import MlflowClient
 
-    from lora_search import tracking
+    from lora_search.layout import tracking_uri
 
-    client = MlflowClient(tracking.tracking_uri(sweep))
+    client = MlflowClient(tracking_uri(sweep))
     experiment = client.get_experiment_by_name(sweep.name)
     if experiment is None:
         return None
@@ -256,7 +265,7 @@ def record(sweep: Any, sweep_dir: Path, summary: Summary, verdicts: list[Verdict
         "passed": ok,
     }
     (sweep_dir / SUMMARY_FILE).write_text(json.dumps(payload, indent=1))
-    state = _read(sweep_dir / "tracking.json")
+    state = _read(sweep_dir / TRACKING_FILE)
     if state:
         from mlflow import MlflowClient
 

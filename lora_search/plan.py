@@ -21,132 +21,26 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
 
-from lora_search import space, targets
+from lora_search import space
 from lora_search.config import BaseModel, ConfigError, Problem, Resources, Sweep
+from lora_search.memory import (
+    GPUS,
+    Architecture,
+    MemoryRow,
+    dtype_bytes_of,
+    read_architecture,
+    trial_memory,
+)
 from lora_search.strategies import STRATEGIES
-from lora_search.targets import LinearLayer
 
-if TYPE_CHECKING:
-    import torch
-
-AdapterKind = Literal["lora", "dora", "vera", "adalora"]
-
-
-@dataclass(frozen=True)
-class Gpu:
-    memory_gib: float
-    """What nvidia-smi reports as total memory (H100 SXM 80GB: 81559 MiB; H200: 143771 MiB)."""
-    bf16_tflops: float
-    """Dense bf16 peak (NVIDIA datasheets, SXM; the 2x "with sparsity" figures do not apply to training)."""
-
-
-GPUS: dict[str, Gpu] = {
-    "H100": Gpu(memory_gib=81559 / 1024, bf16_tflops=989.4),
-    "H200": Gpu(memory_gib=143771 / 1024, bf16_tflops=989.4),
-}
 GPU_LABELS = {"H100": "H100 80GB", "H200": "H200 141GB"}
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-
-USABLE_FRACTION = 0.9
-"""A row fits a GPU when its total is at most 90% of the GPU's memory: the CUDA context and NCCL buffers take
-1-3 GiB, and PyTorch's caching allocator fragments."""
-
-NF4_BYTES = (4 + 8 / 64 + 32 / (64 * 256)) / 8
-"""Bytes per NF4 weight with double quantisation (QLoRA, Dettmers et al. 2023): 4 bits of code, plus one 8-bit
-absmax per 64-weight block (0.125 bits) and one fp32 constant per 256 absmax (32 / 16384 = 0.002 bits):
-4.127 bits = 0.5159 bytes."""
-
-ADAPTER_WEIGHT_BYTES = 4
-"""Per trainable parameter: fp32 (PEFT's autocast_adapter_dtype keeps adapters fp32 under a bf16 base)."""
-ADAPTER_GRAD_BYTES = 4
-"""Per trainable parameter: the gradient, in the weight's dtype (fp32)."""
-
-ADAM_BYTES = 4 + 4
-"""Per trainable parameter: AdamW's exp_avg and exp_avg_sq in fp32. No fp32 master copy: the trainable weights
-are fp32 already and mixed precision is bf16 autocast (a bf16-weight setup would add 4 bytes for the master)."""
-
-BLOCK_ACTIVATION_FACTOR = 87
-"""Bytes per token per hidden unit of one decoder block's forward and backward (its recompute under gradient
-checkpointing). Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models", eq. 2,
-gives s*b*h*(34 + 5*a*s/h) for the activations a GPT block stores in 16-bit training (no tensor parallelism);
-the 5*a*s/h attention-score term is 0 with SDPA/flash attention, which never materialise the scores. A Llama
-block with LoRA under bf16 autocast measured 87 (Llama-3.1-70B widths, s=2048, b=1, H100): the SwiGLU MLP's
-3.5h-wide intermediates, RMSNorm's fp32 upcasts and the backward's gradient buffers come on top of the 34."""
-
-LIGER_BLOCK_FACTOR = 48
-"""`BLOCK_ACTIVATION_FACTOR` of a trial with Liger's kernels on (RMSNorm, SwiGLU and RoPE keep less for backward)
-and TRL's fused LM head (the loss scored in chunks: no s*b*vocab logits), without checkpointing: measured 45.8 on
-the Llama-3-8B shape (seq 2048, micro-batch 2, r16 on all 7 projections: 38.5 GiB peak on an H200, of which
-15.0 GiB weights and 0.6 GiB adapter state; benchmarks/speed_h200_2026-12-01.json), rounded up. Only the trial,
-which knows Liger is active on its worker, uses it (`lora_search.train.micro_batching`); the plan stays at 87."""
-
-CHECKPOINT_BYTES = 2
-"""Bytes per token per hidden unit that gradient checkpointing keeps at each decoder-layer boundary (the bf16
-input of the layer)."""
-
-LOGIT_BYTES = 12
-"""Bytes per output logit (s*b*vocab) at the loss: the bf16 logits (2), the fp32 log-softmax that cross-entropy
-keeps for backward (4), and in backward its fp32 gradient (4) and the logits' bf16 gradient (2). Measured 11.8 to
-12.0 bytes on an H100 (Llama-3.1-8B, b = 1, 4 and 8). Large for Llama-3's 128256-token vocab: 2048 tokens x
-128256 x 12 bytes = 2.9 GiB a sequence, more than all 80 layer checkpoints of the 70B (2048 x 8192 x 2 x 80 = 2.5)."""
 
 LORA_FLOPS_PER_PARAM = 4
 """FLOPs per token per matmul weight for LoRA on a frozen base: forward 2N, backward 2N for the activation
 gradients, no weight gradients (Kaplan et al. 2020's 6N for full training, minus the 2N weight-gradient
 term). Adapter FLOPs (r << h) and attention's s-dependent FLOPs (~4*s*h*layers, 4-7% at s=2048) are left out.
 MFU counts model FLOPs only, so gradient checkpointing's recomputed forward (+2N) shows as a lower MFU."""
-
-
-@dataclass(frozen=True)
-class Architecture:
-    """What the plan needs from a model, read off its meta-device build."""
-
-    source: str
-    params: int
-    embedding_params: int
-    """The input embedding: a lookup, so no FLOPs."""
-    head_params: int
-    """The output head (0 when tied to the embedding)."""
-    linears: tuple[LinearLayer, ...]
-    """The decoder's nn.Linear layers (the head excluded): what adapters target and what NF4 quantises."""
-    hidden: int
-    num_layers: int
-    vocab: int
-    dtype_bytes: int
-    """Bytes per weight of the config's dtype (what BaseModel(dtype="auto") loads)."""
-
-    @property
-    def linear_params(self) -> int:
-        return sum(layer.in_features * layer.out_features for layer in self.linears)
-
-    @property
-    def block_params(self) -> float:
-        """One decoder layer: (params - embedding - head) / layers (the final norm spread over the layers)."""
-        return (self.params - self.embedding_params - self.head_params) / self.num_layers
-
-
-@dataclass(frozen=True)
-class MemoryRow:
-    """Estimated peak memory per GPU of one variant x rank, at the space's target set that needs most."""
-
-    variant: str
-    rank: int
-    targets: str
-    trainable: int
-    """Trainable parameters of the whole adapter (every GPU of the trial together)."""
-    weights: float
-    adapter: float
-    optimizer: float
-    activations: float
-
-    @property
-    def total(self) -> float:
-        return self.weights + self.adapter + self.optimizer + self.activations
-
-    def fits(self, gpu: str) -> bool:
-        return self.total <= USABLE_FRACTION * GPUS[gpu].memory_gib * 2**30
 
 
 @dataclass(frozen=True)
@@ -202,223 +96,11 @@ class Plan:
         return self.trials * self.expected_steps * self.step_s / self.concurrent / 3600
 
 
-def architecture(model: torch.nn.Module, source: str) -> Architecture:
-    """The plan's view of a (meta-device) model."""
-    config = model.config
-    embedding = model.get_input_embeddings().weight
-    head = model.get_output_embeddings()
-    tied = head is not None and head.weight is embedding
-    return Architecture(
-        source=source,
-        params=sum(p.numel() for p in model.parameters()),  # tied weights are yielded once
-        embedding_params=embedding.numel(),
-        head_params=0 if head is None or tied else head.weight.numel(),
-        linears=tuple(targets.linear_layers(model)),
-        hidden=config.hidden_size,
-        num_layers=config.num_hidden_layers,
-        vocab=config.vocab_size,
-        dtype_bytes=embedding.element_size(),
-    )
-
-
-def read_architecture(base: BaseModel, config_dir: str | Path | None = None) -> Architecture:
-    """`base`'s architecture from `config_dir` when given (no hub access needed), else from `base` itself."""
-    from lora_search.preflight import meta_model
-
-    source = str(config_dir) if config_dir is not None else base.name_or_path
-    try:
-        model = meta_model(
-            BaseModel(source, revision=None if config_dir else base.revision, trust_remote_code=base.trust_remote_code)
-        )
-    except Exception as e:  # noqa: BLE001 - transformers raises OSError, ValueError, KeyError for a bad model
-        reason = f"cannot read the model config ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
-        fix = (
-            "give a dir holding the same config.json: plan(sweep, config_dir=...), `--config-dir DIR`, or a "
-            "sweep file's run_sweep_main(SWEEP, config_dir=...) (sweeps/configs/ ships Llama-3.1 8B and 70B)"
-        )
-        raise ConfigError(
-            [Problem("config_dir" if config_dir else "base.name_or_path", source, reason, fix)], header="cannot plan"
-        ) from e
-    return architecture(model, source)
-
-
 def shipped_config_dir(sweep_file: str | Path, base: BaseModel) -> Path | None:
     """`configs/<model name, lowercased>/` beside a sweep file when it holds a config.json: the architecture
     `lora-search plan` reads without --config-dir (sweeps/configs/llama-3.1-70b for meta-llama/Llama-3.1-70B)."""
     candidate = Path(sweep_file).resolve().parent / "configs" / base.name_or_path.rstrip("/").rsplit("/", 1)[-1].lower()
     return candidate if (candidate / "config.json").is_file() else None
-
-
-def adapter_shape(variant: str, rank: int) -> tuple[AdapterKind, int]:
-    """Which trainable-parameter arithmetic a variant's PEFT config needs, and the rank it starts at
-    (AdaLoRA starts above the target rank and prunes down: its `init_r`)."""
-    from lora_search.variants import VARIANTS, Adapter
-
-    config = VARIANTS[variant].peft_config(Adapter(variant, rank, float(rank), ("q_proj",), 0.0, 1e-4, 1000))
-    kind = type(config).__name__
-    if kind == "AdaLoraConfig":
-        return "adalora", config.init_r
-    if kind == "VeraConfig":
-        return "vera", config.r
-    if kind == "LoraConfig":
-        return ("dora" if config.use_dora else "lora"), config.r
-    raise ConfigError(
-        [
-            Problem(
-                "space.variants",
-                variant,
-                f"the planner has no trainable-parameter arithmetic for {kind}",
-                "add it to adapter_shape and adapter_params in lora_search/plan.py",
-            )
-        ],
-        header="cannot plan",
-    )
-
-
-def adapter_params(kind: AdapterKind, r: int, layers: Sequence[LinearLayer]) -> int:
-    """Trainable parameters over the targeted layers (each in -> out):
-
-    lora (also rslora, pissa, loraplus, qlora, loftq): A (r x in) + B (out x r) = r * (in + out)
-    dora:    r * (in + out) + out        (the magnitude vector)
-    adalora: r * (in + out) + r          (A, B and the singular values E; r = init_r)
-    vera:    r + out                     (lambda_d and lambda_b; the random A, B are shared frozen buffers)
-    """
-    total = 0
-    for layer in layers:
-        i, o = layer.in_features, layer.out_features
-        total += {"lora": r * (i + o), "dora": r * (i + o) + o, "adalora": r * (i + o + 1), "vera": r + o}[kind]
-    return total
-
-
-def weight_bytes(arch: Architecture, dtype_bytes: int, quantized: bool) -> float:
-    """Bytes of the whole frozen base as trained.
-
-    bf16/fp32:  params x dtype bytes.
-    NF4:        decoder linears x NF4_BYTES (0.5159) + everything else (embedding, head, norms) x 4:
-                `prepare_model_for_kbit_training` (lora_search.variants.attach) casts them from bf16 to fp32.
-    """
-    if not quantized:
-        return arch.params * dtype_bytes
-    return arch.linear_params * NF4_BYTES + (arch.params - arch.linear_params) * 4
-
-
-def activation_bytes(
-    arch: Architecture,
-    batch: int,
-    seq: int,
-    extra_in_block: float = 0,
-    checkpointing: bool = True,
-    liger: bool = False,
-) -> float:
-    """Peak bf16 activations of one worker's micro-batch (b sequences of s tokens) with gradient checkpointing:
-
-    2*s*b*h*layers           the bf16 layer inputs kept at the checkpoints      (CHECKPOINT_BYTES)
-    + max(12*s*b*vocab,      the loss, or                                       (LOGIT_BYTES)
-          34*s*b*h + extra)  one block recomputed in backward (Korthikanti 2022, BLOCK_ACTIVATION_FACTOR) plus
-                             `extra_in_block` (DoRA's transient)
-
-    The logits and one block's activations are never alive together, so the peak is the larger of the two.
-    Without checkpointing every block keeps its activations until backward reaches it, and the loss comes on top:
-
-    87*s*b*h*layers + extra + 12*s*b*vocab
-
-    and with `liger` (Liger's kernels and TRL's fused LM head, as a trial runs them): 48*s*b*h*layers + extra.
-    """
-    sbh = seq * batch * arch.hidden
-    if liger and not checkpointing:  # measured as a whole, the fused head's chunks included (LIGER_BLOCK_FACTOR)
-        return LIGER_BLOCK_FACTOR * sbh * arch.num_layers + extra_in_block
-    loss = LOGIT_BYTES * seq * batch * arch.vocab
-    if not checkpointing:
-        return BLOCK_ACTIVATION_FACTOR * sbh * arch.num_layers + extra_in_block + loss
-    return CHECKPOINT_BYTES * sbh * arch.num_layers + max(loss, BLOCK_ACTIVATION_FACTOR * sbh + extra_in_block)
-
-
-def dora_transient_bytes(layers: Sequence[LinearLayer]) -> float:
-    """DoRA's extra peak inside one layer's forward (peft/tuners/lora/dora.py, DoraLinearLayer.forward): the
-    fp32 identity (4*in^2) and its bf16 autocast copy (2*in^2) that B(A(I)) runs on, then the bf16 B@A, its
-    scaled copy and W + s*B@A for the weight norm (3 x 2*in*out). Worst targeted layer: max(6*in^2 + 6*in*out);
-    for Llama-3.1-70B's down_proj (28672 -> 8192) 5.9 GiB, measured 5.6 GiB on an H100."""
-    return max((6 * lay.in_features**2 + 6 * lay.in_features * lay.out_features for lay in layers), default=0)
-
-
-def dtype_bytes_of(sweep: Sweep, arch: Architecture) -> int:
-    """Bytes per base weight as the sweep loads it (`BaseModel.dtype`; "auto": the config's)."""
-    return arch.dtype_bytes if sweep.base.dtype == "auto" else DTYPE_BYTES[sweep.base.dtype]
-
-
-def trial_memory(
-    sweep: Sweep,
-    arch: Architecture,
-    variant: str,
-    rank: int,
-    target: targets.Targets,
-    checkpointing: bool = True,
-    batch: int | None = None,
-    liger: bool = False,
-) -> MemoryRow:
-    """`memory_row` of one trial of `sweep`: `variant` x `rank` on `target` (a targets preset or names), at the
-    sweep's dtype, micro-batch (`budget.batch_size`, or `batch`), max_length, strategy and workers; `liger`: the
-    trial runs Liger's kernels (`LIGER_BLOCK_FACTOR`)."""
-    from lora_search.variants import VARIANTS
-
-    names = set(targets.resolve(target, list(arch.linears)))
-    r = sweep.resources
-    return memory_row(
-        arch,
-        variant=variant,
-        rank=rank,
-        targets_name=targets.target_key(target),
-        layers=[lay for lay in arch.linears if lay.name.rsplit(".", 1)[-1] in names],
-        quantized=VARIANTS[variant].quantized,
-        dtype_bytes=dtype_bytes_of(sweep, arch),
-        batch=sweep.budget.batch_size if batch is None else batch,
-        seq=sweep.dataset.max_length,
-        strategy=r.strategy_for(variant),
-        world=r.workers,
-        checkpointing=checkpointing,
-        liger=liger,
-    )
-
-
-def memory_row(
-    arch: Architecture,
-    *,
-    variant: str,
-    rank: int,
-    targets_name: str,
-    layers: Sequence[LinearLayer],
-    quantized: bool,
-    dtype_bytes: int,
-    batch: int,
-    seq: int,
-    strategy: str,
-    world: int,
-    checkpointing: bool = True,
-    liger: bool = False,
-) -> MemoryRow:
-    """Per-GPU bytes of one trial worker. `world`: the trial's workers, over which a sharding strategy splits:
-
-    weights     weight_bytes / world, plus 2 gathered blocks (the current and the prefetched) when sharded
-    adapter     trainable x (4 weight [/ world if the base is sharded] + 4 gradient [/ world if state is sharded])
-    optimizer   trainable x 8 [/ world if state is sharded]
-    activations activation_bytes (with dora_transient_bytes in the block for DoRA); never sharded
-    """
-    base_sharded, state_sharded = STRATEGIES[strategy].shards_base, STRATEGIES[strategy].shards_grads
-    kind, r = adapter_shape(variant, rank)
-    trainable = adapter_params(kind, r, layers)
-    total_weights = weight_bytes(arch, dtype_bytes, quantized)
-    if base_sharded:
-        per_param = NF4_BYTES if quantized else dtype_bytes
-        weights = total_weights / world + 2 * arch.block_params * per_param
-    else:
-        weights = total_weights
-    state_div = world if state_sharded else 1
-    adapter = trainable * (ADAPTER_WEIGHT_BYTES / (world if base_sharded else 1) + ADAPTER_GRAD_BYTES / state_div)
-    dora = dora_transient_bytes(layers) if kind == "dora" else 0
-    activations = activation_bytes(arch, batch, seq, dora, checkpointing=checkpointing, liger=liger)
-    return MemoryRow(
-        variant, rank, targets_name, trainable, weights, adapter, trainable * ADAM_BYTES / state_div, activations
-    )
 
 
 def node_sizes(cluster_gpus: int, nodes: int | None, gpus_per_node: int) -> tuple[int, ...]:

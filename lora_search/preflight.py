@@ -14,24 +14,11 @@ from typing import TYPE_CHECKING
 
 from lora_search import data, targets
 from lora_search.config import BaseModel, ConfigError, Problem, Sweep
+from lora_search.memory import meta_model
 from lora_search.variants import VARIANTS
 
 if TYPE_CHECKING:
-    import torch
-
     from lora_search.targets import LinearLayer
-
-
-def meta_model(base: BaseModel) -> torch.nn.Module:
-    """`base` built from its config alone on the meta device (no weights). Raises OSError/ValueError if no config."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(
-        base.name_or_path, revision=base.revision, trust_remote_code=base.trust_remote_code
-    )
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=base.trust_remote_code)
 
 
 def model_layers(base: BaseModel) -> list[LinearLayer]:

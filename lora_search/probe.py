@@ -12,10 +12,10 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lora_search.layout import PROBE_FILE
+
 if TYPE_CHECKING:
     import torch
-
-PROBE_FILE = "probe.safetensors"
 
 
 def probe_batch(tokenizer: Any, eval_ds: Any, n: int = 2) -> list[torch.Tensor]:

@@ -26,9 +26,8 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lora_search.basemodel import default_cache_dir
 from lora_search.config import BaseModel, ConfigError, Problem
-from lora_search.probe import PROBE_FILE
+from lora_search.layout import PROBE_FILE, default_cache_dir
 from lora_search.variants import VARIANTS
 
 if TYPE_CHECKING:
@@ -52,7 +51,7 @@ precision the merged weight W + s*B@A is rounded to 11 (fp16) or 8 (bf16) signif
 unmerged path never does; the bounds are 6-10x eps (fp16 9.8e-4, bf16 7.8e-3). Measured on the test model (lora,
 rslora, dora): max |diff| 1e-3 in fp16, 1.1e-2 in bf16; a doubled LoRA scale moved float32 logits by 0.41."""
 FALLBACK_PROMPTS = ("The quick brown fox jumps over the lazy dog.", "Question: what is the answer?\nAnswer:")
-"""The merge check's batch when the adapter has no probe file (`lora_search.probe.PROBE_FILE`)."""
+"""The merge check's batch when the adapter has no probe file (`lora_search.layout.PROBE_FILE`)."""
 
 
 class BaseMismatchError(ConfigError):
@@ -448,11 +447,6 @@ def _merge_checked(
 
 
 # --- MLflow ----------------------------------------------------------------------------------------------------
-
-
-def default_tracking_uri(output_dir: str) -> str:
-    """The MLflow store a sweep writes when no tracking URI is configured: a sqlite file in its output dir."""
-    return f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}"
 
 
 def download_run_adapter(run_id: str, tracking_uri: str, dst: Path) -> Path:

@@ -25,6 +25,15 @@ import numpy as np
 
 from lora_search import pareto
 from lora_search.config import ConfigError, Problem
+from lora_search.layout import (
+    BASE_SCORES_FILE,
+    HISTORY_FILE,
+    PROVENANCE_FILE,
+    REPORT_HTML,
+    SWEEP_METRICS_FILE,
+    TRACKING_FILE,
+    TRIALS_FILE,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -107,7 +116,7 @@ def load(sweep_dir: Path) -> SweepResults:
     import pandas as pd
 
     sweep_dir = Path(sweep_dir)
-    parquet = sweep_dir / "trials.parquet"
+    parquet = sweep_dir / TRIALS_FILE
     if not parquet.is_file():
         what = "no such directory" if not sweep_dir.is_dir() else "has no trials.parquet (the sweep has not finished)"
         raise ConfigError(
@@ -119,17 +128,17 @@ def load(sweep_dir: Path) -> SweepResults:
         path = sweep_dir / name
         return json.loads(path.read_text()) if path.is_file() else None
 
-    history = sweep_dir / "history.parquet"
-    provenance = read_json("provenance.json") or {}
+    history = sweep_dir / HISTORY_FILE
+    provenance = read_json(PROVENANCE_FILE) or {}
     trials = pd.read_parquet(parquet)
     return SweepResults(
         name=provenance.get("lora_search.sweep") or sweep_dir.name,
         trials=trials.assign(**{k: v for k, v in LATER_COLUMNS.items() if k not in trials.columns}),
         history=pd.read_parquet(history) if history.is_file() else None,
-        metrics=read_json("sweep_metrics.json") or {},
-        base=read_json("base_scores.json"),
+        metrics=read_json(SWEEP_METRICS_FILE) or {},
+        base=read_json(BASE_SCORES_FILE),
         provenance=provenance,
-        tracking=read_json("tracking.json"),
+        tracking=read_json(TRACKING_FILE),
     )
 
 
@@ -142,7 +151,7 @@ def write_report(
     "reason"}], "baseline_source": str}`. `extra_provenance`: settings the sweep dir does not record (seed,
     search, budget, ...), shown beside provenance.json's tags. Raises ConfigError when the sweep has no results.
     """
-    out = Path(sweep_dir) / "index.html"
+    out = Path(sweep_dir) / REPORT_HTML
     page = render(load(Path(sweep_dir)), baseline=baseline, extra_provenance=extra_provenance)
     tmp = out.with_suffix(".html.tmp")
     tmp.write_text(page, encoding="utf-8")

@@ -12,70 +12,19 @@ No ending but completed puts a trial on the frontier, and none stops the sweep.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from lora_search.config import Sweep
 from lora_search.cost import devices_per_trial, trial_cost
-from lora_search.resume import REPORT_FILE, TRAINER_DIR, UPLOADED_FILE
+from lora_search.layout import REPORT_FILE, TRAINER_DIR, UPLOADED_FILE
+from lora_search.records import GOLDEN_PREFIX, Status, error_reason, stopped_figures, stopped_status
 from lora_search.space import trial_params
-
-GOLDEN_PREFIX = "golden/"
 
 if TYPE_CHECKING:
     import pandas as pd
-
-Status = Literal["completed", "pruned", "failed", "diverged", "infeasible"]
-
-
-class LossDivergedError(RuntimeError):
-    """A trial's train or eval loss became NaN or infinite. Raised by the worker at the report where it shows (ASHA
-    never records the value, so its cutoffs stay finite); the trial ends as `diverged`, is never retried, and a
-    searcher is told it errored, not that it scored. Build it with `diverged` (one message argument, so that it
-    pickles across Ray processes)."""
-
-
-class InfeasibleError(RuntimeError):
-    """A trial ran out of device memory, or past `Resources.memory_limit_gb`. The trial ends as `infeasible` (its
-    configuration cannot run on these devices: not retried, kept off the frontier), with the peak it reached. Build
-    it with `infeasible`."""
-
-
-def diverged(which: str, value: float, step: int) -> LossDivergedError:
-    return LossDivergedError(f"{which}={value} at step {step}: the loss diverged (lower the learning rate)")
-
-
-def infeasible(what: str, peak_bytes: int, step: int) -> InfeasibleError:
-    return InfeasibleError(
-        f"{what} at step {step}, peak_mem_bytes={peak_bytes} ({peak_bytes / 2**30:.2f} GiB): infeasible on these "
-        "devices (a smaller micro-batch, rank or max_length, a 4-bit variant, or a sharding strategy may fit)"
-    )
-
-
-_STOPPED = {"diverged": LossDivergedError.__name__, "infeasible": InfeasibleError.__name__}
-_DIVERGED = re.compile(r"(train_loss|eval_loss)=(\S+) at step (\d+)")
-_PEAK = re.compile(r"at step (\d+), peak_mem_bytes=(\d+)")
-
-
-def stopped_status(reason: str) -> Status:
-    """The status of a trial that raised with `reason`: diverged, infeasible, or failed."""
-    for status, name in _STOPPED.items():
-        if name in reason:
-            return status  # type: ignore[return-value]
-    return "failed"
-
-
-def stopped_figures(reason: str) -> dict[str, Any]:
-    """What a diverged or infeasible trial's error says: the real loss value and its step, or the peak memory."""
-    if m := _DIVERGED.search(reason):
-        return {m.group(1): float(m.group(2)), "step": int(m.group(3))}
-    if m := _PEAK.search(reason):
-        return {"step": int(m.group(1)), "peak_mem_bytes": int(m.group(2))}
-    return {}
-
 
 TABLE_COLUMNS = [
     "trial_id",
@@ -140,7 +89,7 @@ class TrialRecord:
     fast_path: str = ""
     """Which speed pieces the trial ran with and why any was off (`lora_search.fastpath`)."""
     steady_tokens_per_s: float = float("nan")
-    """Tokens per second of training steps alone, after the first `train.STEADY_AFTER_STEPS`, evaluations and
+    """Tokens per second of training steps alone, after the first `callbacks.STEADY_AFTER_STEPS`, evaluations and
     checkpoints left out: the figure to compare training paths by (NaN for a trial too short to have one)."""
     startup_s: float = 0.0
     """Cold start, part 1: the trial's Ray Train worker group starting and importing, until its worker runs. A warm
@@ -177,17 +126,6 @@ def status_of(error: BaseException | None, last: dict[str, Any], max_steps: int)
     if last.get("step", 0) >= max_steps:
         return "completed"
     return "pruned"
-
-
-def error_reason(error: BaseException | str | None) -> str:
-    """The last meaningful line of a trial's error (Ray wraps the worker's traceback several times)."""
-    if error is None:
-        return ""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    for line in reversed(lines):
-        if not line.startswith(("File ", "^", "~", "The above exception", "Traceback")):
-            return line[:500]
-    return type(error).__name__
 
 
 def record(
@@ -267,7 +205,7 @@ def newest_checkpoint(trial_id: str, last: dict[str, Any], follow: bool) -> tupl
     `follow`, the newest checkpoint after it, with the report saved in it.
 
     Tune stops a pruned trial on a result its Ray Train run may already be past: the run can register one or two
-    newer checkpoints (and drop the oldest, `trial.KEEP_CHECKPOINTS`) before the stop reaches it. The trial then
+    newer checkpoints (and drop the oldest, `checkpoints.KEEP_CHECKPOINTS`) before the stop reaches it. The trial then
     trained further than Tune saw, and its record says so rather than losing the adapter."""
     named = last.get("checkpoint_path")
     if not named:

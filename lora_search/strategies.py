@@ -156,7 +156,7 @@ def full_adapter_state_dict(model: PeftModel) -> dict[str, torch.Tensor]:
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover - torch without DTensor
-        DTensor = ()  # type: ignore[assignment,misc]  # noqa: N806
+        DTensor = ()  # type: ignore[assignment,misc]
 
     prefix = model.base_model.prefix  # "lora_" for LoRA/DoRA/AdaLoRA, "vera_lambda_" for VeRA
     state = model.state_dict()  # FSDP2: sharded DTensors, no communication; ZeRO-3: shape-[0] placeholders

@@ -20,7 +20,7 @@ local Ray with the dashboard off. Results land in `<output_dir>/<name>/`:
 
 Resume: a driver that died (Ctrl+C, SIGKILL, a lost machine) leaves Ray Tune's experiment state in `ray/<name>/`;
 running the sweep again restores it (`Tuner.restore`): finished trials, ASHA's rungs and the searcher's state are
-kept, and trials cut short train on from their last adapter checkpoint (lora_search.resume).
+kept, and trials cut short train on from their last adapter checkpoint (lora_search.checkpoints).
 """
 
 from __future__ import annotations
@@ -37,9 +37,23 @@ from typing import Any
 import pandas as pd
 from ray.tune import Callback
 
-from lora_search import cost, pareto, preflight, registry, results, resume, space, tracking
+from lora_search import cost, layout, pareto, preflight, records, registry, results, resume, space, tracking
 from lora_search.config import ConfigError, Problem, Sweep
-from lora_search.trial import FAILED_FILE, max_failures, run_trial, trial_resources, warm
+from lora_search.layout import (
+    ADAPTERS_DIR,
+    ASHA_STATE_FILE,
+    BASE_LM_EVAL_RESULTS,
+    BASE_SCORES_FILE,
+    FAILED_FILE,
+    FRONTIER_FILE,
+    HISTORY_FILE,
+    PROVENANCE_FILE,
+    RAY_DIR,
+    SOURCE_FILE,
+    SWEEP_METRICS_FILE,
+    TRIALS_FILE,
+)
+from lora_search.trial import max_failures, run_trial, trial_resources, warm
 
 WORKER_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
@@ -55,11 +69,8 @@ class SweepExistsError(RuntimeError):
     """The sweep's name already has finished results; running again would overwrite them."""
 
 
-SOURCE_FILE = "sweep_source.json"
-
-
 def sweep_dir(sweep: Sweep) -> Path:
-    return Path(sweep.output_dir).resolve() / sweep.name
+    return layout.sweep_dir(sweep.output_dir, sweep.name)
 
 
 def _init_ray() -> None:
@@ -95,8 +106,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def concurrent_trials(sweep: Sweep, cluster: dict[str, float]) -> int:
-    """How many trials fit on the cluster at once at the sweep's per-trial resources."""
+def trials_at_once(sweep: Sweep, cluster: dict[str, float]) -> int:
+    """How many trials fit on the running cluster at once at the sweep's per-trial resources (what Tune may run;
+    the plan's `plan.concurrent_trials` counts whole trials per node of a planned cluster instead)."""
     if sweep.max_concurrent_trials is not None:
         return sweep.max_concurrent_trials
     r = sweep.resources
@@ -176,11 +188,11 @@ class _Events(Callback):
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         """Tune retries a warm trial (`trial.max_failures`): one that lost its process trains on from its newest
-        checkpoint; one whose training raised left its error (`trial.FAILED_FILE`), raises it again at once on this
+        checkpoint; one whose training raised left its error (`layout.FAILED_FILE`), raises it again at once on this
         start, and is retried no more."""
         if (s := _SESSION) is None:
             return
-        if (sweep_dir(s.sweep) / "ray" / "train" / f"trial_{trial.trial_id}" / FAILED_FILE).is_file():
+        if (layout.run_dir(layout.ray_storage(sweep_dir(s.sweep)), trial.trial_id) / FAILED_FILE).is_file():
             trial.max_failures = 0
             s.refailing.add(trial.trial_id)
             return
@@ -193,12 +205,12 @@ class _Events(Callback):
         # the sweep's storage, which is synced later (often empty here).
         local = Path(getattr(trial, "error_file", None) or "")
         text = local.read_text() if local.name and local.is_file() else trial.get_error()
-        reason = results.error_reason(text)
-        status = results.stopped_status(reason)
+        reason = records.error_reason(text)
+        status = records.stopped_status(reason)
         s.ended.add(trial.trial_id)
         s.say(f"trial {trial.trial_id} {status.upper()} (the sweep goes on): {reason}")
         if s.tracker:
-            step = int(results.stopped_figures(reason).get("step", 0))
+            step = int(records.stopped_figures(reason).get("step", 0))
             s.tracker.trial_ended(trial.trial_id, trial.config, status, step, reason)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
@@ -215,14 +227,14 @@ def _base_scores(sweep: Sweep, pending: Any, out: Path) -> dict[str, Any] | None
 
     try:
         base = ray.get(pending)
-    except Exception as e:  # noqa: BLE001 - whatever broke, the trials' results are already on disk
-        reason = results.error_reason(e)
-        (out / "base_scores.json").write_text(json.dumps({"error": reason}, indent=1))
+    except Exception as e:  # whatever broke, the trials' results are already on disk
+        reason = records.error_reason(e)
+        (out / BASE_SCORES_FILE).write_text(json.dumps({"error": reason}, indent=1))
         print(f"\nthe base model could not be scored on the golden sets: {reason}")
         return None
     summary = {k: base[k] for k in ("metrics", "objective", "higher_is_better")}
-    (out / "base_scores.json").write_text(json.dumps(summary, indent=1))
-    (out / "base_lm_eval_results.json").write_text(json.dumps(base["results"], indent=1))
+    (out / BASE_SCORES_FILE).write_text(json.dumps(summary, indent=1))
+    (out / BASE_LM_EVAL_RESULTS).write_text(json.dumps(base["results"], indent=1))
     return base
 
 
@@ -333,7 +345,7 @@ def resumable(out: Path) -> bool:
     """Whether the sweep dir holds Ray Tune state of a sweep that has not finished."""
     from ray import tune
 
-    return not (out / "trials.parquet").exists() and tune.Tuner.can_restore(str(out / "ray" / out.name))
+    return not (out / TRIALS_FILE).exists() and tune.Tuner.can_restore(str(out / RAY_DIR / out.name))
 
 
 def run(
@@ -351,7 +363,7 @@ def run(
     """
     validate(sweep, construction_problems)
     out = sweep_dir(sweep)
-    parquet = out / "trials.parquet"
+    parquet = out / TRIALS_FILE
     if parquet.exists():
         if not fresh:
             raise SweepExistsError(
@@ -368,7 +380,7 @@ def run(
     base_bytes = preflight.base_weight_bytes(sweep.base)
     try:
         tracker = None if tracking.is_off(sweep) else tracking.Tracker(sweep, out, fingerprint)
-    except Exception as e:  # noqa: BLE001 - before any compute: say what to fix
+    except Exception as e:  # before any compute: say what to fix
         uri = tracking.tracking_uri(sweep)
         raise ConfigError(
             [Problem("tracking_uri", uri, f"MLflow tracking cannot start ({type(e).__name__}: {str(e)[:300]})", "")]
@@ -379,10 +391,10 @@ def run(
     _init_ray()
     import ray
 
-    storage = out / "ray"
+    storage = layout.ray_storage(out)
     experiment = storage / sweep.name
     storage.mkdir(exist_ok=True)
-    asha_state = storage / "asha_state.json"
+    asha_state = storage / ASHA_STATE_FILE
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, sweep=sweep, storage_path=str(storage)), trial_resources(sweep)
     )
@@ -396,7 +408,7 @@ def run(
         tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_errored=False, restart_errored=False)
     else:
         asha_state.unlink(missing_ok=True)  # of an earlier sweep by this name whose Ray state was unusable
-        n_concurrent = concurrent_trials(sweep, ray.cluster_resources())
+        n_concurrent = trials_at_once(sweep, ray.cluster_resources())
         print(
             f"sweep {sweep.name!r}: {sweep.num_samples} sample(s), search={sweep.search}, "
             f"ASHA rungs at steps {space.rungs(sweep)} of {sweep.budget.max_steps}, "
@@ -452,7 +464,7 @@ def run(
         trial_id = Path(result.path).name.removeprefix("trial_")
         history = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
         history = list({int(h.get("step", 0)): h for h in history}.values())  # a step reported again after a resume
-        records.append(results.record(trial_id, result.config, history, result.error, sweep, out / "adapters"))
+        records.append(results.record(trial_id, result.config, history, result.error, sweep, out / ADAPTERS_DIR))
         configs[trial_id], histories[trial_id] = result.config, history
     base = _base_scores(sweep, base_scores, out) if base_scores is not None else None
     records, frontier_table, figures = _frontier(sweep, records, base, base_bytes)
@@ -460,20 +472,20 @@ def run(
         _drop_orphan_runs(tracker, {r.trial_id for r in records})
         records = [dataclasses.replace(r, mlflow_run_id=tracker.children.get(r.trial_id, "")) for r in records]
     _write_meta(sweep, records, fingerprint, tracker)
-    results.history_frame(histories).to_parquet(out / "history.parquet", index=False)
-    (out / "provenance.json").write_text(json.dumps(tracking.provenance(sweep, fingerprint), indent=1))
+    results.history_frame(histories).to_parquet(out / HISTORY_FILE, index=False)
+    (out / PROVENANCE_FILE).write_text(json.dumps(tracking.provenance(sweep, fingerprint), indent=1))
     results.write(records, parquet)
-    frontier_table.to_csv(out / "frontier.csv", index=False)
+    frontier_table.to_csv(out / FRONTIER_FILE, index=False)
     quality = sweep.evals.objective if sweep.evals is not None else "eval_loss"
     labels = {"quality_key": quality, "currency": sweep.pricing.currency}
-    (out / "sweep_metrics.json").write_text(json.dumps({**figures, **labels}, indent=1))
+    (out / SWEEP_METRICS_FILE).write_text(json.dumps({**figures, **labels}, indent=1))
     frame = results.to_frame(records)
     _print_outcome(sweep, frame, base, figures, time.monotonic() - session.start)
-    report = write_report(sweep, out)
+    report = write_sweep_report(sweep, out)
     if tracker:
         tracker.finish(records, configs, histories, figures, frontier_table, base["results"] if base else None, report)
         print(f"MLflow: experiment {sweep.name!r} at {tracker.uri} (parent run {tracker.parent_id}); `lora-search ui`")
-    print(f"\nresults: {parquet}\nadapters: {out / 'adapters'}")
+    print(f"\nresults: {parquet}\nadapters: {out / ADAPTERS_DIR}")
     if report:
         print(f"report: {report}")
     return frame
@@ -486,19 +498,19 @@ def _drop_orphan_runs(tracker: tracking.Tracker, trial_ids: set[str]) -> None:
         run_id = tracker.children.pop(trial_id)
         try:
             tracker.client.delete_run(run_id)
-        except Exception as e:  # noqa: BLE001 - tracking never takes the sweep down
+        except Exception as e:  # tracking never takes the sweep down
             print(f"MLflow: the orphan run {run_id} of trial {trial_id} could not be deleted ({e!s:.200})", flush=True)
             continue
         print(f"MLflow: deleted run {run_id} of trial {trial_id}, which the restored sweep does not have", flush=True)
 
 
-def write_report(sweep: Sweep, out: Path, baseline: dict[str, Any] | None = None) -> Path | None:
-    """The sweep's HTML report (lora_search.report); a failure is printed and loses no result."""
+def write_sweep_report(sweep: Sweep, out: Path, baseline: dict[str, Any] | None = None) -> Path | None:
+    """The sweep's HTML report (`report.write_report`); a failure is printed and loses no result."""
     from lora_search.report import write_report as write
 
     try:
         return write(out, baseline=baseline, extra_provenance=tracking.sweep_params(sweep))
-    except Exception as e:  # noqa: BLE001 - the results on disk stand without their report
+    except Exception as e:  # the results on disk stand without their report
         print(f"the HTML report could not be written ({type(e).__name__}: {e}); `lora-search report {sweep.name}`")
         return None
 

@@ -44,8 +44,17 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lora_search import registry, results
 from lora_search.config import Problem, Sweep
+from lora_search.layout import (
+    BASE_LM_EVAL_RESULTS,
+    FRONTIER_FILE,
+    LM_EVAL_RESULTS,
+    MLFLOW_ARTIFACTS_DIR,
+    TRACKING_FILE,
+    default_tracking_uri,
+    tracking_uri,
+)
+from lora_search.records import stopped_figures
 from lora_search.space import trial_params
 
 if TYPE_CHECKING:
@@ -54,7 +63,6 @@ if TYPE_CHECKING:
 
     from lora_search.results import TrialRecord
 
-TRACKING_FILE = "tracking.json"
 OFF = "off"
 PACKAGES = ("lora_search", "torch", "transformers", "peft", "trl", "ray", "lm_eval", "mlflow")
 STEP_METRICS = ("eval_loss", "train_loss", "tokens_per_s", "tokens", "train_s", "peak_mem_bytes")
@@ -100,12 +108,6 @@ MLFLOW_STATUS = {
     "infeasible": "FAILED",
     "interrupted": "KILLED",
 }
-
-
-def tracking_uri(sweep: Sweep) -> str:
-    return (
-        sweep.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or registry.default_tracking_uri(sweep.output_dir)
-    )
 
 
 def redact(text: str) -> str:
@@ -292,8 +294,8 @@ class Tracker:
         if found is not None:
             return found.experiment_id
         location, tags = None, {"mlflow.experimentKind": "custom_model_development"}  # the UI's training-run view
-        if self.uri == registry.default_tracking_uri(self.sweep.output_dir):
-            location = (Path(self.sweep.output_dir).resolve() / "mlartifacts").as_uri()
+        if self.uri == default_tracking_uri(self.sweep.output_dir):
+            location = (Path(self.sweep.output_dir).resolve() / MLFLOW_ARTIFACTS_DIR).as_uri()
         try:
             return self.client.create_experiment(self.sweep.name, artifact_location=location, tags=tags)
         except MlflowException:  # created meanwhile by another driver
@@ -340,7 +342,7 @@ class Tracker:
             return None
         try:
             return action()
-        except Exception as e:  # noqa: BLE001 - tracking must never take the sweep down
+        except Exception as e:  # tracking must never take the sweep down
             self.broken = True
             print(
                 f"MLflow tracking at {self.uri} failed while {what} ({type(e).__name__}: {str(e)[:300]}); "
@@ -430,8 +432,6 @@ class Tracker:
         configs: dict[str, dict[str, Any]],
         histories: dict[str, list[dict[str, Any]]],
     ) -> None:
-        from lora_search.train import LM_EVAL_RESULTS
-
         for r in records:
             run_id = self.child(r.trial_id, configs[r.trial_id])
             self._backfill(run_id, histories.get(r.trial_id, []))
@@ -442,7 +442,7 @@ class Tracker:
                 from mlflow.entities import Metric
 
                 now = int(time.time() * 1000)
-                for key, value in results.stopped_figures(r.reason).items():
+                for key, value in stopped_figures(r.reason).items():
                     if key != "step":
                         metrics.append(Metric(key, value, now, r.step))
             self._log(run_id, metrics=metrics)
@@ -479,11 +479,11 @@ class Tracker:
         self._log(parent, metrics=_metrics(sweep_metrics, sorted(sweep_metrics), 0))
         with tempfile.TemporaryDirectory() as tmp:
             table = frontier_table.assign(run_id=[self.children.get(t, "") for t in frontier_table["trial_id"]])
-            table.to_csv(Path(tmp) / "frontier.csv", index=False)
-            self.client.log_artifact(parent, str(Path(tmp) / "frontier.csv"))
+            table.to_csv(Path(tmp) / FRONTIER_FILE, index=False)
+            self.client.log_artifact(parent, str(Path(tmp) / FRONTIER_FILE))
             if base_results is not None:
-                (Path(tmp) / "base_lm_eval_results.json").write_text(json.dumps(base_results, indent=1))
-                self.client.log_artifact(parent, str(Path(tmp) / "base_lm_eval_results.json"))
+                (Path(tmp) / BASE_LM_EVAL_RESULTS).write_text(json.dumps(base_results, indent=1))
+                self.client.log_artifact(parent, str(Path(tmp) / BASE_LM_EVAL_RESULTS))
         self.client.set_tag(parent, "lora_search.status", "finished")
         self.client.set_terminated(parent, "FINISHED")
 

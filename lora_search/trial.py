@@ -7,30 +7,35 @@ Tune runs `run_trial` once per sampled config. It starts a Ray Train run sized b
 devices. A failing training run raises here, which Tune records as this trial's error; the sweep goes on.
 
 A trial that lost a worker process or a whole node trains on from its last adapter checkpoint: the same Ray Train
-run is fitted again (Ray restores its checkpoints; lora_search.resume), up to `WORKER_LOSSES` times. Errors of
+run is fitted again (Ray restores its checkpoints; lora_search.checkpoints), up to `WORKER_LOSSES` times. Errors of
 the training itself (failed, diverged, infeasible) are not retried: they would fail again the same way.
 
 Warm trials (`warm`: one-worker DDP sweeps, `Resources.reuse_workers`) skip the worker group: the Tune trial
 process holds the trial's devices and runs the same `train_loop` itself, as rank 0 of 1, and Tune reuses the
 process for the next trial. (Ray Train starts a new worker group for every run and cannot keep one; its one-process
-local mode refuses to run inside Tune.) Its reports go to Tune directly (`report`), with checkpoints kept in the
-same run dir, under the same names, as Ray Train keeps them. A lost trial process is Tune's to retry
-(`max_failures`), and the retry trains on from the newest checkpoint; a retry of a trial whose training raised
+local mode refuses to run inside Tune.) Its reports go to Tune directly (`callbacks.report_result`), with
+checkpoints kept in the same run dir, under the same names, as Ray Train keeps them. A lost trial process is Tune's
+to retry (`max_failures`), and the retry trains on from the newest checkpoint; a retry of a trial whose training raised
 raises that error again (`FAILED_FILE`) instead of training a second time.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import pickle
-import shutil
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
+from lora_search import layout
+from lora_search.checkpoints import KEEP_CHECKPOINTS, usable_run
 from lora_search.config import Sweep
+from lora_search.devices import release_memory
+from lora_search.layout import FAILED_FILE, SNAPSHOT_FILE
+from lora_search.records import TrialParams
 
 DRIVER_RESOURCES = {"CPU": 0, "memory": 256 * 2**20, "node:__internal_head__": 0.001}
 """What a trial process that starts a Ray Train worker group reserves (a warm trial's reserves its worker's devices,
@@ -41,16 +46,6 @@ so does the Ray Train controller it starts: losing a worker node never takes a t
 
 WORKER_LOSSES = 3
 """Times one trial may lose a worker process or node and still train on from its last checkpoint."""
-
-KEEP_CHECKPOINTS = 3
-"""Checkpoints a trial's Ray Train run keeps. Tune may stop a pruned trial on a result its run is up to two reports
-past (one waits in the queue to Tune, one in the report callback that feeds it), so keeping 3 keeps the checkpoint
-of the result Tune stopped on (`results.newest_checkpoint` covers a run that got further still)."""
-
-
-FAILED_FILE = ".failed.pkl"
-"""In a warm trial's run dir: the error its training raised (pickled), so that Tune's retry, meant for a lost
-process, raises it again at once."""
 
 
 def warm(sweep: Sweep) -> bool:
@@ -95,11 +90,8 @@ def run_trial(config: dict[str, Any], sweep: Sweep, storage_path: str) -> None:
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from lora_search.resume import SNAPSHOT_FILE, usable_run
-    from lora_search.space import trial_params
-
     trial_id = ray.tune.get_context().get_trial_id()
-    run_dir = Path(storage_path) / "train" / f"trial_{trial_id}"
+    run_dir = layout.run_dir(storage_path, trial_id)
     if run_dir.exists() and not usable_run(run_dir):
         # A trial cut short by a killed driver resumes from its Ray Train run's newest checkpoint. A snapshot that is
         # broken (the driver died while writing it) or names an incomplete checkpoint would stop Ray from starting the
@@ -107,9 +99,9 @@ def run_trial(config: dict[str, Any], sweep: Sweep, storage_path: str) -> None:
         (run_dir / SNAPSHOT_FILE).unlink(missing_ok=True)
     loop_config = {
         "sweep": sweep,
-        **trial_params(config),
+        **dataclasses.asdict(TrialParams.from_config(config)),
         "run_dir": str(run_dir),
-        "progress_file": str(Path(storage_path) / "progress" / f"trial_{trial_id}.json"),
+        "progress_file": str(layout.progress_file(storage_path, trial_id)),
         "tune_run": uuid.uuid4().hex,
         "tune_run_start": time.time(),
     }
@@ -123,7 +115,7 @@ def run_trial(config: dict[str, Any], sweep: Sweep, storage_path: str) -> None:
             scaling_config=scaling_config(sweep),
             run_config=RunConfig(
                 name=f"trial_{trial_id}",
-                storage_path=str(Path(storage_path) / "train"),
+                storage_path=str(layout.run_dir(storage_path, trial_id).parent),
                 callbacks=[TuneReportCallback()],
                 # The newest checkpoints only: what a pruned or finished trial hands on, and what a restart resumes.
                 checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
@@ -155,7 +147,7 @@ def _fit_here(loop_config: dict[str, Any], run_dir: Path) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         try:
             failed.write_bytes(pickle.dumps(e))
-        except Exception:  # noqa: BLE001 - an error that does not pickle: its text, which is what results read
+        except Exception:  # an error that does not pickle: its text, which is what results read
             failed.write_bytes(pickle.dumps(RuntimeError(f"{type(e).__name__}: {e}")))
         raise
     finally:
@@ -177,53 +169,9 @@ def _log_to_stderr() -> None:
 def _unpickled(path: Path) -> BaseException:
     try:
         error = pickle.loads(path.read_bytes())
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         return RuntimeError(f"the trial failed before; its error ({path}) could not be read: {e}")
     return error if isinstance(error, BaseException) else RuntimeError(str(error))
-
-
-def release_memory() -> None:
-    """Free what the trial left for the next one in this process: its model, optimizer and cached device blocks."""
-    import gc
-    import sys
-
-    gc.collect()
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.empty_cache()
-
-
-def report(metrics: dict[str, Any], checkpoint: Path | None, name: str, run_dir: Path, warm: bool) -> None:
-    """Report one result of a trial, with rank 0's checkpoint dir (or None), stored in the run dir as `name`.
-
-    Ray Train run: `ray.train.report` (every rank takes part; Ray uploads the checkpoint and forwards the result to
-    Tune). Warm trial: the checkpoint is copied into the run dir here, the newest `KEEP_CHECKPOINTS` are kept, and
-    the result goes to Tune with its `checkpoint_path`, as Ray Train's Tune callback sends it."""
-    if not warm:
-        import ray.train
-
-        ckpt = ray.train.Checkpoint.from_directory(str(checkpoint)) if checkpoint is not None else None
-        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name)
-        return
-    import ray.tune
-
-    from lora_search.resume import UPLOADED_FILE
-
-    metrics = dict(metrics)
-    if checkpoint is not None:
-        target = run_dir / name
-        partial = run_dir / f".{name}.partial"
-        shutil.rmtree(partial, ignore_errors=True)
-        shutil.copytree(checkpoint, partial)
-        # Marked complete before the report: Tune may stop the trial inside `ray.tune.report` (ASHA, or its last
-        # step), and a trial Tune runs again after a killed driver resumes from the newest marked checkpoint.
-        (partial / UPLOADED_FILE).touch()
-        shutil.rmtree(target, ignore_errors=True)
-        partial.rename(target)  # whole or absent: a killed process never leaves half a checkpoint under its name
-        for old in sorted(run_dir.glob("step_*"))[:-KEEP_CHECKPOINTS]:
-            shutil.rmtree(old, ignore_errors=True)
-        metrics["checkpoint_path"] = str(target)
-    ray.tune.report(metrics)
 
 
 def lost_workers(error: BaseException) -> bool:

@@ -14,9 +14,7 @@ local copy (config.json, tokenizer, safetensors) that every node can read. Read 
 import os
 from pathlib import Path
 
-from lora_search import BaseModel, Budget, Dataset, Evals, Resources, SearchSpace, Sweep
-from lora_search.cli import run_sweep_main
-from lora_search.config import Pricing
+from lora_search import BaseModel, Budget, Dataset, Evals, Pricing, Resources, SearchSpace, Sweep, main
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data" / "tiny"
@@ -79,4 +77,4 @@ SWEEP = Sweep(
 )
 
 if __name__ == "__main__":
-    run_sweep_main(SWEEP, config_dir=ARCHITECTURE)
+    main(SWEEP, config_dir=ARCHITECTURE)

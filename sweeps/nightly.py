@@ -4,7 +4,7 @@ Run:  lora-search nightly sweeps/nightly.py --baseline mlflow            (exit 1
       lora-search nightly sweeps/nightly.py --baseline mlflow --promote  (a passing run becomes the baseline)
 On a cluster: cluster/nightly-cronjob.yaml (Kubernetes CronJob -> KubeRay RayJob) or cluster/nightly.cron.
 
-Everything that could drift is pinned: the base (built from a hashed recipe, lora_search/basemodel.py), the data
+Everything that could drift is pinned: the base (built from a hashed recipe, lora_search/demo_base.py), the data
 (data/tiny/), the eval tasks (evals/tasks/, versioned), the seed and the sampled configs (random search, seed 0).
 Four trials of 100 steps: a few minutes on a laptop CPU. ASHA prunes at step 50, so cost and pruning are
 exercised too.
@@ -12,8 +12,7 @@ exercised too.
 
 from pathlib import Path
 
-from lora_search import BaseModel, Budget, Dataset, Evals, Resources, SearchSpace, Sweep, main
-from lora_search.basemodel import build_tiny_base
+from lora_search import BaseModel, Budget, Dataset, Evals, Resources, SearchSpace, Sweep, build_tiny_base, main
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data" / "tiny"

@@ -4,7 +4,7 @@ Run:  python sweeps/tiny.py                 (or: lora-search run sweeps/tiny.py)
 On a running Ray cluster:  ray job submit --working-dir . -- python sweeps/tiny.py
 
 The base model (a ~4M-parameter Llama and its tokenizer) is built and pretrained here on first use and cached
-(lora_search/basemodel.py). The task, in data/tiny/, is one the base cannot do before adaptation: name the
+(lora_search/demo_base.py). The task, in data/tiny/, is one the base cannot do before adaptation: name the
 mood of a sentence and give the antonym of its adjective. 18 trials over 7 variants and 4 ranks; ASHA on
 eval loss prunes the weak ones at steps 50 and 150 of 200. Completed trials and the base model are scored
 on two held-out golden sets with lm-eval (evals/tasks/tiny_mood.yaml: multiple choice; tiny_antonym.yaml:
@@ -13,8 +13,7 @@ greedy generation, exact match).
 
 from pathlib import Path
 
-from lora_search import BaseModel, Budget, Dataset, Evals, Resources, SearchSpace, Sweep, main
-from lora_search.basemodel import build_tiny_base
+from lora_search import BaseModel, Budget, Dataset, Evals, Resources, SearchSpace, Sweep, build_tiny_base, main
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data" / "tiny"

@@ -146,7 +146,7 @@ def _launcher_problems(config: dict[str, Any]) -> list[str]:
         return out
     try:
         validate_config(prepare_config(copy.deepcopy(config)))
-    except Exception as e:  # noqa: BLE001 - whatever Ray raises is what `ray up` would stop with
+    except Exception as e:  # whatever Ray raises is what `ray up` would stop with
         return [f"<root>: `ray up` refuses it: {type(e).__name__}: {e}"]
     if config["provider"]["type"] == "aws":
         for name, node_type in config["available_node_types"].items():

@@ -107,7 +107,7 @@ def _tracker_writer(
             tracker.trial_result(trial_id, CONFIG, {"step": step, **{m: _value(m, index, step) for m in METRICS}})
         tracker.trial_ended(trial_id, CONFIG, "completed", steps)
         report.update(run_id=tracker.children.get(trial_id, ""), parent_id=tracker.parent_id, broken=tracker.broken)
-    except Exception as e:  # noqa: BLE001 - reported to the test, which fails on it
+    except Exception as e:  # reported to the test, which fails on it
         report["error"] = f"{type(e).__name__}: {e}"[:500]
     results.put(report)
 
@@ -321,20 +321,20 @@ def _trial_writers(store: str, out: Path, uri: str | None, read_uri: str, server
 
 def test_16_trial_writers_on_the_embedded_sqlite_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """lora_search's default, `sqlite:///<output_dir>/mlflow.db`, opened directly by all sixteen processes."""
-    from lora_search import registry
+    from lora_search import layout
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    _trial_writers("sqlite file", tmp_path, None, registry.default_tracking_uri(str(tmp_path)))
+    _trial_writers("sqlite file", tmp_path, None, layout.default_tracking_uri(str(tmp_path)))
 
 
 def test_16_drivers_open_one_new_embedded_sqlite_store_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Sixteen sweeps started together on one machine share `reports/mlflow.db`, which none has created yet: each
     driver opens it (MLflow creates and migrates the schema on first open), then logs its one trial."""
-    from lora_search import registry
+    from lora_search import layout
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     reports = _run_writers(tmp_path, None, steps=FRESH_STEPS, own_sweep=True)
-    _check("new sqlite file, 16 drivers", registry.default_tracking_uri(str(tmp_path)), reports)
+    _check("new sqlite file, 16 drivers", layout.default_tracking_uri(str(tmp_path)), reports)
     assert len({r["parent_id"] for r in reports}) == WRITERS
 
 

@@ -3,11 +3,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import random
-import time
 from pathlib import Path
 
 import pytest
@@ -104,22 +101,22 @@ def _run(
     batch: int = 8,
     accum: int = 1,
 ) -> tuple[list[float], list[dict], object]:
-    """12 steps of LoRA through TRL's SFTTrainer (or, `ours`, the trial's `lora_search.train._Trainer`): the training
-    and eval losses in order, every log, and the Trainer's state."""
+    """12 steps of LoRA through TRL's SFTTrainer (or, `ours`, the trial's `lora_search.trainer.TrialTrainer`): the
+    training and eval losses in order, every log, and the Trainer's state."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     from lora_search import data
-    from lora_search.train import _Trainer
+    from lora_search.trainer import TrialTrainer
 
     class Losses(TrainerCallback):
         def __init__(self) -> None:
             self.values: list[float] = []
             self.logs: list[dict] = []
 
-        def on_log(self, args, state, control, logs=None, **kw) -> None:  # noqa: ANN001
+        def on_log(self, args, state, control, logs=None, **kw) -> None:
             self.logs.append(dict(logs or {}))
             for key in ("loss", "eval_loss"):
                 if logs and key in logs:
@@ -152,7 +149,7 @@ def _run(
         include_num_input_tokens_seen="non_padding",
         logging_nan_inf_filter=not ours,
     )
-    trainer = (_Trainer if ours else SFTTrainer)(
+    trainer = (TrialTrainer if ours else SFTTrainer)(
         model=model,
         args=args,
         train_dataset=train_ds,
@@ -194,176 +191,12 @@ def test_padding_free_trains_the_same_curve(tiny_model_dir: Path, tmp_path: Path
     _same(padded, free, f"{attn}: padded vs padding-free")
 
 
-def _steps(meter, evals_at: set[int], max_steps: int, step_s: float, eval_s: float, tokens_per_step: int) -> None:
-    """Drive a `_Throughput` as the Trainer does: on_step_begin, the step (a matrix product and a wait),
-    on_step_end, then any evaluation."""
-    from types import SimpleNamespace
-
-    import torch
-
-    state = SimpleNamespace(global_step=0, num_input_tokens_seen=0, max_steps=max_steps, is_world_process_zero=True)
-    for step in range(1, max_steps + 1):
-        control = SimpleNamespace(should_evaluate=step in evals_at)
-        meter.on_step_begin(None, state, control)
-        torch.ones(16, 16) @ torch.ones(16, 16)
-        time.sleep(step_s)
-        state.global_step, state.num_input_tokens_seen = step, state.num_input_tokens_seen + tokens_per_step
-        meter.on_step_end(None, state, control)
-        if control.should_evaluate:
-            time.sleep(eval_s)
-    meter.on_train_end(None, state, None)
-
-
-def test_steady_throughput_leaves_out_warm_up_and_evaluations(tmp_path, monkeypatch) -> None:
-    from lora_search.train import PROFILE_ENV, STEADY_AFTER_STEPS, _Throughput
-
-    monkeypatch.delenv(PROFILE_ENV, raising=False)
-    meter = _Throughput()
-    _steps(meter, {5, 10}, max_steps=10, step_s=0.02, eval_s=0.3, tokens_per_step=100)
-    # windows: end of step 3 -> end of step 5 (2 steps), end of step 6 -> end of step 10 (4 steps)
-    assert meter.tokens == 600
-    assert 6 * 0.02 <= meter.seconds < 6 * 0.02 + 0.1  # the 0.6 s of evaluations are not in it
-    assert 100 / 0.03 < meter.per_s() <= 100 / 0.02
-    assert STEADY_AFTER_STEPS == 3
-
-    too_short = _Throughput()
-    _steps(too_short, {3}, max_steps=3, step_s=0.0, eval_s=0.0, tokens_per_step=100)
-    assert math.isnan(too_short.per_s())
-
-
-def test_kernel_profile_is_written_and_kept_out_of_the_steady_window(tmp_path, monkeypatch) -> None:
-    from lora_search.train import PROFILE_ENV, _Throughput
-
-    monkeypatch.setenv(PROFILE_ENV, str(tmp_path / "profiles"))
-    meter = _Throughput(name="trial_abc")
-    _steps(meter, {8}, max_steps=8, step_s=0.01, eval_s=0.0, tokens_per_step=10)
-    table = (tmp_path / "profiles" / "trial_abc_kernels.txt").read_text()
-    assert "aten::mm" in table and "# of Calls" in table
-    assert meter.tokens == 30  # window from the end of step 5 (after the profiled steps 4-5) to the end of step 8
-
-
-def test_unwritable_profile_dir_warns_and_training_goes_on(tmp_path, monkeypatch, caplog) -> None:
-    from lora_search.train import PROFILE_ENV, _Throughput
-
-    blocker = tmp_path / "a_file"
-    blocker.write_text("")
-    monkeypatch.setenv(PROFILE_ENV, str(blocker / "profiles"))  # a dir under a file: mkdir fails
-    meter = _Throughput(name="trial_abc")
-    with caplog.at_level("WARNING", logger="lora_search.train"):
-        _steps(meter, {8}, max_steps=8, step_s=0.0, eval_s=0.0, tokens_per_step=10)
-    assert meter.tokens == 30 and meter.profiler is None
-    assert PROFILE_ENV in caplog.text and "writable" in caplog.text
-
-
-def _trial_sweep(model_dir: Path, data: Path, **budget):
-    from lora_search import BaseModel, Budget, Resources, SearchSpace, Sweep
-    from lora_search.config import Dataset as Data
-
-    return Sweep(
-        name="gc",
-        base=BaseModel(str(model_dir)),
-        dataset=Data(str(data), eval_fraction=0.2, max_length=96),
-        space=SearchSpace(ranks=(4,), targets=("all-linear",), variants=("lora",), lr=(1e-3, 1e-2)),
-        budget=Budget(max_steps=4, eval_every=2, grace_period=2, batch_size=8, **budget),
-        resources=Resources(workers=1, cpus_per_worker=1),
-    )
-
-
-def test_gradient_checkpointing_off_where_the_activations_fit(tiny_model_dir, tiny_jsonl) -> None:
-    from lora_search.train import TrialParams, micro_batching
-
-    params = TrialParams(variant="lora", rank=4, alpha=8.0, targets="all-linear", lr=1e-3, dropout=0.0)
-    sweep = _trial_sweep(tiny_model_dir, tiny_jsonl)
-    piece = micro_batching(sweep, params, on_gpu=False).keep_activations
-    assert piece.name == "keep-activations" and piece.active, piece.why
-    assert "fits" in piece.why and "host memory" in piece.why
-
-    # a limit below the estimate (the tiny model needs a few MiB at 8 x 96 tokens): checkpointing stays on
-    tight = sweep.replace(resources=dataclasses.replace(sweep.resources, memory_limit_gb=0.001))
-    piece = micro_batching(tight, params, on_gpu=False).keep_activations
-    assert not piece.active and "exceeds" in piece.why and "memory_limit_gb=0.001" in piece.why
-
-    for choice, active in (("on", False), ("off", True)):
-        forced = _trial_sweep(tiny_model_dir, tiny_jsonl, gradient_checkpointing=choice)
-        assert micro_batching(forced, params, on_gpu=False).keep_activations.active is active
-
-
 def test_unknown_gradient_checkpointing_setting_is_refused() -> None:
     from lora_search import Budget
 
     problems = Budget(gradient_checkpointing="sometimes").problems()
     assert [(p.field, p.value) for p in problems] == [("budget.gradient_checkpointing", "sometimes")]
     assert "auto, on, off" in problems[0].fix
-
-
-def test_trial_trainer_without_the_pad_mask_trains_trls_curve(tiny_model_dir: Path, tmp_path: Path) -> None:
-    """The trial's trainer (metrics kept on the device, tokens counted by the collator) on right-padded batches
-    without their attention mask trains TRL's own curve on the masked batches, and counts the same tokens."""
-    from transformers import AutoTokenizer
-
-    train, evaluation = _rows(tmp_path / "train.jsonl", 120, 0), _rows(tmp_path / "eval.jsonl", 24, 1)
-    pad_id = AutoTokenizer.from_pretrained(tiny_model_dir).pad_token_id
-    trl, trl_logs, trl_state = _run(tiny_model_dir, train, evaluation, None, "sdpa")
-    masked, logs, masked_state = _run(tiny_model_dir, train, evaluation, _pieces().collator(pad_id), "sdpa", ours=True)
-    unmasked, unmasked_logs, state = _run(
-        tiny_model_dir, train, evaluation, _pieces(fastpath.NO_PAD_MASK).collator(pad_id), "sdpa", ours=True
-    )
-    _same(trl, masked, "TRL vs the trial's trainer")
-    _same(trl, unmasked, "TRL vs the trial's trainer without the pad mask")
-    assert state.num_input_tokens_seen == masked_state.num_input_tokens_seen == trl_state.num_input_tokens_seen
-    # TRL's per-step metrics still reach the logs, read at log steps: token accuracy, entropy, tokens seen
-    train_logs = [x for x in logs if "loss" in x]
-    trl_train = [x for x in trl_logs if "loss" in x]
-    assert len(train_logs) == 12
-    for ours, theirs in zip(train_logs, trl_train, strict=True):
-        assert 0 <= ours["mean_token_accuracy"] <= 1 and ours["entropy"] > 0
-        assert ours["num_tokens"] == theirs["num_tokens"]
-        # the same batches and kernels, one micro-batch a step: TRL's mean of per-batch means is the token-weighted mean
-        assert abs(ours["mean_token_accuracy"] - theirs["mean_token_accuracy"]) < 1e-4
-        assert abs(ours["entropy"] - theirs["entropy"]) < 1e-3 * theirs["entropy"]
-    assert any("eval_mean_token_accuracy" in x for x in logs)
-    # without the mask SDPA takes another kernel: the same figures to rounding (a near-tie's top-1 may flip)
-    unmasked_train = [x for x in unmasked_logs if "loss" in x]
-    assert [x["num_tokens"] for x in unmasked_train] == [x["num_tokens"] for x in trl_train]
-    assert all(0 <= x["mean_token_accuracy"] <= 1 and x["entropy"] > 0 for x in unmasked_train)
-
-
-def test_merged_micro_batches_train_the_accumulated_curve(tiny_model_dir: Path, tmp_path: Path) -> None:
-    """4 micro-batches of 2 a step, accumulated, and 1 of 8: the same sequences a step, the same curve. Step 1's loss
-    agrees to 1e-6; after that AdamW's normalised update turns rounding-level gradient differences (other shapes,
-    other padding) into ~1e-4 of the loss, inside the tolerance."""
-    from transformers import AutoTokenizer
-
-    train, evaluation = _rows(tmp_path / "train.jsonl", 120, 0), _rows(tmp_path / "eval.jsonl", 24, 1)
-    collator = _pieces(fastpath.NO_PAD_MASK).collator(AutoTokenizer.from_pretrained(tiny_model_dir).pad_token_id)
-    accumulated, _, a = _run(tiny_model_dir, train, evaluation, collator, "sdpa", ours=True, batch=2, accum=4)
-    merged, _, b = _run(tiny_model_dir, train, evaluation, collator, "sdpa", ours=True, batch=8, accum=1)
-    _same(accumulated, merged, "2 x 4 accumulated vs 8 merged")
-    assert a.num_input_tokens_seen == b.num_input_tokens_seen > 0
-
-
-def test_micro_batching_merges_what_fits(tiny_model_dir, tiny_jsonl) -> None:
-    from lora_search.train import TrialParams, micro_batching
-
-    params = TrialParams(variant="lora", rank=4, alpha=8.0, targets="all-linear", lr=1e-3, dropout=0.0)
-    one = micro_batching(_trial_sweep(tiny_model_dir, tiny_jsonl), params, on_gpu=False)
-    assert (one.micro, one.accum, one.merge.active) == (8, 1, False) and "grad_accum=1" in one.merge.why
-
-    sweep = _trial_sweep(tiny_model_dir, tiny_jsonl, grad_accum=4)
-    merged = micro_batching(sweep, params, on_gpu=False)
-    assert (merged.micro, merged.accum) == (32, 1) and merged.merge.active and merged.keep_activations.active
-    assert "4 micro-batches of 8 a step run as 1 of 32" in merged.merge.why
-
-    # room for 8 x 96 tokens without checkpointing, not for 16: no merge, and the reason
-    from lora_search import plan
-
-    arch = plan.read_architecture(sweep.base)
-    at = [plan.trial_memory(sweep, arch, "lora", 4, "all-linear", False, b).total for b in (8, 16)]
-    limit = (at[0] + at[1]) / 2 / plan.USABLE_FRACTION / 2**30
-    tight = sweep.replace(resources=dataclasses.replace(sweep.resources, memory_limit_gb=limit))
-    kept = micro_batching(tight, params, on_gpu=False)
-    assert (kept.micro, kept.accum, kept.merge.active, kept.keep_activations.active) == (8, 4, False, True)
-    assert "a micro-batch of 16" in kept.merge.why and "exceeds" in kept.merge.why
 
 
 def test_adapter_inputs_stay_bf16_under_autocast_with_the_same_loss_and_gradients(tiny_model_dir: Path) -> None:

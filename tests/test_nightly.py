@@ -79,7 +79,7 @@ def test_nightly_passes_twice_then_flags_broken_changes(tmp_path, capsys) -> Non
     from mlflow import MlflowClient
 
     from lora_search.cli import main
-    from lora_search.registry import default_tracking_uri
+    from lora_search.layout import default_tracking_uri
 
     def sweep_file(scale: float) -> str:
         path = tmp_path / f"nightly_{scale:g}.py"

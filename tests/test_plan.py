@@ -1,5 +1,5 @@
-"""The planner (lora_search/plan.py): architecture, adapter and memory arithmetic checked by hand and against
-real PEFT models, concurrency and ASHA arithmetic, and the shipped sweeps' dry runs (no Ray, offline)."""
+"""The planner (lora_search/plan.py): concurrency and ASHA arithmetic, the plan's budget and its errors, and the
+shipped sweeps' dry runs (no Ray, offline). The memory model it tabulates is tested in tests/test_memory.py."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from lora_search import memory as M
 from lora_search import plan as P
 from lora_search.config import BaseModel, Budget, ConfigError, Dataset, Resources, SearchSpace, Sweep
-from lora_search.targets import resolve
+from tests.test_memory import write_tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "sweeps" / "configs"
@@ -20,164 +21,12 @@ CONFIGS = ROOT / "sweeps" / "configs"
 
 @pytest.fixture(scope="module")
 def tiny_config_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """hidden 64, 4 heads of 16 (2 KV heads: k, v are 64 -> 32), MLP 176, 2 layers, vocab 320, untied head."""
-    from transformers import LlamaConfig
-
-    out = tmp_path_factory.mktemp("tiny_llama")
-    LlamaConfig(
-        hidden_size=64,
-        intermediate_size=176,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=320,
-        tie_word_embeddings=False,
-    ).save_pretrained(out)
-    return out
+    return write_tiny_config(tmp_path_factory.mktemp("tiny_llama"))
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_config_dir: Path) -> P.Architecture:
-    return P.read_architecture(BaseModel(str(tiny_config_dir)))
-
-
-def layers_for(arch: P.Architecture, targets: str) -> list:
-    names = set(resolve(targets, list(arch.linears)))
-    return [layer for layer in arch.linears if layer.name.rsplit(".", 1)[-1] in names]
-
-
-@pytest.mark.parametrize(
-    ("name", "params", "hidden", "layers"),
-    [("llama-3.1-8b", 8.03e9, 4096, 32), ("llama-3.1-70b", 7.06e10, 8192, 80)],
-)
-def test_shipped_configs_are_llama_3_1(name: str, params: float, hidden: int, layers: int) -> None:
-    arch = P.read_architecture(BaseModel("meta-llama/unreachable"), config_dir=CONFIGS / name)
-    assert arch.params == pytest.approx(params, rel=0.01)
-    assert (arch.hidden, arch.num_layers, arch.vocab, arch.dtype_bytes) == (hidden, layers, 128256, 2)
-    assert arch.embedding_params == arch.head_params == 128256 * hidden  # untied
-
-
-def test_tiny_architecture_by_hand(tiny: P.Architecture) -> None:
-    # per layer: q 64x64 + k 64x32 + v 64x32 + o 64x64 + gate, up 64x176 + down 176x64 = 46,080 linear weights
-    assert tiny.linear_params == 2 * 46_080
-    # embedding 320x64 + head 320x64 + 2 layers x (46,080 + 2 norms x 64) + final norm 64
-    assert tiny.params == 2 * 20_480 + 2 * (46_080 + 128) + 64 == 133_440
-    assert tiny.block_params == (133_440 - 2 * 20_480) / 2 == 46_240
-
-
-@pytest.mark.parametrize("variant", ["lora", "dora", "rslora", "vera", "adalora"])
-@pytest.mark.parametrize("rank", [4, 8])
-@pytest.mark.parametrize("targets", ["attention", "all-linear"])
-def test_adapter_params_match_peft(
-    tiny_config_dir: Path, tiny: P.Architecture, variant: str, rank: int, targets: str
-) -> None:
-    """The independent check: PEFT's own trainable count on the real (CPU) model."""
-    import torch
-    from peft import get_peft_model
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from lora_search.variants import VARIANTS, Adapter
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_config_dir))
-    names = resolve(targets, list(tiny.linears))
-    peft_model = get_peft_model(
-        model, VARIANTS[variant].peft_config(Adapter(variant, rank, 2.0 * rank, names, 0.0, 1e-4, 100))
-    )
-    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    assert P.adapter_params(*P.adapter_shape(variant, rank), layers_for(tiny, targets)) == trainable
-
-
-def test_adapter_params_by_hand(tiny: P.Architecture) -> None:
-    layers = layers_for(tiny, "all-linear")
-    # r x (in + out) summed per layer: q 128 + k 96 + v 96 + o 128 + gate 240 + up 240 + down 240 = 1,168; 2 layers
-    assert P.adapter_params("lora", 8, layers) == 8 * 1_168 * 2 == 18_688
-    # DoRA adds each layer's out: 64 + 32 + 32 + 64 + 176 + 176 + 64 = 608 per layer
-    assert P.adapter_params("dora", 8, layers) == 18_688 + 2 * 608
-
-
-def test_memory_arithmetic_by_hand(tiny: P.Architecture) -> None:
-    layers = layers_for(tiny, "all-linear")
-    common = dict(rank=8, targets_name="all-linear", layers=layers, dtype_bytes=2, batch=2, seq=16)
-    row = P.memory_row(tiny, variant="lora", quantized=False, strategy="ddp", world=8, **common)
-    assert row.trainable == 18_688
-    assert row.weights == 133_440 * 2  # bf16, replicated
-    assert row.adapter == 18_688 * (4 + 4)  # fp32 weight + fp32 gradient
-    assert row.optimizer == 18_688 * 8  # AdamW exp_avg + exp_avg_sq, fp32, no master copy
-    # s*b*h = 16 * 2 * 64 = 2,048: checkpoints 2 x 2,048 x 2 layers + the larger of the logits 12 x 32 x 320 and
-    # one block 87 x 2,048
-    assert row.activations == 8_192 + max(122_880, 178_176)
-    assert row.total == row.weights + row.adapter + row.optimizer + row.activations
-
-    nf4 = P.memory_row(tiny, variant="qlora", quantized=True, strategy="ddp", world=8, **common)
-    # 92,160 linear weights x 4.127 bits / 8 + the other 41,280 params upcast to fp32
-    assert nf4.weights == pytest.approx(92_160 * (4 + 0.125 + 32 / 16_384) / 8 + 41_280 * 4)
-    assert nf4.weights < row.weights
-
-    fsdp = P.memory_row(tiny, variant="lora", quantized=False, strategy="fsdp", world=4, **common)
-    assert fsdp.weights == 133_440 * 2 / 4 + 2 * 46_240 * 2  # a quarter, plus the gathered and prefetched block
-    assert fsdp.adapter == 18_688 * (4 / 4 + 4 / 4) and fsdp.optimizer == 18_688 * 8 / 4
-    zero2 = P.memory_row(tiny, variant="lora", quantized=False, strategy="deepspeed-zero2", world=4, **common)
-    assert zero2.weights == row.weights and zero2.adapter == 18_688 * (4 + 4 / 4) and zero2.optimizer == fsdp.optimizer
-
-    dora = P.memory_row(tiny, variant="dora", quantized=False, strategy="ddp", world=8, **common)
-    # the worst layer is down_proj (176 -> 64): 6 x 176^2 + 6 x 176 x 64 on top of the block
-    assert dora.activations == 8_192 + 178_176 + 6 * 176**2 + 6 * 176 * 64
-
-
-MEASURED_8B = {("lora", 1): 18.96, ("lora", 4): 29.36, ("lora", 8): 43.22, ("dora", 1): 18.97, ("dora", 4): 29.37}
-"""Peak GiB (torch.cuda.max_memory_allocated) of Llama-3.1-8B, random bf16 weights, r=16 on every decoder linear,
-(variant, micro-batch) x 2048 tokens, gradient checkpointing (use_reentrant=False), bf16 autocast, fused AdamW, three
-steps on one H100 (PyTorch 2.11, transformers 5.17, PEFT 0.21; 2026-11). The logits dominate the activations here.
-Time per micro-step at b=4: 1.14 s for LoRA (MFU 0.22 at 4N FLOPs/token), 2.23 s for DoRA (0.11)."""
-
-MEASURED_70B_WIDTH = {"lora": 4.714, "dora": 10.344}
-"""The same at b=1 on a 2-layer model of Llama-3.1-70B's widths with a 1024-token vocab: the block and DoRA's
-transient dominate."""
-
-
-@pytest.mark.parametrize(("variant", "batch"), sorted(MEASURED_8B))
-def test_estimates_match_measured_8b_peaks(variant: str, batch: int) -> None:
-    arch = P.read_architecture(BaseModel("meta-llama/Llama-3.1-8B"), config_dir=CONFIGS / "llama-3.1-8b")
-    row = P.memory_row(
-        arch,
-        variant=variant,
-        rank=16,
-        targets_name="all-linear",
-        layers=list(arch.linears),
-        quantized=False,
-        dtype_bytes=2,
-        batch=batch,
-        seq=2048,
-        strategy="ddp",
-        world=1,
-    )
-    assert row.trainable == {"lora": 41_943_040, "dora": 43_319_296}[variant]  # PEFT's count there
-    assert row.total / 2**30 == pytest.approx(MEASURED_8B[variant, batch], rel=0.03)
-
-
-@pytest.mark.parametrize("variant", sorted(MEASURED_70B_WIDTH))
-def test_estimates_match_measured_70b_width_peaks(tmp_path: Path, variant: str) -> None:
-    from transformers import LlamaConfig
-
-    config = LlamaConfig.from_pretrained(CONFIGS / "llama-3.1-70b")
-    config.num_hidden_layers, config.vocab_size, config.bos_token_id, config.eos_token_id = 2, 1024, 0, 1
-    config.save_pretrained(tmp_path)
-    arch = P.read_architecture(BaseModel(str(tmp_path)))
-    row = P.memory_row(
-        arch,
-        variant=variant,
-        rank=16,
-        targets_name="all-linear",
-        layers=list(arch.linears),
-        quantized=False,
-        dtype_bytes=2,
-        batch=1,
-        seq=2048,
-        strategy="ddp",
-        world=1,
-    )
-    assert row.total / 2**30 == pytest.approx(MEASURED_70B_WIDTH[variant], rel=0.03)
+def tiny(tiny_config_dir: Path) -> M.Architecture:
+    return M.read_architecture(BaseModel(str(tiny_config_dir)))
 
 
 def test_node_sizes_and_concurrency() -> None:
@@ -232,7 +81,7 @@ def tiny_sweep(config_dir: Path, resources: Resources, **budget: int) -> Sweep:
     )
 
 
-def test_plan_budget_and_cost(tiny_config_dir: Path, tiny: P.Architecture) -> None:
+def test_plan_budget_and_cost(tiny_config_dir: Path, tiny: M.Architecture) -> None:
     sweep = tiny_sweep(tiny_config_dir, Resources(workers=2, gpus_per_worker=1))
     p = P.plan(sweep, cluster_gpus=8, gpu="H200", mfu=0.5)
     assert (p.trials, p.gpus_per_trial, p.concurrent, p.rungs) == (10, 2, 4, (10, 30, 90))
@@ -261,7 +110,7 @@ def test_plan_errors_name_the_fix(tiny_config_dir: Path) -> None:
     with pytest.raises(ConfigError, match="gpus_per_worker=1"):
         P.plan(cpu, cluster_gpus=8)
     with pytest.raises(ConfigError, match="config_dir"):
-        P.read_architecture(BaseModel("lora-search-test/no-such-model"))
+        M.read_architecture(BaseModel("lora-search-test/no-such-model"))
 
 
 def test_fsdp_fits_what_ddp_does_not() -> None:

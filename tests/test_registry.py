@@ -268,7 +268,7 @@ def test_merge_check_refuses_a_wrong_scale(lora_adapter: Path, tmp_path: Path, m
 
     real = BaseTuner.merge_and_unload
 
-    def doubled(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+    def doubled(self, *args, **kwargs):
         for module in self.model.modules():
             if isinstance(module, LoraLayer):
                 module.scaling = {k: 2 * v for k, v in module.scaling.items()}

@@ -200,7 +200,7 @@ def test_report_renders_in_headless_chromium(tmp_path: Path) -> None:
     errors: list[str] = []
     requested: list[str] = []
 
-    def route(r) -> None:  # noqa: ANN001
+    def route(r) -> None:
         if r.request.url.startswith("file:"):
             r.continue_()
         else:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from lora_search import results
 from lora_search.config import BaseModel, Budget, Dataset, Sweep
-from lora_search.resume import REPORT_FILE
+from lora_search.layout import REPORT_FILE
 
 CONFIG = {"variant": "lora", "rank": 4, "alpha": 8.0, "targets": "attention", "lr": 1e-3, "dropout": 0.0}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lora_search import BaseModel, Budget, Dataset, Resources, SearchSpace, Sweep, space
-from lora_search.sweep import concurrent_trials
+from lora_search.sweep import trials_at_once
 
 
 def _sweep(**changes) -> Sweep:
@@ -68,9 +68,9 @@ def test_search_algorithms() -> None:
 
 
 def test_concurrent_trials_fit_the_cluster() -> None:
-    assert concurrent_trials(_sweep(), {"CPU": 2.0}) == 2
-    assert concurrent_trials(_sweep(resources=Resources(workers=2, cpus_per_worker=1)), {"CPU": 2.0}) == 1
+    assert trials_at_once(_sweep(), {"CPU": 2.0}) == 2
+    assert trials_at_once(_sweep(resources=Resources(workers=2, cpus_per_worker=1)), {"CPU": 2.0}) == 1
     gpu = _sweep(resources=Resources(workers=2, cpus_per_worker=4, gpus_per_worker=1))
-    assert concurrent_trials(gpu, {"CPU": 64.0, "GPU": 8.0}) == 4
-    assert concurrent_trials(_sweep(max_concurrent_trials=3), {"CPU": 64.0}) == 3
-    assert concurrent_trials(_sweep(), {"CPU": 0.5}) == 1  # never 0: Tune would queue the trials forever
+    assert trials_at_once(gpu, {"CPU": 64.0, "GPU": 8.0}) == 4
+    assert trials_at_once(_sweep(max_concurrent_trials=3), {"CPU": 64.0}) == 3
+    assert trials_at_once(_sweep(), {"CPU": 0.5}) == 1  # never 0: Tune would queue the trials forever

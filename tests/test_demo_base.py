@@ -1,6 +1,6 @@
 """Tests for the offline tiny base model and the demo task data.
 
-Run: python -m pytest tests/test_basemodel.py
+Run: python -m pytest tests/test_demo_base.py
 
 Builds use a few pretraining steps: the files, tokenizer and caching are the same as a real build's, only the
 weights are untrained, so the whole module runs in well under a minute on 2 CPU cores. Whether the real base
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from lora_search import basemodel
-from lora_search.basemodel import (
+from lora_search import demo_base
+from lora_search.demo_base import (
     ADJECTIVES,
     MOOD_LABELS,
     MOOD_WORDS,
@@ -31,7 +31,7 @@ from lora_search.basemodel import (
     write_demo_data,
 )
 
-STEPS = 3  # pretraining steps for test builds; the real default is basemodel.PRETRAIN_STEPS
+STEPS = 3  # pretraining steps for test builds; the real default is demo_base.PRETRAIN_STEPS
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -67,12 +67,12 @@ def test_second_call_hits_the_cache(base_dir: Path, capsys: pytest.CaptureFixtur
     again = build_tiny_base(base_dir.parent, steps=STEPS)
     assert again == base_dir
     assert time.monotonic() - start < 2.0
-    assert "[basemodel]" not in capsys.readouterr().out  # no build progress printed
+    assert "[demo_base]" not in capsys.readouterr().out  # no build progress printed
     assert (base_dir / "model.safetensors").stat().st_mtime_ns == mtime
 
 
 def test_recipe_change_builds_a_new_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(basemodel, "_build", _fake_build)
+    monkeypatch.setattr(demo_base, "_build", _fake_build)
     paths = {
         build_tiny_base(tmp_path, seed=0, steps=STEPS),
         build_tiny_base(tmp_path, seed=1, steps=STEPS),
@@ -83,7 +83,7 @@ def test_recipe_change_builds_a_new_entry(tmp_path: Path, monkeypatch: pytest.Mo
 
 def test_default_cache_dir_follows_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LORA_SEARCH_CACHE", str(tmp_path))
-    monkeypatch.setattr(basemodel, "_build", _fake_build)
+    monkeypatch.setattr(demo_base, "_build", _fake_build)
     assert build_tiny_base(steps=STEPS).parent == tmp_path
 
 
@@ -92,14 +92,14 @@ def test_failed_build_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.
         (dest / "config.json").write_text("{}")
         raise RuntimeError("killed")
 
-    monkeypatch.setattr(basemodel, "_build", dies_halfway)
+    monkeypatch.setattr(demo_base, "_build", dies_halfway)
     with pytest.raises(RuntimeError, match="killed"):
         build_tiny_base(tmp_path, steps=STEPS)
     assert [p.suffix for p in tmp_path.iterdir()] == [".lock"]
 
 
 def test_stale_temp_dirs_of_killed_builds_are_removed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(basemodel, "_build", _fake_build)
+    monkeypatch.setattr(demo_base, "_build", _fake_build)
     entry = build_tiny_base(tmp_path, steps=STEPS)
     shutil.rmtree(entry)
     stale = tmp_path / f".{entry.name}.tmp-killed"  # what a SIGKILLed build leaves
@@ -113,13 +113,13 @@ def test_concurrent_callers_build_once(tmp_path: Path) -> None:
     script = (
         "import sys, time\n"
         "from pathlib import Path\n"
-        "from lora_search import basemodel\n"
+        "from lora_search import demo_base\n"
         "def slow_build(dest, seed, steps):\n"
         "    print('BUILDING', flush=True)\n"
         "    time.sleep(1.5)\n"
         "    (dest / 'weights').write_text('x')\n"
-        "basemodel._build = slow_build\n"
-        "print(basemodel.build_tiny_base(Path(sys.argv[1]), steps=3))\n"
+        "demo_base._build = slow_build\n"
+        "print(demo_base.build_tiny_base(Path(sys.argv[1]), steps=3))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     procs = [

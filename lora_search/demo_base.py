@@ -1,6 +1,6 @@
 """The project's own tiny Llama base model and its demo task, both built offline from generated toy English.
 
-Run: python -m lora_search.basemodel   # builds (or finds) the cached base; writes data/tiny/ and evals/golden/tiny_*
+Run: python -m lora_search.demo_base   # builds (or finds) the cached base; writes data/tiny/ and evals/golden/tiny_*
 
 Nothing here touches a model hub. `build_tiny_base` generates a toy-English corpus from templates, trains a
 byte-level BPE tokenizer on it, pretrains a ~0.9M-parameter `LlamaForCausalLM` for a fixed number of steps
@@ -34,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from lora_search.layout import default_cache_dir
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -239,7 +241,7 @@ def _chat_row(instruction: str, text: str, output: str) -> dict[str, object]:
 def write_demo_data(out_dir: Path, seed: int = 0, golden_dir: Path | None = None) -> dict[str, Path]:
     """Write the demo task's JSONL files into `out_dir`, byte-identical for the same seed; returns name -> path.
 
-    Run: python -m lora_search.basemodel   (writes data/tiny/)
+    Run: python -m lora_search.demo_base   (writes data/tiny/)
 
     Files: train.jsonl (1992 rows) and eval.jsonl (196 rows) as chat rows {"id", "messages": [user, assistant]}
     (the tokenizer's chat template renders them as `format_prompt` + `format_completion`), both skills mixed.
@@ -489,7 +491,7 @@ def _pretrain(
             n = step % 25 + 1
             logged, totals = (totals[0] / n, totals[1] / n), [0.0, 0.0]
             print(
-                f"[basemodel] step {step + 1}/{steps} lm loss {logged[0]:.3f} qa loss {logged[1]:.3f} "
+                f"[demo_base] step {step + 1}/{steps} lm loss {logged[0]:.3f} qa loss {logged[1]:.3f} "
                 f"({time.monotonic() - start:.0f}s)",
                 flush=True,
             )
@@ -511,7 +513,7 @@ def _build(dest: Path, seed: int, steps: int) -> None:
     lm, qa = _lm_batches(tok, rng, steps), _qa_batches(tok, rng, steps)
     n_tokens = sum(int(mask.sum()) for _, mask, _ in lm + qa)
     print(
-        f"[basemodel] tokenizer {len(tok)} tokens, {n_tokens} training tokens ({time.monotonic() - start:.0f}s)",
+        f"[demo_base] tokenizer {len(tok)} tokens, {n_tokens} training tokens ({time.monotonic() - start:.0f}s)",
         flush=True,
     )
 
@@ -544,18 +546,13 @@ def _build(dest: Path, seed: int, steps: int) -> None:
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
     }
     (dest / "basemodel.json").write_text(json.dumps(provenance, indent=2) + "\n")
-    print(f"[basemodel] built in {provenance['build_seconds']}s", flush=True)
-
-
-def default_cache_dir() -> Path:
-    """`$LORA_SEARCH_CACHE`, else ~/.cache/lora_search."""
-    return Path(os.environ.get("LORA_SEARCH_CACHE", "~/.cache/lora_search")).expanduser()
+    print(f"[demo_base] built in {provenance['build_seconds']}s", flush=True)
 
 
 def build_tiny_base(cache_dir: Path | None = None, seed: int = 0, *, steps: int = PRETRAIN_STEPS) -> Path:
     """Return a directory with the pretrained tiny Llama and its tokenizer, building it on first use.
 
-    Run: python -m lora_search.basemodel
+    Run: python -m lora_search.demo_base
 
     The directory loads with `AutoModelForCausalLM.from_pretrained` / `AutoTokenizer.from_pretrained`. It is
     named after a hash of the recipe (model config, corpus version, seed, steps), so a changed recipe builds a

@@ -1,0 +1,98 @@
+"""The trial's Trainer: TRL's SFTTrainer with a variant's own optimizer and per-step metrics kept on the device.
+
+The one subclass lora_search needs of a framework class (the Trainer builds optimizers and computes the loss itself;
+both are hooks only a subclass reaches). Built by lora_search.train for every trial.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from trl import SFTTrainer
+
+from lora_search import fastpath
+
+
+class TrialTrainer(SFTTrainer):
+    """SFTTrainer that builds a variant's own optimizer (LoRA+) when the Trainer builds optimizers: after FSDP or
+    DeepSpeed has wrapped the model, where passing a ready optimizer is refused (or would hold stale parameters).
+
+    Its loss is TRL's (the fused LM head's per-token log-probs, divided by the step's label tokens), with the
+    per-micro-batch metrics kept on the device (`fastpath.FEW_SYNCS_WHY`): entropy and token accuracy are summed
+    there and read once per log step, as token-weighted means over the steps logged; tokens seen come from the
+    collator's CPU count (`fastpath.REAL_TOKENS`)."""
+
+    def __init__(self, *args: Any, make_optimizer: Callable[[Any], Any] | None = None, **kwargs: Any) -> None:
+        self._make_optimizer = make_optimizer
+        self._sums: dict[str, Any] = {}  # mode -> device tensor [label tokens, entropy, top-1 hits(, aux loss)]
+        self._summed: dict[str, int] = {}  # mode -> micro-batches in it
+        super().__init__(*args, **kwargs)
+        parallel = self.accelerator.parallelism_config
+        unsupported = {
+            "compute_loss_func": self.compute_loss_func is not None,
+            "label_smoothing_factor": self.label_smoother is not None,
+            f"loss_type={self.args.loss_type!r}": self.args.loss_type != "nll",
+            "sequence parallelism": parallel is not None and getattr(parallel, "sp_enabled", False),
+        }
+        if any(unsupported.values()):  # lora_search's own SFTConfig never sets these
+            raise ValueError(f"the trial's trainer does not support {[k for k, v in unsupported.items() if v]}")
+
+    def create_optimizer(self, model: Any = None) -> Any:
+        if self.optimizer is None and self._make_optimizer is not None:
+            self.optimizer = self._make_optimizer(self.model if model is None else model)
+        return super().create_optimizer(model)
+
+    def compute_loss(
+        self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
+        import torch
+
+        inputs.pop(fastpath.REAL_TOKENS, None)
+        mode = "train" if self.model.training else "eval"
+        inputs["use_cache"] = False
+        if self.aux_loss_enabled:
+            inputs["output_router_logits"] = True
+        outputs = model(**inputs, fused_lm_head=True)
+        tokens = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
+        loss = -outputs.log_probs.sum() / torch.as_tensor(tokens).clamp(min=1)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())  # DDP averages the gradients
+        sums = [outputs.label_mask.sum(), outputs.entropy.detach().sum(), outputs.is_top1.sum()]
+        if self.aux_loss_enabled:
+            steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+            loss = loss + self.router_aux_loss_coef * outputs.aux_loss / steps
+            sums.append(outputs.aux_loss.detach())
+        with torch.no_grad():
+            step = torch.stack([x.float() for x in sums])
+            self._sums[mode] = step if mode not in self._sums else self._sums[mode] + step
+            self._summed[mode] = self._summed.get(mode, 0) + 1
+            if return_outputs:  # only asked for with compute_metrics: the logits, which the fused head never builds
+                outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
+        return (loss, outputs) if return_outputs else loss
+
+    def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
+        real = inputs.get(fastpath.REAL_TOKENS)
+        if real is None or self.args.include_num_input_tokens_seen == "no":
+            super()._track_num_input_tokens(inputs)
+            return
+        if self.args.world_size > 1:  # every rank's count: a collective, as the Trainer's own
+            import torch
+
+            real = self.accelerator.gather(torch.as_tensor(real, device=self.args.device)).sum().item()
+        self.state.num_input_tokens_seen += int(real)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        sums, n = self._sums.pop(mode, None), self._summed.pop(mode, 0)
+        if sums is not None:
+            if self.accelerator.num_processes > 1:
+                sums = self.accelerator.reduce(sums, reduction="sum")
+            valid, entropy, correct, *aux = sums.tolist()  # the one read of the steps logged
+            self._metrics[mode]["entropy"] = [entropy / valid if valid else 0.0]
+            self._metrics[mode]["mean_token_accuracy"] = [correct / valid if valid else 0.0]
+            if aux:
+                self._metrics[mode]["aux_loss"] = [aux[0] / (n * self.accelerator.num_processes)]
+        if mode == "train":
+            self._metrics[mode]["num_tokens"] = [self.state.num_input_tokens_seen]
+        super().log(logs, start_time)

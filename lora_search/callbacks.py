@@ -267,7 +267,9 @@ class Reporter(TrainerCallback):
         if self.rank0 or sharded:
             out = self.work / f"adapter_step{step}"
             state_dict = strategies.full_adapter_state_dict(self.model) if sharded else None
-            report["adapter_bytes"] = variants.save(self.model, self.adapter, out, self.init_dir, state_dict=state_dict)
+            report["adapter_bytes"] = variants.save(
+                self.model, self.adapter, out, self.init_dir, state_dict=state_dict, sharded=sharded
+            )
             save_probe(self.model, self.probe, out / PROBE_FILE)
             if step >= state.max_steps and self.sweep.evals is not None:
                 report.update(self._golden_scores(out))

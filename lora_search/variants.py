@@ -20,7 +20,9 @@ plain `peft.PeftModel.from_pretrained` in a fresh model, identical logits.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -68,6 +70,8 @@ class Variant:
     """Runs after each optimizer step, before gradients are zeroed (AdaLoRA's rank allocator)."""
     converts_on_save: bool = False
     """The trained adapter only makes sense on a mutated base (PiSSA); save it converted to plain LoRA."""
+    saving: Callable[[PeftModel], AbstractContextManager[None]] | None = None
+    """Wraps the save and its check (AdaLoRA: writes the ranks the live adapter computes with)."""
     uses_alpha: bool = True
 
     def starting_rank(self, rank: int) -> int:
@@ -129,6 +133,41 @@ def _adalora_step(model: PeftModel, step: int) -> None:
     model.base_model.update_and_allocate(step)
 
 
+@contextmanager
+def _adalora_live_ranks(model: PeftModel) -> Iterator[None]:
+    """Save the adapter the model computes with, at the ranks it computes with; training's own state is left as is.
+
+    PEFT's save cuts every module down to the config's `rank_pattern`: the allocator's last mask (one list of booleans
+    per module, keyed by its `lora_E` parameter). In the budgeting phase the allocator masks only every `deltaT`
+    steps and the masked singular values (E) train again in between, so a checkpoint cut to the last mask is not the
+    adapter whose eval loss it is reported with. A triplet whose E is zero (masked, or never trained) adds exactly
+    nothing, so the live ranks are the non-zero E; from step `total_step - tfinal` on the allocator re-masks after
+    every step and the two patterns are the same. A module may have rank 0: its (0, in) / (out, 0) tensors are saved
+    as such and `PeftModel.from_pretrained` rebuilds it at rank 0 (`AdaLoraModel.resize_modules_by_rank_pattern`).
+
+    Reloading warns "rank_pattern keys did not match any targeted module and were ignored" (PEFT 0.21): that generic
+    check reads the keys as LoRA module-name patterns, but AdaLoRA's are `lora_E` parameter names that its own loader
+    applies; the reloaded ranks are the saved ones (tests/test_adalora.py).
+    """
+    from peft.utils.warning import PeftWarning
+
+    tuner = model.base_model
+    name = tuner.trainable_adapter_name
+    config = model.peft_config[name]
+    allocated = config.rank_pattern  # the allocator's, which its final phase re-masks with: restored afterwards
+    config.rank_pattern = {
+        n: (p != 0).view(-1).tolist() for n, p in tuner.model.named_parameters() if n.endswith(f".lora_E.{name}")
+    }
+    try:
+        with warnings.catch_warnings():
+            # PEFT takes a rank-0 module's empty lora_A / lora_B for an ungathered FSDP / ZeRO-3 shard; `check_saved`
+            # tells the two apart against the model's own shapes (and AdaLoRA never runs sharded).
+            warnings.filterwarnings("ignore", message=r".*LoRA tensor\(s\) have invalid shape", category=PeftWarning)
+            yield
+    finally:
+        config.rank_pattern = allocated
+
+
 def _vera(a: Adapter) -> PeftConfig:
     from peft import VeraConfig
 
@@ -164,6 +203,7 @@ VARIANTS: dict[str, Variant] = {
             kind="adalora",
             start_rank=_adalora_init_r,
             step_hook=_adalora_step,
+            saving=_adalora_live_ranks,
         ),
         Variant("vera", "shared random projections", _vera, kind="vera", uses_alpha=False),
         Variant("qlora", "LoRA on an NF4 base", _lora, quantized=True),
@@ -214,33 +254,45 @@ def save(
     out_dir: Path,
     init_dir: Path | None = None,
     state_dict: dict[str, torch.Tensor] | None = None,
+    *,
+    sharded: bool,
 ) -> int:
     """Save the adapter as a standard PEFT dir (safetensors) that loads on the original base; return its bytes.
 
     `state_dict`: the adapter's tensors gathered whole from a sharded model (`strategies.full_adapter_state_dict`);
-    None reads them from the model, which holds them whole under DDP."""
+    None reads them from the model, which holds them whole under DDP. `sharded`: the trial's strategy shards the
+    model (FSDP, ZeRO-3); it decides what a refused save's message blames. Raises `EmptyAdapterError`."""
     variant = VARIANTS[adapter.variant]
     kwargs: dict[str, Any] = {}
     if variant.converts_on_save:
         kwargs["path_initial_model_for_weight_conversion"] = str(init_dir)
     if state_dict is not None:
         kwargs["state_dict"] = state_dict
-    model.save_pretrained(str(out_dir), safe_serialization=True, **kwargs)
-    check_saved(model, out_dir, reshaped=variant.converts_on_save)
+    with variant.saving(model) if variant.saving is not None else _nothing():
+        model.save_pretrained(str(out_dir), safe_serialization=True, **kwargs)
+        check_saved(model, out_dir, sharded=sharded, reshaped=variant.converts_on_save)
     return adapter_bytes(out_dir)
 
 
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
 class EmptyAdapterError(RuntimeError):
-    """A saved adapter file holds tensors of the wrong shape or all zeros: the known failure of saving a sharded
-    (FSDP, DeepSpeed ZeRO-3) model without gathering its parameters first."""
+    """A saved adapter file holds no tensors, or tensors of the wrong shape, empty or all zeros: the known failure of
+    saving a sharded (FSDP, DeepSpeed ZeRO-3) model without gathering its parameters first, or an adapter that never
+    trained."""
 
 
-def check_saved(model: PeftModel, out_dir: Path, *, reshaped: bool = False) -> None:
-    """Every saved tensor has the live parameter's full shape and is non-empty; trained B/up matrices are non-zero.
+def check_saved(model: PeftModel, out_dir: Path, *, sharded: bool, reshaped: bool = False) -> None:
+    """Every saved tensor has the live parameter's full shape; trained B/up matrices are non-zero; something is saved.
 
     The full shape of a sharded parameter is its `ds_shape` (DeepSpeed ZeRO-3) or its `shape` (FSDP2's DTensor is
-    global). `reshaped`: the variant rewrites its matrices on save (PiSSA's conversion doubles the rank), so only
-    emptiness and zeros are checked.
+    global). An empty tensor passes only where the model's own is empty too: an AdaLoRA module its allocator pruned
+    to rank 0 (PEFT's state dict is cut to the rank pattern), never a whole adapter of them. `reshaped`: the variant
+    rewrites its matrices on save (PiSSA's conversion doubles the rank), so only emptiness and zeros are checked.
+    `sharded`: the message blames an ungathered shard only when the trial was sharded.
     """
     import torch
     from peft.utils import get_peft_model_state_dict
@@ -258,19 +310,28 @@ def check_saved(model: PeftModel, out_dir: Path, *, reshaped: bool = False) -> N
     problems = []
     for name, tensor in saved.items():
         param = live.get(name)
+        shape = tuple(tensor.shape)
         expected = tuple(param.shape) if param is not None else None
         if tensor.numel() == 0:
-            problems.append(f"{name} is empty {tuple(tensor.shape)}")
-        elif expected is not None and not reshaped and tuple(tensor.shape) != expected:
-            problems.append(f"{name} has shape {tuple(tensor.shape)}, the model's is {expected}")
+            if reshaped or shape != expected:
+                problems.append(f"{name} is empty {shape}" + (f", the model's is {expected}" if expected else ""))
+        elif expected is not None and not reshaped and shape != expected:
+            problems.append(f"{name} has shape {shape}, the model's is {expected}")
         elif any(k in name for k in ("lora_B", "vera_lambda_b")) and not bool(tensor.abs().max() > 0):
             problems.append(f"{name} is all zeros")
-    if not saved or problems:
+    if not problems and all(t.numel() == 0 for t in saved.values()):
+        problems.append("it holds no tensors" if not saved else f"all {len(saved)} of its tensors are empty (rank 0)")
+    if problems:
         raise EmptyAdapterError(
             f"the adapter saved to {out_dir} is broken: "
-            + ("; ".join(problems[:5]) or "it holds no tensors")
+            + "; ".join(problems[:5])
             + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
-            + ". A sharded model (FSDP, ZeRO-3) must be gathered before saving its adapter."
+            + (
+                ". A sharded model (FSDP, ZeRO-3) must be gathered before saving its adapter."
+                if sharded
+                else ". The trial was not sharded, so nothing was left ungathered: the adapter itself is empty or "
+                "untrained (check that its parameters get gradients and that the optimizer steps before the save)."
+            )
         )
 
 

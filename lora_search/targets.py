@@ -10,10 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from lora_search.config import Problem, Targets
+from lora_search.problems import Problem
 
 if TYPE_CHECKING:
     import torch
+
+Targets = str | tuple[str, ...]
+"""A preset name or module names, as `SearchSpace.targets` holds them (lora_search.config checks them)."""
 
 PRESETS: dict[str, tuple[str, ...] | None] = {
     "attention": ("q_proj", "v_proj"),

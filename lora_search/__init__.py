@@ -13,6 +13,7 @@ from lora_search.config import (
     Budget,
     ConfigError,
     Dataset,
+    Evals,
     Pricing,
     Problem,
     Resources,
@@ -20,7 +21,6 @@ from lora_search.config import (
     Sweep,
 )
 from lora_search.demo_base import build_tiny_base
-from lora_search.evals import Evals
 
 __all__ = [
     "BaseModel",

@@ -41,7 +41,10 @@ ALLOW_PICKLE_HELP = (
 
 
 def load_sweep(path: str | Path) -> tuple[Sweep, list[Problem]]:
-    """Import a sweep file and return its Sweep plus the construction problems it had (not raised)."""
+    """Import a sweep file and return its Sweep plus the construction problems it had (not raised).
+
+    A sweep file that does not run (a syntax error, a byte that is not UTF-8, a misspelt name or keyword, an
+    exception of its own) is a ConfigError naming its file:line, not a traceback."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError([Problem("sweep file", str(path), "not found", "give the path of a sweeps/*.py file")])
@@ -49,12 +52,39 @@ def load_sweep(path: str | Path) -> tuple[Sweep, list[Problem]]:
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     with collecting_problems() as problems:
-        spec.loader.exec_module(module)
+        try:
+            spec.loader.exec_module(module)
+        except ConfigError as e:  # raised by a lora_search call the file makes (a file it reads, say)
+            problems.extend(e.problems)
+            raise ConfigError(problems, header=f"sweep file {path} cannot be loaded") from None
+        except Exception as e:  # noqa: BLE001 - whatever the user's file raises is reported at its line
+            raise ConfigError([_sweep_file_problem(path, e)], header=f"sweep file {path} cannot be loaded") from None
     found = [v for v in vars(module).values() if isinstance(v, Sweep)]
     if not found:
         raise ConfigError([Problem("sweep file", str(path), "defines no Sweep", "assign SWEEP = Sweep(...)")])
     sweep = vars(module).get("SWEEP", found[0])
     return sweep, problems
+
+
+def _sweep_file_problem(path: Path, error: BaseException) -> Problem:
+    """The sweep file's own line where `error` happened (the deepest frame in that file), as a Problem."""
+    import traceback
+
+    what = f"{type(error).__name__}: {error}"
+    if isinstance(error, SyntaxError):  # includes a source that is not UTF-8 ("(unicode error) ...")
+        where = f"{path}:{error.lineno}" + (f":{error.offset}" if error.offset else "")
+        return Problem(where, None, f"{type(error).__name__}: {error.msg}", "fix the Python syntax")
+    line = None
+    for frame in traceback.extract_tb(error.__traceback__):
+        if Path(frame.filename).resolve() == path.resolve():
+            line = frame.lineno
+    fixes = {
+        "NameError": "import it (`from lora_search import ...`) or fix the spelling",
+        "ImportError": "lora_search exports BaseModel, Budget, Dataset, Evals, Pricing, Resources, SearchSpace, Sweep",
+        "ModuleNotFoundError": "install the module, or fix the import",
+        "TypeError": "check the call's arguments against the class's fields (see lora_search/config.py)",
+    }
+    return Problem(f"{path}:{line}" if line else str(path), None, what, fixes.get(type(error).__name__, "fix the file"))
 
 
 def _validate(sweep: Sweep, problems: list[Problem]) -> int:

@@ -8,81 +8,65 @@ Every part is frozen because trial configs travel to Ray workers and must not dr
 of its parts at construction and raises one `ConfigError` naming every problem (field, value, fix).
 Checks that need the outside world (the model's config, the data files, CUDA) run in
 `lora_search.preflight` before any trial starts; `lora-search validate` reports both kinds together.
+
+Each field's annotation is its contract (type, and `Range` for its documented bounds): `lora_search.checks` checks
+every field of every part against it first, so a string where a number belongs, NaN or a list where a tuple belongs
+is a Problem, never a traceback. The classes' `problems()` methods check only what an annotation cannot say.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
-import math
 import os
 import re
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
-if TYPE_CHECKING:
-    from lora_search.evals import Evals
+from lora_search.checks import Positive, Range, field_problems
+from lora_search.problems import ConfigError, Problem, collect_or_raise, collecting_problems
+
+__all__ = [
+    "BaseModel",
+    "Budget",
+    "ConfigError",
+    "Dataset",
+    "Evals",
+    "Pricing",
+    "Problem",
+    "Resources",
+    "SearchSpace",
+    "Sweep",
+    "collecting_problems",
+]
 
 Dtype = Literal["float32", "bfloat16", "float16", "auto"]
+"""torch dtypes a base loads in (`getattr(torch, dtype)`), or "auto": the checkpoint's own."""
 SearchAlgorithm = Literal["random", "grid", "optuna"]
 Placement = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
-Targets = str | tuple[str, ...]
+Attention = Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"]
+"""Transformers' attention kernels (`attn_implementation`); preflight checks the kernel's package is installed."""
+ATTENTION: tuple[str, ...] = get_args(Attention)
+Name = Annotated[str, Range(ge=1, example="'q_proj'")]
+"""A non-empty string."""
+Targets = Name | tuple[Name, ...]
 """A target-module preset name (see `lora_search.targets.PRESETS`) or an explicit tuple of module names."""
+Count = Annotated[int, Positive]
+Fields = Callable[..., bool]
+"""`ok("grace_period", "max_steps")`: whether those fields of a part conform to their annotations, so that a rule
+relating them may compare them (`Sweep.problems` passes it to each part's `problems`)."""
 
 
-@dataclass(frozen=True)
-class Problem:
-    """One thing wrong with a sweep: where (`field`, or `file:line` for data), what was given, how to fix it."""
-
-    field: str
-    value: Any
-    message: str
-    fix: str = ""
-
-    def __str__(self) -> str:
-        shown = "" if self.value is None else f" = {self.value!r}"
-        fix = f" Fix: {self.fix}" if self.fix else ""
-        return f"{self.field}{shown}: {self.message}.{fix}"
-
-
-class ConfigError(ValueError):
-    """A sweep that cannot run. `problems` holds every problem found, not just the first."""
-
-    def __init__(self, problems: list[Problem], header: str = "invalid sweep") -> None:
-        self.problems = list(problems)
-        lines = [f"{header}: {len(self.problems)} problem(s)"] + [f"  - {p}" for p in self.problems]
-        super().__init__("\n".join(lines))
-
-
-_collected: contextvars.ContextVar[list[Problem] | None] = contextvars.ContextVar("collected", default=None)
-
-
-@contextlib.contextmanager
-def collecting_problems() -> Iterator[list[Problem]]:
-    """Within this block a `Sweep` with problems is still built and its problems land in the yielded list.
-
-    `lora-search validate` and `run` use it so that construction problems and pre-flight problems
-    (missing modules, broken data lines) are reported together in one message.
-    """
-    problems: list[Problem] = []
-    token = _collected.set(problems)
-    try:
-        yield problems
-    finally:
-        _collected.reset(token)
-
-
-ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
-"""`BaseModel.attn_implementation` values (Transformers' names)."""
+def _everything(*_fields: str) -> bool:
+    return True
 
 
 @dataclass(frozen=True)
 class BaseModel:
     """The model every trial adapts."""
 
-    name_or_path: str
+    name_or_path: Annotated[str, Range(ge=1, example="'meta-llama/Llama-3.1-8B' or a local model dir")]
     """A Hugging Face hub id (`meta-llama/Llama-3.1-8B`) or a local directory with config.json and weights."""
     revision: str | None = None
     """Hub revision (branch, tag or commit). Pin a commit for reproducible nightly sweeps."""
@@ -90,27 +74,13 @@ class BaseModel:
     """Weights dtype. bfloat16 halves memory on GPUs; CPUs train fastest and most exactly in float32."""
     trust_remote_code: bool = False
     """Run modelling code shipped with the checkpoint. Off unless you trust that repository."""
-    attn_implementation: str = "sdpa"
+    attn_implementation: Attention = "sdpa"
     """Transformers' attention kernel. A varlen kernel ("flash_attention_2" with flash-attn installed,
     "flash_attention_3", "flex_attention") also turns on padding-free batches (`lora_search.fastpath`); "eager" is
     the slow reference."""
 
-    def problems(self) -> list[Problem]:
-        out = []
-        if not self.name_or_path:
-            out.append(
-                Problem("base.name_or_path", self.name_or_path, "is empty", "give a hub id or a local model dir")
-            )
-        if self.attn_implementation not in ATTENTION:
-            out.append(
-                Problem(
-                    "base.attn_implementation",
-                    self.attn_implementation,
-                    "unknown attention kernel",
-                    f"use one of {', '.join(ATTENTION)}",
-                )
-            )
-        return out
+    def problems(self, ok: Fields = _everything) -> list[Problem]:
+        return []
 
 
 @dataclass(frozen=True)
@@ -118,83 +88,58 @@ class Dataset:
     """Training data. Local JSONL rows are either chat (`{"messages": [{"role", "content"}, ...]}`) or
     instruction (`{"instruction", "input"?, "output"}`); a local dir saved by `datasets` or a hub id also works."""
 
-    path: str
+    path: Annotated[str, Range(ge=1, example="'data/mine/train.jsonl'")]
     eval_path: str | None = None
     """Held-out rows for the eval loss that ASHA prunes on. Without it, `eval_fraction` of `path` is held out."""
-    eval_fraction: float = 0.1
-    max_length: int = 512
-    """Longer rows are truncated. Memory per trial grows linearly with it (activations)."""
-    split: str = "train"
+    eval_fraction: Annotated[float, Range(gt=0, lt=1, example="0.1")] = 0.1
+    max_length: Annotated[int, Range(ge=8, example="512")] = 512
+    """Tokens per row; longer rows are truncated (their answer first), and a row whose prompt alone fills it trains
+    nothing (preflight counts them with the base's tokenizer). At most the base's context length. Memory per trial
+    grows linearly with it (activations)."""
+    split: Annotated[str, Range(ge=1, example="'train'")] = "train"
     """Split to read when `path` is a hub id or a `datasets` dir."""
 
-    def problems(self) -> list[Problem]:
-        out = []
-        if not self.path:
-            out.append(Problem("dataset.path", self.path, "is empty", "give a .jsonl file, a dataset dir or hub id"))
-        if self.eval_path is None and not 0.0 < self.eval_fraction < 1.0:
-            out.append(
-                Problem("dataset.eval_fraction", self.eval_fraction, "must be in (0, 1)", "e.g. 0.1, or set eval_path")
-            )
-        if self.max_length < 8:
-            out.append(Problem("dataset.max_length", self.max_length, "must be >= 8 tokens", "e.g. 512"))
-        return out
+    def problems(self, ok: Fields = _everything) -> list[Problem]:
+        if ok("eval_path") and self.eval_path is not None and not self.eval_path.strip():
+            return [Problem("dataset.eval_path", self.eval_path, "is empty", "a .jsonl path, or None")]
+        return []
 
 
 @dataclass(frozen=True)
 class SearchSpace:
     """What the sweep varies. Discrete axes are sampled uniformly (or gridded); lr is log-uniform."""
 
-    ranks: tuple[int, ...] = (8, 16)
+    ranks: tuple[Annotated[int, Range(ge=1, example="8")], ...] = (8, 16)
     """LoRA rank r. Adapter size and trainable params grow linearly with r."""
-    alpha_over_rank: tuple[float, ...] = (2.0,)
+    alpha_over_rank: tuple[Annotated[float, Range(gt=0, example="2.0")], ...] = (2.0,)
     """lora_alpha = ratio * r. Ignored when `alpha` is set. (rsLoRA scales by alpha/sqrt(r) instead of alpha/r.)"""
-    alpha: tuple[float, ...] | None = None
+    alpha: tuple[Annotated[float, Range(gt=0, example="16")], ...] | None = None
     """Absolute lora_alpha values; overrides `alpha_over_rank`."""
     targets: tuple[Targets, ...] = ("all-linear",)
     """Presets: attention (q,v), attention-all (q,k,v,o), mlp (gate,up,down), all-linear; or tuples of names."""
-    variants: tuple[str, ...] = ("lora",)
+    variants: tuple[Name, ...] = ("lora",)
     """Rows of `lora_search.variants.VARIANTS`."""
-    lr: tuple[float, float] = (1e-4, 1e-3)
+    lr: tuple[Annotated[float, Range(gt=0, example="1e-4")], Annotated[float, Range(gt=0, example="1e-3")]] = (
+        1e-4,
+        1e-3,
+    )
     """(low, high) of a log-uniform learning-rate range."""
-    lr_grid_points: int = 3
+    lr_grid_points: Count = 3
     """With search='grid', lr takes this many geometrically spaced values from the range."""
-    dropout: tuple[float, ...] = (0.0,)
+    dropout: tuple[Annotated[float, Range(ge=0, lt=1, example="0.05")], ...] = (0.0,)
 
-    def problems(self) -> list[Problem]:
+    def problems(self, ok: Fields = _everything) -> list[Problem]:
         from lora_search.targets import PRESETS
         from lora_search.variants import VARIANTS
 
         out = []
-        for name in ("ranks", "targets", "variants", "dropout", "alpha_over_rank"):
-            if len(getattr(self, name)) == 0:
-                out.append(Problem(f"space.{name}", getattr(self, name), "is empty", "give at least one value"))
-        for r in self.ranks:
-            if not isinstance(r, int) or r < 1:
-                out.append(Problem("space.ranks", r, "rank must be a positive integer", "e.g. ranks=(8, 16)"))
-        for a in self.alpha if self.alpha is not None else ():
-            if not a > 0:
-                out.append(
-                    Problem("space.alpha", a, "lora_alpha must be > 0", "e.g. alpha=(16,) or use alpha_over_rank")
-                )
-        if self.alpha is not None and len(self.alpha) == 0:
-            out.append(Problem("space.alpha", self.alpha, "is empty", "drop it to use alpha_over_rank"))
-        for ratio in self.alpha_over_rank:
-            if not ratio > 0:
-                out.append(Problem("space.alpha_over_rank", ratio, "must be > 0", "e.g. (1.0, 2.0)"))
-        if len(self.lr) != 2:
-            out.append(Problem("space.lr", self.lr, "must be a (low, high) pair", "e.g. lr=(1e-4, 1e-3)"))
-        else:
-            low, high = self.lr
-            if not (0 < low < high and math.isfinite(high)):
-                out.append(
-                    Problem("space.lr", self.lr, "need 0 < low < high", f"e.g. lr=({min(self.lr)}, {max(self.lr)})")
-                )
-        if self.lr_grid_points < 1:
-            out.append(Problem("space.lr_grid_points", self.lr_grid_points, "must be >= 1", "e.g. 3"))
-        for d in self.dropout:
-            if not 0.0 <= d < 1.0:
-                out.append(Problem("space.dropout", d, "must be in [0, 1)", "e.g. dropout=(0.0, 0.05)"))
-        for v in self.variants:
+        low, high = self.lr if ok("lr") else (0, 1)
+        if not low < high:
+            out.append(Problem("space.lr", self.lr, "need 0 < low < high", f"e.g. lr=({min(self.lr)}, {max(self.lr)})"))
+        variants = self.variants if ok("variants") else ()
+        for i, name in ((i, v) for i, v in enumerate(variants) if variants.index(v) != i):
+            out.append(Problem(f"space.variants[{i}]", name, "is listed twice", "list each variant once"))
+        for v in variants:
             if v not in VARIANTS:
                 out.append(
                     Problem(
@@ -204,7 +149,7 @@ class SearchSpace:
                         "fix the name, or add a row to VARIANTS in lora_search/variants.py",
                     )
                 )
-        for t in self.targets:
+        for t in self.targets if ok("targets") else ():
             if isinstance(t, str):
                 if t not in PRESETS:
                     out.append(
@@ -215,15 +160,15 @@ class SearchSpace:
                             "use a preset or a tuple of module names, e.g. ('q_proj', 'v_proj')",
                         )
                     )
-            elif not t or not all(isinstance(m, str) and m for m in t):
-                out.append(Problem("space.targets", t, "must be a non-empty tuple of module names", "e.g. ('q_proj',)"))
         return out
 
 
-OPTIMIZERS = ("auto", "adamw_torch", "adamw_torch_fused", "paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit")
+Optimizer = Literal["auto", "adamw_torch", "adamw_torch_fused", "paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit"]
 """`Budget.optimizer` values: Transformers `optim` names (the 8-bit and paged ones need bitsandbytes and CUDA)."""
+OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 BITSANDBYTES_OPTIMIZERS = frozenset({"paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit"})
-CHECKPOINTING = ("auto", "on", "off")
+Checkpointing = Literal["auto", "on", "off"]
+CHECKPOINTING: tuple[str, ...] = get_args(Checkpointing)
 """`Budget.gradient_checkpointing` values."""
 
 
@@ -231,53 +176,34 @@ CHECKPOINTING = ("auto", "on", "off")
 class Budget:
     """How long each trial trains and how ASHA cuts it short. ASHA's time unit is the optimizer step."""
 
-    max_steps: int = 200
+    max_steps: Annotated[int, Range(ge=1, example="200")] = 200
     """Optimizer steps of a trial that is never pruned."""
-    eval_every: int = 25
+    eval_every: Annotated[int, Range(ge=1, example="25")] = 25
     """Eval loss is computed and reported to Tune every this many steps; ASHA decides only at reports."""
-    grace_period: int = 50
+    grace_period: Annotated[int, Range(ge=1, example="50")] = 50
     """No trial is pruned before this many steps. The first rung; later rungs are grace * factor^k."""
-    reduction_factor: int = 3
+    reduction_factor: Annotated[int, Range(ge=2, example="3")] = 3
     """ASHA keeps the best 1/factor of trials at each rung: 3 prunes about 2/3 at the first rung."""
-    batch_size: int = 8
+    batch_size: Annotated[int, Range(ge=1, example="8")] = 8
     """Sequences per micro-batch (one forward/backward) per worker."""
-    grad_accum: int = 1
+    grad_accum: Annotated[int, Range(ge=1, example="1")] = 1
     """Micro-batches per optimizer step: a step sees batch_size x grad_accum sequences per worker. A trial runs them
     as fewer, larger micro-batches where its memory allows (`lora_search.train.micro_batching`), with the same loss."""
-    warmup_steps: int = 0
-    optimizer: str = "auto"
+    warmup_steps: Annotated[int, Range(ge=0, example="0")] = 0
+    optimizer: Optimizer = "auto"
     """A Transformers `optim` name for the adapter's optimizer. "auto": paged 8-bit AdamW for 4-bit variants on
     GPU (QLoRA's recipe: 2 bytes of state per adapter parameter instead of 8, paged to the CPU under memory
     spikes) unless they train under FSDP (bitsandbytes cannot update its sharded parameters), fused AdamW on other
     GPU trials, plain AdamW on CPU. LoRA+ always builds its own AdamW groups."""
-    gradient_checkpointing: str = "auto"
+    gradient_checkpointing: Checkpointing = "auto"
     """"auto": off where the trial's activations without it fit its device (`lora_search.plan`'s estimate at
     batch_size x max_length against the GPU's share, or `resources.memory_limit_gb`), on otherwise. Recomputing the
     forward in backward costs about a third more compute per step (TRL's SFTConfig turns it on by default); keeping
     every layer's activations costs memory. "on" / "off" force it."""
 
-    def problems(self) -> list[Problem]:
+    def problems(self, ok: Fields = _everything) -> list[Problem]:
         out = []
-        for name in ("max_steps", "eval_every", "grace_period", "batch_size", "grad_accum"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                out.append(Problem(f"budget.{name}", value, "must be a positive integer", ""))
-        if out:
-            return out
-        if self.optimizer not in OPTIMIZERS:
-            out.append(
-                Problem("budget.optimizer", self.optimizer, "unknown optimizer", f"use one of {', '.join(OPTIMIZERS)}")
-            )
-        if self.gradient_checkpointing not in CHECKPOINTING:
-            out.append(
-                Problem(
-                    "budget.gradient_checkpointing",
-                    self.gradient_checkpointing,
-                    "unknown setting",
-                    f"use one of {', '.join(CHECKPOINTING)}",
-                )
-            )
-        if self.grace_period > self.max_steps:
+        if ok("grace_period", "max_steps") and self.grace_period > self.max_steps:
             out.append(
                 Problem(
                     "budget.grace_period",
@@ -286,7 +212,7 @@ class Budget:
                     f"set grace_period <= {self.max_steps}",
                 )
             )
-        if self.eval_every > self.max_steps:
+        if ok("eval_every", "max_steps") and self.eval_every > self.max_steps:
             out.append(
                 Problem(
                     "budget.eval_every",
@@ -295,7 +221,7 @@ class Budget:
                     f"set eval_every <= {self.max_steps}",
                 )
             )
-        if self.grace_period % self.eval_every:
+        if ok("grace_period", "eval_every") and self.grace_period % self.eval_every:
             out.append(
                 Problem(
                     "budget.grace_period",
@@ -304,10 +230,15 @@ class Budget:
                     "make grace_period a multiple of eval_every",
                 )
             )
-        if self.reduction_factor < 2:
-            out.append(Problem("budget.reduction_factor", self.reduction_factor, "must be >= 2", "e.g. 3"))
-        if not 0 <= self.warmup_steps < self.max_steps:
-            out.append(Problem("budget.warmup_steps", self.warmup_steps, "must be in [0, max_steps)", ""))
+        if ok("warmup_steps", "max_steps") and self.warmup_steps >= self.max_steps:
+            out.append(
+                Problem(
+                    "budget.warmup_steps",
+                    self.warmup_steps,
+                    f"must be below max_steps={self.max_steps}: the learning rate would never reach its value",
+                    f"e.g. warmup_steps={self.max_steps // 10}",
+                )
+            )
         return out
 
 
@@ -315,21 +246,22 @@ class Budget:
 class Resources:
     """What one trial gets. A trial is a Ray Train run of `workers` data-parallel workers."""
 
-    workers: int = 1
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0
+    workers: Annotated[int, Range(ge=1, example="1")] = 1
+    cpus_per_worker: Annotated[float, Range(ge=0, example="1.0")] = 1.0
+    gpus_per_worker: Annotated[float, Range(ge=0, example="1")] = 0.0
+    """Fractions share a GPU between trials (0.25: four trials on one GPU); above 1, whole GPUs only."""
     placement: Placement = "PACK"
     """PACK keeps a trial's workers on one node when they fit (fast NCCL); SPREAD puts them on different nodes."""
-    memory_limit_gb: float | None = None
+    memory_limit_gb: Annotated[float, Range(gt=0, example="70")] | None = None
     """Stop a trial whose worker's peak memory passes this (GPU allocator peak, or the process's peak RSS on CPU)
     as `infeasible`, as a CUDA out-of-memory error does anyway: set it to keep trials within a budget smaller than
     the device. None: no limit of ours."""
-    strategy: str = "ddp"
+    strategy: Name = "ddp"
     """How the workers share the model (`lora_search.strategies.STRATEGIES`): "ddp" replicates the base on every
     GPU; "fsdp" and "deepspeed-zero3" shard it (a 70B bf16 base is 131 GiB: 16.4 GiB a GPU over 8);
     "deepspeed-zero2" shards only the adapter's gradients and optimizer state. Sharding costs communication:
     take the least that fits (`lora-search plan` prints the memory per GPU of each)."""
-    strategy_by_variant: dict[str, str] = field(default_factory=dict)
+    strategy_by_variant: dict[Name, Name] = field(default_factory=dict)
     """Per-variant overrides, e.g. {"qlora": "ddp"} beside strategy="fsdp": an NF4 70B base fits one GPU, so
     its trials skip the sharding traffic."""
     reuse_workers: bool = True
@@ -342,14 +274,16 @@ class Resources:
     def strategy_for(self, variant: str) -> str:
         return self.strategy_by_variant.get(variant, self.strategy)
 
-    def problems(self) -> list[Problem]:
+    def problems(self, ok: Fields = _everything) -> list[Problem]:
         from lora_search.strategies import STRATEGIES
 
         out = []
         names = ", ".join(STRATEGIES)
-        for where, name in (("resources.strategy", self.strategy),) + tuple(
-            (f"resources.strategy_by_variant[{v!r}]", s) for v, s in self.strategy_by_variant.items()
-        ):
+        named: list[tuple[str, str]] = []
+        if ok("strategy", "strategy_by_variant", "gpus_per_worker"):
+            named = [("resources.strategy", self.strategy)]
+            named += [(f"resources.strategy_by_variant[{v!r}]", s) for v, s in self.strategy_by_variant.items()]
+        for where, name in named:
             if name not in STRATEGIES:
                 out.append(Problem(where, name, "unknown strategy", f"use one of {names}"))
             elif STRATEGIES[name].gpu_only and self.gpus_per_worker <= 0:
@@ -362,14 +296,24 @@ class Resources:
                         'use strategy="ddp" or "deepspeed-zero3" on CPU, or gpus_per_worker=1 on a GPU cluster',
                     )
                 )
-        if self.workers < 1:
-            out.append(Problem("resources.workers", self.workers, "must be >= 1", ""))
-        if self.memory_limit_gb is not None and not self.memory_limit_gb > 0:
-            out.append(Problem("resources.memory_limit_gb", self.memory_limit_gb, "must be > 0 or None", "e.g. 70"))
-        if self.cpus_per_worker <= 0 and self.gpus_per_worker <= 0:
-            out.append(Problem("resources.cpus_per_worker", self.cpus_per_worker, "a worker needs a CPU or a GPU", ""))
-        if self.gpus_per_worker < 0:
-            out.append(Problem("resources.gpus_per_worker", self.gpus_per_worker, "must be >= 0", ""))
+        if ok("cpus_per_worker", "gpus_per_worker") and self.cpus_per_worker <= 0 and self.gpus_per_worker <= 0:
+            out.append(
+                Problem(
+                    "resources.cpus_per_worker",
+                    self.cpus_per_worker,
+                    "a worker needs a CPU or a GPU, and gpus_per_worker is 0 too",
+                    "e.g. cpus_per_worker=1",
+                )
+            )
+        if ok("gpus_per_worker") and self.gpus_per_worker > 1 and not float(self.gpus_per_worker).is_integer():
+            out.append(
+                Problem(
+                    "resources.gpus_per_worker",
+                    self.gpus_per_worker,
+                    "Ray gives a worker either a fraction of one GPU or whole GPUs",
+                    f"e.g. gpus_per_worker={int(self.gpus_per_worker)} or 0.5",
+                )
+            )
         return out
 
 
@@ -387,15 +331,17 @@ class Pricing:
     = 4 device-hours = $10 at $2.50.
     """
 
-    gpu_hour: dict[str, float] = field(default_factory=lambda: dict(GPU_HOUR_PRICES))
+    gpu_hour: dict[Name, Annotated[float, Range(ge=0, example="2.5")]] = field(
+        default_factory=lambda: dict(GPU_HOUR_PRICES)
+    )
     """Price per GPU-hour by device type: a key matches when it appears in torch's device name
     ("NVIDIA H100 80GB HBM3" matches "H100"); the longest matching key wins."""
-    default_gpu_hour: float = 2.00
+    default_gpu_hour: Annotated[float, Range(ge=0, example="2.0")] = 2.00
     """For a GPU whose name matches no key of `gpu_hour`."""
-    cpu_core_hour: float = 0.04
+    cpu_core_hour: Annotated[float, Range(ge=0, example="0.04")] = 0.04
     """Price per CPU core-hour (a cloud vCPU is about $0.02-0.05)."""
-    currency: str = "USD"
-    reference_trial_hours: float = 1.0
+    currency: Annotated[str, Range(ge=1, example="'USD'")] = "USD"
+    reference_trial_hours: Annotated[float, Range(gt=0, example="1.0")] = 1.0
     """The Pareto hypervolume's cost reference: a trial costing as much as this many hours of its devices adds
     nothing. Fixed by the sweep, not by its trials, so nightly hypervolumes compare; raise it for long trials."""
 
@@ -406,16 +352,58 @@ class Pricing:
         matches = [k for k in self.gpu_hour if k.lower() in device_name.lower()]
         return self.gpu_hour[max(matches, key=len)] if matches else self.default_gpu_hour
 
-    def problems(self) -> list[Problem]:
-        out = []
-        prices = {f"pricing.gpu_hour[{k!r}]": v for k, v in self.gpu_hour.items()}
-        prices |= {"pricing.default_gpu_hour": self.default_gpu_hour, "pricing.cpu_core_hour": self.cpu_core_hour}
-        for name, value in prices.items():
-            if not isinstance(value, int | float) or value < 0 or math.isnan(value):
-                out.append(Problem(name, value, "must be a price >= 0", "a price per device-hour, e.g. 2.5"))
-        if not self.reference_trial_hours > 0:
-            out.append(Problem("pricing.reference_trial_hours", self.reference_trial_hours, "must be > 0", "e.g. 1.0"))
-        return out
+    def problems(self, ok: Fields = _everything) -> list[Problem]:
+        return []
+
+
+@dataclass(frozen=True)
+class Evals:
+    """Which golden sets score each completed trial, and the primary objective among their metrics
+    (`lora_search.evals` scores them)."""
+
+    tasks: tuple[Annotated[str, Range(ge=1, example="'tiny_mood'")], ...]
+    """lm-eval task names defined by YAML files in `tasks_dir`."""
+    objective: Annotated[str, Range(ge=1, example="'tiny_mood/acc'")]
+    """`task/metric`, e.g. `tiny_mood/acc`; its direction is lm-eval's `higher_is_better` for that metric."""
+    tasks_dir: Annotated[str, Range(ge=1, example="'evals/tasks'")] = "evals/tasks"
+    batch_size: Annotated[int, Range(ge=1, example="16")] = 16
+    limit: Annotated[int, Range(ge=1, example="100")] | None = None
+    """Score only the first N examples of each task (a quick look; the full set is the real score)."""
+
+    def problems(self, ok: Fields = _everything) -> list[Problem]:
+        if not ok("objective", "tasks"):
+            return []
+        task, _, metric = self.objective.partition("/")
+        if metric and task in self.tasks:
+            return []
+        return [
+            Problem(
+                "evals.objective",
+                self.objective,
+                "must be 'task/metric' with task in evals.tasks",
+                f"e.g. '{self.tasks[0]}/acc'",
+            )
+        ]
+
+
+def _in_sweep_script() -> bool:
+    """Whether this Sweep is being built at the top level of a script run as `python sweeps/x.py`. Its problems are
+    then not raised here, which would print a traceback before the script's `main(SWEEP)` runs: `main` and `run`
+    check the sweep again and report every problem in the one-message, exit-2 form."""
+    frame = sys._getframe(2)
+    while frame is not None and frame.f_globals.get("__name__") in (__name__, "dataclasses"):
+        frame = frame.f_back
+    return frame is not None and frame.f_globals.get("__name__") == "__main__" and frame.f_code.co_name == "<module>"
+
+
+def _broken_parts(problems: list[Problem], depth: int = 1) -> set[str]:
+    """The Sweep fields (`base`, `space`, `num_samples`, ...) these problems are about; with depth=2 the fields of
+    those parts (`space.ranks`)."""
+    out = set()
+    for p in problems:
+        path = re.split(r"[\[ ]", p.field, maxsplit=1)[0].split(".")
+        out.add(".".join(path[:depth]))
+    return out
 
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -425,7 +413,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 class Sweep:
     """One LoRA hyperparameter sweep. Results land in `<output_dir>/<name>/`."""
 
-    name: str
+    name: Annotated[str, Range(ge=1, example="'mine'")]
     base: BaseModel
     dataset: Dataset
     space: SearchSpace = field(default_factory=SearchSpace)
@@ -434,12 +422,15 @@ class Sweep:
     search: SearchAlgorithm = "random"
     """random and optuna (TPE through Ray's OptunaSearch) draw `num_samples` trials; grid runs every combination
     `num_samples` times."""
-    num_samples: int = 16
-    seed: int = 0
-    output_dir: str = field(default_factory=lambda: os.environ.get("LORA_SEARCH_OUTPUT_DIR", "reports"))
+    num_samples: Annotated[int, Range(ge=1, example="16")] = 16
+    seed: Annotated[int, Range(ge=0, lt=2**32, example="0")] = 0
+    """Seeds torch, numpy (which takes 0 <= seed < 2**32), the data order and the searcher."""
+    output_dir: Annotated[str, Range(ge=1, example="'reports'")] = field(
+        default_factory=lambda: os.environ.get("LORA_SEARCH_OUTPUT_DIR", "reports")
+    )
     """Relative paths resolve against the driver's working directory. Under `ray job submit --working-dir` that
     is a temporary copy: point LORA_SEARCH_OUTPUT_DIR (or this field) at storage that outlives the job."""
-    max_concurrent_trials: int | None = None
+    max_concurrent_trials: Annotated[int, Range(ge=1, example="4")] | None = None
     """None: as many as the cluster's CPUs/GPUs fit at `resources` per trial."""
     evals: Evals | None = None
     """Golden sets (lm-eval tasks) that score every completed trial and the base model; None: eval loss only."""
@@ -451,28 +442,31 @@ class Sweep:
 
     def __post_init__(self) -> None:
         problems = self.problems()
-        if not problems:
-            return
-        collected = _collected.get()
-        if collected is None:
-            raise ConfigError(problems, header=f"invalid sweep {self.name!r}")
-        collected.extend(problems)
+        if problems and not _in_sweep_script():
+            collect_or_raise(problems, header=f"invalid sweep {self.name!r}")
 
     def problems(self) -> list[Problem]:
-        out = []
-        if not isinstance(self.name, str) or not _NAME.match(self.name):
+        """Every problem with the sweep's own values: first each field against its annotation (`checks`), then,
+        for the parts whose fields all conform, what relates one field to another."""
+        out = field_problems(self, "")
+        broken = _broken_parts(out, depth=2)
+        if "name" not in broken and not _NAME.match(self.name):
             out.append(Problem("name", self.name, "must be letters, digits, '_', '-', '.'", "it names reports/<name>/"))
-        for part in (self.base, self.dataset, self.space, self.budget, self.resources, self.evals, self.pricing):
-            if part is not None:
-                out.extend(part.problems())
-        out.extend(self._strategy_problems())
-        if self.search not in ("random", "grid", "optuna"):
-            out.append(Problem("search", self.search, "unknown search algorithm", "use random, grid or optuna"))
-        if self.num_samples < 1:
-            out.append(Problem("num_samples", self.num_samples, "must be >= 1", ""))
-        if self.max_concurrent_trials is not None and self.max_concurrent_trials < 1:
-            out.append(Problem("max_concurrent_trials", self.max_concurrent_trials, "must be >= 1 or None", ""))
+        parts = ("base", "dataset", "space", "budget", "resources", "evals", "pricing")
+        for name in parts:
+            part = getattr(self, name)
+            if part is not None and name not in broken:  # a whole part of the wrong type is reported as such
+                out.extend(part.problems(lambda *fields, name=name: not broken & {f"{name}.{f}" for f in fields}))
+        if self.conforms("space.variants", "resources", "budget.optimizer"):
+            out.extend(self._strategy_problems())
         return out
+
+    def conforms(self, *names: str) -> bool:
+        """Whether the named parts or fields (`"base"`, `"space.targets"`, ...) have every field as annotated, in
+        type and range: a pre-flight check runs only on what it reads conforming, so it need not guard against a
+        string where a number belongs, and it adds no second message about a value already reported."""
+        broken = _broken_parts(field_problems(self, ""), depth=2)
+        return not any(b == n or n.startswith(b + ".") or b.startswith(n + ".") for b in broken for n in names)
 
     def _strategy_problems(self) -> list[Problem]:
         from lora_search.strategies import STRATEGIES, incompatibility

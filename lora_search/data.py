@@ -71,25 +71,49 @@ def row_problem(row: Any) -> str | None:
     )
 
 
+def jsonl_lines(path: Path) -> Iterator[tuple[int, str | None, str | None]]:
+    """(line number, text, why it cannot be read) for every non-blank line of a JSONL file: a line that is not
+    UTF-8 comes with its reason and no text, so one bad byte names its line instead of failing the whole file."""
+    with Path(path).open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                byte = raw[e.start : e.start + 1].hex()
+                yield lineno, None, f"not UTF-8 (byte 0x{byte} at column {e.start + 1})"
+                continue
+            if lineno == 1 and line.startswith("\ufeff"):
+                yield lineno, None, "starts with a UTF-8 byte-order mark, which JSON readers refuse"
+                continue
+            if line.strip():
+                yield lineno, line, None
+
+
+def parse_line(line: str) -> tuple[Any, str | None]:
+    """(the parsed row, None) or (None, why the line is not JSON)."""
+    try:
+        return json.loads(line), None
+    except json.JSONDecodeError as e:
+        return None, f"invalid JSON ({e.msg} at column {e.colno})"
+    except RecursionError:
+        return None, "invalid JSON (nested too deeply)"
+
+
 def check_jsonl(path: Path) -> list[Problem]:
     """Every unusable line of a JSONL file, as `file:line` problems."""
     if not path.is_file():
         return [Problem(str(path), None, "file not found", "check dataset.path / dataset.eval_path")]
     problems: list[Problem] = []
     bad = rows = 0
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            rows += 1
-            try:
-                why = row_problem(json.loads(line))
-            except json.JSONDecodeError as e:
-                why = f"invalid JSON ({e.msg} at column {e.colno})"
-            if why:
-                bad += 1
-                if bad <= MAX_REPORTED_PER_FILE:
-                    problems.append(Problem(f"{path}:{lineno}", None, why, "fix or delete this line"))
+    for lineno, line, unreadable in jsonl_lines(path):
+        rows += 1
+        row, why = (None, unreadable) if line is None else parse_line(line)
+        why = why or row_problem(row)
+        if why:
+            bad += 1
+            if bad <= MAX_REPORTED_PER_FILE:
+                fix = "save the file as UTF-8" if unreadable else "fix or delete this line"
+                problems.append(Problem(f"{path}:{lineno}", None, why, fix))
     if bad > MAX_REPORTED_PER_FILE:
         problems.append(Problem(str(path), None, f"{bad - MAX_REPORTED_PER_FILE} more bad lines not listed", ""))
     if rows == 0:
@@ -106,17 +130,20 @@ def check(dataset: Dataset) -> list[Problem]:
         path = Path(location)
         if path.suffix == ".jsonl":
             problems.extend(check_jsonl(path))
-        elif path.is_dir():
-            problems.extend(_check_rows(field_name, location, _load_source(location, dataset.split)))
         else:
             try:
                 rows = _load_source(location, dataset.split)
             except Exception as e:  # noqa: BLE001 - the datasets library raises many types for "not found"
+                what = (
+                    "a local dir that `datasets.load_from_disk` cannot read"
+                    if path.is_dir()
+                    else ("not a local .jsonl/dir and not loadable as a hub dataset")
+                )
                 problems.append(
                     Problem(
                         field_name,
                         location,
-                        f"not a local .jsonl/dir and not loadable as a hub dataset ({e})",
+                        f"{what} ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})",
                         "give an existing .jsonl file, a save_to_disk dir, or a reachable hub id",
                     )
                 )
@@ -174,7 +201,73 @@ def load(dataset: Dataset, seed: int) -> tuple[datasets.Dataset, datasets.Datase
 
 
 def iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    with Path(path).open(encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                yield json.loads(line)
+    """The rows of a JSONL file that `check_jsonl` passed."""
+    for _, line, _ in jsonl_lines(path):
+        if line is not None:
+            yield json.loads(line)
+
+
+def token_problems(dataset: Dataset, tokenizer: Any, seed: int, needed: int) -> list[Problem]:
+    """Problems with the data as the trial's SFTTrainer sees it: each row tokenized with the base's tokenizer and
+    chat template (TRL's prompt/completion path: the completion starts where prompt and prompt+completion diverge),
+    then cut at `dataset.max_length` from the end. A row whose cut leaves no completion token trains nothing and TRL
+    drops it. Refused: fewer than `needed` training rows left (a step's rows), or no eval row left (no eval loss)."""
+    import datasets
+
+    quiet = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()  # a check prints its problems, not the loader's bars
+    try:
+        train, evaluation = load(dataset, seed)
+    except Exception as e:  # noqa: BLE001 - rows check_jsonl passed, but the datasets library may still refuse them
+        return [Problem("dataset.path", dataset.path, f"cannot be loaded ({type(e).__name__}: {e})", "fix the data")]
+    finally:
+        if not quiet:
+            datasets.enable_progress_bars()
+    problems = []
+    for field_name, rows, least in (("dataset.path", train, needed), ("dataset.eval_path", evaluation, 1)):
+        where = dataset.eval_path if field_name == "dataset.eval_path" else dataset.path
+        if field_name == "dataset.eval_path" and dataset.eval_path is None:
+            where = f"the held-out {dataset.eval_fraction:g} of {dataset.path}"
+        try:
+            lengths = [_token_lengths(tokenizer, row) for row in rows]
+        except Exception as e:  # noqa: BLE001 - a tokenizer or chat template that cannot render the rows
+            why = f"the base's tokenizer cannot tokenize these rows ({type(e).__name__}: {str(e).splitlines()[0]})"
+            fix = "chat rows need a tokenizer with a chat template" if "chat_template" in str(e) else "fix the data"
+            problems.append(Problem(field_name, where, why, fix))
+            continue
+        kept = sum(prompt < dataset.max_length for prompt, _ in lengths)
+        if kept >= least:
+            continue
+        lost = len(lengths) - kept
+        answer = max(prompt for prompt, _ in lengths) + 1
+        whole = max(total for _, total in lengths)
+        problems.append(
+            Problem(
+                "dataset.max_length",
+                dataset.max_length,
+                f"{lost} of {len(lengths)} rows of {where} have no answer token left after the cut (the prompt alone "
+                f"fills max_length), so {kept} row(s) train; a step needs at least {least}",
+                f"max_length >= {answer} keeps an answer token in every row, >= {whole} keeps every row whole; or "
+                "shorten the prompts",
+            )
+        )
+    return problems
+
+
+def _token_lengths(tokenizer: Any, row: dict[str, Any]) -> tuple[int, int]:
+    """(tokens before the completion starts, tokens of the whole row) as TRL's SFTTrainer tokenizes `row`."""
+    prompt, completion = row["prompt"], row["completion"]
+    if isinstance(prompt, list):  # conversational: the chat template renders both
+        prompt_ids = tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=True)
+        full_ids = tokenizer.apply_chat_template(prompt + completion, tokenize=True, return_dict=True)
+        prompt_ids, full_ids = prompt_ids["input_ids"], full_ids["input_ids"]
+    else:
+        eos = tokenizer.eos_token or ""
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        full_ids = tokenizer(prompt + completion + ("" if completion.endswith(eos) else eos))["input_ids"]
+    common = 0
+    for a, b in zip(prompt_ids, full_ids, strict=False):
+        if a != b:
+            break
+        common += 1
+    return common, len(full_ids)

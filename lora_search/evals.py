@@ -18,13 +18,12 @@ import copy
 import json
 import math
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
-from lora_search.config import ConfigError, Problem
+from lora_search.config import ConfigError, Evals, Problem
+from lora_search.data import jsonl_lines, parse_line
+from lora_search.userfiles import load_yaml
 
 if TYPE_CHECKING:
     import torch
@@ -37,36 +36,6 @@ class AdapterNotAppliedError(RuntimeError):
     """The adapter leaves the model's outputs unchanged (all-zero, or loaded onto nothing)."""
 
 
-@dataclass(frozen=True)
-class Evals:
-    """Which golden sets score each completed trial, and the primary objective among their metrics."""
-
-    tasks: tuple[str, ...]
-    """lm-eval task names defined by YAML files in `tasks_dir`."""
-    objective: str
-    """`task/metric`, e.g. `tiny_mood/acc`; its direction is lm-eval's `higher_is_better` for that metric."""
-    tasks_dir: str = "evals/tasks"
-    batch_size: int = 16
-    limit: int | None = None
-    """Score only the first N examples of each task (a quick look; the full set is the real score)."""
-
-    def problems(self) -> list[Problem]:
-        out = []
-        if not self.tasks:
-            out.append(Problem("evals.tasks", self.tasks, "is empty", "name at least one lm-eval task"))
-        task, _, metric = self.objective.partition("/")
-        if not metric or task not in self.tasks:
-            out.append(
-                Problem(
-                    "evals.objective",
-                    self.objective,
-                    "must be 'task/metric' with task in evals.tasks",
-                    f"e.g. '{self.tasks[0] if self.tasks else 'my_task'}/acc'",
-                )
-            )
-        return out
-
-
 def project_root(evals: Evals) -> Path:
     return Path(evals.tasks_dir).resolve().parent.parent
 
@@ -74,21 +43,35 @@ def project_root(evals: Evals) -> Path:
 def task_configs(evals: Evals) -> list[dict[str, Any]]:
     """The named tasks' YAML configs with relative data files made absolute (workers may run anywhere)."""
     found: dict[str, tuple[Path, dict[str, Any]]] = {}
+    unreadable: list[Problem] = []
     for path in sorted(Path(evals.tasks_dir).glob("*.yaml")):
-        config = yaml.safe_load(path.read_text())
+        try:
+            config = load_yaml(path)
+        except ConfigError as e:  # reported only if a task the sweep names may be in it
+            unreadable.extend(e.problems)
+            continue
         if isinstance(config, dict) and "task" in config:
             found[str(config["task"])] = (path, config)
     missing = [t for t in evals.tasks if t not in found]
     if missing:
-        raise FileNotFoundError(f"no task YAML in {evals.tasks_dir} defines {', '.join(missing)}")
+        fix = f"add the task YAML under {evals.tasks_dir}" + (", or fix the unreadable one(s) below" * bool(unreadable))
+        problem = Problem("evals.tasks", missing, f"no task YAML in {evals.tasks_dir} defines them", fix)
+        raise ConfigError([problem, *unreadable], header="golden sets not found")
     root = project_root(evals)
-    out = []
+    out, malformed = [], []
     for name in evals.tasks:
-        config = copy.deepcopy(found[name][1])
-        files = config.get("dataset_kwargs", {}).get("data_files", {})
+        path, config = found[name][0], copy.deepcopy(found[name][1])
+        kwargs = config.get("dataset_kwargs", {})
+        files = kwargs.get("data_files", {}) if isinstance(kwargs, dict) else None
+        if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+            fix = "e.g. dataset_kwargs: {data_files: {test: evals/golden/NAME.jsonl}}"
+            malformed.append(Problem(str(path), None, "dataset_kwargs.data_files must map split names to paths", fix))
+            continue
         for split, value in list(files.items()):
             files[split] = str(root / value) if not Path(value).is_absolute() else value
         out.append(config)
+    if malformed:
+        raise ConfigError(malformed, header="golden sets not readable")
     return out
 
 
@@ -273,12 +256,13 @@ def check(evals: Evals) -> list[Problem]:
     lm-eval itself accepts each task."""
     from lora_search.data import MAX_REPORTED_PER_FILE
 
+    if not Path(evals.tasks_dir).is_dir():
+        fix = "run from the project root, or give the folder of your task YAMLs"
+        return [Problem("evals.tasks_dir", evals.tasks_dir, "is not a directory", fix)]
     try:
         configs = task_configs(evals)
-    except (FileNotFoundError, yaml.YAMLError) as e:
-        return [
-            Problem("evals.tasks", evals.tasks, str(e).splitlines()[0], f"add the task YAML under {evals.tasks_dir}")
-        ]
+    except ConfigError as e:
+        return e.problems
     problems: list[Problem] = list(_objective_problems(evals, configs))
     for config in configs:
         task = config["task"]
@@ -337,54 +321,51 @@ def _check_golden_file(path: Path, needed: set[str], config: dict[str, Any], cap
     rows = 0
     choice_field = next(iter(_FIELD.findall(str(config.get("doc_to_choice", "")))), None)
     target = config.get("doc_to_target")
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            rows += 1
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                problems.append(Problem(where, None, f"invalid JSON ({e.msg} at column {e.colno})", "fix the line"))
-                continue
-            if not isinstance(row, dict):
-                problems.append(Problem(where, None, "expected a JSON object", "fix the line"))
-                continue
-            missing = sorted(needed - row.keys())
-            if missing:
+    for lineno, line, unreadable in jsonl_lines(path):
+        rows += 1
+        where = f"{path}:{lineno}"
+        row, why = (None, unreadable) if line is None else parse_line(line)
+        if why:
+            problems.append(Problem(where, None, why, "save the file as UTF-8" if unreadable else "fix the line"))
+            continue
+        if not isinstance(row, dict):
+            problems.append(Problem(where, None, "expected a JSON object", "fix the line"))
+            continue
+        missing = sorted(needed - row.keys())
+        if missing:
+            problems.append(
+                Problem(
+                    where,
+                    None,
+                    f"missing field(s) {', '.join(missing)} used by the task",
+                    "add them, or change the task YAML's templates",
+                )
+            )
+        if "id" in row:
+            key = json.dumps(row["id"], sort_keys=True)  # an id may be any JSON value, lists too
+            if key in ids:
                 problems.append(
                     Problem(
                         where,
-                        None,
-                        f"missing field(s) {', '.join(missing)} used by the task",
-                        "add them, or change the task YAML's templates",
+                        row["id"],
+                        f"duplicate id (first on line {ids[key]})",
+                        "give every golden example its own id",
                     )
                 )
-            if "id" in row:
-                if row["id"] in ids:
-                    problems.append(
-                        Problem(
-                            where,
-                            row["id"],
-                            f"duplicate id (first on line {ids[row['id']]})",
-                            "give every golden example its own id",
-                        )
+            ids.setdefault(key, lineno)
+        if choice_field and isinstance(target, str) and target.isidentifier() and target in row:
+            choices, label = row.get(choice_field), row[target]
+            if isinstance(choices, list) and (not isinstance(label, int) or not 0 <= label < len(choices)):
+                problems.append(
+                    Problem(
+                        where,
+                        label,
+                        f"label out of range for {len(choices)} choices",
+                        f"use an index in 0..{len(choices) - 1}",
                     )
-                ids.setdefault(row["id"], lineno)
-            if choice_field and isinstance(target, str) and target.isidentifier() and target in row:
-                choices, label = row.get(choice_field), row[target]
-                if isinstance(choices, list) and (not isinstance(label, int) or not 0 <= label < len(choices)):
-                    problems.append(
-                        Problem(
-                            where,
-                            label,
-                            f"label out of range for {len(choices)} choices",
-                            f"use an index in 0..{len(choices) - 1}",
-                        )
-                    )
-            if len(problems) >= cap:
-                break
+                )
+        if len(problems) >= cap:
+            break
     if rows == 0:
         problems.append(Problem(str(path), None, "golden set is empty", "add examples, one JSON object per line"))
     return problems

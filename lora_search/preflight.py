@@ -37,22 +37,26 @@ def base_weight_bytes(base: BaseModel) -> int:
 
 
 def problems(sweep: Sweep) -> list[Problem]:
-    """Problems that need the outside world: model config, target modules, ranks, data, GPU prerequisites."""
+    """Problems that need the outside world: model config, target modules, ranks, data as the trial will tokenize
+    it, golden sets, GPU prerequisites, the tracking store. A check runs only on the parts of the sweep whose fields
+    all have the annotated types (`Sweep.conforms`): those that do not are already reported."""
     out: list[Problem] = []
-    try:
-        layers = model_layers(sweep.base)
-    except Exception as e:  # noqa: BLE001 - transformers raises OSError, ValueError, KeyError for a bad model
-        out.append(
-            Problem(
-                "base.name_or_path",
-                sweep.base.name_or_path,
-                f"cannot read the model config ({type(e).__name__}: {str(e).splitlines()[0][:200]})",
-                "give a local dir with config.json, or a hub id this machine can reach (set HF_TOKEN if gated)",
+    model = None
+    if sweep.conforms("base"):
+        try:
+            model = meta_model(sweep.base)
+        except Exception as e:  # noqa: BLE001 - transformers raises OSError, ValueError, KeyError for a bad model
+            out.append(
+                Problem(
+                    "base.name_or_path",
+                    sweep.base.name_or_path,
+                    f"cannot read the model config ({type(e).__name__}: {str(e).splitlines()[0][:200]})",
+                    "give a local dir with config.json, or a hub id this machine can reach (set HF_TOKEN if gated)",
+                )
             )
-        )
-        layers = []
+    layers = targets.linear_layers(model) if model is not None else []
     seen: set[str] = set()
-    for i, t in enumerate(sweep.space.targets if layers else ()):
+    for i, t in enumerate(sweep.space.targets if layers and sweep.conforms("space.targets", "space.ranks") else ()):
         if isinstance(t, str) and t not in targets.PRESETS:
             continue  # already reported as an unknown preset
         for p in targets.check(t, sweep.space.ranks, layers, f"space.targets[{i}]"):
@@ -60,16 +64,74 @@ def problems(sweep: Sweep) -> list[Problem]:
             if str(p) not in seen:
                 seen.add(str(p))
                 out.append(p)
-    out.extend(_hardware(sweep))
-    out.extend(data.check(sweep.dataset))
-    if sweep.evals is not None:
+    if sweep.conforms("base.attn_implementation", "space.variants", "resources"):
+        out.extend(_hardware(sweep))
+    if sweep.conforms("dataset"):
+        found = data.check(sweep.dataset)
+        out.extend(found)
+        if model is not None:
+            out.extend(_context_problems(sweep, model.config))
+            if not found and sweep.conforms("budget.batch_size", "resources.workers", "seed"):
+                out.extend(_token_problems(sweep))
+    if sweep.evals is not None and sweep.conforms("evals"):
         from lora_search import evals
 
         out.extend(evals.check(sweep.evals))
-    from lora_search import tracking
+    if sweep.conforms("name", "output_dir", "tracking_uri"):
+        from lora_search import tracking
 
-    out.extend(tracking.problems(sweep))
+        out.extend(tracking.problems(sweep))
     return out
+
+
+CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+"""Where a Transformers config keeps its context length, by architecture."""
+
+
+def context_length(config: object) -> int | None:
+    """The base's context length from its config, or None when it names none."""
+    for name in CONTEXT_FIELDS:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _context_problems(sweep: Sweep, config: object) -> list[Problem]:
+    limit = context_length(config)
+    if limit is None or sweep.dataset.max_length <= limit:
+        return []
+    field = next(n for n in CONTEXT_FIELDS if getattr(config, n, None) == limit)
+    return [
+        Problem(
+            "dataset.max_length",
+            sweep.dataset.max_length,
+            f"exceeds the base's context length ({field} = {limit} in {sweep.base.name_or_path}'s config)",
+            f"set max_length <= {limit}",
+        )
+    ]
+
+
+def _token_problems(sweep: Sweep) -> list[Problem]:
+    """The data as the trial sees it: tokenized with the base's own tokenizer and chat template, cut at max_length."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            sweep.base.name_or_path, revision=sweep.base.revision, trust_remote_code=sweep.base.trust_remote_code
+        )
+    except Exception as e:  # noqa: BLE001 - a model without a loadable tokenizer; the trial would fail the same way
+        return [
+            Problem(
+                "base.name_or_path",
+                sweep.base.name_or_path,
+                f"has no tokenizer this machine can load ({type(e).__name__}: {str(e).splitlines()[0][:200]})",
+                "save the tokenizer beside the model (tokenizer.save_pretrained(dir))",
+            )
+        ]
+    # A step of one worker needs batch_size rows that train something; every worker gets its own share of rows.
+    needed = sweep.budget.batch_size * sweep.resources.workers
+    return data.token_problems(sweep.dataset, tokenizer, sweep.seed, needed)
 
 
 # What Ray's `default` extra adds that a trial needs: without these Ray's dashboard starts in minimal mode, with no
@@ -149,6 +211,9 @@ def _hardware(sweep: Sweep) -> list[Problem]:
 
 def validate(sweep: Sweep, construction_problems: list[Problem] | None = None) -> None:
     """Raise one ConfigError naming every problem with `sweep`, construction and pre-flight alike."""
-    found = list(construction_problems or []) + problems(sweep)
+    # The sweep's own problems again: a Sweep built at the top of a script (`python sweeps/x.py`) defers them to here.
+    found = list(construction_problems or [])
+    found += [p for p in sweep.problems() if p not in found]
+    found += problems(sweep)
     if found:
         raise ConfigError(found, header=f"sweep {sweep.name!r} cannot run")

@@ -48,7 +48,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=128,
+        max_position_embeddings=1024,  # >= every max_length the tests use (preflight refuses a longer one)
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=0,

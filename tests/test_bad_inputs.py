@@ -27,10 +27,18 @@ def _golden(tmp: Path, edit=None) -> str:
     shutil.copytree(REPO / "evals", tmp / "evals")
     golden = tmp / "evals" / "golden" / "tiny_mood.jsonl"
     rows = golden.read_text().splitlines()[:20]
-    if edit is not None:
+    if edit == "task_yaml":  # an unclosed bracket in the task's YAML
+        task = tmp / "evals" / "tasks" / "tiny_mood.yaml"
+        task.write_text(task.read_text() + "\nextra: [unclosed\n")
+    elif edit is not None:
         edit(rows)
-    golden.write_text("\n".join(rows) + ("\n" if rows else ""))
+    golden.write_bytes(_encoded(rows))
     return str(tmp / "evals" / "tasks")
+
+
+def _encoded(rows: list[str]) -> bytes:
+    """The rows as file bytes; a lone surrogate (\\udcXX) in a row becomes the raw byte XX, which is not UTF-8."""
+    return ("\n".join(rows) + ("\n" if rows else "")).encode("utf-8", "surrogateescape")
 
 
 def _set(rows: list[str], i: int, **changes: object) -> None:
@@ -49,7 +57,7 @@ CASES: dict[str, tuple[str, object, object, tuple[str, ...]]] = {
     "lr-order": ("space=SearchSpace(lr=(1e-3, 1e-4))", None, None, ("space.lr", "0 < low < high")),
     "lr-zero": ("space=SearchSpace(lr=(0.0, 1e-3))", None, None, ("space.lr",)),
     "alpha-zero": ("space=SearchSpace(alpha=(0,))", None, None, ("space.alpha",)),
-    "max-steps": ("budget=Budget(max_steps=0)", None, None, ("budget.max_steps", "positive integer")),
+    "max-steps": ("budget=Budget(max_steps=0)", None, None, ("budget.max_steps", ">= 1")),
     "grace": ("budget=Budget(max_steps=20, grace_period=50)", None, None, ("budget.grace_period", "50")),
     "eval-every": ("budget=Budget(max_steps=20, grace_period=5, eval_every=40)", None, None, ("budget.eval_every",)),
     "batch": ("budget=Budget(batch_size=-2)", None, None, ("budget.batch_size", "-2")),
@@ -98,6 +106,54 @@ CASES: dict[str, tuple[str, object, object, tuple[str, ...]]] = {
         lambda rows: _set(rows, 1, label=9),
         ("tiny_mood.jsonl:2", "9"),
     ),
+    # The classes of mistake beyond the cases above: a wrong type or a value outside its range for any field (checked
+    # from the annotations, `lora_search.checks`), a file that is not UTF-8 or does not parse, data that the trial's
+    # tokenizer and max_length leave nothing to train on, and a sweep file that does not run.
+    "dtype-typo": ("base=BaseModel(BASE, dtype='bfloat61')", None, None, ("base.dtype", "bfloat61", "'bfloat16'")),
+    "num-samples-string": ("num_samples='10'", None, None, ("num_samples", "'10'", "drop the quotes")),
+    "ranks-list": ("space=SearchSpace(ranks=[8, 16])", None, None, ("space.ranks", "(8, 16)")),
+    "lr-nan": ("space=SearchSpace(lr=(1e-4, float('nan')))", None, None, ("space.lr[1]", "finite")),
+    "targets-empty": ("space=SearchSpace(targets=((),))", None, None, ("space.targets[0]", "empty")),
+    "seed-negative": ("seed=-1", None, None, ("seed", "-1")),
+    "gpus-fraction": ("resources=Resources(gpus_per_worker=1.5)", None, None, ("resources.gpus_per_worker", "1.5")),
+    "price-nan": ("pricing=Pricing(cpu_core_hour=float('nan'))", None, None, ("pricing.cpu_core_hour", "finite")),
+    "base-as-string": ("base=BASE", None, None, ("base", "BaseModel(")),
+    "evals-tasks-string": (
+        "evals=Evals(tasks='tiny_mood', objective='tiny_mood/acc', tasks_dir=TASKS)",
+        None,
+        lambda rows: None,
+        ("evals.tasks", "('tiny_mood',)"),
+    ),
+    "data-not-utf8": ("", lambda rows: rows.__setitem__(5, rows[5][:30] + "\udce9" + rows[5][30:]), None, (
+        "train.jsonl:6",
+        "not UTF-8",
+    )),
+    "max-length-cuts-answers": (
+        "dataset=Dataset(DATA, max_length=8)",
+        None,
+        None,
+        ("dataset.max_length = 8", "36 of 36 rows", "so 0 row(s) train", "max_length >="),
+    ),
+    "max-length-over-context": (
+        "dataset=Dataset(DATA, max_length=100000)",
+        None,
+        None,
+        ("dataset.max_length = 100000", "max_position_embeddings = 1024", "max_length <= 1024"),
+    ),
+    "sweep-file-syntax": ("num_samples=)", None, None, ("sweep_file.py:4", "SyntaxError")),
+    "sweep-file-keyword": ("nmae='x'", None, None, ("sweep_file.py:4", "unexpected keyword argument 'nmae'")),
+    "golden-not-utf8": (
+        "evals=Evals(tasks=('tiny_mood',), objective='tiny_mood/acc', tasks_dir=TASKS)",
+        None,
+        lambda rows: rows.__setitem__(2, rows[2][:10] + "\udcff" + rows[2][10:]),
+        ("tiny_mood.jsonl:3", "not UTF-8"),
+    ),
+    "task-yaml-broken": (
+        "evals=Evals(tasks=('tiny_mood',), objective='tiny_mood/acc', tasks_dir=TASKS)",
+        None,
+        "task_yaml",
+        ("tiny_mood.yaml:", "invalid YAML"),
+    ),
     "golden-duplicate-id": (
         "evals=Evals(tasks=('tiny_mood',), objective='tiny_mood/acc', tasks_dir=TASKS)",
         None,
@@ -124,14 +180,14 @@ def test_bad_input_is_refused_before_compute(
     if callable(data_edit):
         data_edit(rows)
     data = tmp_path / "train.jsonl"
-    data.write_text("\n".join(rows) + ("\n" if rows else ""))
+    data.write_bytes(_encoded(rows))
     tasks = _golden(tmp_path, golden_edit) if golden_edit is not None else ""
     sweep_file = tmp_path / "sweep_file.py"
     fields = {"name": "'bad'", "base": "BaseModel(BASE)", "dataset": "Dataset(DATA)", "output_dir": "OUT"}
     defaults = ", ".join(f"{k}={v}" for k, v in fields.items() if f"{k}=" not in kwargs)
     sweep_file.write_text(
         textwrap.dedent(f"""
-        from lora_search import BaseModel, Budget, Dataset, Evals, Resources, SearchSpace, Sweep, main
+        from lora_search import BaseModel, Budget, Dataset, Evals, Pricing, Resources, SearchSpace, Sweep, main
         BASE, DATA, TASKS, OUT = {str(tiny_model_dir)!r}, {str(data)!r}, {tasks!r}, {str(tmp_path / "out")!r}
         SWEEP = Sweep({", ".join(p for p in (defaults, kwargs) if p)})
         if __name__ == "__main__":
@@ -150,4 +206,30 @@ def test_bad_input_is_refused_before_compute(
 
 
 def test_the_matrix_is_big_enough() -> None:
-    assert len(CASES) >= 25
+    assert len(CASES) >= 50
+
+
+def test_a_sweep_script_run_with_python_exits_2_without_a_traceback(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """`python sweeps/x.py`, the launch path of `ray job submit`: the Sweep is built at the script's top level, before
+    `main(SWEEP)` runs, and its problems still come out in the one-message, exit-2 form."""
+    import subprocess
+    import sys
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(_rows()) + "\n")
+    script = tmp_path / "mine.py"
+    script.write_text(
+        textwrap.dedent(f"""
+        from lora_search import BaseModel, Dataset, Sweep, main
+        SWEEP = Sweep(name="mine", base=BaseModel({str(tiny_model_dir)!r}, dtype="bfloat61"),
+                      dataset=Dataset({str(data)!r}), num_samples="10", output_dir={str(tmp_path / "out")!r})
+        if __name__ == "__main__":
+            main(SWEEP)
+        """)
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=REPO, timeout=300)
+    text = done.stdout + done.stderr
+    assert done.returncode == 2, text
+    assert "Traceback" not in text, text
+    assert "base.dtype = 'bfloat61'" in text and "num_samples = '10'" in text, text
+    assert not (tmp_path / "out" / "mine" / "ray").exists()

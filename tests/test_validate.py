@@ -53,7 +53,7 @@ def test_validate_names_all_seven_problems_and_starts_no_ray(tiny_model_dir, tmp
         "space.targets[0] = ('q_prj',): module(s) q_prj not in the model",  # misspelled module
         "v_projj not in the model (PEFT would silently train only the rest)",  # partly wrong list
         "space.ranks = 10000: exceeds min(in, out) = 64",  # rank too large
-        "space.alpha = 0: lora_alpha must be > 0",  # alpha 0
+        "space.alpha[0] = 0: must be > 0",  # alpha 0
         "space.lr = (0.001, 1e-05): need 0 < low < high",  # reversed lr range
         f"{data}:3: invalid JSON",  # broken JSONL line 3
         "space.variants = 'qlora': 4-bit NF4 variants run on CUDA GPUs only",  # qlora on CPU
@@ -88,7 +88,7 @@ def test_construction_reports_every_static_problem_at_once() -> None:
             space=SearchSpace(variants=("dorra",), targets=("attn",), dropout=(1.0,)),
             budget=Budget(max_steps=10, grace_period=20, eval_every=30),
         )
-    fields = {p.field for p in e.value.problems}
+    fields = {p.field.split("[")[0] for p in e.value.problems}  # a tuple item is named by its index: space.dropout[0]
     assert {
         "name",
         "dataset.eval_fraction",

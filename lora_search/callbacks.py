@@ -32,7 +32,7 @@ from lora_search.layout import (
     checkpoint_name,
 )
 from lora_search.probe import save_probe
-from lora_search.records import GOLDEN_PREFIX, diverged, infeasible
+from lora_search.records import GOLDEN_PREFIX, StepReport, diverged, infeasible
 from lora_search.strategies import STRATEGIES, Strategy
 from lora_search.variants import Adapter
 
@@ -233,34 +233,33 @@ class Reporter(TrainerCallback):
         per_worker_devices = resources.gpus_per_worker if resources.gpus_per_worker > 0 else resources.cpus_per_worker
         peak, peak_kind = peak_memory_bytes()
         step = int(state.global_step)
-        report = {
-            "step": step,
-            "eval_loss": float(metrics["eval_loss"]),
-            "base_eval_loss": self.base_eval_loss,
-            "train_loss": self.last_train_loss,
-            "trainable_params": self.n_trainable,
-            "train_s": train_s,
-            "load_s": self.load_s,
+        report = StepReport(
+            step=step,
+            eval_loss=float(metrics["eval_loss"]),
+            base_eval_loss=self.base_eval_loss,
+            train_loss=self.last_train_loss,
+            trainable_params=self.n_trainable,
+            train_s=train_s,
+            load_s=self.load_s,
             # the rest of the cold start: see `Reporter.startup_s`, `prepare_s`, `base_eval_s`
-            "startup_s": self.startup_s,
-            "imports_s": self.imports_s,
-            "base_reused": self.base_reused,  # lent by this warm process's previous trial (`BaseCache`)
-            "prepare_s": self.prepare_s,
-            "base_eval_s": self.base_eval_s,
-            # device-seconds: what a cloud bill counts (devices held x time), summed over the trial's workers
-            "device_s": train_s * resources.workers * per_worker_devices,
-            "tokens": int(state.num_input_tokens_seen),
-            "tokens_per_s": state.num_input_tokens_seen / train_s if train_s > 0 else 0.0,
-            "steady_tokens_per_s": self.throughput.per_s(),
-            "peak_mem_bytes": peak,
-            "peak_mem_kind": peak_kind,
-            "device_name": device_name(),
-            "worker_nodes": self.worker_nodes,
-        }
-        report["strategy"] = self.strategy.name
-        report["fast_path"] = self.fast_path
-        report["gpu_in_use_at_start_bytes"] = self.gpu_in_use_at_start
-        report.update(progress_fields(self.progress))
+            startup_s=self.startup_s,
+            imports_s=self.imports_s,
+            base_reused=self.base_reused,  # lent by this warm process's previous trial (`BaseCache`)
+            prepare_s=self.prepare_s,
+            base_eval_s=self.base_eval_s,
+            device_s=train_s * resources.workers * per_worker_devices,
+            tokens=int(state.num_input_tokens_seen),
+            tokens_per_s=state.num_input_tokens_seen / train_s if train_s > 0 else 0.0,
+            steady_tokens_per_s=self.throughput.per_s(),
+            peak_mem_bytes=peak,
+            peak_mem_kind=peak_kind,
+            device_name=device_name(),
+            worker_nodes=self.worker_nodes,
+            strategy=self.strategy.name,
+            fast_path=self.fast_path,
+            gpu_in_use_at_start_bytes=self.gpu_in_use_at_start,
+            **progress_fields(self.progress),
+        ).metrics()  # adapter_bytes and, at the last step, the golden scores are filled in below
         # A sharded strategy gathers the adapter with a collective, and a forward pass through a sharded base needs
         # every rank's shard: then every rank saves, probes and scores (each into its own scratch dir), in step.
         sharded = self.strategy.shards_base

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from lora_search.config import Sweep
 from lora_search.cost import devices_per_trial, trial_cost
 from lora_search.layout import REPORT_FILE, TRAINER_DIR, UPLOADED_FILE
-from lora_search.records import GOLDEN_PREFIX, Status, error_reason, stopped_figures, stopped_status
+from lora_search.records import Status, StepReport, error_reason, stopped_figures, stopped_status
 from lora_search.space import trial_params
 
 if TYPE_CHECKING:
@@ -154,10 +154,11 @@ def record(
         adapter_path = str(target)
     losses = [h["eval_loss"] for h in [*history, last] if "eval_loss" in h]
     nan = float("nan")
-    device_name = str(last.get("device_name") or "cpu")
+    reported = StepReport.from_metrics(last)
+    device_name = reported.device_name or "cpu"
     # Tune counts a trial's time from its latest start; `prior_s` is what earlier starts (before a killed driver) held.
     trial_s = float(last.get("time_total_s", 0.0)) + _count(last, "prior_s")
-    eval_s = float(last.get("eval_s", 0.0))
+    eval_s = reported.eval_s
     priced = trial_cost(trial_s, eval_s, devices_per_trial(sweep.resources), device_name, sweep.pricing)
     return TrialRecord(
         trial_id=trial_id,
@@ -168,35 +169,39 @@ def record(
         targets=params["targets"],
         lr=float(params["lr"]),
         dropout=float(params["dropout"]),
-        step=int(last.get("step", 0)),
-        eval_loss=float(last.get("eval_loss", nan)),
+        step=reported.step,
+        eval_loss=reported.eval_loss,
         best_eval_loss=min(losses) if losses else nan,
-        base_eval_loss=float(last.get("base_eval_loss", nan)),
-        train_loss=float(last.get("train_loss", nan)),
-        trainable_params=int(last.get("trainable_params", 0)),
-        adapter_bytes=int(last.get("adapter_bytes", 0)),
-        train_s=float(last.get("train_s", 0.0)),
+        base_eval_loss=reported.base_eval_loss,
+        train_loss=reported.train_loss,
+        trainable_params=reported.trainable_params,
+        adapter_bytes=reported.adapter_bytes,
+        train_s=reported.train_s,
         device_s=priced.device_s,
         trial_s=trial_s,
-        tokens_per_s=float(last.get("tokens_per_s", 0.0)),
-        peak_mem_bytes=int(last.get("peak_mem_bytes", 0)),
+        tokens_per_s=reported.tokens_per_s,
+        peak_mem_bytes=reported.peak_mem_bytes,
         adapter_path=adapter_path,
         reason=error_reason(error),
-        objective=float(last.get("objective", nan)),
+        objective=reported.objective,
         eval_s=eval_s,
         device_name=device_name,
-        worker_nodes=str(last.get("worker_nodes") or ""),
-        strategy=str(last.get("strategy") or sweep.resources.strategy_for(params["variant"])),
-        fast_path=str(last.get("fast_path") or ""),
-        steady_tokens_per_s=float(last.get("steady_tokens_per_s", nan)),
-        **{k: float(last.get(k, 0.0)) for k in ("startup_s", "imports_s", "load_s", "prepare_s", "base_eval_s")},
-        base_reused=bool(last.get("base_reused", False)),
+        worker_nodes=reported.worker_nodes,
+        strategy=reported.strategy or sweep.resources.strategy_for(params["variant"]),
+        fast_path=reported.fast_path,
+        steady_tokens_per_s=reported.steady_tokens_per_s,
+        startup_s=reported.startup_s,
+        imports_s=reported.imports_s,
+        load_s=reported.load_s,
+        prepare_s=reported.prepare_s,
+        base_eval_s=reported.base_eval_s,
+        base_reused=reported.base_reused,
         train_cost=priced.train_cost,
         eval_cost=priced.eval_cost,
         cost=priced.cost,
-        restarts=int(_count(last, "restarts")),
-        steps_redone=int(_count(last, "steps_redone")),
-        scores={k.removeprefix(GOLDEN_PREFIX): float(v) for k, v in last.items() if k.startswith(GOLDEN_PREFIX)},
+        restarts=reported.restarts,
+        steps_redone=reported.steps_redone,
+        scores=reported.scores,
     )
 
 

@@ -40,6 +40,7 @@ from lora_search.layout import (
     TRACKING_FILE,
     TRIALS_FILE,
 )
+from lora_search.userfiles import load_json
 
 Z = 1.96
 """Two-sided 95%: a drop of the best score beyond Z combined standard errors is not noise."""
@@ -216,16 +217,18 @@ def load_baseline(source: str, sweep: Any) -> Summary | None:
         path = Path(source)
         if not path.is_file():
             return None
+        fix = "give a file written by `lora-search nightly ... --baseline FILE --promote`, or remove it"
+        loaded = load_json(path, fix)  # a file that is not UTF-8 or not JSON: ConfigError at file:line:column
         try:
-            return _from_dict(json.loads(path.read_text()))
-        except (ValueError, KeyError, TypeError) as e:
+            return _from_dict(loaded)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ConfigError(
                 [
                     Problem(
                         "--baseline",
                         source,
                         f"is not a nightly summary ({type(e).__name__}: {e})",
-                        "give a file written by `lora-search nightly ... --baseline FILE --promote`, or remove it",
+                        fix,
                     )
                 ]
             ) from e

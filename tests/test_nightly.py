@@ -155,3 +155,21 @@ def test_a_broken_baseline_file_is_refused_before_any_compute(tmp_path) -> None:
     with pytest.raises(ConfigError, match=r"--baseline = '.*baseline.json': is not a nightly summary \(KeyError"):
         load_baseline(str(bad), sweep=None)
     assert load_baseline(str(tmp_path / "absent.json"), sweep=None) is None
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        (b'{"sweep": "nightly",\n "best": }', r"baseline.json:2:10: invalid JSON"),
+        (b'{"sweep": "nightly",\n "note": "caf\xe9"}', r"baseline.json:2: not UTF-8 \(byte 0xe9 at column 14\)"),
+        (b"[1, 2]", r"is not a nightly summary"),
+    ],
+)
+def test_a_baseline_file_that_does_not_parse_is_named_at_its_line(tmp_path, content: bytes, says: str) -> None:
+    from lora_search.config import ConfigError
+    from lora_search.nightly import load_baseline
+
+    bad = tmp_path / "baseline.json"
+    bad.write_bytes(content)
+    with pytest.raises(ConfigError, match=says):
+        load_baseline(str(bad), sweep=None)

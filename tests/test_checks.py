@@ -264,3 +264,20 @@ def valid_sweeps(draw: st.DrawFn) -> Sweep:
 @given(valid_sweeps())
 def test_a_valid_sweep_is_accepted(sweep: Sweep) -> None:
     assert sweep.problems() == []
+
+
+def test_the_closed_sets_of_names_are_what_the_libraries_offer() -> None:
+    """Each Literal a config field takes maps to something outside lora_search: every value must exist there."""
+    import torch
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.training_args import OptimizerNames
+
+    from ray.util.placement_group import VALID_PLACEMENT_GROUP_STRATEGIES
+
+    from lora_search.config import ATTENTION, OPTIMIZERS, Dtype, Placement
+
+    assert all(isinstance(getattr(torch, d), torch.dtype) for d in get_args(Dtype) if d != "auto")
+    transformers_kernels = {k for key in ALL_ATTENTION_FUNCTIONS.valid_keys() for k in key.split("|")}
+    assert set(ATTENTION) <= transformers_kernels | {"eager"}, set(ATTENTION) - transformers_kernels
+    assert set(OPTIMIZERS) - {"auto"} <= {o.value for o in OptimizerNames}
+    assert set(get_args(Placement)) <= set(VALID_PLACEMENT_GROUP_STRATEGIES)

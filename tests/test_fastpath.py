@@ -193,10 +193,11 @@ def test_padding_free_trains_the_same_curve(tiny_model_dir: Path, tmp_path: Path
 
 def test_unknown_gradient_checkpointing_setting_is_refused() -> None:
     from lora_search import Budget
+    from lora_search.checks import field_problems
 
-    problems = Budget(gradient_checkpointing="sometimes").problems()
+    problems = field_problems(Budget(gradient_checkpointing="sometimes"), "budget")
     assert [(p.field, p.value) for p in problems] == [("budget.gradient_checkpointing", "sometimes")]
-    assert "auto, on, off" in problems[0].fix
+    assert "'auto', 'on', 'off'" in problems[0].message
 
 
 def test_adapter_inputs_stay_bf16_under_autocast_with_the_same_loss_and_gradients(tiny_model_dir: Path) -> None:

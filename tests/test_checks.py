@@ -269,10 +269,9 @@ def test_a_valid_sweep_is_accepted(sweep: Sweep) -> None:
 def test_the_closed_sets_of_names_are_what_the_libraries_offer() -> None:
     """Each Literal a config field takes maps to something outside lora_search: every value must exist there."""
     import torch
+    from ray.util.placement_group import VALID_PLACEMENT_GROUP_STRATEGIES
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     from transformers.training_args import OptimizerNames
-
-    from ray.util.placement_group import VALID_PLACEMENT_GROUP_STRATEGIES
 
     from lora_search.config import ATTENTION, OPTIMIZERS, Dtype, Placement
 

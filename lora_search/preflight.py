@@ -77,11 +77,33 @@ def problems(sweep: Sweep) -> list[Problem]:
         from lora_search import evals
 
         out.extend(evals.check(sweep.evals))
+    if sweep.conforms("name", "output_dir"):
+        out.extend(_output_problems(sweep))
     if sweep.conforms("name", "output_dir", "tracking_uri"):
         from lora_search import tracking
 
         out.extend(tracking.problems(sweep))
     return out
+
+
+def _output_problems(sweep: Sweep) -> list[Problem]:
+    """The sweep's results dir must be creatable: a file in its way, or a folder this user cannot write, would
+    otherwise fail after Ray started."""
+    from pathlib import Path
+
+    target = Path(sweep.output_dir) / sweep.name
+    existing = target
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        why = f"cannot hold the sweep's results: {existing} is a file"
+        return [
+            Problem("output_dir", sweep.output_dir, why, "point output_dir (or LORA_SEARCH_OUTPUT_DIR) at a folder")
+        ]
+    if not os.access(existing, os.W_OK | os.X_OK):
+        why = f"cannot hold the sweep's results: {existing} is not writable by this user"
+        return [Problem("output_dir", sweep.output_dir, why, "point output_dir (or LORA_SEARCH_OUTPUT_DIR) elsewhere")]
+    return []
 
 
 CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")

@@ -86,6 +86,41 @@ def problems(sweep: Sweep) -> list[Problem]:
     return out
 
 
+def _local_fit(sweep: Sweep) -> list[Problem]:
+    """On the local Ray a sweep starts (no RAY_ADDRESS), one trial's workers must fit this machine: Tune would
+    otherwise wait for ever for CPUs or GPUs that never come, with no error."""
+    if os.environ.get("RAY_ADDRESS"):
+        return []
+    r = sweep.resources
+    out = []
+    cores = os.cpu_count() or 1
+    if r.workers * r.cpus_per_worker > cores:
+        out.append(
+            Problem(
+                "resources",
+                f"workers={r.workers} x cpus_per_worker={r.cpus_per_worker:g}",
+                f"one trial needs {r.workers * r.cpus_per_worker:g} CPUs; this machine has {cores}, so no trial would "
+                "ever start",
+                f"use fewer workers or cpus_per_worker (at most {cores} in all), or run on a cluster (RAY_ADDRESS)",
+            )
+        )
+    if r.gpus_per_worker > 0:
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if r.workers * r.gpus_per_worker > gpus:
+            out.append(
+                Problem(
+                    "resources",
+                    f"workers={r.workers} x gpus_per_worker={r.gpus_per_worker:g}",
+                    f"one trial needs {r.workers * r.gpus_per_worker:g} GPUs; this machine has {gpus}, so no trial "
+                    "would ever start",
+                    "set gpus_per_worker=0 to train on CPU, or run on a GPU machine or cluster (RAY_ADDRESS)",
+                )
+            )
+    return out
+
+
 def _output_problems(sweep: Sweep) -> list[Problem]:
     """The sweep's results dir must be creatable: a file in its way, or a folder this user cannot write, would
     otherwise fail after Ray started."""
@@ -187,6 +222,7 @@ def _hardware(sweep: Sweep) -> list[Problem]:
                 "pip install 'ray[default,tune,train]' (lora-search's own dependencies include it)",
             )
         )
+    out.extend(_local_fit(sweep))
     deepspeed = sorted(
         {sweep.resources.strategy_for(v) for v in sweep.space.variants} & {"deepspeed-zero2", "deepspeed-zero3"}
     )

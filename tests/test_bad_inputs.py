@@ -140,6 +140,12 @@ CASES: dict[str, tuple[str, object, object, tuple[str, ...]]] = {
         None,
         ("dataset.max_length = 100000", "max_position_embeddings = 1024", "max_length <= 1024"),
     ),
+    "cpus-beyond-machine": (
+        "resources=Resources(workers=64, cpus_per_worker=4)",
+        None,
+        None,
+        ("resources", "256 CPUs", "no trial would ever start"),
+    ),
     "output-dir-is-a-file": ("output_dir=DATA", None, None, ("output_dir", "is a file")),
     "sweep-file-syntax": ("num_samples=)", None, None, ("sweep_file.py:4", "SyntaxError")),
     "sweep-file-keyword": ("nmae='x'", None, None, ("sweep_file.py:4", "unexpected keyword argument 'nmae'")),

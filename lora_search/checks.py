@@ -119,8 +119,11 @@ def _check(value: Any, tp: Any, where: str) -> list[Problem]:
     if origin is tuple:
         if not isinstance(value, tuple):
             fix = f"write a tuple, e.g. {_example(tp)}"
+            args = get_args(tp)
             if isinstance(value, list):
                 fix = f"write it as a tuple: {tuple(value)!r}"
+            elif len(args) == 2 and args[1] is Ellipsis and not _check(value, args[0], where):
+                fix = f"write it as a one-item tuple: ({value!r},)"  # ranks=8, targets="all-linear"
             return [Problem(where, _short(value), f"must be {_describe(tp)}", fix)]
         args = get_args(tp)
         if len(args) == 2 and args[1] is Ellipsis:
@@ -171,7 +174,8 @@ def _nearest(value: Any, allowed: tuple[Any, ...]) -> str:
     import difflib
 
     if isinstance(value, str):
-        close = difflib.get_close_matches(value, [str(a) for a in allowed], n=1, cutoff=0.6)
+        by_case = [a for a in allowed if str(a).lower() == value.strip().lower()]
+        close = by_case or difflib.get_close_matches(value, [str(a) for a in allowed], n=1, cutoff=0.6)
         if close:
             return f"did you mean {close[0]!r}?"
     return f"e.g. {allowed[0]!r}"
@@ -213,6 +217,8 @@ def _wrong(value: Any, tp: Any, where: str, rng: Range | None = None) -> Problem
             hint = f"drop the quotes: {value.strip()}"
         except ValueError:
             pass
+    elif isinstance(value, float) and tp is int and value.is_integer():
+        hint = f"write it as an int: {int(value)}"  # max_steps=1e3
     return Problem(where, _short(value), f"must be {expected}, not {type(value).__name__}", hint)
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, get_args
 
 from lora_search.checks import Positive, Range, field_problems
-from lora_search.problems import ConfigError, Problem, collect_or_raise, collecting_problems
+from lora_search.problems import ConfigError, Problem, collect_or_raise, collecting, collecting_problems
 
 __all__ = [
     "BaseModel",
@@ -393,7 +393,9 @@ def _in_sweep_script() -> bool:
     frame = sys._getframe(2)
     while frame is not None and frame.f_globals.get("__name__") in (__name__, "dataclasses"):
         frame = frame.f_back
-    return frame is not None and frame.f_globals.get("__name__") == "__main__" and frame.f_code.co_name == "<module>"
+    if frame is None or frame.f_code.co_name != "<module>":
+        return False
+    return frame.f_globals.get("__name__") == "__main__" and "__file__" in frame.f_globals  # not a REPL or notebook
 
 
 def _broken_parts(problems: list[Problem], depth: int = 1) -> set[str]:
@@ -442,7 +444,7 @@ class Sweep:
 
     def __post_init__(self) -> None:
         problems = self.problems()
-        if problems and not _in_sweep_script():
+        if problems and (collecting() or not _in_sweep_script()):
             collect_or_raise(problems, header=f"invalid sweep {self.name!r}")
 
     def problems(self) -> list[Problem]:

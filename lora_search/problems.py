@@ -55,6 +55,11 @@ def collecting_problems() -> Iterator[list[Problem]]:
         _collected.reset(token)
 
 
+def collecting() -> bool:
+    """Whether a `collecting_problems()` block is open."""
+    return _collected.get() is not None
+
+
 def collect_or_raise(problems: list[Problem], header: str) -> None:
     """Inside `collecting_problems()` add `problems` to its list; elsewhere raise them as one ConfigError."""
     if not problems:

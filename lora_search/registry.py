@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from lora_search.config import BaseModel, ConfigError, Problem
 from lora_search.layout import PROBE_FILE, default_cache_dir
+from lora_search.userfiles import load_json
 from lora_search.variants import VARIANTS
 
 if TYPE_CHECKING:
@@ -240,7 +241,7 @@ def read_meta(adapter_dir: Path) -> dict[str, Any]:
             ],
             header="unknown adapter provenance",
         )
-    return json.loads(path.read_text())
+    return load_json(path, "restore the adapter dir as the sweep saved it")
 
 
 def check_base(adapter_dir: Path, base_dir_or_base: str | Path | BaseModel) -> str:
@@ -352,7 +353,11 @@ def export(
     elif meta:
         base_model = BaseModel(meta["base_name_or_path"], revision=meta["base_revision"], dtype="auto")
     else:
-        config = json.loads((adapter_dir / "adapter_config.json").read_text())
+        config = load_json(adapter_dir / "adapter_config.json", "give a PEFT adapter dir")
+        if not isinstance(config, dict) or not isinstance(config.get("base_model_name_or_path"), str):
+            why = "names no base_model_name_or_path, so the base to merge into is unknown"
+            problem = Problem(str(adapter_dir / "adapter_config.json"), None, why, "pass --base PATH_OR_ID")
+            raise ConfigError([problem], header="unknown base")
         base_model = BaseModel(config["base_model_name_or_path"], dtype="auto")
     record: dict[str, Any] = {
         "source_adapter": str(adapter_dir.resolve()),

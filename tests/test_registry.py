@@ -351,3 +351,27 @@ def test_cli_exports_a_dir_to_the_default_output(lora_adapter: Path, tmp_path: P
     assert run_cli(["export", str(lora_adapter)]) == 0
     out = tmp_path / "exported" / lora_adapter.name
     assert (out / "adapter_model.safetensors").read_bytes() == (lora_adapter / "adapter_model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("broken", "content", "says"),
+    [
+        (registry.META_FILE, b'{"base_fingerprint": \n', "lora_search.json:2:1: invalid JSON"),
+        (registry.META_FILE, b'{"variant": "lora\xff"}', "lora_search.json:1: not UTF-8 (byte 0xff at column 18)"),
+        ("adapter_config.json", b"{,}", "adapter_config.json:1:2: invalid JSON"),
+    ],
+)
+def test_cli_an_adapter_dir_with_a_broken_json_file_exits_2_at_its_line(
+    lora_adapter: Path, tmp_path: Path, capsys, broken: str, content: bytes, says: str
+) -> None:
+    adapter = tmp_path / "adapter"
+    shutil.copytree(lora_adapter, adapter)
+    (adapter / broken).write_bytes(content)
+    if broken == "adapter_config.json":
+        (adapter / registry.META_FILE).unlink()  # the merge then reads the base from adapter_config.json
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", str(adapter), "--merge", "--no-check", "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    assert says in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()

@@ -27,19 +27,7 @@ from typing import Annotated, Any, Literal, get_args
 from lora_search.checks import Positive, Range, field_problems
 from lora_search.problems import ConfigError, Problem, collect_or_raise, collecting, collecting_problems
 
-__all__ = [
-    "BaseModel",
-    "Budget",
-    "ConfigError",
-    "Dataset",
-    "Evals",
-    "Pricing",
-    "Problem",
-    "Resources",
-    "SearchSpace",
-    "Sweep",
-    "collecting_problems",
-]
+__all__ = ["ConfigError", "Problem", "collecting_problems"]  # re-exported from lora_search.problems; the rest below
 
 Dtype = Literal["float32", "bfloat16", "float16", "auto"]
 """torch dtypes a base loads in (`getattr(torch, dtype)`), or "auto": the checkpoint's own."""

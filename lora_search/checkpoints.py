@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from lora_search.layout import REPORT_FILE, SNAPSHOT_FILE, TRAINER_DIR, UPLOADED_FILE
+from lora_search.layout import REPORT_FILE, SNAPSHOT_FILE, TRAINER_DIR, TRAINER_STATE, UPLOADED_FILE
 
 KEEP_CHECKPOINTS = 3
 """Checkpoints a trial's Ray Train run keeps. Tune may stop a pruned trial on a result its run is up to two reports
@@ -37,7 +37,7 @@ of the result Tune stopped on (`results.newest_checkpoint` covers a run that got
 
 def is_complete(checkpoint: Path) -> bool:
     """A checkpoint a trial can resume from: its report and the trainer state are there."""
-    return (checkpoint / REPORT_FILE).is_file() and (checkpoint / TRAINER_DIR / "trainer_state.json").is_file()
+    return (checkpoint / REPORT_FILE).is_file() and (checkpoint / TRAINER_DIR / TRAINER_STATE).is_file()
 
 
 def checkpoint_report(checkpoint: Path) -> dict[str, Any]:

@@ -25,6 +25,7 @@ import importlib.util
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from lora_search.config import ConfigError, Problem, Sweep, collecting_problems
@@ -57,7 +58,7 @@ def load_sweep(path: str | Path) -> tuple[Sweep, list[Problem]]:
         except ConfigError as e:  # raised by a lora_search call the file makes (a file it reads, say)
             problems.extend(e.problems)
             raise ConfigError(problems, header=f"sweep file {path} cannot be loaded") from None
-        except Exception as e:  # noqa: BLE001 - whatever the user's file raises is reported at its line
+        except Exception as e:  # whatever the user's file raises is reported at its line
             raise ConfigError([_sweep_file_problem(path, e)], header=f"sweep file {path} cannot be loaded") from None
     found = [v for v in vars(module).values() if isinstance(v, Sweep)]
     if not found:
@@ -104,11 +105,12 @@ def _run(sweep: Sweep, problems: list[Problem], fresh: bool, sweep_file: str | N
 
 def _resume(name: str, output_dir: str | None) -> int:
     """Resume the unfinished sweep NAME from its Ray Tune state, with the sweep file it was started from."""
-    from lora_search.sweep import SOURCE_FILE, file_sha256, resumable, run, sweep_dir
+    from lora_search.layout import SOURCE_FILE, TRIALS_FILE, ray_storage
+    from lora_search.sweep import file_sha256, resumable, run, sweep_dir
 
     where = Path(output_dir or os.environ.get("LORA_SEARCH_OUTPUT_DIR", "reports")).resolve()
     out, header = where / name, f"nothing to resume for sweep {name!r}"
-    if (out / "trials.parquet").exists():
+    if (out / TRIALS_FILE).exists():
         fix = "`lora-search run --fresh FILE` runs it again"
         raise ConfigError([Problem("sweep", name, f"finished: its results are in {out}", fix)], header=header)
     if not resumable(out):
@@ -116,7 +118,7 @@ def _resume(name: str, output_dir: str | None) -> int:
             f"start it with `lora-search run sweeps/<file>.py`, or pass --output-dir where {name!r} ran "
             "(default: $LORA_SEARCH_OUTPUT_DIR, else reports)"
         )
-        state = out / "ray" / name
+        state = ray_storage(out) / name
         raise ConfigError([Problem("sweep state", str(state), "no saved Ray Tune state here", fix)], header=header)
     record = out / SOURCE_FILE
     if not record.is_file():
@@ -147,6 +149,7 @@ def _eval(
     import pandas as pd
 
     from lora_search.evals import rescore
+    from lora_search.layout import PEFT_CONFIG, TRIALS_FILE
     from lora_search.sweep import sweep_dir
 
     if problems:
@@ -156,7 +159,7 @@ def _eval(
     if adapters:
         dirs = [Path(a) for a in adapters]
     else:
-        parquet = sweep_dir(sweep) / "trials.parquet"
+        parquet = sweep_dir(sweep) / TRIALS_FILE
         if not parquet.is_file():
             raise ConfigError(
                 [
@@ -171,10 +174,10 @@ def _eval(
             )
         trials = pd.read_parquet(parquet)
         dirs = [Path(p) for p in trials["adapter_path"] if p]
-    missing = [str(d) for d in dirs if not (d / "adapter_config.json").is_file()]
+    missing = [str(d) for d in dirs if not (d / PEFT_CONFIG).is_file()]
     if missing or not dirs:
         raise ConfigError(
-            [Problem("adapters", m, "not a PEFT adapter dir (no adapter_config.json)", "") for m in missing]
+            [Problem("adapters", m, f"not a PEFT adapter dir (no {PEFT_CONFIG})", "") for m in missing]
             or [Problem("adapters", None, "no adapters to score", "run the sweep first")]
         )
     rows = rescore(sweep, dirs, allow_pickle=allow_pickle)
@@ -278,7 +281,7 @@ def _report(name_or_dir: str, output_dir: str | None) -> int:
     return 0
 
 
-def _guarded(action) -> int:  # noqa: ANN001
+def _guarded(action: Callable[[], int]) -> int:
     from lora_search.sweep import SweepExistsError, SweepInterrupted
 
     try:
@@ -387,7 +390,7 @@ def main(argv: list[str] | None = None) -> None:
     p_report.add_argument("--output-dir", help="where NAME ran (default: $LORA_SEARCH_OUTPUT_DIR, else reports)")
     args = parser.parse_args(argv)
 
-    def load_and(action):  # noqa: ANN001, ANN202
+    def load_and(action: Callable[[Sweep, list[Problem]], int]) -> Callable[[], int]:
         def go() -> int:
             sweep, problems = load_sweep(args.sweep_file)
             return action(sweep, problems)

@@ -133,7 +133,7 @@ def check(dataset: Dataset) -> list[Problem]:
         else:
             try:
                 rows = _load_source(location, dataset.split)
-            except Exception as e:  # noqa: BLE001 - the datasets library raises many types for "not found"
+            except Exception as e:  # the datasets library raises many types for "not found"
                 what = (
                     "a local dir that `datasets.load_from_disk` cannot read"
                     if path.is_dir()
@@ -218,7 +218,7 @@ def token_problems(dataset: Dataset, tokenizer: Any, seed: int, needed: int) -> 
     datasets.disable_progress_bars()  # a check prints its problems, not the loader's bars
     try:
         train, evaluation = load(dataset, seed)
-    except Exception as e:  # noqa: BLE001 - rows check_jsonl passed, but the datasets library may still refuse them
+    except Exception as e:  # rows check_jsonl passed, but the datasets library may still refuse them
         return [Problem("dataset.path", dataset.path, f"cannot be loaded ({type(e).__name__}: {e})", "fix the data")]
     finally:
         if not quiet:
@@ -230,7 +230,7 @@ def token_problems(dataset: Dataset, tokenizer: Any, seed: int, needed: int) -> 
             where = f"the held-out {dataset.eval_fraction:g} of {dataset.path}"
         try:
             lengths = [_token_lengths(tokenizer, row) for row in rows]
-        except Exception as e:  # noqa: BLE001 - a tokenizer or chat template that cannot render the rows
+        except Exception as e:  # a tokenizer or chat template that cannot render the rows
             why = f"the base's tokenizer cannot tokenize these rows ({type(e).__name__}: {str(e).splitlines()[0]})"
             fix = "chat rows need a tokenizer with a chat template" if "chat_template" in str(e) else "fix the data"
             problems.append(Problem(field_name, where, why, fix))

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lora_search.layout import default_cache_dir
+from lora_search.layout import DEMO_BASE_RECORD, default_cache_dir
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -545,7 +545,7 @@ def _build(dest: Path, seed: int, steps: int) -> None:
         "build_seconds": round(time.monotonic() - start, 1),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
     }
-    (dest / "basemodel.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    (dest / DEMO_BASE_RECORD).write_text(json.dumps(provenance, indent=2) + "\n")
     print(f"[demo_base] built in {provenance['build_seconds']}s", flush=True)
 
 

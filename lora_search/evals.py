@@ -380,7 +380,7 @@ def _lm_eval_accepts(configs: list[dict[str, Any]]) -> list[Problem]:
     for config in configs:
         try:
             get_task_dict([config], manager)
-        except Exception as e:  # noqa: BLE001 - lm-eval raises many types for a bad task config
+        except Exception as e:  # lm-eval raises many types for a bad task config
             problems.append(
                 Problem(
                     f"evals task {config.get('task')}",

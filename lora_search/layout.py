@@ -48,6 +48,17 @@ ASHA_STATE_FILE = "asha_state.json"
 MLFLOW_DB = "mlflow.db"
 MLFLOW_ARTIFACTS_DIR = "mlartifacts"
 
+# --- a Hugging Face model dir (a base) and the cache dir (`default_cache_dir`) -------------------------------------
+MODEL_CONFIG = "config.json"
+"""A base's architecture (Transformers' CONFIG_NAME): what `lora-search plan` and the base fingerprint read."""
+DEMO_BASE_RECORD = "basemodel.json"
+"""Beside a built demo base (lora_search.demo_base): its recipe, losses and build time."""
+
+# --- a PEFT adapter dir (an adapter in a checkpoint, in adapters/<trial_id>/, or exported) ------------------------
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+"""PEFT's SAFETENSORS_WEIGHTS_NAME: what every save writes."""
+
 # --- a trial's Ray Train run dir and its checkpoints ------------------------------------------------------------
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
 """Ray Train V2's record of a run's reported checkpoints, in the run dir (ray.train.v2._internal.constants)."""
@@ -58,13 +69,15 @@ REPORT_FILE = "report.json"
 """Beside the adapter in every checkpoint: the metrics reported with it (JSON-safe values only)."""
 TRAINER_DIR = "resume"
 """The Hugging Face Trainer checkpoint inside every reported checkpoint (`trainer.train(resume_from_checkpoint=)`)."""
+TRAINER_STATE = "trainer_state.json"
+"""The Trainer's step and logs, in `TRAINER_DIR`: written last, so its presence means the Trainer's save finished."""
 TRAINER_FILES = (
-    "adapter_model.safetensors",
-    "adapter_config.json",
+    PEFT_WEIGHTS,
+    PEFT_CONFIG,
     "optimizer.pt",
     "scheduler.pt",
     "scaler.pt",
-    "trainer_state.json",
+    TRAINER_STATE,
     "rng_state*.pth",
 )
 """What `TRAINER_DIR` keeps of a Trainer checkpoint: the adapter and its training state, not the tokenizer."""

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from lora_search import space
 from lora_search.config import BaseModel, ConfigError, Problem, Resources, Sweep
+from lora_search.layout import MODEL_CONFIG
 from lora_search.memory import (
     GPUS,
     Architecture,
@@ -100,7 +101,7 @@ def shipped_config_dir(sweep_file: str | Path, base: BaseModel) -> Path | None:
     """`configs/<model name, lowercased>/` beside a sweep file when it holds a config.json: the architecture
     `lora-search plan` reads without --config-dir (sweeps/configs/llama-3.1-70b for meta-llama/Llama-3.1-70B)."""
     candidate = Path(sweep_file).resolve().parent / "configs" / base.name_or_path.rstrip("/").rsplit("/", 1)[-1].lower()
-    return candidate if (candidate / "config.json").is_file() else None
+    return candidate if (candidate / MODEL_CONFIG).is_file() else None
 
 
 def node_sizes(cluster_gpus: int, nodes: int | None, gpus_per_node: int) -> tuple[int, ...]:

@@ -45,7 +45,7 @@ def problems(sweep: Sweep) -> list[Problem]:
     if sweep.conforms("base"):
         try:
             model = meta_model(sweep.base)
-        except Exception as e:  # noqa: BLE001 - transformers raises OSError, ValueError, KeyError for a bad model
+        except Exception as e:  # transformers raises OSError, ValueError, KeyError for a bad model
             out.append(
                 Problem(
                     "base.name_or_path",
@@ -177,7 +177,7 @@ def _token_problems(sweep: Sweep) -> list[Problem]:
         tokenizer = AutoTokenizer.from_pretrained(
             sweep.base.name_or_path, revision=sweep.base.revision, trust_remote_code=sweep.base.trust_remote_code
         )
-    except Exception as e:  # noqa: BLE001 - a model without a loadable tokenizer; the trial would fail the same way
+    except Exception as e:  # a model without a loadable tokenizer; the trial would fail the same way
         return [
             Problem(
                 "base.name_or_path",

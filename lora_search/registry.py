@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lora_search.config import BaseModel, ConfigError, Problem
-from lora_search.layout import PROBE_FILE, default_cache_dir
+from lora_search.layout import MODEL_CONFIG, PEFT_CONFIG, PEFT_WEIGHTS, PROBE_FILE, default_cache_dir
 from lora_search.userfiles import load_json
 from lora_search.variants import VARIANTS
 
@@ -42,7 +42,6 @@ FINGERPRINT_CACHE = "fingerprints.json"
 CHUNK = 8 << 20  # 8 MiB reads: hashing runs at disk speed without holding a shard in memory
 META_KEYS = ("base_name_or_path", "base_revision", "base_fingerprint")
 
-SAFE_WEIGHTS = "adapter_model.safetensors"  # PEFT's SAFETENSORS_WEIGHTS_NAME: what every save writes
 PICKLE_WEIGHTS = "adapter_model.bin"  # PEFT's WEIGHTS_NAME: read with torch.load, i.e. unpickled
 
 MERGE_TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
@@ -84,17 +83,17 @@ def check_safetensors(adapter_dir: Path, *, allow_pickle: bool = False) -> None:
     """Raise PickleAdapterError when PEFT would read this adapter's weights from a pickle (`adapter_model.bin`
     and no `adapter_model.safetensors`, which PEFT prefers when both exist), unless `allow_pickle`."""
     adapter_dir = Path(adapter_dir)
-    if allow_pickle or (adapter_dir / SAFE_WEIGHTS).is_file() or not (adapter_dir / PICKLE_WEIGHTS).is_file():
+    if allow_pickle or (adapter_dir / PEFT_WEIGHTS).is_file() or not (adapter_dir / PICKLE_WEIGHTS).is_file():
         return
     raise PickleAdapterError(
         [
             Problem(
                 "adapter",
                 str(adapter_dir / PICKLE_WEIGHTS),
-                f"is a pickle and the dir has no {SAFE_WEIGHTS}: loading it runs torch.load, and unpickling can "
+                f"is a pickle and the dir has no {PEFT_WEIGHTS}: loading it runs torch.load, and unpickling can "
                 "execute code the file carries; lora_search reads adapters from safetensors only",
                 "convert it once, where you trust its source: "
-                f"PeftModel.from_pretrained(base, DIR).save_pretrained(DIR) writes {SAFE_WEIGHTS} beside it; "
+                f"PeftModel.from_pretrained(base, DIR).save_pretrained(DIR) writes {PEFT_WEIGHTS} beside it; "
                 "or, trusting the file, pass --allow-pickle (allow_pickle=True)",
             )
         ],
@@ -130,9 +129,7 @@ def fingerprint(base: BaseModel) -> str:
 
 def _fingerprinted_files(name_or_path: str, names: list[str]) -> list[str]:
     weights = sorted(n for n in names if n.endswith(".safetensors")) or sorted(n for n in names if n.endswith(".bin"))
-    missing = [
-        what for what, found in (("config.json", "config.json" in names), ("weight files", weights)) if not found
-    ]
+    missing = [what for what, found in ((MODEL_CONFIG, MODEL_CONFIG in names), ("weight files", weights)) if not found]
     if missing:
         raise ConfigError(
             [
@@ -144,7 +141,7 @@ def _fingerprinted_files(name_or_path: str, names: list[str]) -> list[str]:
                 )
             ]
         )
-    return ["config.json", *weights]
+    return [MODEL_CONFIG, *weights]
 
 
 def _sha256_file(path: Path) -> str:
@@ -336,7 +333,7 @@ def export(
     `allow_pickle`.
     """
     adapter_dir, output = Path(adapter_dir), Path(output)
-    if not (adapter_dir / "adapter_config.json").is_file():
+    if not (adapter_dir / PEFT_CONFIG).is_file():
         raise ConfigError(
             [Problem("adapter", str(adapter_dir), "has no adapter_config.json", "give a PEFT adapter dir")]
         )
@@ -353,10 +350,10 @@ def export(
     elif meta:
         base_model = BaseModel(meta["base_name_or_path"], revision=meta["base_revision"], dtype="auto")
     else:
-        config = load_json(adapter_dir / "adapter_config.json", "give a PEFT adapter dir")
+        config = load_json(adapter_dir / PEFT_CONFIG, "give a PEFT adapter dir")
         if not isinstance(config, dict) or not isinstance(config.get("base_model_name_or_path"), str):
             why = "names no base_model_name_or_path, so the base to merge into is unknown"
-            problem = Problem(str(adapter_dir / "adapter_config.json"), None, why, "pass --base PATH_OR_ID")
+            problem = Problem(str(adapter_dir / PEFT_CONFIG), None, why, "pass --base PATH_OR_ID")
             raise ConfigError([problem], header="unknown base")
         base_model = BaseModel(config["base_model_name_or_path"], dtype="auto")
     record: dict[str, Any] = {

@@ -295,10 +295,10 @@ def check_saved(model: PeftModel, out_dir: Path, *, sharded: bool, reshaped: boo
     `sharded`: the message blames an ungathered shard only when the trial was sharded.
     """
     import torch
-    from peft.utils import get_peft_model_state_dict
+    from peft.utils import SAFETENSORS_WEIGHTS_NAME, get_peft_model_state_dict
     from safetensors.torch import load_file
 
-    saved = load_file(str(Path(out_dir) / "adapter_model.safetensors"))
+    saved = load_file(str(Path(out_dir) / SAFETENSORS_WEIGHTS_NAME))
     # The model's own tensors, each standing in at its full shape: a ZeRO-3 parameter holds a shape-[0] placeholder
     # whose real shape is `ds_shape`, which PEFT's state dict (tensors, not Parameters) would lose.
     whole: dict[str, Any] = dict(model.state_dict())

@@ -35,7 +35,7 @@ import pytest
 import torch
 import yaml
 
-from lora_search import BaseModel, Budget, Dataset, Evals, SearchSpace, Sweep, registry, tracking
+from lora_search import BaseModel, Budget, Dataset, Evals, SearchSpace, Sweep, layout, registry, tracking
 from lora_search.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -278,7 +278,7 @@ def test_no_secret_reaches_any_record_of_a_sweep(
 
     # Safetensors on every save: each adapter dir and each logged adapter, and no pickle adapter anywhere.
     for adapter in (Path(p) for p in frame["adapter_path"] if p):
-        assert (adapter / registry.SAFE_WEIGHTS).is_file()
+        assert (adapter / layout.PEFT_WEIGHTS).is_file()
     assert not [p for root in (out, session) for p in root.rglob(registry.PICKLE_WEIGHTS)]
 
 
@@ -366,7 +366,7 @@ def test_a_pickle_adapter_is_refused_by_load_export_and_eval_unless_opted_in(
     pickled = _adapter(tiny_model_dir, tmp_path / "pickled", pickle=True)
     safe = _adapter(tiny_model_dir, tmp_path / "safe", pickle=False)
     assert {p.name for p in pickled.iterdir()} >= {registry.PICKLE_WEIGHTS} and not (
-        pickled / registry.SAFE_WEIGHTS
+        pickled / layout.PEFT_WEIGHTS
     ).exists()
 
     with pytest.raises(registry.PickleAdapterError) as refused:

@@ -253,11 +253,12 @@ class Resources:
     """Per-variant overrides, e.g. {"qlora": "ddp"} beside strategy="fsdp": an NF4 70B base fits one GPU, so
     its trials skip the sharding traffic."""
     reuse_workers: bool = True
-    """One-worker DDP trials (every variant's strategy "ddp", `workers=1`) train in their Tune trial process, and
-    Tune hands that process on to the next trial (`reuse_actors`): its imports, CUDA context and the loaded base
-    model (`lora_search.basemodel.BaseCache`) carry over, where a Ray Train worker group would start, import and
-    load again for every trial. It is still a Ray Train run (TorchTrainer's one-process local mode); a lost
-    process trains on from its last checkpoint as a lost worker does. False: every trial starts its own worker."""
+    """One-worker DDP trials (every variant's strategy "ddp", `workers=1`) are warm (`lora_search.trial.warm`): they
+    train in their Tune trial process, not in a Ray Train worker group, and Tune hands that process on to the next
+    trial (`reuse_actors`): its imports, CUDA context and the loaded base model (`lora_search.train.BaseCache`) carry
+    over, where a worker group would start, import and load again for every trial. A lost trial process is retried by
+    Tune (`trial.max_failures`) and trains on from its newest checkpoint, as a lost worker does. False: every trial
+    starts its own Ray Train worker group."""
 
     def strategy_for(self, variant: str) -> str:
         return self.strategy_by_variant.get(variant, self.strategy)

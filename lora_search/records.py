@@ -1,7 +1,8 @@
 """What one trial is and what it reports, as typed records shared by the worker, the driver and the outputs.
 
 - `TrialParams`: the point of the search space a trial trains; the one definition of the searched hyperparameters
-  (`PARAMS` is its field names: Tune's config keys, MLflow params, the columns of trials.parquet).
+  (`PARAMS` is its field names: Tune's config keys, MLflow params, the columns of trials.parquet). The variant
+  builders' `variants.Adapter` and the driver's `results.TrialRecord` extend it.
 - `StepReport`: what a trial reports at every evaluation (built by lora_search.callbacks, sent to Tune, saved in
   every checkpoint's report.json, read back by lora_search.results and lora_search.tracking);
 - how a trial ends (`Status`): the errors a worker raises for a diverged or infeasible trial, and how the driver
@@ -34,15 +35,24 @@ class TrialParams:
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> TrialParams:
-        """From a sampled Tune config; alpha resolved from `alpha_over_rank` when the space gives that instead."""
-        values = {k: config[k] for k in PARAMS if k in config}
-        if "alpha" not in values:
-            values["alpha"] = float(config["alpha_over_rank"] * config["rank"])
-        return cls(**values)
+        """From a sampled Tune config (`trial_params`), each value as its field's type."""
+        values = trial_params(config)
+        return TrialParams(**{f.name: _KINDS[f.type](values[f.name]) for f in fields(TrialParams)})
 
 
 PARAMS = tuple(f.name for f in fields(TrialParams))
 """variant, rank, alpha, targets, lr, dropout."""
+_KINDS = {"str": str, "int": int, "float": float}
+
+
+def trial_params(config: dict[str, Any]) -> dict[str, Any]:
+    """The `PARAMS` a sampled Tune config holds, as Tune sampled them; alpha resolved from `alpha_over_rank` when the
+    space gives that instead (lora_search.space)."""
+    values = {k: config[k] for k in PARAMS if k in config}
+    if "alpha" not in values:
+        values["alpha"] = float(config["alpha_over_rank"] * config["rank"])
+    return values
+
 
 NAN = float("nan")
 

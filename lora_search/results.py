@@ -20,8 +20,7 @@ from typing import TYPE_CHECKING, Any
 from lora_search.config import Sweep
 from lora_search.cost import devices_per_trial, trial_cost
 from lora_search.layout import REPORT_FILE, TRAINER_DIR, UPLOADED_FILE
-from lora_search.records import Status, StepReport, error_reason, stopped_figures, stopped_status
-from lora_search.space import trial_params
+from lora_search.records import Status, StepReport, TrialParams, error_reason, stopped_figures, stopped_status
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -43,16 +42,13 @@ TABLE_COLUMNS = [
 ]
 
 
-@dataclass(frozen=True)
-class TrialRecord:
+@dataclass(frozen=True, kw_only=True)
+class TrialRecord(TrialParams):
+    """One trial of a sweep: its hyperparameters (`records.TrialParams`), how it ended, what it cost; a row of
+    trials.parquet (`to_frame`: trial_id and status first, then the hyperparameters, then the rest)."""
+
     trial_id: str
     status: Status
-    variant: str
-    rank: int
-    alpha: float
-    targets: str
-    lr: float
-    dropout: float
     step: int
     """Last optimizer step reported (for pruned trials: the rung it was stopped at)."""
     eval_loss: float
@@ -137,7 +133,7 @@ def record(
     adapters_dir: Path,
 ) -> TrialRecord:
     """One trial's record, priced; copies its newest adapter checkpoint to `adapters_dir/<trial_id>`."""
-    params = trial_params(config)
+    params = TrialParams.from_config(config)
     max_steps = sweep.budget.max_steps
     last = history[-1] if history else {}
     # a stopped trial's last result is where it stopped; one Tune pruned may have trained (and saved) past it
@@ -161,14 +157,9 @@ def record(
     eval_s = reported.eval_s
     priced = trial_cost(trial_s, eval_s, devices_per_trial(sweep.resources), device_name, sweep.pricing)
     return TrialRecord(
+        **asdict(params),
         trial_id=trial_id,
         status=status,
-        variant=params["variant"],
-        rank=int(params["rank"]),
-        alpha=float(params["alpha"]),
-        targets=params["targets"],
-        lr=float(params["lr"]),
-        dropout=float(params["dropout"]),
         step=reported.step,
         eval_loss=reported.eval_loss,
         best_eval_loss=min(losses) if losses else nan,
@@ -187,7 +178,7 @@ def record(
         eval_s=eval_s,
         device_name=device_name,
         worker_nodes=reported.worker_nodes,
-        strategy=reported.strategy or sweep.resources.strategy_for(params["variant"]),
+        strategy=reported.strategy or sweep.resources.strategy_for(params.variant),
         fast_path=reported.fast_path,
         steady_tokens_per_s=reported.steady_tokens_per_s,
         startup_s=reported.startup_s,
@@ -248,7 +239,8 @@ def to_frame(records: list[TrialRecord]) -> pd.DataFrame:
         row = asdict(r)
         row.update(row.pop("scores") or {})
         rows.append(row)
-    columns = [c for c in TrialRecord.__dataclass_fields__ if c != "scores"]
+    first = ["trial_id", "status"]
+    columns = first + [c for c in TrialRecord.__dataclass_fields__ if c not in first and c != "scores"]
     extra = sorted({k for r in records for k in (r.scores or {})})
     return pd.DataFrame(rows, columns=columns + extra)
 

@@ -1,7 +1,8 @@
 """The search space as Ray Tune sees it: param_space, search algorithm and ASHA scheduler for a Sweep.
 
-Every trial's config has the same flat keys (variant, rank, alpha, targets, lr, dropout) so results,
-MLflow params and reports line up. Alpha is derived from rank when the space gives `alpha_over_rank`.
+Every trial's config has the same flat keys (`lora_search.records.PARAMS`: variant, rank, alpha, targets, lr,
+dropout) so results, MLflow params and reports line up. Alpha is derived from rank when the space gives
+`alpha_over_rank` (`records.trial_params`).
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ from typing import Any
 
 from lora_search.config import Sweep
 from lora_search.targets import target_key
-
-PARAMS = ("variant", "rank", "alpha", "targets", "lr", "dropout")
 
 
 def lr_grid(low: float, high: float, points: int) -> list[float]:
@@ -52,14 +51,6 @@ def total_trials(sweep: Sweep) -> int:
     for values in param_space(sweep).values():
         combos *= len(values["grid_search"]) if isinstance(values, dict) and "grid_search" in values else 1
     return sweep.num_samples * combos
-
-
-def trial_params(config: dict[str, Any]) -> dict[str, Any]:
-    """The flat PARAMS of one sampled Tune config (alpha resolved from alpha_over_rank)."""
-    params = {k: config[k] for k in PARAMS if k in config}
-    if "alpha" not in params:
-        params["alpha"] = float(config["alpha_over_rank"] * config["rank"])
-    return params
 
 
 def search_algorithm(sweep: Sweep, max_concurrent: int) -> Any:

@@ -53,6 +53,7 @@ from lora_search.layout import (
     SWEEP_METRICS_FILE,
     TRIALS_FILE,
 )
+from lora_search.records import PARAMS
 from lora_search.trial import max_failures, run_trial, trial_resources, warm
 
 WORKER_ENV = {
@@ -156,7 +157,7 @@ class _Events(Callback):
         if (s := _SESSION) is None or trial.trial_id in s.refailing:
             return
         s.started += 1
-        p = space.trial_params(trial.config)
+        p = records.trial_params(trial.config)
         s.say(
             f"trial {trial.trial_id} started ({s.started}): {p['variant']} r={p['rank']} "
             f"alpha={p['alpha']:g} targets={p['targets']} lr={p['lr']:.2e}"
@@ -294,7 +295,7 @@ def _frontier(
     return records, table, figures
 
 
-def _write_meta(sweep: Sweep, records: list[results.TrialRecord], fingerprint: str, tracker: Any) -> None:
+def _write_meta(sweep: Sweep, records: list[results.TrialRecord], fingerprint: str) -> None:
     """lora_search.json beside each adapter: the base it belongs on, so no other base loads it silently."""
     for r in records:
         if r.adapter_path:
@@ -304,7 +305,7 @@ def _write_meta(sweep: Sweep, records: list[results.TrialRecord], fingerprint: s
                 "trial_id": r.trial_id,
                 "status": r.status,
                 "step": r.step,
-                **{k: getattr(r, k) for k in ("variant", "rank", "alpha", "targets", "lr", "dropout")},
+                **{k: getattr(r, k) for k in PARAMS},
                 "mlflow_run_id": r.mlflow_run_id,
             }
             registry.write_meta(Path(r.adapter_path), meta)
@@ -471,7 +472,7 @@ def run(
     if tracker:
         _drop_orphan_runs(tracker, {r.trial_id for r in records})
         records = [dataclasses.replace(r, mlflow_run_id=tracker.children.get(r.trial_id, "")) for r in records]
-    _write_meta(sweep, records, fingerprint, tracker)
+    _write_meta(sweep, records, fingerprint)
     results.history_frame(histories).to_parquet(out / HISTORY_FILE, index=False)
     (out / PROVENANCE_FILE).write_text(json.dumps(tracking.provenance(sweep, fingerprint), indent=1))
     results.write(records, parquet)

@@ -54,8 +54,7 @@ from lora_search.layout import (
     default_tracking_uri,
     tracking_uri,
 )
-from lora_search.records import stopped_figures
-from lora_search.space import trial_params
+from lora_search.records import StepReport, stopped_figures, trial_params
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -65,8 +64,22 @@ if TYPE_CHECKING:
 
 OFF = "off"
 PACKAGES = ("lora_search", "torch", "transformers", "peft", "trl", "ray", "lm_eval", "mlflow")
-STEP_METRICS = ("eval_loss", "train_loss", "tokens_per_s", "tokens", "train_s", "peak_mem_bytes")
-"""Logged at every reported step (the curves the MLflow UI draws)."""
+
+
+def step_metrics(report: StepReport) -> dict[str, float]:
+    """What every reported step logs: the curves the MLflow UI draws."""
+    return {
+        "eval_loss": report.eval_loss,
+        "train_loss": report.train_loss,
+        "tokens_per_s": report.tokens_per_s,
+        "tokens": report.tokens,
+        "train_s": report.train_s,
+        "peak_mem_bytes": report.peak_mem_bytes,
+    }
+
+
+STEP_METRICS = tuple(step_metrics(StepReport()))
+"""The keys `step_metrics` logs."""
 FINAL_METRICS = (
     "best_eval_loss",
     "base_eval_loss",
@@ -176,6 +189,12 @@ def trial_param_values(sweep: Sweep, config: dict[str, Any]) -> dict[str, str]:
     params.update({k: str(getattr(sweep.budget, k)) for k in BUDGET_PARAMS})
     params["seed"] = str(sweep.seed)
     return _redacted(params)
+
+
+def _step_metrics(result: dict[str, Any]) -> list[Any]:
+    """A reported step's curves (`step_metrics`), read through its StepReport: those the report holds."""
+    report = StepReport.from_metrics(result)
+    return _metrics({k: v for k, v in step_metrics(report).items() if k in result}, STEP_METRICS, report.step)
 
 
 def _metrics(values: dict[str, Any], keys: tuple[str, ...] | list[str], step: int) -> list[Any]:
@@ -372,10 +391,8 @@ class Tracker:
         self._guard(f"starting trial {trial_id}", go)
 
     def trial_result(self, trial_id: str, config: dict[str, Any], result: dict[str, Any]) -> None:
-        step = int(result.get("step", 0))
         self._guard(
-            f"logging trial {trial_id}",
-            lambda: self._log(self.child(trial_id, config), metrics=_metrics(result, STEP_METRICS, step)),
+            f"logging trial {trial_id}", lambda: self._log(self.child(trial_id, config), metrics=_step_metrics(result))
         )
 
     def trial_ended(self, trial_id: str, config: dict[str, Any], status: str, step: int, reason: str = "") -> None:
@@ -490,12 +507,7 @@ class Tracker:
     def _backfill(self, run_id: str, history: list[dict[str, Any]]) -> None:
         """Log the step metrics the live callback missed (a resume, or a tracking outage); never twice."""
         logged = {(m.key, m.step) for key in STEP_METRICS for m in self.client.get_metric_history(run_id, key)}
-        missing = [
-            m
-            for row in history
-            for m in _metrics(row, STEP_METRICS, int(row.get("step", 0)))
-            if (m.key, m.step) not in logged
-        ]
+        missing = [m for row in history for m in _step_metrics(row) if (m.key, m.step) not in logged]
         self._log(run_id, metrics=missing)
 
     def _register(self, r: TrialRecord, run_id: str) -> None:

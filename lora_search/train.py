@@ -13,6 +13,7 @@ Run through `lora_search.trial`, never directly.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import tempfile
@@ -119,12 +120,8 @@ class BaseCache:
 def build_adapter(model: torch.nn.Module, params: TrialParams, total_steps: int) -> Adapter:
     layers = targets.linear_layers(model)
     return Adapter(
-        variant=params.variant,
-        rank=params.rank,
-        alpha=params.alpha,
+        **dataclasses.asdict(params),
         target_modules=targets.resolve(targets.targets_from_key(params.targets), layers),
-        dropout=params.dropout,
-        lr=params.lr,
         total_steps=total_steps,
     )
 

@@ -27,21 +27,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from lora_search.records import TrialParams
+
 if TYPE_CHECKING:
     import torch
     from peft import PeftConfig, PeftModel
 
 
-@dataclass(frozen=True)
-class Adapter:
-    """The sampled hyperparameters of one trial, as the variant builders need them."""
+@dataclass(frozen=True, kw_only=True)
+class Adapter(TrialParams):
+    """One trial's sampled hyperparameters (`records.TrialParams`) resolved against its base, as the variant builders
+    need them."""
 
-    variant: str
-    rank: int
-    alpha: float
     target_modules: tuple[str, ...]
-    dropout: float
-    lr: float
+    """The base's modules that `targets` names (`lora_search.targets.resolve`)."""
     total_steps: int
 
 

@@ -35,6 +35,7 @@ def _attach(model_dir: Path, variant: str, rank: int = 1):
         variant=variant,
         rank=rank,  # AdaLoRA: init_r 2, target_r 1, so the allocator cuts half of all triplets
         alpha=2.0,
+        targets="all-linear",
         lr=1e-2,
         dropout=0.0,
         total_steps=STEPS,

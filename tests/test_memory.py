@@ -84,9 +84,17 @@ def test_adapter_params_match_peft(
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_config_dir))
     names = resolve(targets, list(tiny.linears))
-    peft_model = get_peft_model(
-        model, VARIANTS[variant].peft_config(Adapter(variant, rank, 2.0 * rank, names, 0.0, 1e-4, 100))
+    adapter = Adapter(
+        variant=variant,
+        rank=rank,
+        alpha=2.0 * rank,
+        targets=targets,
+        lr=1e-4,
+        dropout=0.0,
+        target_modules=names,
+        total_steps=100,
     )
+    peft_model = get_peft_model(model, VARIANTS[variant].peft_config(adapter))
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     assert M.adapter_params(*M.adapter_shape(variant, rank), layers_for(tiny, targets)) == trainable
 

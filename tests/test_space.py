@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lora_search import BaseModel, Budget, Dataset, Resources, SearchSpace, Sweep, space
+from lora_search.records import trial_params
 from lora_search.sweep import trials_at_once
 
 
@@ -39,13 +40,13 @@ def test_param_space_random_and_grid() -> None:
 
 def test_alpha_resolves_from_ratio_or_absolute() -> None:
     assert (
-        space.trial_params(
+        trial_params(
             {"variant": "lora", "rank": 8, "alpha_over_rank": 2.0, "targets": "mlp", "lr": 1e-3, "dropout": 0.0}
         )["alpha"]
         == 16.0
     )
     assert (
-        space.trial_params({"variant": "lora", "rank": 8, "alpha": 4.0, "targets": "mlp", "lr": 1e-3, "dropout": 0.0})[
+        trial_params({"variant": "lora", "rank": 8, "alpha": 4.0, "targets": "mlp", "lr": 1e-3, "dropout": 0.0})[
             "alpha"
         ]
         == 4.0

@@ -138,7 +138,16 @@ def test_deepspeed_configs_ship_in_the_wheel() -> None:
     assert {"zero2.json", "zero3.json"} <= shipped
 
 
-ADAPTER = Adapter("lora", rank=4, alpha=8.0, target_modules=("q_proj", "v_proj"), dropout=0.0, lr=1e-3, total_steps=1)
+ADAPTER = Adapter(
+    variant="lora",
+    rank=4,
+    alpha=8.0,
+    targets="q_proj+v_proj",
+    lr=1e-3,
+    dropout=0.0,
+    target_modules=("q_proj", "v_proj"),
+    total_steps=1,
+)
 
 
 def _tiny_peft() -> torch.nn.Module:

@@ -33,6 +33,7 @@ def _contract(name: str, model_dir, tmp_path, device: str = "cpu", quantized: bo
         variant=name,
         rank=4,
         alpha=8.0,
+        targets="all-linear",
         lr=5e-3,
         dropout=0.0,
         total_steps=STEPS,
@@ -107,7 +108,14 @@ def test_saving_a_sharded_looking_adapter_is_refused(tiny_model_dir, tmp_path, m
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     adapter = Adapter(
-        variant="lora", rank=4, alpha=8.0, target_modules=["q_proj", "v_proj"], dropout=0.0, lr=1e-3, total_steps=1
+        variant="lora",
+        rank=4,
+        alpha=8.0,
+        targets="q_proj+v_proj",
+        lr=1e-3,
+        dropout=0.0,
+        target_modules=("q_proj", "v_proj"),
+        total_steps=1,
     )
     model = variants.attach(model, adapter, tmp_path / "init")
     with torch.no_grad():

@@ -37,7 +37,7 @@ from typing import Any
 import pandas as pd
 from ray.tune import Callback
 
-from lora_search import cost, layout, pareto, preflight, records, registry, results, resume, space, tracking
+from lora_search import cost, layout, pareto, preflight, provenance, records, registry, results, resume, space, tracking
 from lora_search.config import ConfigError, Problem, Sweep
 from lora_search.layout import (
     ADAPTERS_DIR,
@@ -474,7 +474,7 @@ def run(
         records = [dataclasses.replace(r, mlflow_run_id=tracker.children.get(r.trial_id, "")) for r in records]
     _write_meta(sweep, records, fingerprint)
     results.history_frame(histories).to_parquet(out / HISTORY_FILE, index=False)
-    (out / PROVENANCE_FILE).write_text(json.dumps(tracking.provenance(sweep, fingerprint), indent=1))
+    (out / PROVENANCE_FILE).write_text(json.dumps(provenance.provenance(sweep, fingerprint), indent=1))
     results.write(records, parquet)
     frontier_table.to_csv(out / FRONTIER_FILE, index=False)
     quality = sweep.evals.objective if sweep.evals is not None else "eval_loss"
@@ -510,7 +510,7 @@ def write_sweep_report(sweep: Sweep, out: Path, baseline: dict[str, Any] | None 
     from lora_search.report import write_report as write
 
     try:
-        return write(out, baseline=baseline, extra_provenance=tracking.sweep_params(sweep))
+        return write(out, baseline=baseline, extra_provenance=provenance.sweep_params(sweep))
     except Exception as e:  # the results on disk stand without their report
         print(f"the HTML report could not be written ({type(e).__name__}: {e}); `lora-search report {sweep.name}`")
         return None

@@ -20,9 +20,9 @@ What:
   KILLED (a resumed sweep sets it again).
 - provenance tags on every run: git commit and dirty flag, package versions, eval task versions, sweep name,
   base model id, revision and fingerprint; children also their Ray trial id.
-- never a secret: every param and tag value passes `redact` (the values of `SECRET_ENV` variables, anything shaped
-  like a Hugging Face token, a URL's password become `***`), and a tracking URI with a password in it is refused
-  by `problems` (MLflow and libpq read credentials from the environment instead).
+- never a secret: every param and tag value passes `lora_search.provenance.redact` (the values of `SECRET_ENV`
+  variables, anything shaped like a Hugging Face token, a URL's password become `***`), and a tracking URI with a
+  password in it is refused by `problems` (MLflow and libpq read credentials from the environment instead).
 
 Runs nest through MLflow's `mlflow.parentRunId` tag, the one `mlflow.start_run(nested=True)` sets; Ray's
 MLflowLoggerCallback makes flat runs, so the driver logs through `MlflowClient` from a Tune callback. Resume
@@ -33,12 +33,9 @@ A tracking failure never stops a sweep: it is printed once, live logging stops, 
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
 import json
 import math
 import os
-import re
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -54,6 +51,7 @@ from lora_search.layout import (
     default_tracking_uri,
     tracking_uri,
 )
+from lora_search.provenance import provenance, redact, redacted, sweep_params
 from lora_search.records import StepReport, stopped_figures, trial_params
 
 if TYPE_CHECKING:
@@ -63,7 +61,6 @@ if TYPE_CHECKING:
     from lora_search.results import TrialRecord
 
 OFF = "off"
-PACKAGES = ("lora_search", "torch", "transformers", "peft", "trl", "ray", "lm_eval", "mlflow")
 
 
 def step_metrics(report: StepReport) -> dict[str, float]:
@@ -98,21 +95,6 @@ FINAL_METRICS = (
     "steady_tokens_per_s",
 )
 BUDGET_PARAMS = ("max_steps", "batch_size", "grad_accum", "warmup_steps", "eval_every")
-SECRET_ENV = (
-    "HF_TOKEN",
-    "HUGGING_FACE_HUB_TOKEN",
-    "MLFLOW_TRACKING_TOKEN",
-    "MLFLOW_TRACKING_PASSWORD",
-    "PGPASSWORD",
-    "RAY_AUTH_TOKEN",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "WANDB_API_KEY",
-)
-"""Environment variables whose values `redact` masks wherever they would be recorded."""
-_TOKEN_SHAPED = re.compile(r"\bhf_[A-Za-z0-9]{20,}|(?<=://)([^/@\s:]*):[^/@\s]+(?=@)")
-"""A Hugging Face token (hf_ + 34 letters and digits) or the password of scheme://user:password@host."""
-MASK = "***"
 MLFLOW_STATUS = {
     "completed": "FINISHED",
     "pruned": "FINISHED",
@@ -123,72 +105,15 @@ MLFLOW_STATUS = {
 }
 
 
-def redact(text: str) -> str:
-    """`text` with every secret masked: values of the `SECRET_ENV` variables set now (8 characters or more: shorter
-    ones would mask ordinary words), Hugging Face tokens, and URL passwords (`https://user:***@host`)."""
-    for name in SECRET_ENV:
-        value = os.environ.get(name, "")
-        if len(value) >= 8:
-            text = text.replace(value, MASK)
-    return _TOKEN_SHAPED.sub(lambda m: f"{m[1]}:{MASK}" if m[1] is not None else MASK, text)
-
-
-def _redacted(values: dict[str, str]) -> dict[str, str]:
-    return {k: redact(v) for k, v in values.items()}
-
-
 def registered_model_name(sweep: Sweep) -> str:
     return f"{sweep.name}-adapters"
-
-
-def _git(*args: str) -> str:
-    root = Path(__file__).resolve().parent.parent
-    try:
-        done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
-    return done.stdout.strip() if done.returncode == 0 else ""
-
-
-def provenance(sweep: Sweep, base_fingerprint: str) -> dict[str, str]:
-    """Tags that say exactly what produced a run (redacted)."""
-    tags = {
-        "mlflow.source.git.commit": _git("rev-parse", "HEAD") or "unknown",
-        "lora_search.git_dirty": str(bool(_git("status", "--porcelain", "--untracked-files=no"))).lower(),
-        "lora_search.sweep": sweep.name,
-        "lora_search.base": sweep.base.name_or_path,
-        "lora_search.base_revision": sweep.base.revision or "",
-        "lora_search.base_fingerprint": base_fingerprint,
-    }
-    for package in PACKAGES:
-        try:
-            tags[f"lora_search.version.{package}"] = importlib.metadata.version(package.replace("_", "-"))
-        except importlib.metadata.PackageNotFoundError:
-            tags[f"lora_search.version.{package}"] = "not installed"
-    if sweep.evals is not None:
-        from lora_search.evals import task_versions
-
-        for task, version in task_versions(sweep.evals).items():
-            tags[f"lora_search.eval_task_version.{task}"] = str(version)
-    return _redacted(tags)
-
-
-def sweep_params(sweep: Sweep) -> dict[str, str]:
-    """The sweep's settings flattened to `part.field` params (MLflow params are strings), redacted: they are also
-    the HTML report's provenance."""
-    out = {"search": sweep.search, "num_samples": str(sweep.num_samples), "seed": str(sweep.seed)}
-    for part in ("base", "dataset", "space", "budget", "resources", "evals"):
-        value = getattr(sweep, part)
-        if value is not None:
-            out.update({f"{part}.{k}": str(v) for k, v in dataclasses.asdict(value).items()})
-    return _redacted(out)
 
 
 def trial_param_values(sweep: Sweep, config: dict[str, Any]) -> dict[str, str]:
     params = {k: str(v) for k, v in trial_params(config).items()}
     params.update({k: str(getattr(sweep.budget, k)) for k in BUDGET_PARAMS})
     params["seed"] = str(sweep.seed)
-    return _redacted(params)
+    return redacted(params)
 
 
 def _step_metrics(result: dict[str, Any]) -> list[Any]:
@@ -532,4 +457,4 @@ class Tracker:
             "variant": r.variant,
             "rank": str(r.rank),
         }
-        self.client.create_model_version(name, source, run_id=run_id, tags=_redacted(tags))
+        self.client.create_model_version(name, source, run_id=run_id, tags=redacted(tags))

@@ -32,7 +32,7 @@ ROOMS = {
         "demo_base",
     },
     "scoring": {"evals"},
-    "outputs": {"tracking", "registry", "report"},
+    "outputs": {"tracking", "provenance", "registry", "report"},
     "core": {
         "config",
         "problems",

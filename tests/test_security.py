@@ -35,7 +35,7 @@ import pytest
 import torch
 import yaml
 
-from lora_search import BaseModel, Budget, Dataset, Evals, SearchSpace, Sweep, layout, registry, tracking
+from lora_search import BaseModel, Budget, Dataset, Evals, SearchSpace, Sweep, layout, provenance, registry, tracking
 from lora_search.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -327,14 +327,14 @@ def test_a_token_in_any_setting_is_masked_in_params_tags_and_the_report(
         dataset=Dataset(f"{tiny_jsonl}?token={env_secret}"),
     )
     recorded = {
-        **tracking.sweep_params(sweep),  # the parent run's params and the report's provenance
-        **tracking.provenance(sweep, "sha256:0"),  # every run's tags
+        **provenance.sweep_params(sweep),  # the parent run's params and the report's provenance
+        **provenance.provenance(sweep, "sha256:0"),  # every run's tags
         **tracking.trial_param_values(sweep, {"variant": "lora", "rank": 2, "alpha": 4.0, "targets": CANARY}),
     }
     leaked = {k: v for k, v in recorded.items() if CANARY in v or env_secret in v}
     assert leaked == {}
-    assert recorded["base.revision"] == recorded["lora_search.base_revision"] == tracking.MASK
-    assert tracking.redact("https://u:pw@h:1/p and http://h:2/ and sqlite:///a:b@c") == (
+    assert recorded["base.revision"] == recorded["lora_search.base_revision"] == provenance.MASK
+    assert provenance.redact("https://u:pw@h:1/p and http://h:2/ and sqlite:///a:b@c") == (
         "https://u:***@h:1/p and http://h:2/ and sqlite:///a:b@c"
     )
 

@@ -105,10 +105,11 @@ def check_jsonl(path: Path) -> list[Problem]:
         return [Problem(str(path), None, "file not found", "check dataset.path / dataset.eval_path")]
     problems: list[Problem] = []
     bad = rows = 0
+    first: dict[str, tuple[str, int]] = {}  # the row format, and each key's JSON kind: (what, line first seen)
     for lineno, line, unreadable in jsonl_lines(path):
         rows += 1
         row, why = (None, unreadable) if line is None else parse_line(line)
-        why = why or row_problem(row)
+        why = why or row_problem(row) or consistency_problem(row, lineno, first)
         if why:
             bad += 1
             if bad <= MAX_REPORTED_PER_FILE:
@@ -119,6 +120,40 @@ def check_jsonl(path: Path) -> list[Problem]:
     if rows == 0:
         problems.append(Problem(str(path), None, "has no rows", "add training examples, one JSON object per line"))
     return problems
+
+
+def row_format(row: dict[str, Any]) -> str:
+    """chat, prompt/completion or instruction: the formats `row_problem` accepts."""
+    return "chat" if "messages" in row else "prompt/completion" if "prompt" in row else "instruction"
+
+
+def _json_kind(value: Any) -> str | None:
+    """The column type a JSON loader (Arrow) infers for `value`; None (null) fits any."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "boolean"
+    return {int: "number", float: "number", str: "string", list: "list", dict: "object"}.get(type(value), "other")
+
+
+def consistency_problem(
+    row: dict[str, Any], lineno: int, first: dict[str, tuple[str, int]], formats: bool = True
+) -> str | None:
+    """Why `row` cannot share a file with the rows before it: a JSON loader reads one file as one table, so mixed row
+    formats come out with empty columns (an instruction row with no prompt), and a key whose type changes from row to
+    row is refused at load time, inside the trial. `formats`: also one row format per file (training data)."""
+    what = row_format(row) if formats else "row"  # golden sets have no training format
+    seen, at = first.setdefault("format", (what, lineno))
+    if seen != what:
+        return f"is a {what} row, but line {at} is {seen}: one format per file"
+    for key, value in row.items():
+        kind = _json_kind(value)
+        if kind is None:
+            continue
+        seen, at = first.setdefault(f"key {key}", (kind, lineno))
+        if seen != kind:
+            return f"{key!r} is a {kind} here but a {seen} on line {at}: a column keeps one type"
+    return None
 
 
 def check(dataset: Dataset) -> list[Problem]:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lora_search.config import ConfigError, Evals, Problem
-from lora_search.data import jsonl_lines, parse_line
+from lora_search.data import consistency_problem, jsonl_lines, parse_line
 from lora_search.userfiles import load_yaml
 
 if TYPE_CHECKING:
@@ -318,6 +318,7 @@ def _objective_problems(evals: Evals, configs: list[dict[str, Any]]) -> list[Pro
 def _check_golden_file(path: Path, needed: set[str], config: dict[str, Any], cap: int) -> list[Problem]:
     problems: list[Problem] = []
     ids: dict[str, int] = {}
+    kinds: dict[str, tuple[str, int]] = {}
     rows = 0
     choice_field = next(iter(_FIELD.findall(str(config.get("doc_to_choice", "")))), None)
     target = config.get("doc_to_target")
@@ -331,6 +332,9 @@ def _check_golden_file(path: Path, needed: set[str], config: dict[str, Any], cap
         if not isinstance(row, dict):
             problems.append(Problem(where, None, "expected a JSON object", "fix the line"))
             continue
+        mixed = consistency_problem(row, lineno, kinds, formats=False)  # lm-eval reads the file as one table, as training does
+        if mixed:
+            problems.append(Problem(where, None, mixed, "fix the line"))
         missing = sorted(needed - row.keys())
         if missing:
             problems.append(

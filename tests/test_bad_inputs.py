@@ -86,6 +86,24 @@ CASES: dict[str, tuple[str, object, object, tuple[str, ...]]] = {
     "data-truncated": ("", lambda rows: rows.__setitem__(2, rows[2][:25]), None, ("train.jsonl:3",)),
     "data-no-output": ("", lambda rows: _set(rows, 4, output=None), None, ("train.jsonl:5",)),
     "data-not-object": ("", lambda rows: rows.__setitem__(6, "[1, 2, 3]"), None, ("train.jsonl:7",)),
+    "data-mixed-formats": (
+        "",
+        lambda rows: rows.__setitem__(3, json.dumps({"prompt": "Name the mood: joy", "completion": "joy"})),
+        None,
+        ("train.jsonl:4", "one format per file"),
+    ),
+    "data-column-type-changes": (
+        "",
+        lambda rows: (_set(rows, 6, source="web"), _set(rows, 7, source=7)),
+        None,
+        ("train.jsonl:8", "'source' is a number here but a string on line 7"),
+    ),
+    "golden-column-type-changes": (
+        "evals=Evals(tasks=('tiny_mood',), objective='tiny_mood/acc', tasks_dir=TASKS)",
+        None,
+        lambda rows: _set(rows, 4, id=5),
+        ("tiny_mood.jsonl:5", "'id' is a number here but a string on line 1"),
+    ),
     "data-empty": ("", lambda rows: rows.clear(), None, ("train.jsonl",)),
     "max-length": ("dataset=Dataset(DATA, max_length=0)", None, None, ("dataset.max_length", "0")),
     "golden-objective": (

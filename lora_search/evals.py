@@ -332,7 +332,8 @@ def _check_golden_file(path: Path, needed: set[str], config: dict[str, Any], cap
         if not isinstance(row, dict):
             problems.append(Problem(where, None, "expected a JSON object", "fix the line"))
             continue
-        mixed = consistency_problem(row, lineno, kinds, formats=False)  # lm-eval reads the file as one table, as training does
+        # lm-eval reads the file as one table, as training does
+        mixed = consistency_problem(row, lineno, kinds, formats=False)
         if mixed:
             problems.append(Problem(where, None, mixed, "fix the line"))
         missing = sorted(needed - row.keys())

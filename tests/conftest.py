@@ -1,10 +1,18 @@
-"""Shared fixtures: a tiny random Llama with a real tokenizer, and small data files, all built offline."""
+"""Shared fixtures: a tiny random Llama with a real tokenizer, and small data files, all built offline; Ray nodes
+that a test starts and stops itself."""
 
 from __future__ import annotations
 
 import json
 import os
 import random
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -71,3 +79,76 @@ def write_instruction_rows(path: Path, n: int, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def tiny_jsonl(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_instruction_rows(tmp_path_factory.mktemp("data") / "train.jsonl", 120)
+
+
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+class LocalRay:
+    """Ray nodes on this machine that one test starts (`ray start --block`, each in a session of its own) and stops
+    by ending those sessions. Never `ray stop`: it stops every Ray on the machine, a user's own cluster too.
+
+    The nodes share a temp dir of their own (session files and `ray_current_cluster` stay out of /tmp/ray, so a
+    user's `ray.init()` never joins them) and a token of their own (nothing read from or written to ~/.ray)."""
+
+    def __init__(self) -> None:
+        # Short: Ray's unix sockets live under it (sun_path holds 107 bytes).
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="ray"))
+        self.env = {
+            **os.environ,
+            # As a user starts it, from an activated venv: a job's `python` is this venv's.
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+            "RAY_ADDRESS": "",
+            "RAY_AUTH_MODE": "token",  # Ray >= 2.59 turns token auth on for a head; every client then needs it
+            "RAY_AUTH_TOKEN": secrets.token_hex(32),
+        }
+        self.nodes: list[subprocess.Popen] = []
+
+    def start(self, *args: str, timeout: float = 180) -> None:
+        """`ray start --block ARGS`; returns once the node is up (the CLI's own `--block` message)."""
+        log = self.temp_dir / f"node_{len(self.nodes)}.log"
+        with log.open("w") as sink:
+            node = subprocess.Popen(
+                [RAY, "start", "--block", f"--temp-dir={self.temp_dir}", "--disable-usage-stats", *args],
+                env=self.env,
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.nodes.append(node)
+        deadline = time.monotonic() + timeout
+        while "block forever" not in log.read_text():
+            assert node.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        """SIGTERM to each `ray start --block`, which stops the processes it started; then whatever is left in those
+        sessions (a worker of a killed raylet, say) is killed. Nothing outside them is touched."""
+        import psutil
+
+        for node in self.nodes:
+            node.terminate()
+        for node in self.nodes:
+            try:
+                node.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                node.kill()
+                node.wait(timeout=30)
+        sessions = {node.pid for node in self.nodes}
+        for p in psutil.process_iter():
+            try:
+                if os.getsid(p.pid) in sessions:
+                    p.kill()
+            except (OSError, psutil.Error):
+                continue
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def local_ray() -> Iterator[LocalRay]:
+    """Ray nodes this test starts (`local_ray.start("--head", ...)`), stopped with the test, and only those."""
+    nodes = LocalRay()
+    try:
+        yield nodes
+    finally:
+        nodes.stop()

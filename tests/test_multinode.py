@@ -4,30 +4,22 @@ every trial spans two workers on two different nodes (DDP, and DeepSpeed ZeRO-3,
 from __future__ import annotations
 
 import json
-import os
-import re
 import socket
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
-import psutil
 import pytest
 
 from lora_search.probe import check_reload
 
+if TYPE_CHECKING:
+    from tests.conftest import LocalRay
+
 pytestmark = pytest.mark.slow
-
-RAY = str(Path(sys.executable).with_name("ray"))
-ENV = {
-    **os.environ,
-    "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-    "RAY_ADDRESS": "",
-    "RAY_AUTH_MODE": "token",  # the head enables token auth (Ray >= 2.59); its token is in ~/.ray
-}
-
 
 NODES = (
     "import json, ray; ray.init(logging_level='ERROR'); "
@@ -37,49 +29,24 @@ NODES = (
 
 def _free_port() -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("", 0))  # every interface: a port that another process holds on the node IP is not free
         return s.getsockname()[1]
 
 
-def _ray(*args: str) -> None:
-    done = subprocess.run([RAY, *args], capture_output=True, text=True, timeout=180, env=ENV)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-
-
-def _cluster_processes(gcs: str) -> list[psutil.Process]:
-    """Every process of the localhost cluster whose GCS is `gcs`, and their children."""
-    port = gcs.rsplit(":", 1)[1]
-    mine = re.compile(rf"gcs[-_]address[= ]\S*:{port}\b|--gcs_server_port={port}\b")
-    found: dict[int, psutil.Process] = {}
-    for p in psutil.process_iter():
-        try:
-            if mine.search(" ".join(p.cmdline())):
-                found.update({q.pid: q for q in [p, *p.children(recursive=True)]})
-        except psutil.Error:
-            continue
-    return list(found.values())
-
-
 @pytest.fixture
-def three_nodes():
-    """Head (no CPUs: trials' workers never land there) + two 2-CPU workers, stopped by killing the cluster's own
-    processes: `ray stop` would stop every Ray on the machine, other tests' too."""
+def three_nodes(local_ray: LocalRay) -> LocalRay:
+    """Head (no CPUs: trials' workers never land there) + two 2-CPU workers, of this test's own (local_ray stops
+    them, and nothing else). `.env` reaches the cluster: its address and token."""
     gcs, dashboard = _free_port(), _free_port()
     address = f"127.0.0.1:{gcs}"
-    try:
-        _ray(
-            "start", "--head", f"--port={gcs}", "--num-cpus=0", "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dashboard}", "--disable-usage-stats", "--resources", '{"head": 1}',
-        )  # fmt: skip
-        for name in ("node_a", "node_b"):
-            _ray("start", f"--address={address}", "--num-cpus=2", "--resources", f'{{"{name}": 1}}')
-        yield address
-    finally:
-        for p in _cluster_processes(address):
-            p.terminate()
-        _, alive = psutil.wait_procs(_cluster_processes(address), timeout=20)
-        for p in alive:
-            p.kill()
+    local_ray.start(
+        "--head", f"--port={gcs}", "--num-cpus=0", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+        "--resources", '{"head": 1}',
+    )  # fmt: skip
+    for name in ("node_a", "node_b"):
+        local_ray.start(f"--address={address}", "--num-cpus=2", "--resources", f'{{"{name}": 1}}')
+    local_ray.env["RAY_ADDRESS"] = address
+    return local_ray
 
 
 def test_two_worker_trials_spread_over_two_nodes(three_nodes, tiny_model_dir, tiny_jsonl, tmp_path) -> None:
@@ -109,7 +76,7 @@ def test_two_worker_trials_spread_over_two_nodes(three_nodes, tiny_model_dir, ti
         capture_output=True,
         text=True,
         timeout=600,
-        env={**ENV, "RAY_ADDRESS": three_nodes},
+        env=three_nodes.env,
     )
     assert driver.returncode == 0, driver.stdout[-3000:] + driver.stderr[-3000:]
     listing = subprocess.run(
@@ -117,7 +84,7 @@ def test_two_worker_trials_spread_over_two_nodes(three_nodes, tiny_model_dir, ti
         capture_output=True,
         text=True,
         timeout=120,
-        env={**ENV, "RAY_ADDRESS": three_nodes},
+        env=three_nodes.env,
     )
     assert listing.returncode == 0, listing.stderr[-2000:]
     nodes = json.loads(listing.stdout.strip().splitlines()[-1])

@@ -10,9 +10,13 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import pytest
+
+if TYPE_CHECKING:
+    from tests.conftest import LocalRay
 
 pytestmark = pytest.mark.slow
 
@@ -21,42 +25,22 @@ RAY = str(Path(sys.executable).with_name("ray"))
 
 def _free_port() -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("", 0))  # every interface: a port that another process holds on the node IP is not free
         return s.getsockname()[1]
 
 
 @pytest.fixture
-def head_node():
-    """A real `ray start --head` on localhost; stopped (with everything it started) at the end."""
-    import ray
-
-    ray.shutdown()  # no in-process Ray from other tests may be running when `ray stop` sweeps the machine
-    gcs, dashboard = _free_port(), _free_port()
-    subprocess.run(
-        [
-            RAY,
-            "start",
-            "--head",
-            f"--port={gcs}",
-            "--num-cpus=2",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dashboard}",
-            "--disable-usage-stats",
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        # Started from an activated venv, as a user would: the job's `python` is this venv's.
-        env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"},
-    )
-    try:
-        yield f"http://127.0.0.1:{dashboard}"
-    finally:
-        subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
+def head_node(local_ray: LocalRay) -> str:
+    """A real `ray start --head` on localhost, of this test's own; stopped with it (local_ray), and nothing else."""
+    dashboard = _free_port()
+    local_ray.start(
+        "--head", f"--port={_free_port()}", "--num-cpus=2", "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard}",
+    )  # fmt: skip
+    return f"http://127.0.0.1:{dashboard}"
 
 
-def test_ray_job_submit_runs_a_sweep(head_node, tiny_model_dir, tiny_jsonl, tmp_path) -> None:
+def test_ray_job_submit_runs_a_sweep(head_node, local_ray, tiny_model_dir, tiny_jsonl, tmp_path) -> None:
     repo = Path(__file__).resolve().parents[1]
     work = tmp_path / "work"
     (work / "sweeps").mkdir(parents=True)
@@ -97,14 +81,39 @@ def test_ray_job_submit_runs_a_sweep(head_node, tiny_model_dir, tiny_jsonl, tmp_
         capture_output=True,
         text=True,
         timeout=600,
-        env={
-            **os.environ,
-            "RAY_ADDRESS": "",
-            "RAY_AUTH_MODE": "token",  # the head enables token auth (Ray >= 2.59); its token is in ~/.ray
-        },
+        env=local_ray.env,  # the head's token
     )
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     assert "succeeded" in job.stdout + job.stderr
     assert "2 trials:" in job.stdout
     frame = pd.read_parquet(out / "job" / "trials.parquet")
     assert len(frame) == 2 and set(frame["status"]) <= {"completed", "pruned"}
+
+
+def test_a_tests_ray_stops_alone(local_ray: LocalRay) -> None:
+    """What a LocalRay stops is the nodes it started: another Ray on the machine (here a second head, standing for a
+    user's own cluster) keeps running."""
+    import psutil
+
+    def processes(nodes: LocalRay) -> set[int]:
+        sessions = {n.pid for n in nodes.nodes}
+        return {p.pid for p in psutil.process_iter() if _sid(p.pid) in sessions}
+
+    theirs, mine = local_ray, type(local_ray)()
+    try:
+        for nodes in (theirs, mine):
+            nodes.start("--head", f"--port={_free_port()}", "--num-cpus=0", "--include-dashboard=false")
+        before = processes(theirs)
+        assert before and processes(mine)
+        mine.stop()
+        assert not processes(mine) and not mine.temp_dir.exists()
+        assert before <= processes(theirs) and all(n.poll() is None for n in theirs.nodes)
+    finally:
+        mine.stop()
+
+
+def _sid(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except OSError:
+        return None

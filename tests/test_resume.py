@@ -23,7 +23,7 @@ import pytest
 
 from lora_search import pareto
 from lora_search.cli import main
-from tests.test_multinode import ENV, three_nodes  # noqa: F401 - the fixture
+from tests.test_multinode import three_nodes  # noqa: F401 - the fixture
 
 CLI = [sys.executable, "-m", "lora_search.cli"]
 PARAMS = ["variant", "rank", "alpha", "targets", "lr", "dropout"]
@@ -347,10 +347,10 @@ def test_lost_worker_node_trains_on_from_its_checkpoint(three_nodes, tiny_model_
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env={**ENV, "RAY_ADDRESS": three_nodes},
+        env=three_nodes.env,
     )
     killed_at = _wait_progress(out / "node_loss" / "ray" / "progress", 13, driver)
-    node = next(r for r in _raylets(three_nodes) if _trial_worker(r) is not None)
+    node = next(r for r in _raylets(three_nodes.env["RAY_ADDRESS"]) if _trial_worker(r) is not None)
     doomed = [node, *node.children(recursive=True)]
     for p in doomed:
         p.kill()

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from lora_search.config import ConfigError, Evals, Problem
 from lora_search.data import consistency_problem, jsonl_lines, parse_line
+from lora_search.gguf import resolve
 from lora_search.userfiles import load_yaml
 
 if TYPE_CHECKING:
@@ -151,7 +152,7 @@ def score_base(sweep: Any) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     assert sweep.evals is not None
-    base = sweep.base
+    base = resolve(sweep.base)  # a GGUF base: its converted dir
     tokenizer = AutoTokenizer.from_pretrained(
         base.name_or_path, revision=base.revision, trust_remote_code=base.trust_remote_code
     )
@@ -201,7 +202,7 @@ def rescore(
             refused.extend(e.problems)
     if refused:
         raise ConfigError(refused, header="pickle adapter refused")
-    base = sweep.base
+    base = resolve(sweep.base)  # a GGUF base: its converted dir, the base its adapters were trained on
     tokenizer = AutoTokenizer.from_pretrained(
         base.name_or_path, revision=base.revision, trust_remote_code=base.trust_remote_code
     )

@@ -12,7 +12,7 @@ import importlib.util
 import os
 from typing import TYPE_CHECKING
 
-from lora_search import data, targets
+from lora_search import data, gguf, targets
 from lora_search.config import BaseModel, ConfigError, Problem, Sweep
 from lora_search.memory import meta_model
 from lora_search.variants import VARIANTS
@@ -39,10 +39,11 @@ def base_weight_bytes(base: BaseModel) -> int:
 def problems(sweep: Sweep) -> list[Problem]:
     """Problems that need the outside world: model config, target modules, ranks, data as the trial will tokenize
     it, golden sets, GPU prerequisites, the tracking store. A check runs only on the parts of the sweep whose fields
-    all have the annotated types (`Sweep.conforms`): those that do not are already reported."""
-    out: list[Problem] = []
+    all have the annotated types (`Sweep.conforms`): those that do not are already reported. A GGUF base is
+    checked, converted once (`lora_search.gguf`), and every later check reads its converted dir."""
+    sweep, out = gguf.resolved(sweep)
     model = None
-    if sweep.conforms("base"):
+    if sweep.conforms("base") and not out:
         try:
             model = meta_model(sweep.base)
         except Exception as e:  # transformers raises OSError, ValueError, KeyError for a bad model

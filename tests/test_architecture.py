@@ -30,6 +30,7 @@ ROOMS = {
         "data",
         "probe",
         "demo_base",
+        "gguf",  # a GGUF base converted into the cache, as demo_base builds the demo's
     },
     "scoring": {"evals"},
     "outputs": {"tracking", "provenance", "registry", "report"},

@@ -1,5 +1,6 @@
-"""Shared fixtures: a tiny random Llama with a real tokenizer, and small data files, all built offline; Ray nodes
-that a test starts and stops itself."""
+"""Shared fixtures: a tiny random Llama with a real tokenizer, and small data files, all built offline; a real MLflow
+server and the real sweeps that several tests only read, each run once a session; Ray nodes that a test starts and
+stops itself."""
 
 from __future__ import annotations
 
@@ -8,19 +9,29 @@ import os
 import random
 import secrets
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from lora_search import Sweep
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+REPO = Path(__file__).resolve().parents[1]
 WORDS = "the a cat dog bird red blue green big small runs eats sleeps joy anger fear calm happy sad".split()
 LABELS = ("joy", "anger", "fear", "calm")
 
@@ -79,6 +90,95 @@ def write_instruction_rows(path: Path, n: int, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def tiny_jsonl(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_instruction_rows(tmp_path_factory.mktemp("data") / "train.jsonl", 120)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real tracking server: SQLite backend, proxied artifact store, on a free localhost port."""
+    root = tmp_path_factory.mktemp("mlflow_server")
+    port = _free_port()
+    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "art")]
+    log = (root / "server.log").open("w")
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            if urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200:
+                break
+        except OSError:
+            pass
+        assert server.poll() is None and time.monotonic() < deadline, (root / "server.log").read_text()[-3000:]
+        time.sleep(0.5)
+    yield uri
+    os.killpg(server.pid, signal.SIGTERM)
+    server.wait(timeout=30)
+
+
+def tracked_sweep(model_dir: Path, data: Path, out: Path, uri: str, **changes: object) -> Sweep:
+    """The shared sweep's settings: 4 seeded trials of LoRA/DoRA, ASHA rungs at steps 5 and 10 of 20, scored on both
+    golden sets, tracked on `uri`."""
+    from lora_search import BaseModel, Budget, Dataset, Evals, SearchSpace, Sweep
+
+    sweep = Sweep(
+        name="tracked",
+        base=BaseModel(str(model_dir)),
+        dataset=Dataset(str(data), eval_fraction=0.2, max_length=96),
+        space=SearchSpace(
+            ranks=(2, 8), targets=("attention", "all-linear"), variants=("lora", "dora"), lr=(3e-3, 1e-2)
+        ),
+        budget=Budget(max_steps=20, eval_every=5, grace_period=5, reduction_factor=2, batch_size=8),
+        num_samples=4,
+        seed=3,
+        output_dir=str(out),
+        evals=Evals(
+            tasks=("tiny_mood", "tiny_antonym"),
+            objective="tiny_mood/acc",
+            tasks_dir=str(REPO / "evals" / "tasks"),
+            limit=16,
+        ),
+        tracking_uri=uri,
+    )
+    return sweep.replace(**changes)
+
+
+@pytest.fixture(scope="session")
+def shared_sweep(
+    tiny_model_dir: Path, tiny_jsonl: Path, tmp_path_factory: pytest.TempPathFactory, mlflow_server: str
+) -> tuple[Sweep, pd.DataFrame, Path]:
+    """(sweep, trials, output dir) of one real sweep, run once a session and read by the tests that only read a
+    sweep's results: test_sweep (results on disk, adapters, scores) and test_tracking (MLflow runs, frontier tags,
+    export, the UI). Nothing may write into it: a test that changes a sweep dir works on a copy."""
+    from lora_search.sweep import run
+
+    out = tmp_path_factory.mktemp("shared_sweep")
+    # One trial at a time: ASHA's decisions then follow from the seeded trials alone (3 completed, 1 pruned), not from
+    # which of two concurrent trials reaches a rung first; and the trials are warm (one process, imports done once).
+    sweep = tracked_sweep(tiny_model_dir, tiny_jsonl, out, mlflow_server, max_concurrent_trials=1)
+    return sweep, run(sweep), out
+
+
+@pytest.fixture(scope="session")
+def failed_sweep(
+    tiny_model_dir: Path, tiny_jsonl: Path, tmp_path_factory: pytest.TempPathFactory, mlflow_server: str
+) -> tuple[Sweep, pd.DataFrame]:
+    """(sweep, trials) of a real sweep whose 2 trials both fail (weights that are not safetensors), tracked on
+    mlflow_server; read by test_sweep (the sweep goes on) and test_tracking (failed runs with their reason)."""
+    from lora_search.sweep import run
+
+    out = tmp_path_factory.mktemp("failed_sweep")
+    broken = out / "broken_model"
+    shutil.copytree(tiny_model_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")  # config is fine; weights are not
+    sweep = tracked_sweep(broken, tiny_jsonl, out, mlflow_server, name="tracked_fail", num_samples=2)
+    return sweep, run(sweep)
 
 
 RAY = str(Path(sys.executable).with_name("ray"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -46,11 +47,9 @@ def _sweep(model_dir: Path, data: Path, out: Path, **changes) -> Sweep:
     return sweep.replace(**changes)
 
 
-def test_small_sweep_end_to_end(tiny_model_dir, tiny_jsonl, tmp_path) -> None:
-    sweep = _sweep(tiny_model_dir, tiny_jsonl, tmp_path)
-    frame = run(sweep)
-
-    on_disk = pd.read_parquet(tmp_path / "it" / "trials.parquet")
+def test_small_sweep_end_to_end(shared_sweep, tmp_path) -> None:
+    sweep, frame, out = shared_sweep
+    on_disk = pd.read_parquet(out / sweep.name / "trials.parquet")
     assert len(on_disk) == len(frame) == 4
     assert set(on_disk["variant"]) == {"lora", "dora"}  # seeded sampling: both variants are drawn
     assert set(on_disk["status"]) <= {"completed", "pruned"}
@@ -79,7 +78,7 @@ def test_small_sweep_end_to_end(tiny_model_dir, tiny_jsonl, tmp_path) -> None:
     assert (done["eval_s"] > 0).all()
     for path in done["adapter_path"]:
         assert json.loads((Path(path) / "lm_eval_results.json").read_text())["results"]["tiny_mood"]
-    base_scores = json.loads((tmp_path / "it" / "base_scores.json").read_text())
+    base_scores = json.loads((out / sweep.name / "base_scores.json").read_text())
     assert 0 <= base_scores["metrics"]["tiny_mood/acc"] <= 1 and base_scores["higher_is_better"] is True
 
     # Every trial measured the same base reference (step-0 eval) and improved on it.
@@ -95,35 +94,40 @@ def test_small_sweep_end_to_end(tiny_model_dir, tiny_jsonl, tmp_path) -> None:
     diff = float(check.stdout.strip().rsplit("=", 1)[1])
     assert diff < 1e-5, check.stdout
 
-    # With no tracking URI the sweep is tracked in the embedded SQLite store beside its results.
+    # The sweep is tracked where its tracking_uri says: a parent run and one child run per trial.
     from mlflow import MlflowClient
 
-    store = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runs = store.search_runs([store.get_experiment_by_name("it").experiment_id])
+    store = MlflowClient(sweep.tracking_uri)
+    runs = store.search_runs([store.get_experiment_by_name(sweep.name).experiment_id])
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert len(runs) == 5 and {r.data.tags["lora_search.trial_id"] for r in children} == set(on_disk["trial_id"])
     assert all("liger off" in r.data.tags["lora_search.fast_path"] for r in children)
-    assert store.get_experiment_by_name("it").artifact_location == (tmp_path / "mlartifacts").as_uri()
 
     # Running the same sweep again never overwrites finished results.
     with pytest.raises(SweepExistsError, match="already has results"):
         run(sweep)
-    # --fresh moves them aside first.
-    frame2 = run(
-        sweep.replace(num_samples=1, budget=Budget(max_steps=5, eval_every=5, grace_period=5, batch_size=8)), fresh=True
+    # --fresh moves them aside first (on a copy: the shared sweep's dir is read by other tests). With no tracking URI
+    # the sweep is tracked in the embedded SQLite store beside its results.
+    shutil.copytree(out / sweep.name, tmp_path / sweep.name)
+    again = sweep.replace(
+        output_dir=str(tmp_path),
+        tracking_uri=None,
+        num_samples=1,
+        budget=Budget(max_steps=5, eval_every=5, grace_period=5, batch_size=8),
     )
+    with pytest.raises(SweepExistsError, match="already has results"):
+        run(again)
+    frame2 = run(again, fresh=True)
     assert len(frame2) == 1
-    assert len(list(tmp_path.glob("it.*/trials.parquet"))) == 1
+    assert len(list(tmp_path.glob(f"{sweep.name}.*/trials.parquet"))) == 1
+    store = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = store.get_experiment_by_name(sweep.name)
+    assert len(store.search_runs([experiment.experiment_id])) == 2  # the parent and its one trial
+    assert experiment.artifact_location == (tmp_path / "mlartifacts").as_uri()
 
 
-def test_failing_trials_do_not_stop_the_sweep(tiny_model_dir, tiny_jsonl, tmp_path) -> None:
-    broken = tmp_path / "broken_model"
-    broken.mkdir()
-    for f in tiny_model_dir.iterdir():
-        (broken / f.name).write_bytes(f.read_bytes())
-    (broken / "model.safetensors").write_bytes(b"not a safetensors file")  # config is fine; weights are not
-    sweep = _sweep(broken, tiny_jsonl, tmp_path, num_samples=2)
-    frame = run(sweep)
+def test_failing_trials_do_not_stop_the_sweep(failed_sweep) -> None:
+    _, frame = failed_sweep
     assert list(frame["status"]) == ["failed", "failed"]
     assert all(frame["reason"].str.len() > 0)
     assert frame["reason"].str.contains("safetensors|header|deserializ", case=False).all(), list(frame["reason"])

@@ -1,6 +1,7 @@
 """Sweeps tracked on a real `mlflow server` process, read back through MlflowClient; the UI in headless Chromium.
 
-What Ray says about each trial (its experiment state on disk) is the truth the MLflow statuses must match.
+What Ray says about each trial (its experiment state on disk) is the truth the MLflow statuses must match. The server
+(mlflow_server) and the sweeps most tests here read (shared_sweep, failed_sweep) are conftest's, run once a session.
 """
 
 from __future__ import annotations
@@ -9,55 +10,20 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from lora_search import BaseModel, Budget, Dataset, Evals, SearchSpace, Sweep, pareto, registry
-from lora_search.sweep import run
+from lora_search import Sweep, pareto, registry
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
-EVALS = Evals(tasks=("tiny_mood",), objective="tiny_mood/acc", tasks_dir=str(REPO / "evals" / "tasks"), limit=16)
 PACKAGES = ("torch", "transformers", "peft", "trl", "ray", "lm_eval")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
-    """A real tracking server: SQLite backend, proxied artifact store, on a free localhost port."""
-    root = tmp_path_factory.mktemp("mlflow_server")
-    port = _free_port()
-    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
-    command += ["--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "art")]
-    log = (root / "server.log").open("w")
-    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            if urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200:
-                break
-        except OSError:
-            pass
-        assert server.poll() is None and time.monotonic() < deadline, (root / "server.log").read_text()[-3000:]
-        time.sleep(0.5)
-    yield uri
-    os.killpg(server.pid, signal.SIGTERM)
-    server.wait(timeout=30)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -66,24 +32,6 @@ def _one_ray_for_this_module():
     import ray
 
     ray.shutdown()
-
-
-def _sweep(model_dir: Path, data: Path, out: Path, uri: str, **changes) -> Sweep:
-    sweep = Sweep(
-        name="tracked",
-        base=BaseModel(str(model_dir)),
-        dataset=Dataset(str(data), eval_fraction=0.2, max_length=96),
-        space=SearchSpace(
-            ranks=(2, 8), targets=("attention", "all-linear"), variants=("lora", "dora"), lr=(3e-3, 1e-2)
-        ),
-        budget=Budget(max_steps=20, eval_every=5, grace_period=5, reduction_factor=2, batch_size=8),
-        num_samples=4,
-        seed=3,
-        output_dir=str(out),
-        evals=EVALS,
-        tracking_uri=uri,
-    )
-    return sweep.replace(**changes)
 
 
 def _ray_truth(out: Path, name: str, max_steps: int) -> dict[str, tuple[str, int]]:
@@ -101,16 +49,6 @@ def _ray_truth(out: Path, name: str, max_steps: int) -> dict[str, tuple[str, int
     return truth
 
 
-@pytest.fixture(scope="module")
-def tracked(tiny_model_dir, tiny_jsonl, tmp_path_factory, mlflow_server):
-    out = tmp_path_factory.mktemp("tracked")
-    # One trial at a time: ASHA's decisions then follow from the seeded trials alone (3 completed, 1 pruned), not from
-    # which of two concurrent trials reaches a rung first.
-    sweep = _sweep(tiny_model_dir, tiny_jsonl, out, mlflow_server, max_concurrent_trials=1)
-    frame = run(sweep)
-    return sweep, frame, out
-
-
 def _runs(client, sweep: Sweep):
     experiment = client.get_experiment_by_name(sweep.name)
     runs = client.search_runs([experiment.experiment_id], max_results=1000)
@@ -119,10 +57,10 @@ def _runs(client, sweep: Sweep):
     return experiment, parents, children
 
 
-def test_runs_nest_and_statuses_match_ray(tracked, mlflow_server) -> None:
+def test_runs_nest_and_statuses_match_ray(shared_sweep, mlflow_server) -> None:
     from mlflow import MlflowClient
 
-    sweep, frame, out = tracked
+    sweep, frame, out = shared_sweep
     client = MlflowClient(mlflow_server)
     _, parents, children = _runs(client, sweep)
     assert len(parents) == 1 and parents[0].info.run_name == sweep.name and parents[0].info.status == "FINISHED"
@@ -141,10 +79,10 @@ def test_runs_nest_and_statuses_match_ray(tracked, mlflow_server) -> None:
             assert child.data.tags["lora_search.stopped_at_step"] == str(step)
 
 
-def test_child_runs_hold_params_metrics_and_provenance(tracked, mlflow_server) -> None:
+def test_child_runs_hold_params_metrics_and_provenance(shared_sweep, mlflow_server) -> None:
     from mlflow import MlflowClient
 
-    sweep, frame, out = tracked
+    sweep, frame, out = shared_sweep
     client = MlflowClient(mlflow_server)
     _, parents, children = _runs(client, sweep)
     rows = frame.set_index("trial_id")
@@ -188,11 +126,11 @@ def test_child_runs_hold_params_metrics_and_provenance(tracked, mlflow_server) -
             assert not client.list_artifacts(child.info.run_id, "adapter")
 
 
-def test_frontier_tags_match_ours_and_optuna(tracked, mlflow_server) -> None:
+def test_frontier_tags_match_ours_and_optuna(shared_sweep, mlflow_server) -> None:
     from mlflow import MlflowClient
     from optuna.study._multi_objective import _is_pareto_front
 
-    sweep, frame, out = tracked
+    sweep, frame, out = shared_sweep
     client = MlflowClient(mlflow_server)
     _, parents, children = _runs(client, sweep)
     done = [c for c in children if c.data.tags["lora_search.status"] == "completed"]
@@ -228,7 +166,7 @@ def test_frontier_tags_match_ours_and_optuna(tracked, mlflow_server) -> None:
     assert {v.tags["lora_search.base_fingerprint"] for v in versions} == {registry.fingerprint(sweep.base)}
 
 
-def test_export_merge_from_the_tracking_server(tracked, mlflow_server, tiny_model_dir, tmp_path) -> None:
+def test_export_merge_from_the_tracking_server(shared_sweep, mlflow_server, tiny_model_dir, tmp_path) -> None:
     import torch
     from mlflow import MlflowClient
     from safetensors.torch import load_file
@@ -237,7 +175,7 @@ def test_export_merge_from_the_tracking_server(tracked, mlflow_server, tiny_mode
     from lora_search.cli import main
     from lora_search.probe import PROBE_FILE
 
-    sweep, frame, out = tracked
+    sweep, frame, out = shared_sweep
     client = MlflowClient(mlflow_server)
     _, _, children = _runs(client, sweep)
     run_id = next(c.info.run_id for c in children if c.data.tags["pareto"] == "true")
@@ -266,18 +204,16 @@ def test_export_merge_from_the_tracking_server(tracked, mlflow_server, tiny_mode
         registry.load_adapter(str(other), adapter)
 
 
-def test_failed_trial_is_a_failed_run_with_its_reason(tiny_model_dir, tiny_jsonl, tmp_path, mlflow_server) -> None:
+def test_failed_trial_is_a_failed_run_with_its_reason(failed_sweep, mlflow_server) -> None:
     from mlflow import MlflowClient
 
-    broken = tmp_path / "broken_model"
-    shutil.copytree(tiny_model_dir, broken)
-    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
-    sweep = _sweep(broken, tiny_jsonl, tmp_path, mlflow_server, name="tracked_fail", num_samples=1)
-    frame = run(sweep)
-    assert list(frame["status"]) == ["failed"]
+    sweep, frame = failed_sweep
+    assert list(frame["status"]) == ["failed", "failed"]
     _, parents, children = _runs(MlflowClient(mlflow_server), sweep)
-    assert [c.info.status for c in children] == ["FAILED"] and parents[0].info.status == "FINISHED"
-    assert children[0].data.tags["lora_search.failure_reason"] == frame["reason"].iloc[0] != ""
+    assert [c.info.status for c in children] == ["FAILED", "FAILED"] and parents[0].info.status == "FINISHED"
+    reasons = frame.set_index("trial_id")["reason"]
+    for child in children:
+        assert child.data.tags["lora_search.failure_reason"] == reasons[child.data.tags["lora_search.trial_id"]] != ""
 
 
 def test_interrupted_sweep_is_killed_then_resumed(tiny_model_dir, tiny_jsonl, tmp_path, mlflow_server) -> None:
@@ -342,7 +278,7 @@ def _load(sweep_file: Path) -> Sweep:
     return load_sweep(sweep_file)[0]
 
 
-def test_mlflow_ui_renders_the_sweep_in_headless_chromium(tracked, mlflow_server, tmp_path) -> None:
+def test_mlflow_ui_renders_the_sweep_in_headless_chromium(shared_sweep, mlflow_server, tmp_path) -> None:
     """The real MLflow UI in a real browser: the experiment lists the sweep; comparing its trials shows their
     params and metrics. LORA_SEARCH_SCREENSHOTS=DIR keeps the screenshots."""
     import urllib.parse
@@ -352,7 +288,7 @@ def test_mlflow_ui_renders_the_sweep_in_headless_chromium(tracked, mlflow_server
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     assert chromium, "no Chromium: `make browser` installs Debian's package (apt-get install chromium)"
-    sweep, frame, _ = tracked
+    sweep, frame, _ = shared_sweep
     experiment, parents, children = _runs(MlflowClient(mlflow_server), sweep)
     keep = Path(os.environ.get("LORA_SEARCH_SCREENSHOTS", tmp_path))
     keep.mkdir(parents=True, exist_ok=True)

@@ -65,15 +65,36 @@ PROFILE_ENV = "LORA_SEARCH_PROFILE_DIR"
 steps there, `trial_<id>_kernels.txt`, sorted by time. Off unless set; for finding where a trial's step goes."""
 
 
+def device_clock() -> float:
+    """Seconds of work this worker's device did so far, a clock that a busy machine barely moves.
+
+    CPU: this process's CPU time, every thread summed (core-seconds): a process on the other cores does not add to it,
+    where it would stretch wall time. GPU: wall time with the device synchronised; the trial's GPUs are its own
+    (Ray reserves them), so that is the time they were busy with its steps."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+        return time.perf_counter()
+    return time.process_time()
+
+
 class Throughput(TrainerCallback):
     """Steady-state tokens/s: tokens over wall seconds of training steps only, after `STEADY_AFTER_STEPS`, with the
     evaluations, saves and reports between them left out. The window is closed (device synchronised) at the end of
-    each step that evaluates and reopened at the end of the next step, so eval and checkpoint time never count."""
+    each step that evaluates and reopened at the end of the next step, so eval and checkpoint time never count.
+
+    The same window is also timed on the `device_clock` (`device_s`): the configuration's cost is its tokens at that
+    rate (`lora_search.cost.configuration_cost`). The evaluations between windows (`evaluated`) are timed on both."""
 
     def __init__(self, name: str = "trial") -> None:
         self.name = name
-        self.window: tuple[float, int] | None = None
-        self.seconds, self.tokens = 0.0, 0
+        self.window: tuple[float, int, float] | None = None
+        self.seconds, self.tokens, self.device_s = 0.0, 0, 0.0
+        self.eval_mark: tuple[float, float] | None = None
+        self.eval_wall_s = self.eval_device_s = 0.0
+        """Wall and device seconds of the eval-loss evaluations after step 0 (the base's reference eval is not the
+        configuration's)."""
         self.profiler: Any = None
 
     @staticmethod
@@ -83,6 +104,14 @@ class Throughput(TrainerCallback):
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.synchronize()
         return time.perf_counter()
+
+    def evaluated(self) -> None:
+        """Called at the start of a report: the evaluation since the step's end was timed."""
+        if self.eval_mark is not None:
+            wall, device = self.eval_mark
+            self.eval_wall_s += self._now() - wall
+            self.eval_device_s += device_clock() - device
+            self.eval_mark = None
 
     def per_s(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else math.nan
@@ -106,12 +135,15 @@ class Throughput(TrainerCallback):
             self._write_profile()
         evaluates = control.should_evaluate or step >= state.max_steps
         if self.window is not None and evaluates:
-            start, start_tokens = self.window
+            start, start_tokens, start_device = self.window
             self.seconds += self._now() - start
+            self.device_s += device_clock() - start_device
             self.tokens += tokens - start_tokens
             self.window = None
         elif self.window is None and step >= self.first_step() and not evaluates:
-            self.window = (self._now(), tokens)
+            self.window = (self._now(), tokens, device_clock())
+        if evaluates:
+            self.eval_mark = (self._now(), device_clock())
 
     def first_step(self) -> int:
         """The step whose end opens the window: past the profiled steps when profiling, so they never count."""
@@ -161,6 +193,7 @@ class Reporter(TrainerCallback):
         self.gpu_in_use_at_start = 0
         self.base_eval_loss = float("nan")
         self.train_start = 0.0
+        self.train_start_device = 0.0
         self.last_train_loss = float("nan")
         self.resumable = False
         self.warm = False
@@ -181,6 +214,7 @@ class Reporter(TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.train_start = time.perf_counter()
+        self.train_start_device = device_clock()
         self.prepare_s = self.train_start - self.trainer_built if self.trainer_built else 0.0
 
     def _golden_scores(self, adapter_dir: Path) -> dict[str, Any]:
@@ -190,7 +224,7 @@ class Reporter(TrainerCallback):
         from lora_search import evals
 
         assert self.sweep.evals is not None
-        start = time.perf_counter()
+        start, start_device = time.perf_counter(), device_clock()
         evals.check_applied(self.model, self.probe[0])  # raises: a trial whose adapter does nothing gets no score
         scored = evals.score(self.model, self.tokenizer, self.sweep.evals, self.sweep.seed)
         if scored is None:  # a rank other than 0 of a sharded model: it took part, rank 0 reports
@@ -200,6 +234,7 @@ class Reporter(TrainerCallback):
         out["objective"] = scored["objective"]
         out["objective_higher_is_better"] = scored["higher_is_better"]
         out["eval_s"] = time.perf_counter() - start
+        out["golden_device_s"] = (device_clock() - start_device) * self._devices_per_clock()
         return out
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -223,8 +258,9 @@ class Reporter(TrainerCallback):
         if state.global_step == 0:  # the base reference (eval_on_start); reported with every later result
             self.base_eval_loss = float(metrics["eval_loss"])
             self.base_eval_s = time.perf_counter() - self.train_start
-            self.train_start = time.perf_counter()
+            self.train_start, self.train_start_device = time.perf_counter(), device_clock()
             return
+        self.throughput.evaluated()
 
         if not math.isfinite(float(metrics["eval_loss"])):
             raise diverged("eval_loss", float(metrics["eval_loss"]), int(state.global_step))
@@ -251,6 +287,9 @@ class Reporter(TrainerCallback):
             tokens=int(state.num_input_tokens_seen),
             tokens_per_s=state.num_input_tokens_seen / train_s if train_s > 0 else 0.0,
             steady_tokens_per_s=self.throughput.per_s(),
+            steady_train_device_s=self._steady_train_device_s(int(state.num_input_tokens_seen)),
+            eval_device_s=self.throughput.eval_device_s * self._devices_per_clock(),
+            eval_wall_s=self.throughput.eval_wall_s,
             peak_mem_bytes=peak,
             peak_mem_kind=peak_kind,
             device_name=device_name(),
@@ -276,6 +315,22 @@ class Reporter(TrainerCallback):
         self.pending = (report, out if self.rank0 or sharded else None)
         if not self.resumable:
             self._report()
+
+    def _devices_per_clock(self) -> float:
+        """Devices one second of this worker's `device_clock` stands for: its GPUs; on CPU the clock already counts
+        core-seconds."""
+        return self.sweep.resources.gpus_per_worker if device_name() != "cpu" else 1.0
+
+    def _steady_train_device_s(self, tokens: int) -> float:
+        """This worker's device-seconds for the `tokens` trained so far at its steady rate (`Throughput.device_s`
+        per token): warm-up steps, evaluations, saves, waiting and other processes' load left out. A trial too short
+        for a steady window counts its training so far, evaluations left out."""
+        tp = self.throughput
+        if tp.tokens > 0 and tp.device_s > 0:
+            seconds = tokens * tp.device_s / tp.tokens
+        else:
+            seconds = max(device_clock() - self.train_start_device - tp.eval_device_s, 0.0)
+        return seconds * self._devices_per_clock()
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Right after the Trainer saved its checkpoint of this step (DDP): it joins the adapter, then the report."""

@@ -1,10 +1,16 @@
-"""What each trial cost, what the sweep cost, and what ASHA's pruning saved: pure functions over trial records.
+"""What a configuration costs, what the sweep spent, and what ASHA's pruning saved: pure functions over trial records.
 
     cost = device-seconds x price per device-hour / 3600        (lora_search.config.Pricing)
 
-A trial holds `devices` devices (workers x GPUs per worker; on CPU, workers x cores per worker) from the start
-of its Ray Train run to its last report. Training cost counts all of that time except golden-set scoring
-(start-up and model loading are paid for too); eval cost counts the scoring.
+Two figures, never mixed:
+- **A configuration's cost** (`configuration_cost`; the frontier's cost axis, MLflow's `cost`): the device-seconds
+  its training and evaluation take at the trial's own steady rate, for the tokens it trained. On CPU the clock is the
+  worker process's CPU time (core-seconds), on GPU the time its devices were busy (`callbacks.device_clock`). Start-up,
+  imports, loading the base, waiting, retries and whatever else the machine runs are not in it: it is what one more
+  run of this configuration at this budget costs, the same on a busy and an idle machine.
+- **The sweep's spend** (`trial_spend`, `sweep_spend`): every device-second the sweep held, wall clock x devices,
+  broken down into `SPEND_PARTS`; the parts sum to the wall-clock truth. A slower or busier machine spends more; the
+  configurations do not cost more.
 
 Pruning savings are an estimate of what the pruned trials would have cost had ASHA let them run the full
 budget: each pruned trial's measured seconds per optimizer step times the steps it did not run, plus the mean
@@ -39,12 +45,60 @@ class TrialCost:
         return self.train_device_s + self.eval_device_s
 
 
-def trial_cost(trial_s: float, eval_s: float, devices: float, device_name: str, pricing: Pricing) -> TrialCost:
-    """`trial_s`: wall seconds the trial held its devices (eval included); `eval_s`: of which golden scoring."""
+def configuration_cost(
+    train_device_s: float, eval_device_s: float, workers: int, device_name: str, pricing: Pricing
+) -> TrialCost:
+    """A configuration's cost from one worker's device-seconds of steady training and of evaluation (eval-loss
+    evaluations and golden scoring), for `workers` workers (each does the same work)."""
     price = pricing.per_device_hour(device_name or "cpu")
-    train_device_s = max(trial_s - eval_s, 0.0) * devices
-    eval_device_s = eval_s * devices
-    return TrialCost(train_device_s, eval_device_s, train_device_s * price / 3600, eval_device_s * price / 3600)
+    train, evaluation = train_device_s * workers, eval_device_s * workers
+    return TrialCost(train, evaluation, train * price / 3600, evaluation * price / 3600)
+
+
+SPEND_PARTS = ("training", "evaluation", "startup", "base_load", "restarts", "idle")
+"""Where a trial's held device-seconds went: training steps; evaluation (the base's step-0 eval, eval-loss evaluations,
+golden scoring); start-up (worker group, imports, the Trainer's construction and prepare); base_load (base, adapter,
+data); restarts (what earlier attempts held, and the steps a restart trained again); idle (held, none of the above:
+reporting, checkpoint uploads, Ray's own bookkeeping). The sweep adds `waiting`: devices it held with no trial on
+them (`sweep_spend`)."""
+
+
+def trial_spend(
+    held_s: float,
+    devices: float,
+    *,
+    startup_s: float,
+    load_s: float,
+    eval_s: float,
+    train_s: float,
+    restart_s: float,
+) -> dict[str, float]:
+    """Device-seconds per `SPEND_PARTS` of a trial that held `devices` for `held_s` wall seconds; they sum to
+    held_s x devices. `train_s` is training wall time with its evaluations (`eval_s` of which are evaluations) and the
+    other figures are wall seconds. Parts measured with some overlap that exceed the held time are scaled down to
+    it, so the sum stays the wall-clock truth."""
+    parts = {
+        "training": max(train_s, 0.0),
+        "evaluation": max(eval_s, 0.0),
+        "startup": max(startup_s, 0.0),
+        "base_load": max(load_s, 0.0),
+        "restarts": max(restart_s, 0.0),
+    }
+    known = sum(parts.values())
+    held_s = max(held_s, 0.0)
+    scale = held_s / known if known > held_s else 1.0
+    out = {k: v * scale * devices for k, v in parts.items()}
+    out["idle"] = (held_s - known * scale) * devices
+    return out
+
+
+def sweep_spend(trials: list[dict[str, float]], wall_s: float, devices_held: float) -> dict[str, float]:
+    """The sweep's spend, device-seconds per part: its trials' `trial_spend` summed, plus `waiting`, the devices the
+    sweep held (`devices_held` for `wall_s`) that no trial held. The parts sum to wall_s x devices_held, or to the
+    trials' sum where that is larger (trials Tune ran in an earlier driver, before a resume)."""
+    out = {k: sum(t.get(k, 0.0) for t in trials) for k in SPEND_PARTS}
+    out["waiting"] = max(wall_s * devices_held - sum(out.values()), 0.0)
+    return out
 
 
 @dataclass(frozen=True)
@@ -73,3 +127,11 @@ def reference_cost(resources: Resources, pricing: Pricing, device_name: str) -> 
     """The hypervolume's cost reference: `pricing.reference_trial_hours` of one trial's devices."""
     hours = pricing.reference_trial_hours * devices_per_trial(resources)
     return hours * pricing.per_device_hour(device_name or "cpu")
+
+
+def spend_line(figures: dict[str, float], currency: str) -> str:
+    """The sweep's spend and where it went, from its figures (`spend`, `spend_device_hours`, `spend_<part>_...`)."""
+    total = figures.get("spend_device_hours", 0.0)
+    parts = [(k, figures.get(f"spend_{k}_device_hours", 0.0)) for k in (*SPEND_PARTS, "waiting")]
+    shares = ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in parts) if total > 0 else "nothing measured"
+    return f"{figures.get('spend', 0.0):.4g} {currency} for {total:.3g} device-hours: {shares}"

@@ -15,8 +15,12 @@ The checks, each with a tolerance that comes from the data where the data has on
   gain x fraction of size saved x fraction of cost saved (lora_search.pareto), with both fractions at most 1,
   so lowering every frontier quality by d lowers it by at most d;
 - cost per completed trial and training tokens/s: worse by more than `timing_tolerance` (relative, default
-  30%). Timings have no standard error of their own; 30% is above the run-to-run jitter of a shared machine;
+  30%). Timings have no standard error of their own; 30% is above the run-to-run jitter of a shared machine. The
+  cost is the configurations' cost (lora_search.cost: device-seconds at each trial's steady rate, CPU time on CPU),
+  which a busy machine barely moves;
 - any failed trial.
+The sweep's spend (every device-second it held, wall clock) is reported beside them and never fails a run: a slower or
+busier machine is not a regression of the sweep.
 Everything here is pure except `summarise` (reads the sweep dir), `load_baseline` and `record` (a baseline file, or
 MLflow).
 """
@@ -64,7 +68,7 @@ class Summary:
     best_trial: str
     hypervolume: float
     cost_per_trial: float
-    """Mean cost of a completed trial (the same configs each night: seeds are pinned)."""
+    """Mean configuration cost of a completed trial (the same configs each night: seeds are pinned)."""
     tokens_per_s: float
     """Median training throughput of the completed trials."""
     trials: int
@@ -72,6 +76,8 @@ class Summary:
     failed_reasons: tuple[str, ...]
     git_commit: str
     created: float
+    spend: float = math.nan
+    """What the sweep spent (`sweep_metrics.json` `spend`): reported, never judged. NaN in older baselines."""
 
 
 @dataclass(frozen=True)
@@ -116,6 +122,7 @@ def summarise(sweep_dir: Path) -> Summary:
         failed_reasons=tuple(sorted({str(r) for r in failed["reason"]})),
         git_commit=str(provenance.get("mlflow.source.git.commit", "unknown")),
         created=time.time(),
+        spend=float(metrics.get("spend", math.nan)),
     )
 
 
@@ -173,6 +180,19 @@ def compare(current: Summary, baseline: Summary, timing_tolerance: float = TIMIN
                 reason=f"{change:+.0%} worse, beyond {timing_tolerance:.0%}" if not ok else f"{change:+.0%} worse",
             )
         )
+    spend_change = (current.spend - baseline.spend) / baseline.spend if baseline.spend else math.nan
+    out.append(
+        Verdict(
+            "sweep spend (reported, not judged)",
+            baseline.spend,
+            current.spend,
+            None,
+            passed=True,
+            reason=f"{spend_change:+.0%}: wall clock x devices held, it moves with the machine"
+            if math.isfinite(spend_change)
+            else "no spend to compare",
+        )
+    )
     out.append(
         Verdict(
             "failed trials",
@@ -253,7 +273,8 @@ def load_baseline(source: str, sweep: Any) -> Summary | None:
 
 
 def _from_dict(data: dict[str, Any]) -> Summary:
-    data = {k: data[k] for k in Summary.__dataclass_fields__}
+    optional = {f.name for f in dataclasses.fields(Summary) if f.default is not dataclasses.MISSING}
+    data = {k: data[k] for k in Summary.__dataclass_fields__ if k in data or k not in optional}
     data["failed_reasons"] = tuple(data["failed_reasons"])
     return Summary(**data)
 

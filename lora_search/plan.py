@@ -96,6 +96,11 @@ class Plan:
         """All trial-steps spread over the concurrent slots: a lower bound (the last trials leave slots idle)."""
         return self.trials * self.expected_steps * self.step_s / self.concurrent / 3600
 
+    def spend_gpu_hours(self, wall_hours: float) -> float:
+        """The sweep's spend (lora_search.cost): the GPUs of every concurrent slot held for `wall_hours`. A lower
+        bound: start-up, loading and evaluation add to it; the GPU-hours above are the configurations' cost."""
+        return wall_hours * self.concurrent * self.gpus_per_trial
+
 
 def shipped_config_dir(sweep_file: str | Path, base: BaseModel) -> Path | None:
     """`configs/<model name, lowercased>/` beside a sweep file when it holds a config.json: the architecture
@@ -421,6 +426,7 @@ def format_plan(p: Plan) -> str:
             f"{p.full_gpu_hours:,.1f}",
             f"{p.full_gpu_hours * p.price:,.0f}",
             f"{p.full_wall_hours:,.1f}",
+            f">= {p.spend_gpu_hours(p.full_wall_hours):,.1f}",
         ],
         [
             "ASHA (expected)",
@@ -428,10 +434,18 @@ def format_plan(p: Plan) -> str:
             f"{p.asha_gpu_hours:,.1f}",
             f"{p.asha_gpu_hours * p.price:,.0f}",
             f">= {p.asha_wall_hours:,.1f}",
+            f">= {p.spend_gpu_hours(p.asha_wall_hours):,.1f}",
         ],
     ]
     out += [
-        "  " + line for line in _table(["", "steps/trial", "GPU-hours", f"cost {p.currency}", "wall hours"], budget)
+        "  " + line
+        for line in _table(
+            ["", "steps/trial", "GPU-hours", f"cost {p.currency}", "wall hours", "spend GPU-hours"], budget
+        )
     ]
+    out.append(
+        "  GPU-hours and cost: the configurations' (training steps at the planned rate); spend: every GPU the sweep "
+        "holds for its wall hours, start-up, loading and evaluation not counted"
+    )
     out += ["", "notes"] + [f"  - {n}" for n in p.notes]
     return "\n".join(out)

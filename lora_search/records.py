@@ -83,6 +83,13 @@ class StepReport:
     tokens: int = 0
     tokens_per_s: float = 0.0
     steady_tokens_per_s: float = NAN
+    steady_train_device_s: float = 0.0
+    """One worker's device-seconds for the tokens trained so far at its steady rate (`callbacks.device_clock`: CPU
+    core-seconds, GPU busy seconds x its GPUs): what the configuration's training costs (lora_search.cost)."""
+    eval_device_s: float = 0.0
+    """One worker's device-seconds of the eval-loss evaluations after step 0."""
+    eval_wall_s: float = 0.0
+    """Wall seconds of those evaluations (the sweep's spend on them)."""
     peak_mem_bytes: int = 0
     peak_mem_kind: str = ""
     """"cuda" (the allocator's peak) or "rss" (the process's peak resident memory)."""
@@ -100,6 +107,8 @@ class StepReport:
     """The final step's primary golden metric (`Evals.objective`), when the sweep scores golden sets."""
     objective_higher_is_better: bool = True
     eval_s: float = 0.0
+    golden_device_s: float = 0.0
+    """One worker's device-seconds of the golden-set scoring (`eval_s` is its wall time)."""
     scores: dict[str, float] = field(default_factory=dict)
     """Golden metrics, `task/metric` -> value; reported flat as `golden/task/metric`."""
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from lora_search import pareto
 from lora_search.config import ConfigError, Problem
+from lora_search.cost import spend_line
 from lora_search.layout import (
     BASE_SCORES_FILE,
     HISTORY_FILE,
@@ -253,11 +254,14 @@ def _headline(r: SweepResults) -> str:
     share = f" ({_fmt(100 * saved / full, '.0f')}% of the full-budget {_fmt(full)} {currency})" if full > 0 else ""
     items.append(
         (
-            "total cost",
+            "cost of the configurations",
             f"{_fmt(m.get('sweep_cost', t['cost'].sum()))} {currency} for "
-            f"{_fmt(m.get('sweep_device_hours', math.nan), '.3g')} device-hours",
+            f"{_fmt(m.get('sweep_device_hours', math.nan), '.3g')} device-hours of training and evaluation at "
+            "each trial's steady rate (the frontier's cost axis)",
         )
     )
+    if "spend" in m:  # sweeps from before the spend was measured have none
+        items.append(("spend (every device-hour held)", spend_line(m, currency)))
     items.append(("ASHA's pruning saved", f"about {_fmt(saved)} {currency}{share}"))
     return _section("Headline", _kv(dict(items)), "headline")
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lora_search.config import Sweep
-from lora_search.cost import devices_per_trial, trial_cost
+from lora_search.cost import SPEND_PARTS, configuration_cost, devices_per_trial, trial_spend
 from lora_search.layout import REPORT_FILE, TRAINER_DIR, UPLOADED_FILE
 from lora_search.records import Status, StepReport, TrialParams, error_reason, stopped_figures, stopped_status
 
@@ -39,6 +39,7 @@ TABLE_COLUMNS = [
     "step",
     "train_s",
     "cost",
+    "spend",
 ]
 
 
@@ -60,7 +61,8 @@ class TrialRecord(TrialParams):
     adapter_bytes: int
     train_s: float
     device_s: float
-    """Device-seconds the trial held: devices x (trial_s), start-up, training and golden scoring; `cost` prices them."""
+    """Device-seconds of the configuration's training at its steady rate and its evaluations (lora_search.cost):
+    what `cost` prices. What the trial held is `spend_device_s`."""
     trial_s: float
     """Wall time of the whole trial as Tune saw it (start-up, loading, training and scoring)."""
     tokens_per_s: float
@@ -77,7 +79,19 @@ class TrialRecord(TrialParams):
     train_cost: float = 0.0
     eval_cost: float = 0.0
     cost: float = 0.0
-    """train_cost + eval_cost, in `Pricing.currency` (lora_search.cost)."""
+    """train_cost + eval_cost, in `Pricing.currency`: the configuration's cost, the frontier's axis
+    (lora_search.cost)."""
+    spend_device_s: float = 0.0
+    """Device-seconds the trial held: devices x `trial_s`, the sum of the `spend_<part>` columns (`cost.SPEND_PARTS`:
+    training, evaluation, startup, base_load, restarts, idle)."""
+    spend_training: float = 0.0
+    spend_evaluation: float = 0.0
+    spend_startup: float = 0.0
+    spend_base_load: float = 0.0
+    spend_restarts: float = 0.0
+    spend_idle: float = 0.0
+    spend: float = 0.0
+    """`spend_device_s` priced: what the trial spent, in `Pricing.currency`; never on the frontier."""
     worker_nodes: str = ""
     """Ray node ids the trial's workers ran on (',' joined): a multi-node trial lists several."""
     strategy: str = "ddp"
@@ -155,7 +169,25 @@ def record(
     # Tune counts a trial's time from its latest start; `prior_s` is what earlier starts (before a killed driver) held.
     trial_s = float(last.get("time_total_s", 0.0)) + _count(last, "prior_s")
     eval_s = reported.eval_s
-    priced = trial_cost(trial_s, eval_s, devices_per_trial(sweep.resources), device_name, sweep.pricing)
+    priced = configuration_cost(
+        reported.steady_train_device_s,
+        reported.eval_device_s + reported.golden_device_s,
+        sweep.resources.workers,
+        device_name,
+        sweep.pricing,
+    )
+    per_step = reported.train_s / reported.step if reported.step > 0 else 0.0
+    devices = devices_per_trial(sweep.resources)
+    spent = trial_spend(
+        trial_s,
+        devices,
+        startup_s=reported.startup_s + reported.prepare_s,
+        load_s=reported.load_s,
+        eval_s=reported.base_eval_s + reported.eval_wall_s + eval_s,
+        train_s=reported.train_s - reported.eval_wall_s,
+        restart_s=_count(last, "prior_s") + reported.steps_redone * per_step,
+    )
+    price = sweep.pricing.per_device_hour(device_name)
     return TrialRecord(
         **asdict(params),
         trial_id=trial_id,
@@ -190,6 +222,9 @@ def record(
         train_cost=priced.train_cost,
         eval_cost=priced.eval_cost,
         cost=priced.cost,
+        spend_device_s=sum(spent.values()),
+        **{f"spend_{k}": spent[k] for k in SPEND_PARTS},
+        spend=sum(spent.values()) * price / 3600,
         restarts=reported.restarts,
         steps_redone=reported.steps_redone,
         scores=reported.scores,
@@ -278,6 +313,7 @@ def table(frame: pd.DataFrame, top: int | None = None) -> str:
             "alpha": "{:g}".format,
             "train_s": "{:.1f}".format,
             "cost": "{:.2g}".format,
+            "spend": "{:.2g}".format,
         },
     )
 

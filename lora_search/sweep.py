@@ -39,6 +39,7 @@ from ray.tune import Callback
 
 from lora_search import cost, layout, pareto, preflight, provenance, records, registry, results, resume, space, tracking
 from lora_search.config import ConfigError, Problem, Sweep
+from lora_search.gguf import resolve
 from lora_search.layout import (
     ADAPTERS_DIR,
     ASHA_STATE_FILE,
@@ -378,6 +379,7 @@ def run(
     already has finished results (pass fresh=True to move them aside first).
     """
     validate(sweep, construction_problems)
+    sweep = sweep.replace(base=resolve(sweep.base))  # a GGUF base: trials, scores and adapters use its converted dir
     out = sweep_dir(sweep)
     parquet = out / TRIALS_FILE
     if parquet.exists():

@@ -68,15 +68,37 @@ steps there, `trial_<id>_kernels.txt`, sorted by time. Off unless set; for findi
 def device_clock() -> float:
     """Seconds of work this worker's device did so far, a clock that a busy machine barely moves.
 
-    CPU: this process's CPU time, every thread summed (core-seconds): a process on the other cores does not add to it,
-    where it would stretch wall time. GPU: wall time with the device synchronised; the trial's GPUs are its own
-    (Ray reserves them), so that is the time they were busy with its steps."""
+    CPU: the training thread's CPU time x torch's intra-op threads (core-seconds of its thread team): time the thread
+    was not running, because another process had the core, does not count, where it would stretch wall time. The
+    thread's, not the process's: a Ray worker's own threads (gRPC, metrics, the Tune session) run beside it and spin
+    more on a busy machine. GPU: wall time with the device synchronised; the trial's GPUs are its own (Ray reserves
+    them), so that is the time they were busy with its steps."""
     import torch
 
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
         return time.perf_counter()
-    return time.process_time()
+    return time.thread_time() * torch.get_num_threads()
+
+
+def _mark() -> Any:
+    """A point on the `device_clock` that costs the step nothing: on GPU a CUDA event on the current stream (read
+    later, `_elapsed`; no synchronisation between steps), on CPU the clock's value."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+    return device_clock()
+
+
+def _elapsed(start: Any, end: Any) -> float:
+    """Device seconds between two `_mark`s."""
+    if isinstance(start, float):
+        return end - start
+    end.synchronize()
+    return start.elapsed_time(end) / 1000  # milliseconds
 
 
 class Throughput(TrainerCallback):
@@ -84,13 +106,19 @@ class Throughput(TrainerCallback):
     evaluations, saves and reports between them left out. The window is closed (device synchronised) at the end of
     each step that evaluates and reopened at the end of the next step, so eval and checkpoint time never count.
 
-    The same window is also timed on the `device_clock` (`device_s`): the configuration's cost is its tokens at that
-    rate (`lora_search.cost.configuration_cost`). The evaluations between windows (`evaluated`) are timed on both."""
+    Each steady step is also timed on its own on the `device_clock` (`device_s_per_token`): the configuration's cost is
+    its tokens at the lower-quartile step's rate (`lora_search.cost.configuration_cost`): another process on the machine
+    only ever adds time, and to some steps more than others, so the faster steps are the configuration's own rate.
+    The evaluations between steps (`evaluated`) are timed on both clocks."""
 
     def __init__(self, name: str = "trial") -> None:
         self.name = name
-        self.window: tuple[float, int, float] | None = None
-        self.seconds, self.tokens, self.device_s = 0.0, 0, 0.0
+        self.window: tuple[float, int] | None = None
+        self.seconds, self.tokens = 0.0, 0
+        self.step_start: Any = None
+        self.step_tokens = 0
+        self.steps: list[tuple[Any, Any, int]] = []
+        """Each steady step's start and end marks (`_mark`) and its tokens."""
         self.eval_mark: tuple[float, float] | None = None
         self.eval_wall_s = self.eval_device_s = 0.0
         """Wall and device seconds of the eval-loss evaluations after step 0 (the base's reference eval is not the
@@ -120,7 +148,14 @@ class Throughput(TrainerCallback):
     def profiling() -> bool:
         return bool(os.environ.get(PROFILE_ENV))
 
+    def device_s_per_token(self) -> float:
+        """The lower-quartile steady step's device-seconds per token; NaN for a trial too short to have steady
+        steps."""
+        rates = sorted(_elapsed(start, end) / tokens for start, end, tokens in self.steps)
+        return rates[len(rates) // 4] if rates else math.nan
+
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.step_start = _mark() if int(state.global_step) >= self.first_step() else None
         if self.profiling() and state.global_step == STEADY_AFTER_STEPS and state.is_world_process_zero:
             import torch
             from torch.profiler import ProfilerActivity, profile
@@ -131,17 +166,19 @@ class Throughput(TrainerCallback):
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         step, tokens = int(state.global_step), int(state.num_input_tokens_seen)
+        if self.step_start is not None and tokens > self.step_tokens:
+            self.steps.append((self.step_start, _mark(), tokens - self.step_tokens))
+        self.step_start, self.step_tokens = None, tokens
         if self.profiler is not None and step == STEADY_AFTER_STEPS + PROFILED_STEPS:
             self._write_profile()
         evaluates = control.should_evaluate or step >= state.max_steps
         if self.window is not None and evaluates:
-            start, start_tokens, start_device = self.window
+            start, start_tokens = self.window
             self.seconds += self._now() - start
-            self.device_s += device_clock() - start_device
             self.tokens += tokens - start_tokens
             self.window = None
         elif self.window is None and step >= self.first_step() and not evaluates:
-            self.window = (self._now(), tokens, device_clock())
+            self.window = (self._now(), tokens)
         if evaluates:
             self.eval_mark = (self._now(), device_clock())
 
@@ -322,12 +359,12 @@ class Reporter(TrainerCallback):
         return self.sweep.resources.gpus_per_worker if device_name() != "cpu" else 1.0
 
     def _steady_train_device_s(self, tokens: int) -> float:
-        """This worker's device-seconds for the `tokens` trained so far at its steady rate (`Throughput.device_s`
-        per token): warm-up steps, evaluations, saves, waiting and other processes' load left out. A trial too short
-        for a steady window counts its training so far, evaluations left out."""
+        """This worker's device-seconds for the `tokens` trained so far at its steady rate
+        (`Throughput.device_s_per_token`): warm-up steps, evaluations, saves, waiting and other processes' load left
+        out. A trial too short for steady steps counts its training so far, evaluations left out."""
         tp = self.throughput
-        if tp.tokens > 0 and tp.device_s > 0:
-            seconds = tokens * tp.device_s / tp.tokens
+        if tp.steps:
+            seconds = tokens * tp.device_s_per_token()
         else:
             seconds = max(device_clock() - self.train_start_device - tp.eval_device_s, 0.0)
         return seconds * self._devices_per_clock()

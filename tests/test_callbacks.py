@@ -44,6 +44,22 @@ def test_steady_throughput_leaves_out_warm_up_and_evaluations(tmp_path, monkeypa
     assert math.isnan(too_short.per_s())
 
 
+def test_cost_clock_counts_work_not_waiting(monkeypatch) -> None:
+    """On CPU the configuration's cost clock (`device_clock`) is the training thread's CPU time: a step that waits
+    (here it sleeps; on a busy machine another process has the core) costs no more; evaluations are timed apart."""
+    from lora_search.callbacks import PROFILE_ENV, Throughput
+
+    monkeypatch.delenv(PROFILE_ENV, raising=False)
+    meter = Throughput()
+    _steps(meter, {5, 8}, max_steps=8, step_s=0.05, eval_s=0.1, tokens_per_step=100)
+    assert meter.seconds >= 4 * 0.05  # steps 4-5, 7-8
+    assert len(meter.steps) == 5 and 0 < meter.device_s_per_token() < 0.5 * 0.05 / 100  # steps 4-8
+    meter.evaluated()  # the report of the last step: its evaluation (a 0.1 s wait) was timed on both clocks
+    assert meter.eval_wall_s >= 0.1 and meter.eval_device_s < 0.05
+    meter.evaluated()  # nothing pending: nothing added
+    assert meter.eval_wall_s < 0.2
+
+
 def test_kernel_profile_is_written_and_kept_out_of_the_steady_window(tmp_path, monkeypatch) -> None:
     from lora_search.callbacks import PROFILE_ENV, Throughput
 

@@ -13,8 +13,8 @@ Two figures, never mixed:
   configurations do not cost more.
 
 Pruning savings are an estimate of what the pruned trials would have cost had ASHA let them run the full
-budget: each pruned trial's measured seconds per optimizer step times the steps it did not run, plus the mean
-golden-set scoring time of the completed trials (a pruned trial is never scored).
+budget: each pruned trial's configuration cost per optimizer step times the steps it did not run, plus the mean
+evaluation cost of the completed trials (a pruned trial is never scored).
 """
 
 from __future__ import annotations
@@ -105,22 +105,14 @@ def sweep_spend(trials: list[dict[str, float]], wall_s: float, devices_held: flo
 class PrunedTrial:
     step: int
     """The optimizer step ASHA stopped it at."""
-    train_s: float
-    """Seconds of pure training up to `step` (no start-up, no loading)."""
-    device_name: str
+    train_cost: float
+    """The configuration cost of its training up to `step` (`configuration_cost`)."""
 
 
-def pruning_savings(
-    pruned: list[PrunedTrial], max_steps: int, mean_eval_s: float, devices: float, pricing: Pricing
-) -> float:
-    """Estimated cost the pruned trials would have added by running to `max_steps` and being scored."""
-    saved = 0.0
-    for t in pruned:
-        if t.step <= 0:
-            continue
-        seconds = (max_steps - t.step) * t.train_s / t.step + mean_eval_s
-        saved += seconds * devices * pricing.per_device_hour(t.device_name or "cpu") / 3600
-    return saved
+def pruning_savings(pruned: list[PrunedTrial], max_steps: int, mean_eval_cost: float) -> float:
+    """Estimated configuration cost the pruned trials would have added by running to `max_steps` and being scored:
+    each one's training cost per step x the steps it did not run, plus `mean_eval_cost` (the completed trials')."""
+    return sum((max_steps - t.step) * t.train_cost / t.step + mean_eval_cost for t in pruned if t.step > 0)
 
 
 def reference_cost(resources: Resources, pricing: Pricing, device_name: str) -> float:

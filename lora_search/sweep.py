@@ -278,11 +278,9 @@ def _frontier(
             **{f"pareto_{a}_vs_{b}": m.tolist() for (a, b), m in front.projections.items()},
         }
     )
-    pruned = [cost.PrunedTrial(r.step, r.train_s, r.device_name) for r in records if r.status == "pruned"]
-    scored = [r.eval_s for r in records if r.status == "completed" and r.eval_s > 0]
-    mean_eval_s = sum(scored) / len(scored) if scored else 0.0
-    devices = cost.devices_per_trial(sweep.resources)
-    saved = cost.pruning_savings(pruned, sweep.budget.max_steps, mean_eval_s, devices, sweep.pricing)
+    pruned = [cost.PrunedTrial(r.step, r.train_cost) for r in records if r.status == "pruned"]
+    scored = [r.eval_cost for r in records if r.status == "completed"]
+    saved = cost.pruning_savings(pruned, sweep.budget.max_steps, sum(scored) / len(scored) if scored else 0.0)
     spent = sum(r.cost for r in records)
     spend = cost.sweep_spend(
         [{k: getattr(r, f"spend_{k}") for k in cost.SPEND_PARTS} for r in records], wall_s, devices_held

@@ -60,13 +60,9 @@ def test_sweep_spend_adds_the_devices_no_trial_held() -> None:
 
 
 def test_pruning_savings_extrapolates_the_steps_not_run() -> None:
-    pricing = Pricing(cpu_core_hour=3.6)  # 0.001 per core-second
-    pruned = [
-        PrunedTrial(step=50, train_s=10.0, device_name="cpu"),
-        PrunedTrial(step=150, train_s=30.0, device_name="cpu"),
-    ]
-    # (200-50) x 0.2 s + 5 s eval = 35 s; (200-150) x 0.2 s + 5 s = 15 s; 2 cores.
-    assert pruning_savings(pruned, 200, 5.0, 2, pricing) == pytest.approx((35 + 15) * 2 * 0.001)
+    pruned = [PrunedTrial(step=50, train_cost=0.02), PrunedTrial(step=150, train_cost=0.06), PrunedTrial(0, 0.0)]
+    # (200-50) x 0.0004 + 0.01 eval = 0.07; (200-150) x 0.0004 + 0.01 = 0.03; a trial stopped at step 0 adds nothing
+    assert pruning_savings(pruned, 200, 0.01) == pytest.approx(0.07 + 0.03)
     assert reference_cost(Resources(workers=1, cpus_per_worker=2), Pricing(cpu_core_hour=0.5), "cpu") == 1.0
 
 

@@ -3,11 +3,11 @@ a CPU hog, gives the same frontier and each trial's cost within `TOLERANCE`; the
 
 Measured on the 2-core CI machine (3 trials of 16 steps, one core each; a hog process on the other core in the second
 run; other jobs sharing the machine in both), the relative difference of each trial's configuration cost, busy vs
-idle, over 4 pairs of runs (12 trials): 4%, 11%, 31% / 25%, 8%, 17% / 10%, 8%, 6% / 35%, 25%, 69% (the last pair with
-a plain median step; the lower-quartile step the code uses since gave at most 31%). Always upward: on this VM a hog
-slows the trial's own instructions too (shared caches, a lower boost clock), which no clock of time can undo. The
-wall-clock spend of the same trials moved 2.4x to 4.3x, and the frontier set did not change in any pair.
-`TOLERANCE` is 50%, above every spread measured with the code as it is.
+idle, over 5 pairs of runs (15 trials): 14%, 9%, 3% / 4%, 11%, 31% / 25%, 8%, 17% / 10%, 8%, 6% / 35%, 25%, 69%
+(the last two pairs with earlier estimators; the lower-quartile step the code uses gave at most 31%). Always upward:
+on this VM a hog slows the trial's own instructions too (shared caches, a lower boost clock), which no clock of time
+can undo. The wall-clock spend of the same trials moved 2.4x to 4.3x, and the frontier set did not change in any
+pair. `TOLERANCE` is 50%, above every spread measured with the code as it is. The test takes about 65 s.
 """
 
 from __future__ import annotations

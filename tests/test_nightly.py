@@ -77,7 +77,10 @@ def test_hypervolume_cost_throughput_and_failures() -> None:
 
 @pytest.mark.slow
 def test_nightly_passes_twice_then_flags_broken_changes(tmp_path, capsys) -> None:
-    """The shipped nightly sweep (smaller budget), four times: baseline, same again, lr x 1e-4, lr x 1e-30."""
+    """The shipped nightly sweep (one trial, a smaller budget), three times: baseline, same again, lr x 1e-30.
+
+    The verdicts themselves are the pure tests above (a quality drop beyond lm-eval's stderr among them); this one runs
+    the whole command: the baseline from MLflow and from a file, --promote, exit codes, the record, the report."""
     import json
 
     import pandas as pd
@@ -87,23 +90,23 @@ def test_nightly_passes_twice_then_flags_broken_changes(tmp_path, capsys) -> Non
     from lora_search.cli import main
     from lora_search.layout import default_tracking_uri
 
-    def sweep_file(scale: float) -> str:
+    def sweep_file(scale: float, max_steps: int) -> str:
         path = tmp_path / f"nightly_{scale:g}.py"
         path.write_text(
             "import dataclasses, runpy\n"
             "from lora_search import Budget\n"
             f"SWEEP = runpy.run_path({str(REPO / 'sweeps' / 'nightly.py')!r})['SWEEP']\n"
             "SWEEP = SWEEP.replace(\n"
-            f"    output_dir={str(tmp_path / 'reports')!r}, num_samples=2,\n"
-            "    budget=Budget(max_steps=50, eval_every=25, grace_period=50, batch_size=16),\n"
+            f"    output_dir={str(tmp_path / 'reports')!r}, num_samples=1,\n"
+            f"    budget=Budget(max_steps={max_steps}, eval_every=25, grace_period={max_steps}, batch_size=16),\n"
             f"    space=dataclasses.replace(SWEEP.space, lr=tuple(x * {scale!r} for x in SWEEP.space.lr)),\n"
             ")\n"
         )
         return str(path)
 
-    def nightly(scale: float, *flags: str) -> tuple[int, str, dict]:
+    def nightly(scale: float, *flags: str, max_steps: int = 50) -> tuple[int, str, dict]:
         with pytest.raises(SystemExit) as exit_:
-            main(["nightly", sweep_file(scale), *flags])
+            main(["nightly", sweep_file(scale, max_steps), *flags])
         out = capsys.readouterr().out
         record = json.loads((tmp_path / "reports" / "nightly" / "nightly.json").read_text())
         return exit_.value.code, out, record
@@ -111,31 +114,28 @@ def test_nightly_passes_twice_then_flags_broken_changes(tmp_path, capsys) -> Non
     try:
         code, out, first = nightly(1.0, "--baseline", "mlflow", "--promote")
         assert code == 0 and "no baseline" in out and "is the new baseline" in out, out[-2000:]
-        assert first["summary"]["best"] > 0.4, first["summary"]  # the adapters learned the task (base: 0.2)
+        assert first["summary"]["best"] > 0.4, first["summary"]  # the adapter learned the task (base: 0.2)
+        assert first["summary"]["best_stderr"] > 0, first["summary"]  # lm-eval's own: the quality check's tolerance
 
         code, out, second = nightly(1.0, "--baseline", "mlflow")
         assert code == 0 and "nightly PASSED" in out, out[-3000:]
-        assert [v["passed"] for v in second["verdicts"]] == [True] * 5
-        assert second["summary"]["best"] == first["summary"]["best"]  # pinned: the same trials, the same scores
+        assert [v["passed"] for v in second["verdicts"]] == [True] * 6
+        assert second["summary"]["best"] == first["summary"]["best"]  # pinned: the same trial, the same scores
 
-        code, out, third = nightly(1e-4, "--baseline", "mlflow")
-        assert code == 1 and "REGRESSION" in out, out[-3000:]
-        failing = {v["check"]: v for v in third["verdicts"] if not v["passed"]}
-        assert (
-            "best tiny_mood/acc" in failing
-            and "beyond 1.96 combined standard errors" in failing["best tiny_mood/acc"]["reason"]
-        )
-        assert "failed trials" not in failing  # it trained; it just learned nothing
-        html = (tmp_path / "reports" / "nightly" / "index.html").read_text()
-        assert "Versus baseline" in html or "versus baseline" in html
-
+        # lr x 1e-30: the adapter stays ~0, so its trial fails the guard and is never scored. Half the steps: the
+        # guard runs when the trial ends, however long it trained.
         baseline_file = tmp_path / "baseline.json"
         baseline_file.write_text(json.dumps(second["summary"]))
-        code, out, fourth = nightly(1e-30, "--baseline", str(baseline_file))
-        assert code == 1
-        failing = {v["check"]: v for v in fourth["verdicts"] if not v["passed"]}
+        code, out, third = nightly(1e-30, "--baseline", str(baseline_file), max_steps=25)
+        assert code == 1 and "REGRESSION" in out, out[-3000:]
+        failing = {v["check"]: v for v in third["verdicts"] if not v["passed"]}
         assert "does not change the model's outputs" in failing["failed trials"]["reason"]
         assert failing["best tiny_mood/acc"]["reason"] == "no completed trial was scored"
+        trials = pd.read_parquet(tmp_path / "reports" / "nightly" / "trials.parquet")
+        assert list(trials["status"]) == ["failed"] and trials["objective"].isna().all()
+        assert "does not change the model's outputs" in trials["reason"].iloc[0]
+        html = (tmp_path / "reports" / "nightly" / "index.html").read_text()
+        assert "Versus baseline" in html or "versus baseline" in html
 
         # Verdicts are on the sweeps' MLflow parent runs; only the promoted passing run is the baseline.
         client = MlflowClient(default_tracking_uri(str(tmp_path / "reports")))
@@ -145,9 +145,8 @@ def test_nightly_passes_twice_then_flags_broken_changes(tmp_path, capsys) -> Non
             if "mlflow.parentRunId" not in r.data.tags
         ]
         verdicts = sorted((r.info.start_time, r.data.tags.get("lora_search.nightly")) for r in parents)
-        assert [v for _, v in verdicts] == ["pass", "pass", "fail", "fail"]
+        assert [v for _, v in verdicts] == ["pass", "pass", "fail"]
         assert sum(r.data.tags.get("lora_search.nightly_baseline") == "true" for r in parents) == 1
-        assert len(pd.read_parquet(tmp_path / "reports" / "nightly" / "trials.parquet")) == 2
     finally:
         ray.shutdown()
 

@@ -133,20 +133,7 @@ def test_failing_trials_do_not_stop_the_sweep(failed_sweep) -> None:
     assert frame["reason"].str.contains("safetensors|header|deserializ", case=False).all(), list(frame["reason"])
 
 
-def test_an_adapter_that_stays_zero_fails_its_trial_with_the_guard(tiny_model_dir, tiny_jsonl, tmp_path) -> None:
-    # lr ~1e-30: the trained B matrices stay ~0, so the adapter changes nothing and must never get a score.
-    sweep = _sweep(
-        tiny_model_dir,
-        tiny_jsonl,
-        tmp_path,
-        num_samples=1,
-        space=SearchSpace(ranks=(4,), targets=("attention",), variants=("lora",), lr=(1e-30, 2e-30)),
-        budget=Budget(max_steps=5, eval_every=5, grace_period=5, batch_size=8),
-    )
-    frame = run(sweep)
-    assert list(frame["status"]) == ["failed"]
-    assert "does not change the model's outputs" in frame["reason"].iloc[0]
-    assert frame["objective"].isna().all()
+# A trial whose adapter stays zero fails with the guard, unscored: test_nightly's lr x 1e-30 run.
 
 
 def test_deepspeed_zero3_sweep_two_workers(tiny_model_dir, tiny_jsonl, tmp_path) -> None:

@@ -222,26 +222,31 @@ class LocalRay:
             time.sleep(0.2)
 
     def stop(self) -> None:
-        """SIGTERM to each `ray start --block`, which stops the processes it started; then whatever is left in those
-        sessions (a worker of a killed raylet, say) is killed. Nothing outside them is touched."""
-        import psutil
-
-        # Last started first: a worker node whose head has gone spends ~30 s looking for its GCS before it stops.
+        """SIGTERM to each `ray start --block`, which stops the processes it started; what is left in those sessions
+        after a short grace (a worker of a killed raylet; a head that has run a job takes ~30 s to stop on its own) is
+        killed. Nothing outside them is touched."""
+        # Last started first: a worker node whose head has gone waits ~30 s for its GCS before it stops.
         for node in reversed(self.nodes):
             node.terminate()
             try:
-                node.wait(timeout=60)
+                node.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                node.kill()
+                _kill_session(node.pid)
                 node.wait(timeout=30)
-        sessions = {node.pid for node in self.nodes}
-        for p in psutil.process_iter():
-            try:
-                if os.getsid(p.pid) in sessions:
-                    p.kill()
-            except (OSError, psutil.Error):
-                continue
+            _kill_session(node.pid)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def _kill_session(sid: int) -> None:
+    """SIGKILL every process of the session `sid` (a session this test started)."""
+    import psutil
+
+    for p in psutil.process_iter():
+        try:
+            if os.getsid(p.pid) == sid:
+                p.kill()
+        except (OSError, psutil.Error):
+            continue
 
 
 @pytest.fixture

@@ -157,6 +157,9 @@ class SearchSpace:
 Optimizer = Literal["auto", "adamw_torch", "adamw_torch_fused", "paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit"]
 """`Budget.optimizer` values: Transformers `optim` names (the 8-bit and paged ones need bitsandbytes and CUDA)."""
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
+# Transformers' `lr_scheduler_type` names (SchedulerType) that need no extra arguments.
+Schedule = Literal["linear", "cosine", "constant", "constant_with_warmup", "inverse_sqrt"]
+SCHEDULES: tuple[str, ...] = get_args(Schedule)
 BITSANDBYTES_OPTIMIZERS = frozenset({"paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit"})
 Checkpointing = Literal["auto", "on", "off"]
 CHECKPOINTING: tuple[str, ...] = get_args(Checkpointing)
@@ -181,6 +184,9 @@ class Budget:
     """Micro-batches per optimizer step: a step sees batch_size x grad_accum sequences per worker. A trial runs them
     as fewer, larger micro-batches where its memory allows (`lora_search.train.micro_batching`), with the same loss."""
     warmup_steps: Annotated[int, Range(ge=0, example="0")] = 0
+    lr_schedule: Schedule = "linear"
+    """The learning rate after warmup, over max_steps (Transformers' `lr_scheduler_type`). Every trial of a sweep
+    follows it to max_steps, so a trial pruned at a rung saw the same rates up to there as one that went on."""
     optimizer: Optimizer = "auto"
     """A Transformers `optim` name for the adapter's optimizer. "auto": paged 8-bit AdamW for 4-bit variants on
     GPU (QLoRA's recipe: 2 bytes of state per adapter parameter instead of 8, paged to the CPU under memory

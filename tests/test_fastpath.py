@@ -247,6 +247,27 @@ def test_adapter_inputs_stay_bf16_under_autocast_with_the_same_loss_and_gradient
     assert not off.active and "no bf16 autocast" in off.why
 
 
+def test_generate_runs_on_fast_path_layers_under_the_trials_autocast(tiny_model_dir: Path) -> None:
+    """Golden scoring generates through the base model's forward, outside Accelerate's autocast wrapper: the fast
+    path's layers (bf16 inputs to fp32 adapter weights) raise there unless scoring runs under `fastpath.autocast`."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
+    assert fastpath.keep_input_dtype(model) == fastpath.fuse_lora_add(model) == 2 * 7
+    model.eval()
+    x = torch.randint(3, 300, (2, 8), generator=torch.Generator().manual_seed(1))
+    with pytest.raises(RuntimeError, match="dtype"):
+        model.generate(input_ids=x, max_new_tokens=3, do_sample=False)
+    with fastpath.autocast(model, bf16=True):
+        out = model.generate(input_ids=x, max_new_tokens=3, do_sample=False)
+    assert out.shape == (2, 11)
+    with fastpath.autocast(model, bf16=False):  # off: an fp32 (CPU) trial's scoring is untouched
+        assert not torch.is_autocast_enabled("cpu")
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16-autocast"])
 def test_fused_lora_add_gives_peft_outputs_and_gradients(tiny_model_dir: Path, precision: str) -> None:
     """The fused forward (scaling on the rank-r intermediate, the update accumulated by addmm) against PEFT's own,

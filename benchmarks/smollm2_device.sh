@@ -65,7 +65,7 @@ run)
       then_run grid_attention.log python3 benchmarks/grid.py run --shard attention ) &
   else
     ( then_run sweep.log python3 sweeps/smollm2.py
-      then_run grid_attention.log python3 benchmarks/grid.py run --shard attention ) &
+      [ -z "${NO_GRID:-}" ] && then_run grid_attention.log python3 benchmarks/grid.py run --shard attention ) &
     ( then_run default.log python3 benchmarks/smollm2_gpu.py default ) &
   fi
   while [ -n "$(jobs -r)" ]; do sleep 30; echo "t=$((SECONDS - T0))s $(nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader | tr '\n' ' ')"; done
@@ -74,9 +74,9 @@ run)
   ;;
 finish)
   mkdir -p /tmp/out_extra
-  python3 benchmarks/grid.py table --out /tmp/out_extra > /tmp/logs/table.log 2>&1; tail -5 /tmp/logs/table.log
+  [ -z "${NO_GRID:-}" ] && { python3 benchmarks/grid.py table --out /tmp/out_extra > /tmp/logs/table.log 2>&1; tail -5 /tmp/logs/table.log; }
   python3 benchmarks/smollm2_gpu.py collect --out /tmp/out_extra > /tmp/logs/collect.log 2>&1; tail -8 /tmp/logs/collect.log
-  timeout 200 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_variants.py > /tmp/logs/pytest_gpu.log 2>&1; tail -5 /tmp/logs/pytest_gpu.log
+  [ -z "${NO_PYTEST:-}" ] && timeout 200 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_variants.py > /tmp/logs/pytest_gpu.log 2>&1; tail -5 /tmp/logs/pytest_gpu.log
   copy_out
   ;;
 esac

@@ -101,7 +101,7 @@ def check_applied(model: Any, input_ids: torch.Tensor) -> float:
     return diff
 
 
-def score(model: Any, tokenizer: Any, evals: Evals, seed: int) -> dict[str, Any] | None:
+def score(model: Any, tokenizer: Any, evals: Evals, seed: int, autocast_bf16: bool = False) -> dict[str, Any] | None:
     """Score an in-memory model on the golden sets. Returns flat metrics (`task/metric`, `task/metric_stderr`),
     the objective's value and direction, and lm-eval's own results JSON (`results`).
 
@@ -111,7 +111,15 @@ def score(model: Any, tokenizer: Any, evals: Evals, seed: int) -> dict[str, Any]
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=evals.batch_size)
+    # `autocast_bf16`: a trial that trains under bf16 autocast is scored under it (`fastpath.autocast`). lm-eval
+    # wraps its own forwards in `torch.autocast(enabled=mixed_precision_dtype is not None)`, which turns an outer
+    # autocast off, so it is asked for here.
+    lm = HFLM(
+        pretrained=model,
+        tokenizer=tokenizer,
+        batch_size=evals.batch_size,
+        mixed_precision_dtype="bfloat16" if autocast_bf16 else None,
+    )
     output = lm_eval.simple_evaluate(
         model=lm,
         tasks=task_configs(evals),

@@ -153,7 +153,8 @@ def autocast(model: Any, bf16: bool) -> Any:
     `BF16_INPUTS` and `FUSED_ADD` layers hand bf16 activations to fp32 adapter weights, which is only right under
     autocast. Accelerate wraps the PEFT model's `forward` in it, but `generate` goes to the base model's forward,
     outside that wrapper: a generate_until golden task raised a dtype mismatch there on the GPU. Scoring under the
-    same autocast also scores what training computed."""
+    same autocast also scores what training computed. lm-eval's own forwards need its `mixed_precision_dtype` too
+    (`evals.score`): its `torch.autocast(enabled=False)` turns this one off inside."""
     import torch
 
     device = next(model.parameters()).device.type

@@ -81,7 +81,7 @@ SWEEP = Sweep(
         else Resources(workers=1, cpus_per_worker=1)
     ),
     search="random" if GPU else "grid",
-    num_samples=32 if GPU else 1,  # GPU: 32 draws over 9 variants x 5 ranks x 4 target sets x 3 alphas and lr
+    num_samples=24 if GPU else 1,  # GPU: 24 draws over 9 variants x 5 ranks x 4 target sets x 3 alphas and lr
     seed=0,
     evals=Evals(
         tasks=("smollm2_dates", "smollm2_dates_choice"),

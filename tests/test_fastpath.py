@@ -247,25 +247,28 @@ def test_adapter_inputs_stay_bf16_under_autocast_with_the_same_loss_and_gradient
     assert not off.active and "no bf16 autocast" in off.why
 
 
-def test_generate_runs_on_fast_path_layers_under_the_trials_autocast(tiny_model_dir: Path) -> None:
-    """Golden scoring generates through the base model's forward, outside Accelerate's autocast wrapper: the fast
-    path's layers (bf16 inputs to fp32 adapter weights) raise there unless scoring runs under `fastpath.autocast`."""
+def test_golden_scoring_runs_on_fast_path_layers_under_the_trials_autocast(tiny_model_dir: Path) -> None:
+    """Golden scoring generates through the base model's forward, outside Accelerate's autocast wrapper, and lm-eval
+    wraps its forwards in an autocast of its own: the fast path's layers (bf16 inputs to fp32 adapter weights) raise
+    there unless the trial's scoring asks lm-eval for bf16 too (`autocast_bf16`, as the GPU trial does)."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lora_search.config import Evals
+    from lora_search.evals import score
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
     assert fastpath.keep_input_dtype(model) == fastpath.fuse_lora_add(model) == 2 * 7
-    model.eval()
-    x = torch.randint(3, 300, (2, 8), generator=torch.Generator().manual_seed(1))
-    with pytest.raises(RuntimeError, match="dtype"):
-        model.generate(input_ids=x, max_new_tokens=3, do_sample=False)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tasks = str(Path(__file__).resolve().parents[1] / "evals" / "tasks")
+    golden = Evals(tasks=("tiny_antonym", "tiny_mood"), objective="tiny_mood/acc", tasks_dir=tasks, limit=4)
+    with pytest.raises(RuntimeError, match="dtype"), fastpath.autocast(model, bf16=True):
+        score(model, tokenizer, golden, seed=0)  # lm-eval's own autocast(enabled=False) turns the outer one off
     with fastpath.autocast(model, bf16=True):
-        out = model.generate(input_ids=x, max_new_tokens=3, do_sample=False)
-    assert out.shape == (2, 11)
-    with fastpath.autocast(model, bf16=False):  # off: an fp32 (CPU) trial's scoring is untouched
-        assert not torch.is_autocast_enabled("cpu")
+        scored = score(model, tokenizer, golden, seed=0, autocast_bf16=True)
+    assert {"tiny_antonym/exact_match", "tiny_mood/acc"} <= set(scored["metrics"])
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16-autocast"])

@@ -55,8 +55,9 @@ def grid_sweep(shard: str, smoke: bool = False) -> Any:
     budget = dataclasses.replace(sweep.budget, grace_period=sweep.budget.max_steps)  # ASHA never stops one
     if smoke:
         grid = dataclasses.replace(grid, ranks=(4,), targets=("attention",), variants=("lora",), lr_grid_points=2)
-        return sweep.replace(name=f"{NAME}-smoke-{shard}", space=grid, search="grid", num_samples=1, budget=budget,
-                             tracking_uri="off")
+        return sweep.replace(
+            name=f"{NAME}-smoke-{shard}", space=grid, search="grid", num_samples=1, budget=budget, tracking_uri="off"
+        )
     return sweep.replace(
         name=f"{NAME}-{shard}",
         space=grid,
@@ -87,14 +88,29 @@ def _rows(sweep: Any, out: Path, analysis: Any) -> list[dict[str, Any]]:
         status = rec.status if rec.status != "pruned" else "unfinished"  # nothing is pruned in the grid
         row = {
             "config_id": f"{rec.variant}-r{rec.rank}-{rec.targets}-lr{rec.lr:.3g}",
-            "variant": rec.variant, "rank": rec.rank, "alpha": rec.alpha, "targets": rec.targets, "lr": rec.lr,
-            "status": status, "step": rec.step,
-            "curve_step": [s for s, _ in curve], "curve_eval_loss": [v for _, v in curve],
-            "base_eval_loss": rec.base_eval_loss, "eval_loss": rec.eval_loss, "best_eval_loss": rec.best_eval_loss,
-            "train_loss": rec.train_loss, "trainable_params": rec.trainable_params,
-            "adapter_bytes": rec.adapter_bytes, "train_s": rec.train_s, "device_s": rec.device_s,
-            "eval_s": rec.eval_s, "trial_s": rec.trial_s, "steady_tokens_per_s": rec.steady_tokens_per_s,
-            "tokens_per_s": rec.tokens_per_s, "peak_mem_bytes": rec.peak_mem_bytes, "device_name": rec.device_name,
+            "variant": rec.variant,
+            "rank": rec.rank,
+            "alpha": rec.alpha,
+            "targets": rec.targets,
+            "lr": rec.lr,
+            "status": status,
+            "step": rec.step,
+            "curve_step": [s for s, _ in curve],
+            "curve_eval_loss": [v for _, v in curve],
+            "base_eval_loss": rec.base_eval_loss,
+            "eval_loss": rec.eval_loss,
+            "best_eval_loss": rec.best_eval_loss,
+            "train_loss": rec.train_loss,
+            "trainable_params": rec.trainable_params,
+            "adapter_bytes": rec.adapter_bytes,
+            "train_s": rec.train_s,
+            "device_s": rec.device_s,
+            "eval_s": rec.eval_s,
+            "trial_s": rec.trial_s,
+            "steady_tokens_per_s": rec.steady_tokens_per_s,
+            "tokens_per_s": rec.tokens_per_s,
+            "peak_mem_bytes": rec.peak_mem_bytes,
+            "device_name": rec.device_name,
             "trial_id": rec.trial_id,
         }
         row.update({k: v for k, v in (rec.scores or {}).items()})
@@ -128,9 +144,14 @@ def table(out_dir: Path, smoke: bool = False) -> Path:
     meta = {
         "sweep": "benchmarks/grid.py (sweeps/smollm2.py's base, data, budget, golden sets)",
         "shards": [s.name for s, _ in shards],
-        "budget": dataclasses.asdict(sweep.budget), "seed": sweep.seed, "objective": sweep.evals.objective,
-        "device": device, "date": date, "torch": torch.__version__,
-        "configurations": len(frame), "by_status": {k: int(v) for k, v in frame["status"].value_counts().items()},
+        "budget": dataclasses.asdict(sweep.budget),
+        "seed": sweep.seed,
+        "objective": sweep.evals.objective,
+        "device": device,
+        "date": date,
+        "torch": torch.__version__,
+        "configurations": len(frame),
+        "by_status": {k: int(v) for k, v in frame["status"].value_counts().items()},
     }
     for lib in ("transformers", "peft", "trl", "ray", "lm_eval"):
         try:
@@ -145,8 +166,10 @@ def table(out_dir: Path, smoke: bool = False) -> Path:
     print(f"{len(frame)} configurations: {meta['by_status']}")
     if len(done):
         best = done.sort_values(obj, ascending=False).iloc[0]
-        print(f"best {obj}: {best[obj]:.4f} ({best['config_id']}); median {done[obj].median():.4f}; "
-              f"{sum(math.isfinite(x) for x in done[obj])} scored")
+        print(
+            f"best {obj}: {best[obj]:.4f} ({best['config_id']}); median {done[obj].median():.4f}; "
+            f"{sum(math.isfinite(x) for x in done[obj])} scored"
+        )
     print(f"wrote {path}")
     return path
 

@@ -21,6 +21,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from lora_search import space
 from lora_search.config import BaseModel, ConfigError, Problem, Resources, Sweep
@@ -100,6 +101,49 @@ class Plan:
         """The sweep's spend (lora_search.cost): the GPUs of every concurrent slot held for `wall_hours`. A lower
         bound: start-up, loading and evaluation add to it; the GPU-hours above are the configurations' cost."""
         return wall_hours * self.concurrent * self.gpus_per_trial
+
+
+def prediction(p: Plan) -> dict[str, Any]:
+    """What `p` predicts, in the units a sweep measures (sweep_metrics.json): ASHA's expected configuration
+    device-hours and cost, the wall hours and the spend (both lower bounds), trial-steps and seconds a step."""
+    wall = p.asha_wall_hours
+    return {
+        "gpu": p.gpu,
+        "mfu": p.mfu,
+        "step_s": p.step_s,
+        "trials": p.trials,
+        "concurrent": p.concurrent,
+        "gpus_per_trial": p.gpus_per_trial,
+        "trial_steps": p.trials * p.expected_steps,
+        "device_hours": p.asha_gpu_hours,
+        "cost": p.asha_gpu_hours * p.price,
+        "wall_hours": wall,
+        "spend_device_hours": p.spend_gpu_hours(wall),
+        "currency": p.currency,
+    }
+
+
+def gpu_kind(cluster: dict[str, float]) -> str | None:
+    """The `GPUS` row of a running Ray cluster's GPUs, from the `accelerator_type:<NAME>` resource Ray detects."""
+    names = [k.removeprefix("accelerator_type:") for k in cluster if k.startswith("accelerator_type:")]
+    return next((g for g in GPUS for n in names if g.lower() == n.lower()), None)
+
+
+def for_run(sweep: Sweep, cluster: dict[str, float], config_dir: str | Path | None = None) -> dict[str, Any]:
+    """The prediction (`prediction`) for the cluster `sweep` is about to run on, or `{"error": why}` where the
+    planner cannot plan it (a CPU sweep, an unknown GPU, an unreadable config). Never raises: it is recorded beside
+    the results (`layout.PLAN_FILE`) so the report can set prediction against measurement."""
+    if sweep.resources.gpus_per_worker <= 0:
+        return {"error": "the planner plans GPU sweeps; this one trains on CPUs"}
+    gpu = gpu_kind(cluster)
+    if gpu is None:
+        known = ", ".join(GPUS)
+        return {"error": f"the cluster's GPU type is not one the planner knows ({known})"}
+    try:
+        p = plan(sweep, cluster_gpus=int(cluster.get("GPU", 0)), config_dir=config_dir, gpu=gpu)
+    except ConfigError as e:
+        return {"error": "; ".join(f"{x.field}: {x.message}" for x in e.problems)}
+    return prediction(p)
 
 
 def shipped_config_dir(sweep_file: str | Path, base: BaseModel) -> Path | None:

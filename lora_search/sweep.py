@@ -37,7 +37,20 @@ from typing import Any
 import pandas as pd
 from ray.tune import Callback
 
-from lora_search import cost, layout, pareto, preflight, provenance, records, registry, results, resume, space, tracking
+from lora_search import (
+    cost,
+    layout,
+    pareto,
+    plan,
+    preflight,
+    provenance,
+    records,
+    registry,
+    results,
+    resume,
+    space,
+    tracking,
+)
 from lora_search.config import ConfigError, Problem, Sweep
 from lora_search.gguf import resolve
 from lora_search.layout import (
@@ -48,6 +61,7 @@ from lora_search.layout import (
     FAILED_FILE,
     FRONTIER_FILE,
     HISTORY_FILE,
+    PLAN_FILE,
     PROVENANCE_FILE,
     RAY_DIR,
     SOURCE_FILE,
@@ -290,6 +304,7 @@ def _frontier(
         "sweep_cost": spent,  # the configurations' cost, summed; what the sweep held is `spend`
         "sweep_device_hours": sum(r.device_s for r in records) / 3600,
         "spend": sum(spend.values()) * price / 3600,
+        "wall_hours": wall_s / 3600,
         "spend_device_hours": sum(spend.values()) / 3600,
         **{f"spend_{k}_device_hours": v / 3600 for k, v in spend.items()},
         "asha_saved_cost": saved,
@@ -415,6 +430,8 @@ def run(
         tune.with_parameters(run_trial, sweep=sweep, storage_path=str(storage)), trial_resources(sweep)
     )
     session = _Session(sweep, tracker)
+    # What the planner predicts for this cluster, beside what the sweep will measure (the report shows both).
+    (out / PLAN_FILE).write_text(json.dumps(plan.for_run(sweep, ray.cluster_resources()), indent=1))
     if tune.Tuner.can_restore(str(experiment)):
         print(f"resuming sweep {sweep.name!r} from {experiment}", flush=True)
         from ray.tune import ExperimentAnalysis

@@ -29,6 +29,7 @@ from lora_search.cost import spend_line
 from lora_search.layout import (
     BASE_SCORES_FILE,
     HISTORY_FILE,
+    PLAN_FILE,
     PROVENANCE_FILE,
     REPORT_HTML,
     SWEEP_METRICS_FILE,
@@ -82,6 +83,8 @@ class SweepResults:
     base: dict[str, Any] | None
     provenance: dict[str, str]
     tracking: dict[str, Any] | None
+    plan: dict[str, Any] | None = None
+    """What the planner predicted for the cluster the sweep ran on (`plan.for_run`); None for older sweeps."""
 
     @property
     def quality(self) -> pareto.Objective:
@@ -140,6 +143,7 @@ def load(sweep_dir: Path) -> SweepResults:
         base=read_json(BASE_SCORES_FILE),
         provenance=provenance,
         tracking=read_json(TRACKING_FILE),
+        plan=read_json(PLAN_FILE),
     )
 
 
@@ -166,7 +170,8 @@ def render(
     """The whole page as a string."""
     from plotly.offline import get_plotlyjs
 
-    sections = [_headline(r), _pareto_section(r), _asha_section(r), _params_section(r), _variants_section(r)]
+    sections = [_headline(r), _plan_section(r), _pareto_section(r), _asha_section(r), _params_section(r)]
+    sections.append(_variants_section(r))
     sections.append(_table_section(r.trials))
     sections.append(_baseline_section(baseline) if baseline is not None else "")
     sections.append(_provenance_section(r, extra_provenance or {}))
@@ -264,6 +269,48 @@ def _headline(r: SweepResults) -> str:
         items.append(("spend (every device-hour held)", spend_line(m, currency)))
     items.append(("ASHA's pruning saved", f"about {_fmt(saved)} {currency}{share}"))
     return _section("Headline", _kv(dict(items)), "headline")
+
+
+def _plan_section(r: SweepResults) -> str:
+    """The planner's prediction for this sweep's cluster against what the sweep measured, with their ratio."""
+    p = r.plan
+    if p is None:  # a sweep from before plan.json
+        return ""
+    if "error" in p:
+        return _section("Plan vs measured", _note(f"No prediction: {p['error']}."), "plan")
+    t, m = r.trials, r.metrics
+    currency = p.get("currency", m.get("currency", "USD"))
+    steps = float(t["step"].sum())
+    # training's share of each trial's configuration device-seconds (the rest is its evaluation)
+    share = (t["train_cost"] / t["cost"]).where(t["cost"] > 0, 0.0)
+    train_device_s = float((t["device_s"] * share).sum())
+    gpus = _float(p.get("gpus_per_trial"))
+    step_s = train_device_s / gpus / steps if steps > 0 and gpus > 0 else math.nan
+    rows = [
+        ("trial-steps (ASHA's expected vs run)", p["trial_steps"], steps, ".0f"),
+        (f"seconds per training step (planned at MFU {_fmt(p['mfu'], '.2f')})", p["step_s"], step_s, ".3g"),
+        ("device-hours of the configurations", p["device_hours"], m.get("sweep_device_hours"), ".3g"),
+        (f"cost of the configurations ({currency})", p["cost"], m.get("sweep_cost"), ".3g"),
+        ("wall hours (planned: lower bound)", p["wall_hours"], m.get("wall_hours"), ".3g"),
+        ("spend device-hours (planned: lower bound)", p["spend_device_hours"], m.get("spend_device_hours"), ".3g"),
+    ]
+
+    def ratio(measured: Any, planned: Any) -> float:
+        return _float(measured) / _float(planned) if _float(planned) > 0 else math.nan
+
+    body = "".join(
+        _row([what, _fmt(planned, spec), _fmt(measured, spec), _fmt(ratio(measured, planned), ".3g")])
+        for what, planned, measured, spec in rows
+    )
+    reached = _float(p["mfu"]) / ratio(step_s, p["step_s"])
+    table = f"<table><tr><th></th><th>planned</th><th>measured</th><th>measured / planned</th></tr>{body}</table>"
+    note = _note(
+        f"Planned by lora_search.plan for {p['trials']} trial(s), {p['concurrent']} at a time on {p['gpu']} GPUs: "
+        "training steps at the assumed MFU, loading, evaluation and golden scoring left out. Measured seconds per "
+        f"step above the plan mean the trials ran below that MFU (a small model's steps wait on the host): this "
+        f"sweep's training reached about {_fmt(reached, '.2g')}; plan the next one with it (plan(..., mfu=...))."
+    )
+    return _section("Plan vs measured", table + note, "plan")
 
 
 def _pareto_section(r: SweepResults) -> str:

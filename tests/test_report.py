@@ -5,6 +5,7 @@ LORA_SEARCH_SCREENSHOTS=DIR keeps the browser test's full-page screenshot as DIR
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -262,3 +263,53 @@ def test_report_renders_in_headless_chromium(tmp_path: Path) -> None:
     assert ascending != before and losses == sorted(losses) and ascending[-1] == ""  # the never-reported trial last
     assert [float(v) for v in descending if v] == sorted(losses, reverse=True)
     assert shot.stat().st_size > 20_000
+
+
+PLAN = {"gpu": "H200", "mfu": 0.35, "step_s": 0.02, "trials": 10, "concurrent": 4, "gpus_per_trial": 0.25,
+        "trial_steps": 400.0, "device_hours": 0.0005, "cost": 0.00175, "wall_hours": 0.0006,
+        "spend_device_hours": 0.0006, "currency": "USD"}  # fmt: skip
+
+
+def test_plan_section_sets_the_prediction_against_the_measurement(tmp_path: Path) -> None:
+    """plan.json (what `plan.for_run` predicted) beside the measured figures, with their ratio and the MFU the
+    trials reached; a sweep the planner could not plan says why; an older sweep has no section."""
+    from lora_search.report import load
+
+    out = make_sweep_dir(tmp_path)
+    metrics = json.loads((out / "sweep_metrics.json").read_text())
+    (out / "sweep_metrics.json").write_text(json.dumps({**metrics, "wall_hours": 0.0012, "spend_device_hours": 0.003}))
+    (out / "plan.json").write_text(json.dumps(PLAN))
+    page = write_report(out).read_text()
+    section = page[page.index("<h2>Plan vs measured</h2>") :].split("</section>")[0]
+    trials = load(out).trials
+    steps = float(trials["step"].sum())
+    assert f"<td>{steps:.0f}</td>" in section and "<td>400</td>" in section
+    measured_h = metrics["sweep_device_hours"]
+    assert f"<td>{measured_h:.3g}</td>" in section and f"<td>{measured_h / 0.0005:.3g}</td>" in section
+    assert "<td>2</td>" in section  # wall hours: 0.0012 / 0.0006
+    train_s = (trials["device_s"] * trials["train_cost"] / trials["cost"]).sum()
+    step_s = train_s / 0.25 / steps
+    assert f"<td>{step_s:.3g}</td>" in section
+    assert f"reached about {0.35 * 0.02 / step_s:.2g}" in section
+
+    (out / "plan.json").write_text(json.dumps({"error": "the planner plans GPU sweeps; this one trains on CPUs"}))
+    page = write_report(out).read_text()
+    assert "No prediction: the planner plans GPU sweeps" in page
+    (out / "plan.json").unlink()
+    assert "Plan vs measured" not in write_report(out).read_text()
+
+
+def test_for_run_plans_the_running_cluster_or_says_why_not(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lora_search import plan
+    from lora_search.cli import load_sweep
+
+    monkeypatch.setenv("SMOLLM2_MODE", "gpu")
+    sweep, _ = load_sweep(Path(__file__).resolve().parents[1] / "sweeps" / "smollm2.py")
+    config_dir = Path(__file__).resolve().parents[1] / "sweeps" / "configs" / "smollm2-135m-instruct"
+    got = plan.for_run(sweep, {"GPU": 1.0, "CPU": 16.0, "accelerator_type:H200": 1.0}, config_dir)
+    assert got["gpu"] == "H200" and got["concurrent"] == 4 and got["trials"] == 24
+    assert got["device_hours"] == pytest.approx(got["trial_steps"] * got["step_s"] * 0.25 / 3600)
+    assert "unknown" not in json.dumps(got) and "error" not in got
+    assert "GPU type" in plan.for_run(sweep, {"GPU": 1.0, "accelerator_type:A10G": 1.0}, config_dir)["error"]
+    cpu = sweep.replace(resources=dataclasses.replace(sweep.resources, gpus_per_worker=0.0))
+    assert "CPUs" in plan.for_run(cpu, {"CPU": 2.0})["error"]

@@ -313,6 +313,9 @@ def run_sweep_main(sweep: Sweep, argv: list[str] | None = None, *, config_dir: s
     parser.add_argument("--gpus-per-node", type=int, default=8, help="--dry-run: GPUs per node at most (default 8)")
     parser.add_argument("--gpu", default="H100", help="--dry-run: GPU type for time and cost (H100, H200)")
     parser.add_argument("--config-dir", default=config_dir, help="--dry-run: plan from this config.json's dir")
+    parser.add_argument(
+        "--mfu", type=float, default=0.35, help="--dry-run: the MFU trials reach (a report's 'Plan vs measured')"
+    )
     args = parser.parse_args(argv)
     if args.dry_run:  # not through _guarded, which imports Ray: a plan needs neither Ray nor a GPU
         from lora_search.plan import format_plan, plan
@@ -325,6 +328,7 @@ def run_sweep_main(sweep: Sweep, argv: list[str] | None = None, *, config_dir: s
                 gpus_per_node=args.gpus_per_node,
                 config_dir=args.config_dir,
                 gpu=args.gpu,
+                mfu=args.mfu,
             )
         except ConfigError as e:
             print(e, file=sys.stderr)
@@ -385,6 +389,9 @@ def main(argv: list[str] | None = None) -> None:
         "--config-dir",
         help="plan from this config.json's dir (default: configs/<model> beside the sweep file, else the base itself)",
     )
+    p_plan.add_argument(
+        "--mfu", type=float, default=0.35, help="the MFU trials reach (default 0.35; a report's 'Plan vs measured')"
+    )
     p_report = sub.add_parser("report", help="write a finished sweep's results as one self-contained HTML page")
     p_report.add_argument("sweep", metavar="NAME_OR_DIR", help="a sweep name under the output dir, or a sweep dir")
     p_report.add_argument("--output-dir", help="where NAME ran (default: $LORA_SEARCH_OUTPUT_DIR, else reports)")
@@ -426,6 +433,7 @@ def main(argv: list[str] | None = None) -> None:
         from lora_search.plan import shipped_config_dir
 
         flags = ["--gpus", str(args.gpus), "--gpus-per-node", str(args.gpus_per_node), "--gpu", args.gpu]
+        flags += ["--mfu", str(args.mfu)]
         flags += ["--nodes", str(args.nodes)] if args.nodes is not None else []
         config_dir = args.config_dir or shipped_config_dir(args.sweep_file, sweep.base)
         run_sweep_main(sweep, ["--dry-run", *flags], config_dir=config_dir)

@@ -392,6 +392,15 @@ def _fit_notes(rows: Sequence[MemoryRow], arch: Architecture, strategy: str, wor
     return notes
 
 
+def _hours(h: float) -> str:
+    """Hours to 3 significant figures (a small sweep's 0.0025, a large one's 1,234)."""
+    return f"{h:,.0f}" if h >= 1000 else f"{h:.3g}"
+
+
+def _money(x: float) -> str:
+    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+
+
 def _gib(n: float) -> str:
     return f"{n / 2**30:.1f}"
 
@@ -459,7 +468,7 @@ def format_plan(p: Plan) -> str:
         f"tokens x {p.workers} worker(s)) x {p.flops_per_token / 1e9:.1f} GFLOP/token "
         f"({LORA_FLOPS_PER_PARAM} x {_count(a.params - a.embedding_params)} matmul params)",
         f"            at MFU {p.mfu:g} of {compute:g} x {GPUS[p.gpu].bf16_tflops:g} TFLOP/s ({p.gpu}) -> "
-        f"{p.step_s:.2f} s/step",
+        f"{p.step_s:.3g} s/step",
         "",
         f"budget on {p.gpu} at {p.price:.2f} {p.currency}/GPU-hour",
     ]
@@ -467,18 +476,18 @@ def format_plan(p: Plan) -> str:
         [
             "full grid",
             f"{p.max_steps}",
-            f"{p.full_gpu_hours:,.1f}",
-            f"{p.full_gpu_hours * p.price:,.0f}",
-            f"{p.full_wall_hours:,.1f}",
-            f">= {p.spend_gpu_hours(p.full_wall_hours):,.1f}",
+            f"{_hours(p.full_gpu_hours)}",
+            f"{_money(p.full_gpu_hours * p.price)}",
+            f"{_hours(p.full_wall_hours)}",
+            f">= {_hours(p.spend_gpu_hours(p.full_wall_hours))}",
         ],
         [
             "ASHA (expected)",
             f"{p.expected_steps:.1f}",
-            f"{p.asha_gpu_hours:,.1f}",
-            f"{p.asha_gpu_hours * p.price:,.0f}",
-            f">= {p.asha_wall_hours:,.1f}",
-            f">= {p.spend_gpu_hours(p.asha_wall_hours):,.1f}",
+            f"{_hours(p.asha_gpu_hours)}",
+            f"{_money(p.asha_gpu_hours * p.price)}",
+            f">= {_hours(p.asha_wall_hours)}",
+            f">= {_hours(p.spend_gpu_hours(p.asha_wall_hours))}",
         ],
     ]
     out += [

@@ -308,7 +308,7 @@ def _plan_section(r: SweepResults) -> str:
         f"Planned by lora_search.plan for {p['trials']} trial(s), {p['concurrent']} at a time on {p['gpu']} GPUs: "
         "training steps at the assumed MFU, loading, evaluation and golden scoring left out. Measured seconds per "
         f"step above the plan mean the trials ran below that MFU (a small model's steps wait on the host): this "
-        f"sweep's training reached about {_fmt(reached, '.2g')}; plan the next one with it (plan(..., mfu=...))."
+        f"sweep's training reached about {_fmt(reached, '.2g')}; plan the next one with it (--dry-run --mfu)."
     )
     return _section("Plan vs measured", table + note, "plan")
 

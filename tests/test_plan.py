@@ -4,6 +4,7 @@ shipped sweeps' dry runs (no Ray, offline). The memory model it tabulates is tes
 from __future__ import annotations
 
 import dataclasses
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -190,3 +191,25 @@ def test_cli_plan(capsys: pytest.CaptureFixture[str]) -> None:
         main(["plan", str(ROOT / "sweeps" / "llama70b.py"), "--gpus", "4"])
     assert exited.value.code == 2
     assert "no trial fits" in capsys.readouterr().err
+
+
+def test_the_dry_run_takes_the_mfu_a_report_measured(capsys: pytest.CaptureFixture[str]) -> None:
+    """`--mfu` reaches the plan: a tenth of the MFU is ten times the seconds a step and the GPU-hours, printed to
+    three significant figures however small the sweep."""
+    from lora_search.cli import load_sweep, run_sweep_main
+
+    repo = Path(__file__).resolve().parents[1]
+    sweep, _ = load_sweep(repo / "sweeps" / "llama8b.py")
+    printed = {}
+    for mfu in ("0.35", "0.035"):
+        with pytest.raises(SystemExit) as done:
+            run_sweep_main(
+                sweep,
+                ["--dry-run", "--gpus", "8", "--mfu", mfu],
+                config_dir=repo / "sweeps" / "configs" / "llama-3.1-8b",
+            )
+        assert done.value.code == 0
+        printed[mfu] = capsys.readouterr().out
+    step = {m: float(re.search(r"-> ([0-9.e+-]+) s/step", out).group(1)) for m, out in printed.items()}
+    assert step["0.035"] == pytest.approx(10 * step["0.35"], rel=0.01)
+    assert "at MFU 0.035 " in printed["0.035"]

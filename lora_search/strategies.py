@@ -128,6 +128,20 @@ def trainer_kwargs(strategy: str, adapter_param_numel: int = 0) -> dict[str, Any
     return {}
 
 
+def skip_cpu_shm_all_reduce() -> None:
+    """Make DeepSpeed's CPU backend use torch.distributed's all-reduce instead of compiling its shared-memory one.
+
+    On CPU, DeepSpeed's communication backend JIT-compiles a C++ extension (`deepspeed_shm_comm`) when it starts:
+    about a minute on a 2-core machine, on the first trial of every new environment (its build dir is keyed to the
+    venv), far longer than the few-worker CPU trials lora_search runs there (a laptop try of a sharded setup, CI).
+    Its gain is a faster all-reduce between many local ranks. DeepSpeed keeps the probe's result in one module-level
+    dict and reads it before building (`deepspeed.comm.torch.build_shm_op`); marking the op incompatible there is
+    the switch it offers. GPU trials use NCCL and never build it."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def adapter_param_bound(model_config: Any, rank: int) -> int:
     """An upper bound on the elements of one adapter tensor of rank `rank` on a model with `model_config`: rank times
     the widest linear layer's in or out size (lora_B of gate/up, lora_A of down). Read from the config alone, before

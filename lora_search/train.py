@@ -207,6 +207,8 @@ def train_loop(config: dict[str, Any]) -> None:
     )
     # ZeRO-3 keeps tensors up to this size whole on every rank: the adapter's, never the base's
     adapter_numel = strategies.adapter_param_bound(model_config, params.rank) if strategy.deepspeed else 0
+    if strategy.deepspeed and not on_gpu:
+        strategies.skip_cpu_shm_all_reduce()  # before the SFTConfig below starts DeepSpeed's backend
     path = fastpath.choose(on_gpu, model_config.model_type, sweep.base.attn_implementation)
     batching = micro_batching(sweep, params, on_gpu, liger=path.active("liger"))
     path = path.with_piece(batching.keep_activations).with_piece(batching.merge)

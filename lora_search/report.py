@@ -170,8 +170,8 @@ def render(
     """The whole page as a string."""
     from plotly.offline import get_plotlyjs
 
-    sections = [_headline(r), _plan_section(r), _pareto_section(r), _asha_section(r), _params_section(r)]
-    sections.append(_variants_section(r))
+    sections = [_headline(r), _plan_section(r), _pareto_section(r), _asha_section(r), _pruning_section(r)]
+    sections += [_params_section(r), _variants_section(r)]
     sections.append(_table_section(r.trials))
     sections.append(_baseline_section(baseline) if baseline is not None else "")
     sections.append(_provenance_section(r, extra_provenance or {}))
@@ -400,6 +400,68 @@ def _asha_section(r: SweepResults) -> str:
         "failed, diverged (NaN/inf loss) and infeasible (out of memory) trials are dashed."
     )
     return _section("ASHA: eval loss per step", note + _figure(fig, "fig-asha"), "asha")
+
+
+def _pruning_section(r: SweepResults) -> str:
+    """What pruning saved, and the pruned trials it may have been wrong about (`lora_search.pruning`)."""
+    from lora_search import pruning
+
+    t, m = r.trials, r.metrics
+    if not (t["status"] == "pruned").any():
+        return ""
+    completed = t.loc[t["status"] == "completed", "step"]
+    max_steps = int(completed.max()) if len(completed) else int(t["step"].max())
+    found = pruning.review(t, r.history, max_steps)
+    currency = m.get("currency", "USD")
+    share = 100 * found.steps_run / found.steps_full if found.steps_full else math.nan
+    items = {
+        "trial-steps trained": f"{found.steps_run:,} of the {found.steps_full:,} every trial at {max_steps} steps "
+        f"would take ({_fmt(share, '.0f')}%)",
+        "cost saved": f"about {_fmt(m.get('asha_saved_cost'))} {currency} of {_fmt(m.get('full_budget_cost'))}",
+        "pruned trials worth a second look": str(len(found.missed)),
+    }
+    body = _kv(items)
+    if len(found.missed):
+        rows = "".join(
+            _row(
+                [
+                    x.trial_id,
+                    x.variant,
+                    x.rank,
+                    x.targets,
+                    _fmt(x.adapter_bytes, ",.0f"),
+                    x.rung,
+                    _fmt(x.eval_loss),
+                    _fmt(x.cutoff),
+                    _fmt(100 * x.gap, "+.1f") + "%",
+                    x.why,
+                ]
+            )  # fmt: skip
+            for x in found.missed.head(20).itertuples()
+        )
+        head = "".join(
+            f"<th>{h}</th>"
+            for h in (
+                "trial",
+                "variant",
+                "rank",
+                "targets",
+                "adapter bytes",
+                "rung",
+                "eval loss",
+                "worst that went on",
+                "gap",
+                "why",
+            )  # fmt: skip
+        )
+        body += f"<table><tr>{head}</tr>{rows}</table>"
+    body += _note(
+        "ASHA ranks a rung's trials by eval loss alone. Listed: pruned trials within "
+        f"{pruning.CLOSE:.0%} of the worst trial that went on from their rung (or below it), and ones smaller or "
+        "cheaper per step than every frontier trial. Where to look, not proof of a miss: a larger grace_period or "
+        "a frontier-aware scheduler would have kept them longer."
+    )
+    return _section("Pruning: saved and possibly missed", body, "pruning")
 
 
 def _codes(values: pd.Series) -> tuple[list[int], list[str]]:

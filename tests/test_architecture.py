@@ -42,6 +42,7 @@ ROOMS = {
         "space",
         "variants",
         "pareto",
+        "pruning",
         "nightly",
         "cost",
         "targets",

@@ -313,3 +313,19 @@ def test_for_run_plans_the_running_cluster_or_says_why_not(monkeypatch: pytest.M
     assert "GPU type" in plan.for_run(sweep, {"GPU": 1.0, "accelerator_type:A10G": 1.0}, config_dir)["error"]
     cpu = sweep.replace(resources=dataclasses.replace(sweep.resources, gpus_per_worker=0.0))
     assert "CPUs" in plan.for_run(cpu, {"CPU": 2.0})["error"]
+
+
+def test_pruning_section_lists_the_second_looks(tmp_path: Path) -> None:
+    from lora_search import pruning
+    from lora_search.report import load
+
+    out = make_sweep_dir(tmp_path)
+    r = load(out)
+    completed = r.trials.loc[r.trials["status"] == "completed", "step"].max()
+    found = pruning.review(r.trials, r.history, int(completed))
+    page = write_report(out).read_text()
+    section = page[page.index("<h2>Pruning: saved and possibly missed</h2>") :].split("</section>")[0]
+    assert f"{found.steps_run:,} of the {found.steps_full:,}" in section
+    assert f"<td>{len(found.missed)}</td>" in section
+    for trial_id in found.missed["trial_id"]:
+        assert f"<td>{trial_id}</td>" in section

@@ -32,6 +32,7 @@ __all__ = ["ConfigError", "Problem", "collecting_problems"]  # re-exported from 
 Dtype = Literal["float32", "bfloat16", "float16", "auto"]
 """torch dtypes a base loads in (`getattr(torch, dtype)`), or "auto": the checkpoint's own."""
 SearchAlgorithm = Literal["random", "grid", "optuna"]
+ServeWith = Literal["any", "vllm"]
 Placement = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
 Attention = Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"]
 """Transformers' attention kernels (`attn_implementation`); preflight checks the kernel's package is installed."""
@@ -439,6 +440,9 @@ class Sweep:
     """MLflow tracking URI (`http://mlflow.internal:5000`, `sqlite:///...`). None: $MLFLOW_TRACKING_URI, else a
     SQLite store at `<output_dir>/mlflow.db` with artifacts in `<output_dir>/mlartifacts` (`lora-search ui`).
     "off": no MLflow at all; every result still lands in the sweep dir (trials.parquet, adapters, index.html)."""
+    serve_with: ServeWith = "any"
+    """The engine the winners will be served with: "vllm" keeps the frontier to adapters vLLM loads as saved
+    (`lora_search.serving`; the others stay in the table, marked). "any": every completed trial is a candidate."""
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -459,6 +463,20 @@ class Sweep:
                 out.extend(part.problems(lambda *fields, name=name: not broken & {f"{name}.{f}" for f in fields}))
         if self.conforms("space.variants", "resources", "budget.optimizer"):
             out.extend(self._strategy_problems())
+        if self.conforms("space.variants", "serve_with") and self.serve_with != "any":
+            from lora_search.serving import VARIANTS_SAVED_AS_LORA, can_serve
+
+            if not can_serve(self.space.variants, self.serve_with):
+                out.append(
+                    Problem(
+                        "serve_with",
+                        self.serve_with,
+                        f"no variant of space.variants ({', '.join(self.space.variants)}) saves an adapter "
+                        f"{self.serve_with} loads, so the frontier would be empty",
+                        f"add one of {', '.join(sorted(VARIANTS_SAVED_AS_LORA))}, or serve_with='any' (merged "
+                        "models: lora-search export --merge)",
+                    )
+                )
         return out
 
     def conforms(self, *names: str) -> bool:

@@ -43,6 +43,7 @@ ROOMS = {
         "variants",
         "pareto",
         "pruning",
+        "serving",  # the serving engines' rules, which config checks serve_with against
         "nightly",
         "cost",
         "targets",

@@ -65,11 +65,20 @@ TABLE_COLUMNS = (
     "adapter_bytes",
     "cost",
     "pareto",
+    "servable",
     "mlflow_run_id",
 )
 
 # Columns older sweeps' trials.parquet lack, with the value a sweep without them means.
-LATER_COLUMNS = {"objective": math.nan, "cost": 0.0, "mlflow_run_id": "", "pareto": False, "reason": ""}
+LATER_COLUMNS = {
+    "objective": math.nan,
+    "cost": 0.0,
+    "mlflow_run_id": "",
+    "pareto": False,
+    "reason": "",
+    "servable": "",
+    "serving_notes": "",
+}
 
 
 @dataclass(frozen=True)
@@ -322,8 +331,10 @@ def _pareto_section(r: SweepResults) -> str:
     if not len(done):
         return _section("Pareto frontier", _note("No completed, scored trial: there is no frontier to draw."), "pareto")
     label = r.objective_name if q.key == "objective" else "eval loss"
-    hover = done[["trial_id", "variant", "rank", "alpha", "targets", "lr", "cost", "mlflow_run_id"]]
+    hover = done[["trial_id", "variant", "rank", "alpha", "targets", "lr", "cost", "mlflow_run_id", "servable"]]
     on_front = done["pareto"].astype(bool).tolist()
+    # an adapter the serving rules were checked on (notes recorded) that no engine loads as saved
+    unservable = (done["serving_notes"].astype(str) != "") & (done["servable"].astype(str) == "")
     fig = go.Figure()
     fig.add_scatter(
         name="trials",
@@ -337,11 +348,12 @@ def _pareto_section(r: SweepResults) -> str:
             "showscale": True,
             "colorbar": {"title": {"text": f"cost ({r.metrics.get('currency', 'USD')})"}},
             "size": [16 if f else 9 for f in on_front],
+            "symbol": ["x" if u else "circle" for u in unservable],
             "line": {"width": [2.5 if f else 0 for f in on_front], "color": "black"},
         },
         hovertemplate="<b>%{customdata[0]}</b> %{customdata[1]} r=%{customdata[2]} alpha=%{customdata[3]}<br>"
         "targets %{customdata[4]}, lr %{customdata[5]}<br>cost %{customdata[6]}<br>MLflow run %{customdata[7]}"
-        "<extra></extra>",
+        "<br>served as saved by: %{customdata[8]}<extra></extra>",
     )
     # The 2-D frontier of what this plot shows; the outlined points are the 3-D one (quality, size, cost).
     sign = -1.0 if q.higher_is_better else 1.0
@@ -363,7 +375,9 @@ def _pareto_section(r: SweepResults) -> str:
     better = "higher" if q.higher_is_better else "lower"
     note = _note(
         f"{len(done)} completed trial(s); {better} {label} is better. Outlined: on the Pareto frontier of "
-        f"{label}, adapter bytes and cost. Dotted: the frontier of {label} vs adapter bytes alone."
+        f"{label}, adapter bytes and cost. Dotted: the frontier of {label} vs adapter bytes alone. x: "
+        f"{int(unservable.sum())} adapter(s) no serving engine loads as saved (the table's servable column, "
+        "lora_search.serving)."
     )
     return _section("Pareto frontier", note + _figure(fig, "fig-pareto"), "pareto")
 

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lora_search import serving
 from lora_search.config import Sweep
 from lora_search.cost import SPEND_PARTS, configuration_cost, devices_per_trial, trial_spend
 from lora_search.layout import REPORT_FILE, TRAINER_DIR, UPLOADED_FILE
@@ -122,6 +123,11 @@ class TrialRecord(TrialParams):
     """The trial's MLflow child run ("" when tracking was off or failed)."""
     pareto: bool = False
     """On the Pareto frontier of quality vs adapter bytes vs cost (lora_search.pareto), among completed trials."""
+    servable: str = ""
+    """The serving engines that load the trial's saved adapter as it is, ',' joined ("vllm"; "" for none, or no
+    adapter): `lora_search.serving`."""
+    serving_notes: str = ""
+    """Why an engine would refuse the adapter (the rule and its source), or the flags a servable one needs."""
     restarts: int = 0
     """Times the trial trained on from its last checkpoint after a worker process, a node or the driver died."""
     steps_redone: int = 0
@@ -155,13 +161,15 @@ def record(
     status = status_of(error, last, max_steps)
     if status in ("diverged", "infeasible"):
         last = {**last, **stopped_figures(error_reason(error))}  # the real loss value / the peak, at its step
-    adapter_path = ""
+    adapter_path, servable, serving_notes = "", "", ""
     if source is not None:
         target = adapters_dir / trial_id
         if target.exists():
             shutil.rmtree(target)
         shutil.copytree(source, target, ignore=shutil.ignore_patterns(TRAINER_DIR, REPORT_FILE, UPLOADED_FILE))
         adapter_path = str(target)
+        verdict = serving.check(target)
+        servable, serving_notes = ",".join(verdict.servable), verdict.text
     losses = [h["eval_loss"] for h in [*history, last] if "eval_loss" in h]
     nan = float("nan")
     reported = StepReport.from_metrics(last)
@@ -228,6 +236,8 @@ def record(
         restarts=reported.restarts,
         steps_redone=reported.steps_redone,
         scores=reported.scores,
+        servable=servable,
+        serving_notes=serving_notes,
     )
 
 

@@ -271,6 +271,8 @@ def _frontier(
         quality = pareto.Objective("eval_loss", higher_is_better=False)
         base_quality = float(pd.Series([r.base_eval_loss for r in records]).median()) if records else math.nan
     candidates = [r for r in records if r.status == "completed" and math.isfinite(getattr(r, quality.key))]
+    if sweep.serve_with != "any":  # the frontier of what the user's engine loads; the rest stay in the table
+        candidates = [r for r in candidates if sweep.serve_with in r.servable.split(",")]
     device = next((r.device_name for r in records if r.device_name), "cpu")
     ref_cost = cost.reference_cost(sweep.resources, sweep.pricing, device)
     rows = [dataclasses.asdict(r) for r in candidates]

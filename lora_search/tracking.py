@@ -395,6 +395,9 @@ class Tracker:
             if r.fast_path:
                 self.client.set_tag(run_id, "lora_search.fast_path", r.fast_path)
             self.client.set_tag(run_id, "pareto", str(r.pareto).lower())
+            if r.adapter_path:
+                self.client.set_tag(run_id, "lora_search.servable", r.servable or "none")
+                self.client.set_tag(run_id, "lora_search.serving_notes", r.serving_notes[:5000])
             if r.status == "completed" and r.adapter_path:
                 adapter = Path(r.adapter_path)
                 with tempfile.TemporaryDirectory() as tmp:

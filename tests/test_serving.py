@@ -91,3 +91,53 @@ def test_a_sweep_served_with_vllm_needs_a_variant_vllm_loads() -> None:
     ]
     assert problems(("dora", "lora"), "vllm") == [] and problems(("dora",), "any") == []
     assert problems(("lora",), "vLLM") == ["serve_with: must be one of 'any', 'vllm'"]
+
+
+def _record(trial_id: str, variant: str, objective: float, adapter_bytes: int, servable: str):
+    from lora_search.results import TrialRecord
+
+    return TrialRecord(
+        variant=variant, rank=4, alpha=8.0, targets="all-linear", lr=1e-3, dropout=0.0, trial_id=trial_id,
+        status="completed", step=10, eval_loss=0.5, best_eval_loss=0.5, base_eval_loss=1.0, train_loss=0.5,
+        trainable_params=100, adapter_bytes=adapter_bytes, train_s=1.0, device_s=1.0, trial_s=1.0, tokens_per_s=1.0,
+        peak_mem_bytes=1, adapter_path=f"/a/{trial_id}", reason="", objective=objective, cost=0.01,
+        servable=servable, serving_notes="checked",
+    )  # fmt: skip
+
+
+def test_serve_with_keeps_the_frontier_to_what_the_engine_loads(tiny_model_dir: Path) -> None:
+    """A DoRA adapter that dominates every LoRA one is the frontier for 'any', and off it for 'vllm'."""
+    from lora_search import BaseModel, Dataset, Sweep
+    from lora_search.sweep import _frontier
+
+    records = [
+        _record("dora", "dora", 0.9, 1000, ""),
+        _record("small", "lora", 0.6, 2000, "vllm"),
+        _record("big", "lora", 0.8, 4000, "vllm"),
+    ]
+    base = {"objective": 0.1, "higher_is_better": True}
+    sweep = Sweep(name="s", base=BaseModel(str(tiny_model_dir)), dataset=Dataset("d.jsonl"))
+
+    def front(serve_with: str) -> set[str]:
+        marked, _, _ = _frontier(sweep.replace(serve_with=serve_with), records, base, 10**6)
+        return {r.trial_id for r in marked if r.pareto}
+
+    assert front("any") == {"dora"}
+    served = front("vllm")
+    assert served and served <= {"small", "big"}
+
+
+def test_a_real_sweep_records_what_serves_its_adapters(shared_sweep) -> None:
+    """The shared sweep (lora and dora): each adapter's servable and notes in trials.parquet and its MLflow run."""
+    from mlflow import MlflowClient
+
+    sweep, trials, _ = shared_sweep
+    saved = trials[trials["adapter_path"] != ""]
+    assert len(saved)
+    client = MlflowClient(sweep.tracking_uri)
+    for row in saved.itertuples():
+        assert row.servable == ("" if row.variant == "dora" else "vllm"), row.serving_notes
+        assert row.serving_notes
+        tags = client.get_run(row.mlflow_run_id).data.tags
+        assert tags["lora_search.servable"] == (row.servable or "none")
+        assert tags["lora_search.serving_notes"] == row.serving_notes

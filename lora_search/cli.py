@@ -195,6 +195,7 @@ def _export(
     tracking_uri: str | None,
     check: bool,
     allow_pickle: bool = False,
+    engine: str | None = None,
 ) -> int:
     import tempfile
 
@@ -202,7 +203,8 @@ def _export(
 
     src = Path(source)  # a dir is exported as is (export says if it is no adapter); anything else is a run id
     name = src.resolve().name if src.is_dir() else source
-    out = Path(output) if output else Path("exported") / (name + ("-merged" if merge else ""))
+    suffix = f"-{engine}" if engine else "-merged" if merge else ""
+    out = Path(output) if output else Path("exported") / (name + suffix)
     with tempfile.TemporaryDirectory() as tmp:  # a downloaded adapter is only needed until it is exported
         if src.is_dir():
             adapter_dir = src
@@ -210,8 +212,16 @@ def _export(
             uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
             uri = uri or layout.default_tracking_uri(os.environ.get("LORA_SEARCH_OUTPUT_DIR", "reports"))
             adapter_dir = registry.download_run_adapter(source, uri, Path(tmp))
-        registry.export(adapter_dir, out, merge=merge, base=base, check=check, allow_pickle=allow_pickle)
+        if engine:
+            registry.export_for(adapter_dir, out, engine, base=base, check=check, allow_pickle=allow_pickle)
+        else:
+            registry.export(adapter_dir, out, merge=merge, base=base, check=check, allow_pickle=allow_pickle)
     record = json.loads((out / registry.EXPORT_FILE).read_text())
+    if engine:
+        how = record["serving"]
+        why = f" ({engine} would not load the adapter: {how['why']})" if "why" in how else ""
+        print(f"exported {how['written']} for {engine} to {out}{why}\nserve it: {how['command']}")
+        return 0
     diff = f" (max |logit diff| after merging: {record['max_abs_logit_diff']:.3g})" if merge else ""
     print(f"exported {'merged model' if merge else 'adapter'} to {out}{diff}")
     return 0
@@ -366,6 +376,12 @@ def main(argv: list[str] | None = None) -> None:
     p_export.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else the sweep's)")
     p_export.add_argument("--no-check", action="store_true", help="skip the base fingerprint check")
     p_export.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)
+    p_export.add_argument(
+        "--for",
+        dest="engine",
+        choices=("vllm",),
+        help="write what this serving engine loads: the adapter where it can, else the merged model (and why)",
+    )
     p_nightly = sub.add_parser("nightly", help="run a pinned sweep and compare it with a baseline (exit 1: regressed)")
     p_nightly.add_argument("sweep_file")
     p_nightly.add_argument("--baseline", required=True, help="'mlflow' (the last promoted nightly) or a JSON file")
@@ -414,7 +430,14 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(_guarded(lambda: _resume(args.name, args.output_dir)))
     if args.command == "export":
         export = lambda: _export(
-            args.source, args.merge, args.output, args.base, args.tracking_uri, not args.no_check, args.allow_pickle
+            args.source,
+            args.merge,
+            args.output,
+            args.base,
+            args.tracking_uri,
+            not args.no_check,
+            args.allow_pickle,
+            args.engine,
         )
         sys.exit(_guarded(export))
     if args.command == "nightly":

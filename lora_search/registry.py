@@ -399,6 +399,59 @@ def export(
     return output
 
 
+def export_for(
+    adapter_dir: Path,
+    output: Path,
+    engine: str,
+    *,
+    base: str | Path | None = None,
+    check: bool = True,
+    allow_pickle: bool = False,
+) -> Path:
+    """Export what `engine` serves (`lora_search.serving`): the adapter as it is where the engine loads it, checked
+    by reloading the copy with plain PEFT against the trial's probe logits; else base + adapter merged (DoRA, VeRA,
+    AdaLoRA, per-module ranks), checked by `export`'s merge check. The export record (`EXPORT_FILE`) gains
+    `serving`: the engine, what was written and why, the flags it needs and the command that serves it."""
+    from lora_search import serving
+
+    verdict = serving.check(adapter_dir)
+    as_adapter = engine in verdict.servable
+    out = export(adapter_dir, output, merge=not as_adapter, base=base, check=check, allow_pickle=allow_pickle)
+    record = json.loads((out / EXPORT_FILE).read_text())
+    how: dict[str, Any] = {"engine": engine, "written": "adapter" if as_adapter else "merged model"}
+    if as_adapter:
+        rank = serving.max_lora_rank(int(json.loads((out / PEFT_CONFIG).read_text())["r"]))
+        how |= {
+            "max_lora_rank": rank,
+            "command": f"vllm serve {record['base_name_or_path']} --enable-lora --max-lora-rank {rank} "
+            f"--lora-modules {Path(output).name}={Path(output).resolve()}",
+            "reload_max_abs_logit_diff": _reload_diff(out, BaseModel(record["base_name_or_path"], dtype="auto")),
+        }
+    else:
+        how |= {"why": verdict.text, "command": f"vllm serve {Path(output).resolve()}"}
+    record["serving"] = how
+    (out / EXPORT_FILE).write_text(json.dumps(record, indent=1) + "\n")
+    return out
+
+
+def _reload_diff(adapter_dir: Path, base: BaseModel) -> float | None:
+    """Max |last-position logit| difference between the adapter reloaded with plain PEFT and the trial's own, on the
+    probe it saved (None without one)."""
+    import torch
+    from safetensors.torch import load_file
+
+    probe_path = adapter_dir / PROBE_FILE
+    if not probe_path.is_file():
+        return None
+    saved = load_file(str(probe_path))
+    model = load_adapter(base, adapter_dir, check=False)
+    with torch.no_grad():
+        got = torch.stack(
+            [model(input_ids=saved[f"input_ids_{i}"][None]).logits[0, -1].float() for i in range(len(saved) - 1)]
+        )
+    return float((got - saved["logits"]).abs().max())
+
+
 def _merge_checked(
     adapter_dir: Path, base: BaseModel, dequantize: bool = False, allow_pickle: bool = False
 ) -> tuple[torch.nn.Module, Any, float, float]:

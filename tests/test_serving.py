@@ -141,3 +141,39 @@ def test_a_real_sweep_records_what_serves_its_adapters(shared_sweep) -> None:
         tags = client.get_run(row.mlflow_run_id).data.tags
         assert tags["lora_search.servable"] == (row.servable or "none")
         assert tags["lora_search.serving_notes"] == row.serving_notes
+
+
+@pytest.mark.parametrize("name", ["lora", "pissa", "dora", "vera"])
+def test_export_for_vllm_writes_what_vllm_loads_and_checks_it(
+    name: str, tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`lora-search export DIR --for vllm`: a LoRA (PiSSA converted) adapter is copied, reloaded with plain PEFT and
+    compared with the trial's probe logits; a DoRA or VeRA one is merged (the merge check) and says why."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lora_search.cli import main
+    from lora_search.config import BaseModel
+    from lora_search.layout import PROBE_FILE
+    from lora_search.probe import save_probe
+    from lora_search.registry import EXPORT_FILE, load_adapter
+
+    adapter = _saved(name, tiny_model_dir, tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    probe = [tokenizer("the cat sat on the mat", return_tensors="pt")["input_ids"]]
+    save_probe(load_adapter(BaseModel(str(tiny_model_dir)), adapter, check=False), probe, adapter / PROBE_FILE)
+    out = tmp_path / "exported"
+    with pytest.raises(SystemExit) as done:
+        main(["export", str(adapter), "--for", "vllm", "--output", str(out), "--no-check"])
+    assert done.value.code == 0
+    how = json.loads((out / EXPORT_FILE).read_text())["serving"]
+    printed = capsys.readouterr().out
+    assert how["command"] in printed
+    if name in ("lora", "pissa"):
+        assert how["written"] == "adapter" and (out / "adapter_model.safetensors").is_file()
+        assert how["max_lora_rank"] == 8 and "--enable-lora --max-lora-rank 8" in how["command"]
+        assert how["reload_max_abs_logit_diff"] < 1e-4
+    else:
+        assert how["written"] == "merged model" and "vllm" in how["why"]
+        assert not (out / "adapter_config.json").exists()
+        merged = AutoModelForCausalLM.from_pretrained(out)  # a plain model dir, as vLLM reads it
+        assert merged.config.model_type == "llama"

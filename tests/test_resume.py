@@ -1,4 +1,4 @@
-"""Resume and failures, with real processes killed by real signals: the driver (SIGKILL, three times, then
+"""Resume and failures, with real processes killed by real signals: the driver (SIGKILL, twice, then
 `lora-search run` / `lora-search resume` again), the process training one trial (a warm trial's own), and a whole
 worker node of a localhost `ray start` cluster. Truth comes from Ray's own experiment state, MLflow through
 MlflowClient, and an uninterrupted run of the same seeded sweep.
@@ -29,6 +29,9 @@ CLI = [sys.executable, "-m", "lora_search.cli"]
 PARAMS = ["variant", "rank", "alpha", "targets", "lr", "dropout"]
 MAX_STEPS = 30
 """The killed-driver sweep's budget: rungs at 10 and 20, so its 4 trials end both pruned and completed."""
+
+KILLS = 2
+"""Driver kills in the resume test: one while `run` drives, one while `resume` does."""
 
 
 def _sweep_file(tmp: Path, name: str, model: Path, data: Path, out: Path, **fields: str) -> Path:
@@ -111,10 +114,11 @@ def _wait_session_gone(sid: int, timeout: float = 60) -> int:
 
 
 @pytest.mark.slow
-def test_driver_killed_three_times_resumes_to_the_uninterrupted_sweep(tiny_model_dir, tiny_jsonl, tmp_path) -> None:
-    """SIGKILL the driver at three seeded random points; `run` and `resume` bring the sweep to the same end as an
-    uninterrupted run with the same seed: the same trials (by params), statuses and eval losses, the same frontier
-    (the 3-D one up to measured cost: wall time), one MLflow child run per Ray trial with a truthful status."""
+def test_driver_killed_twice_resumes_to_the_uninterrupted_sweep(tiny_model_dir, tiny_jsonl, tmp_path) -> None:
+    """SIGKILL the driver at two seeded random points (a `run`, then a `resume`, each killed); a last `run` brings the
+    sweep to the same end as an uninterrupted run with the same seed: the same trials (by params), statuses and eval
+    losses, the same frontier (the 3-D one up to measured cost: wall time), one MLflow child run per Ray trial with a
+    truthful status."""
     import ray
     from mlflow import MlflowClient
 
@@ -142,7 +146,7 @@ def test_driver_killed_three_times_resumes_to_the_uninterrupted_sweep(tiny_model
     plain_steps = sum(
         json.loads(f.read_text())["step"] for f in (tmp_path / "plain" / name).glob("ray/progress/*.json")
     )
-    targets = sorted(rng.uniform(0.1, 0.9) * plain_steps for _ in range(3))
+    targets = sorted(rng.uniform(0.1, 0.9) * plain_steps for _ in range(KILLS))
     progress = tmp_path / "killed" / name / "ray" / "progress"
     kills, outlived, log = 0, 0, []
     start = time.monotonic()
@@ -154,7 +158,7 @@ def test_driver_killed_three_times_resumes_to_the_uninterrupted_sweep(tiny_model
         driver_log = tmp_path / f"driver_{kills}.log"
         with driver_log.open("w") as sink:
             driver = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        if kills == 3:
+        if kills == KILLS:
             returncode = driver.wait(timeout=600)
             output = driver_log.read_text()
             assert returncode == 0, output[-3000:]
@@ -183,7 +187,7 @@ def test_driver_killed_three_times_resumes_to_the_uninterrupted_sweep(tiny_model
     a, b = _params(plain), _params(resumed)
     print(
         f"\n{log}; uninterrupted {uninterrupted_s:.0f}s (first report at {first_report_s:.0f}s), "
-        f"killed 3x and resumed {total_s:.0f}s "
+        f"killed {KILLS}x and resumed {total_s:.0f}s "
         f"(x{total_s / uninterrupted_s:.2f}); Ray processes that outlived their driver: {outlived}"
     )
     print(resumed[["trial_id", "status", "step", "restarts", "steps_redone", "eval_loss", "trial_s"]].to_string())

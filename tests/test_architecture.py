@@ -17,7 +17,14 @@ PACKAGE = Path(__file__).resolve().parent.parent / "lora_search"
 
 ROOMS = {
     "face": {"__init__", "cli"},
-    "driver": {"sweep", "preflight", "plan", "resume", "results"},
+    "driver": {
+        "sweep",
+        "preflight",
+        "plan",
+        "resume",
+        "results",
+        "replay",  # the sweep's scheduler and searcher replayed over a recorded grid: a driver with no training
+    },
     "worker": {
         "trial",
         "train",

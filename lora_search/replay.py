@@ -49,6 +49,10 @@ PARAMS = ("variant", "rank", "alpha", "targets", "lr")
 REQUIRED = ("config_id", *PARAMS, "status", "curve_step", "curve_eval_loss", "adapter_bytes", "train_s", "device_s")
 
 
+class UnsupportedScheduler(ValueError):
+    """A scheduler whose decisions the replay cannot follow (PAUSE: PBT, synchronous HyperBand)."""
+
+
 class GridError(ValueError):
     """A recorded grid this module cannot replay: every problem found, one a line."""
 
@@ -410,7 +414,7 @@ def simulate(
     """Replay `searcher` (a SEARCHERS name, seeded with `seed`, or a Searcher) and `scheduler` (a SCHEDULERS name
     or a fresh TrialScheduler) over `grid` with `workers` trials at a time, until the searcher has nothing left.
 
-    Raises NotImplementedError for a scheduler that answers PAUSE (PBT, synchronous HyperBand)."""
+    Raises UnsupportedScheduler for a scheduler that answers PAUSE (PBT, synchronous HyperBand)."""
     search = SEARCHERS[searcher](grid, seed) if isinstance(searcher, str) else searcher
     sched = SCHEDULERS[scheduler](grid) if isinstance(scheduler, str) else scheduler
     sched.set_search_properties("eval_loss", "min")  # what tune.TuneConfig(metric=, mode=) does in lora_search.sweep
@@ -543,8 +547,9 @@ class _Loop:
             self.scheduler.on_trial_complete(self, trial, result)  # type: ignore[arg-type]
             return self.end(running, "pruned", c.steps[i])
         if decision != TrialScheduler.CONTINUE:
-            raise NotImplementedError(
-                f"{type(self.scheduler).__name__} answered {decision!r}; the replay follows CONTINUE and STOP only"
+            raise UnsupportedScheduler(
+                f"{type(self.scheduler).__name__} answered {decision!r}; the replay follows CONTINUE and STOP only "
+                "(ASHA-like schedulers): replay a scheduler that never pauses a trial"
             )
         running.index += 1
         self._push(running.seconds_at(c.steps[i + 1]), running)

@@ -139,7 +139,7 @@ def test_a_scheduler_that_pauses_is_refused(grid: replay.Grid) -> None:
         def on_trial_result(self, controller: Any, trial: Any, result: dict[str, Any]) -> str:
             return self.PAUSE
 
-    with pytest.raises(NotImplementedError, match="PAUSE"):
+    with pytest.raises(replay.UnsupportedScheduler, match="PAUSE"):
         replay.simulate(grid, "random", Pausing(), workers=1, seed=0)
 
 

@@ -2,7 +2,7 @@
 to find 95% of the grid's frontier hypervolume, and the share of it found at 0.15x the grid's compute.
 
     python benchmarks/replay_measure.py                  # the newest benchmarks/grid_*.parquet (benchmarks/grid.py)
-    python benchmarks/replay_measure.py --synthetic      # lora_search.replay.synthetic_grid: ~30 s on 2 CPU cores
+    python benchmarks/replay_measure.py --synthetic      # lora_search.grids.synthetic_grid: ~30 s on 2 CPU cores
     python benchmarks/replay_measure.py TABLE --seeds 50 --workers 8 --out replay.json
 
 Each combination runs once a seed (seeds 0..N-1) until its searcher has tried every configuration. Compute is the
@@ -32,7 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lora_search import replay  # noqa: E402
+from lora_search import grids, replay  # noqa: E402
 
 COMBOS: dict[str, tuple[str, str]] = {
     "random+asha": ("random", "asha"),  # what sweeps run: ASHA on eval loss (lora_search.space.scheduler)
@@ -127,7 +127,7 @@ def _finite(value: Any) -> Any:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("table", nargs="?", type=Path, help="a grid table (default: the newest grid_*.parquet)")
-    parser.add_argument("--synthetic", action="store_true", help="replay.synthetic_grid(120, seed 0) instead")
+    parser.add_argument("--synthetic", action="store_true", help="grids.synthetic_grid(120, seed 0) instead")
     parser.add_argument("--seeds", type=int, default=20)
     parser.add_argument("--workers", type=int, default=4, help="trials at a time (sweeps/smollm2.py: 4 an H200)")
     parser.add_argument("--grace-period", type=int, default=50, help="ASHA's first rung (sweeps/smollm2.py: 50)")
@@ -138,13 +138,13 @@ def main() -> None:
 
     if args.synthetic:
         path = Path(tempfile.mkdtemp()) / "grid_synthetic.parquet"
-        replay.synthetic_grid(120, seed=0).to_parquet(path)
+        grids.synthetic_grid(120, seed=0).to_parquet(path)
     else:
         tables = sorted(ROOT.glob("benchmarks/grid_*.parquet"), key=lambda p: p.stat().st_mtime)
         if args.table is None and not tables:
             sys.exit("no benchmarks/grid_*.parquet: record one (benchmarks/grid.py), or pass --synthetic")
         path = args.table or tables[-1]
-    grid = replay.load_grid(path, grace_period=args.grace_period, reduction_factor=args.reduction_factor)
+    grid = grids.load_grid(path, grace_period=args.grace_period, reduction_factor=args.reduction_factor)
     out = args.out or ROOT / "benchmarks" / f"replay_{path.stem}.json"
 
     start = time.perf_counter()
@@ -152,7 +152,7 @@ def main() -> None:
     rhos = spearman(grid)
     done = grid.scored(grid.configurations)
     result = {
-        "table": "synthetic: lora_search.replay.synthetic_grid(120, seed=0)" if args.synthetic else str(path),
+        "table": "synthetic: lora_search.grids.synthetic_grid(120, seed=0)" if args.synthetic else str(path),
         "configurations": len(grid.configurations),
         "completed_scored": len(done),
         "objective": grid.objective,

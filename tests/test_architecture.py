@@ -50,6 +50,7 @@ ROOMS = {
         "variants",
         "pareto",
         "pruning",
+        "grids",  # a recorded grid (tabular benchmark) as the replay reads it
         "serving",  # the serving engines' rules, which config checks serve_with against
         "nightly",
         "cost",

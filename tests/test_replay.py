@@ -11,20 +11,20 @@ from typing import Any
 
 import pytest
 
-from lora_search import replay
+from lora_search import grids, replay
 from lora_search.records import StepReport
 
 
 @pytest.fixture(scope="module")
 def table(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("grid") / "grid_synthetic.parquet"
-    replay.synthetic_grid(120, seed=0).to_parquet(path)
+    grids.synthetic_grid(120, seed=0).to_parquet(path)
     return path
 
 
 @pytest.fixture(scope="module")
 def grid(table: Path) -> replay.Grid:
-    return replay.load_grid(table, grace_period=50, reduction_factor=3)
+    return grids.load_grid(table, grace_period=50, reduction_factor=3)
 
 
 def _recording(stop_at: int | None = None) -> Any:
@@ -160,34 +160,34 @@ def test_load_grid_names_what_is_missing(table: Path, tmp_path: Path) -> None:
 
     frame = pd.read_parquet(table)
     frame.drop(columns=["device_s"]).to_parquet(tmp_path / "a.parquet")
-    with pytest.raises(replay.GridError, match="missing column 'device_s'"):
-        replay.load_grid(tmp_path / "a.parquet")
+    with pytest.raises(grids.GridError, match="missing column 'device_s'"):
+        grids.load_grid(tmp_path / "a.parquet")
 
     bad = frame.copy()
     bad.at[3, "curve_eval_loss"] = list(bad.at[3, "curve_eval_loss"])[:-1]
     bad.to_parquet(tmp_path / "b.parquet")
-    with pytest.raises(replay.GridError, match=f"row 3 \\({bad.at[3, 'config_id']}\\): curve_step and curve_eval"):
-        replay.load_grid(tmp_path / "b.parquet")
+    with pytest.raises(grids.GridError, match=f"row 3 \\({bad.at[3, 'config_id']}\\): curve_step and curve_eval"):
+        grids.load_grid(tmp_path / "b.parquet")
 
     short = frame.copy()
     done = short.index[short["status"] == "completed"][0]
     short.at[done, "curve_step"] = list(short.at[done, "curve_step"])[:-1]
     short.at[done, "curve_eval_loss"] = list(short.at[done, "curve_eval_loss"])[:-1]
     short.to_parquet(tmp_path / "c.parquet")
-    with pytest.raises(replay.GridError, match=f"row {done} .*completed but its curve ends at step 275"):
-        replay.load_grid(tmp_path / "c.parquet")
+    with pytest.raises(grids.GridError, match=f"row {done} .*completed but its curve ends at step 275"):
+        grids.load_grid(tmp_path / "c.parquet")
 
     bare = frame.copy()
     bare.attrs = {}
     bare.to_parquet(tmp_path / "d.parquet")
-    with pytest.raises(replay.GridError, match="benchmarks/grid.py table"):
-        replay.load_grid(tmp_path / "d.parquet")
+    with pytest.raises(grids.GridError, match="benchmarks/grid.py table"):
+        grids.load_grid(tmp_path / "d.parquet")
 
 
 def test_synthetic_grid_is_deterministic_and_in_the_grid_format(grid: replay.Grid) -> None:
-    a, b, c = replay.synthetic_grid(60, 1), replay.synthetic_grid(60, 1), replay.synthetic_grid(60, 2)
+    a, b, c = grids.synthetic_grid(60, 1), grids.synthetic_grid(60, 1), grids.synthetic_grid(60, 2)
     assert a.equals(b) and not a.equals(c) and len(a) == 60
-    assert set(replay.REQUIRED) <= set(a.columns) and "smollm2_dates/exact_match_stderr" in a.columns
+    assert set(grids.REQUIRED) <= set(a.columns) and "smollm2_dates/exact_match_stderr" in a.columns
     assert grid.budget.max_steps == 300 and grid.objective == "smollm2_dates/exact_match"
     statuses = {c.status for c in grid.configurations}
     assert "completed" in statuses and statuses - {"completed"}  # some end early, as real grids have

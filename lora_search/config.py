@@ -32,6 +32,8 @@ __all__ = ["ConfigError", "Problem", "collecting_problems"]  # re-exported from 
 Dtype = Literal["float32", "bfloat16", "float16", "auto"]
 """torch dtypes a base loads in (`getattr(torch, dtype)`), or "auto": the checkpoint's own."""
 SearchAlgorithm = Literal["random", "grid", "optuna"]
+Scheduler = Literal["asha", "pareto-asha"]
+"""`Sweep.scheduler` values: rows of `lora_search.space.SCHEDULERS`."""
 ServeWith = Literal["any", "vllm"]
 Placement = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
 Attention = Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"]
@@ -423,6 +425,11 @@ class Sweep:
     search: SearchAlgorithm = "random"
     """random and optuna (TPE through Ray's OptunaSearch) draw `num_samples` trials; grid runs every combination
     `num_samples` times."""
+    scheduler: Scheduler = "asha"
+    """Which trials stop at a rung (`Budget` sets the rungs). "asha": Ray's ASHA, on eval loss alone. "pareto-asha":
+    `lora_search.pareto_asha`, on eval loss, adapter bytes and device-seconds a step together: a small or cheap
+    adapter a little behind on loss goes on where it may reach the frontier, and about the same 1/reduction_factor
+    of trials go on from each rung."""
     num_samples: Annotated[int, Range(ge=1, example="16")] = 16
     seed: Annotated[int, Range(ge=0, lt=2**32, example="0")] = 0
     """Seeds torch, numpy (which takes 0 <= seed < 2**32), the data order and the searcher."""

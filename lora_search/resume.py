@@ -1,8 +1,9 @@
-"""Resuming a sweep after its driver died: ASHA's rungs and stop decisions kept across the restart.
+"""Resuming a sweep after its driver died: the scheduler's rungs and stop decisions kept across the restart.
 
 Tune restores the trials and the searcher itself (`Tuner.restore`, lora_search.sweep); a trial cut short trains on
 from its newest checkpoint (lora_search.checkpoints). What Tune does not restore is the scheduler's state:
-`restorable` keeps it in `layout.ASHA_STATE_FILE`.
+`restorable` keeps it in `layout.ASHA_STATE_FILE`, for Ray's ASHA by reaching into its brackets, for Pareto ASHA
+through its own `state_file`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from typing import Any
 
 
 def restorable(asha: Any, state_file: Path) -> Any:
-    """ASHA whose rungs and stop decisions survive a killed driver, in `state_file` (JSON, rewritten after each result).
+    """ASHA (Ray's, or `lora_search.pareto_asha.ParetoASHA`) whose rungs and stop decisions survive a killed driver, in
+    `state_file` (JSON, rewritten after each result). Pareto ASHA keeps its own state: it is handed the file.
 
     Tune restores trials and the searcher, but a restored sweep gets the scheduler as it was created: empty rungs.
     Then the trials still to come are judged against no one, and a trial stopped just before the driver died (its
@@ -23,6 +25,12 @@ def restorable(asha: Any, state_file: Path) -> Any:
     after Tune last saved its state) replays its reports from the start (`reports_until`): the replay goes on up to
     that step and stops there, so the trial ends where it ended, not at its first replayed report."""
     from ray.tune.schedulers import ASHAScheduler
+
+    from lora_search.pareto_asha import ParetoASHA
+
+    if isinstance(asha, ParetoASHA):
+        asha.state_file = state_file
+        return asha
 
     class RestorableASHA(ASHAScheduler):
         def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:

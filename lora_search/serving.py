@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lora_search.variants import VARIANTS
+
 ENGINES = ("vllm",)
 
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -148,6 +150,7 @@ def can_serve(variants: tuple[str, ...], engine: str) -> tuple[str, ...]:
     return tuple(v for v in variants if engine != "vllm" or v in VARIANTS_SAVED_AS_LORA)
 
 
-VARIANTS_SAVED_AS_LORA = frozenset({"lora", "rslora", "pissa", "loraplus", "qlora", "loftq"})
-"""Variants whose saved adapter is plain LoRA tensors (PiSSA and LoftQ converted on save; QLoRA's are the same
-LoRA tensors, trained against NF4 weights): vLLM loads them. DoRA, VeRA and AdaLoRA it refuses (`RULES`)."""
+VARIANTS_SAVED_AS_LORA = frozenset(name for name, v in VARIANTS.items() if v.kind == "lora")
+"""Variants whose saved adapter is plain LoRA tensors (`variants.Variant.kind`; PiSSA and LoftQ converted on save,
+QLoRA's the same LoRA tensors trained against NF4 weights): vLLM loads them. DoRA, VeRA and AdaLoRA it refuses
+(`RULES`)."""

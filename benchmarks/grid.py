@@ -4,6 +4,7 @@ without training (lora_search's replay simulator reads the table this writes).
 
     python benchmarks/grid.py run --shard attention    # half the grid as a sweep: no pruning, 8 trials a GPU
     python benchmarks/grid.py run --shard all-linear   # the other half (another GPU, or after it)
+    GRID_PER_GPU=12 python benchmarks/grid.py run --shard all   # the whole grid as one sweep (one GPU)
     python benchmarks/grid.py table    # -> benchmarks/grid_smollm2_<gpu>_<date>.parquet (or --out DIR)
 
 `run` is an ordinary lora_search sweep (named smollm2-grid, under $LORA_SEARCH_OUTPUT_DIR): interrupted (Ctrl-C,
@@ -31,7 +32,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 NAME = "smollm2-grid"
 # The grid in two sweeps that can run side by side (one a GPU) and resume apart; `table` joins them.
-SHARDS = {"attention": ("attention",), "all-linear": ("all-linear",)}
+SHARDS = {"attention": ("attention",), "all-linear": ("all-linear",), "all": ("attention", "all-linear")}
+# Trials sharing one GPU ($GRID_PER_GPU): a 135M trial is host-bound, so the machine's cores set how many pay off.
+PER_GPU = int(os.environ.get("GRID_PER_GPU", "8"))
 
 
 def grid_sweep(shard: str, smoke: bool = False) -> Any:
@@ -48,7 +51,9 @@ def grid_sweep(shard: str, smoke: bool = False) -> Any:
         ranks=(4, 16, 64),
         alpha_over_rank=(2.0,),
         targets=SHARDS[shard],
-        variants=("lora", "rslora", "dora", "pissa", "loraplus"),
+        # Tune's grid varies the first key slowest: DoRA (the slowest to train) comes last, so a grid cut short
+        # lacks DoRA configurations rather than a slice of every variant.
+        variants=("lora", "rslora", "pissa", "loraplus", "dora"),
         lr=(2e-5, 2e-3),
         lr_grid_points=4,  # 2e-5, 9.3e-5, 4.3e-4, 2e-3
     )
@@ -64,8 +69,8 @@ def grid_sweep(shard: str, smoke: bool = False) -> Any:
         search="grid",
         num_samples=1,
         budget=budget,
-        # A 135M trial is host-bound: eight share a GPU, two cores each.
-        resources=Resources(workers=1, gpus_per_worker=0.125, cpus_per_worker=2),
+        # A 135M trial is host-bound: PER_GPU share a GPU, two cores each up to eight, one beyond.
+        resources=Resources(workers=1, gpus_per_worker=round(1 / PER_GPU, 4), cpus_per_worker=2 if PER_GPU <= 8 else 1),
         tracking_uri="off",
     )
 

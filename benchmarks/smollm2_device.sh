@@ -31,7 +31,9 @@ part() {  # append one carried part of the GGUF
 }
 
 copy_out() {  # what comes back, in one file (a call returns few files): logs, tables, reports, MLflow's store
+  # and every trial's results under Ray's experiment (no checkpoints), which a machine given back would lose
   (cd /tmp && find reports -maxdepth 2 -type f -size -30M > /tmp/list && find logs out_extra -type f >> /tmp/list 2>/dev/null
+   find reports/*/ray -type f -size -2M -not -path "*checkpoint*" >> /tmp/list 2>/dev/null
    tar czf "$OUT/results.tgz" -T /tmp/list) && ls -l "$OUT/results.tgz"
 }
 

@@ -11,6 +11,8 @@
     lora-search ui [--port 5000] [--host 127.0.0.1]  # the MLflow UI for the embedded store (reports/mlflow.db);
                                             # on this machine only unless --host says otherwise
     lora-search report NAME_OR_DIR [--output-dir DIR]  # the sweep's results as one offline HTML page
+    lora-search compare ID [ID ...] --prompt TEXT   # greedy answers of trials' adapters (trial or MLflow run ids)
+                                            # and of their base, on one base load
     lora-search plan sweeps/llama70b.py --gpus 64      # the --dry-run plan: memory per GPU, budget, cost; no Ray
 
 A sweep file is a Python file that defines one `Sweep` (conventionally `SWEEP`) at module level.
@@ -291,6 +293,18 @@ def _report(name_or_dir: str, output_dir: str | None) -> int:
     return 0
 
 
+def _compare(ids: list[str], prompt: str, output_dir: str | None, max_new_tokens: int) -> int:
+    """Each named trial's answer to `prompt` beside the base's, from the sweeps under the output dir."""
+    from lora_search import answers
+
+    if max_new_tokens < 1:
+        raise ConfigError([Problem("--max-new-tokens", max_new_tokens, "must be at least 1", "e.g. 32 (the default)")])
+    where = Path(output_dir or os.environ.get("LORA_SEARCH_OUTPUT_DIR", "reports"))
+    found = answers.find_adapters(ids, where)  # an unknown id fails here, before any model loads
+    print(answers.table(answers.compare(found, prompt, max_new_tokens)))
+    return 0
+
+
 def _guarded(action: Callable[[], int]) -> int:
     from lora_search.sweep import SweepExistsError, SweepInterrupted
 
@@ -411,6 +425,11 @@ def main(argv: list[str] | None = None) -> None:
     p_report = sub.add_parser("report", help="write a finished sweep's results as one self-contained HTML page")
     p_report.add_argument("sweep", metavar="NAME_OR_DIR", help="a sweep name under the output dir, or a sweep dir")
     p_report.add_argument("--output-dir", help="where NAME ran (default: $LORA_SEARCH_OUTPUT_DIR, else reports)")
+    p_compare = sub.add_parser("compare", help="generate from several trials' adapters on one base load (greedy)")
+    p_compare.add_argument("ids", nargs="+", metavar="TRIAL_OR_RUN_ID", help="trial ids or their MLflow run ids")
+    p_compare.add_argument("--prompt", required=True, help="the text to continue, as is (no chat template added)")
+    p_compare.add_argument("--max-new-tokens", type=int, default=32, help="default 32")
+    p_compare.add_argument("--output-dir", help="where the sweeps ran (default: $LORA_SEARCH_OUTPUT_DIR, else reports)")
     args = parser.parse_args(argv)
 
     def load_and(action: Callable[[Sweep, list[Problem]], int]) -> Callable[[], int]:
@@ -462,6 +481,8 @@ def main(argv: list[str] | None = None) -> None:
         run_sweep_main(sweep, ["--dry-run", *flags], config_dir=config_dir)
     if args.command == "report":
         sys.exit(_guarded(lambda: _report(args.sweep, args.output_dir)))
+    if args.command == "compare":
+        sys.exit(_guarded(lambda: _compare(args.ids, args.prompt, args.output_dir, args.max_new_tokens)))
 
 
 if __name__ == "__main__":

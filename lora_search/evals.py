@@ -10,6 +10,12 @@ CLI from there: `lm_eval --include_path evals/tasks --tasks tiny_mood ...`.
 Scores come from `lm_eval.simple_evaluate` over an in-memory `HFLM`: a trial scores its live PEFT model
 (no reload), and rescoring loads the base once and swaps adapters. Before any score, `check_applied` makes
 sure the adapter changes the model's outputs: a zero or wrongly loaded adapter never produces a score.
+
+lm-eval's per-row samples are kept, trimmed to what a reader compares (`golden_samples`): the results JSON written
+beside each trial's adapter (`lm_eval_results.json`) and the base's (`base_lm_eval_results.json`) carry them under
+`SAMPLES_KEY`, one row per golden row scored: prompt, reference, the model's answer (the filtered response; for a
+multiple-choice task the choice it ranked first), the row's metrics and whether it was right. lora_search.answers shows
+them side by side.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import numbers
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +36,8 @@ from lora_search.userfiles import load_yaml
 if TYPE_CHECKING:
     import torch
 
+SAMPLES_KEY = "golden_samples"
+"""The key of the kept samples in a results JSON; older sweeps' results have none."""
 APPLIED_ATOL = 1e-6
 """Max |logit difference| between adapter on and off below which the adapter counts as not applied."""
 
@@ -125,7 +134,7 @@ def score(model: Any, tokenizer: Any, evals: Evals, seed: int, autocast_bf16: bo
         tasks=task_configs(evals),
         task_manager=TaskManager(include_defaults=False),
         limit=evals.limit,
-        log_samples=False,
+        log_samples=True,  # the rows already scored: keeping them costs ~0.3 kB a row, no compute
         random_seed=seed,
         numpy_random_seed=seed,
         torch_random_seed=seed,
@@ -146,12 +155,55 @@ def flatten(output: dict[str, Any], evals: Evals) -> dict[str, Any]:
     task, _, metric = evals.objective.partition("/")
     higher = output.get("higher_is_better", {}).get(task, {}).get(metric, True)
     objective = metrics.get(evals.objective, math.nan)
-    return {
-        "metrics": metrics,
-        "objective": objective,
-        "higher_is_better": bool(higher),
-        "results": json.loads(json.dumps(output, default=str)),
-    }
+    results = json.loads(json.dumps({k: v for k, v in output.items() if k != "samples"}, default=str))
+    results[SAMPLES_KEY] = golden_samples(output)
+    return {"metrics": metrics, "objective": objective, "higher_is_better": bool(higher), "results": results}
+
+
+def golden_samples(output: dict[str, Any]) -> list[dict[str, Any]]:
+    """lm-eval's logged samples (`simple_evaluate(log_samples=True)`), one JSON-safe row per scored golden row:
+    `task`, `doc_id`, `id` (the row's own, if any), `filter`, `prompt`, `reference`, `answer`, `metrics` and `correct`
+    (None unless the row's first metric is 0 or 1, as acc and exact_match are)."""
+    rows = []
+    for task, samples in (output.get("samples") or {}).items():
+        kind = output.get("configs", {}).get(task, {}).get("output_type")
+        directions = output.get("higher_is_better", {}).get(task, {})
+        for s in samples:
+            args = [a if isinstance(a, (list, tuple)) else (a,) for a in s["arguments"]]
+            answer, reference = _answer(kind, args, s["filtered_resps"], s["target"])
+            metrics = {m: s.get(m) for m in s.get("metrics", [])}
+            first = next(iter(metrics), "")
+            value = metrics.get(first)
+            binary = isinstance(value, (int, float)) and not isinstance(value, bool) and value in (0, 1)
+            doc = s.get("doc")
+            rows.append(
+                {
+                    "task": task,
+                    "doc_id": s.get("doc_id"),
+                    "id": doc.get("id") if isinstance(doc, dict) else None,
+                    "filter": s.get("filter"),
+                    "prompt": str(args[0][0]) if args else "",
+                    "reference": reference,
+                    "answer": answer,
+                    "metrics": metrics,
+                    "correct": bool(value == int(directions.get(first, True))) if binary else None,
+                }
+            )
+    return json.loads(json.dumps(rows, default=str))
+
+
+def _answer(kind: str | None, args: list[Any], responses: list[Any], target: Any) -> tuple[str, str]:
+    """(the model's answer, the reference) of one sample. Multiple choice: the choice with the highest loglikelihood
+    (what `acc` scores) and the target's choice text; otherwise the first filtered response and the target."""
+    if kind != "multiple_choice":
+        first = responses[0] if responses else ""
+        return str(first[0] if isinstance(first, (list, tuple)) and first else first), str(target)
+    choices = [str(a[1]).strip() for a in args]  # (context, continuation) per choice
+    scores = [float(r[0] if isinstance(r, (list, tuple)) else r) for r in responses]
+    answer = choices[max(range(len(scores)), key=scores.__getitem__)] if scores else ""
+    picked = target if isinstance(target, list) else [target]
+    index = [int(t) if isinstance(t, numbers.Integral) and 0 <= int(t) < len(choices) else None for t in picked]
+    return answer, " | ".join(choices[i] if i is not None else str(t) for i, t in zip(index, picked, strict=True))
 
 
 def score_base(sweep: Any) -> dict[str, Any]:

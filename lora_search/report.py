@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lora_search import pareto
+from lora_search import answers, pareto
 from lora_search.config import ConfigError, Problem
 from lora_search.cost import spend_line
 from lora_search.layout import (
@@ -170,6 +170,7 @@ def write_report(
     tmp = out.with_suffix(".html.tmp")
     tmp.write_text(page, encoding="utf-8")
     tmp.replace(out)
+    answers.write(Path(sweep_dir))  # the golden rows' answers, linked from the page
     return out
 
 
@@ -188,7 +189,9 @@ def render(
     return (
         f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{title}</title>"
         f"<style>{CSS}</style><script>{get_plotlyjs()}</script></head>\n"
-        f"<body><h1>{title}</h1>\n" + "\n".join(sections) + f"\n<script>{SORT_JS}</script></body></html>\n"
+        f"<body><h1>{title}</h1>\n<p><a href='{answers.ANSWERS_HTML}'>What each frontier adapter answers</a></p>\n"
+        + "\n".join(sections)
+        + f"\n<script>{SORT_JS}</script></body></html>\n"
     )
 
 

@@ -187,14 +187,30 @@ def test_cli_report_writes_the_page_and_names_a_missing_sweep(tmp_path: Path, ca
     assert str(tmp_path / "nosuch") in err and "run the sweep first" in err
 
 
+def write_samples(sweep_dir: Path, rows: int = 4) -> None:
+    """Kept golden samples (lora_search.evals) for the synthetic frontier: its adapters agree on the first half."""
+    trials = pd.read_parquet(sweep_dir / "trials.parquet")
+    for n, tid in enumerate(trials.loc[trials["pareto"], "trial_id"]):
+        samples = []
+        for i in range(rows):
+            right = i < rows // 2
+            samples.append({"task": "tiny_mood", "doc_id": i, "id": f"g{i}", "filter": "none", "prompt": f"prompt {i}",
+                            "reference": "joy", "answer": "joy" if right else f"answer {n}",
+                            "metrics": {"acc": float(right)}, "correct": right})  # fmt: skip
+        (sweep_dir / "adapters" / tid).mkdir(parents=True)
+        (sweep_dir / "adapters" / tid / "lm_eval_results.json").write_text(json.dumps({"golden_samples": samples}))
+
+
 def test_report_renders_in_headless_chromium(tmp_path: Path) -> None:
     """Offline (every non-file request aborted and recorded), no console or page errors, every figure drawn
-    with the synthetic data's points, the table sorts on a click, and a full-page screenshot."""
+    with the synthetic data's points, the table sorts on a click, and a full-page screenshot; the answers page it
+    links to shows the disagreements first, and its filter hides rows."""
     from playwright.sync_api import sync_playwright
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     assert chromium, "no Chromium: `make browser` installs Debian's package (apt-get install chromium)"
-    page_path = write_report(make_sweep_dir(tmp_path), baseline=BASELINE)
+    write_samples(sweep_dir := make_sweep_dir(tmp_path))
+    page_path = write_report(sweep_dir, baseline=BASELINE)
     trials = pd.read_parquet(page_path.parent / "trials.parquet")
     keep = Path(os.environ.get("LORA_SEARCH_SCREENSHOTS", tmp_path))
     keep.mkdir(parents=True, exist_ok=True)
@@ -234,6 +250,14 @@ def test_report_renders_in_headless_chromium(tmp_path: Path) -> None:
         descending = page.evaluate(cells)
         shot = keep / "report.png"
         page.screenshot(path=str(shot), full_page=True)
+        page.click("a[href='answers.html']")
+        shown = "Array.from(document.querySelectorAll('#answers tbody tr')).filter(tr => !tr.hidden).length"
+        disagreements = page.evaluate(shown)
+        page.fill("#filter", "prompt 3")
+        filtered = page.evaluate(shown)
+        page.fill("#filter", "")
+        page.uncheck("#only-disagreements")
+        every = page.evaluate(shown)
         browser.close()
 
     assert not requested, f"the report asked the network for {requested}"
@@ -263,6 +287,7 @@ def test_report_renders_in_headless_chromium(tmp_path: Path) -> None:
     assert ascending != before and losses == sorted(losses) and ascending[-1] == ""  # the never-reported trial last
     assert [float(v) for v in descending if v] == sorted(losses, reverse=True)
     assert shot.stat().st_size > 20_000
+    assert (disagreements, filtered, every) == (2, 1, 4)
 
 
 PLAN = {"gpu": "H200", "mfu": 0.35, "step_s": 0.02, "trials": 10, "concurrent": 4, "gpus_per_trial": 0.25,

@@ -12,9 +12,11 @@ What:
   the frontier's hypervolume, `frontier.csv`, and the base model's golden scores.
 - child run `trial_<id>` per trial: its hyperparameters as params, eval/train loss and throughput at every
   reported step, final golden scores, trainable params, adapter bytes, device-seconds and cost; completed trials
-  log `adapter/` (a PEFT adapter dir) and `lm_eval_results.json`. Frontier trials are tagged `pareto=true` and
-  their adapters registered as versions of the registered model `<sweep>-adapters`, tagged with the base's
-  fingerprint (lora_search.registry refuses to load them onto another base).
+  log `adapter/` (a PEFT adapter dir) and `lm_eval_results.json`. Frontier trials are tagged `pareto=true`, their
+  adapters logged as MLflow 3 LoggedModels of their runs with the golden scores linked to the golden sets
+  (lora_search.logged_models: `mlflow.search_logged_models` ranks them), and registered as versions of the
+  registered model `<sweep>-adapters`, tagged with the base's fingerprint (lora_search.registry refuses to load them
+  onto another base).
 - status, exactly Ray's trial state: completed -> FINISHED; pruned -> FINISHED with `lora_search.status=pruned`
   and `lora_search.stopped_at_step`; failed -> FAILED with `lora_search.failure_reason`; driver interrupted ->
   KILLED (a resumed sweep sets it again).
@@ -41,6 +43,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lora_search import logged_models
 from lora_search.config import Problem, Sweep
 from lora_search.layout import (
     BASE_LM_EVAL_RESULTS,
@@ -376,6 +379,7 @@ class Tracker:
         configs: dict[str, dict[str, Any]],
         histories: dict[str, list[dict[str, Any]]],
     ) -> None:
+        frontier: list[logged_models.Frontier] = []
         for r in records:
             run_id = self.child(r.trial_id, configs[r.trial_id])
             self._backfill(run_id, histories.get(r.trial_id, []))
@@ -411,7 +415,11 @@ class Tracker:
                     self.client.log_artifact(run_id, str(adapter / LM_EVAL_RESULTS))
             self._set_status(run_id, r.status, r.step, r.reason)
             if r.pareto and r.adapter_path:
-                self._register(r, run_id)
+                params = trial_param_values(self.sweep, configs[r.trial_id])
+                frontier.append(logged_models.Frontier(r, run_id, params, metrics))
+        models = logged_models.log_frontier(self, frontier)
+        for entry in frontier:
+            self._register(entry.record, entry.run_id, models.get(entry.record.trial_id))
 
     def _finish_parent(
         self,
@@ -440,8 +448,9 @@ class Tracker:
         missing = [m for row in history for m in _step_metrics(row) if (m.key, m.step) not in logged]
         self._log(run_id, metrics=missing)
 
-    def _register(self, r: TrialRecord, run_id: str) -> None:
-        """A frontier adapter becomes a version of `<sweep>-adapters`, tagged with its base's fingerprint."""
+    def _register(self, r: TrialRecord, run_id: str, model_id: str | None) -> None:
+        """A frontier adapter becomes a version of `<sweep>-adapters`, tagged with its base's fingerprint; with its
+        LoggedModel (`lora_search.logged_models`), the version is that model's (its artifacts, its `model_id`)."""
         from mlflow.exceptions import MlflowException
 
         name = registered_model_name(self.sweep)
@@ -453,7 +462,10 @@ class Tracker:
             pass  # it exists
         if self.client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
             return
-        source = f"{self.client.get_run(run_id).info.artifact_uri}/adapter"
+        if model_id:
+            source = self.client.get_logged_model(model_id).artifact_location
+        else:
+            source = f"{self.client.get_run(run_id).info.artifact_uri}/adapter"
         tags = {
             "lora_search.base": self.sweep.base.name_or_path,
             "lora_search.base_revision": self.sweep.base.revision or "",
@@ -461,5 +473,8 @@ class Tracker:
             "lora_search.trial_id": r.trial_id,
             "variant": r.variant,
             "rank": str(r.rank),
+            **({"lora_search.model_id": model_id} if model_id else {}),
         }
-        self.client.create_model_version(name, source, run_id=run_id, tags=redacted(tags))
+        version = self.client.create_model_version(name, source, run_id=run_id, tags=redacted(tags), model_id=model_id)
+        if model_id:
+            logged_models.link_version(self.client, model_id, name, version.version)

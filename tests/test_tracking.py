@@ -280,7 +280,8 @@ def _load(sweep_file: Path) -> Sweep:
 
 def test_mlflow_ui_renders_the_sweep_in_headless_chromium(shared_sweep, mlflow_server, tmp_path) -> None:
     """The real MLflow UI in a real browser: the experiment lists the sweep; comparing its trials shows their
-    params and metrics. LORA_SEARCH_SCREENSHOTS=DIR keeps the screenshots."""
+    params and metrics; its models page lists the frontier's LoggedModels. LORA_SEARCH_SCREENSHOTS=DIR keeps the
+    screenshots."""
     import urllib.parse
 
     from mlflow import MlflowClient
@@ -308,7 +309,17 @@ def test_mlflow_ui_renders_the_sweep_in_headless_chromium(shared_sweep, mlflow_s
         page.get_by_text("golden/tiny_mood/acc").first.wait_for(timeout=30_000)
         text = page.inner_text("body")
         page.screenshot(path=str(keep / "mlflow_compare.png"), full_page=True)
+
+        # The experiment's models page: the frontier adapters as LoggedModels (lora_search.logged_models).
+        front = frame.loc[frame["pareto"], "trial_id"]
+        page.goto(f"{mlflow_server}/#/experiments/{experiment.experiment_id}/models")
+        page.get_by_text(f"trial_{front.iloc[0]}", exact=True).first.wait_for(timeout=60_000)
+        models_text = page.inner_text("body")
+        page.screenshot(path=str(keep / "mlflow_models.png"), full_page=True)
         browser.close()
+    for trial_id in front:
+        assert f"trial_{trial_id}" in models_text
+    assert f"{sweep.name}-adapters" in models_text and "tiny_mood" in models_text  # its registry version, golden set
     for child in children:
         assert child.info.run_name in text
     for name in ("variant", "rank", "alpha", "targets", "lr", "max_steps"):

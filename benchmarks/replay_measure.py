@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -144,7 +145,11 @@ def main() -> None:
         if args.table is None and not tables:
             sys.exit("no benchmarks/grid_*.parquet: record one (benchmarks/grid.py), or pass --synthetic")
         path = args.table or tables[-1]
-    grid = grids.load_grid(path, grace_period=args.grace_period, reduction_factor=args.reduction_factor)
+    recorded = len(pd.read_parquet(path, columns=["config_id"]))
+    # A configuration the recording cut short has no score and no whole curve: it is left out, not replayed as failed.
+    grid = grids.load_grid(
+        path, grace_period=args.grace_period, reduction_factor=args.reduction_factor, drop_unfinished=True
+    )
     out = args.out or ROOT / "benchmarks" / f"replay_{path.stem}.json"
 
     start = time.perf_counter()
@@ -154,6 +159,7 @@ def main() -> None:
     result = {
         "table": "synthetic: lora_search.grids.synthetic_grid(120, seed=0)" if args.synthetic else str(path),
         "configurations": len(grid.configurations),
+        "left_out_unfinished": recorded - len(grid.configurations),
         "completed_scored": len(done),
         "objective": grid.objective,
         "grid_device_s": grid.compute,

@@ -107,15 +107,25 @@ class Grid:
         return pareto.frontier(rows, pareto.Objective("objective", self.higher_is_better), quality, size, cost)
 
 
-def load_grid(path: str | Path, *, grace_period: int | None = None, reduction_factor: int | None = None) -> Grid:
+def load_grid(
+    path: str | Path,
+    *,
+    grace_period: int | None = None,
+    reduction_factor: int | None = None,
+    drop_unfinished: bool = False,
+) -> Grid:
     """The table benchmarks/grid.py writes, checked. The grid records a budget whose grace period is max_steps (it
     prunes nothing); `grace_period` and `reduction_factor` set the rungs ASHA replays (sweeps/smollm2.py: 50, 3).
+    `drop_unfinished`: leave out the configurations the recording cut short (status "unfinished": its time ran out,
+    not the trial), so the replay is over the configurations that have a whole curve and a score.
 
     Raises GridError naming every missing column and every row that cannot be replayed."""
     import pandas as pd
 
     frame = pd.read_parquet(path)
     meta = frame.attrs.get("lora_search") or _sidecar(Path(path))
+    if drop_unfinished and "status" in frame.columns:
+        frame = frame[frame["status"] != "unfinished"].reset_index(drop=True)
     problems = [f"missing column {c!r}" for c in REQUIRED if c not in frame.columns]
     if "budget" not in meta or "objective" not in meta:
         problems.append(

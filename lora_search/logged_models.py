@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from lora_search.layout import LM_EVAL_RESULTS
 from lora_search.provenance import redacted
@@ -38,9 +38,20 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities import Dataset, Metric
 
-    from lora_search.config import Evals
+    from lora_search.config import Evals, Sweep
     from lora_search.results import TrialRecord
-    from lora_search.tracking import Tracker
+
+
+class Tracker(Protocol):
+    """What this module reads of `lora_search.tracking.Tracker` (a Protocol, so the two modules import one way)."""
+
+    sweep: Sweep
+    uri: str
+    client: MlflowClient
+    experiment_id: str
+    parent_id: str
+    tags: dict[str, str]
+
 
 MODEL_TYPE = "peft-adapter"
 AXES = ("objective", "adapter_bytes", "cost")

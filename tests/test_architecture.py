@@ -40,7 +40,7 @@ ROOMS = {
         "gguf",  # a GGUF base converted into the cache, as demo_base builds the demo's
     },
     "scoring": {"evals"},
-    "outputs": {"tracking", "provenance", "registry", "report"},
+    "outputs": {"tracking", "logged_models", "provenance", "registry", "report", "answers"},
     "core": {
         "config",
         "problems",

@@ -7,6 +7,10 @@ without training (lora_search's replay simulator reads the table this writes).
     GRID_PER_GPU=12 python benchmarks/grid.py run --shard all   # the whole grid as one sweep (one GPU)
     python benchmarks/grid.py table    # -> benchmarks/grid_smollm2_<gpu>_<date>.parquet (or --out DIR)
 
+A grid cut short is finished in parts, at the same GRID_PER_GPU (device_s is the GPU share's device-seconds):
+    GRID_PER_GPU=16 python benchmarks/grid.py run --shard all --variants pissa,loraplus,dora
+    python benchmarks/grid.py table --earlier benchmarks/grid_smollm2_h200_2026-12-04.parquet
+
 `run` is an ordinary lora_search sweep (named smollm2-grid, under $LORA_SEARCH_OUTPUT_DIR): interrupted (Ctrl-C,
 SIGINT, a time limit), the same command resumes it. `table` reads its Ray experiment directly, so a grid cut short
 still gives a table of the configurations that finished (`status` says which did not). The table's columns are
@@ -35,12 +39,15 @@ NAME = "smollm2-grid"
 SHARDS = {"attention": ("attention",), "all-linear": ("all-linear",), "all": ("attention", "all-linear")}
 # Trials sharing one GPU ($GRID_PER_GPU): a 135M trial is host-bound, so the machine's cores set how many pay off.
 PER_GPU = int(os.environ.get("GRID_PER_GPU", "8"))
+# Tune's grid varies the first key slowest: DoRA (the slowest to train) comes last, so a grid cut short lacks DoRA
+# configurations rather than a slice of every variant.
+VARIANTS = ("lora", "rslora", "pissa", "loraplus", "dora")
 
 
-def grid_sweep(shard: str, smoke: bool = False) -> Any:
+def grid_sweep(shard: str, smoke: bool = False, variants: tuple[str, ...] = ()) -> Any:
     """sweeps/smollm2.py's base, data, budget and golden sets over a grid of 5 variants x 3 ranks x 2 target sets x
     4 learning rates (120 configurations), alpha = 2 x rank, every trial to max_steps; `shard` picks the target set
-    (`SHARDS`). `smoke` (with
+    (`SHARDS`), `variants` a part of the variants (a grid recorded in parts: the sweep's name says which). `smoke` (with
     SMOLLM2_MODE=smoke): two configurations on the CPU, to try the script end to end."""
     from lora_search import Resources, SearchSpace
     from lora_search.cli import load_sweep
@@ -51,9 +58,7 @@ def grid_sweep(shard: str, smoke: bool = False) -> Any:
         ranks=(4, 16, 64),
         alpha_over_rank=(2.0,),
         targets=SHARDS[shard],
-        # Tune's grid varies the first key slowest: DoRA (the slowest to train) comes last, so a grid cut short
-        # lacks DoRA configurations rather than a slice of every variant.
-        variants=("lora", "rslora", "pissa", "loraplus", "dora"),
+        variants=variants or VARIANTS,
         lr=(2e-5, 2e-3),
         lr_grid_points=4,  # 2e-5, 9.3e-5, 4.3e-4, 2e-3
     )
@@ -64,7 +69,7 @@ def grid_sweep(shard: str, smoke: bool = False) -> Any:
             name=f"{NAME}-smoke-{shard}", space=grid, search="grid", num_samples=1, budget=budget, tracking_uri="off"
         )
     return sweep.replace(
-        name=f"{NAME}-{shard}",
+        name=f"{NAME}-{shard}" + ("-" + "+".join(variants) if variants else ""),
         space=grid,
         search="grid",
         num_samples=1,
@@ -123,9 +128,11 @@ def _rows(sweep: Any, out: Path, analysis: Any) -> list[dict[str, Any]]:
     return rows
 
 
-def table(out_dir: Path, smoke: bool = False) -> Path:
+def table(out_dir: Path, smoke: bool = False, earlier: tuple[Path, ...] = ()) -> Path:
     """One row per configuration: its hyperparameters, status, curve (steps and eval losses), final golden scores
-    with stderr, adapter bytes, speed and device-seconds."""
+    with stderr, adapter bytes, speed and device-seconds. Reads every part of the grid recorded under the output
+    dir (each shard, each `--variants` part) and the rows of `earlier` tables; where a configuration appears more
+    than once, its completed row wins."""
     import pandas as pd
     import torch
     from ray.tune import ExperimentAnalysis
@@ -133,11 +140,28 @@ def table(out_dir: Path, smoke: bool = False) -> Path:
     from lora_search.layout import ray_storage
     from lora_search.sweep import sweep_dir
 
-    rows = []
-    shards = [grid_sweep(shard, smoke) for shard in SHARDS]
-    shards = [(s, sweep_dir(s)) for s in shards if (ray_storage(sweep_dir(s)) / s.name).is_dir()]
+    probe = grid_sweep("all", smoke)
+    root = sweep_dir(probe).parent
+    prefix = f"{NAME}-smoke-" if smoke else f"{NAME}-"
+    names = sorted(p.name for p in root.glob(prefix + "*") if (ray_storage(p) / p.name).is_dir())
+    if not smoke:
+        names = [n for n in names if not n.startswith(f"{NAME}-smoke-")]
+    shards = [(probe.replace(name=n), root / n) for n in names]
+    rows = [r for path in earlier for r in pd.read_parquet(path).to_dict("records")]
     for sweep, out in shards:
         rows += _rows(sweep, out, ExperimentAnalysis(str(ray_storage(out) / sweep.name)))
+    if not rows:
+        sys.exit(f"nothing recorded under {root} (benchmarks/grid.py run) and no --earlier table")
+    best: dict[str, dict[str, Any]] = {}
+    for r in rows:  # completed first, then the furthest step
+        key = (r["status"] == "completed", r["step"])
+        if r["config_id"] not in best or key > (
+            best[r["config_id"]]["status"] == "completed",
+            best[r["config_id"]]["step"],
+        ):
+            best[r["config_id"]] = r
+    rows = list(best.values())
+    shards = shards or [(probe, root)]
     sweep = shards[0][0]
     assert sweep.evals is not None
     frame = pd.DataFrame(rows).sort_values(["variant", "rank", "targets", "lr"]).reset_index(drop=True)
@@ -148,7 +172,7 @@ def table(out_dir: Path, smoke: bool = False) -> Path:
     path = out_dir / f"grid_smollm2_{tag}_{date}.parquet"
     meta = {
         "sweep": "benchmarks/grid.py (sweeps/smollm2.py's base, data, budget, golden sets)",
-        "shards": [s.name for s, _ in shards],
+        "shards": [s.name for s, _ in shards] + [str(p) for p in earlier],
         "budget": dataclasses.asdict(sweep.budget),
         "seed": sweep.seed,
         "objective": sweep.evals.objective,
@@ -185,17 +209,19 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks")
     parser.add_argument("--shard", choices=tuple(SHARDS), default="attention", help="run: which target set")
     parser.add_argument("--smoke", action="store_true", help="two configurations on the CPU (SMOLLM2_MODE=smoke)")
+    parser.add_argument("--variants", default="", help="run: a part of the variants, comma-separated (e.g. pissa,dora)")
+    parser.add_argument("--earlier", type=Path, nargs="*", default=(), help="table: rows of tables recorded before")
     args = parser.parse_args()
     if args.what == "run":
         from lora_search import run
         from lora_search.sweep import SweepExistsError
 
         try:
-            run(grid_sweep(args.shard, args.smoke))
+            run(grid_sweep(args.shard, args.smoke, tuple(v for v in args.variants.split(",") if v)))
         except SweepExistsError as e:
             print(e)
     else:
-        table(args.out, args.smoke)
+        table(args.out, args.smoke, tuple(args.earlier))
 
 
 if __name__ == "__main__":

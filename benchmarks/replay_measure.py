@@ -36,8 +36,8 @@ sys.path.insert(0, str(ROOT))
 from lora_search import grids, replay  # noqa: E402
 
 COMBOS: dict[str, tuple[str, str]] = {
-    "random+asha": ("random", "asha"),  # what sweeps run: ASHA on eval loss (lora_search.space.scheduler)
-    "random+pareto-asha": ("random", "pareto-asha"),  # ASHA on (eval loss, adapter bytes, cost a step)
+    "random+asha": ("random", "asha"),  # Ray's ASHA on eval loss (Sweep(scheduler="asha"))
+    "random+pareto-asha": ("random", "pareto-asha"),  # the default: ASHA on (eval loss, adapter bytes, cost a step)
     "random+fifo": ("random", "fifo"),  # no pruning: the grid in a random order
     "tpe+fifo": ("tpe", "fifo"),  # Optuna TPE on the golden objective
     "nsga2+fifo": ("nsga2", "fifo"),  # Optuna NSGA-II on (objective, adapter bytes, cost)
@@ -45,20 +45,7 @@ COMBOS: dict[str, tuple[str, str]] = {
 TARGET, EARLY = 0.95, 0.15
 
 
-def pareto_asha(grid: replay.Grid) -> Any:
-    """lora_search.pareto_asha's ParetoASHA at the grid's rungs, as ASHA is built; None where that module is not
-    there (the combination is then left out)."""
-    try:
-        from lora_search.pareto_asha import ParetoASHA
-    except ImportError:
-        return None
-    b = grid.budget
-    return ParetoASHA(
-        time_attr="step", max_t=b.max_steps, grace_period=b.grace_period, reduction_factor=b.reduction_factor
-    )
-
-
-SCHEDULERS: dict[str, Callable[[replay.Grid], Any]] = {**replay.SCHEDULERS, "pareto-asha": pareto_asha}
+SCHEDULERS = replay.SCHEDULERS
 
 
 def bootstrap(values: np.ndarray, statistic: Callable[[np.ndarray], float], n: int = 2000) -> list[float]:
@@ -72,9 +59,6 @@ def bootstrap(values: np.ndarray, statistic: Callable[[np.ndarray], float], n: i
 def measure(grid: replay.Grid, seeds: int, workers: int) -> list[dict[str, Any]]:
     rows = []
     for name, (searcher, scheduler) in COMBOS.items():
-        if SCHEDULERS[scheduler](grid) is None:
-            print(f"{name}: left out (no lora_search/pareto_asha.py)")
-            continue
         start = time.perf_counter()
         runs = [replay.simulate(grid, searcher, SCHEDULERS[scheduler](grid), workers, seed) for seed in range(seeds)]
         to_target = np.array([r.compute_to_hv(TARGET) for r in runs])
@@ -114,6 +98,12 @@ def spearman(grid: replay.Grid) -> list[dict[str, Any]]:
         rho, p = spearmanr(*zip(*pairs, strict=True))
         out.append({"step": step, "rho": float(rho), "p": float(p), "configurations": len(pairs)})
     return out
+
+
+def _relative(path: Path) -> str:
+    """The table as the repository names it (a path under it), so the JSON reads the same on every machine."""
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def _finite(value: Any) -> Any:
@@ -157,7 +147,7 @@ def main() -> None:
     rhos = spearman(grid)
     done = grid.scored(grid.configurations)
     result = {
-        "table": "synthetic: lora_search.grids.synthetic_grid(120, seed=0)" if args.synthetic else str(path),
+        "table": "synthetic: lora_search.grids.synthetic_grid(120, seed=0)" if args.synthetic else _relative(path),
         "configurations": len(grid.configurations),
         "left_out_unfinished": recorded - len(grid.configurations),
         "completed_scored": len(done),

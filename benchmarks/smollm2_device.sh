@@ -10,7 +10,9 @@
 #   call 3: carry [".g2"]             bash benchmarks/smollm2_device.sh part .g2
 #   call 4: carry [".g3"]             bash benchmarks/smollm2_device.sh run .g3     (sweep | default, grid)
 #   call 5:                           bash benchmarks/smollm2_device.sh run          (resume what was cut short)
-#   GRID_ONLY=1 [GRID_PER_GPU=12] ... run: only the grid, all of it as one sweep (`grid.py run --shard all`)
+#   GRID_ONLY=1 [GRID_PER_GPU=16] [GRID_VARIANTS=pissa,loraplus,dora] ... run: only the grid, as one sweep
+#     (`grid.py run --shard all [--variants ...]`); then `finish` with GRID_EARLIER=<committed table> to merge
+# Issue the calls back to back: the machine is given back 30 s after a call, and everything under /tmp with it.
 #   call 6:                           bash benchmarks/smollm2_device.sh finish       (tables, JSON, pytest -m gpu)
 # Each `run` stops its sweeps with SIGINT before the call's 10 minutes (Ray saves them; the next `run` resumes).
 set -u
@@ -33,7 +35,8 @@ part() {  # append one carried part of the GGUF
 copy_out() {  # what comes back, in one file (a call returns few files): logs, tables, reports, MLflow's store
   # and every trial's results under Ray's experiment (no checkpoints), which a machine given back would lose
   (cd /tmp && find reports -maxdepth 2 -type f -size -30M > /tmp/list && find logs out_extra -type f >> /tmp/list 2>/dev/null
-   find reports/*/ray -type f -size -2M -not -path "*checkpoint*" >> /tmp/list 2>/dev/null
+   find reports/*/ray -type f -size -2M \( -name result.json -o -name params.json \) -not -path "*checkpoint*" \
+     >> /tmp/list 2>/dev/null
    tar czf "$OUT/results.tgz" -T /tmp/list) && ls -l "$OUT/results.tgz"
 }
 
@@ -62,7 +65,8 @@ run)
   # One GPU: the sweep (resumes if cut short) beside the default recipe, then the grid in the time left; each
   # process its own local Ray. GRID_GPU=1 (a two-GPU machine): the grid on the second GPU from the start.
   if [ -n "${GRID_ONLY:-}" ]; then  # the whole grid as one sweep on one GPU, GRID_PER_GPU trials at once
-    ( export GRID_PER_GPU=${GRID_PER_GPU:-12}; then_run grid_all.log python3 benchmarks/grid.py run --shard all ) &
+    ( export GRID_PER_GPU=${GRID_PER_GPU:-16}
+      then_run grid_all.log python3 benchmarks/grid.py run --shard all ${GRID_VARIANTS:+--variants $GRID_VARIANTS} ) &
   elif [ -n "${GRID_GPU:-}" ]; then
     ( export CUDA_VISIBLE_DEVICES=0; then_run sweep.log python3 sweeps/smollm2.py
       then_run grid_all-linear.log python3 benchmarks/grid.py run --shard all-linear ) &
@@ -79,7 +83,7 @@ run)
   ;;
 finish)
   mkdir -p /tmp/out_extra
-  [ -z "${NO_GRID:-}" ] && { python3 benchmarks/grid.py table --out /tmp/out_extra > /tmp/logs/table.log 2>&1; tail -5 /tmp/logs/table.log; }
+  [ -z "${NO_GRID:-}" ] && { python3 benchmarks/grid.py table --out /tmp/out_extra ${GRID_EARLIER:+--earlier $GRID_EARLIER} > /tmp/logs/table.log 2>&1; tail -5 /tmp/logs/table.log; }
   [ -z "${NO_COLLECT:-}" ] && python3 benchmarks/smollm2_gpu.py collect --out /tmp/out_extra > /tmp/logs/collect.log 2>&1; tail -8 /tmp/logs/collect.log
   [ -n "${DRIFT:-}" ] && { timeout 240 python3 benchmarks/qlora_drift.py --out /tmp/out_extra > /tmp/logs/drift.log 2>&1; tail -12 /tmp/logs/drift.log; }
   [ -z "${NO_PYTEST:-}" ] && timeout 200 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_variants.py > /tmp/logs/pytest_gpu.log 2>&1; tail -5 /tmp/logs/pytest_gpu.log

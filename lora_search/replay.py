@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from lora_search.config import BaseModel, Budget, Dataset, Sweep
+from lora_search.config import BaseModel, Budget, Dataset, Scheduler, Sweep
 from lora_search.grids import PARAMS, Configuration, Grid
 from lora_search.records import StepReport
 
@@ -202,10 +202,17 @@ SEARCHERS: dict[str, Callable[[Grid, int], Searcher]] = {
 
 
 def asha(grid: Grid) -> TrialScheduler:
-    """Ray's ASHA on eval loss at the grid's rungs, built by `space.scheduler` itself."""
+    """Ray's ASHA on eval loss at the grid's rungs, built by `space.scheduler` itself (`Sweep(scheduler="asha")`)."""
     from lora_search import space
 
-    return space.scheduler(_budget_sweep(grid.budget))
+    return space.scheduler(_budget_sweep(grid.budget, "asha"))
+
+
+def pareto_asha(grid: Grid) -> TrialScheduler:
+    """`lora_search.pareto_asha` (a sweep's default scheduler) at the grid's rungs, built by `space.scheduler`."""
+    from lora_search import space
+
+    return space.scheduler(_budget_sweep(grid.budget, "pareto-asha"))
 
 
 def rungs(grid: Grid) -> list[int]:
@@ -215,9 +222,12 @@ def rungs(grid: Grid) -> list[int]:
     return space.rungs(_budget_sweep(grid.budget))
 
 
-def _budget_sweep(budget: Budget) -> Sweep:
-    # space.scheduler and space.rungs read a sweep's budget only; the rest is a placeholder that is never loaded.
-    return Sweep(name="replay", base=BaseModel("replay"), dataset=Dataset("replay.jsonl"), budget=budget)
+def _budget_sweep(budget: Budget, scheduler: Scheduler = "asha") -> Sweep:
+    # space.scheduler and space.rungs read a sweep's budget and scheduler only; the rest is a placeholder that is
+    # never loaded.
+    return Sweep(
+        name="replay", base=BaseModel("replay"), dataset=Dataset("replay.jsonl"), budget=budget, scheduler=scheduler
+    )
 
 
 def _fifo(grid: Grid) -> TrialScheduler:
@@ -226,7 +236,7 @@ def _fifo(grid: Grid) -> TrialScheduler:
     return FIFOScheduler()
 
 
-SCHEDULERS: dict[str, Callable[[Grid], TrialScheduler]] = {"fifo": _fifo, "asha": asha}
+SCHEDULERS: dict[str, Callable[[Grid], TrialScheduler]] = {"fifo": _fifo, "asha": asha, "pareto-asha": pareto_asha}
 """By name; `simulate` also takes any fresh TrialScheduler (one replay's state must not leak into the next)."""
 
 

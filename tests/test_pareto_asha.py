@@ -276,14 +276,14 @@ def test_the_sweep_chooses_its_scheduler(tmp_path) -> None:
     from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
     assert set(space.SCHEDULERS) == set(get_args(Scheduler))
-    assert _sweep().scheduler == "asha" and _sweep(scheduler="pareto-asha").problems() == []
+    assert _sweep().scheduler == "pareto-asha" and _sweep(scheduler="asha").problems() == []
     for name in space.SCHEDULERS:
         assert isinstance(space.scheduler(_sweep(scheduler=name)), TrialScheduler)
     pareto = space.scheduler(_sweep(scheduler="pareto-asha"))
     assert isinstance(pareto, ParetoASHA) and list(pareto.rungs.milestones) == space.rungs(_sweep())
     state = tmp_path / "asha_state.json"
     assert restorable(pareto, state) is pareto and pareto.state_file == state
-    asha = restorable(space.scheduler(_sweep()), state)
+    asha = restorable(space.scheduler(_sweep(scheduler="asha")), state)
     assert isinstance(asha, ASHAScheduler) and not isinstance(asha, ParetoASHA)
 
     with pytest.raises(ConfigError) as error:

@@ -191,3 +191,39 @@ def test_synthetic_grid_is_deterministic_and_in_the_grid_format(grid: replay.Gri
     assert grid.budget.max_steps == 300 and grid.objective == "smollm2_dates/exact_match"
     statuses = {c.status for c in grid.configurations}
     assert "completed" in statuses and statuses - {"completed"}  # some end early, as real grids have
+
+
+def test_the_committed_measurement_is_the_replay_of_the_committed_grid() -> None:
+    """benchmarks/replay_grid_*.json is what benchmarks/replay_measure.py computes from the grid table beside it (the
+    real model's, recorded on the GPU): the two ASHA rows, every seed, replayed again here (~2 s)."""
+    import importlib.util
+    import json
+
+    root = Path(__file__).resolve().parents[1]
+    measured = sorted(root.glob("benchmarks/replay_grid_*.json"))
+    assert measured, "no benchmarks/replay_grid_*.json: run benchmarks/replay_measure.py on a recorded grid"
+    spec = importlib.util.spec_from_file_location("replay_measure", root / "benchmarks" / "replay_measure.py")
+    assert spec and spec.loader
+    measure = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(measure)
+    for path in measured:
+        committed = json.loads(path.read_text())
+        table = root / committed["table"]
+        grid = grids.load_grid(table, grace_period=committed["rungs"][0], reduction_factor=3, drop_unfinished=True)
+        assert len(grid.configurations) == committed["configurations"]
+        assert replay.rungs(grid) == committed["rungs"]
+        assert grid.hypervolume == pytest.approx(committed["grid_hypervolume"], rel=1e-9)
+        combos = {k: v for k, v in measure.COMBOS.items() if k in ("random+asha", "random+pareto-asha")}
+        measure.COMBOS = combos
+        rows = {r["scheduler"]: r for r in measure.measure(grid, committed["seeds"], committed["workers"])}
+        for row in committed["rows"]:
+            if row["scheduler"] not in rows:
+                continue
+            again = rows[row["scheduler"]]
+            for key in ("compute_fraction_to_95pct_hv", "hv_at_0.15", "compute_fraction", "hv_ratio"):
+                want = math.inf if row[key] is None else row[key]
+                assert again[key] == pytest.approx(want, rel=1e-9), (row["scheduler"], key)
+            assert again["reached_95pct_hv"] == row["reached_95pct_hv"]
+        # The figures the README and Sweep.scheduler's default rest on.
+        pareto, loss = rows["random+pareto-asha"], rows["random+asha"]
+        assert pareto["hv_ratio"] > loss["hv_ratio"]

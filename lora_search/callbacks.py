@@ -263,8 +263,9 @@ class Reporter(TrainerCallback):
 
         assert self.sweep.evals is not None
         start, start_device = time.perf_counter(), device_clock()
-        evals.check_applied(self.model, self.probe[0])  # raises: a trial whose adapter does nothing gets no score
-        with fastpath.autocast(self.model, bf16):
+        with fastpath.inference_attention(self.model):
+            evals.check_applied(self.model, self.probe[0])  # raises: a trial whose adapter does nothing gets no score
+        with fastpath.autocast(self.model, bf16), fastpath.inference_attention(self.model):
             scored = evals.score(self.model, self.tokenizer, self.sweep.evals, self.sweep.seed, autocast_bf16=bf16)
         if scored is None:  # a rank other than 0 of a sharded model: it took part, rank 0 reports
             return {}

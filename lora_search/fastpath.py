@@ -22,6 +22,8 @@ MLflow (`fast_path`, tag `lora_search.fast_path`), so a slow trial says which pi
 - keep-activations: gradient checkpointing off where the activations fit (`lora_search.train.micro_batching`).
 - merge-micro-batches: `budget.grad_accum` micro-batches run as fewer, larger ones where memory allows (the same
   sequences per optimizer step and the same loss: the Trainer normalises by the step's label tokens either way).
+- inference-attention: a trial that trains on a training-only kernel (flex attention) runs its inference forwards
+  (eval loss, the probe, golden scoring) on SDPA (`inference_attention`, `INFERENCE_ATTENTION_WHY`).
 
 Padding-free stays off under plain SDPA: SDPA has no variable-length kernel, so a packed row of T tokens would
 cost T^2 attention (a block-diagonal mask computes the masked blocks too) where the padded batch costs
@@ -37,8 +39,13 @@ products already run at 71% of the GPU's peak; benchmarks/NOTES.md). Sequence pa
 from __future__ import annotations
 
 import importlib.util
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
+
+log = logging.getLogger("lora_search.fastpath")
 
 PADDING_FREE_MODELS = frozenset(
     {
@@ -263,12 +270,17 @@ def choose(on_gpu: bool, model_type: str, attn: str) -> FastPath:
     else:
         pieces.append(Piece(NO_PAD_MASK, True, NO_PAD_MASK_WHY))
     pieces.append(Piece(FEW_SYNCS, True, FEW_SYNCS_WHY))
+    if attn in TRAINING_ONLY_ATTENTION:
+        pieces.append(
+            Piece(INFERENCE_ATTN, True, f"evals, probe and scoring on {INFERENCE_ATTENTION}: {attn} trains only")
+        )
     if on_gpu and attn == "sdpa":
         pieces.append(Piece(CUDNN_OFF, True, "SDPA on flash / memory-efficient kernels: " + CUDNN_WHY))
     return FastPath(tuple(pieces))
 
 
 NO_PAD_MASK = "no-pad-mask"
+INFERENCE_ATTN = "inference-attention"
 NO_PAD_MASK_WHY = "right-padded batches without an attention mask: causal SDPA on its flash kernel"
 """Why a padded batch can go without its mask. Rows are padded on the right, and causal attention lets a token
 see only the ones before it, so no real token ever sees a pad: the mask changes nothing a loss counts (pads carry
@@ -319,3 +331,50 @@ CUDNN_WHY = (
 """Why trials keep SDPA off its cuDNN backend. A padded batch's attention has a mask, and with a mask PyTorch
 picks cuDNN first on Hopper; the trial then ran at 0.76x HF PEFT's tokens/s on the 8B shape while its GPU kernels
 took half its step (benchmarks/NOTES.md). Unmasked calls (is_causal) go to flash attention instead, as fast."""
+
+TRAINING_ONLY_ATTENTION = frozenset({"flex_attention"})
+"""Attention kernels a trial trains on but never runs inference on (`inference_attention`)."""
+INFERENCE_ATTENTION = "sdpa"
+INFERENCE_ATTENTION_WHY = (
+    "flex attention's short forwards go to Inductor's flex decoding kernel, which raised NoValidChoicesError on the "
+    "H200 (torch 2.11), and every switch between training and eval recompiles it"
+)
+"""Why a trial's inference forwards leave a training-only kernel. The probe's one-prompt forward under
+flex_attention went to Inductor's flex *decoding* kernel (short queries), which failed to lower on the GPU
+(`LoweringException: NoValidChoicesError`) and ended the trial at its first report (issue 23). Transformers also
+compiles flex attention again whenever the module's training flag flips (`WrappedFlexAttention`), so evaluations
+between steps would recompile it twice each. SDPA computes the same attention (`tests/test_fastpath.py` checks the
+logits on padded rows), needs no compile, and builds its mask from the same inputs: right-padded rows, or packed
+rows whose position ids restart (transformers' `find_packed_sequence_indices`)."""
+
+_switch_logged: set[str] = set()
+
+
+def pretrained_model(model: Any) -> Any:
+    """The transformers model inside `model` (a PEFT model, a DDP/Accelerate wrapper, or the model itself); None if
+    there is none."""
+    from transformers import PreTrainedModel
+
+    return next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+
+
+@contextmanager
+def inference_attention(model: Any, enabled: bool = True) -> Iterator[None]:
+    """Run the forwards inside on SDPA if `model` trains on a training-only kernel (`TRAINING_ONLY_ATTENTION`), and
+    put the training kernel back after. A no-op for any other kernel, when nested, or when not `enabled` (for call
+    sites shared by training and inference). Logs the switch once per kernel, with its reason."""
+    base = pretrained_model(model) if enabled else None
+    kernel = getattr(getattr(base, "config", None), "_attn_implementation", None)
+    if base is None or kernel not in TRAINING_ONLY_ATTENTION:
+        yield
+        return
+    if kernel not in _switch_logged:
+        _switch_logged.add(kernel)
+        log.info(
+            "inference forwards run on %s, training on %s: %s", INFERENCE_ATTENTION, kernel, INFERENCE_ATTENTION_WHY
+        )
+    base.set_attn_implementation(INFERENCE_ATTENTION)
+    try:
+        yield
+    finally:
+        base.set_attn_implementation(kernel)

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lora_search import fastpath
 from lora_search.layout import PROBE_FILE
 
 if TYPE_CHECKING:
@@ -36,7 +37,7 @@ def probe_logits(model: torch.nn.Module, probe: list[torch.Tensor]) -> torch.Ten
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    with torch.no_grad():
+    with torch.no_grad(), fastpath.inference_attention(model):  # short forwards: never flex (fastpath)
         rows = [model(input_ids=ids.to(device)).logits[0, -1].float().cpu() for ids in probe]
     model.train(was_training)
     return torch.stack(rows)

@@ -53,7 +53,8 @@ class TrialTrainer(SFTTrainer):
         inputs["use_cache"] = False
         if self.aux_loss_enabled:
             inputs["output_router_logits"] = True
-        outputs = model(**inputs, fused_lm_head=True)
+        with fastpath.inference_attention(model, enabled=mode == "eval"):  # step-0 and rung evals
+            outputs = model(**inputs, fused_lm_head=True)
         tokens = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
         loss = -outputs.log_probs.sum() / torch.as_tensor(tokens).clamp(min=1)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:

@@ -318,3 +318,60 @@ def test_fused_lora_add_gives_peft_outputs_and_gradients(tiny_model_dir: Path, p
     assert fastpath.fused_add("ddp", True, False).active and fastpath.fused_add("ddp", False, True).active
     assert "gathers weights" in fastpath.fused_add("deepspeed-zero3", True, False).why
     assert not fastpath.fused_add("ddp", False, False).active
+
+
+def _uncompiled_flex(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flex attention as torch runs it unfused, with block masks built uncompiled: the kernel's own math in about a
+    second on CPU, where Inductor's compile of it takes about 30."""
+    import transformers.integrations.flex_attention as flex
+    import transformers.masking_utils as masking
+    from torch.nn.attention.flex_attention import flex_attention
+
+    monkeypatch.setattr(flex.WrappedFlexAttention, "__call__", lambda self: flex_attention)
+    build = masking.create_block_mask
+    monkeypatch.setattr(masking, "create_block_mask", lambda *a, **k: build(*a, **{**k, "_compile": False}))
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_inference_forwards_leave_flex_attention_for_sdpa(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from lora_search.probe import probe_logits
+
+    _uncompiled_flex(monkeypatch)
+    monkeypatch.setattr(fastpath, "_switch_logged", set())
+    flex = fastpath.choose(on_gpu=True, model_type="llama", attn="flex_attention")
+    assert flex.active("padding-free") and flex.active(fastpath.INFERENCE_ATTN)
+    assert not fastpath.choose(on_gpu=True, model_type="llama", attn="sdpa").active(fastpath.INFERENCE_ATTN)
+
+    base = AutoModelForCausalLM.from_pretrained(
+        tiny_model_dir, dtype=torch.float32, attn_implementation="flex_attention"
+    )
+    torch.manual_seed(0)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).eval()
+    seen: list[str] = []
+    base.register_forward_pre_hook(lambda m, a: seen.append(m.config._attn_implementation))
+    ids = torch.randint(3, 300, (2, 24))
+    mask = torch.ones_like(ids)
+    mask[1, 15:] = 0  # right padding, as TRL pads
+    with torch.no_grad():
+        on_flex = model(input_ids=ids, attention_mask=mask).logits
+        with caplog.at_level(logging.INFO, logger="lora_search.fastpath"):
+            with fastpath.inference_attention(model):
+                with fastpath.inference_attention(model):  # nested: a no-op
+                    on_sdpa = model(input_ids=ids, attention_mask=mask).logits
+            with fastpath.inference_attention(model, enabled=False):  # a training forward of a shared call site
+                model(input_ids=ids[:1, :4])
+            probe_logits(model, [ids[:1, :5], ids[1:, :3]])  # the short forwards that failed on the GPU
+    assert seen == ["flex_attention", "sdpa", "flex_attention", "sdpa", "sdpa"]
+    assert base.config._attn_implementation == "flex_attention"  # the training kernel is back
+    real = mask.bool()
+    torch.testing.assert_close(on_sdpa[real], on_flex[real], rtol=1e-5, atol=1e-5)
+    switches = [r.getMessage() for r in caplog.records if "inference forwards run on sdpa" in r.getMessage()]
+    assert len(switches) == 1 and "NoValidChoicesError" in switches[0]  # once, with its reason

@@ -566,6 +566,8 @@ def varlen_main(args: argparse.Namespace) -> None:
             else:
                 raise SystemExit(f"unknown --paths entry {path!r}; known: {', '.join(VARLEN_PATHS)}, eager")
             print(f"[speed] varlen {pair} {path}: {json.dumps(row[path])[:600]}", flush=True)
+            partial = {**result, "rows": [*result["rows"], row]}  # after every path: a run cut short keeps its rows
+            (args.out / "speed_varlen.json").write_text(json.dumps(partial, indent=1) + "\n")
         trl, padded = (row.get(k) or {} for k in ("trl", "padded"))
         for path in paths:
             mine = row.get(path) or {}

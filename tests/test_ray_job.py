@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -62,27 +63,14 @@ def test_ray_job_submit_runs_a_sweep(head_node, local_ray, tiny_model_dir, tiny_
     )
     out = tmp_path / "reports"
     runtime_env = {"env_vars": {"LORA_SEARCH_OUTPUT_DIR": str(out)}}
-    job = subprocess.run(
-        [
-            RAY,
-            "job",
-            "submit",
-            "--address",
-            head_node,
-            "--working-dir",
-            ".",
-            "--runtime-env-json",
-            json.dumps(runtime_env),
-            "--",
-            "python",
-            "sweeps/job.py",
-        ],
-        cwd=work,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=local_ray.env,  # the head's token
-    )
+    # The head's job agent can come up after its dashboard answers (seen under load: "No available agent to submit
+    # job, please try again later"); Ray says to try again, so the submission is retried on that message alone.
+    deadline = time.monotonic() + 120
+    while True:
+        job = _submit(head_node, work, runtime_env, local_ray.env)
+        if "No available agent to submit job" not in job.stderr or time.monotonic() > deadline:
+            break
+        time.sleep(3)
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     assert "succeeded" in job.stdout + job.stderr
     assert "2 trials:" in job.stdout
@@ -117,3 +105,27 @@ def _sid(pid: int) -> int | None:
         return os.getsid(pid)
     except OSError:
         return None
+
+
+def _submit(head_node: str, work: Path, runtime_env: dict, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [
+            RAY,
+            "job",
+            "submit",
+            "--address",
+            head_node,
+            "--working-dir",
+            ".",
+            "--runtime-env-json",
+            json.dumps(runtime_env),
+            "--",
+            "python",
+            "sweeps/job.py",
+        ],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,  # the head's token
+    )

@@ -91,9 +91,11 @@ def _sweep_file_problem(path: Path, error: BaseException) -> Problem:
 
 
 def _validate(sweep: Sweep, problems: list[Problem]) -> int:
-    from lora_search.preflight import validate
+    from lora_search import serving
+    from lora_search.preflight import model_layers, validate
 
     validate(sweep, problems)
+    serving.warn_unservable(sweep, model_layers)  # a warning on stderr: the sweep still runs
     print(f"sweep {sweep.name!r} is valid")
     return 0
 
@@ -198,6 +200,8 @@ def _export(
     check: bool,
     allow_pickle: bool = False,
     engine: str | None = None,
+    dtype: str | None = None,
+    allow_drift: bool = False,
 ) -> int:
     import tempfile
 
@@ -215,14 +219,24 @@ def _export(
             uri = uri or layout.default_tracking_uri(os.environ.get("LORA_SEARCH_OUTPUT_DIR", "reports"))
             adapter_dir = registry.download_run_adapter(source, uri, Path(tmp))
         if engine:
-            registry.export_for(adapter_dir, out, engine, base=base, check=check, allow_pickle=allow_pickle)
+            registry.export_for(
+                adapter_dir, out, engine, base=base, check=check, allow_pickle=allow_pickle, dtype=dtype,
+                allow_drift=allow_drift,
+            )  # fmt: skip
         else:
-            registry.export(adapter_dir, out, merge=merge, base=base, check=check, allow_pickle=allow_pickle)
+            registry.export(
+                adapter_dir, out, merge=merge, base=base, check=check, allow_pickle=allow_pickle, dtype=dtype
+            )
     record = json.loads((out / registry.EXPORT_FILE).read_text())
     if engine:
         how = record["serving"]
         why = f" ({engine} would not load the adapter: {how['why']})" if "why" in how else ""
-        print(f"exported {how['written']} for {engine} to {out}{why}\nserve it: {how['command']}")
+        diff = how["reload_max_abs_logit_diff"]
+        checked = how.get("reload_check") or f"max |logit diff| {diff:.3g}, bound {how['drift_bound']:.3g}"
+        allowed = " ABOVE THE BOUND, kept by --allow-drift" if how.get("drift_allowed") else ""
+        print(f"exported {how['written']} for {engine} to {out}{why}")
+        print(f"reloaded as {engine} reads it, against the trial's probe: {checked}{allowed}")
+        print(f"serve it: {how['command']}")
         return 0
     diff = f" (max |logit diff| after merging: {record['max_abs_logit_diff']:.3g})" if merge else ""
     print(f"exported {'merged model' if merge else 'adapter'} to {out}{diff}")
@@ -382,6 +396,8 @@ def main(argv: list[str] | None = None) -> None:
     p_eval.add_argument("--adapters", nargs="+", help="adapter dirs (default: every adapter of the sweep)")
     p_eval.add_argument("--output", help="also write the scores as JSON here")
     p_eval.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)
+    from lora_search.serving import EXPORTABLE
+
     p_export = sub.add_parser("export", help="export an adapter (MLflow run or dir), optionally merged, base checked")
     p_export.add_argument("source", metavar="RUN_ID_OR_ADAPTER_DIR")
     p_export.add_argument("--merge", action="store_true", help="merge into the base; write one plain model")
@@ -393,8 +409,21 @@ def main(argv: list[str] | None = None) -> None:
     p_export.add_argument(
         "--for",
         dest="engine",
-        choices=("vllm",),
-        help="write what this serving engine loads: the adapter where it can, else the merged model (and why)",
+        choices=EXPORTABLE,
+        help="write what this serving engine loads: the adapter where it can, else the merged model (and why); "
+        "reloaded and checked against the trial's probe logits",
+    )
+    p_export.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        help="load the base (and write a merged model) in this dtype (default: the checkpoint's own); float32 keeps "
+        "a merge's rounding out of the weights",
+    )
+    p_export.add_argument(
+        "--allow-drift",
+        action="store_true",
+        help="with --for: keep an export whose reloaded logits differ from the trial's by more than 2%% of their "
+        "scale (recorded in the export record)",
     )
     p_nightly = sub.add_parser("nightly", help="run a pinned sweep and compare it with a baseline (exit 1: regressed)")
     p_nightly.add_argument("sweep_file")
@@ -457,6 +486,8 @@ def main(argv: list[str] | None = None) -> None:
             not args.no_check,
             args.allow_pickle,
             args.engine,
+            args.dtype,
+            args.allow_drift,
         )
         sys.exit(_guarded(export))
     if args.command == "nightly":

@@ -34,7 +34,8 @@ Dtype = Literal["float32", "bfloat16", "float16", "auto"]
 SearchAlgorithm = Literal["random", "grid", "optuna"]
 Scheduler = Literal["asha", "pareto-asha"]
 """`Sweep.scheduler` values: rows of `lora_search.space.SCHEDULERS`."""
-ServeWith = Literal["any", "vllm"]
+ServeWith = Literal["any", "vllm", "sglang", "tensorrt-llm"]
+"""`Sweep.serve_with` values: "any", or an engine of `lora_search.serving.ENGINES`."""
 Placement = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
 Attention = Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"]
 """Transformers' attention kernels (`attn_implementation`); preflight checks the kernel's package is installed."""
@@ -451,8 +452,10 @@ class Sweep:
     SQLite store at `<output_dir>/mlflow.db` with artifacts in `<output_dir>/mlartifacts` (`lora-search ui`).
     "off": no MLflow at all; every result still lands in the sweep dir (trials.parquet, adapters, index.html)."""
     serve_with: ServeWith = "any"
-    """The engine the winners will be served with: "vllm" keeps the frontier to adapters vLLM loads as saved
-    (`lora_search.serving`; the others stay in the table, marked). "any": every completed trial is a candidate."""
+    """The engine the winners will be served with: "vllm", "sglang" or "tensorrt-llm" keeps the frontier to adapters
+    that engine loads as saved (`lora_search.serving` RULES: vLLM and SGLang refuse DoRA, SGLang serves rsLoRA at the
+    wrong scale, none takes VeRA or AdaLoRA; the others stay in the table, marked), trading the frontier's best
+    points for ones you can serve unmerged. "any": every completed trial is a candidate."""
 
     def __post_init__(self) -> None:
         problems = self.problems()

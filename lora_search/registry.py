@@ -18,6 +18,7 @@ reads with torch.load) is refused by `load_adapter`, `export` and `lora-search e
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -103,6 +104,19 @@ def check_safetensors(adapter_dir: Path, *, allow_pickle: bool = False) -> None:
 
 class MergeCheckError(ConfigError):
     """The merged model does not compute what the adapter on its base computes; nothing was written."""
+
+
+class DriftError(ConfigError):
+    """What `export_for` wrote, reloaded as the engine reads it, does not compute what the trial computed (beyond
+    `DRIFT_BOUND`); nothing was kept."""
+
+
+DRIFT_BOUND = 0.02
+"""`export_for`'s bound on max |reloaded - trial logit| over the probe, as a fraction of the logits' scale (max |logit|
+of the trial's probe): the criterion of the GPU benchmark's reload check (benchmarks/smollm2_gpu.py `reload_check`).
+bf16 logits of ~40 carry ~0.16 of rounding (2^-8 x 40), so 2% (0.8) leaves ~5x headroom for a reload in another
+precision or on another device, while a wrong base, a dropped scale or a NF4-trained adapter on unquantised weights
+moves logits by more."""
 
 
 # --- fingerprint -----------------------------------------------------------------------------------------------
@@ -320,8 +334,10 @@ def export(
     base: str | Path | None = None,
     check: bool = True,
     allow_pickle: bool = False,
+    dtype: str | None = None,
 ) -> Path:
     """Write the adapter (a copy of its PEFT dir) or, with `merge`, base + adapter as one plain model, to `output`.
+    `dtype`: the dtype the base loads in, and a merged model is written in (None: the checkpoint's own).
 
     `base` defaults to the one recorded in the adapter's meta (at its revision), else, unchecked, to
     adapter_config.json's `base_model_name_or_path`. With `check` the base's fingerprint must match the
@@ -356,6 +372,8 @@ def export(
             problem = Problem(str(adapter_dir / PEFT_CONFIG), None, why, "pass --base PATH_OR_ID")
             raise ConfigError([problem], header="unknown base")
         base_model = BaseModel(config["base_model_name_or_path"], dtype="auto")
+    if dtype is not None:
+        base_model = dataclasses.replace(base_model, dtype=dtype)  # type: ignore[arg-type]
     record: dict[str, Any] = {
         "source_adapter": str(adapter_dir.resolve()),
         "merged": merge,
@@ -407,49 +425,107 @@ def export_for(
     base: str | Path | None = None,
     check: bool = True,
     allow_pickle: bool = False,
+    dtype: str | None = None,
+    allow_drift: bool = False,
 ) -> Path:
-    """Export what `engine` serves (`lora_search.serving`): the adapter as it is where the engine loads it, checked
-    by reloading the copy with plain PEFT against the trial's probe logits; else base + adapter merged (DoRA, VeRA,
-    AdaLoRA, per-module ranks), checked by `export`'s merge check. The export record (`EXPORT_FILE`) gains
-    `serving`: the engine, what was written and why, the flags it needs and the command that serves it."""
+    """Export what `engine` serves (`lora_search.serving.ENGINES`): the adapter as it is where the engine loads it,
+    else base + adapter merged (DoRA, VeRA, AdaLoRA, per-module ranks), checked by `export`'s merge check. The export
+    record (`EXPORT_FILE`) gains `serving`: the engine, what was written and why, the flags it needs, the command that
+    serves it, and the reload check.
+
+    The reload check: what was written is loaded back as the engine reads it (the adapter onto its base with plain
+    PEFT, the merged dir with transformers) and its logits on the trial's probe compared with the trial's own. A max
+    difference above `DRIFT_BOUND` of the logits' scale removes `output` and raises DriftError naming both, unless
+    `allow_drift` (then recorded as allowed). An adapter saved without a probe is written unchecked, and says so.
+    """
     from lora_search import serving
 
+    spec = serving.ENGINES[engine]
+    if not (spec.serve_adapter and spec.serve_model):
+        fix = f"export for one of {', '.join(serving.EXPORTABLE)}, or export the adapter (or --merge) as it is"
+        problem = Problem("--for", engine, "no command serving it was read (serving.ENGINES)", fix)
+        raise ConfigError([problem], header="nothing exported")
     verdict = serving.check(adapter_dir)
     as_adapter = engine in verdict.servable
-    out = export(adapter_dir, output, merge=not as_adapter, base=base, check=check, allow_pickle=allow_pickle)
+    out = export(
+        adapter_dir, output, merge=not as_adapter, base=base, check=check, allow_pickle=allow_pickle, dtype=dtype
+    )
     record = json.loads((out / EXPORT_FILE).read_text())
-    how: dict[str, Any] = {"engine": engine, "written": "adapter" if as_adapter else "merged model"}
+    written = "adapter" if as_adapter else "merged model"
+    how: dict[str, Any] = {"engine": engine, "written": written}
+    path = Path(output).resolve()
     if as_adapter:
-        rank = serving.max_lora_rank(int(json.loads((out / PEFT_CONFIG).read_text())["r"]))
-        how |= {
-            "max_lora_rank": rank,
-            "command": f"vllm serve {record['base_name_or_path']} --enable-lora --max-lora-rank {rank} "
-            f"--lora-modules {Path(output).name}={Path(output).resolve()}",
-            "reload_max_abs_logit_diff": _reload_diff(out, BaseModel(record["base_name_or_path"], dtype="auto")),
-        }
+        rank = spec.max_rank(int(json.loads((out / PEFT_CONFIG).read_text())["r"]))
+        base_name = record["base_name_or_path"]
+        command = spec.serve_adapter.format(base=base_name, rank=rank, name=Path(output).name, path=path)
+        how |= {"max_lora_rank": rank, "command": command}
+        revision = record["base_revision"]
+        reload_base = BaseModel(base_name, revision=revision, dtype=dtype or "auto")  # type: ignore[arg-type]
     else:
-        how |= {"why": verdict.text, "command": f"vllm serve {Path(output).resolve()}"}
+        why = "; ".join(n for n in verdict.notes if n.startswith(f"{engine}: ")) or verdict.text  # or: unreadable
+        how |= {"why": why, "command": spec.serve_model.format(path=path)}
+        reload_base = None
+    drift = _reload_drift(adapter_dir, out, reload_base)
+    how |= drift or {"reload_max_abs_logit_diff": None, "reload_check": f"not run: the adapter has no {PROBE_FILE}"}
+    if drift and drift["reload_max_abs_logit_diff"] > drift["drift_bound"]:
+        if not allow_drift:
+            shutil.rmtree(out, ignore_errors=True)
+            raise DriftError([_drift_problem(out, engine, written, drift, record)], header="export drifted")
+        how["drift_allowed"] = True
     record["serving"] = how
     (out / EXPORT_FILE).write_text(json.dumps(record, indent=1) + "\n")
     return out
 
 
-def _reload_diff(adapter_dir: Path, base: BaseModel) -> float | None:
-    """Max |last-position logit| difference between the adapter reloaded with plain PEFT and the trial's own, on the
-    probe it saved (None without one)."""
+def _drift_problem(out: Path, engine: str, written: str, drift: dict[str, float], record: dict[str, Any]) -> Problem:
+    diff, bound, scale = drift["reload_max_abs_logit_diff"], drift["drift_bound"], drift["logit_scale"]
+    variant = (record.get("adapter_meta") or {}).get("variant")
+    if written == "merged model" and variant in VARIANTS and VARIANTS[variant].quantized:
+        fix = "it trained against NF4 weights: export on a GPU machine, which merges into the dequantised NF4 base"
+    elif written == "merged model":
+        fix = f"the merge rounded the adapter into {record.get('dtype')} weights: export with --dtype float32"
+    else:
+        fix = (
+            "the adapter on this base does not compute what the trial computed (another base, or weights it trained "
+            "against in another precision, such as NF4): check --base, or export where it trained"
+        )
+    return Problem(
+        "export",
+        str(out),
+        f"the {written} written for {engine}, reloaded as {engine} reads it, differs from the trial's probe logits by "
+        f"up to {diff:.3g}, above the bound {bound:.3g} ({DRIFT_BOUND:.0%} of the logits' scale {scale:.3g}); "
+        "nothing was kept",
+        f"{fix}; or pass --allow-drift to keep it anyway (recorded in {EXPORT_FILE})",
+    )
+
+
+def _reload_drift(adapter_dir: Path, out: Path, base: BaseModel | None) -> dict[str, float] | None:
+    """Max |last-position logit| difference between what `out` holds, reloaded as an engine reads it (an adapter on
+    `base` with plain PEFT; `base` None: a merged model dir, with transformers) and the trial's own logits on the
+    probe it saved beside the adapter, with the logits' scale (max |logit|) and the bound; None without a probe."""
     import torch
     from safetensors.torch import load_file
 
-    probe_path = adapter_dir / PROBE_FILE
+    probe_path = Path(adapter_dir) / PROBE_FILE
     if not probe_path.is_file():
         return None
     saved = load_file(str(probe_path))
-    model = load_adapter(base, adapter_dir, check=False)
+    if base is not None:
+        model = load_adapter(base, out, check=False)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(out), dtype="auto").eval()
     with torch.no_grad():
         got = torch.stack(
             [model(input_ids=saved[f"input_ids_{i}"][None]).logits[0, -1].float() for i in range(len(saved) - 1)]
         )
-    return float((got - saved["logits"]).abs().max())
+    scale = float(saved["logits"].abs().max())
+    return {
+        "reload_max_abs_logit_diff": float((got - saved["logits"]).abs().max()),
+        "logit_scale": scale,
+        "drift_bound": DRIFT_BOUND * scale,
+    }
 
 
 def _merge_checked(

@@ -38,6 +38,8 @@ ROOMS = {
         "probe",
         "demo_base",
         "gguf",  # a GGUF base converted into the cache, as demo_base builds the demo's
+        "pack",  # several trials' adapters training over one loaded base
+        "pack_layers",
     },
     "scoring": {"evals"},
     "outputs": {"tracking", "logged_models", "provenance", "registry", "report", "answers"},

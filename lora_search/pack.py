@@ -1,0 +1,387 @@
+"""A pack: several LoRA adapters training at once over one frozen base, each with its own rows, optimizer and schedule.
+
+    from lora_search.pack import Pack, Training, packs
+    pack = Pack(AutoModelForCausalLM.from_pretrained(base_dir))      # the base, loaded once
+    pack.attach("t1", LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]), training=Training(lr=1e-3,
+                total_steps=300))
+    pack.attach("t2", LoraConfig(r=4, lora_alpha=4, use_rslora=True, target_modules=["v_proj"]), training=...)
+    step = pack.step({"t1": batch_1, "t2": batch_2})   # step.losses["t1"] is t1's loss, as a solo run computes it
+    pack.save("t1", out_dir)      # a plain PEFT adapter dir: PeftModel.from_pretrained(base, out_dir) loads it
+    pack.detach("t2")             # e.g. ASHA stopped t2; the base stays loaded for the next adapter
+
+One step concatenates the adapters' micro-batches (right-padded to one length: pad token, attention mask 0, labels
+-100), runs the base once, and in every targeted linear layer adds each adapter's update into its own rows only
+(`pack_layers.PackedLinear`). Each adapter's loss is the mean over its own label tokens, as Transformers' causal-LM
+loss computes it for a solo batch. The backward runs on the sum of the losses: rows never mix in a decoder
+(attention is within a row, norms are per token) and adapters share no parameters, so each adapter's gradient is its
+solo gradient. Then each adapter clips its own gradients and steps its own AdamW and learning-rate schedule, in the
+order the Transformers Trainer does. An adapter without a batch in a step sits that step out.
+
+Which variants pack is `packs(variant)`; the others train solo, for the reasons in `SOLO`.
+tests/test_pack.py checks each packed adapter's loss curve against its solo PEFT run (fp32, CPU) and the saved
+adapter against `PeftModel.from_pretrained`; benchmarks/pack.py measures packed against solo trial-steps per second.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from torch import nn
+
+from lora_search.config import Schedule
+from lora_search.pack_layers import PackedLinear, Rows, concat, config_problems
+from lora_search.problems import ConfigError, Problem
+from lora_search.variants import VARIANTS
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
+    from transformers import PreTrainedModel
+
+Batch = Mapping[str, torch.Tensor]
+"""One adapter's micro-batch as a collator gives it: input_ids and labels (rows x tokens), attention_mask optional."""
+
+PACKED = frozenset({"lora", "rslora", "loraplus"})
+"""Variants that differ from plain LoRA only in scaling (rsLoRA: alpha/sqrt(r)) or optimizer (LoRA+: B's lr ratio)."""
+
+SOLO: dict[str, str] = {
+    "dora": "DoRA rescales each output column by m / ||W + sBA||: a norm of the whole weight plus its update, per "
+    "adapter and step (weight-sized work each), and with dropout a base product of its own on the dropped input; "
+    "PackedLinear adds only low-rank products (it could share the base product, but is not built for it)",
+    "pissa": "PiSSA's init rewrites the base weight to W - sB0A0 (PEFT writes it into the base layer), and the pack's "
+    "base is shared and stays as loaded; it could pack as W + s(BA - B0A0), a frozen rank-r correction at twice the "
+    "low-rank cost (the algebra of PEFT's save conversion), which is not built",
+    "adalora": "AdaLoRA trains an SVD form (P, singular values, Q), adds an orthogonality term to the loss and prunes "
+    "ranks across all its modules after every step (a step hook): a different layer, loss and optimizer loop",
+    "vera": "VeRA shares frozen random projections across all layers of an adapter and trains only scaling vectors: "
+    "a different layer (its product is low-rank, so it could pack, but PackedLinear does not implement it)",
+    "qlora": "QLoRA trains on an NF4 base (bitsandbytes' Linear4bit, CUDA only, norms cast to fp32 by "
+    "prepare_model_for_kbit_training): it could pack only with other 4-bit adapters on one NF4 base; left out for now "
+    "(PackedLinear wraps nn.Linear, and the CPU numerics test cannot cover it)",
+    "loftq": "LoftQ is QLoRA with an init that only sets A and B (replace_lora_weights_loftq leaves the NF4 base as "
+    "is): it would pack with QLoRA on one NF4 base, which is left out for now (see qlora)",
+}
+"""Why each other variant trains solo, one sentence each: for the plan and the log."""
+
+
+def packs(variant: str) -> Literal[True] | str:
+    """True when `variant` trains in a pack; otherwise why it trains solo. Raises ValueError for an unknown variant."""
+    if variant not in VARIANTS:
+        known = ", ".join(VARIANTS)
+        raise ValueError(f"unknown variant {variant!r}; known: {known}; add new ones to VARIANTS in variants.py")
+    unchecked = f"{variant} is not checked for packing yet: add it to PACKED or SOLO in lora_search/pack.py"
+    return True if variant in PACKED else SOLO.get(variant, unchecked)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Training:
+    """One adapter's optimizer and schedule: AdamW (torch's betas and eps, as the Trainer's `adamw_torch`), clipped,
+    its learning rate following a Transformers schedule (`get_scheduler`)."""
+
+    lr: float
+    total_steps: int
+    """The schedule's length (`Budget.max_steps`): a pruned trial saw the rates a finished one saw up to there."""
+    warmup_steps: int = 0
+    schedule: Schedule = "linear"
+    weight_decay: float = 0.0
+    """On A and B alike (the Trainer decays every LoRA matrix); 0 is the Trainer's default and the sweeps'."""
+    max_grad_norm: float | None = 1.0
+    """Clip the adapter's own gradient norm (the Trainer's default 1.0); None: no clipping."""
+    loraplus_lr_ratio: float | None = None
+    """LoRA+: B's learning rate is this times A's, as PEFT's `create_loraplus_optimizer` groups them (variants.py
+    uses 16). None: one learning rate."""
+
+    def __post_init__(self) -> None:
+        positive = "must be positive"
+        checks = [
+            ("lr", self.lr > 0, positive, "e.g. lr=1e-4"),
+            ("total_steps", self.total_steps >= 1, "must be at least 1", "give the budget's max_steps"),
+            ("warmup_steps", 0 <= self.warmup_steps < self.total_steps, "must be in [0, total_steps)", ""),
+            ("weight_decay", self.weight_decay >= 0, "must not be negative", "0 turns it off"),
+            ("max_grad_norm", (self.max_grad_norm or 1) > 0, positive, "None turns clipping off"),
+            ("loraplus_lr_ratio", (self.loraplus_lr_ratio or 1) > 0, positive, "16 is LoRA+'s"),
+        ]
+        problems = [Problem(f, getattr(self, f), why, fix) for f, ok, why, fix in checks if not ok]
+        if problems:
+            raise ConfigError(problems, header="invalid Training")
+
+
+@dataclass(frozen=True)
+class PackStep:
+    """What one pack step did, per adapter that took part."""
+
+    losses: dict[str, float]
+    """Each adapter's loss on its own micro-batch: the mean over its label tokens."""
+    tokens: dict[str, int]
+    """Label tokens each adapter's loss counts: its share of the step, to split the step's cost by."""
+    seconds: float
+
+
+@dataclass
+class _Attached:
+    config: LoraConfig
+    modules: tuple[str, ...]
+    """The base's module names it targets, in the base's order."""
+    training: Training
+    params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
+
+    def update(self) -> None:
+        """Clip, step and zero as the Trainer does: clip_grad_norm_, optimizer.step(), scheduler.step(), zero_grad."""
+        if self.training.max_grad_norm is not None:
+            nn.utils.clip_grad_norm_(self.params, self.training.max_grad_norm)
+        self.optimizer.step()
+        self.schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+class Pack:
+    """The frozen base, held once, and the adapters attached to it. `pad_token_id` pads the concatenated batch
+    (default: the base config's). The base's linear layers are wrapped in place as adapters target them."""
+
+    def __init__(self, model: PreTrainedModel, pad_token_id: int | None = None) -> None:
+        model.requires_grad_(False)
+        pad = model.config.pad_token_id if pad_token_id is None else pad_token_id
+        if pad is None:
+            raise ValueError("the base has no pad_token_id: pass Pack(model, pad_token_id=tokenizer.pad_token_id)")
+        self.model = model
+        self.pad_token_id: int = pad
+        self._rows = Rows()
+        self._linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        self._packed: dict[str, PackedLinear] = {}
+        self._adapters: dict[str, _Attached] = {}
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._adapters)
+
+    def attach(
+        self, name: str, config: LoraConfig, init_state: Mapping[str, torch.Tensor] | None = None, *, training: Training
+    ) -> None:
+        """Add adapter `name`: a LoRA of `config` (rank, alpha, dropout, target modules, rsLoRA) on the modules it
+        targets, with its own optimizer and schedule. `init_state`: its starting A and B under PEFT's key names
+        (`get_peft_model_state_dict`, an adapter_model.safetensors, a checkpoint); None draws PEFT's init from torch's
+        RNG. Raises ConfigError naming every problem (a variant the pack cannot compute, a target that matches no
+        linear layer, missing or misshapen init tensors)."""
+        config = copy.deepcopy(config)
+        modules = [m for m in self._linears if _targets(config, m)]
+        problems = self._problems(name, config, modules, init_state)
+        if problems:
+            raise ConfigError(problems, header=f"adapter {name!r} cannot join the pack")
+        scaling = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)  # PEFT's
+        for module in modules:
+            layer = self._packed[module] if module in self._packed else self._wrap(module)
+            # PEFT's autocast_adapter_dtype: a half-precision base trains fp32 adapter weights.
+            dtype = layer.base_layer.weight.dtype
+            dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+            layer.add(
+                name,
+                r=config.r,
+                scaling=scaling,
+                dropout=config.lora_dropout,
+                dtype=dtype,
+                init=config.init_lora_weights if init_state is None else False,
+            )
+        keyed = self._keyed(name, tuple(modules))
+        if init_state is not None:
+            with torch.no_grad():
+                for key, param in keyed.items():
+                    param.copy_(init_state[key])
+        optimizer = _optimizer(keyed, training)
+        from transformers import get_scheduler
+
+        schedule = get_scheduler(training.schedule, optimizer, training.warmup_steps, training.total_steps)
+        self._adapters[name] = _Attached(config, tuple(modules), training, list(keyed.values()), optimizer, schedule)
+
+    def detach(self, name: str) -> None:
+        """Remove adapter `name`, its optimizer state with it. A layer left with no adapter is unwrapped: with every
+        adapter detached the model is the base as loaded."""
+        attached = self._adapters.pop(self._known(name))
+        for module in attached.modules:
+            layer = self._packed[module]
+            layer.remove(name)
+            if not layer.adapters:
+                parent, _, child = module.rpartition(".")
+                setattr(self.model.get_submodule(parent), child, layer.base_layer)
+                del self._packed[module]
+
+    def step(self, batches: Mapping[str, Batch]) -> PackStep:
+        """One optimizer step of every adapter in `batches` (name -> its micro-batch), through one forward and one
+        backward of the base."""
+        start = time.perf_counter()
+        if not self.model.training:  # train() walks every module: not once a step
+            self.model.train()
+        with self._routed(batches) as (labels, logits, blocks):
+            losses = _losses(labels, logits, blocks)
+            torch.stack(list(losses.values())).sum().backward()
+        for name in batches:
+            self._adapters[name].update()
+        values = torch.stack(list(losses.values())).tolist()  # the step's one device sync
+        return PackStep(
+            losses=dict(zip(losses, values, strict=True)),
+            tokens={n: int((batches[n]["labels"][:, 1:] != -100).sum()) for n in batches},
+            seconds=time.perf_counter() - start,
+        )
+
+    @torch.no_grad()
+    def evaluate(self, batches: Mapping[str, Batch]) -> dict[str, float]:
+        """Each adapter's loss on its batch, without dropout or gradients."""
+        self.model.eval()
+        with self._routed(batches) as (labels, logits, blocks):
+            losses = _losses(labels, logits, blocks)
+        return dict(zip(losses, torch.stack(list(losses.values())).tolist(), strict=True))
+
+    @torch.no_grad()
+    def logits(self, batches: Mapping[str, Batch]) -> dict[str, torch.Tensor]:
+        """Each adapter's logits on its batch (eval mode), cut back to the batch's own length."""
+        self.model.eval()
+        with self._routed(batches) as (_, logits, blocks):
+            return {n: logits[rows, : batches[n]["input_ids"].shape[1]] for n, rows in blocks.items()}
+
+    def state(self, name: str) -> dict[str, torch.Tensor]:
+        """Adapter `name`'s A and B under PEFT's key names (what `get_peft_model_state_dict` gives), copied."""
+        attached = self._adapters[self._known(name)]
+        return {k: p.detach().clone() for k, p in self._keyed(name, attached.modules).items()}
+
+    def save(self, name: str, out_dir: Path | str) -> Path:
+        """Write adapter `name` as a standard PEFT dir (adapter_config.json, adapter_model.safetensors) that
+        `PeftModel.from_pretrained(base, out_dir)` loads onto the base as loaded."""
+        from peft.utils import SAFETENSORS_WEIGHTS_NAME
+        from safetensors.torch import save_file
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        config = copy.deepcopy(self._adapters[self._known(name)].config)
+        config.base_model_name_or_path = config.base_model_name_or_path or self.model.config._name_or_path
+        config.inference_mode = True
+        config.init_lora_weights = True  # the saved weights are what counts; reloading re-runs no data-driven init
+        config.save_pretrained(str(out))
+        save_file(
+            {k: t.contiguous() for k, t in self.state(name).items()},
+            str(out / SAFETENSORS_WEIGHTS_NAME),
+            metadata={"format": "pt"},
+        )
+        return out
+
+    def _problems(
+        self, name: str, config: LoraConfig, modules: list[str], init_state: Mapping[str, torch.Tensor] | None
+    ) -> list[Problem]:
+        problems = config_problems(config, init_given=init_state is not None)
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+            problems.append(Problem("name", name, "is not a plain name", "use letters, digits, _ and - (no dots)"))
+        if name in self._adapters:
+            problems.append(Problem("name", name, "is attached already", f"detach it first; attached: {self.names}"))
+        if not modules and config.target_modules != "all-linear":
+            suffixes = sorted({m.rsplit(".", 1)[-1] for m in self._linears})
+            problems.append(
+                Problem(
+                    "config.target_modules",
+                    config.target_modules,
+                    "matches no linear layer",
+                    f"name some of {suffixes}",
+                )
+            )
+        if init_state is not None and modules and not problems:
+            problems += _init_problems(init_state, self._shapes(config, tuple(modules)))
+        return problems
+
+    def _shapes(self, config: LoraConfig, modules: tuple[str, ...]) -> dict[str, tuple[int, int]]:
+        shapes = {}
+        for m in modules:
+            layer = self._linears[m]
+            shapes[_key(m, "lora_A")] = (config.r, layer.in_features)
+            shapes[_key(m, "lora_B")] = (layer.out_features, config.r)
+        return shapes
+
+    def _wrap(self, module: str) -> PackedLinear:
+        layer = PackedLinear(self._linears[module], self._rows)
+        parent, _, child = module.rpartition(".")
+        setattr(self.model.get_submodule(parent), child, layer)
+        self._packed[module] = layer
+        return layer
+
+    def _keyed(self, name: str, modules: tuple[str, ...]) -> dict[str, nn.Parameter]:
+        """PEFT key -> parameter, A then B per module, in the base's module order."""
+        out = {}
+        for m in modules:
+            out[_key(m, "lora_A")] = self._packed[m].lora_A[name].weight
+            out[_key(m, "lora_B")] = self._packed[m].lora_B[name].weight
+        return out
+
+    def _known(self, name: str) -> str:
+        if name not in self._adapters:
+            raise KeyError(f"no adapter {name!r} in the pack; attached: {self.names}")
+        return name
+
+    @contextmanager
+    def _routed(self, batches: Mapping[str, Batch]) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, slice]]]:
+        """Run the base once on the concatenated batches with each adapter routed to its rows; yield the packed
+        (labels, logits) and each adapter's rows. The routing stays set until the block ends, so a backward inside
+        it (and any recompute of a checkpointed layer) sees the same rows."""
+        for n in batches:
+            self._known(n)
+        ids, mask, labels, blocks = concat(batches, self.pad_token_id, self.model.device)
+        self._rows.blocks = blocks
+        try:
+            yield labels, self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits, blocks
+        finally:
+            self._rows.blocks = {}
+
+
+def _losses(labels: torch.Tensor, logits: torch.Tensor, blocks: dict[str, slice]) -> dict[str, torch.Tensor]:
+    """Each adapter's loss: the mean cross-entropy over its own label tokens (each row's labels shifted one left), as
+    Transformers' causal-LM loss computes it for a solo batch. One pass over the packed logits: a cut of the logits per
+    adapter would cost a logits-sized gradient per adapter (or one concatenation of them) in the backward."""
+    shifted = nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+    flat = nn.functional.cross_entropy(logits.float().flatten(0, 1), shifted.flatten(), reduction="none")
+    per_token = flat.view_as(shifted)  # 0 where the label is -100
+    return {n: per_token[rows].sum() / (shifted[rows] != -100).sum() for n, rows in blocks.items()}
+
+
+def _key(module: str, matrix: str) -> str:
+    """PEFT's saved key of a LoRA matrix (PeftModel prefix, no adapter name)."""
+    return f"base_model.model.{module}.{matrix}.weight"
+
+
+def _targets(config: LoraConfig, module: str) -> bool:
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    return bool(check_target_module_exists(config, module))  # an excluded module is falsy
+
+
+def _init_problems(init_state: Mapping[str, torch.Tensor], shapes: dict[str, tuple[int, int]]) -> list[Problem]:
+    fix = "give the state dict of an adapter of the same LoraConfig (rank, target modules)"
+    problems = [
+        Problem("init_state", sorted(keys)[:3], f"{why.format(len(keys))}", fix)
+        for keys, why in (
+            (set(shapes) - set(init_state), "lacks {} tensor(s) the config targets"),
+            (set(init_state) - set(shapes), "has {} tensor(s) the config does not target"),
+        )
+        if keys
+    ]
+    for k, shape in shapes.items():
+        if k in init_state and tuple(init_state[k].shape) != shape:
+            problems.append(Problem(k, tuple(init_state[k].shape), f"should have shape {shape}", fix))
+    return problems
+
+
+def _optimizer(params: dict[str, nn.Parameter], training: Training) -> torch.optim.Optimizer:
+    """AdamW over the adapter's A and B; with LoRA+, B in a group of its own at `loraplus_lr_ratio` times the rate
+    (PEFT's `create_loraplus_optimizer` puts "lora_B" parameters there)."""
+    ratio = training.loraplus_lr_ratio
+    if ratio is None:
+        groups = [{"params": list(params.values())}]
+    else:
+        a = [p for k, p in params.items() if "lora_B" not in k]
+        b = [p for k, p in params.items() if "lora_B" in k]
+        groups = [{"params": a}, {"params": b, "lr": training.lr * ratio}]
+    return torch.optim.AdamW(groups, lr=training.lr, weight_decay=training.weight_decay)

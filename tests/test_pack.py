@@ -1,0 +1,209 @@
+"""A pack's numerics (issue 24, item 4): in fp32 on the CPU each packed adapter's loss curve is its solo PEFT run's.
+
+Run: python -m pytest tests/test_pack.py --durations=0
+
+Solo: `get_peft_model` on a fresh base with the variant's own PEFT config (lora_search.variants) and optimizer (LoRA+:
+the variant's), a plain loop in the Trainer's order (forward with labels, backward, clip, step, schedule, zero). Packed:
+the same init copied in, the same batches in the same order, three adapters of different ranks, alphas, learning rates,
+schedules and targets (c's a subset of a's) in one base; after 4 steps b leaves and d joins, and a and c go on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from lora_search.pack import PACKED, SOLO, Pack, Training, packs
+from lora_search.pack_layers import PackedLinear
+from lora_search.problems import ConfigError
+from lora_search.variants import VARIANTS, Adapter
+
+ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TOTAL = 6
+ADAPTERS = {
+    # name: (variant, rank, alpha, targets, lr, Training beyond lr and total_steps)
+    "a": ("lora", 4, 8.0, ("q_proj", "v_proj"), 1e-2, {"warmup_steps": 2, "weight_decay": 0.01}),
+    "b": ("rslora", 8, 4.0, ALL, 5e-3, {"schedule": "cosine", "max_grad_norm": 0.05}),
+    "c": ("loraplus", 2, 4.0, ("v_proj",), 2e-3, {"max_grad_norm": None}),
+    "d": ("lora", 6, 12.0, ("o_proj", "down_proj"), 1e-2, {"schedule": "constant"}),
+}
+SWAP = 4
+STEPS = {"a": TOTAL, "b": SWAP, "c": TOTAL, "d": TOTAL - SWAP}
+"""Steps each adapter trains in the pack: a, b, c from the start; after SWAP steps b leaves and d joins."""
+
+
+def _adapter(name: str) -> Adapter:
+    variant, rank, alpha, targets, lr, _ = ADAPTERS[name]
+    return Adapter(
+        variant=variant,
+        rank=rank,
+        alpha=alpha,
+        targets="+".join(targets),
+        lr=lr,
+        dropout=0.0,
+        total_steps=TOTAL,
+        target_modules=targets,
+    )
+
+
+def _training(name: str) -> Training:
+    ratio = 16.0 if ADAPTERS[name][0] == "loraplus" else None  # variants._loraplus_optimizer's
+    return Training(lr=ADAPTERS[name][4], total_steps=TOTAL, loraplus_lr_ratio=ratio, **ADAPTERS[name][5])
+
+
+def _batches(name: str, vocab: int) -> list[dict[str, torch.Tensor]]:
+    """The adapter's own data order: right-padded micro-batches of its own row count and lengths, the first tokens of
+    each row a prompt (labels -100), as the trial's collator gives them; tokens from a few of its own, so it learns."""
+    g = torch.Generator().manual_seed(ord(name))
+    rows = 2 + ord(name) % 3
+    tokens = torch.randperm(vocab - 3, generator=g)[:6] + 3
+    out = []
+    for _ in range(STEPS[name]):
+        lengths = torch.randint(6, 14 + 4 * (ord(name) % 2), (rows,), generator=g)
+        width = int(lengths.max())
+        ids = tokens[torch.randint(0, len(tokens), (rows, width), generator=g)]
+        mask = (torch.arange(width)[None] < lengths[:, None]).long()
+        ids = ids.masked_fill(mask == 0, 0)
+        labels = ids.masked_fill(mask == 0, -100)
+        labels[:, :3] = -100
+        out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return out
+
+
+def _base(model_dir: Path) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+
+
+def _solo(name: str, model_dir: Path) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """(its initial adapter under PEFT's keys, its loss curve) trained alone, as a solo trial trains it."""
+    from peft import get_peft_model
+    from peft.utils import get_peft_model_state_dict
+    from transformers import get_scheduler
+
+    adapter, training = _adapter(name), _training(name)
+    variant = VARIANTS[adapter.variant]
+    base = _base(model_dir)
+    torch.manual_seed(ord(name))
+    model = get_peft_model(base, variant.peft_config(adapter))
+    init = {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    if variant.optimizer is not None:
+        optimizer = variant.optimizer(model, adapter)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=adapter.lr, weight_decay=training.weight_decay)
+    schedule = get_scheduler(training.schedule, optimizer, training.warmup_steps, TOTAL)
+    losses = []
+    model.train()
+    for batch in _batches(name, base.config.vocab_size):
+        loss = model(**batch).loss
+        loss.backward()
+        if training.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, training.max_grad_norm)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return init, losses
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """Ops this small run fastest on one thread; on a busy 2-core CI runner two threads wait on each other (a solo
+    run: 0.15 s on one, 3-8 s on two)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def solo(tiny_model_dir: Path) -> dict[str, tuple[dict[str, torch.Tensor], list[float]]]:
+    return {name: _solo(name, tiny_model_dir) for name in ADAPTERS}
+
+
+@pytest.fixture(scope="module")
+def packed(tiny_model_dir: Path, solo: dict) -> tuple[Pack, dict[str, list[float]]]:
+    """The pack after its TOTAL steps (a, c and d attached) and every adapter's packed loss curve."""
+    pack = Pack(_base(tiny_model_dir))
+    vocab = pack.model.config.vocab_size
+    data = {name: _batches(name, vocab) for name in ADAPTERS}
+    for name in "abc":
+        pack.attach(
+            name, VARIANTS[ADAPTERS[name][0]].peft_config(_adapter(name)), solo[name][0], training=_training(name)
+        )
+    curves: dict[str, list[float]] = {name: [] for name in ADAPTERS}
+    for step in range(TOTAL):
+        if step == SWAP:
+            pack.detach("b")
+            pack.attach("d", VARIANTS["lora"].peft_config(_adapter("d")), solo["d"][0], training=_training("d"))
+        batches = {name: data[name][len(curves[name])] for name in pack.names}
+        for name, loss in pack.step(batches).losses.items():
+            curves[name].append(loss)
+    return pack, curves
+
+
+@pytest.mark.parametrize("name", list(ADAPTERS))
+def test_packed_curve_is_the_solo_curve(name: str, solo: dict, packed: tuple) -> None:
+    """a, c: 6 steps, with b leaving and d joining after 4; b: 4 steps; d: 2 steps, joining a running pack."""
+    got, want = packed[1][name], solo[name][1]
+    assert len(got) == STEPS[name]
+    assert got == pytest.approx(want, rel=1e-5, abs=0), f"{name}: packed {got} vs solo {want}"
+    assert want[-1] < want[0] - 0.05, f"{name} did not learn: {want}"  # so the curves compared move
+
+
+def test_saved_adapter_loads_in_peft_with_the_same_logits(tiny_model_dir: Path, packed: tuple, tmp_path: Path) -> None:
+    from peft import PeftModel
+
+    pack = packed[0]
+    batches = {n: _batches(n, pack.model.config.vocab_size)[0] for n in ("a", "d")}
+    mine = pack.logits(batches)
+    for name in ("a", "d"):
+        model = PeftModel.from_pretrained(_base(tiny_model_dir), pack.save(name, tmp_path / name)).eval()
+        with torch.no_grad():
+            theirs = model(input_ids=batches[name]["input_ids"], attention_mask=batches[name]["attention_mask"]).logits
+        torch.testing.assert_close(theirs, mine[name], rtol=1e-5, atol=1e-5)
+        assert model.peft_config["default"].r == ADAPTERS[name][1]
+
+
+def test_default_init_is_peft_init_and_detaching_all_restores_the_base(tiny_model_dir: Path, solo: dict) -> None:
+    """Under the same seed an adapter attached without init_state starts where get_peft_model starts it; with every
+    adapter detached the model holds no pack layer and the base's weights as loaded."""
+    pack = Pack(_base(tiny_model_dir))
+    loaded = {k: v.clone() for k, v in pack.model.state_dict().items()}
+    for name in ("b", "c"):
+        torch.manual_seed(ord(name))
+        pack.attach(name, VARIANTS[ADAPTERS[name][0]].peft_config(_adapter(name)), training=_training(name))
+        torch.testing.assert_close(pack.state(name), solo[name][0], rtol=0, atol=0)
+    pack.detach("b")
+    pack.detach("c")
+    assert not any(isinstance(m, PackedLinear) for m in pack.model.modules())
+    torch.testing.assert_close(pack.model.state_dict(), loaded, rtol=0, atol=0)
+
+
+def test_attach_names_every_problem(tiny_model_dir: Path) -> None:
+    from peft import LoraConfig
+
+    pack = Pack(_base(tiny_model_dir))
+    pack.attach("a", LoraConfig(r=2, target_modules=["q_proj"]), training=Training(lr=1e-3, total_steps=2))
+    bad = LoraConfig(r=2, target_modules=["qproj"], use_dora=True, init_lora_weights="pissa")
+    with pytest.raises(ConfigError) as e:
+        pack.attach("a", bad, training=Training(lr=1e-3, total_steps=2))
+    for said in ("use_dora", "init_lora_weights", "matches no linear layer", "q_proj", "attached already"):
+        assert said in str(e.value)
+    with pytest.raises(ConfigError, match="lacks 4 tensor"):
+        pack.attach("b", LoraConfig(r=2, target_modules=["k_proj"]), {}, training=Training(lr=1e-3, total_steps=2))
+    with pytest.raises(ConfigError, match="warmup_steps"):
+        Training(lr=1e-3, total_steps=2, warmup_steps=2)
+
+
+def test_every_variant_packs_or_says_why_not() -> None:
+    assert set(PACKED) | set(SOLO) == set(VARIANTS) and not set(PACKED) & set(SOLO)
+    for name in VARIANTS:
+        assert packs(name) is True if name in PACKED else packs(name) == SOLO[name]
+    with pytest.raises(ValueError, match="known: lora"):
+        packs("dorra")

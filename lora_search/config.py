@@ -477,7 +477,8 @@ class Sweep:
         if self.conforms("space.variants", "resources", "budget.optimizer"):
             out.extend(self._strategy_problems())
         if self.conforms("space.variants", "serve_with") and self.serve_with != "any":
-            from lora_search.serving import VARIANTS_SAVED_AS_LORA, can_serve
+            from lora_search.serving import can_serve
+            from lora_search.variants import VARIANTS
 
             if not can_serve(self.space.variants, self.serve_with):
                 out.append(
@@ -486,7 +487,8 @@ class Sweep:
                         self.serve_with,
                         f"no variant of space.variants ({', '.join(self.space.variants)}) saves an adapter "
                         f"{self.serve_with} loads, so the frontier would be empty",
-                        f"add one of {', '.join(sorted(VARIANTS_SAVED_AS_LORA))}, or serve_with='any' (merged "
+                        f"add one of {', '.join(sorted(can_serve(tuple(VARIANTS), self.serve_with)))}, or "
+                        "serve_with='any' (merged "
                         "models: lora-search export --merge)",
                     )
                 )

@@ -124,7 +124,9 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 def tracked_sweep(model_dir: Path, data: Path, out: Path, uri: str, **changes: object) -> Sweep:
     """The shared sweep's settings: 4 seeded trials of LoRA/DoRA, ASHA rungs at steps 5 and 10 of 20, scored on both
-    golden sets, tracked on `uri`."""
+    golden sets, tracked on `uri`. Ray's ASHA on eval loss: the tests that read it need a pruned trial beside the
+    completed ones, and Pareto ASHA (the default) lets all 4 of these go on, each being best on some axis at its
+    rung (its own decisions are tested in test_pareto_asha and by the other sweeps)."""
     from lora_search import BaseModel, Budget, Dataset, Evals, SearchSpace, Sweep
 
     sweep = Sweep(
@@ -145,6 +147,7 @@ def tracked_sweep(model_dir: Path, data: Path, out: Path, uri: str, **changes: o
             limit=16,
         ),
         tracking_uri=uri,
+        scheduler="asha",
     )
     return sweep.replace(**changes)
 

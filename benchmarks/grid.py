@@ -10,6 +10,8 @@ without training (lora_search's replay simulator reads the table this writes).
 A grid cut short is finished in parts, at the same GRID_PER_GPU (device_s is the GPU share's device-seconds):
     GRID_PER_GPU=16 python benchmarks/grid.py run --shard all --variants pissa,loraplus,dora
     python benchmarks/grid.py table --earlier benchmarks/grid_smollm2_h200_2026-12-04.parquet
+A finished part whose Ray experiment is gone (the machine given back) joins from its report dir:
+    python benchmarks/grid.py table --earlier TABLE --reports DIR/smollm2-grid-all-linear-pissa
 
 `run` is an ordinary lora_search sweep (named smollm2-grid, under $LORA_SEARCH_OUTPUT_DIR): interrupted (Ctrl-C,
 SIGINT, a time limit), the same command resumes it. `table` reads its Ray experiment directly, so a grid cut short
@@ -69,7 +71,7 @@ def grid_sweep(shard: str, smoke: bool = False, variants: tuple[str, ...] = ()) 
             name=f"{NAME}-smoke-{shard}", space=grid, search="grid", num_samples=1, budget=budget, tracking_uri="off"
         )
     return sweep.replace(
-        name=f"{NAME}-{shard}" + ("-" + "+".join(variants) if variants else ""),
+        name=f"{NAME}-{shard}" + ("-" + "_".join(variants) if variants else ""),
         space=grid,
         search="grid",
         num_samples=1,
@@ -128,7 +130,42 @@ def _rows(sweep: Any, out: Path, analysis: Any) -> list[dict[str, Any]]:
     return rows
 
 
-def table(out_dir: Path, smoke: bool = False, earlier: tuple[Path, ...] = ()) -> Path:
+def _rows_from_report(out: Path) -> list[dict[str, Any]]:
+    """The rows of a finished part whose Ray experiment is gone (a device machine given back) from what its report
+    wrote: trials.parquet (one row a trial) and history.parquet (every report of every trial)."""
+    import pandas as pd
+
+    trials = pd.read_parquet(out / "trials.parquet")
+    history = pd.read_parquet(out / "history.parquet")
+    columns = _COLUMNS + [c for c in trials.columns if "/" in c]  # and the golden scores, task/metric[_stderr]
+    rows = []
+    for t in trials.to_dict("records"):
+        h = history[(history["trial_id"] == t["trial_id"]) & history["eval_loss"].notna()]
+        curve = dict(zip(h["step"].astype(int), h["eval_loss"].astype(float), strict=True))
+        if math.isfinite(t["base_eval_loss"]):
+            curve.setdefault(0, float(t["base_eval_loss"]))
+        curve = sorted(curve.items())
+        row = {c: t.get(c) for c in columns if c in t}
+        row.update(
+            config_id=f"{t['variant']}-r{t['rank']}-{t['targets']}-lr{t['lr']:.3g}",
+            status=t["status"] if t["status"] != "pruned" else "unfinished",
+            curve_step=[s for s, _ in curve],
+            curve_eval_loss=[v for _, v in curve],
+        )
+        rows.append(row)
+    return rows
+
+
+# The table's columns (benchmarks/GRID.md), in order; the golden scores follow.
+_COLUMNS = [
+    "config_id", "variant", "rank", "alpha", "targets", "lr", "status", "step", "curve_step", "curve_eval_loss",
+    "base_eval_loss", "eval_loss", "best_eval_loss", "train_loss", "trainable_params", "adapter_bytes", "train_s",
+    "device_s", "eval_s", "trial_s", "steady_tokens_per_s", "tokens_per_s", "peak_mem_bytes", "device_name",
+    "trial_id",
+]  # fmt: skip
+
+
+def table(out_dir: Path, smoke: bool = False, earlier: tuple[Path, ...] = (), reports: tuple[Path, ...] = ()) -> Path:
     """One row per configuration: its hyperparameters, status, curve (steps and eval losses), final golden scores
     with stderr, adapter bytes, speed and device-seconds. Reads every part of the grid recorded under the output
     dir (each shard, each `--variants` part) and the rows of `earlier` tables; where a configuration appears more
@@ -148,6 +185,7 @@ def table(out_dir: Path, smoke: bool = False, earlier: tuple[Path, ...] = ()) ->
         names = [n for n in names if not n.startswith(f"{NAME}-smoke-")]
     shards = [(probe.replace(name=n), root / n) for n in names]
     rows = [r for path in earlier for r in pd.read_parquet(path).to_dict("records")]
+    rows += [r for out in reports for r in _rows_from_report(out)]
     for sweep, out in shards:
         rows += _rows(sweep, out, ExperimentAnalysis(str(ray_storage(out) / sweep.name)))
     if not rows:
@@ -161,6 +199,7 @@ def table(out_dir: Path, smoke: bool = False, earlier: tuple[Path, ...] = ()) ->
         ):
             best[r["config_id"]] = r
     rows = list(best.values())
+    shards_here = bool(shards)  # parts whose Ray experiment is on this machine
     shards = shards or [(probe, root)]
     sweep = shards[0][0]
     assert sweep.evals is not None
@@ -172,7 +211,7 @@ def table(out_dir: Path, smoke: bool = False, earlier: tuple[Path, ...] = ()) ->
     path = out_dir / f"grid_smollm2_{tag}_{date}.parquet"
     meta = {
         "sweep": "benchmarks/grid.py (sweeps/smollm2.py's base, data, budget, golden sets)",
-        "shards": [s.name for s, _ in shards] + [str(p) for p in earlier],
+        "shards": [s.name for s, _ in shards] + [str(p) for p in earlier] + [p.name for p in reports],
         "budget": dataclasses.asdict(sweep.budget),
         "seed": sweep.seed,
         "objective": sweep.evals.objective,
@@ -187,6 +226,11 @@ def table(out_dir: Path, smoke: bool = False, earlier: tuple[Path, ...] = ()) ->
             meta[lib] = __import__(lib).__version__
         except Exception:  # a library missing on this machine is recorded as missing
             meta[lib] = "missing"
+    if earlier and not shards_here:  # parts merged here (a CPU), all recorded on the device: keep the device's
+        # budget, seed and versions from the first earlier table, and list every part
+        recorded = json.loads(Path(earlier[0]).with_suffix(".json").read_text())
+        parts = recorded["shards"] + [str(p) for p in earlier[1:]] + [p.name for p in reports]
+        meta = recorded | {"shards": parts, "configurations": meta["configurations"], "by_status": meta["by_status"]}
     frame.attrs["lora_search"] = meta  # pandas keeps attrs in the parquet's metadata
     frame.to_parquet(path, index=False)
     path.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
@@ -211,6 +255,10 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="two configurations on the CPU (SMOLLM2_MODE=smoke)")
     parser.add_argument("--variants", default="", help="run: a part of the variants, comma-separated (e.g. pissa,dora)")
     parser.add_argument("--earlier", type=Path, nargs="*", default=(), help="table: rows of tables recorded before")
+    parser.add_argument(
+        "--reports", type=Path, nargs="*", default=(),
+        help="table: finished parts' report dirs (trials.parquet, history.parquet) whose Ray experiment is gone",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.what == "run":
         from lora_search import run
@@ -221,7 +269,7 @@ def main() -> None:
         except SweepExistsError as e:
             print(e)
     else:
-        table(args.out, args.smoke, tuple(args.earlier))
+        table(args.out, args.smoke, tuple(args.earlier), tuple(args.reports))
 
 
 if __name__ == "__main__":

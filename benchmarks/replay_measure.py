@@ -43,6 +43,7 @@ COMBOS: dict[str, tuple[str, str]] = {
     "nsga2+fifo": ("nsga2", "fifo"),  # Optuna NSGA-II on (objective, adapter bytes, cost)
 }
 TARGET, EARLY = 0.95, 0.15
+FRACTIONS = np.linspace(0.0, 0.6, 121)  # the plot's compute axis: every scheduler's whole sweep ends below 0.6
 
 
 SCHEDULERS = replay.SCHEDULERS
@@ -56,11 +57,17 @@ def bootstrap(values: np.ndarray, statistic: Callable[[np.ndarray], float], n: i
     return [float(np.quantile(stats, q, method="nearest")) for q in (0.025, 0.975)]
 
 
-def measure(grid: replay.Grid, seeds: int, workers: int) -> list[dict[str, Any]]:
+def measure(
+    grid: replay.Grid, seeds: int, workers: int, curves: dict[str, np.ndarray] | None = None
+) -> list[dict[str, Any]]:
+    """One row per COMBOS entry over `seeds` replays; `curves` (if given) gets each one's hypervolume ratio at every
+    compute fraction of FRACTIONS, one row a seed (the plot's)."""
     rows = []
     for name, (searcher, scheduler) in COMBOS.items():
         start = time.perf_counter()
         runs = [replay.simulate(grid, searcher, SCHEDULERS[scheduler](grid), workers, seed) for seed in range(seeds)]
+        if curves is not None:
+            curves[name] = np.array([[r.hv_at_compute(f) for f in FRACTIONS] for r in runs])
         to_target = np.array([r.compute_to_hv(TARGET) for r in runs])
         early = np.array([r.hv_at_compute(EARLY) for r in runs])
         rows.append(
@@ -80,6 +87,79 @@ def measure(grid: replay.Grid, seeds: int, workers: int) -> list[dict[str, Any]]
             }
         )
     return rows
+
+
+def plot(result: dict[str, Any], curves: dict[str, np.ndarray], out: Path) -> Path:
+    """The measurement as a page in the sweep report's style (lora_search.report's CSS and figure settings): each
+    scheduler's hypervolume found against compute spent, mean over seeds with its 2.5-97.5 percentile band, and the
+    goal's two lines (95% of the grid's hypervolume, 0.15x its compute); the table below it."""
+    import html
+
+    import plotly.graph_objects as go
+    from plotly.offline import get_plotlyjs
+
+    from lora_search.report import CSS, _figure
+
+    fig = go.Figure()
+    palette = ("#d62728", "#1f77b4", "#7f7f7f", "#2ca02c", "#9467bd")
+    for (name, hv), color in zip(curves.items(), palette, strict=False):
+        lo, hi = np.quantile(hv, 0.025, axis=0), np.quantile(hv, 0.975, axis=0)
+        band = dict(mode="lines", line={"width": 0}, showlegend=False, hoverinfo="skip")
+        fig.add_scatter(x=FRACTIONS, y=hi, **band)
+        fig.add_scatter(x=FRACTIONS, y=lo, fill="tonexty", fillcolor=_alpha(color), **band)
+        fig.add_scatter(x=FRACTIONS, y=hv.mean(axis=0), mode="lines", name=name, line={"color": color})
+    fig.add_hline(y=TARGET, line_dash="dot", annotation_text="95% of the grid's hypervolume")
+    fig.add_vline(x=EARLY, line_dash="dot", annotation_text="0.15x the grid's compute")
+    fig.update_layout(
+        xaxis_title="compute spent (fraction of the whole grid's device-seconds)",
+        yaxis_title="hypervolume found (fraction of the grid's)",
+        yaxis_range=[0, 1.02],
+    )
+    head = ("scheduler", "compute to 95% HV (median)", "95% CI", "reached", "HV at 0.15x (mean)", "95% CI",
+            "whole sweep: compute", "whole sweep: HV")  # fmt: skip
+    cells = [
+        (
+            r["scheduler"],
+            _num(r["compute_fraction_to_95pct_hv"]),
+            _ci(r["compute_fraction_to_95pct_hv_ci95"]),
+            r["reached_95pct_hv"],
+            _num(r["hv_at_0.15"]),
+            _ci(r["hv_at_0.15_ci95"]),
+            _num(r["compute_fraction"], ".2f"),
+            _num(r["hv_ratio"], ".2f"),
+        )  # fmt: skip
+        for r in result["rows"]
+    ]
+    table = "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"
+    table += "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in cells)
+    title = html.escape(f"How much compute a sweep saves: {result['table']}")
+    rhos = ", ".join(f"step {s['step']}: {s['rho']:+.2f}" for s in result["spearman_eval_loss_vs_objective"])
+    page = (
+        f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{title}</title>"
+        f"<style>{CSS}</style><script>{get_plotlyjs()}</script></head>\n<body><h1>{title}</h1>\n"
+        f"<p class='note'>{result['completed_scored']} configurations replayed ({result['left_out_unfinished']} cut "
+        f"short and left out), {result['seeds']} seeds, {result['workers']} trials at once, rungs {result['rungs']}; "
+        f"frontier of {result['grid_frontier']} over ({html.escape(result['objective'])}, adapter bytes, "
+        f"device-seconds). Spearman(eval loss, objective): {rhos}. benchmarks/replay_measure.py wrote it.</p>\n"
+        + _figure(fig, "replay-hv", height=520)
+        + table
+        + "</table></body></html>\n"
+    )
+    out.write_text(page, encoding="utf-8")
+    return out
+
+
+def _alpha(color: str) -> str:
+    r, g, b = (int(color[i : i + 2], 16) for i in (1, 3, 5))
+    return f"rgba({r},{g},{b},0.15)"
+
+
+def _num(value: Any, spec: str = ".3f") -> str:
+    return "never" if value is None or not math.isfinite(value) else format(value, spec)
+
+
+def _ci(pair: list[float | None]) -> str:
+    return "[" + ", ".join(_num(v) for v in pair) + "]"
 
 
 def _fifo_wall(grid: replay.Grid, workers: int) -> float:
@@ -143,7 +223,8 @@ def main() -> None:
     out = args.out or ROOT / "benchmarks" / f"replay_{path.stem}.json"
 
     start = time.perf_counter()
-    rows = measure(grid, args.seeds, args.workers)
+    curves: dict[str, np.ndarray] = {}
+    rows = measure(grid, args.seeds, args.workers, curves)
     rhos = spearman(grid)
     done = grid.scored(grid.configurations)
     result = {
@@ -164,6 +245,7 @@ def main() -> None:
         "seconds": time.perf_counter() - start,
     }
     out.write_text(json.dumps(result, indent=1) + "\n")
+    page = plot(result, curves, out.with_suffix(".html"))
 
     print(
         f"{result['table']}: {len(grid.configurations)} configurations, {len(done)} completed and scored, "
@@ -185,7 +267,7 @@ def main() -> None:
         + ", ".join(f"step {s['step']}: {s['rho']:+.2f}" for s in rhos)
         + f"  (n={rhos[0]['configurations']})"
     )
-    print(f"{result['seconds']:.1f} s; wrote {out}")
+    print(f"{result['seconds']:.1f} s; wrote {out} and {page.name}")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@
 #   call 5:                           bash benchmarks/smollm2_device.sh run          (resume what was cut short)
 #   GRID_ONLY=1 [GRID_PER_GPU=16] [GRID_VARIANTS=pissa,loraplus,dora] ... run: only the grid, as one sweep
 #     (`grid.py run --shard all [--variants ...]`); then `finish` with GRID_EARLIER=<committed table> to merge
+#   GRID_ONLY=1 GRID_PARTS="all-linear:pissa all:loraplus,dora" ... run: the parts one after another (the
+#     configurations an earlier table lacks, without rerunning its completed ones)
 # Issue the calls back to back: the machine is given back 30 s after a call, and everything under /tmp with it.
 #   call 6:                           bash benchmarks/smollm2_device.sh finish       (tables, JSON, pytest -m gpu)
 # Each `run` stops its sweeps with SIGINT before the call's 10 minutes (Ray saves them; the next `run` resumes).
@@ -65,8 +67,14 @@ run)
   # One GPU: the sweep (resumes if cut short) beside the default recipe, then the grid in the time left; each
   # process its own local Ray. GRID_GPU=1 (a two-GPU machine): the grid on the second GPU from the start.
   if [ -n "${GRID_ONLY:-}" ]; then  # the whole grid as one sweep on one GPU, GRID_PER_GPU trials at once
+    # GRID_PARTS="all-linear:pissa all:loraplus,dora": parts one after another (SHARD:VARIANTS), each its own sweep
     ( export GRID_PER_GPU=${GRID_PER_GPU:-16}
-      then_run grid_all.log python3 benchmarks/grid.py run --shard all ${GRID_VARIANTS:+--variants $GRID_VARIANTS} ) &
+      for part in ${GRID_PARTS:-all:${GRID_VARIANTS:-}}; do
+        shard=${part%%:*}; vars=${part#*:}
+        then_run "grid_$shard${vars:+_$vars}.log" python3 benchmarks/grid.py run --shard "$shard" ${vars:+--variants $vars}
+      done ) &
+    # DRIFT=1: benchmarks/qlora_drift.py beside the grid (its two trials share the GPU with the grid's)
+    [ -n "${DRIFT:-}" ] && ( mkdir -p /tmp/out_extra; then_run drift.log timeout 420 python3 benchmarks/qlora_drift.py --out /tmp/out_extra ) &
   elif [ -n "${GRID_GPU:-}" ]; then
     ( export CUDA_VISIBLE_DEVICES=0; then_run sweep.log python3 sweeps/smollm2.py
       then_run grid_all-linear.log python3 benchmarks/grid.py run --shard all-linear ) &

@@ -1,23 +1,25 @@
-"""A real three-node Ray cluster on localhost (`ray start`: one head, two workers with their own node resources):
-every trial spans two workers on two different nodes (DDP, and DeepSpeed ZeRO-3, over gloo on CPU)."""
+"""A real three-node Ray cluster on localhost (`ray start`: one head, two workers with their own node resources),
+started once for this module: every trial spans two workers on two different nodes (DDP, and DeepSpeed ZeRO-3, over
+gloo on CPU); a whole worker node killed under a training trial (SIGKILL to its raylet and every process under it)."""
 
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pandas as pd
+import psutil
 import pytest
 
 from lora_search.probe import check_reload
-
-if TYPE_CHECKING:
-    from tests.conftest import LocalRay
+from tests.conftest import LocalRay
+from tests.test_resume import CLI, _sweep_file, _trial_worker, _wait_progress
 
 pytestmark = pytest.mark.slow
 
@@ -33,20 +35,38 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+WORKERS = ("node_a", "node_b")
+
+
+@pytest.fixture(scope="module")
+def _cluster() -> Iterator[tuple[LocalRay, dict[str, subprocess.Popen]]]:
+    """Head (no CPUs: trials' workers never land there) + two 2-CPU workers, started once for this module's tests
+    (starting and stopping a cluster costs ~35 s on a 2-core machine) and stopped after the last one, and nothing
+    else. Yields the nodes and each worker's `ray start --block` process by its resource name."""
+    nodes = LocalRay()
+    try:
+        gcs, dashboard = _free_port(), _free_port()
+        nodes.start(
+            "--head", f"--port={gcs}", "--num-cpus=0", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+            "--resources", '{"head": 1}',
+        )  # fmt: skip
+        nodes.env["RAY_ADDRESS"] = f"127.0.0.1:{gcs}"
+        yield nodes, {}
+    finally:
+        nodes.stop()
+
+
 @pytest.fixture
-def three_nodes(local_ray: LocalRay) -> LocalRay:
-    """Head (no CPUs: trials' workers never land there) + two 2-CPU workers, of this test's own (local_ray stops
-    them, and nothing else). `.env` reaches the cluster: its address and token."""
-    gcs, dashboard = _free_port(), _free_port()
-    address = f"127.0.0.1:{gcs}"
-    local_ray.start(
-        "--head", f"--port={gcs}", "--num-cpus=0", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-        "--resources", '{"head": 1}',
-    )  # fmt: skip
-    for name in ("node_a", "node_b"):
-        local_ray.start(f"--address={address}", "--num-cpus=2", "--resources", f'{{"{name}": 1}}')
-    local_ray.env["RAY_ADDRESS"] = address
-    return local_ray
+def three_nodes(_cluster: tuple[LocalRay, dict[str, subprocess.Popen]]) -> LocalRay:
+    """The module's cluster with both worker nodes up: a worker a test killed (its `ray start --block` exits when its
+    raylet dies) is started again, so each test gets the same three live nodes whatever ran before it. `.env`
+    reaches the cluster: its address and token."""
+    nodes, workers = _cluster
+    for name in WORKERS:
+        if name not in workers or workers[name].poll() is not None:
+            nodes.start(f"--address={nodes.env['RAY_ADDRESS']}", "--num-cpus=2", "--resources", f'{{"{name}": 1}}')
+            workers[name] = nodes.nodes[-1]
+    return nodes
 
 
 def test_two_worker_trials_spread_over_two_nodes(three_nodes, tiny_model_dir, tiny_jsonl, tmp_path) -> None:
@@ -99,3 +119,58 @@ def test_two_worker_trials_spread_over_two_nodes(three_nodes, tiny_model_dir, ti
         assert used == workers, (used, workers)  # both workers of the trial, one on each worker node
         assert row.device_s > 0 and row.trainable_params > 0
         assert check_reload(Path(row.adapter_path)) < 1e-5  # whole adapters, though dora's was sharded over 2 nodes
+
+
+def _raylets(gcs: str) -> list[psutil.Process]:
+    """The raylet processes of the cluster whose GCS listens on `gcs` (one per node)."""
+    found = []
+    for p in psutil.process_iter():
+        try:
+            line = " ".join(p.cmdline())
+        except psutil.Error:
+            continue
+        if "raylet/raylet" in line and re.search(rf"--gcs-address=\S*:{gcs.rsplit(':', 1)[1]}\b", line):
+            found.append(p)
+    return found
+
+
+def test_lost_worker_node_trains_on_from_its_checkpoint(three_nodes, tiny_model_dir, tiny_jsonl, tmp_path) -> None:
+    """Kill the whole worker node (its raylet and every process under it) that a trial is training on, after the
+    trial's first checkpoint: the trial trains on, on the node that is left, from that checkpoint."""
+    out = tmp_path / "reports"
+    sweep_file = _sweep_file(
+        tmp_path,
+        "node_loss",
+        tiny_model_dir,
+        tiny_jsonl,
+        out,
+        space='SearchSpace(ranks=(4,), targets=("attention",), variants=("lora",), lr=(2e-3, 4e-3))',
+        budget="Budget(max_steps=30, eval_every=10, grace_period=30, batch_size=4)",
+        num_samples="1",
+    )
+    driver = subprocess.Popen(
+        [*CLI, "run", str(sweep_file)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=three_nodes.env,
+    )
+    killed_at = _wait_progress(out / "node_loss" / "ray" / "progress", 13, driver)
+    node = next(r for r in _raylets(three_nodes.env["RAY_ADDRESS"]) if _trial_worker(r) is not None)
+    doomed = [node, *node.children(recursive=True)]
+    for p in doomed:
+        p.kill()
+    output, _ = driver.communicate(timeout=600)
+    assert driver.returncode == 0, output[-3000:]
+    row = pd.read_parquet(out / "node_loss" / "trials.parquet").iloc[0]
+    print(
+        f"\nnode killed after step {killed_at}: restarts {row.restarts}, steps redone {row.steps_redone}, "
+        f"ran on {row.worker_nodes}"
+    )
+    assert row.status == "completed" and row.step == 30, row.reason
+    assert row.restarts == 1 and 1 <= row.steps_redone <= 10, (
+        row.restarts,
+        row.steps_redone,
+    )  # at most one checkpoint interval
+    history = pd.read_parquet(out / "node_loss" / "history.parquet")
+    assert list(history["step"]) == [10, 20, 30]

@@ -1,7 +1,7 @@
 """Resume and failures, with real processes killed by real signals: the driver (SIGKILL, twice, then
-`lora-search run` / `lora-search resume` again), the process training one trial (a warm trial's own), and a whole
-worker node of a localhost `ray start` cluster. Truth comes from Ray's own experiment state, MLflow through
-MlflowClient, and an uninterrupted run of the same seeded sweep.
+`lora-search run` / `lora-search resume` again) and the process training one trial (a warm trial's own); a whole
+worker node of a localhost `ray start` cluster is killed in test_multinode, which starts that cluster. Truth comes
+from Ray's own experiment state, MLflow through MlflowClient, and an uninterrupted run of the same seeded sweep.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ import json
 import math
 import os
 import random
-import re
 import signal
 import subprocess
 import sys
@@ -23,7 +22,6 @@ import pytest
 
 from lora_search import pareto
 from lora_search.cli import main
-from tests.test_multinode import three_nodes  # noqa: F401 - the fixture
 
 CLI = [sys.executable, "-m", "lora_search.cli"]
 PARAMS = ["variant", "rank", "alpha", "targets", "lr", "dropout"]
@@ -318,62 +316,6 @@ def test_killed_worker_process_trains_on_from_its_checkpoint(tiny_model_dir, tin
     history = pd.read_parquet(out / "worker_loss" / "history.parquet")
     assert list(history["step"]) == [10, 20, 30]  # trained on from step 10: no step reported twice
     assert math.isfinite(row.eval_loss) and row.eval_loss < row.base_eval_loss
-
-
-def _raylets(gcs: str) -> list[psutil.Process]:
-    """The raylet processes of the cluster whose GCS listens on `gcs` (one per node)."""
-    found = []
-    for p in psutil.process_iter():
-        try:
-            line = " ".join(p.cmdline())
-        except psutil.Error:
-            continue
-        if "raylet/raylet" in line and re.search(rf"--gcs-address=\S*:{gcs.rsplit(':', 1)[1]}\b", line):
-            found.append(p)
-    return found
-
-
-@pytest.mark.slow
-def test_lost_worker_node_trains_on_from_its_checkpoint(three_nodes, tiny_model_dir, tiny_jsonl, tmp_path) -> None:  # noqa: F811
-    """Kill the whole worker node (its raylet and every process under it) that a trial is training on, after the
-    trial's first checkpoint: the trial trains on, on the node that is left, from that checkpoint."""
-    out = tmp_path / "reports"
-    sweep_file = _sweep_file(
-        tmp_path,
-        "node_loss",
-        tiny_model_dir,
-        tiny_jsonl,
-        out,
-        space='SearchSpace(ranks=(4,), targets=("attention",), variants=("lora",), lr=(2e-3, 4e-3))',
-        budget="Budget(max_steps=30, eval_every=10, grace_period=30, batch_size=4)",
-        num_samples="1",
-    )
-    driver = subprocess.Popen(
-        [*CLI, "run", str(sweep_file)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=three_nodes.env,
-    )
-    killed_at = _wait_progress(out / "node_loss" / "ray" / "progress", 13, driver)
-    node = next(r for r in _raylets(three_nodes.env["RAY_ADDRESS"]) if _trial_worker(r) is not None)
-    doomed = [node, *node.children(recursive=True)]
-    for p in doomed:
-        p.kill()
-    output, _ = driver.communicate(timeout=600)
-    assert driver.returncode == 0, output[-3000:]
-    row = pd.read_parquet(out / "node_loss" / "trials.parquet").iloc[0]
-    print(
-        f"\nnode killed after step {killed_at}: restarts {row.restarts}, steps redone {row.steps_redone}, "
-        f"ran on {row.worker_nodes}"
-    )
-    assert row.status == "completed" and row.step == 30, row.reason
-    assert row.restarts == 1 and 1 <= row.steps_redone <= 10, (
-        row.restarts,
-        row.steps_redone,
-    )  # at most one checkpoint interval
-    history = pd.read_parquet(out / "node_loss" / "history.parquet")
-    assert list(history["step"]) == [10, 20, 30]
 
 
 def test_resume_names_the_missing_state_and_the_fix(tmp_path, capsys) -> None:

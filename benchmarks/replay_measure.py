@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from lora_search import grids, replay  # noqa: E402
 
 COMBOS: dict[str, tuple[str, str]] = {
-    "random+asha": ("random", "asha"),  # Ray's ASHA on eval loss (Sweep(scheduler="asha"))
+    "random+asha": ("random", "asha"),  # ASHA on eval loss, Ray's decisions (Sweep(scheduler="asha"))
     "random+pareto-asha": ("random", "pareto-asha"),  # the default: ASHA on (eval loss, adapter bytes, cost a step)
     "random+fifo": ("random", "fifo"),  # no pruning: the grid in a random order
     "tpe+fifo": ("tpe", "fifo"),  # Optuna TPE on the golden objective

@@ -430,11 +430,12 @@ class Sweep:
     """Which trials stop at a rung (`Budget` sets the rungs). "pareto-asha" (the default): `lora_search.pareto_asha`,
     on eval loss, adapter bytes and device-seconds a step together: a small or cheap adapter a little behind on loss
     goes on where it may reach the frontier, and about the same 1/reduction_factor of trials go on from each rung;
-    where only one axis differs it decides exactly as Ray's ASHA. "asha": Ray's ASHA, on eval loss alone. Replayed
-    over the recorded grid of the real model (119 configurations, benchmarks/replay_grid_smollm2_h200_2026-12-04.json,
-    20 seeds), Pareto ASHA reached 95% of the grid frontier's hypervolume at 0.10x the grid's compute (all 20 seeds)
-    and loss-only ASHA in 7 of 20 seeds; a whole random sweep found 99% and 93% of it, for about the same compute
-    (35% and 37% of the grid's); README "How much compute does a sweep save?"."""
+    where only one axis differs it decides exactly as Ray's ASHA. "asha": the same on eval loss alone (Ray's ASHA's
+    decisions). Replayed over the recorded grid of the real model (119 configurations, 20 seeds,
+    benchmarks/replay_grid_smollm2_h200_2026-12-04.json), Pareto ASHA reached 95% of the grid frontier's hypervolume
+    at 0.10x the grid's compute (all 20 seeds), loss-only ASHA in 7 of 20 seeds; a whole random sweep found 99% and
+    93% of it, for about the same compute (35% and 37% of the grid's); README "How much compute does a sweep
+    save?"."""
     num_samples: Annotated[int, Range(ge=1, example="16")] = 16
     seed: Annotated[int, Range(ge=0, lt=2**32, example="0")] = 0
     """Seeds torch, numpy (which takes 0 <= seed < 2**32), the data order and the searcher."""

@@ -59,11 +59,13 @@ Point = tuple[float | None, float | None, float | None]
 """A trial's (quality, adapter bytes, device-seconds a step) at a rung, each to minimise; None where unreported."""
 
 
-def point(result: dict[str, Any], metric: str, mode: str, time_attr: str) -> Point:
+def point(result: dict[str, Any], metric: str, mode: str, time_attr: str, quality_only: bool = False) -> Point:
     """The point a Tune result puts at a rung. Quality is the metric, negated for mode "max" (Ray's reward negated,
-    bit for bit)."""
+    bit for bit). `quality_only`: size and cost left out (None), so the rung judges on quality alone."""
     value = _finite(result.get(metric))
     quality = None if value is None else (value if mode == "min" else -value)
+    if quality_only:
+        return quality, None, None
     size, spent, step = (_positive(result.get(k)) for k in (SIZE_KEY, COST_KEY, time_attr))
     rate = spent / step if spent is not None and step is not None else None
     return quality, size, rate
@@ -189,6 +191,8 @@ class Rungs:
     reduction_factor: float
     recorded: dict[float, dict[str, Point]] = field(default_factory=dict)
     stopped: dict[str, float] = field(default_factory=dict)
+    scheduler: str = "pareto-asha"
+    """Which `Sweep.scheduler` keeps this state: "pareto-asha", or "asha" (quality alone)."""
 
     def __post_init__(self) -> None:
         for m in self.milestones:
@@ -208,7 +212,7 @@ class Rungs:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "scheduler": "pareto-asha",
+            "scheduler": self.scheduler,
             "milestones": list(self.milestones),
             "reduction_factor": self.reduction_factor,
             "rungs": [[m, {t: list(p) for t, p in self.recorded[m].items()}] for m in self.milestones],
@@ -218,7 +222,8 @@ class Rungs:
     @classmethod
     def from_json(cls, state: dict[str, Any]) -> Rungs:
         recorded = {m: {t: tuple(p) for t, p in at.items()} for m, at in state["rungs"]}
-        return cls(tuple(state["milestones"]), state["reduction_factor"], recorded, dict(state["stopped"]))
+        milestones, factor, stopped = tuple(state["milestones"]), state["reduction_factor"], dict(state["stopped"])
+        return cls(milestones, factor, recorded, stopped, state.get("scheduler", "pareto-asha"))
 
     def save(self, path: Path) -> None:
         """Write the state to `path` whole or not at all (a driver killed mid-write leaves the previous file)."""
@@ -231,10 +236,10 @@ class Rungs:
         """The state saved in `path`; raises ValueError if it is not this scheduler's (another scheduler's file, or
         other rungs)."""
         state = json.loads(path.read_text())
-        if state.get("scheduler") != "pareto-asha" or tuple(state["milestones"]) != expected.milestones:
+        if state.get("scheduler") != expected.scheduler or tuple(state["milestones"]) != expected.milestones:
             raise ValueError(
-                f"{path} is not the state of a Pareto ASHA with rungs at {list(expected.milestones)}: the sweep "
-                "changed its scheduler or budget since it started; run it under a new name, or with --fresh"
+                f"{path} is not the state of a {expected.scheduler} with rungs at {list(expected.milestones)}: the "
+                "sweep changed its scheduler or budget since it started; run it under a new name, or with --fresh"
             )
         return cls.from_json(state)
 
@@ -253,7 +258,9 @@ def _scheduler_class() -> type:
 
     class ParetoASHA(FIFOScheduler):
         """Pareto ASHA as a Ray Tune scheduler: Ray's ASHAScheduler arguments (one bracket; trials stop at max_t), and
-        `state_file`, where the state is kept across a killed driver (None: in memory only)."""
+        `state_file`, where the state is kept across a killed driver (None: in memory only). `quality_only`: ASHA on
+        the metric alone, whose decisions are Ray's ASHAScheduler's (tests/test_pareto_asha.py replays both), with
+        the same kept state: `Sweep(scheduler="asha")`."""
 
         def __init__(
             self,
@@ -264,6 +271,7 @@ def _scheduler_class() -> type:
             grace_period: float = 1,
             reduction_factor: float = 4,
             state_file: Path | None = None,
+            quality_only: bool = False,
         ) -> None:
             if not 0 < grace_period <= max_t or reduction_factor <= 1 or mode not in (None, "min", "max"):
                 raise ValueError(
@@ -272,7 +280,9 @@ def _scheduler_class() -> type:
                 )
             super().__init__()
             self._time_attr, self._metric, self._mode, self._max_t = time_attr, metric, mode, max_t
-            self.rungs = Rungs(milestones(grace_period, max_t, reduction_factor), reduction_factor)
+            name = "asha" if quality_only else "pareto-asha"
+            self.rungs = Rungs(milestones(grace_period, max_t, reduction_factor), reduction_factor, scheduler=name)
+            self.quality_only = quality_only
             self.state_file = state_file
             self._loaded = False
             self._num_stopped = 0
@@ -299,7 +309,7 @@ def _scheduler_class() -> type:
             t = result[self._time_attr]
             if trial.trial_id in self.rungs.stopped:  # stopped before the driver died: this run repeats its reports
                 return self.STOP if t >= self.rungs.stopped[trial.trial_id] else self.CONTINUE
-            at = point(result, self._metric, self._mode, self._time_attr)
+            at = point(result, self._metric, self._mode, self._time_attr, self.quality_only)
             if t >= self._max_t or not self.rungs.on_result(trial.trial_id, t, at):
                 self.rungs.stopped[trial.trial_id] = t
                 self._num_stopped += 1
@@ -311,7 +321,7 @@ def _scheduler_class() -> type:
         def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> None:
             self._load()
             if self._time_attr in result and self._metric in result:  # recorded, as Ray's ASHA does
-                at = point(result, self._metric, self._mode, self._time_attr)
+                at = point(result, self._metric, self._mode, self._time_attr, self.quality_only)
                 self.rungs.on_result(trial.trial_id, result[self._time_attr], at)
                 self._save()
 
@@ -320,7 +330,8 @@ def _scheduler_class() -> type:
 
         def debug_string(self) -> str:
             sizes = ", ".join(f"{m}: {len(self.rungs.recorded[m])}" for m in self.rungs.milestones)
-            return f"Using ParetoASHA: num_stopped={self._num_stopped}; trials at each rung: {sizes}"
+            name = "ASHA" if self.quality_only else "ParetoASHA"
+            return f"Using {name}: num_stopped={self._num_stopped}; trials at each rung: {sizes}"
 
         def save(self, checkpoint_path: str) -> None:
             self.rungs.save(Path(checkpoint_path))

@@ -202,7 +202,8 @@ SEARCHERS: dict[str, Callable[[Grid, int], Searcher]] = {
 
 
 def asha(grid: Grid) -> TrialScheduler:
-    """Ray's ASHA on eval loss at the grid's rungs, built by `space.scheduler` itself (`Sweep(scheduler="asha")`)."""
+    """ASHA on eval loss (Ray's ASHA's decisions) at the grid's rungs, built by `space.scheduler` itself
+    (`Sweep(scheduler="asha")`)."""
     from lora_search import space
 
     return space.scheduler(_budget_sweep(grid.budget, "asha"))

@@ -72,9 +72,9 @@ def search_algorithm(sweep: Sweep, max_concurrent: int) -> Any:
 
 
 def _asha(**args: Any) -> Any:
-    from ray.tune.schedulers import ASHAScheduler
+    from lora_search.pareto_asha import ParetoASHA
 
-    return ASHAScheduler(**args)
+    return ParetoASHA(**args, quality_only=True)  # Ray's ASHA's decisions, with a state that survives a resume
 
 
 def _pareto_asha(**args: Any) -> Any:
@@ -89,8 +89,9 @@ reduction_factor); Tune passes the metric and mode (`TuneConfig`)."""
 
 
 def scheduler(sweep: Sweep) -> Any:
-    """The sweep's scheduler (`Sweep.scheduler`) with optimizer steps as its time unit: Ray's ASHA on eval loss, or
-    Pareto ASHA on eval loss, adapter bytes and cost a step (`lora_search.pareto_asha`), with the same rungs."""
+    """The sweep's scheduler (`Sweep.scheduler`) with optimizer steps as its time unit: ASHA on eval loss (Ray's
+    ASHA's decisions), or Pareto ASHA on eval loss, adapter bytes and cost a step (`lora_search.pareto_asha`), with the
+    same rungs; both keep their state in a file for a resumed sweep (`lora_search.resume`)."""
     b = sweep.budget
     return SCHEDULERS[sweep.scheduler](
         time_attr="step", max_t=b.max_steps, grace_period=b.grace_period, reduction_factor=b.reduction_factor

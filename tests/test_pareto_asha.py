@@ -129,8 +129,9 @@ def test_about_one_in_reduction_factor_go_on_from_a_rung(factor: int) -> None:
 
 def _replay_both(stream: list[tuple[int, int, float]], mode: str, size: float | None, rate: float | None) -> int:
     """Feed `stream` (trial, steps on, loss) to Ray's ASHA and to Pareto ASHA with every trial's size and step cost
-    the same; assert they decide alike; return how many trials were stopped before max_t."""
-    ray_asha, pareto = _asha(mode=mode), _pareto(mode=mode)
+    the same, and to the quality-only one (`scheduler="asha"`) with sizes and costs that differ by trial, which it
+    must ignore; assert all three decide alike; return how many trials were stopped before max_t."""
+    ray_asha, pareto, ours = _asha(mode=mode), _pareto(mode=mode), _pareto(mode=mode, quality_only=True)
     assert pareto.rungs.milestones == tuple(sorted(m for m, _ in ray_asha._brackets[0]._rungs))
     steps: dict[str, int] = {}
     pruned = 0
@@ -141,7 +142,8 @@ def _replay_both(stream: list[tuple[int, int, float]], mode: str, size: float | 
         steps[trial_id] = steps.get(trial_id, 0) + more
         result = _result(steps[trial_id], loss, size, rate)
         a, b = _report(ray_asha, trial_id, result), _report(pareto, trial_id, result)
-        assert a == b, f"report {i} ({trial_id}, {result}): Ray's ASHA {a}, Pareto ASHA {b}"
+        c = _report(ours, trial_id, _result(steps[trial_id], loss, (1 + trial) * MB, 1.0 + trial))
+        assert a == b == c, f"report {i} ({trial_id}, {result}): Ray's ASHA {a}, Pareto ASHA {b}, quality-only {c}"
         if a == "STOP":
             pruned += steps[trial_id] < 90
             steps[trial_id] = -1
@@ -270,9 +272,8 @@ def _sweep(**fields: Any) -> Sweep:
 
 
 def test_the_sweep_chooses_its_scheduler(tmp_path) -> None:
-    """`Sweep(scheduler=...)`: every value builds a Tune scheduler with the sweep's rungs; Pareto ASHA resumes through
-    its own state file, and Ray's ASHA as before; a name not in the table is a problem naming the field and the
-    choices."""
+    """`Sweep(scheduler=...)`: every value builds a Tune scheduler with the sweep's rungs; both resume through their
+    own state file; a name not in the table is a problem naming the field and the choices."""
     from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
     assert set(space.SCHEDULERS) == set(get_args(Scheduler))
@@ -284,7 +285,10 @@ def test_the_sweep_chooses_its_scheduler(tmp_path) -> None:
     state = tmp_path / "asha_state.json"
     assert restorable(pareto, state) is pareto and pareto.state_file == state
     asha = restorable(space.scheduler(_sweep(scheduler="asha")), state)
-    assert isinstance(asha, ASHAScheduler) and not isinstance(asha, ParetoASHA)
+    assert isinstance(asha, ParetoASHA) and asha.quality_only and asha.state_file == state
+    assert list(asha.rungs.milestones) == space.rungs(_sweep())
+    with pytest.raises(TypeError, match="keeps no state across a resume"):  # Ray's own: no private internals edited
+        restorable(ASHAScheduler(time_attr="step", max_t=200, grace_period=50, reduction_factor=3), state)
 
     with pytest.raises(ConfigError) as error:
         _sweep(scheduler="moasha")

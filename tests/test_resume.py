@@ -332,14 +332,14 @@ def test_a_stopped_trial_run_again_replays_up_to_its_stop_and_stops_there(tmp_pa
     its state runs again from its first report on resume; its replayed reports go on up to that step and stop there."""
     from types import SimpleNamespace
 
-    from ray.tune.schedulers import ASHAScheduler
-
+    from lora_search.pareto_asha import ParetoASHA
     from lora_search.resume import restorable
 
-    def asha():
-        base = ASHAScheduler(
-            time_attr="step", metric="eval_loss", mode="min", max_t=30, grace_period=10, reduction_factor=2
-        )
+    def asha():  # Sweep(scheduler="asha")'s
+        base = ParetoASHA(
+            time_attr="step", metric="eval_loss", mode="min", max_t=30, grace_period=10, reduction_factor=2,
+            quality_only=True,
+        )  # fmt: skip
         return restorable(base, tmp_path / "asha_state.json")
 
     before = asha()

@@ -55,13 +55,16 @@ def test_alpha_resolves_from_ratio_or_absolute() -> None:
 
 @pytest.mark.parametrize(("max_steps", "grace", "factor"), [(200, 50, 3), (150, 50, 3), (20, 5, 2), (100, 10, 4)])
 def test_rungs_match_ray_asha_milestones(max_steps: int, grace: int, factor: int) -> None:
-    """Ray's ASHA and Pareto ASHA (the default) decide at the steps `space.rungs` names."""
+    """Ray's ASHA with the sweep's budget, and both of the sweep's schedulers (ASHA, Pareto ASHA), decide at the
+    steps `space.rungs` names."""
+    from ray.tune.schedulers import ASHAScheduler
+
     budget = Budget(max_steps=max_steps, eval_every=grace, grace_period=grace, reduction_factor=factor)
     sweep = _sweep(budget=budget, scheduler="asha")
-    asha = space.scheduler(sweep)
-    assert space.rungs(sweep) == sorted(int(m) for m, _ in asha._brackets[0]._rungs)
-    pareto = space.scheduler(_sweep(budget=budget))
-    assert space.rungs(sweep) == sorted(pareto.rungs.milestones)
+    ray_asha = ASHAScheduler(time_attr="step", max_t=max_steps, grace_period=grace, reduction_factor=factor)
+    assert space.rungs(sweep) == sorted(int(m) for m, _ in ray_asha._brackets[0]._rungs)
+    for name in ("asha", "pareto-asha"):
+        assert space.rungs(sweep) == sorted(space.scheduler(_sweep(budget=budget, scheduler=name)).rungs.milestones)
 
 
 def test_search_algorithms() -> None:

@@ -31,4 +31,4 @@ demo: setup
 
 test: setup browser
 	$(VENV)/bin/ruff check lora_search tests sweeps benchmarks
-	$(VENV)/bin/python -m pytest -q --durations=15 $(ARGS)
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile --durations=15 $(ARGS)

@@ -34,9 +34,11 @@ def _free_port() -> int:
 def head_node(local_ray: LocalRay) -> str:
     """A real `ray start --head` on localhost, of this test's own; stopped with it (local_ray), and nothing else."""
     dashboard = _free_port()
+    # The job agent's HTTP port is 52365 by default: another Ray node on this machine (a test running beside this one,
+    # or the user's own cluster) may hold it, and then no agent takes the job ("No available agent to submit job").
     local_ray.start(
         "--head", f"--port={_free_port()}", "--num-cpus=2", "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={dashboard}",
+        f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={_free_port()}",
     )  # fmt: skip
     return f"http://127.0.0.1:{dashboard}"
 

@@ -240,11 +240,13 @@ def test_driver_killed_twice_resumes_to_the_uninterrupted_sweep(tiny_model_dir, 
 
     # A trial's cost counts all the time it held its devices, the attempts before each kill too.
     assert (b["trial_s"] > 0).all()
-    # Time: each kill costs a new driver and a restarted trial (`first_report_s`, about 45 s on a loaded 2-core
-    # machine), plus under one checkpoint interval of redone steps. On this tiny workload that start-up is a large part
-    # of a trial, so 1.5x the uninterrupted time is out of reach; what is asserted is that no kill cost more than a
-    # fresh start-up (a resume that retrained whole trials, or waited on a stale Ray, would).
-    assert total_s <= uninterrupted_s + kills * 1.5 * first_report_s, (total_s, uninterrupted_s, first_report_s)
+    # What a kill costs: a new driver and a restarted trial, plus under one checkpoint interval of redone steps. The
+    # wall time is printed above (x uninterrupted), not asserted: the suite runs two test files at once, so the
+    # uninterrupted and the killed runs meet different loads (3.0x was seen with a busy neighbour file), and
+    # timings belong in benchmarks. The two ways a resume could waste time are asserted without a clock: no trial
+    # retrained more than one checkpoint interval (steps_redone, above), and no killed driver left a Ray running
+    # that a resume would wait on or share the machine with.
+    assert outlived == 0, f"{outlived} process(es) of a killed driver's Ray outlived it by 60 s: {log}"
 
 
 def _trial_worker(driver: psutil.Process) -> psutil.Process | None:

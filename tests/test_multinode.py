@@ -19,7 +19,7 @@ import pytest
 
 from lora_search.probe import check_reload
 from tests.conftest import LocalRay
-from tests.test_resume import CLI, _sweep_file, _trial_worker, _wait_progress
+from tests.test_resume import _trial_worker, _wait_progress, one_trial_driver
 
 pytestmark = pytest.mark.slow
 
@@ -138,23 +138,7 @@ def test_lost_worker_node_trains_on_from_its_checkpoint(three_nodes, tiny_model_
     """Kill the whole worker node (its raylet and every process under it) that a trial is training on, after the
     trial's first checkpoint: the trial trains on, on the node that is left, from that checkpoint."""
     out = tmp_path / "reports"
-    sweep_file = _sweep_file(
-        tmp_path,
-        "node_loss",
-        tiny_model_dir,
-        tiny_jsonl,
-        out,
-        space='SearchSpace(ranks=(4,), targets=("attention",), variants=("lora",), lr=(2e-3, 4e-3))',
-        budget="Budget(max_steps=30, eval_every=10, grace_period=30, batch_size=4)",
-        num_samples="1",
-    )
-    driver = subprocess.Popen(
-        [*CLI, "run", str(sweep_file)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=three_nodes.env,
-    )
+    driver = one_trial_driver(tmp_path, "node_loss", tiny_model_dir, tiny_jsonl, out, three_nodes.env)
     killed_at = _wait_progress(out / "node_loss" / "ray" / "progress", 13, driver)
     node = next(r for r in _raylets(three_nodes.env["RAY_ADDRESS"]) if _trial_worker(r) is not None)
     doomed = [node, *node.children(recursive=True)]

@@ -89,6 +89,26 @@ AGENTS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
 """Per-node helpers of Ray that outlive a SIGKILLed driver's raylet; they run no trial and write nothing."""
 
 
+def one_trial_driver(
+    tmp_path: Path, name: str, model_dir: Path, data: Path, out: Path, env: dict[str, str]
+) -> subprocess.Popen:
+    """`lora-search run` of a one-trial sweep (lora r4 on q,v; 30 steps, a checkpoint every 10, nothing pruned) in
+    the background, its output piped: the sweep the lost-worker and lost-node tests kill a part of."""
+    sweep_file = _sweep_file(
+        tmp_path,
+        name,
+        model_dir,
+        data,
+        out,
+        space='SearchSpace(ranks=(4,), targets=("attention",), variants=("lora",), lr=(2e-3, 4e-3))',
+        budget="Budget(max_steps=30, eval_every=10, grace_period=30, batch_size=4)",
+        num_samples="1",
+    )
+    return subprocess.Popen(
+        [*CLI, "run", str(sweep_file)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
+
+
 def _wait_session_gone(sid: int, timeout: float = 60) -> int:
     """Wait until the killed driver's Ray has gone (Ray shares the driver's fate: its trials' processes die within
     seconds), then end its leftover agents. Returns how many other processes outlived `timeout` (and were killed)."""
@@ -286,23 +306,8 @@ def test_killed_worker_process_trains_on_from_its_checkpoint(tiny_model_dir, tin
 
     ray.shutdown()
     out = tmp_path / "reports"
-    sweep_file = _sweep_file(
-        tmp_path,
-        "worker_loss",
-        tiny_model_dir,
-        tiny_jsonl,
-        out,
-        space='SearchSpace(ranks=(4,), targets=("attention",), variants=("lora",), lr=(2e-3, 4e-3))',
-        budget="Budget(max_steps=30, eval_every=10, grace_period=30, batch_size=4)",
-        num_samples="1",
-    )
-    driver = subprocess.Popen(
-        [*CLI, "run", str(sweep_file)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "RAY_ADDRESS": ""},
-    )
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    driver = one_trial_driver(tmp_path, "worker_loss", tiny_model_dir, tiny_jsonl, out, env)
     killed_at = _wait_progress(out / "worker_loss" / "ray" / "progress", 13, driver)
     worker = _trial_worker(psutil.Process(driver.pid))
     assert worker is not None

@@ -184,6 +184,15 @@ def table(out_dir: Path, smoke: bool = False, earlier: tuple[Path, ...] = (), re
     if not smoke:
         names = [n for n in names if not n.startswith(f"{NAME}-smoke-")]
     shards = [(probe.replace(name=n), root / n) for n in names]
+    missing = [str(p) for p in earlier if not Path(p).is_file()]
+    missing += [
+        str(Path(d) / f) for d in reports for f in ("trials.parquet", "history.parquet") if not (Path(d) / f).is_file()
+    ]
+    if missing:  # all of them at once, before anything is read
+        sys.exit(
+            "grid.py table: not found: " + ", ".join(missing) + ". Fix: --earlier takes grid tables (grid_*.parquet), "
+            "--reports the report dirs of finished parts (reports/<sweep name>/, as copied back from the device)"
+        )
     rows = [r for path in earlier for r in pd.read_parquet(path).to_dict("records")]
     rows += [r for out in reports for r in _rows_from_report(out)]
     for sweep, out in shards:

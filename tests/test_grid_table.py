@@ -59,3 +59,18 @@ def test_a_report_dir_gives_one_row_a_trial_with_its_curve_from_step_0(tmp_path:
     assert done["t/exact_match"] == 0.7 and done["t/exact_match_stderr"] == 0.03
     assert "mlflow_run_id" not in done  # only the table's columns
     assert rows["a_00001"]["status"] == "unfinished"  # nothing is pruned in a grid: it was cut short
+
+
+def test_table_names_every_missing_input_at_once(tmp_path: Path, monkeypatch) -> None:
+    """A wrong --earlier table and a --reports dir lacking its parquet files: one message naming all three paths and
+    the fix, before anything is read."""
+    import pytest
+
+    grid = _grid_module()
+    monkeypatch.setenv("LORA_SEARCH_OUTPUT_DIR", str(tmp_path / "none"))
+    (tmp_path / "part").mkdir()
+    with pytest.raises(SystemExit) as stop:
+        grid.table(tmp_path / "out", earlier=(tmp_path / "nosuch.parquet",), reports=(tmp_path / "part",))
+    said = str(stop.value)
+    assert "nosuch.parquet" in said and "part/trials.parquet" in said and "part/history.parquet" in said
+    assert "Fix: --earlier takes grid tables" in said and not (tmp_path / "out").exists()

@@ -75,7 +75,10 @@ def test_hypervolume_cost_throughput_and_failures() -> None:
     assert not nothing[0].passed and nothing[0].reason == "no completed trial was scored"
 
 
+# serial: its second run must PASS against the first on tokens/s too (30% tolerance); beside another test file
+# (make test's two workers) the second run was 34% slower and the nightly rightly said REGRESSED.
 @pytest.mark.slow
+@pytest.mark.serial
 def test_nightly_passes_twice_then_flags_broken_changes(tmp_path, capsys) -> None:
     """The shipped nightly sweep (one trial, a smaller budget), three times: baseline, same again, lr x 1e-30.
 

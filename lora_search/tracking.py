@@ -179,13 +179,17 @@ def problems(sweep: Sweep) -> list[Problem]:
         import urllib.error
         import urllib.request
 
-        try:
-            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5) as response:
-                if response.status == 200:
-                    return []
-                reason = f"answered HTTP {response.status} on /health"
-        except (urllib.error.URLError, OSError) as e:
-            reason = f"cannot be reached ({getattr(e, 'reason', e)})"
+        for attempt in range(3):  # a busy server (or machine) may answer late: a timeout is tried again, twice
+            try:
+                with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10) as response:
+                    if response.status == 200:
+                        return []
+                    reason = f"answered HTTP {response.status} on /health"
+                    break
+            except (urllib.error.URLError, OSError) as e:
+                reason = f"cannot be reached ({getattr(e, 'reason', e)})"
+                if "timed out" not in str(getattr(e, "reason", e)) or attempt == 2:
+                    break
         return [
             Problem(
                 field, uri, f"the MLflow tracking server {reason}", "start it (`mlflow server ...`), or fix the URI"

@@ -393,7 +393,7 @@ def export(
         "base_fingerprint": check_base(adapter_dir, base_model) if check else None,
         "adapter_meta": meta,
     }
-    quantized = bool(meta) and meta.get("variant") in VARIANTS and VARIANTS[meta["variant"]].quantized
+    quantized = _quantized(meta)
     dequantize = False
     if merge and quantized:
         import torch
@@ -407,6 +407,7 @@ def export(
             else "the original base weights: NF4 needs CUDA to dequantise, so the merge omits the quantisation error "
             "the adapter trained against; merge on a GPU machine to reproduce training exactly"
         )
+        record["merged_into_nf4"] = dequantize
     # raises before anything is written
     merged = _merge_checked(adapter_dir, base_model, dequantize, allow_pickle) if merge else None
 
@@ -460,7 +461,7 @@ def export_for(
         raise ConfigError([problem], header="nothing exported")
     verdict = serving.check(adapter_dir)
     meta = read_meta(adapter_dir) if (Path(adapter_dir) / META_FILE).is_file() else {}
-    quantized = meta.get("variant") in VARIANTS and VARIANTS[meta["variant"]].quantized
+    quantized = _quantized(meta)
     as_adapter = engine in verdict.servable and not quantized  # an engine serves an adapter on bf16 weights
     out = export(
         adapter_dir, output, merge=not as_adapter, base=base, check=check, allow_pickle=allow_pickle, dtype=dtype
@@ -482,8 +483,8 @@ def export_for(
             why = f"{engine}: {meta['variant']} {QUANTIZED_WHY}"
         how |= {"why": why, "command": spec.serve_model.format(path=path)}
         reload_base = None
-    nf4_merge = quantized and str(record.get("merged_into", "")).startswith("NF4-dequantised")
-    drift = _reload_drift(adapter_dir, out, reload_base, NF4_MERGE_DRIFT_BOUND if nf4_merge else DRIFT_BOUND)
+    bound = NF4_MERGE_DRIFT_BOUND if record.get("merged_into_nf4") else DRIFT_BOUND
+    drift = _reload_drift(adapter_dir, out, reload_base, bound)
     how |= drift or {"reload_max_abs_logit_diff": None, "reload_check": f"not run: the adapter has no {PROBE_FILE}"}
     if drift and drift["reload_max_abs_logit_diff"] > drift["drift_bound"]:
         if not allow_drift:
@@ -493,6 +494,11 @@ def export_for(
     record["serving"] = how
     (out / EXPORT_FILE).write_text(json.dumps(record, indent=1) + "\n")
     return out
+
+
+def _quantized(meta: dict[str, Any]) -> bool:
+    """Whether the adapter's meta names a variant trained on a 4-bit base (qlora, loftq)."""
+    return meta.get("variant") in VARIANTS and VARIANTS[meta["variant"]].quantized
 
 
 def _drift_problem(out: Path, engine: str, written: str, drift: dict[str, float], record: dict[str, Any]) -> Problem:

@@ -272,6 +272,10 @@ class Resources:
     over, where a worker group would start, import and load again for every trial. A lost trial process is retried by
     Tune (`trial.max_failures`) and trains on from its newest checkpoint, as a lost worker does. False: every trial
     starts its own Ray Train worker group."""
+    pack: Annotated[int, Range(ge=1, example="4")] = 1
+    """Trials that train together over one copy of the base on one device (`lora_search.pack`): up to this many
+    adapters whose variant packs (`pack.packs`) attach to one base and step together, each still its own Tune trial.
+    1: every trial alone (as before packing existed). `lora-search plan` shows how many fit a GPU."""
 
     def strategy_for(self, variant: str) -> str:
         return self.strategy_by_variant.get(variant, self.strategy)

@@ -46,9 +46,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-VARLEN_PATHS = ("trl", "liger", "padded", "flex")
-"""--varlen's paths: TRL + PEFT as they come, HF PEFT + Liger padded, the trial path padded (SDPA), and padding-free
-on flex attention ("eager": HF PEFT padded without Liger, on request)."""
+VARLEN_PATHS = ("trl", "liger", "padded", "flex", "auto")
+"""--varlen's paths: TRL + PEFT as they come, HF PEFT + Liger padded, the trial path padded (SDPA), padding-free on
+flex attention, and the trial path as a sweep runs it by default (`attn_implementation="auto"`: flex where it trains,
+tried in the trial; after "flex" its compile finds Inductor's cache warm, as a sweep's later trials do). "eager": HF
+PEFT padded without Liger, on request."""
 COLD_START = ("startup_s", "imports_s", "load_s", "prepare_s", "base_eval_s")  # lora_search.results.TrialRecord's parts
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, by device name
 
@@ -179,7 +181,8 @@ def ours(
             write_rows(data / "train.jsonl", tokenizer, seq, bs * accum * (steps + 2), 0)
             write_rows(data / "eval.jsonl", tokenizer, seq, bs, 1)
     else:
-        name += f"_varlen_{attn}"
+        name += "_varlen"
+    name += f"_{attn}"
     # rank 0 of the trial writes a CUDA kernel profile of two steady steps (lora_search.callbacks.PROFILE_ENV); the
     # steady tokens/s window starts after them. Ray's workers inherit this process's environment.
     os.environ["LORA_SEARCH_PROFILE_DIR"] = str(work / f"profile_{name}")
@@ -242,6 +245,9 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--profile", action="store_true", help="with --reference: write a CUDA kernel profile")
     parser.add_argument("--mode", choices=["eager", "liger"], default="eager", help="with --reference")
+    parser.add_argument(
+        "--attn", default="auto", help="the trial path's attn_implementation(s), comma-separated; ratio: the first"
+    )
     parser.add_argument("--no-liger-reference", action="store_true", help="skip HF PEFT + Liger (library alone)")
     parser.add_argument("--varlen", action="store_true", help="variable-length chat rows, TRL/Liger/trial side by side")
     parser.add_argument("--paths", default=",".join(VARLEN_PATHS), help="with --varlen: which paths to run")
@@ -286,18 +292,27 @@ def main() -> None:
         for mode in ("eager",) if args.no_liger_reference else ("eager", "liger"):
             refs[mode] = run_reference(args, shape, rank, mode, profile=pair == first)
             print(f"[speed] {pair} HF PEFT {mode}: {json.dumps(refs[mode])[:400]}", flush=True)
-        try:
-            mine = ours(shape, int(rank), args.seq, args.bs, args.steps, args.work, args.accum)
-        except Exception as e:  # the table still shows the references and why ours has no figure
-            mine = {"error": f"{type(e).__name__}: {e}"[:800]}
-        profile = mine.pop("kernel_profile", None)
-        if profile:
-            (args.out / f"profile_lora_search_{shape}_r{rank}.txt").write_text(profile)
+        by_attn: dict[str, dict] = {}
+        for attn in args.attn.split(","):
+            try:
+                by_attn[attn] = ours(shape, int(rank), args.seq, args.bs, args.steps, args.work, args.accum, attn=attn)
+            except Exception as e:  # the table still shows the references and why ours has no figure
+                by_attn[attn] = {"error": f"{type(e).__name__}: {e}"[:800]}
+            profile = by_attn[attn].pop("kernel_profile", None)
+            if profile:
+                (args.out / f"profile_lora_search_{shape}_r{rank}_{attn}.txt").write_text(profile)
+            by_attn[attn]["attn_implementation"] = attn
+        mine = next(iter(by_attn.values()))
         row = {"shape": shape, "rank": int(rank), "seq": args.seq, "bs": args.bs, "accum": args.accum}
         row["steps"] = args.steps
         row.update(reference=refs["eager"], reference_liger=refs.get("liger"), lora_search=mine)
+        if len(by_attn) > 1:
+            row["lora_search_by_attn"] = by_attn
         for key, ref in (("ratio", refs["eager"]), ("ratio_over_liger", refs.get("liger") or {})):
             row[key] = round(mine["tok_s"] / ref["tok_s"], 2) if ref.get("tok_s") and mine.get("tok_s") else None
+            for m in by_attn.values():
+                ok = ref.get("tok_s") and m.get("tok_s")
+                m[key] = round(m["tok_s"] / ref["tok_s"], 2) if ok else None
         rows.append(row)
         print(f"[speed] {pair} lora_search: {json.dumps(mine)[:600]}", flush=True)
         (args.out / "speed.json").write_text(json.dumps(result, indent=1) + "\n")  # after every config
@@ -313,6 +328,9 @@ def main() -> None:
         )
         print(f"   cold start (s): {mine.get('cold_start_s')}")
         print(f"   fast path: {mine.get('fast_path') or mine.get('error')}")
+        for attn, m in (r.get("lora_search_by_attn") or {}).items():
+            whole = m.get("whole_trial_tok_s")
+            print(f"   attn {attn}: {m.get('tok_s')} tok/s (x{m.get('ratio')}), whole trial {whole} tok/s")
 
 
 VARLEN_PROMPT = (5.48, 0.8)
@@ -554,8 +572,8 @@ def varlen_main(args: argparse.Namespace) -> None:
                     row[path] = {"skipped": "Liger needs CUDA"}
                     continue
                 row[path] = run_varlen_reference(args, shape, rank, path, data)
-            elif path in ("padded", "flex"):
-                attn = "flex_attention" if path == "flex" else "sdpa"
+            elif path in ("padded", "flex", "auto"):
+                attn = {"flex": "flex_attention", "auto": "auto"}.get(path, "sdpa")
                 try:
                     row[path] = ours(shape, int(rank), seq, args.bs, args.steps, args.work, args.accum, data, attn)
                 except Exception as e:  # the table still shows the other paths and why this one has no figure

@@ -37,7 +37,7 @@ Scheduler = Literal["asha", "pareto-asha"]
 ServeWith = Literal["any", "vllm", "sglang", "tensorrt-llm"]
 """`Sweep.serve_with` values: "any", or an engine of `lora_search.serving.ENGINES`."""
 Placement = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
-Attention = Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"]
+Attention = Literal["auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"]
 """Transformers' attention kernels (`attn_implementation`); preflight checks the kernel's package is installed."""
 ATTENTION: tuple[str, ...] = get_args(Attention)
 Name = Annotated[str, Range(ge=1, example="'q_proj'")]
@@ -69,10 +69,12 @@ class BaseModel:
     """Weights dtype. bfloat16 halves memory on GPUs; CPUs train fastest and most exactly in float32."""
     trust_remote_code: bool = False
     """Run modelling code shipped with the checkpoint. Off unless you trust that repository."""
-    attn_implementation: Attention = "sdpa"
-    """Transformers' attention kernel. A varlen kernel ("flash_attention_2" with flash-attn installed,
-    "flash_attention_3", "flex_attention") also turns on padding-free batches (`lora_search.fastpath`); "eager" is
-    the slow reference."""
+    attn_implementation: Attention = "auto"
+    """Transformers' attention kernel. "auto": padding-free batches on flex attention where it runs (each trial
+    tries it on its CUDA device, `lora_search.fastpath.resolve_attention`), else "sdpa" on padded batches; the
+    trial's fast path summary says which and why. A named varlen kernel ("flash_attention_2" with flash-attn
+    installed, "flash_attention_3", "flex_attention") also turns on padding-free batches; "sdpa" keeps padded
+    ones; "eager" is the slow reference."""
 
     def problems(self, ok: Fields = _everything) -> list[Problem]:
         return []
@@ -320,6 +322,24 @@ class Resources:
                     f"e.g. gpus_per_worker={int(self.gpus_per_worker)} or 0.5",
                 )
             )
+        if ok("pack", "workers", "strategy", "gpus_per_worker") and self.pack > 1:
+            # A pack host holds one device and the base once (lora_search.pack_host); a trial of several workers or a
+            # sharded base cannot be one of its adapters.
+            needs = [
+                ("resources.workers", self.workers, self.workers == 1, "workers=1, or pack=1"),
+                ("resources.strategy", self.strategy, self.strategy == "ddp", 'strategy="ddp", or pack=1'),
+                (
+                    "resources.gpus_per_worker",
+                    self.gpus_per_worker,
+                    self.gpus_per_worker in (0, 1),
+                    "gpus_per_worker=1 (the host holds one GPU for the whole pack) or 0 on CPU, or pack=1",
+                ),
+            ]
+            out += [
+                Problem(where, value, f"resources.pack={self.pack} needs one device per host", fix)
+                for where, value, fine, fix in needs
+                if not fine
+            ]
         return out
 
 

@@ -238,9 +238,79 @@ def _liger_models() -> frozenset[str]:
 
 VARLEN_ATTENTION = frozenset({"flash_attention_2", "flash_attention_3", "flex_attention"})
 
+AUTO_ATTENTION = "auto"
+"""`BaseModel.attn_implementation`'s default: the trial's kernel is chosen by `resolve_attention`."""
+AUTO_FALLBACK = "sdpa"
+_flex_tried: dict[tuple[Any, ...], str | None] = {}
 
-def choose(on_gpu: bool, model_type: str, attn: str) -> FastPath:
-    """The pieces a trial on this device and architecture runs with; each piece falls back on its own."""
+
+def resolve_attention(requested: str, on_gpu: bool, model_config: Any) -> tuple[str, str]:
+    """The attention kernel a trial loads its base with, and why. A kernel the sweep names is used as named. "auto"
+    (the default) is padding-free wherever it works: on a CUDA device, for an architecture that masks packed rows,
+    flex attention if a packed forward and backward at the model's head shape runs here (`flex_failure`, tried once
+    a process); otherwise SDPA on padded batches, with the reason. Flex attention is the varlen kernel in torch
+    itself (flash-attn is a separate build that a cluster may lack). On the H200 it trained the 8B shape on
+    variable-length chat rows at 1.39x the padded path's real tokens/s (benchmarks/NOTES.md, change 15)."""
+    if requested != AUTO_ATTENTION:
+        return requested, "set in base.attn_implementation"
+    if not on_gpu:
+        return AUTO_FALLBACK, "auto: no CUDA device (torch's flex attention has no CPU backward), so padded batches"
+    model_type = getattr(model_config, "model_type", None)
+    if model_type not in PADDING_FREE_MODELS:
+        return AUTO_FALLBACK, f"auto: {model_type!r} is not known to mask packed rows, so padded batches"
+    failure = flex_failure(model_config)
+    if failure is not None:
+        return AUTO_FALLBACK, f"auto: flex attention failed its trial here ({failure}), so padded batches"
+    return "flex_attention", "auto: flex attention ran a packed row's forward and backward here"
+
+
+def flex_failure(model_config: Any) -> str | None:
+    """None if flex attention trains here: a forward and backward of three packed sequences (a document-causal block
+    mask) at the model's head count, key/value heads and head size, in bf16 on the current CUDA device, through the
+    same compiled function transformers calls in training (`compile_friendly_flex_attention`). Else the error, one
+    line. Tried once per process and shape: the compiled kernel is then in the process (transformers keeps it), and
+    the model's first packed batch recompiles it for dynamic lengths, as it would without this try."""
+    import torch
+
+    heads = int(model_config.num_attention_heads)
+    kv_heads = int(getattr(model_config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(model_config, "head_dim", None) or model_config.hidden_size // heads)
+    device = torch.device("cuda", torch.cuda.current_device())
+    key = (torch.cuda.get_device_name(device), heads, kv_heads, head_dim)
+    if key in _flex_tried:
+        return _flex_tried[key]
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask
+        from transformers.integrations.flex_attention import compile_friendly_flex_attention
+
+        length = 384
+        document = torch.arange(length, device=device) // 128
+
+        def causal_within_document(b: Any, h: Any, q: Any, kv: Any) -> Any:
+            return (document[q] == document[kv]) & (q >= kv)
+
+        block_mask = create_block_mask(causal_within_document, None, None, length, length, device=device)
+        q, k, v = (
+            torch.randn(1, n, length, head_dim, device=device, dtype=torch.bfloat16, requires_grad=True)
+            for n in (heads, kv_heads, kv_heads)
+        )
+        out = compile_friendly_flex_attention(
+            q, k, v, training=True, block_mask=block_mask, enable_gqa=heads != kv_heads, scale=head_dim**-0.5
+        )
+        (out[0] if isinstance(out, tuple) else out).float().sum().backward()
+        torch.cuda.synchronize(device)
+        failure = None
+    except Exception as e:  # any failure to compile or run means padded batches, with its reason
+        failure = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+    _flex_tried[key] = failure
+    if failure is not None:
+        log.warning("flex attention does not train on this device, so trials pad their batches: %s", failure)
+    return failure
+
+
+def choose(on_gpu: bool, model_type: str, attn: str, attn_why: str = "") -> FastPath:
+    """The pieces a trial on this device and architecture runs with; each piece falls back on its own. `attn` is the
+    kernel the base loads with (`resolve_attention`), `attn_why` how it was chosen."""
     pieces = []
     if not on_gpu:
         pieces.append(Piece("liger", False, "no CUDA device"))
@@ -260,7 +330,7 @@ def choose(on_gpu: bool, model_type: str, attn: str) -> FastPath:
     else:
         pieces.append(Piece("padding-free", True, f"one row per batch, {attn} varlen"))
 
-    pieces.append(Piece("attention", attn in {"sdpa"} | VARLEN_ATTENTION, attn))
+    pieces.append(Piece("attention", attn in {"sdpa"} | VARLEN_ATTENTION, f"{attn}: {attn_why}" if attn_why else attn))
     if any(p.name == "padding-free" and p.active for p in pieces):
         pieces.append(Piece(NO_PAD_MASK, False, "padding-free rows have no padding"))
     elif model_type not in PADDING_FREE_MODELS:

@@ -48,17 +48,21 @@ if TYPE_CHECKING:
 log = logging.getLogger("lora_search.train")
 
 
-def load_base(base: BaseModel, quantized: bool, sharded: bool = False) -> torch.nn.Module:
+def load_base(base: BaseModel, quantized: bool, sharded: bool = False, attn: str | None = None) -> torch.nn.Module:
     """The base model; 4-bit NF4 for quantized variants. Unsharded NF4 loads straight onto the worker's GPU; under a
     sharding strategy the trainer places it, and the 4-bit weights are stored as bf16 so FSDP/ZeRO-3 can shard
-    them like the rest of the layer (bitsandbytes' `quant_storage`)."""
+    them like the rest of the layer (bitsandbytes' `quant_storage`). `attn`: the kernel a trial resolved
+    (`fastpath.resolve_attention`); by default the base's own, with "auto" loading on SDPA."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    if attn is None:
+        auto = base.attn_implementation == fastpath.AUTO_ATTENTION
+        attn = fastpath.AUTO_FALLBACK if auto else base.attn_implementation
     kwargs: dict[str, Any] = {
         "revision": base.revision,
         "trust_remote_code": base.trust_remote_code,
-        "attn_implementation": base.attn_implementation,
+        "attn_implementation": attn,
     }
     if quantized:
         kwargs["quantization_config"] = variants.quantization_config(storage=torch.bfloat16 if sharded else None)
@@ -209,7 +213,8 @@ def train_loop(config: dict[str, Any]) -> None:
     adapter_numel = strategies.adapter_param_bound(model_config, params.rank) if strategy.deepspeed else 0
     if strategy.deepspeed and not on_gpu:
         strategies.skip_cpu_shm_all_reduce()  # before the SFTConfig below starts DeepSpeed's backend
-    path = fastpath.choose(on_gpu, model_config.model_type, sweep.base.attn_implementation)
+    attn, attn_why = fastpath.resolve_attention(sweep.base.attn_implementation, on_gpu, model_config)
+    path = fastpath.choose(on_gpu, model_config.model_type, attn, attn_why)
     batching = micro_batching(sweep, params, on_gpu, liger=path.active("liger"))
     path = path.with_piece(batching.keep_activations).with_piece(batching.merge)
     # Built before the model loads: under ZeRO-3 it makes from_pretrained partition the weights as they load, under
@@ -261,7 +266,7 @@ def train_loop(config: dict[str, Any]) -> None:
     model = BaseCache.take(cache_key)
     base_reused = model is not None
     if model is None:
-        model = load_base(sweep.base, variant.quantized, sharded=strategy.shards_base)
+        model = load_base(sweep.base, variant.quantized, sharded=strategy.shards_base, attn=attn)
     torch.manual_seed(sweep.seed)  # the adapter starts the same whether its base was loaded or kept
     adapter = build_adapter(model, params, budget.max_steps)
     init_dir = work / "init_adapter"

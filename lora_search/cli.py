@@ -13,7 +13,7 @@
     lora-search report NAME_OR_DIR [--output-dir DIR]  # the sweep's results as one offline HTML page
     lora-search compare ID [ID ...] --prompt TEXT   # greedy answers of trials' adapters (trial or MLflow run ids)
                                             # and of their base, on one base load
-    lora-search plan sweeps/llama70b.py --gpus 64      # the --dry-run plan: memory per GPU, budget, cost; no Ray
+    lora-search plan sweeps/llama70b.py --gpus 64      # the --dry-run plan: memory, packing, budget, cost; no Ray
 
 A sweep file is a Python file that defines one `Sweep` (conventionally `SWEEP`) at module level.
 Exit codes: 0 ok, 2 invalid sweep or export (nothing ran), 3 results exist (nothing overwritten), 130 interrupted
@@ -344,7 +344,7 @@ def run_sweep_main(sweep: Sweep, argv: list[str] | None = None, *, config_dir: s
     parser.add_argument("--validate", action="store_true", help="only check the sweep, start nothing")
     parser.add_argument("--fresh", action="store_true", help="move earlier results of this sweep aside first")
     parser.add_argument(
-        "--dry-run", action="store_true", help="print the plan (memory, GPU-hours, cost), start nothing"
+        "--dry-run", action="store_true", help="print the plan (memory, packing, GPU-hours, cost), start nothing"
     )
     parser.add_argument("--gpus", type=int, default=8, help="--dry-run: GPUs in the cluster (default 8)")
     parser.add_argument("--nodes", type=int, help="--dry-run: nodes they are on (default: full nodes)")
@@ -438,7 +438,7 @@ def main(argv: list[str] | None = None) -> None:
         help="default 127.0.0.1: this machine only; 0.0.0.0 (opt-in) serves every network, with no login",
     )
     p_ui.add_argument("--port", type=int, default=5000)
-    p_plan = sub.add_parser("plan", help="a sweep's trials, memory per GPU, GPU-hours and cost; start nothing")
+    p_plan = sub.add_parser("plan", help="a sweep's trials, memory per GPU, packing, GPU-hours and cost; start nothing")
     p_plan.add_argument("sweep_file")
     p_plan.add_argument("--gpus", type=int, default=8, help="GPUs in the cluster (default 8)")
     p_plan.add_argument("--nodes", type=int, help="nodes they are on (default: full nodes of --gpus-per-node)")

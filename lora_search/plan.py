@@ -1,4 +1,4 @@
-"""What a sweep will need before it starts: trials, GPUs, memory per GPU, ASHA's budget, GPU-hours and cost.
+"""What a sweep will need before it starts: trials, GPUs, memory per GPU, packing, ASHA's budget, GPU-hours and cost.
 
     python sweeps/llama70b.py --dry-run --gpus 64            # the sweep file's own plan; starts nothing
     lora-search plan sweeps/llama70b.py --gpus 64 --nodes 8  # the same from the CLI
@@ -13,6 +13,11 @@ model follows what lora_search/train.py does: bf16 autocast, PEFT adapters in fp
 `budget.gradient_checkpointing="auto"` turns it off where `activation_bytes(checkpointing=False)` fits, and uses
 more). tests/test_plan.py holds
 the estimates within 3% of peaks measured on an H100 (bf16 LoRA and DoRA; NF4 not measured).
+
+Packing (`Resources.pack`, `lora_search.pack`): per packable (rank, target set) the most trials whose pack fits one
+GPU (`memory.pack_bytes`), and the sweep's wall time with packing at a measured speed-up, never a modelled one: the
+ratio of the nearest comparable GPU run of benchmarks/pack.py (benchmarks/pack_*.json, `measured_ratio`), named in
+the plan; with none, the plan says so (`NO_MEASUREMENT`).
 """
 
 from __future__ import annotations

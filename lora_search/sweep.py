@@ -40,6 +40,7 @@ from ray.tune import Callback
 from lora_search import (
     cost,
     layout,
+    pack_host,
     pareto,
     plan,
     preflight,
@@ -428,9 +429,20 @@ def run(
     experiment = storage / sweep.name
     storage.mkdir(exist_ok=True)
     asha_state = storage / ASHA_STATE_FILE
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, sweep=sweep, storage_path=str(storage)), trial_resources(sweep)
-    )
+    resources: Any = trial_resources(sweep)
+    if sweep.resources.pack > 1:
+        # Packed trials reserve a little CPU (their pack host holds the device); the others what a trial reserves.
+        solo = resources
+        resources = lambda config: pack_host.trial_resources(sweep, config["variant"], solo)  # noqa: E731
+        for variant, why in pack_host.solo_reasons(sweep).items():
+            print(f"pack: {variant} trials train solo: {why}", flush=True)
+        if sweep.evals is not None:
+            print(
+                "pack: packed trials are not scored on the golden sets (their process holds no base; "
+                "lora_search.pack_host): the frontier's quality axis has only the solo trials",
+                flush=True,
+            )
+    trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=sweep, storage_path=str(storage)), resources)
     session = _Session(sweep, tracker)
     # What the planner predicts for this cluster, beside what the sweep will measure (the report shows both).
     (out / PLAN_FILE).write_text(json.dumps(plan.for_run(sweep, ray.cluster_resources()), indent=1))
@@ -444,6 +456,8 @@ def run(
     else:
         asha_state.unlink(missing_ok=True)  # of an earlier sweep by this name whose Ray state was unusable
         n_concurrent = trials_at_once(sweep, ray.cluster_resources())
+        if sweep.resources.pack > 1 and sweep.max_concurrent_trials is None:
+            n_concurrent *= sweep.resources.pack  # up to `pack` trials share each trial's device
         print(
             f"sweep {sweep.name!r}: {sweep.num_samples} sample(s), search={sweep.search}, "
             f"ASHA rungs at steps {space.rungs(sweep)} of {sweep.budget.max_steps}, "
@@ -486,6 +500,8 @@ def run(
         grid = tuner.fit()
     finally:
         session, _SESSION = _SESSION, None
+        if sweep.resources.pack > 1:
+            pack_host.stop_hosts(sweep, ray.cluster_resources())
     if session.interrupted:
         if tracker:
             tracker.interrupted(session.unfinished)

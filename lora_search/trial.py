@@ -91,6 +91,12 @@ def run_trial(config: dict[str, Any], sweep: Sweep, storage_path: str) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     trial_id = ray.tune.get_context().get_trial_id()
+    if sweep.resources.pack > 1:
+        from lora_search import pack_host
+
+        if pack_host.packed(sweep, TrialParams.from_config(config).variant):
+            pack_host.run_packed_trial({**config, "tune_run_start": time.time()}, sweep, storage_path, trial_id)
+            return
     run_dir = layout.run_dir(storage_path, trial_id)
     if run_dir.exists() and not usable_run(run_dir):
         # A trial cut short by a killed driver resumes from its Ray Train run's newest checkpoint. A snapshot that is

@@ -1,0 +1,483 @@
+"""Packed trials in a sweep: one `PackHost` actor per device holds the base once (`lora_search.pack.Pack`), and each
+packed configuration is still an ordinary Tune trial that attaches its adapter to a host and trains through it.
+
+Turned on by `Resources(pack=N)` with N > 1: a trial whose variant packs (`pack.packs`) runs `run_packed_trial`
+(from `lora_search.trial.run_trial`) in a small CPU-only Tune process; the others train solo as before.
+
+The trial: tokenizes its data as the solo path does (TRL's dataset preparation, `fastpath`'s collator, the
+Trainer's seeded sampler order), attaches (`PackHost.attach`: its LoraConfig from `variants`, its `pack.Training`
+from the budget), then for every step sends its micro-batch (`PackHost.step`) and gets its loss back; at every
+`budget.eval_every` steps it asks for its eval loss and its saved adapter (`PackHost.save`) and reports to Tune the
+solo path's `StepReport`, with the adapter as its checkpoint (`callbacks.report_result`, as a warm trial does), so
+ASHA, the results table, MLflow and the report read it as any trial. A trial Tune stops leaves in its `finally`
+(`PackHost.detach`); one whose process was killed is detached after `STALE_S` without a step.
+
+The host runs a step once every adapter that took part in the previous step has sent its batch, or `GATHER_S` after
+the first batch came (the late ones sit that step out). A step's wall time is split over its adapters by their real
+tokens: that is each packed trial's device-seconds. Every load, attach and detach is a line in the host's journal,
+`<sweep>/ray/pack_host_<i>.jsonl`.
+
+Not done here: golden-set scoring (lm-eval) of a packed trial (its process has no base; the sweep scores no
+packed trial), resuming a packed trial from its checkpoint (it trains again from step 0), gradient accumulation in
+smaller micro-batches (a step is one micro-batch of batch_size x grad_accum rows).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import pickle
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from lora_search import layout
+from lora_search.config import Sweep
+from lora_search.records import StepReport, TrialParams, diverged
+
+log = logging.getLogger("lora_search.pack_host")
+
+GATHER_S = 0.5
+"""How long a step waits for adapters of the previous step that have not sent their batch (at an eval, say)."""
+STALE_S = 60.0
+"""An adapter that sent nothing for this long is detached: its trial was stopped and its process killed."""
+PACKED_TRIAL_CPU = 0.1
+"""What a packed trial's own process reserves: it tokenizes and waits on its host, which holds the device."""
+LORAPLUS_RATIO = 16.0
+"""B's learning-rate ratio of the loraplus variant (`variants._loraplus_optimizer` uses the same 16)."""
+
+
+def packed(sweep: Sweep, variant: str) -> bool:
+    """Whether a trial of `variant` trains in a pack in this sweep."""
+    if sweep.resources.pack <= 1:
+        return False
+    from lora_search.pack import packs
+
+    return packs(variant) is True
+
+
+def solo_reasons(sweep: Sweep) -> dict[str, str]:
+    """Variant -> why it trains solo, for the sweep's variants that do not pack (empty when packing is off)."""
+    if sweep.resources.pack <= 1:
+        return {}
+    from lora_search.pack import packs
+
+    return {v: why for v in sweep.space.variants if (why := packs(v)) is not True}
+
+
+def trial_resources(sweep: Sweep, variant: str, solo: dict[str, float]) -> dict[str, float]:
+    """What a trial of `variant` reserves: a packed one a little CPU (its host holds the device), others `solo`."""
+    return {"CPU": PACKED_TRIAL_CPU} if packed(sweep, variant) else solo
+
+
+NAMESPACE = "lora_search"
+"""Ray namespace of the hosts: the same for every driver, so a resumed sweep's trials find the hosts its first driver
+started (on a cluster that outlived it) instead of loading the base again beside them."""
+
+
+def host_name(sweep: Sweep, index: int) -> str:
+    return f"lora_search-pack-{sweep.name}-{index}"
+
+
+def hosts(sweep: Sweep, cluster: dict[str, float]) -> int:
+    """Hosts the cluster holds at most: one per device a trial would get."""
+    r = sweep.resources
+    if r.gpus_per_worker > 0:
+        return max(1, math.floor(cluster.get("GPU", 0) / r.gpus_per_worker))
+    return max(1, math.floor(cluster.get("CPU", 0) / max(r.cpus_per_worker, 1e-9)))
+
+
+def journal(storage_path: str | Path, index: int) -> Path:
+    return Path(storage_path) / f"pack_host_{index}.jsonl"
+
+
+class PackHost:
+    """The pack of one device, as a threaded Ray actor (`host_for` creates it). Each method is called by a packed
+    trial; `step` blocks until the step its batch went into has run."""
+
+    def __init__(self, sweep: Sweep, journal_path: str, stale_s: float = STALE_S) -> None:
+        import torch
+        from transformers import AutoTokenizer
+
+        from lora_search import targets
+        from lora_search.devices import device_name
+        from lora_search.pack import Pack
+        from lora_search.train import load_base
+
+        self.sweep = sweep
+        self.journal = Path(journal_path)
+        start = time.perf_counter()
+        model = load_base(sweep.base, quantized=False)
+        on_gpu = torch.cuda.is_available() and sweep.resources.gpus_per_worker > 0
+        if on_gpu:
+            model.to("cuda")
+        tokenizer = AutoTokenizer.from_pretrained(
+            sweep.base.name_or_path, revision=sweep.base.revision, trust_remote_code=sweep.base.trust_remote_code
+        )
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.layers = targets.linear_layers(model)  # before the pack wraps any
+        self.pack = Pack(model, pad_token_id=pad)
+        self.device = device_name()
+        # One second of a step stands for this many devices: the GPU, or on CPU the cores torch computes on.
+        self.units = 1.0 if on_gpu else float(torch.get_num_threads())
+        self.load_s = time.perf_counter() - start
+        self.loads = 1
+        self.steps = 0
+        self.attaches = 0
+        self.cond = threading.Condition()
+        self.pending: dict[str, Any] = {}
+        self.outcomes: dict[str, dict[str, Any]] = {}
+        self.previous: set[str] = set()
+        self.seen: dict[str, float] = {}
+        self.stale_s = stale_s
+        self._log("load", load_s=round(self.load_s, 3), device=self.device)
+        threading.Thread(target=self._reap, daemon=True).start()
+
+    def attach(self, name: str, params: TrialParams, room: int) -> dict[str, Any] | None:
+        """Attach trial `name`'s adapter (PEFT's init under the sweep's seed, as a solo trial's); None when the pack
+        already holds `room` adapters."""
+        import torch
+
+        from lora_search.pack import Training
+        from lora_search.targets import resolve, targets_from_key
+        from lora_search.variants import VARIANTS, Adapter
+
+        budget = self.sweep.budget
+        adapter = Adapter(
+            **dataclasses.asdict(params),
+            target_modules=resolve(targets_from_key(params.targets), self.layers),
+            total_steps=budget.max_steps,
+        )
+        training = Training(
+            lr=params.lr,
+            total_steps=budget.max_steps,
+            warmup_steps=budget.warmup_steps,
+            schedule=budget.lr_schedule,
+            loraplus_lr_ratio=LORAPLUS_RATIO if params.variant == "loraplus" else None,
+        )
+        with self.cond:
+            if len(self.pack.names) >= room:
+                return None
+            torch.manual_seed(self.sweep.seed)  # train.py seeds the same before its adapter's init
+            self.pack.attach(name, VARIANTS[params.variant].peft_config(adapter), training=training)
+            self.seen[name] = time.monotonic()
+            self.attaches += 1
+            self._log("attach", name=name)
+            trainable = sum(t.numel() for t in self.pack.state(name).values())
+        # base_reused: the base was loaded for an earlier trial (as `StepReport.base_reused` says of a warm process)
+        return {"trainable_params": trainable, "base_reused": self.attaches > 1, "device": self.device}
+
+    def step(self, name: str, batch: dict[str, Any]) -> dict[str, Any]:
+        """Train `name` one step on `batch` with whichever adapters step with it; its loss, real tokens, its share of
+        the step's device-seconds and the pack's size in that step."""
+        with self.cond:
+            self._attached(name)
+            self.pending[name] = batch
+            self.seen[name] = time.monotonic()
+            self.cond.notify_all()
+            deadline = time.monotonic() + GATHER_S
+            while name not in self.outcomes:
+                waiting_for = (self.previous & set(self.pack.names)) - set(self.pending)
+                if name in self.pending and (not waiting_for or time.monotonic() >= deadline):
+                    self._run()
+                else:
+                    self.cond.wait(max(deadline - time.monotonic(), 0.01))
+            return self.outcomes.pop(name)
+
+    def evaluate(self, name: str, batches: list[dict[str, Any]]) -> dict[str, Any]:
+        """`name`'s loss on each batch (the mean over its label tokens) and the device-seconds it took."""
+        with self.cond:
+            self._attached(name)
+            start = time.perf_counter()
+            losses = [self.pack.evaluate({name: b})[name] for b in batches]
+            self.seen[name] = time.monotonic()
+            return {"losses": losses, "device_s": (time.perf_counter() - start) * self.units}
+
+    def save(self, name: str, probe: list[Any]) -> dict[str, Any]:
+        """`name`'s adapter as a PEFT dir's files (name -> bytes; `pack.save`) and its last-position logits on the
+        `probe` prompts (`lora_search.probe`), with the host's peak memory."""
+        import tempfile
+
+        import torch
+
+        from lora_search.devices import peak_memory_bytes
+
+        with self.cond:
+            self._attached(name)
+            with tempfile.TemporaryDirectory() as tmp:
+                self.pack.save(name, tmp)
+                files = {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
+            logits = [
+                self.pack.logits({name: {"input_ids": ids, "labels": ids}})[name][0, -1].float().cpu() for ids in probe
+            ]
+            self.seen[name] = time.monotonic()
+        peak, kind = peak_memory_bytes()
+        return {"files": files, "logits": torch.stack(logits), "peak": peak, "peak_kind": kind}
+
+    def detach(self, name: str, why: str) -> None:
+        with self.cond:
+            if name in self.pack.names:
+                self._detach(name, why)
+
+    def status(self) -> dict[str, Any]:
+        return {"names": self.pack.names, "loads": self.loads, "steps": self.steps}
+
+    def _run(self) -> None:
+        """One pack step of the pending batches (called holding the lock)."""
+        batches, self.pending = self.pending, {}
+        done = self.pack.step(batches)
+        real = {n: int(b["attention_mask"].sum()) for n, b in batches.items()}
+        total = max(sum(real.values()), 1)
+        for n in batches:
+            share = done.seconds * real[n] / total * self.units
+            self.outcomes[n] = {"loss": done.losses[n], "tokens": real[n], "device_s": share, "pack": len(batches)}
+        self.previous = set(batches)
+        self.steps += 1
+        self.cond.notify_all()
+
+    def _attached(self, name: str) -> None:
+        if name not in self.pack.names:
+            raise RuntimeError(f"trial {name} is not attached to this pack host (detached after {self.stale_s:g}s)")
+
+    def _detach(self, name: str, why: str) -> None:
+        self.pack.detach(name)
+        self.seen.pop(name, None)
+        self.outcomes.pop(name, None)  # a step that ran after its trial's process was killed
+        self.previous.discard(name)
+        self._log("detach", name=name, why=why)
+        self.cond.notify_all()
+
+    def _reap(self) -> None:
+        while True:
+            time.sleep(min(1.0, self.stale_s / 4))
+            with self.cond:
+                now = time.monotonic()
+                for name in [n for n in self.pack.names if n not in self.pending]:
+                    if now - self.seen.get(name, now) > self.stale_s:
+                        self._detach(name, f"no step for {self.stale_s:g}s")
+
+    def _log(self, event: str, **fields: Any) -> None:
+        line = {"t": time.time(), "event": event, **fields, "attached": self.pack.names, "loads": self.loads}
+        with self.journal.open("a") as f:
+            f.write(json.dumps(line) + "\n")
+
+
+def host_for(sweep: Sweep, storage_path: str, name: str, params: TrialParams) -> tuple[Any, dict[str, Any]]:
+    """(host, attach info) for trial `name`: the first of the sweep's hosts with room, created when the
+    trial finds none there (`get_if_exists`: two trials creating the same host get the one actor)."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    r = sweep.resources
+    options: dict[str, Any] = {
+        "num_cpus": r.cpus_per_worker,
+        "max_concurrency": r.pack + 2,
+        "lifetime": "detached",  # it outlives the trial that created it; `stop_hosts` ends it
+        # out of the trial's placement group (Tune's, of PACKED_TRIAL_CPU): the host reserves its own device
+        "scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=None),
+    }
+    if r.gpus_per_worker > 0:
+        options["num_gpus"] = 1
+    for index in range(hosts(sweep, ray.cluster_resources())):
+        try:
+            host = ray.get_actor(host_name(sweep, index), namespace=NAMESPACE)
+        except ValueError:
+            name_it = {"name": host_name(sweep, index), "namespace": NAMESPACE, "get_if_exists": True}
+            actor = ray.remote(PackHost).options(**name_it, **options)
+            host = actor.remote(sweep, str(journal(storage_path, index)))
+        info = ray.get(host.attach.remote(name, params, r.pack))
+        if info is not None:
+            return host, info
+    raise RuntimeError(f"every pack host of sweep {sweep.name!r} is full; lower max_concurrent_trials")
+
+
+def stop_hosts(sweep: Sweep, cluster: dict[str, float]) -> None:
+    """End the sweep's hosts (detached actors: they outlive the trials that created them)."""
+    import ray
+
+    for index in range(hosts(sweep, cluster)):
+        try:
+            ray.kill(ray.get_actor(host_name(sweep, index), namespace=NAMESPACE))
+        except ValueError:
+            continue
+
+
+def tokenized(sweep: Sweep, tokenizer: Any) -> tuple[Any, Any, Any]:
+    """(train, eval) as the solo trial's SFTTrainer prepares them: `data.load`, then TRL's own dataset preparation
+    (prompt/completion tokens, completion-only labels, truncation to max_length); and eval as `data.load` gave it."""
+    from types import SimpleNamespace
+
+    from trl import SFTConfig, SFTTrainer
+
+    from lora_search import data
+
+    train, evaluation = data.load(sweep.dataset, sweep.seed)
+    # Only its data fields are read; use_cpu: no device is looked for (the trial process has none).
+    args = SFTConfig(
+        output_dir="unused", max_length=sweep.dataset.max_length, seed=sweep.seed, report_to="none", use_cpu=True
+    )
+    trainer = SimpleNamespace(completion_only_loss=True, chat_template=None, _tokenizer=tokenizer)
+    prepare = SFTTrainer._prepare_dataset  # a method that reads only these three of its trainer
+    return (
+        prepare(trainer, train, tokenizer, args, False, None, "train"),
+        prepare(trainer, evaluation, tokenizer, args, False, None, "eval"),
+        evaluation,
+    )
+
+
+def train_batches(dataset: Any, rows: int, seed: int, collate: Any) -> Any:
+    """Endless micro-batches of `rows` rows in the Trainer's order: each epoch a permutation drawn from a generator
+    seeded with seed + epoch (accelerate's seedable sampler); the last batch of an epoch may be short."""
+    import torch
+
+    epoch = 0
+    while True:
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        for i in range(0, len(order), rows):
+            yield _plain(collate([dataset[j] for j in order[i : i + rows]]))
+        epoch += 1
+
+
+def eval_batches(dataset: Any, rows: int, collate: Any) -> list[dict[str, Any]]:
+    """The eval set in order, `rows` a batch, as the Trainer's eval loop takes it."""
+    n = len(dataset)
+    return [_plain(collate([dataset[j] for j in range(i, min(i + rows, n))])) for i in range(0, n, rows)]
+
+
+def eval_loss(losses: list[float], batches: list[dict[str, Any]]) -> float:
+    """The Trainer's eval loss: each batch's loss weighted by its rows."""
+    rows = [b["input_ids"].shape[0] for b in batches]
+    return sum(loss * n for loss, n in zip(losses, rows, strict=True)) / sum(rows)
+
+
+def _plain(batch: dict[str, Any]) -> dict[str, Any]:
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+
+
+def run_packed_trial(config: dict[str, Any], sweep: Sweep, storage_path: str, trial_id: str) -> None:
+    """A packed trial's whole life, in its Tune trial process (see the module docstring). An error it raised is kept
+    in its run dir (`layout.FAILED_FILE`), as a warm trial's is, so that Tune's retry raises it again at once."""
+    run_dir = layout.run_dir(storage_path, trial_id)
+    failed = run_dir / layout.FAILED_FILE
+    if failed.is_file():  # Tune's retry of a trial whose training raised: the same error, not a second training
+        raise pickle.loads(failed.read_bytes())
+    try:
+        _train_packed(config, sweep, storage_path, trial_id)
+    except Exception as e:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            failed.write_bytes(pickle.dumps(e))
+        except Exception:  # an error that does not pickle: its text, which is what results read
+            failed.write_bytes(pickle.dumps(RuntimeError(f"{type(e).__name__}: {e}")))
+        raise
+
+
+def _train_packed(config: dict[str, Any], sweep: Sweep, storage_path: str, trial_id: str) -> None:
+    import shutil
+
+    import ray
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+
+    from lora_search.callbacks import report_result
+    from lora_search.checkpoints import json_safe
+    from lora_search.fastpath import collator_class
+    from lora_search.layout import PROBE_FILE, REPORT_FILE, checkpoint_name
+    from lora_search.probe import probe_batch
+    from lora_search.variants import adapter_bytes
+
+    trial_start = time.perf_counter()
+    startup_s = max(0.0, time.time() - float(config.get("tune_run_start", time.time())))
+    params = TrialParams.from_config(config)
+    budget = sweep.budget
+    run_dir = layout.run_dir(storage_path, trial_id)
+    tokenizer = AutoTokenizer.from_pretrained(
+        sweep.base.name_or_path, revision=sweep.base.revision, trust_remote_code=sweep.base.trust_remote_code
+    )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    train_ds, eval_ds, eval_rows = tokenized(sweep, tokenizer)
+    collate = collator_class()(pad_token_id=tokenizer.pad_token_id)
+    rows = budget.batch_size * budget.grad_accum
+    batches = train_batches(train_ds, rows, sweep.seed, collate)
+    evals = eval_batches(eval_ds, budget.batch_size * 2, collate)
+    probe = probe_batch(tokenizer, eval_rows)
+    prepare_s = time.perf_counter() - trial_start
+    load_start = time.perf_counter()
+    host, info = host_for(sweep, storage_path, trial_id, params)
+    load_s = time.perf_counter() - load_start
+    why = "left"
+    try:
+        first = ray.get(host.evaluate.remote(trial_id, evals))
+        base_eval_loss = eval_loss(first["losses"], evals)
+        train_s = eval_device_s = eval_wall_s = device_s = 0.0
+        tokens, window = 0, []
+        train_start = time.perf_counter()
+        for step in range(1, budget.max_steps + 1):
+            out = ray.get(host.step.remote(trial_id, next(batches)))
+            device_s += out["device_s"]
+            tokens += out["tokens"]
+            window.append(out["loss"])
+            if not math.isfinite(out["loss"]):
+                raise diverged("train_loss", out["loss"], step)
+            if step % budget.eval_every and step < budget.max_steps:
+                continue
+            eval_start = time.perf_counter()
+            scored = ray.get(host.evaluate.remote(trial_id, evals))
+            loss = eval_loss(scored["losses"], evals)
+            if not math.isfinite(loss):
+                raise diverged("eval_loss", loss, step)
+            saved = ray.get(host.save.remote(trial_id, probe))
+            eval_device_s += scored["device_s"]
+            eval_wall_s += time.perf_counter() - eval_start
+            train_s = time.perf_counter() - train_start
+            report = StepReport(
+                step=step,
+                eval_loss=loss,
+                base_eval_loss=base_eval_loss,
+                train_loss=sum(window) / len(window),
+                trainable_params=info["trainable_params"],
+                train_s=train_s,
+                startup_s=startup_s,
+                load_s=load_s,
+                base_reused=info["base_reused"],
+                prepare_s=prepare_s,
+                device_s=device_s,
+                tokens=tokens,
+                tokens_per_s=tokens / train_s if train_s > 0 else 0.0,
+                steady_tokens_per_s=tokens / train_s if train_s > 0 else math.nan,
+                steady_train_device_s=device_s,
+                eval_device_s=eval_device_s,
+                eval_wall_s=eval_wall_s,
+                peak_mem_bytes=saved["peak"],
+                peak_mem_kind=saved["peak_kind"],
+                device_name=info["device"],
+                strategy="ddp",
+                fast_path=f"packed: up to {sweep.resources.pack} adapters over one base (lora_search.pack)",
+            ).metrics()
+            window = []
+            out_dir = run_dir / f".pack_{checkpoint_name(step)}"
+            out_dir.mkdir(parents=True, exist_ok=True)
+            for file, content in saved["files"].items():
+                (out_dir / file).write_bytes(content)
+            report["adapter_bytes"] = adapter_bytes(out_dir)
+            tensors = {f"input_ids_{i}": ids[0].contiguous() for i, ids in enumerate(probe)}
+            save_file({**tensors, "logits": saved["logits"]}, str(out_dir / PROBE_FILE))
+            (out_dir / REPORT_FILE).write_text(json.dumps(json_safe(report)))
+            log.info("%s step %d eval_loss %.4f (packed)", trial_id, step, loss)
+            try:
+                report_result(report, out_dir, checkpoint_name(step), run_dir, warm=True)
+            finally:
+                shutil.rmtree(out_dir, ignore_errors=True)
+        why = "finished"
+    except BaseException as e:  # SystemExit: Tune stopped the trial (ASHA) at a report
+        why = "stopped" if isinstance(e, SystemExit) else f"failed: {type(e).__name__}"
+        raise
+    finally:
+        try:
+            ray.get(host.detach.remote(trial_id, why), timeout=30)
+        except Exception as e:  # the host detaches it after STALE_S anyway
+            log.warning("%s: detaching from its pack host failed: %s", trial_id, e)

@@ -1,0 +1,174 @@
+"""Packed trials in a real sweep (lora_search/pack_host.py): ordinary Tune trials over one pack host's base.
+
+Run: python -m pytest -q -n 0 tests/test_pack_tune.py   (CPU, a local Ray; about a minute)
+
+One sweep of 4 grid trials, 2 at a time in a pack of 2, ASHA on eval loss with a rung at step 5 of 10: every trial
+reports at the rungs, a pruned trial leaves the pack, the later trials join the host without a second base load, and
+a finished trial's eval losses are those of the same configuration trained alone with PEFT on the same batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from lora_search import BaseModel, Budget, Dataset, Resources, SearchSpace, Sweep, pack_host
+from lora_search.config import ConfigError
+
+pytestmark = pytest.mark.slow
+
+
+def _sweep(model_dir: Path, data: Path, out: Path) -> Sweep:
+    return Sweep(
+        name="packed",
+        base=BaseModel(str(model_dir)),
+        dataset=Dataset(str(data), eval_fraction=0.2, max_length=96),
+        space=SearchSpace(
+            ranks=(4,), targets=("attention",), variants=("lora", "loraplus"), lr=(1e-5, 1e-2), lr_grid_points=2
+        ),
+        budget=Budget(max_steps=10, eval_every=5, grace_period=5, reduction_factor=2, batch_size=8),
+        resources=Resources(pack=2),
+        search="grid",
+        num_samples=1,
+        max_concurrent_trials=2,
+        seed=2,
+        output_dir=str(out),
+        scheduler="asha",
+        evals=None,
+    )
+
+
+def test_packed_trials_are_ordinary_tune_trials(tiny_model_dir: Path, tiny_jsonl: Path, tmp_path: Path) -> None:
+    import ray
+
+    from lora_search.probe import check_reload
+    from lora_search.sweep import run
+
+    sweep = _sweep(tiny_model_dir, tiny_jsonl, tmp_path)
+    # The reference: the finished loraplus configuration trained solo, a Tune trial of its own (TRL's Trainer).
+    solo = sweep.replace(
+        name="solo",
+        resources=Resources(),
+        space=dataclasses.replace(sweep.space, variants=("loraplus",), lr=(1e-4, 1.0), lr_grid_points=1),  # 1e-2
+    )
+    try:
+        frame = run(sweep)
+        solo_frame = run(solo)
+    finally:
+        ray.shutdown()
+    out = tmp_path / sweep.name
+    print("\n" + frame[["trial_id", "status", "variant", "lr", "step", "eval_loss", "base_reused", "cost"]].to_string())
+    history = pd.read_parquet(out / "history.parquet")
+
+    # Every trial is a packed Tune trial that reported at the rung; ASHA stopped at least one there.
+    assert len(frame) == 4 and set(frame["status"]) <= {"completed", "pruned"}
+    pruned = frame[frame["status"] == "pruned"]
+    assert len(pruned) >= 1 and (pruned["step"] == 5).all()
+    for row in frame.itertuples():
+        steps = sorted(history[history["trial_id"] == row.trial_id]["step"])
+        assert steps == ([5, 10] if row.status == "completed" else [5]), (row.trial_id, steps)
+        assert row.fast_path.startswith("packed") and row.adapter_bytes > 0 and row.cost > 0 and row.device_s > 0
+        # the adapter as the solo path leaves it: plain PEFT loads it onto the base and gives the trial's logits
+        assert check_reload(Path(row.adapter_path)) < 1e-5
+
+    # The host's journal: one base load; every trial attached and left (a pruned one as "stopped"); a trial that
+    # attached after another had left found the base loaded.
+    events = [json.loads(line) for line in (out / "ray" / "pack_host_0.jsonl").read_text().splitlines()]
+    assert not (out / "ray" / "pack_host_1.jsonl").exists()
+    assert [e["event"] for e in events].count("load") == 1
+    attached = {e["name"]: i for i, e in enumerate(events) if e["event"] == "attach"}
+    left = {e["name"]: (i, e["why"]) for i, e in enumerate(events) if e["event"] == "detach"}
+    assert set(attached) == set(left) == set(frame["trial_id"])
+    for trial_id in pruned["trial_id"]:
+        assert left[trial_id][1] == "stopped", left[trial_id]
+    assert max(len(e["attached"]) for e in events) == 2 and events[-1]["attached"] == []
+    first_out = min(i for i, _ in left.values())
+    later = [t for t, i in attached.items() if i > first_out]
+    assert later and all(events[attached[t]]["loads"] == 1 for t in later)
+    assert frame.set_index("trial_id").loc[later, "base_reused"].all()
+
+    # A packed trial's loss curve (eval loss at each report, base reference included) is the solo trial's.
+    (solo_id,) = solo_frame["trial_id"]
+    packed_id = frame[(frame["variant"] == "loraplus") & (frame["lr"] > 1e-3)]["trial_id"].item()
+    solo_history = pd.read_parquet(tmp_path / "solo" / "history.parquet")
+    curves = [
+        h[h["trial_id"] == t].sort_values("step")["eval_loss"].tolist()
+        for h, t in ((history, packed_id), (solo_history, solo_id))
+    ]
+    assert len(curves[0]) == 2 and curves[0] == pytest.approx(curves[1], rel=1e-5), curves
+    bases = [f.set_index("trial_id").loc[t, "base_eval_loss"] for f, t in ((frame, packed_id), (solo_frame, solo_id))]
+    assert bases[0] == pytest.approx(bases[1], rel=1e-5)
+    assert curves[1][-1] < bases[1] - 0.05  # it learnt: the curves compared move
+
+
+def test_pack_needs_one_device_per_host_and_says_why_variants_train_solo(tiny_model_dir: Path) -> None:
+    with pytest.raises(ConfigError) as e:
+        Sweep(
+            name="x",
+            base=BaseModel(str(tiny_model_dir)),
+            dataset=Dataset("d.jsonl"),
+            resources=Resources(pack=2, workers=2, gpus_per_worker=0.5),
+        )
+    assert "resources.workers" in str(e.value) and "resources.gpus_per_worker" in str(e.value)
+    sweep = Sweep(
+        name="x",
+        base=BaseModel(str(tiny_model_dir)),
+        dataset=Dataset("d.jsonl"),
+        space=SearchSpace(ranks=(4,), variants=("lora", "dora", "pissa")),
+        resources=Resources(pack=2),
+    )
+    assert set(pack_host.solo_reasons(sweep)) == {"dora", "pissa"}
+    assert pack_host.packed(sweep, "lora") and not pack_host.packed(sweep, "dora")
+    alone = sweep.replace(resources=Resources())
+    assert not pack_host.packed(alone, "lora") and not pack_host.solo_reasons(alone)
+    assert pack_host.trial_resources(sweep, "lora", {"CPU": 1.0}) == {"CPU": pack_host.PACKED_TRIAL_CPU}
+    assert pack_host.trial_resources(sweep, "dora", {"CPU": 1.0}) == {"CPU": 1.0}
+
+
+def test_a_host_detaches_an_adapter_that_stopped_stepping_and_steps_without_a_late_one(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """In-process (no Ray): a steps alone, then b joins it (waiting for a, which took part in the step before), then b
+    goes silent (its process killed, say): a's next step waits `GATHER_S` for b and runs without it, and after
+    `stale_s` the host detaches b."""
+    import time
+
+    import torch
+
+    from lora_search.records import TrialParams
+
+    sweep = Sweep(
+        name="x",
+        base=BaseModel(str(tiny_model_dir)),
+        dataset=Dataset("d.jsonl"),
+        budget=Budget(max_steps=10, eval_every=5, grace_period=5),
+        resources=Resources(pack=2),
+    )
+    host = pack_host.PackHost(sweep, str(tmp_path / "journal.jsonl"), stale_s=1.0)
+    params = TrialParams(variant="lora", rank=2, alpha=4.0, targets="attention", lr=1e-3, dropout=0.0)
+    assert host.attach("a", params, room=2) and host.attach("b", params, room=2)
+    assert host.attach("c", params, room=2) is None  # the pack is full
+    ids = torch.randint(3, 300, (2, 8))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    assert host.step("a", batch)["pack"] == 1  # the pack's first step runs with whoever came
+    with ThreadPoolExecutor(1) as pool:
+        b = pool.submit(host.step, "b", batch)
+        while "b" not in host.pending:  # b waits for a, which took part in the previous step
+            time.sleep(0.01)
+        assert host.step("a", batch)["pack"] == 2 and b.result()["pack"] == 2
+    start = time.monotonic()
+    assert host.step("a", batch)["pack"] == 1  # b is late: a waited for it, then stepped alone
+    assert time.monotonic() - start >= pack_host.GATHER_S * 0.9
+    deadline = time.monotonic() + 10
+    while "b" in host.status()["names"]:
+        assert time.monotonic() < deadline, host.status()
+        host.step("a", batch)  # a keeps stepping: it stays
+        time.sleep(0.1)
+    events = [json.loads(line) for line in (tmp_path / "journal.jsonl").read_text().splitlines()]
+    assert events[-1]["event"] == "detach" and events[-1]["name"] == "b" and events[-1]["why"].startswith("no step")
+    assert host.status()["names"] == ["a"] and host.status()["loads"] == 1

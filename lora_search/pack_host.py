@@ -409,7 +409,7 @@ def _train_packed(config: dict[str, Any], sweep: Sweep, storage_path: str, trial
     load_start = time.perf_counter()
     host, info = host_for(sweep, storage_path, trial_id, params)
     load_s = time.perf_counter() - load_start
-    why = "left"
+    why, step = "left", 0
     try:
         first = ray.get(host.evaluate.remote(trial_id, evals))
         base_eval_loss = eval_loss(first["losses"], evals)
@@ -473,8 +473,11 @@ def _train_packed(config: dict[str, Any], sweep: Sweep, storage_path: str, trial
             finally:
                 shutil.rmtree(out_dir, ignore_errors=True)
         why = "finished"
-    except BaseException as e:  # SystemExit: Tune stopped the trial (ASHA) at a report
-        why = "stopped" if isinstance(e, SystemExit) else f"failed: {type(e).__name__}"
+    except SystemExit:  # Tune stopped the trial at a report: ASHA, or its last step (the scheduler's max_t)
+        why = "finished" if step >= budget.max_steps else f"stopped at step {step}"
+        raise
+    except BaseException as e:
+        why = f"failed at step {step}: {type(e).__name__}"
         raise
     finally:
         try:

@@ -76,7 +76,7 @@ def test_packed_trials_are_ordinary_tune_trials(tiny_model_dir: Path, tiny_jsonl
         # the adapter as the solo path leaves it: plain PEFT loads it onto the base and gives the trial's logits
         assert check_reload(Path(row.adapter_path)) < 1e-5
 
-    # The host's journal: one base load; every trial attached and left (a pruned one as "stopped"); a trial that
+    # The host's journal: one base load; every trial attached and left (a pruned one "stopped at step 5"); a trial that
     # attached after another had left found the base loaded.
     events = [json.loads(line) for line in (out / "ray" / "pack_host_0.jsonl").read_text().splitlines()]
     assert not (out / "ray" / "pack_host_1.jsonl").exists()
@@ -85,7 +85,9 @@ def test_packed_trials_are_ordinary_tune_trials(tiny_model_dir: Path, tiny_jsonl
     left = {e["name"]: (i, e["why"]) for i, e in enumerate(events) if e["event"] == "detach"}
     assert set(attached) == set(left) == set(frame["trial_id"])
     for trial_id in pruned["trial_id"]:
-        assert left[trial_id][1] == "stopped", left[trial_id]
+        assert left[trial_id][1] == "stopped at step 5", left[trial_id]
+    for trial_id in frame[frame["status"] == "completed"]["trial_id"]:
+        assert left[trial_id][1] == "finished", left[trial_id]
     assert max(len(e["attached"]) for e in events) == 2 and events[-1]["attached"] == []
     first_out = min(i for i, _ in left.values())
     later = [t for t, i in attached.items() if i > first_out]

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -244,12 +244,15 @@ AUTO_FALLBACK = "sdpa"
 _flex_tried: dict[tuple[Any, ...], str | None] = {}
 
 
-def resolve_attention(requested: str, on_gpu: bool, model_config: Any) -> tuple[str, str]:
-    """The attention kernel a trial loads its base with, and why. A kernel the sweep names is used as named. "auto"
-    (the default) is padding-free wherever it works: on a CUDA device, for an architecture that masks packed rows,
-    flex attention if a packed forward and backward at the model's head shape runs here (`flex_failure`, tried once
-    a process); otherwise SDPA on padded batches, with the reason. Flex attention is the varlen kernel in torch
-    itself (flash-attn is a separate build that a cluster may lack). On the H200 it trained the 8B shape on
+def resolve_attention(
+    requested: str, on_gpu: bool, model_config: Any, pays: tuple[bool, str] = (True, "")
+) -> tuple[str, str]:
+    """The attention kernel a trial trains with, and why. A kernel the sweep names is used as named. "auto" (the
+    default) is padding-free wherever it works and pays: on a CUDA device, for an architecture that masks packed
+    rows, when `pays` (`padding_free_pays`: the padding it saves outweighs flex attention's compile), flex attention
+    if a packed forward and backward at the model's head shape runs here (`flex_failure`, tried once a process);
+    otherwise SDPA on padded batches, with the reason. Flex attention is the varlen kernel in torch itself
+    (flash-attn is a separate build that a cluster may lack). On the H200 it trained the 8B shape on
     variable-length chat rows at 1.39x the padded path's real tokens/s (benchmarks/NOTES.md, change 15)."""
     if requested != AUTO_ATTENTION:
         return requested, "set in base.attn_implementation"
@@ -258,10 +261,70 @@ def resolve_attention(requested: str, on_gpu: bool, model_config: Any) -> tuple[
     model_type = getattr(model_config, "model_type", None)
     if model_type not in PADDING_FREE_MODELS:
         return AUTO_FALLBACK, f"auto: {model_type!r} is not known to mask packed rows, so padded batches"
+    worth, why = pays
+    if not worth:
+        return AUTO_FALLBACK, why
     failure = flex_failure(model_config)
     if failure is not None:
         return AUTO_FALLBACK, f"auto: flex attention failed its trial here ({failure}), so padded batches"
-    return "flex_attention", "auto: flex attention ran a packed row's forward and backward here"
+    return "flex_attention", "auto: flex attention ran a packed row's forward and backward here" + (
+        f"; {why}" if why else ""
+    )
+
+
+FLEX_COMPILE_S = 41.0
+"""Seconds a trial spends compiling flex attention in a process that has not yet: the 8B shape's 16-step trial on
+variable-length rows trained in 57.8 s on flex against 16.8 s padded on SDPA, the steady steps being faster (H200,
+torch 2.11, Inductor's cache cold; benchmarks/speed_varlen_h200_2026-12-04.json). Kept once compiled: transformers
+holds the compiled function for the process, so a warm trial process's later trials pay none of it."""
+PADDED_MFU = 0.21
+"""The padded trial path's model FLOP utilisation on those rows (0.208, same file): what a padded token costs."""
+
+
+def padding_fraction(lengths: Sequence[int], rows: int, seed: int = 0) -> tuple[float, float]:
+    """(the share of padding, the mean padding tokens) of right-padded micro-batches of `rows` rows of these
+    `lengths`, drawn in a seeded random order as the Trainer's sampler draws them."""
+    import random
+
+    order = list(lengths)
+    random.Random(seed).shuffle(order)
+    batches = [order[i : i + rows] for i in range(0, len(order), rows)]
+    pads = [len(b) * max(b) - sum(b) for b in batches if b]
+    padded = sum(len(b) * max(b) for b in batches if b)
+    return (sum(pads) / padded if padded else 0.0), (sum(pads) / len(pads) if pads else 0.0)
+
+
+def padding_free_pays(
+    lengths: Sequence[int], rows: int, micro_batches: int, params: int, peak_tflops: float, compiled: bool
+) -> tuple[bool, str]:
+    """Whether padding-free batches save a trial more than flex attention's compile costs it, and why: the padding
+    tokens of its `micro_batches` micro-batches of `rows` rows (`padding_fraction`), each costing 4 x `params` FLOPs
+    at `PADDED_MFU` of `peak_tflops`, against twice `FLEX_COMPILE_S` (none if flex is `compiled` in this process
+    already). Twice: the estimate is a model, and a compile that does not pay back costs the trial outright."""
+    share, pad_tokens = padding_fraction(lengths, rows)
+    saved = micro_batches * pad_tokens * 4 * params / (peak_tflops * 1e12 * PADDED_MFU)
+    cost = 0.0 if compiled else FLEX_COMPILE_S
+    numbers = (
+        f"{share:.0%} of its padded batches' tokens would be padding, about {saved:.0f} s of compute over "
+        f"{micro_batches} micro-batches of {rows}, against {cost:.0f} s to compile flex attention"
+    )
+    if share == 0.0 or saved < 2 * cost:
+        return False, f"auto: padded batches pay here: {numbers}"
+    return True, f"padding-free pays: {numbers}"
+
+
+def flex_compiled(model_config: Any) -> bool:
+    """Whether flex attention at this model's head shape already trained in this process (`flex_failure`)."""
+    return _flex_tried.get(_flex_key(model_config), "untried") is None
+
+
+def _flex_key(model_config: Any) -> tuple[Any, ...]:
+    import torch
+
+    heads = int(model_config.num_attention_heads)
+    kv_heads = int(getattr(model_config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(model_config, "head_dim", None) or model_config.hidden_size // heads)
+    return (torch.cuda.get_device_name(torch.cuda.current_device()), heads, kv_heads, head_dim)
 
 
 def flex_failure(model_config: Any) -> str | None:
@@ -272,11 +335,9 @@ def flex_failure(model_config: Any) -> str | None:
     the model's first packed batch recompiles it for dynamic lengths, as it would without this try."""
     import torch
 
-    heads = int(model_config.num_attention_heads)
-    kv_heads = int(getattr(model_config, "num_key_value_heads", None) or heads)
-    head_dim = int(getattr(model_config, "head_dim", None) or model_config.hidden_size // heads)
+    key = _flex_key(model_config)
+    _, heads, kv_heads, head_dim = key
     device = torch.device("cuda", torch.cuda.current_device())
-    key = (torch.cuda.get_device_name(device), heads, kv_heads, head_dim)
     if key in _flex_tried:
         return _flex_tried[key]
     try:

@@ -213,8 +213,12 @@ def train_loop(config: dict[str, Any]) -> None:
     adapter_numel = strategies.adapter_param_bound(model_config, params.rank) if strategy.deepspeed else 0
     if strategy.deepspeed and not on_gpu:
         strategies.skip_cpu_shm_all_reduce()  # before the SFTConfig below starts DeepSpeed's backend
-    attn, attn_why = fastpath.resolve_attention(sweep.base.attn_implementation, on_gpu, model_config)
-    path = fastpath.choose(on_gpu, model_config.model_type, attn, attn_why)
+    # "auto" trains padded on SDPA until the rows are tokenized, then decides (`_auto_attention`)
+    auto = sweep.base.attn_implementation == fastpath.AUTO_ATTENTION
+    attn, attn_why = fastpath.resolve_attention(sweep.base.attn_implementation, on_gpu, model_config, (False, ""))
+    attn_why = attn_why or "auto: until the rows are tokenized"
+    chosen = fastpath.choose(on_gpu, model_config.model_type, attn, attn_why)
+    path = chosen
     batching = micro_batching(sweep, params, on_gpu, liger=path.active("liger"))
     path = path.with_piece(batching.keep_activations).with_piece(batching.merge)
     # Built before the model loads: under ZeRO-3 it makes from_pretrained partition the weights as they load, under
@@ -267,6 +271,8 @@ def train_loop(config: dict[str, Any]) -> None:
     base_reused = model is not None
     if model is None:
         model = load_base(sweep.base, variant.quantized, sharded=strategy.shards_base, attn=attn)
+    elif auto:  # a kept base may have trained its last trial padding-free
+        fastpath.pretrained_model(model).set_attn_implementation(attn)
     torch.manual_seed(sweep.seed)  # the adapter starts the same whether its base was loaded or kept
     adapter = build_adapter(model, params, budget.max_steps)
     init_dir = work / "init_adapter"
@@ -278,17 +284,6 @@ def train_loop(config: dict[str, Any]) -> None:
     n_trainable = trainable_parameters(model)
     train_ds, eval_ds = data.load(sweep.dataset, sweep.seed)
     load_s = time.perf_counter() - start
-    log.info(
-        "%s: %s r=%d on %s x %d worker(s), strategy %s, optimizer %s, fast path: %s",
-        Path(config["progress_file"]).stem,  # trial_<id>: a warm process trains one trial after another
-        params.variant,
-        params.rank,
-        device_name(),
-        context.get_world_size(),
-        strategy.name,
-        args.optim,
-        path.summary(),
-    )
 
     probe = probe_batch(tokenizer, eval_ds)
     reporter = Reporter(sweep, tokenizer, adapter, model, init_dir, work, rank0, n_trainable, load_s, probe)
@@ -318,6 +313,21 @@ def train_loop(config: dict[str, Any]) -> None:
         make_optimizer=(lambda m: variant.optimizer(m, adapter)) if variant.optimizer else None,
     )
     trainer.remove_callback(PrinterCallback)  # progress goes to Tune, not one dict per log line
+    if auto and on_gpu:  # the rows are tokenized now: padding-free on flex attention where it works and pays
+        micro_batches = budget.max_steps * batching.accum
+        path = auto_fast_path(trainer, model_config, batching.micro, micro_batches, path, chosen)
+        reporter.fast_path = path.summary()
+    log.info(
+        "%s: %s r=%d on %s x %d worker(s), strategy %s, optimizer %s, fast path: %s",
+        Path(config["progress_file"]).stem,  # trial_<id>: a warm process trains one trial after another
+        params.variant,
+        params.rank,
+        device_name(),
+        context.get_world_size(),
+        strategy.name,
+        args.optim,
+        path.summary(),
+    )
     path.prepare()
     intact = False  # whether the base is as loaded (bar the adapter): kept for this process's next trial
     try:
@@ -333,6 +343,35 @@ def train_loop(config: dict[str, Any]) -> None:
         shutil.rmtree(work, ignore_errors=True)
         if intact and cache_key is not None:
             BaseCache.keep(cache_key, model)
+
+
+def auto_fast_path(
+    trainer: Any, model_config: Any, rows: int, micro_batches: int, path: fastpath.FastPath, chosen: fastpath.FastPath
+) -> fastpath.FastPath:
+    """`attn_implementation="auto"` on a CUDA device, decided on the trial's tokenized rows (`trainer.train_dataset`):
+    their lengths as the Trainer batches them (`rows` a micro-batch, `micro_batches` in the trial), the base's size
+    and the GPU's peak (`memory.GPUS`; a GPU not listed counts as an H100, which can only make padding-free look
+    less worth it) (`fastpath.padding_free_pays`, `resolve_attention`). Padding-free: the model trains on flex
+    attention and the trainer's collator packs each micro-batch into one row. Returns `path` with `chosen`'s pieces
+    (what `fastpath.choose` decided on SDPA) chosen again."""
+    from lora_search.memory import GPUS
+
+    model = trainer.model
+    lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]]
+    name = device_name()
+    peak = next((gpu.bf16_tflops for kind, gpu in GPUS.items() if kind.lower() in name.lower()), None)
+    peak = peak or GPUS["H100"].bf16_tflops
+    params = sum(p.numel() for p in model.parameters())
+    compiled = fastpath.flex_compiled(model_config)
+    pays = fastpath.padding_free_pays(lengths, rows, micro_batches, params, peak, compiled)
+    attn, why = fastpath.resolve_attention(fastpath.AUTO_ATTENTION, True, model_config, pays)
+    if attn != fastpath.AUTO_FALLBACK:
+        fastpath.pretrained_model(model).set_attn_implementation(attn)
+    again = {p.name for p in chosen.pieces}  # choose's pieces, chosen again; the batching and layer ones stay
+    chosen = fastpath.choose(True, model_config.model_type, attn, why)
+    path = fastpath.FastPath(chosen.pieces + tuple(p for p in path.pieces if p.name not in again))
+    trainer.data_collator = path.collator(trainer.processing_class.pad_token_id)
+    return path
 
 
 def _restored(found: list[Path], work: Path) -> tuple[Path | None, str]:

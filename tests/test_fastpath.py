@@ -397,11 +397,93 @@ def test_auto_attention_is_padding_free_where_flex_trains_and_says_why_where_not
     assert path.active("padding-free") and path.active(fastpath.INFERENCE_ATTN)
     assert "attention on (flex_attention: auto: flex attention ran" in path.summary()
 
+    attn, why = fastpath.resolve_attention("auto", True, llama, (False, "auto: padded batches pay here: ..."))
+    assert attn == "sdpa" and why == "auto: padded batches pay here: ..." and len(tried) == 1  # not even tried
+
     monkeypatch.setattr(fastpath, "flex_failure", lambda config: "LoweringException: NoValidChoicesError")
     attn, why = fastpath.resolve_attention("auto", True, llama)
     assert attn == "sdpa" and "failed its trial here (LoweringException: NoValidChoicesError)" in why
     path = fastpath.choose(True, "llama", attn, why)
     assert not path.active("padding-free") and "NoValidChoicesError" in path.summary()
+
+
+def test_padding_free_is_chosen_where_the_padding_it_saves_outweighs_the_compile() -> None:
+    # the measured case (speed_varlen_h200_2026-12-04.json): 8B, micro-batches of 8 chat rows, 23% padding
+    share, pad_tokens = fastpath.padding_fraction([100, 300] * 4, rows=8)
+    assert share == pytest.approx(0.5 * 8 * 200 / (8 * 300)) and pad_tokens == 800  # one batch: 4 rows of 200 pad
+    assert fastpath.padding_fraction([64] * 40, rows=8) == (0.0, 0.0)  # fixed-length rows: nothing to save
+
+    rng = __import__("random").Random(0)
+    chat = [int(rng.lognormvariate(6.0, 0.7)) for _ in range(2000)]
+    h200 = 989.4
+    short, why_short = fastpath.padding_free_pays(chat, 8, 16, 8_000_000_000, h200, compiled=False)
+    assert not short and "against 41 s to compile flex attention" in why_short  # a 16-step trial: the compile wins
+    long, why_long = fastpath.padding_free_pays(chat, 8, 2000, 8_000_000_000, h200, compiled=False)
+    assert long and why_long.startswith("padding-free pays")
+    small, _ = fastpath.padding_free_pays(chat, 8, 2000, 135_000_000, h200, compiled=False)
+    assert not small  # a 135M model's padding costs less than the compile
+    assert fastpath.padding_free_pays(chat, 8, 16, 135_000_000, h200, compiled=True)[0]  # compiled: any saving pays
+    fixed, why_fixed = fastpath.padding_free_pays([512] * 64, 8, 2000, 8_000_000_000, h200, compiled=True)
+    assert not fixed and "0% of its padded batches' tokens would be padding" in why_fixed
+
+
+def test_an_auto_trial_decides_on_its_tokenized_rows_and_switches_kernel_and_collator(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The trial's decision on a CUDA device (`train.auto_fast_path`), here with the device's answers stood in: the
+    GPU's name, flex already compiled in the process (so any padding saved pays), and flex's trial run."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig
+
+    from lora_search import data, train
+    from lora_search.trainer import TrialTrainer
+
+    monkeypatch.setattr(train, "device_name", lambda: "NVIDIA H200")
+    monkeypatch.setattr(fastpath, "flex_compiled", lambda config: True)
+    monkeypatch.setattr(fastpath.importlib.util, "find_spec", lambda name: None)  # no Triton: liger off, as on CPU
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    rows = _rows(tmp_path / "train.jsonl", 48, 0)
+
+    def trainer_on_sdpa() -> tuple[TrialTrainer, fastpath.FastPath]:
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+        model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
+        train_ds, eval_ds = data.load(Dataset(str(rows), max_length=512), seed=0)  # none cut: lengths differ
+        args = SFTConfig(str(tmp_path / "out"), max_length=512, use_cpu=True, report_to="none", max_steps=4)
+        chosen = fastpath.choose(True, "llama", "sdpa", "auto: until the rows are tokenized")
+        tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+        trainer = TrialTrainer(
+            model=model,
+            args=args,
+            train_dataset=train_ds,
+            eval_dataset=eval_ds,
+            processing_class=tokenizer,
+            data_collator=chosen.collator(tokenizer.pad_token_id),
+        )
+        return trainer, chosen.with_piece(fastpath.Piece(fastpath.MERGE_MICRO, True, "kept"))
+
+    monkeypatch.setattr(fastpath, "flex_failure", lambda config: None)
+    trainer, before = trainer_on_sdpa()
+    assert not trainer.data_collator.padding_free
+    path = train.auto_fast_path(trainer, config, 8, 4, before, fastpath.choose(True, "llama", "sdpa"))
+    assert path.active("padding-free") and path.active(fastpath.INFERENCE_ATTN) and path.active(fastpath.MERGE_MICRO)
+    assert (
+        "padding-free pays" in path.summary() and "% of its padded batches' tokens would be padding" in path.summary()
+    )
+    assert trainer.data_collator.padding_free and fastpath.pretrained_model(
+        trainer.model
+    ).config._attn_implementation == ("flex_attention")
+    assert [p.name for p in path.pieces].count("attention") == 1  # chosen again, not added twice
+
+    monkeypatch.setattr(fastpath, "flex_failure", lambda config: "LoweringException: NoValidChoicesError")
+    trainer, before = trainer_on_sdpa()
+    path = train.auto_fast_path(trainer, config, 8, 4, before, fastpath.choose(True, "llama", "sdpa"))
+    assert (
+        not path.active("padding-free") and path.active(fastpath.NO_PAD_MASK) and not trainer.data_collator.padding_free
+    )
+    assert "NoValidChoicesError" in path.summary()
+    assert fastpath.pretrained_model(trainer.model).config._attn_implementation == "sdpa"
 
 
 @pytest.mark.gpu

@@ -10,7 +10,8 @@ Two figures, never mixed:
   run of this configuration at this budget costs, the same on a busy and an idle machine.
 - **The sweep's spend** (`trial_spend`, `sweep_spend`): every device-second the sweep held, wall clock x devices,
   broken down into `SPEND_PARTS`; the parts sum to the wall-clock truth. A slower or busier machine spends more; the
-  configurations do not cost more.
+  configurations do not cost more. A packed trial (`Resources.pack`) held only its share of its device
+  (`DEVICE_SHARE`), so that the trials of one pack together spend the device once, not once each.
 
 Pruning savings are an estimate of what the pruned trials would have cost had ASHA let them run the full
 budget: each pruned trial's configuration cost per optimizer step times the steps it did not run, plus the mean
@@ -63,6 +64,13 @@ reporting, checkpoint uploads, Ray's own bookkeeping). The sweep adds `waiting`:
 them (`sweep_spend`)."""
 
 
+DEVICE_SHARE = "device_share"
+"""The report key of the fraction of its devices a trial held, in (0, 1]: a packed trial's share of the pack steps it
+took part in (its real tokens over the step's, weighted by each step's time: `pack_host`), which `trial_spend` holds
+it to. Trials without it (solo ones, older sweeps) held their devices whole. E.g. two adapters of equal batches
+training together for 100 s on one GPU: 0.5 each, 50 GPU-seconds each, 100 together."""
+
+
 def trial_spend(
     held_s: float,
     devices: float,
@@ -72,11 +80,14 @@ def trial_spend(
     eval_s: float,
     train_s: float,
     restart_s: float,
+    share: float = 1.0,
 ) -> dict[str, float]:
-    """Device-seconds per `SPEND_PARTS` of a trial that held `devices` for `held_s` wall seconds; they sum to
-    held_s x devices. `train_s` is training wall time with its evaluations (`eval_s` of which are evaluations) and the
-    other figures are wall seconds. Parts measured with some overlap that exceed the held time are scaled down to
-    it, so the sum stays the wall-clock truth."""
+    """Device-seconds per `SPEND_PARTS` of a trial that held `share` (`DEVICE_SHARE`) of `devices` for `held_s` wall
+    seconds; they sum to held_s x devices x share. `train_s` is training wall time with its evaluations (`eval_s` of
+    which are evaluations) and the other figures are wall seconds. Parts measured with some overlap that exceed the
+    held time are scaled down to it, so the sum stays the wall-clock truth. A share outside (0, 1] (a report that
+    lost it) counts as 1."""
+    devices *= share if 0 < share <= 1 else 1.0
     parts = {
         "training": max(train_s, 0.0),
         "evaluation": max(eval_s, 0.0),

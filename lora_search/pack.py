@@ -272,6 +272,22 @@ class Pack:
         )
         return out
 
+    def plain_copy(self) -> PreTrainedModel:
+        """The base as loaded, without any adapter layer: a second module tree over this pack's own weight tensors
+        (no copy of any weight: it costs no device memory), for running PEFT on beside the pack, as
+        `PeftModel.from_pretrained(pack.plain_copy(), adapter_dir)` to score a saved adapter.
+
+        The weights are frozen and shared: whatever uses the copy must never write into them (PEFT's LoRA does
+        not; PiSSA-style inits and merges would, and never run on it). The copy's modules, training mode and
+        config are its own."""
+        model = self.model
+        shared = {id(t): t for t in (*model.parameters(), *model.buffers())}  # deepcopy's memo: kept, not copied
+        copy_ = copy.deepcopy(model, shared)
+        for module in [n for n, m in copy_.named_modules() if isinstance(m, PackedLinear)]:
+            parent, _, child = module.rpartition(".")
+            setattr(copy_.get_submodule(parent), child, copy_.get_submodule(module).base_layer)
+        return copy_
+
     def _problems(
         self, name: str, config: LoraConfig, modules: list[str], init_state: Mapping[str, torch.Tensor] | None
     ) -> list[Problem]:

@@ -17,8 +17,17 @@ the first batch came (the late ones sit that step out). A step's wall time is sp
 tokens: that is each packed trial's device-seconds. Every load, attach and detach is a line in the host's journal,
 `<sweep>/ray/pack_host_<i>.jsonl`.
 
-Not done here: golden-set scoring (lm-eval) of a packed trial (its process has no base; the sweep scores no
-packed trial), resuming a packed trial from its checkpoint (it trains again from step 0), gradient accumulation in
+A packed trial that trains its whole budget is scored on the sweep's golden sets (`Sweep.evals`) as a solo trial
+is at its last step: the host scores it (`PackHost.golden`: its process has no base, the host has the base and the
+device), with `evals.score` on a PEFT model of the saved adapter, and the trial reports the solo path's fields
+(`golden/<task>/<metric>`, `objective`, `objective_higher_is_better`, `eval_s`, `golden_device_s`) and writes
+lm-eval's results JSON beside its adapter. While a host scores, the other adapters' steps wait.
+
+Spend: each packed trial reports `cost.DEVICE_SHARE`, the fraction of the host's device it held (its share of the
+steps it took part in), and its spend is its wall time x that fraction of the device (`cost.trial_spend`), so that the
+trials of one pack together spend the device once.
+
+Not done here: resuming a packed trial from its checkpoint (it trains again from step 0), gradient accumulation in
 smaller micro-batches (a step is one micro-batch of batch_size x grad_accum rows).
 """
 
@@ -117,9 +126,15 @@ class PackHost:
         tokenizer = AutoTokenizer.from_pretrained(
             sweep.base.name_or_path, revision=sweep.base.revision, trust_remote_code=sweep.base.trust_remote_code
         )
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token  # as the solo trial's (train.py): lm-eval pads with it
+        self.tokenizer = tokenizer
         self.layers = targets.linear_layers(model)  # before the pack wraps any
-        self.pack = Pack(model, pad_token_id=pad)
+        self.pack = Pack(model, pad_token_id=tokenizer.pad_token_id)
+        self.scorer: Any = None
+        """The plain base golden scoring puts each adapter on (`Pack.plain_copy`), made at the first scoring."""
+        # The autocast a solo trial of a packing variant trains and is scored under (train.py's SFTConfig bf16).
+        self.bf16 = on_gpu and sweep.base.dtype == "bfloat16"
         self.device = device_name()
         # One second of a step stands for this many devices: the GPU, or on CPU the cores torch computes on.
         self.units = 1.0 if on_gpu else float(torch.get_num_threads())
@@ -172,7 +187,8 @@ class PackHost:
 
     def step(self, name: str, batch: dict[str, Any]) -> dict[str, Any]:
         """Train `name` one step on `batch` with whichever adapters step with it; its loss, real tokens, its share of
-        the step's device-seconds and the pack's size in that step."""
+        the step's device-seconds (`device_s`, by real tokens), the step's device-seconds (`step_s`) and the pack's
+        size in that step."""
         with self.cond:
             self._attached(name)
             self.pending[name] = batch
@@ -217,6 +233,53 @@ class PackHost:
         peak, kind = peak_memory_bytes()
         return {"files": files, "logits": torch.stack(logits), "peak": peak, "peak_kind": kind}
 
+    def golden(self, name: str, probe_ids: Any) -> dict[str, Any]:
+        """`name`'s scores on the sweep's golden sets, as a solo trial at its last step gets them: `evals.score`'s
+        dict (metrics, objective, higher_is_better, lm-eval's results JSON), with the scoring's wall seconds and
+        device-seconds. Raises `evals.AdapterNotAppliedError` when the adapter does not change the logits of
+        `probe_ids` (as a solo trial's scoring does).
+
+        How: the adapter is saved (`Pack.save`, the plain PEFT dir the trial reports) and loaded with
+        `PeftModel.from_pretrained` onto a plain copy of the base (`Pack.plain_copy`: built at the first scoring
+        and kept, sharing the pack's weights, so it costs no second base in memory), scored, and unloaded again.
+        So the scored model is exactly what a solo trial scores: PEFT's own LoRA layers, generation with its KV
+        cache, under the solo trial's autocast and inference attention. Scoring through the pack's own
+        `PackedLinear` rows would need a routing mode for any batch size and cached generation in the pack's layer,
+        and then a proof that it computes what PEFT does; this needs neither.
+
+        It holds the host's lock: the other adapters' steps wait until it is done (minutes for a large golden set,
+        once per completed trial), and no adapter counts that wait as silence (`STALE_S`)."""
+        import tempfile
+
+        from peft import PeftModel
+
+        from lora_search import evals, fastpath
+
+        assert self.sweep.evals is not None
+        with self.cond:
+            self._attached(name)
+            start = time.perf_counter()
+            if self.scorer is None:
+                self.scorer = self.pack.plain_copy()
+            model = None
+            try:
+                with tempfile.TemporaryDirectory() as tmp:
+                    self.pack.save(name, tmp)
+                    model = PeftModel.from_pretrained(self.scorer, tmp)
+                with fastpath.inference_attention(model):
+                    evals.check_applied(model, probe_ids)
+                with fastpath.autocast(model, self.bf16), fastpath.inference_attention(model):
+                    scored = evals.score(model, self.tokenizer, self.sweep.evals, self.sweep.seed, self.bf16)
+            finally:
+                # The plain base again for the next adapter; after a failed load, a fresh copy (it may hold layers).
+                self.scorer = model.unload() if model is not None else None
+            seconds = time.perf_counter() - start
+            for other in self.seen:  # they were waiting on this lock, not silent
+                self.seen[other] += seconds
+            self._log("golden", name=name, seconds=round(seconds, 3))
+        assert scored is not None  # one process: lm-eval hands it the results
+        return {**scored, "seconds": seconds, "device_s": seconds * self.units}
+
     def detach(self, name: str, why: str) -> None:
         with self.cond:
             if name in self.pack.names:
@@ -231,9 +294,11 @@ class PackHost:
         done = self.pack.step(batches)
         real = {n: int(b["attention_mask"].sum()) for n, b in batches.items()}
         total = max(sum(real.values()), 1)
+        step_s = done.seconds * self.units
         for n in batches:
-            share = done.seconds * real[n] / total * self.units
-            self.outcomes[n] = {"loss": done.losses[n], "tokens": real[n], "device_s": share, "pack": len(batches)}
+            share = step_s * real[n] / total
+            out = {"loss": done.losses[n], "tokens": real[n], "device_s": share, "step_s": step_s, "pack": len(batches)}
+            self.outcomes[n] = out
         self.previous = set(batches)
         self.steps += 1
         self.cond.notify_all()
@@ -384,9 +449,11 @@ def _train_packed(config: dict[str, Any], sweep: Sweep, storage_path: str, trial
 
     from lora_search.callbacks import report_result
     from lora_search.checkpoints import json_safe
+    from lora_search.cost import DEVICE_SHARE
     from lora_search.fastpath import collator_class
-    from lora_search.layout import PROBE_FILE, REPORT_FILE, checkpoint_name
+    from lora_search.layout import LM_EVAL_RESULTS, PROBE_FILE, REPORT_FILE, checkpoint_name
     from lora_search.probe import probe_batch
+    from lora_search.records import GOLDEN_PREFIX
     from lora_search.variants import adapter_bytes
 
     trial_start = time.perf_counter()
@@ -413,12 +480,13 @@ def _train_packed(config: dict[str, Any], sweep: Sweep, storage_path: str, trial
     try:
         first = ray.get(host.evaluate.remote(trial_id, evals))
         base_eval_loss = eval_loss(first["losses"], evals)
-        train_s = eval_device_s = eval_wall_s = device_s = 0.0
+        train_s = eval_device_s = eval_wall_s = device_s = steps_s = 0.0
         tokens, window = 0, []
         train_start = time.perf_counter()
         for step in range(1, budget.max_steps + 1):
             out = ray.get(host.step.remote(trial_id, next(batches)))
             device_s += out["device_s"]
+            steps_s += out["step_s"]
             tokens += out["tokens"]
             window.append(out["loss"])
             if not math.isfinite(out["loss"]):
@@ -458,6 +526,8 @@ def _train_packed(config: dict[str, Any], sweep: Sweep, storage_path: str, trial
                 strategy="ddp",
                 fast_path=f"packed: up to {sweep.resources.pack} adapters over one base (lora_search.pack)",
             ).metrics()
+            # Its share of the steps it took part in: the fraction of the host's device it held (`cost.trial_spend`).
+            report[DEVICE_SHARE] = device_s / steps_s if steps_s > 0 else 1.0
             window = []
             out_dir = run_dir / f".pack_{checkpoint_name(step)}"
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -466,6 +536,14 @@ def _train_packed(config: dict[str, Any], sweep: Sweep, storage_path: str, trial
             report["adapter_bytes"] = adapter_bytes(out_dir)
             tensors = {f"input_ids_{i}": ids[0].contiguous() for i, ids in enumerate(probe)}
             save_file({**tensors, "logits": saved["logits"]}, str(out_dir / PROBE_FILE))
+            if step >= budget.max_steps and sweep.evals is not None:  # as `callbacks.Reporter` scores a solo trial
+                scored = ray.get(host.golden.remote(trial_id, probe[0]))
+                (out_dir / LM_EVAL_RESULTS).write_text(json.dumps(scored["results"], indent=1))
+                report.update({f"{GOLDEN_PREFIX}{k}": v for k, v in scored["metrics"].items()})
+                report["objective"] = scored["objective"]
+                report["objective_higher_is_better"] = scored["higher_is_better"]
+                report["eval_s"] = scored["seconds"]
+                report["golden_device_s"] = scored["device_s"]
             (out_dir / REPORT_FILE).write_text(json.dumps(json_safe(report)))
             log.info("%s step %d eval_loss %.4f (packed)", trial_id, step, loss)
             try:

@@ -174,6 +174,8 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
+        if not self.rows.blocks:  # outside a step: the base alone
+            return out
         blocks, deltas = [], []
         # One split of the input: its backward is one concatenation, where a slice per adapter would fill a
         # zero gradient of the whole input each.

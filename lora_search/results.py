@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from lora_search import serving
 from lora_search.config import Sweep
-from lora_search.cost import SPEND_PARTS, configuration_cost, devices_per_trial, trial_spend
+from lora_search.cost import DEVICE_SHARE, SPEND_PARTS, configuration_cost, devices_per_trial, trial_spend
 from lora_search.layout import REPORT_FILE, TRAINER_DIR, UPLOADED_FILE
 from lora_search.records import Status, StepReport, TrialParams, error_reason, stopped_figures, stopped_status
 
@@ -83,8 +83,9 @@ class TrialRecord(TrialParams):
     """train_cost + eval_cost, in `Pricing.currency`: the configuration's cost, the frontier's axis
     (lora_search.cost)."""
     spend_device_s: float = 0.0
-    """Device-seconds the trial held: devices x `trial_s`, the sum of the `spend_<part>` columns (`cost.SPEND_PARTS`:
-    training, evaluation, startup, base_load, restarts, idle)."""
+    """Device-seconds the trial held: devices x `trial_s` (x its share of them, for a packed trial:
+    `cost.DEVICE_SHARE`), the sum of the `spend_<part>` columns (`cost.SPEND_PARTS`: training, evaluation, startup,
+    base_load, restarts, idle)."""
     spend_training: float = 0.0
     spend_evaluation: float = 0.0
     spend_startup: float = 0.0
@@ -194,6 +195,7 @@ def record(
         eval_s=reported.base_eval_s + reported.eval_wall_s + eval_s,
         train_s=reported.train_s - reported.eval_wall_s,
         restart_s=_count(last, "prior_s") + reported.steps_redone * per_step,
+        share=_count(last, DEVICE_SHARE) or 1.0,  # a packed trial's share of its device; others held it whole
     )
     price = sweep.pricing.per_device_hour(device_name)
     return TrialRecord(

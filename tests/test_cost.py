@@ -47,6 +47,21 @@ def test_trial_spend_sums_to_what_the_trial_held() -> None:
     assert over["training"] == pytest.approx(35.0)
 
 
+def test_packed_trials_spend_their_share_of_the_device() -> None:
+    """Two trials packed on one GPU for the same 100 s, each with half of every step: one GPU's 100 s between them,
+    every part halved; a share outside (0, 1], as from a report that lost it, counts the device whole."""
+    figures = {"startup_s": 10.0, "load_s": 5.0, "eval_s": 15.0, "train_s": 60.0, "restart_s": 0.0}
+    whole = trial_spend(100.0, 1, **figures)
+    half = trial_spend(100.0, 1, **figures, share=0.5)
+    assert {k: 2 * v for k, v in half.items()} == pytest.approx(whole)
+    assert sum(half.values()) == pytest.approx(50.0) and half["idle"] == pytest.approx(5.0)
+    packed = [trial_spend(100.0, 1, **figures, share=s) for s in (0.5, 0.5)]
+    assert sum(sweep_spend(packed, wall_s=100.0, devices_held=1).values()) == pytest.approx(100.0)
+    assert sweep_spend(packed, wall_s=100.0, devices_held=1)["waiting"] == 0.0
+    for lost in (0.0, -1.0, 1.5):
+        assert trial_spend(100.0, 1, **figures, share=lost) == whole
+
+
 def test_sweep_spend_adds_the_devices_no_trial_held() -> None:
     a = trial_spend(100.0, 1, startup_s=10.0, load_s=0.0, eval_s=10.0, train_s=70.0, restart_s=0.0)
     b = trial_spend(50.0, 1, startup_s=5.0, load_s=0.0, eval_s=5.0, train_s=40.0, restart_s=0.0)

@@ -170,6 +170,22 @@ def test_saved_adapter_loads_in_peft_with_the_same_logits(tiny_model_dir: Path, 
         assert model.peft_config["default"].r == ADAPTERS[name][1]
 
 
+def test_plain_copy_is_the_base_over_the_packs_own_weights(tiny_model_dir: Path, packed: tuple) -> None:
+    """`Pack.plain_copy` (what a pack host scores adapters on): the base's logits from the pack's own weight tensors,
+    no pack layer in it, the pack's layers untouched; and outside a step the pack's own model computes the base."""
+    pack = packed[0]
+    plain = pack.plain_copy().eval()
+    ids = _batches("a", pack.model.config.vocab_size)[0]["input_ids"]
+    with torch.no_grad():
+        expected = _base(tiny_model_dir).eval()(input_ids=ids).logits
+        torch.testing.assert_close(plain(input_ids=ids).logits, expected, rtol=0, atol=0)
+        torch.testing.assert_close(pack.model(input_ids=ids).logits, expected, rtol=0, atol=0)
+    assert not any(isinstance(m, PackedLinear) for m in plain.modules())
+    assert sorted(pack.names) == ["a", "c", "d"] and any(isinstance(m, PackedLinear) for m in pack.model.modules())
+    own = {p.data_ptr() for p in pack.model.parameters()}
+    assert all(p.data_ptr() in own for p in plain.parameters())
+
+
 def test_default_init_is_peft_init_and_detaching_all_restores_the_base(tiny_model_dir: Path, solo: dict) -> None:
     """Under the same seed an adapter attached without init_state starts where get_peft_model starts it; with every
     adapter detached the model holds no pack layer and the base's weights as loaded."""

@@ -4,23 +4,31 @@ Run: python -m pytest -q -n 0 tests/test_pack_tune.py   (CPU, a local Ray; about
 
 One sweep of 4 grid trials, 2 at a time in a pack of 2, ASHA on eval loss with a rung at step 5 of 10: every trial
 reports at the rungs, a pruned trial leaves the pack, the later trials join the host without a second base load, and
-a finished trial's eval losses are those of the same configuration trained alone with PEFT on the same batches.
+a finished trial's eval losses are those of the same configuration trained alone with PEFT on the same batches. A
+completed packed trial is scored on the golden sets by its host as the solo path scores the same adapter, and a packed
+trial's spend is its share of the host's device.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from lora_search import BaseModel, Budget, Dataset, Resources, SearchSpace, Sweep, pack_host
+from lora_search import BaseModel, Budget, Dataset, Evals, Resources, SearchSpace, Sweep, pack_host
 from lora_search.config import ConfigError
+from lora_search.cost import DEVICE_SHARE, devices_per_trial
 
 pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+EVALS = Evals(
+    tasks=("tiny_mood", "tiny_antonym"), objective="tiny_mood/acc", tasks_dir=str(REPO / "evals" / "tasks"), limit=16
+)
 
 
 def _sweep(model_dir: Path, data: Path, out: Path) -> Sweep:
@@ -39,7 +47,7 @@ def _sweep(model_dir: Path, data: Path, out: Path) -> Sweep:
         seed=2,
         output_dir=str(out),
         scheduler="asha",
-        evals=None,
+        evals=EVALS,
     )
 
 
@@ -106,6 +114,37 @@ def test_packed_trials_are_ordinary_tune_trials(tiny_model_dir: Path, tiny_jsonl
     bases = [f.set_index("trial_id").loc[t, "base_eval_loss"] for f, t in ((frame, packed_id), (solo_frame, solo_id))]
     assert bases[0] == pytest.approx(bases[1], rel=1e-5)
     assert curves[1][-1] < bases[1] - 0.05  # it learnt: the curves compared move
+
+    # Golden scores: a completed packed trial has the solo trial's fields, lm-eval's results beside its adapter, and
+    # (its adapter the solo one's to 1e-5) the solo trial's scores; a pruned one has none, as a solo one.
+    golden = ["tiny_mood/acc", "tiny_antonym/exact_match"]
+    rows = frame.set_index("trial_id")
+    for row in frame.itertuples():
+        results = Path(row.adapter_path) / "lm_eval_results.json"
+        if row.status == "pruned":
+            assert math.isnan(row.objective) and row.eval_s == 0 and rows.loc[row.trial_id, golden].isna().all()
+            assert not results.exists()
+            continue
+        scored = json.loads(results.read_text())
+        assert row.objective == scored["results"]["tiny_mood"]["acc,none"] and row.eval_s > 0
+        exact_match = scored["results"]["tiny_antonym"]["exact_match,strip"]
+        assert rows.loc[row.trial_id, "tiny_antonym/exact_match"] == exact_match
+    solo_rows = solo_frame.set_index("trial_id")
+    assert rows.loc[packed_id, golden].tolist() == solo_rows.loc[solo_id, golden].tolist()
+    assert rows.loc[packed_id, "objective"] == solo_rows.loc[solo_id, "objective"] and rows["pareto"].any()
+    completed = frame[frame["status"] == "completed"]["trial_id"]
+    assert sorted(e["name"] for e in events if e["event"] == "golden") == sorted(completed)
+
+    # Spend: a packed trial held its share of the host's device (`cost.DEVICE_SHARE`, in its report), not all of it.
+    devices = devices_per_trial(sweep.resources)
+    shares = {}
+    for row in frame.itertuples():
+        report = sorted((out / "ray" / "train" / f"trial_{row.trial_id}").glob("step_*/report.json"))[-1]
+        shares[row.trial_id] = json.loads(report.read_text())[DEVICE_SHARE]
+        assert 0 < shares[row.trial_id] <= 1
+        assert row.spend_device_s == pytest.approx(row.trial_s * devices * shares[row.trial_id], rel=1e-9)
+    assert min(shares.values()) < 0.8, shares  # trials stepped together: each held part of the device
+    assert solo_rows.loc[solo_id, "spend_device_s"] == pytest.approx(solo_rows.loc[solo_id, "trial_s"] * devices)
 
 
 def test_pack_needs_one_device_per_host_and_says_why_variants_train_solo(tiny_model_dir: Path) -> None:
@@ -174,3 +213,63 @@ def test_a_host_detaches_an_adapter_that_stopped_stepping_and_steps_without_a_la
     events = [json.loads(line) for line in (tmp_path / "journal.jsonl").read_text().splitlines()]
     assert events[-1]["event"] == "detach" and events[-1]["name"] == "b" and events[-1]["why"].startswith("no step")
     assert host.status()["names"] == ["a"] and host.status()["loads"] == 1
+
+
+def test_a_host_scores_an_adapter_as_the_solo_path_does(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """In-process (no Ray): the host's golden scores of a packed adapter are what the solo path's scoring gives for
+    the same saved adapter (`evals.rescore`: the base loaded afresh, PEFT's layers, lm-eval), metric for metric; the
+    host's plain base shares the pack's weights, is plain again after each adapter, and the pack trains on after."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from lora_search import evals
+    from lora_search.records import TrialParams
+    from lora_search.train import load_base
+
+    sweep = Sweep(
+        name="x",
+        base=BaseModel(str(tiny_model_dir)),
+        dataset=Dataset("d.jsonl"),
+        budget=Budget(max_steps=10, eval_every=5, grace_period=5),
+        resources=Resources(pack=2),
+        evals=EVALS,
+    )
+    host = pack_host.PackHost(sweep, str(tmp_path / "journal.jsonl"))
+    for name, variant, lr in (("a", "lora", 3e-2), ("b", "rslora", 1e-2)):
+        params = TrialParams(variant=variant, rank=4, alpha=8.0, targets="all-linear", lr=lr, dropout=0.0)
+        assert host.attach(name, params, room=2)
+    ids = torch.randint(3, 300, (4, 12), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    for _ in range(3):
+        with ThreadPoolExecutor(1) as pool:
+            b = pool.submit(host.step, "b", batch)
+            host.step("a", batch)
+            b.result()
+    probe = ids[:1]
+    a, b, again = host.golden("a", probe), host.golden("b", probe), host.golden("a", probe)
+    # The solo path's scoring of the same saved adapter: a base loaded as a trial loads it, PEFT, evals.score.
+    host.pack.save("a", tmp_path / "a")
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    model = PeftModel.from_pretrained(load_base(sweep.base, quantized=False), str(tmp_path / "a"))
+    solo = evals.score(model, tokenizer, EVALS, sweep.seed)
+    base = evals.score_base(sweep)
+    assert solo is not None and base is not None
+
+    def answers(scored: dict) -> list[str]:  # per golden row: the choice ranked first, or the generated answer
+        return [row["answer"] for row in scored["results"]["golden_samples"]]
+
+    assert set(a["metrics"]) >= {"tiny_mood/acc", "tiny_antonym/exact_match"}
+    assert a["metrics"] == solo["metrics"] and a["objective"] == solo["objective"]
+    assert a["results"]["golden_samples"] == solo["results"]["golden_samples"]
+    assert answers(a) != answers(base) and answers(a) != answers(b)  # the rows compared show which adapter scored
+    assert again["results"]["golden_samples"] == a["results"]["golden_samples"]  # b's left the plain base as it was
+    assert a["higher_is_better"] and a["seconds"] > 0 and a["device_s"] >= a["seconds"]
+    # no second base: the scoring model's weights are the pack's tensors; the pack has its adapters and trains on
+    embed = host.pack.model.get_input_embeddings().weight
+    assert host.scorer.get_input_embeddings().weight.data_ptr() == embed.data_ptr()
+    assert not any("lora" in n for n, _ in host.scorer.named_modules())
+    assert host.status()["names"] == ["a", "b"] and math.isfinite(host.step("a", batch)["loss"])
+    events = [json.loads(line) for line in (tmp_path / "journal.jsonl").read_text().splitlines()]
+    assert [e["name"] for e in events if e["event"] == "golden"] == ["a", "b", "a"]

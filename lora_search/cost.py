@@ -68,7 +68,9 @@ DEVICE_SHARE = "device_share"
 """The report key of the fraction of its devices a trial held, in (0, 1]: a packed trial's share of the pack steps it
 took part in (its real tokens over the step's, weighted by each step's time: `pack_host`), which `trial_spend` holds
 it to. Trials without it (solo ones, older sweeps) held their devices whole. E.g. two adapters of equal batches
-training together for 100 s on one GPU: 0.5 each, 50 GPU-seconds each, 100 together."""
+training together for 100 s on one GPU: 0.5 each, 50 GPU-seconds each, 100 together. The share is applied to the
+trial's whole wall time: its start-up, its evaluations and its wait while the host scores another trial count at it
+too, so the trials of a pack split the device's time between them in about the proportion they used its steps."""
 
 
 def trial_spend(

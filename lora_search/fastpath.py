@@ -112,10 +112,64 @@ class FastPath:
 
     def collator(self, pad_token_id: int) -> Any:
         """The data collator for the active pieces: TRL's, padded or padding-free, that also counts each batch's
-        real tokens on the CPU (`REAL_TOKENS`) and, with `NO_PAD_MASK`, leaves out the attention mask."""
+        real tokens on the CPU (`REAL_TOKENS`), with `NO_PAD_MASK` leaves out the attention mask, and with
+        `TOKEN_BUDGET` lists each row's tokens (`ROW_TOKENS`)."""
         return collator_class()(
-            pad_token_id=pad_token_id, padding_free=self.active("padding-free"), drop_mask=self.active(NO_PAD_MASK)
+            pad_token_id=pad_token_id,
+            padding_free=self.active("padding-free"),
+            drop_mask=self.active(NO_PAD_MASK),
+            lengths=self.active(TOKEN_BUDGET),
         )
+
+
+ROW_TOKENS = "lora_search_row_tokens"
+"""The batch key listing each row's tokens (CPU ints), which the trainer splits a step by (`token_chunks`)."""
+
+TOKEN_BUDGET = "token-budget"
+TOKEN_BUDGET_WHY = "a step's rows as micro-batches of up to {budget} tokens, not {micro} rows of max_length each"
+"""Why a step's micro-batches are cut by tokens. The memory estimate sizes a micro-batch as rows of `max_length`
+tokens, so real rows, most far shorter, leave most of that memory and the GPU's width unused: 8 chat rows of 450
+tokens fill a quarter of 8 x 2,048. The Trainer then gets the whole step's rows as one batch (`grad_accum` 1) and
+the trial's trainer (`lora_search.trainer.TrialTrainer.training_step`) runs it as micro-batches of at most
+micro x max_length tokens (`token_chunks`): the same rows a step, and the same loss (each micro-batch's summed
+token loss is divided by the step's label tokens, as the Trainer does over accumulated micro-batches:
+`tests/test_fastpath.py` checks the curve). Padded micro-batches take the step's rows longest first, so each pads
+to rows of about its own length; padding-free ones take them in order. One worker only: under DDP every worker
+would have to run as many backward passes a step as the others."""
+
+
+def token_budget(micro: int, accum: int, max_length: int, world_size: int) -> Piece:
+    """The `TOKEN_BUDGET` piece of a trial whose steps run as `accum` micro-batches of `micro` rows."""
+    if world_size > 1:
+        return Piece(TOKEN_BUDGET, False, "several workers: each must run a step's micro-batches in lockstep")
+    if accum == 1:
+        return Piece(TOKEN_BUDGET, False, "one micro-batch a step already")
+    budget = micro * max_length
+    return Piece(TOKEN_BUDGET, True, TOKEN_BUDGET_WHY.format(budget=budget, micro=micro))
+
+
+def token_chunks(lengths: Sequence[int], budget: int, padded: bool) -> list[list[int]]:
+    """The rows (indices into `lengths`) of each micro-batch of at most `budget` tokens: padded, a micro-batch of n
+    rows costs n x its longest, and rows go longest first (the least padding); padding-free it costs its rows' sum,
+    and rows keep their order (contiguous spans of the packed row). A row longer than `budget` gets a micro-batch of
+    its own."""
+    chunks: list[list[int]] = []
+    if padded:
+        for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+            if chunks and (len(chunks[-1]) + 1) * lengths[chunks[-1][0]] <= budget:
+                chunks[-1].append(i)
+            else:
+                chunks.append([i])
+        return chunks
+    used = 0
+    for i, n in enumerate(lengths):
+        if chunks and used + n <= budget:
+            chunks[-1].append(i)
+            used += n
+        else:
+            chunks.append([i])
+            used = n
+    return chunks
 
 
 REAL_TOKENS = "lora_search_real_tokens"
@@ -136,10 +190,13 @@ def collator_class() -> type:
     @_dataclass
     class Collator(DataCollatorForLanguageModeling):
         drop_mask: bool = False
+        lengths: bool = False  # also each row's tokens (`ROW_TOKENS`), for the token-budget split
 
         def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
             batch = super().torch_call(examples)
             batch[REAL_TOKENS] = sum(len(e["input_ids"]) for e in examples)
+            if self.lengths:
+                batch[ROW_TOKENS] = [len(e["input_ids"]) for e in examples]
             if self.drop_mask:  # TRL pads on the right: each row's mask is ones, then zeros
                 batch.pop("attention_mask", None)
             return batch

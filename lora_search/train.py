@@ -221,14 +221,21 @@ def train_loop(config: dict[str, Any]) -> None:
     path = chosen
     batching = micro_batching(sweep, params, on_gpu, liger=path.active("liger"))
     path = path.with_piece(batching.keep_activations).with_piece(batching.merge)
+    world = context.get_world_size()
+    path = path.with_piece(fastpath.token_budget(batching.micro, batching.accum, sweep.dataset.max_length, world))
+    # by tokens: the Trainer hands over a step's rows at once and the trial's trainer cuts them (`TOKEN_BUDGET_WHY`)
+    by_tokens = path.active(fastpath.TOKEN_BUDGET)
+    rows_a_batch, batches_a_step = (
+        (budget.batch_size * budget.grad_accum, 1) if by_tokens else (batching.micro, batching.accum)
+    )
     # Built before the model loads: under ZeRO-3 it makes from_pretrained partition the weights as they load, under
     # FSDP it makes ranks > 0 load none (`strategies.trainer_kwargs`).
     args = SFTConfig(
         output_dir=str(work / "trainer"),
         max_steps=budget.max_steps,
-        per_device_train_batch_size=batching.micro,
+        per_device_train_batch_size=rows_a_batch,
         per_device_eval_batch_size=budget.batch_size * 2,
-        gradient_accumulation_steps=batching.accum,
+        gradient_accumulation_steps=batches_a_step,
         learning_rate=params.lr,
         lr_scheduler_type=budget.lr_schedule,
         warmup_steps=budget.warmup_steps,
@@ -311,6 +318,7 @@ def train_loop(config: dict[str, Any]) -> None:
         data_collator=path.collator(tokenizer.pad_token_id),  # counts real tokens; `fastpath.NO_PAD_MASK`
         callbacks=callbacks,
         make_optimizer=(lambda m: variant.optimizer(m, adapter)) if variant.optimizer else None,
+        token_budget=batching.micro * sweep.dataset.max_length if by_tokens else None,
     )
     trainer.remove_callback(PrinterCallback)  # progress goes to Tune, not one dict per log line
     if auto and on_gpu:  # the rows are tokenized now: padding-free on flex attention where it works and pays

@@ -23,8 +23,16 @@ class TrialTrainer(SFTTrainer):
     there and read once per log step, as token-weighted means over the steps logged; tokens seen come from the
     collator's CPU count (`fastpath.REAL_TOKENS`)."""
 
-    def __init__(self, *args: Any, make_optimizer: Callable[[Any], Any] | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        make_optimizer: Callable[[Any], Any] | None = None,
+        token_budget: int | None = None,
+        **kwargs: Any,
+    ) -> None:
         self._make_optimizer = make_optimizer
+        self.token_budget = token_budget  # split each step's batch into micro-batches of this many tokens at most
+        self._micro_batches = 0  # of the step being split
         self._sums: dict[str, Any] = {}  # mode -> device tensor [label tokens, entropy, top-1 hits(, aux loss)]
         self._summed: dict[str, int] = {}  # mode -> micro-batches in it
         super().__init__(*args, **kwargs)
@@ -43,12 +51,32 @@ class TrialTrainer(SFTTrainer):
             self.optimizer = self._make_optimizer(self.model if model is None else model)
         return super().create_optimizer(model)
 
+    def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
+        """With a `token_budget`, the step's rows (one batch: the collator's `ROW_TOKENS` list them) run as
+        micro-batches of at most that many tokens (`fastpath.TOKEN_BUDGET_WHY`), each a forward and backward whose
+        loss is divided by the step's label tokens (`num_items_in_batch`); returns their sum, the step's loss."""
+        rows = inputs.pop(fastpath.ROW_TOKENS, None)
+        if self.token_budget is None or rows is None:
+            return super().training_step(model, inputs, num_items_in_batch)
+        padded = not getattr(self.data_collator, "padding_free", False)
+        chunks = fastpath.token_chunks(rows, self.token_budget, padded)
+        loss, self._micro_batches = None, len(chunks)
+        try:
+            for chunk in chunks:
+                part = _rows_of(inputs, chunk, rows, padded)
+                step = super().training_step(model, part, num_items_in_batch)
+                loss = step if loss is None else loss + step
+        finally:
+            self._micro_batches = 0
+        return loss
+
     def compute_loss(
         self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
     ) -> Any:
         import torch
 
         inputs.pop(fastpath.REAL_TOKENS, None)
+        inputs.pop(fastpath.ROW_TOKENS, None)  # eval batches list their rows too; they run whole
         mode = "train" if self.model.training else "eval"
         inputs["use_cache"] = False
         if self.aux_loss_enabled:
@@ -61,7 +89,8 @@ class TrialTrainer(SFTTrainer):
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())  # DDP averages the gradients
         sums = [outputs.label_mask.sum(), outputs.entropy.detach().sum(), outputs.is_top1.sum()]
         if self.aux_loss_enabled:
-            steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+            accumulated = self._micro_batches or self.current_gradient_accumulation_steps
+            steps = accumulated if num_items_in_batch is not None else 1
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss / steps
             sums.append(outputs.aux_loss.detach())
         with torch.no_grad():
@@ -97,3 +126,25 @@ class TrialTrainer(SFTTrainer):
         if mode == "train":
             self._metrics[mode]["num_tokens"] = [self.state.num_input_tokens_seen]
         super().log(logs, start_time)
+
+
+def _rows_of(inputs: dict[str, Any], chunk: list[int], rows: list[int], padded: bool) -> dict[str, Any]:
+    """The micro-batch of `inputs` holding the rows `chunk`: padded (rows x tokens), those rows cut to the longest of
+    them; padding-free (one packed row), the span of their tokens."""
+    import torch
+
+    out: dict[str, Any] = {}
+    if padded:
+        index = torch.tensor(chunk)
+        length = max(rows[i] for i in chunk)
+    else:
+        start = sum(rows[: chunk[0]])
+        span = slice(start, start + sum(rows[i] for i in chunk))
+    for key, value in inputs.items():
+        if not isinstance(value, torch.Tensor) or value.dim() < 2:
+            out[key] = value
+        elif padded:
+            out[key] = value.index_select(0, index.to(value.device))[:, :length]
+        else:
+            out[key] = value[:, span]
+    return out

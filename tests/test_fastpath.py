@@ -100,6 +100,7 @@ def _run(
     ours: bool = False,
     batch: int = 8,
     accum: int = 1,
+    token_budget: int | None = None,
 ) -> tuple[list[float], list[dict], object]:
     """12 steps of LoRA through TRL's SFTTrainer (or, `ours`, the trial's `lora_search.trainer.TrialTrainer`): the
     training and eval losses in order, every log, and the Trainer's state."""
@@ -129,7 +130,7 @@ def _run(
     train_ds, eval_ds = data.load(Dataset(str(train), eval_path=str(evaluation), max_length=64), seed=0)
     losses = Losses()
     args = SFTConfig(
-        output_dir=str(train.parent / f"out_{attn}_{collator is not None}_{ours}_{batch}x{accum}"),
+        output_dir=str(train.parent / f"out_{attn}_{collator is not None}_{ours}_{batch}x{accum}_{token_budget}"),
         max_steps=12,
         per_device_train_batch_size=batch,
         gradient_accumulation_steps=accum,
@@ -157,6 +158,7 @@ def _run(
         processing_class=tokenizer,
         data_collator=collator,
         callbacks=[losses],
+        **({"token_budget": token_budget} if ours else {}),
     )
     trainer.train()
     return losses.values, losses.logs, trainer.state

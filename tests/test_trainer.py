@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from lora_search import fastpath
 from tests.test_fastpath import _pieces, _rows, _run, _same
 
@@ -53,3 +55,106 @@ def test_merged_micro_batches_train_the_accumulated_curve(tiny_model_dir: Path, 
     merged, _, b = _run(tiny_model_dir, train, evaluation, collator, "sdpa", ours=True, batch=8, accum=1)
     _same(accumulated, merged, "2 x 4 accumulated vs 8 merged")
     assert a.num_input_tokens_seen == b.num_input_tokens_seen > 0
+
+
+@pytest.mark.parametrize("layout", ["padded", "padding-free"])
+def test_token_budget_micro_batches_train_the_accumulated_curve(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, layout: str
+) -> None:
+    """A step's 8 rows handed over at once and cut into micro-batches of at most 96 tokens (`fastpath.TOKEN_BUDGET`)
+    train the curve of 4 accumulated micro-batches of 2 rows: the same rows a step, each micro-batch's loss over the
+    step's label tokens. Padded micro-batches take the rows longest first; padding-free ones are spans of one row."""
+    from transformers import AutoTokenizer
+
+    train, evaluation = _rows(tmp_path / "train.jsonl", 120, 0), _rows(tmp_path / "eval.jsonl", 24, 1)
+    pad_id = AutoTokenizer.from_pretrained(tiny_model_dir).pad_token_id
+    collator = _pieces(fastpath.NO_PAD_MASK).collator(pad_id)
+    accumulated, _, a = _run(tiny_model_dir, train, evaluation, collator, "sdpa", ours=True, batch=2, accum=4)
+
+    cuts: list[tuple[list[int], list[list[int]]]] = []
+    real = fastpath.token_chunks
+
+    def seen(lengths, budget, padded):  # type: ignore[no-untyped-def]
+        assert padded == (layout == "padded")
+        chunks = real(lengths, budget, padded)
+        cuts.append((list(lengths), chunks))
+        return chunks
+
+    monkeypatch.setattr(fastpath, "token_chunks", seen)
+    pieces = (fastpath.NO_PAD_MASK,) if layout == "padded" else ("padding-free",)
+    by_tokens = _pieces(*pieces, fastpath.TOKEN_BUDGET).collator(pad_id)
+    cut, _, b = _run(tiny_model_dir, train, evaluation, by_tokens, "sdpa", ours=True, batch=8, accum=1, token_budget=96)
+    _same(accumulated, cut, f"2 x 4 accumulated vs 8 rows cut at 96 tokens, {layout}")
+    assert a.num_input_tokens_seen == b.num_input_tokens_seen > 0
+    assert len(cuts) == 12  # one cut a step
+    for lengths, chunks in cuts:
+        assert sorted(i for c in chunks for i in c) == list(range(len(lengths)))  # every row of the step, once
+        cost = [
+            len(c) * max(lengths[i] for i in c) if layout == "padded" else sum(lengths[i] for i in c) for c in chunks
+        ]
+        assert all(x <= 96 or len(c) == 1 for x, c in zip(cost, chunks, strict=True))
+    assert max(len(chunks) for _, chunks in cuts) > 1  # steps were really cut
+
+
+def test_token_chunks_cut_by_tokens() -> None:
+    # padded: longest first, n rows cost n x the longest
+    assert fastpath.token_chunks([10, 50, 20, 40], 100, padded=True) == [[1, 3], [2, 0]]
+    # padding-free: in order, a chunk costs its rows' sum
+    assert fastpath.token_chunks([10, 50, 20, 40], 80, padded=False) == [[0, 1, 2], [3]]
+    assert fastpath.token_chunks([120, 10], 100, padded=False) == [[0], [1]]  # a row past the budget goes alone
+    assert fastpath.token_budget(2, 4, 512, 1).active and "1024 tokens" in fastpath.token_budget(2, 4, 512, 1).why
+    assert not fastpath.token_budget(8, 1, 512, 1).active and not fastpath.token_budget(2, 4, 512, 2).active
+
+
+def test_a_trial_whose_step_does_not_fit_one_micro_batch_cuts_it_by_tokens(
+    tiny_model_dir: Path, tiny_jsonl: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The whole trial path (`train.train_loop`, warm, in this process) when the memory estimate keeps a step's 4
+    micro-batches apart: the Trainer gets each step's 16 rows at once, the trial's trainer cuts them at 2 x 96
+    tokens, and the fast path summary says so."""
+    import time
+
+    import ray.tune
+
+    from lora_search import BaseModel, Budget, Resources, SearchSpace, Sweep, memory, train
+    from lora_search.config import Dataset
+
+    sweep = Sweep(
+        name="by_tokens",
+        base=BaseModel(str(tiny_model_dir)),
+        dataset=Dataset(str(tiny_jsonl), eval_fraction=0.2, max_length=96),
+        space=SearchSpace(ranks=(4,), targets=("all-linear",), variants=("lora",), lr=(1e-3, 1e-2)),
+        budget=Budget(max_steps=4, eval_every=2, grace_period=2, batch_size=4, grad_accum=4),
+        resources=Resources(workers=1, cpus_per_worker=1),
+    )
+    kept_apart = memory.MicroBatching(
+        4,
+        4,
+        fastpath.Piece(fastpath.KEEP_ACTIVATIONS, True, "test"),
+        fastpath.Piece(fastpath.MERGE_MICRO, False, "test"),
+    )
+    monkeypatch.setattr(train, "micro_batching", lambda *a, **k: kept_apart)
+    monkeypatch.setattr(train, "worker_nodes", lambda: ["here"])  # no Ray cluster: nothing else asks one
+    reports: list[dict] = []
+    monkeypatch.setattr(ray.tune, "report", lambda metrics, **kw: reports.append(dict(metrics)))
+    cuts: list[list[list[int]]] = []
+    real = fastpath.token_chunks
+    monkeypatch.setattr(fastpath, "token_chunks", lambda *a: cuts.append(real(*a)) or cuts[-1])
+    config = {
+        "sweep": sweep,
+        "variant": "lora",
+        "rank": 4,
+        "alpha": 8.0,
+        "targets": "all-linear",
+        "lr": 1e-3,
+        "dropout": 0.0,
+        "warm": True,
+        "run_dir": str(tmp_path / "run"),
+        "progress_file": str(tmp_path / "trial_x.progress.json"),
+        "tune_run": "r",
+        "tune_run_start": time.time(),
+    }
+    train.train_loop(config)
+    assert [r["step"] for r in reports if "eval_loss" in r][-2:] == [2, 4]
+    assert "token-budget on (a step's rows as micro-batches of up to 384 tokens" in reports[-1]["fast_path"]
+    assert len(cuts) == 4 and all(sum(len(c) for c in chunks) == 16 for chunks in cuts)

@@ -436,12 +436,6 @@ def run(
         resources = lambda config: pack_host.trial_resources(sweep, config["variant"], solo)  # noqa: E731
         for variant, why in pack_host.solo_reasons(sweep).items():
             print(f"pack: {variant} trials train solo: {why}", flush=True)
-        if sweep.evals is not None:
-            print(
-                "pack: packed trials are not scored on the golden sets (their process holds no base; "
-                "lora_search.pack_host): the frontier's quality axis has only the solo trials",
-                flush=True,
-            )
     trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=sweep, storage_path=str(storage)), resources)
     session = _Session(sweep, tracker)
     # What the planner predicts for this cluster, beside what the sweep will measure (the report shows both).

@@ -55,8 +55,6 @@ STALE_S = 60.0
 """An adapter that sent nothing for this long is detached: its trial was stopped and its process killed."""
 PACKED_TRIAL_CPU = 0.1
 """What a packed trial's own process reserves: it tokenizes and waits on its host, which holds the device."""
-LORAPLUS_RATIO = 16.0
-"""B's learning-rate ratio of the loraplus variant (`variants._loraplus_optimizer` uses the same 16)."""
 
 
 def packed(sweep: Sweep, variant: str) -> bool:
@@ -158,7 +156,7 @@ class PackHost:
 
         from lora_search.pack import Training
         from lora_search.targets import resolve, targets_from_key
-        from lora_search.variants import VARIANTS, Adapter
+        from lora_search.variants import LORAPLUS_LR_RATIO, VARIANTS, Adapter
 
         budget = self.sweep.budget
         adapter = Adapter(
@@ -171,7 +169,7 @@ class PackHost:
             total_steps=budget.max_steps,
             warmup_steps=budget.warmup_steps,
             schedule=budget.lr_schedule,
-            loraplus_lr_ratio=LORAPLUS_RATIO if params.variant == "loraplus" else None,
+            loraplus_lr_ratio=LORAPLUS_LR_RATIO if params.variant == "loraplus" else None,
         )
         with self.cond:
             if len(self.pack.names) >= room:

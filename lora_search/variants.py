@@ -96,12 +96,15 @@ def _lora(a: Adapter, **extra: Any) -> PeftConfig:
     )
 
 
+LORAPLUS_LR_RATIO = 16.0
+"""LoRA+'s learning rate of B over A: the LoRA+ paper's recommendation for decoder LMs (B learns 16x faster)."""
+
+
 def _loraplus_optimizer(model: PeftModel, a: Adapter) -> torch.optim.Optimizer:
     import torch
     from peft.optimizers import create_loraplus_optimizer
 
-    # lr ratio 16 is the LoRA+ paper's recommendation for decoder LMs (B learns 16x faster than A).
-    return create_loraplus_optimizer(model, torch.optim.AdamW, lr=a.lr, loraplus_lr_ratio=16.0)
+    return create_loraplus_optimizer(model, torch.optim.AdamW, lr=a.lr, loraplus_lr_ratio=LORAPLUS_LR_RATIO)
 
 
 def _adalora_init_r(rank: int) -> int:

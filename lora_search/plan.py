@@ -17,14 +17,12 @@ the estimates within 3% of peaks measured on an H100 (bf16 LoRA and DoRA; NF4 no
 Packing (`Resources.pack`, `lora_search.pack`): per packable (rank, target set) the most trials whose pack fits one
 GPU (`memory.pack_bytes`), and the sweep's wall time with packing at a measured speed-up, never a modelled one: the
 ratio of the nearest comparable GPU run of benchmarks/pack.py (benchmarks/pack_*.json, `measured_ratio`), named in
-the plan; with none, the plan says so (`NO_MEASUREMENT`).
+the plan; with none, the plan says so (`pack_plan.NO_MEASUREMENT`).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,18 +33,14 @@ from lora_search.config import BaseModel, ConfigError, Problem, Resources, Sweep
 from lora_search.layout import MODEL_CONFIG
 from lora_search.memory import (
     GPUS,
-    USABLE_FRACTION,
     Architecture,
     MemoryRow,
     dtype_bytes_of,
-    largest_pack,
-    pack_bytes,
-    pack_rows,
     read_architecture,
     trial_memory,
 )
+from lora_search.pack_plan import PACK_BENCHMARKS, Packing, packing
 from lora_search.strategies import STRATEGIES
-from lora_search.targets import target_key
 
 GPU_LABELS = {"H100": "H100 80GB", "H200": "H200 141GB"}
 
@@ -55,85 +49,6 @@ LORA_FLOPS_PER_PARAM = 4
 gradients, no weight gradients (Kaplan et al. 2020's 6N for full training, minus the 2N weight-gradient
 term). Adapter FLOPs (r << h) and attention's s-dependent FLOPs (~4*s*h*layers, 4-7% at s=2048) are left out.
 MFU counts model FLOPs only, so gradient checkpointing's recomputed forward (+2N) shows as a lower MFU."""
-
-
-PACK_BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-"""Where the plan reads measured pack speed-ups: the `pack_*.json` that benchmarks/pack.py writes."""
-
-COMPARABLE_FACTOR = 4.0
-"""A measured pack speed-up carries over to a sweep only from a base within 4x of its parameters and a trial
-micro-batch within 4x of its tokens (rows x sequence length). Packing gains what one trial leaves of the GPU idle,
-and that depends on the model's size and a step's tokens: a 135M base's 2.3x at 4k tokens says nothing of a 70B
-base, nor of 64k tokens a step. Beyond that the plan says there is no measurement rather than guess."""
-
-NO_MEASUREMENT = "packing: no GPU measurement for this shape (run benchmarks/pack.py)"
-
-
-@dataclass(frozen=True)
-class PackShape:
-    """One configuration shape of the space that packs (rank x target set) and how many of its trials share a base."""
-
-    rank: int
-    targets: str
-    base: float
-    """Bytes of the frozen base, held once per pack."""
-    per_trial: float
-    """Bytes each trial adds: its adapter, gradients and AdamW state, and the activations of its own rows."""
-    fits: int
-    """The most trials whose pack fits the pack's usable memory (`memory.largest_pack`); 0: not one."""
-    k: int
-    """Trials a pack of this shape holds: `fits` capped by `Resources.pack`."""
-
-
-@dataclass(frozen=True)
-class PackRun:
-    """One result file of benchmarks/pack.py: where it ran, on what, and its measured ratio per pack size k."""
-
-    file: str
-    device: str
-    gpu: bool
-    base: str
-    base_params: float | None
-    """From the file's `base_params`, else the size in the base's name ("8b", "SmolLM2-135M"); None: neither."""
-    seq: int
-    rows_per_trial: int
-    ratios: tuple[tuple[int, float], ...]
-    """(k, packed trial-steps per second / solo trial-steps per second), one per row of the file."""
-
-
-@dataclass(frozen=True)
-class PackRatio:
-    """The measured speed-up a packed wall time uses: `ratio` of row `k` of `run`."""
-
-    run: PackRun
-    k: int
-    ratio: float
-
-
-@dataclass(frozen=True)
-class Packing:
-    """What `Resources.pack` does to the sweep: how many trials of each packable shape share one base on one GPU,
-    which variants train solo and why, and the measured speed-up behind the packed wall time."""
-
-    limit: int
-    """`Resources.pack`: the most trials a pack holds (1: packing off)."""
-    usable: float
-    """Bytes a pack may use: `USABLE_FRACTION` of one whole GPU's memory (a pack host holds one device)."""
-    rows: int
-    """Rows each trial puts into a pack step (`memory.pack_rows`)."""
-    shapes: tuple[PackShape, ...]
-    packable: tuple[str, ...]
-    """The space's variants that pack (`pack.packs`)."""
-    solo: tuple[tuple[str, str], ...]
-    """The space's other variants, each with why it trains solo (`pack.SOLO`)."""
-    share: float
-    """The fraction of trials whose variant packs: variants are drawn uniformly (grid: each equally often)."""
-    k: int
-    """Trials a pack holds in the wall-time estimate: the smallest `k` over the shapes (any two trials may meet in a
-    pack), and no more than the packable trials per concurrent slot."""
-    measured: PackRatio | None
-    why_not: str
-    """Why there is no packed wall time ("" when there is one)."""
 
 
 @dataclass(frozen=True)
@@ -380,191 +295,6 @@ def tokens_per_step(batch: int, grad_accum: int, max_length: int, workers: int) 
 def step_seconds(tokens: int, flops_per_token: float, gpus: float, mfu: float, peak_tflops: float) -> float:
     """tokens x FLOPs/token / (MFU x peak FLOP/s x computing GPUs)."""
     return tokens * flops_per_token / (mfu * peak_tflops * 1e12 * gpus)
-
-
-_SIZE = re.compile(r"(?<![A-Za-z0-9.])(\d+(?:\.\d+)?)([MB])(?![A-Za-z])", re.IGNORECASE)
-
-
-def params_in_name(name: str) -> float | None:
-    """The parameter count a model's name states: "random_base 8b" 8e9, "SmolLM2-135M-Instruct" 1.35e8; None if none."""
-    found = _SIZE.search(name)
-    return None if found is None else float(found.group(1)) * {"m": 1e6, "b": 1e9}[found.group(2).lower()]
-
-
-def pack_runs(directory: str | Path) -> list[PackRun]:
-    """Every `pack_*.json` of benchmarks/pack.py in `directory`, in name order (none when it does not exist).
-
-    A run is from a GPU when its device is not "cpu" and it trained under bf16 autocast: benchmarks/pack.py writes
-    torch.cuda.get_device_name() and autocast "bf16" on CUDA, the processor ("x86_64") and no autocast on a CPU,
-    whose ratios say nothing of a GPU. Raises ConfigError naming every malformed field of every file."""
-    runs, problems = [], []
-    for path in sorted(Path(directory).glob("pack_*.json")):
-        fix = f"rerun benchmarks/pack.py to rewrite {path.name}, or move it out of {path.parent}"
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            problems.append(Problem(str(path), None, f"cannot be read as JSON ({e})", fix))
-            continue
-        if not isinstance(record, dict):
-            problems.append(Problem(str(path), type(record).__name__, "is not a JSON object", fix))
-            continue
-        found = [
-            Problem(f"{path}: {name}", record.get(name), why, fix)
-            for name, ok, why in (
-                ("device", isinstance(record.get("device"), str), "must be the device's name"),
-                ("base", isinstance(record.get("base"), str), "must name the base model"),
-                ("seq", _positive_int(record.get("seq")), "must be a positive whole number of tokens"),
-                ("rows_per_trial", _positive_int(record.get("rows_per_trial")), "must be a positive whole number"),
-                ("rows", isinstance(record.get("rows"), list) and record.get("rows"), "must be a non-empty list"),
-            )
-            if not ok
-        ]
-        ratios = []
-        for i, row in enumerate(record.get("rows") if isinstance(record.get("rows"), list) else []):
-            row = row if isinstance(row, dict) else {}
-            k, ratio = row.get("k"), row.get("ratio")
-            if not _positive_int(k):
-                found.append(Problem(f"{path}: rows[{i}].k", k, "must be a positive whole number of trials", fix))
-            if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 < ratio < math.inf:
-                found.append(Problem(f"{path}: rows[{i}].ratio", ratio, "must be a positive number", fix))
-            ratios.append((k, ratio))
-        size = record.get("base_params")
-        if size is not None and (isinstance(size, bool) or not isinstance(size, int | float) or size <= 0):
-            found.append(Problem(f"{path}: base_params", size, "must be a positive number of parameters", fix))
-        problems += found
-        if found:
-            continue
-        device = record["device"]
-        runs.append(
-            PackRun(
-                file=path.name,
-                device=device,
-                gpu=device.strip().lower() not in ("", "cpu") and record.get("autocast") is not None,
-                base=record["base"],
-                base_params=float(size) if size is not None else params_in_name(record["base"]),
-                seq=record["seq"],
-                rows_per_trial=record["rows_per_trial"],
-                ratios=tuple(ratios),
-            )
-        )
-    if problems:
-        raise ConfigError(problems, header="cannot read the pack benchmarks")
-    return runs
-
-
-def _positive_int(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x > 0
-
-
-def measured_ratio(
-    runs: Sequence[PackRun], *, params: float, seq: int, rows: int, k: int, gpu: str
-) -> PackRatio | None:
-    """The measured speed-up of a pack of `k` on a base of `params` parameters, `rows` rows of `seq` tokens a trial,
-    on `gpu`: among GPU runs within `COMPARABLE_FACTOR` of the base's size and of the micro-batch's tokens, the
-    nearest (|log| of the size ratio + |log| of the token ratio; then a run on `gpu`; then the nearest sequence
-    length), and its row of k >= 2 nearest `k` (a tie goes to the smaller k, whose speed-up is the smaller: a pack
-    of 3 takes k=2's ratio where k=2 and k=4 were measured). None: nothing comparable."""
-    tokens = seq * rows
-
-    def off(a: float, b: float) -> float:
-        return abs(math.log(a / b))
-
-    limit = math.log(COMPARABLE_FACTOR) + 1e-9
-    candidates = [
-        run
-        for run in runs
-        if run.gpu
-        and run.base_params is not None
-        and off(run.base_params, params) <= limit
-        and off(run.seq * run.rows_per_trial, tokens) <= limit
-        and any(rk >= 2 for rk, _ in run.ratios)
-    ]
-    if not candidates:
-        return None
-    run = min(
-        candidates,
-        key=lambda r: (
-            off(r.base_params or params, params) + off(r.seq * r.rows_per_trial, tokens),
-            gpu.lower() not in r.device.lower(),
-            off(r.seq, seq),
-        ),
-    )
-    row_k, ratio = min(((rk, q) for rk, q in run.ratios if rk >= 2), key=lambda row: (abs(row[0] - k), row[0]))
-    return PackRatio(run, row_k, ratio)
-
-
-def packing(
-    sweep: Sweep,
-    arch: Architecture,
-    *,
-    gpu: str,
-    trials: int,
-    concurrent: int,
-    benchmarks: str | Path,
-) -> Packing:
-    """How the sweep's trials pack on `gpu` (see `Packing`): per packable (rank, target set), the most trials whose
-    pack fits (`memory.largest_pack`, the most demanding packable variant), capped by `Resources.pack`; the variants
-    that train solo, with why; and the measured speed-up (`measured_ratio` over `pack_runs(benchmarks)`) at the pack
-    size the sweep makes. A pack trains on one device, so trials of several workers do not pack."""
-    from lora_search import pack  # imports torch: only when a plan is made
-
-    r = sweep.resources
-    variants = sweep.space.variants
-    why = {v: pack.packs(v) for v in variants}
-    packable = tuple(v for v in variants if why[v] is True)
-    solo = tuple((v, str(reason)) for v, reason in why.items() if reason is not True)
-    usable = USABLE_FRACTION * GPUS[gpu].memory_gib * 2**30
-    one_device = r.workers == 1 and not STRATEGIES[r.strategy].shards_base
-    shapes = []
-    for rank in sweep.space.ranks if packable and one_device else ():
-        for target in sweep.space.targets:
-            fits = min(largest_pack(sweep, arch, v, rank, target, usable) for v in packable)
-            one = max(pack_bytes(sweep, arch, v, rank, target, 1) for v in packable)
-            weights = trial_memory(sweep, arch, packable[0], rank, target).weights
-            shapes.append(PackShape(rank, target_key(target), weights, one - weights, fits, min(fits, r.pack)))
-    share = len(packable) / len(variants)
-    packed_trials = trials * share
-    k = min([s.k for s in shapes if s.k >= 1] or [1])
-    k = max(1, min(k, math.ceil(packed_trials / concurrent - 1e-9)))
-    measured, why_not = None, ""
-    if not one_device:
-        why_not = (
-            f"trials of {r.workers} worker(s) with strategy {r.strategy!r} do not pack: a pack holds the whole base on "
-            "one device (resources.workers=1, strategy='ddp')"
-        )
-    elif not packable:
-        why_not = f"no variant of the space packs (packing variants: {', '.join(sorted(pack.PACKED))})"
-    elif r.pack == 1:
-        why_not = "packing is off (resources.pack=1): Resources(pack=N) packs up to N trials, as many as 'fits' allows"
-    elif k < 2:
-        tight = [f"r={s.rank} {s.targets}" for s in shapes if s.k < 2]
-        why_not = (
-            f"no pack of 2 fits for {', '.join(tight)}: no packed estimate (the sweep's packs hold any of its shapes)"
-            if tight
-            else f"{packed_trials:.3g} packable trials over {concurrent} concurrent slots: one per slot, no packs"
-        )
-    else:
-        measured = measured_ratio(
-            pack_runs(benchmarks),
-            params=arch.params,
-            seq=sweep.dataset.max_length,
-            rows=pack_rows(sweep),
-            k=k,
-            gpu=gpu,
-        )
-        why_not = "" if measured else NO_MEASUREMENT
-    return Packing(
-        limit=r.pack,
-        usable=usable,
-        rows=pack_rows(sweep),
-        shapes=tuple(shapes),
-        packable=packable,
-        solo=solo,
-        share=share,
-        k=k,
-        measured=measured,
-        why_not=why_not,
-    )
 
 
 def plan(

@@ -21,6 +21,7 @@ ROOMS = {
         "sweep",
         "preflight",
         "plan",
+        "pack_plan",  # the plan's packing part: how many trials a pack fits, at which measured speed-up
         "resume",
         "results",
         "replay",  # the sweep's scheduler and searcher replayed over a recorded grid: a driver with no training
@@ -40,6 +41,7 @@ ROOMS = {
         "gguf",  # a GGUF base converted into the cache, as demo_base builds the demo's
         "pack",  # several trials' adapters training over one loaded base
         "pack_layers",
+        "pack_host",  # a sweep's packed trials: the host actor per device and the trial that steps through it
     },
     "scoring": {"evals"},
     "outputs": {"tracking", "logged_models", "provenance", "registry", "report", "answers"},

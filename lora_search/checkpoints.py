@@ -22,12 +22,13 @@ cost counts all the time it held its devices.
 from __future__ import annotations
 
 import json
+import pickle
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from lora_search.layout import REPORT_FILE, SNAPSHOT_FILE, TRAINER_DIR, TRAINER_STATE, UPLOADED_FILE
+from lora_search.layout import FAILED_FILE, REPORT_FILE, SNAPSHOT_FILE, TRAINER_DIR, TRAINER_STATE, UPLOADED_FILE
 
 KEEP_CHECKPOINTS = 3
 """Checkpoints a trial's Ray Train run keeps. Tune may stop a pruned trial on a result its run is up to two reports
@@ -148,3 +149,25 @@ class ProgressTracker:
         self.progress.tune_run_s = time.time() - self.tune_run_start
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.progress.write(self.path)
+
+
+def kept_error(run_dir: Path) -> BaseException | None:
+    """The error an earlier attempt of this trial raised in its own process (`keep_error`), for Tune's retry to raise
+    again instead of training a second time; None if there is none."""
+    path = run_dir / FAILED_FILE
+    if not path.is_file():
+        return None
+    try:
+        error = pickle.loads(path.read_bytes())
+    except Exception as e:
+        return RuntimeError(f"the trial failed before; its error ({path}) could not be read: {e}")
+    return error if isinstance(error, BaseException) else RuntimeError(str(error))
+
+
+def keep_error(run_dir: Path, error: Exception) -> None:
+    """Keep the error a trial's training raised in its run dir (`kept_error`)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        (run_dir / FAILED_FILE).write_bytes(pickle.dumps(error))
+    except Exception:  # an error that does not pickle: its text, which is what results read
+        (run_dir / FAILED_FILE).write_bytes(pickle.dumps(RuntimeError(f"{type(error).__name__}: {error}")))

@@ -37,7 +37,6 @@ import dataclasses
 import json
 import logging
 import math
-import pickle
 import threading
 import time
 from pathlib import Path
@@ -423,18 +422,16 @@ def _plain(batch: dict[str, Any]) -> dict[str, Any]:
 def run_packed_trial(config: dict[str, Any], sweep: Sweep, storage_path: str, trial_id: str) -> None:
     """A packed trial's whole life, in its Tune trial process (see the module docstring). An error it raised is kept
     in its run dir (`layout.FAILED_FILE`), as a warm trial's is, so that Tune's retry raises it again at once."""
+    from lora_search import checkpoints
+
     run_dir = layout.run_dir(storage_path, trial_id)
-    failed = run_dir / layout.FAILED_FILE
-    if failed.is_file():  # Tune's retry of a trial whose training raised: the same error, not a second training
-        raise pickle.loads(failed.read_bytes())
+    earlier = checkpoints.kept_error(run_dir)
+    if earlier is not None:  # Tune's retry of a trial whose training raised: the same error, not a second training
+        raise earlier
     try:
         _train_packed(config, sweep, storage_path, trial_id)
     except Exception as e:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            failed.write_bytes(pickle.dumps(e))
-        except Exception:  # an error that does not pickle: its text, which is what results read
-            failed.write_bytes(pickle.dumps(RuntimeError(f"{type(e).__name__}: {e}")))
+        checkpoints.keep_error(run_dir, e)
         raise
 
 

@@ -24,17 +24,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import pickle
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 from lora_search import layout
-from lora_search.checkpoints import KEEP_CHECKPOINTS, usable_run
+from lora_search.checkpoints import KEEP_CHECKPOINTS, keep_error, kept_error, usable_run
 from lora_search.config import Sweep
 from lora_search.devices import release_memory
-from lora_search.layout import FAILED_FILE, SNAPSHOT_FILE
+from lora_search.layout import SNAPSHOT_FILE
 from lora_search.records import TrialParams
 
 DRIVER_RESOURCES = {"CPU": 0, "memory": 256 * 2**20, "node:__internal_head__": 0.001}
@@ -140,9 +139,9 @@ def run_trial(config: dict[str, Any], sweep: Sweep, storage_path: str) -> None:
 
 def _fit_here(loop_config: dict[str, Any], run_dir: Path) -> None:
     """Train in this process: a warm trial. Its error is kept for Tune's retry to raise."""
-    failed = run_dir / FAILED_FILE
-    if failed.is_file():
-        raise _unpickled(failed)
+    earlier = kept_error(run_dir)
+    if earlier is not None:
+        raise earlier
     _log_to_stderr()
     # Tune hands this process to the next trial once the training thread of a stopped (pruned) one has unwound
     # (by default it waits 2 s, then starts a new process instead).
@@ -150,11 +149,7 @@ def _fit_here(loop_config: dict[str, Any], run_dir: Path) -> None:
     try:
         _train_worker({**loop_config, "warm": True})
     except Exception as e:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            failed.write_bytes(pickle.dumps(e))
-        except Exception:  # an error that does not pickle: its text, which is what results read
-            failed.write_bytes(pickle.dumps(RuntimeError(f"{type(e).__name__}: {e}")))
+        keep_error(run_dir, e)
         raise
     finally:
         release_memory()
@@ -170,14 +165,6 @@ def _log_to_stderr() -> None:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
-
-
-def _unpickled(path: Path) -> BaseException:
-    try:
-        error = pickle.loads(path.read_bytes())
-    except Exception as e:
-        return RuntimeError(f"the trial failed before; its error ({path}) could not be read: {e}")
-    return error if isinstance(error, BaseException) else RuntimeError(str(error))
 
 
 def lost_workers(error: BaseException) -> bool:

@@ -353,6 +353,10 @@ def train_loop(config: dict[str, Any]) -> None:
             BaseCache.keep(cache_key, model)
 
 
+LENGTHS_SAMPLED = 20_000
+"""Rows whose lengths `auto_fast_path` reads at most: a large dataset's whole column would cost seconds a trial."""
+
+
 def auto_fast_path(
     trainer: Any, model_config: Any, rows: int, micro_batches: int, path: fastpath.FastPath, chosen: fastpath.FastPath
 ) -> fastpath.FastPath:
@@ -365,7 +369,10 @@ def auto_fast_path(
     from lora_search.memory import GPUS
 
     model = trainer.model
-    lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]]
+    rows_seen = trainer.train_dataset
+    if len(rows_seen) > LENGTHS_SAMPLED:  # evenly spaced: the padding estimate needs the spread, not every row
+        rows_seen = rows_seen.select(range(0, len(rows_seen), -(-len(rows_seen) // LENGTHS_SAMPLED)))
+    lengths = [len(ids) for ids in rows_seen["input_ids"]]
     name = device_name()
     peak = next((gpu.bf16_tflops for kind, gpu in GPUS.items() if kind.lower() in name.lower()), None)
     peak = peak or GPUS["H100"].bf16_tflops

@@ -466,6 +466,7 @@ def test_an_auto_trial_decides_on_its_tokenized_rows_and_switches_kernel_and_col
         return trainer, chosen.with_piece(fastpath.Piece(fastpath.MERGE_MICRO, True, "kept"))
 
     monkeypatch.setattr(fastpath, "flex_failure", lambda config: None)
+    monkeypatch.setattr(train, "LENGTHS_SAMPLED", 16)  # a large dataset's lengths are sampled, evenly spaced
     trainer, before = trainer_on_sdpa()
     assert not trainer.data_collator.padding_free
     path = train.auto_fast_path(trainer, config, 8, 4, before, fastpath.choose(True, "llama", "sdpa"))

@@ -36,6 +36,9 @@ MODE = os.environ.get("SMOLLM2_MODE") or (
     "gpu" if torch.cuda.is_available() or os.environ.get("RAY_ADDRESS") else "smoke"
 )
 GPU = MODE == "gpu"
+# SMOLLM2_PACK=k (k > 1): packable trials (lora, rslora, loraplus) train k at a time over one base per GPU
+# (`Resources.pack`; the others solo beside them), for packed against solo sweeps on the same space and seed.
+PACK = int(os.environ.get("SMOLLM2_PACK", "1"))
 
 BASE = BaseModel(
     GGUF,
@@ -63,7 +66,7 @@ BUDGET = Budget(max_steps=300, eval_every=25, grace_period=50, reduction_factor=
 SMOKE_BUDGET = Budget(max_steps=2, eval_every=2, grace_period=2, batch_size=4)
 
 SWEEP = Sweep(
-    name="smollm2" if GPU else "smollm2-smoke",
+    name=("smollm2" if GPU else "smollm2-smoke") + (f"-pack{PACK}" if PACK > 1 else ""),
     base=BASE,
     # 72-76 tokens a row in the chat template (system turn included): 96 leaves room, nothing is cut.
     dataset=(
@@ -77,8 +80,10 @@ SWEEP = Sweep(
     # it, each with 3 of the machine's 16 cores; the base's golden scoring takes a fifth share beside them.
     resources=(
         Resources(workers=1, gpus_per_worker=0.25, cpus_per_worker=3)
+        if GPU and PACK == 1
+        else Resources(workers=1, gpus_per_worker=1, cpus_per_worker=3, pack=PACK)  # a pack holds its GPU whole
         if GPU
-        else Resources(workers=1, cpus_per_worker=1)
+        else Resources(workers=1, cpus_per_worker=1, pack=PACK)
     ),
     search="random" if GPU else "grid",
     num_samples=24 if GPU else 1,  # GPU: 24 draws over 9 variants x 5 ranks x 4 target sets x 3 alphas and lr

@@ -38,7 +38,12 @@ MODE = os.environ.get("SMOLLM2_MODE") or (
 GPU = MODE == "gpu"
 # SMOLLM2_PACK=k (k > 1): packable trials (lora, rslora, loraplus) train k at a time over one base per GPU
 # (`Resources.pack`; the others solo beside them), for packed against solo sweeps on the same space and seed.
-PACK = int(os.environ.get("SMOLLM2_PACK", "1"))
+try:
+    PACK = int(os.environ.get("SMOLLM2_PACK", "1"))
+except ValueError:
+    raise SystemExit(
+        f"SMOLLM2_PACK={os.environ['SMOLLM2_PACK']!r}: give a whole number of trials a pack, e.g. 4"
+    ) from None
 
 BASE = BaseModel(
     GGUF,

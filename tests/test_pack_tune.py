@@ -16,6 +16,7 @@ import json
 import math
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -183,14 +184,7 @@ def test_a_host_detaches_an_adapter_that_stopped_stepping_and_steps_without_a_la
 
     from lora_search.records import TrialParams
 
-    sweep = Sweep(
-        name="x",
-        base=BaseModel(str(tiny_model_dir)),
-        dataset=Dataset("d.jsonl"),
-        budget=Budget(max_steps=10, eval_every=5, grace_period=5),
-        resources=Resources(pack=2),
-    )
-    host = pack_host.PackHost(sweep, str(tmp_path / "journal.jsonl"), stale_s=1.0)
+    host = pack_host.PackHost(_host_sweep(tiny_model_dir), str(tmp_path / "journal.jsonl"), stale_s=1.0)
     params = TrialParams(variant="lora", rank=2, alpha=4.0, targets="attention", lr=1e-3, dropout=0.0)
     assert host.attach("a", params, room=2) and host.attach("b", params, room=2)
     assert host.attach("c", params, room=2) is None  # the pack is full
@@ -227,14 +221,7 @@ def test_a_host_scores_an_adapter_as_the_solo_path_does(tiny_model_dir: Path, tm
     from lora_search.records import TrialParams
     from lora_search.train import load_base
 
-    sweep = Sweep(
-        name="x",
-        base=BaseModel(str(tiny_model_dir)),
-        dataset=Dataset("d.jsonl"),
-        budget=Budget(max_steps=10, eval_every=5, grace_period=5),
-        resources=Resources(pack=2),
-        evals=EVALS,
-    )
+    sweep = _host_sweep(tiny_model_dir, evals=EVALS)
     host = pack_host.PackHost(sweep, str(tmp_path / "journal.jsonl"))
     for name, variant, lr in (("a", "lora", 3e-2), ("b", "rslora", 1e-2)):
         params = TrialParams(variant=variant, rank=4, alpha=8.0, targets="all-linear", lr=lr, dropout=0.0)
@@ -273,3 +260,15 @@ def test_a_host_scores_an_adapter_as_the_solo_path_does(tiny_model_dir: Path, tm
     assert host.status()["names"] == ["a", "b"] and math.isfinite(host.step("a", batch)["loss"])
     events = [json.loads(line) for line in (tmp_path / "journal.jsonl").read_text().splitlines()]
     assert [e["name"] for e in events if e["event"] == "golden"] == ["a", "b", "a"]
+
+
+def _host_sweep(model_dir: Path, **fields: Any) -> Sweep:
+    """The sweep an in-process host test's PackHost serves: the tiny base, packs of 2, no data read."""
+    return Sweep(
+        name="x",
+        base=BaseModel(str(model_dir)),
+        dataset=Dataset("d.jsonl"),
+        budget=Budget(max_steps=10, eval_every=5, grace_period=5),
+        resources=Resources(pack=2),
+        **fields,
+    )

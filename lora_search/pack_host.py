@@ -144,6 +144,8 @@ class PackHost:
         self.outcomes: dict[str, dict[str, Any]] = {}
         self.previous: set[str] = set()
         self.seen: dict[str, float] = {}
+        self.trained: dict[str, int] = {}
+        """Steps each attached adapter has taken (what `close` says of a trial whose own detach never came)."""
         self.stale_s = stale_s
         self._log("load", load_s=round(self.load_s, 3), device=self.device)
         threading.Thread(target=self._reap, daemon=True).start()
@@ -176,6 +178,7 @@ class PackHost:
             torch.manual_seed(self.sweep.seed)  # train.py seeds the same before its adapter's init
             self.pack.attach(name, VARIANTS[params.variant].peft_config(adapter), training=training)
             self.seen[name] = time.monotonic()
+            self.trained[name] = 0
             self.attaches += 1
             self._log("attach", name=name)
             trainable = sum(t.numel() for t in self.pack.state(name).values())
@@ -282,6 +285,18 @@ class PackHost:
             if name in self.pack.names:
                 self._detach(name, why)
 
+    def close(self) -> list[str]:
+        """Detach every adapter still attached as the sweep ends; their names. Tune ends a trial's process once its
+        last report is in, sometimes before the trial's own `finally` detaches it: such an adapter that took the
+        sweep's every step left as "finished", any other as "sweep ended at step N"."""
+        with self.cond:
+            names = list(self.pack.names)
+            for name in names:
+                steps = self.trained.get(name, 0)
+                why = "finished" if steps >= self.sweep.budget.max_steps else f"sweep ended at step {steps}"
+                self._detach(name, why)
+            return names
+
     def status(self) -> dict[str, Any]:
         return {"names": self.pack.names, "loads": self.loads, "steps": self.steps}
 
@@ -294,6 +309,7 @@ class PackHost:
         step_s = done.seconds * self.units
         for n in batches:
             share = step_s * real[n] / total
+            self.trained[n] = self.trained.get(n, 0) + 1
             out = {"loss": done.losses[n], "tokens": real[n], "device_s": share, "step_s": step_s, "pack": len(batches)}
             self.outcomes[n] = out
         self.previous = set(batches)
@@ -307,6 +323,7 @@ class PackHost:
     def _detach(self, name: str, why: str) -> None:
         self.pack.detach(name)
         self.seen.pop(name, None)
+        self.trained.pop(name, None)
         self.outcomes.pop(name, None)  # a step that ran after its trial's process was killed
         self.previous.discard(name)
         self._log("detach", name=name, why=why)
@@ -362,9 +379,14 @@ def stop_hosts(sweep: Sweep, cluster: dict[str, float]) -> None:
 
     for index in range(hosts(sweep, cluster)):
         try:
-            ray.kill(ray.get_actor(host_name(sweep, index), namespace=NAMESPACE))
+            actor = ray.get_actor(host_name(sweep, index), namespace=NAMESPACE)
         except ValueError:
             continue
+        try:  # its journal says how every adapter left, also one whose trial's process ended first
+            ray.get(actor.close.remote(), timeout=30)
+        except Exception as e:  # a host that died or hangs is killed all the same
+            log.warning("pack host %d: closing it failed: %s", index, e)
+        ray.kill(actor)
 
 
 def tokenized(sweep: Sweep, tokenizer: Any) -> tuple[Any, Any, Any]:
@@ -541,6 +563,9 @@ def _train_packed(config: dict[str, Any], sweep: Sweep, storage_path: str, trial
                 report["golden_device_s"] = scored["device_s"]
             (out_dir / REPORT_FILE).write_text(json.dumps(json_safe(report)))
             log.info("%s step %d eval_loss %.4f (packed)", trial_id, step, loss)
+            if step >= budget.max_steps:  # Tune may end this process once the last report is in
+                why = "finished"
+                ray.get(host.detach.remote(trial_id, why), timeout=30)
             try:
                 report_result(report, out_dir, checkpoint_name(step), run_dir, warm=True)
             finally:

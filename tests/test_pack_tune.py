@@ -209,6 +209,32 @@ def test_a_host_detaches_an_adapter_that_stopped_stepping_and_steps_without_a_la
     assert host.status()["names"] == ["a"] and host.status()["loads"] == 1
 
 
+def test_closing_a_host_says_how_each_adapter_it_still_holds_left(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """In-process (no Ray): Tune may end a trial's process after its last report and before its own detach; when the
+    sweep ends, `close` detaches what is left, an adapter that took every step as "finished" and any other with the
+    step it reached."""
+    import torch
+
+    from lora_search.records import TrialParams
+
+    host = pack_host.PackHost(_host_sweep(tiny_model_dir), str(tmp_path / "journal.jsonl"))
+    params = TrialParams(variant="lora", rank=2, alpha=4.0, targets="attention", lr=1e-3, dropout=0.0)
+    assert host.attach("a", params, room=2) and host.attach("b", params, room=2)
+    ids = torch.randint(3, 300, (2, 8))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    for _ in range(10):  # the sweep's max_steps
+        host.step("a", batch)
+    for _ in range(3):
+        host.step("b", batch)
+    assert sorted(host.close()) == ["a", "b"] and host.status()["names"] == []
+    events = [json.loads(line) for line in (tmp_path / "journal.jsonl").read_text().splitlines()]
+    assert {e["name"]: e["why"] for e in events if e["event"] == "detach"} == {
+        "a": "finished",
+        "b": "sweep ended at step 3",
+    }
+    assert host.close() == []  # a second close (its actor killed after) finds nothing
+
+
 def test_a_host_scores_an_adapter_as_the_solo_path_does(tiny_model_dir: Path, tmp_path: Path) -> None:
     """In-process (no Ray): the host's golden scores of a packed adapter are what the solo path's scoring gives for
     the same saved adapter (`evals.rescore`: the base loaded afresh, PEFT's layers, lm-eval), metric for metric; the

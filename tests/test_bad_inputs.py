@@ -142,10 +142,15 @@ CASES: dict[str, tuple[str, object, object, tuple[str, ...]]] = {
         lambda rows: None,
         ("evals.tasks", "('tiny_mood',)"),
     ),
-    "data-not-utf8": ("", lambda rows: rows.__setitem__(5, rows[5][:30] + "\udce9" + rows[5][30:]), None, (
-        "train.jsonl:6",
-        "not UTF-8",
-    )),
+    "data-not-utf8": (
+        "",
+        lambda rows: rows.__setitem__(5, rows[5][:30] + "\udce9" + rows[5][30:]),
+        None,
+        (
+            "train.jsonl:6",
+            "not UTF-8",
+        ),
+    ),
     "max-length-cuts-answers": (
         "dataset=Dataset(DATA, max_length=8)",
         None,

@@ -13,6 +13,9 @@ kernel selection); a run's step time is the median of the others. The solo runs 
 first k of them are the k trials run solo.
 
 Per k: trial-steps per second solo and packed and their `ratio` (packed / solo), peak GPU memory of each (CUDA only),
+the same pack with each other path of its layer's adapter products forced (`pack_layers.PRODUCTS`: loop, one adapter
+at a time, the layer before batched products; bmm; masked) under `products`, what one step of each dispatches
+(aten operators; CUDA kernel launches on a GPU: `dispatched`, `solo_dispatched` for the k solo steps),
 and `loss_match`: every packed loss within `tolerance` (relative) of its solo loss at the same step (fp32 on a CPU:
 1e-5, rounding; bf16 autocast on a GPU: 1e-2, issue 24's bar), with each trial's largest difference. CPU ratios say
 little (a CPU's matrix products do not batch like a GPU's); they check the script.
@@ -143,14 +146,22 @@ def solo(i: int, a: Any, model: Any, data: list, args: argparse.Namespace) -> di
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())  # syncs: the step is done when it is timed
         times.append(time.perf_counter() - start)
+
+    def one_more() -> None:
+        peft_model(**data[0]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    calls = dispatched(one_more, args.device)
     peft_model.unload()  # the base, its layers restored, for the next trial
-    return {"init": init, "losses": losses, "step_s": statistics.median(times[args.skip :])}
+    return {"init": init, "losses": losses, "step_s": statistics.median(times[args.skip :]), "dispatched": calls}
 
 
 def packed(
     k: int, adapters: list, model: Any, data: list, inits: list, args: argparse.Namespace
-) -> tuple[list[list[float]], float]:
-    """The first k trials in one pack, from their solo runs' initial weights: (loss curves, median step seconds)."""
+) -> tuple[list[list[float]], float, dict[str, int]]:
+    """The first k trials in one pack, from their solo runs' initial weights: (loss curves, median step seconds, what
+    one more step dispatched)."""
     import torch
 
     from lora_search.pack import Pack
@@ -167,9 +178,30 @@ def packed(
         times.append(done.seconds)  # the step's losses read back: it is done
         for i in range(k):
             curves[i].append(done.losses[f"t{i}"])
+    calls = dispatched(lambda: pack.step({f"t{i}": data[i][0] for i in range(k)}), args.device)  # after the curves
     for i in range(k):
         pack.detach(f"t{i}")
-    return curves, statistics.median(times[args.skip :])
+    return curves, statistics.median(times[args.skip :]), calls
+
+
+def dispatched(step: Any, device: str) -> dict[str, int]:
+    """What one pack step dispatches, counted by torch's profiler: aten operators (each is host work: Python,
+    dispatch, and on a GPU a kernel launch or more), and on CUDA the kernels launched. A step bound by the host
+    scales with these, not with its FLOPs."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            step()
+    events = prof.events()
+    counts = {"aten_ops": sum(1 for e in events if e.name.startswith("aten::"))}
+    if device == "cuda":
+        counts["kernel_launches"] = sum(
+            1 for e in events if e.name in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC")
+        )
+    return counts
 
 
 def peak_gb(device: str) -> float | None:
@@ -196,11 +228,21 @@ def main() -> None:
     parser.add_argument("--skip", type=int, default=2, help="first steps of each run left untimed")
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument(
+        "--products",
+        default="auto,loop,bmm,masked",
+        help="the pack layer's product paths to time side by side (lora_search.pack_layers.PRODUCTS): auto, the "
+        "default path (`ratio`), and any of loop, bmm, masked (each row's `products`)",
+    )
     parser.add_argument("--work", type=Path, default=Path("/tmp/pack_bench"))
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/pack_<dev>_<base>_...)")
     args = parser.parse_args()
     assert max(args.ks) <= len(TRIALS) and args.skip < args.steps
+    args.products = {p.strip() for p in args.products.split(",")}
+    assert args.products <= {"auto", "loop", "bmm", "masked"} and "auto" in args.products, args.products
     import torch
+
+    from lora_search import pack_layers
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -221,17 +263,43 @@ def main() -> None:
     tolerance = 1e-2 if args.device == "cuda" else 1e-5
     rows = []
     for k in args.ks:
+        inits = [r["init"] for r in runs]
+        others = {}
+        for how in args.products - {"auto"}:  # the layer's other product paths, in the same run
+            pack_layers.PRODUCTS = how
+            other_curves, other_s, other_calls = packed(k, adapters, model, data, inits, args)
+            pack_layers.PRODUCTS = "auto"
+            other_diffs = [
+                max(abs(p - s) / abs(s) for p, s in zip(other_curves[i], runs[i]["losses"], strict=True))
+                for i in range(k)
+            ]
+            others[how] = {
+                "packed_trial_steps_per_s": round(k / other_s, 3),
+                "auto_vs_this": None,  # set below, once auto's step time is known
+                "dispatched": other_calls,
+                "loss_match": all(d <= tolerance for d in other_diffs),
+                "step_s": other_s,
+            }
         reset_peak(args.device)
-        curves, step_s = packed(k, adapters, model, data, [r["init"] for r in runs], args)
+        curves, step_s, calls = packed(k, adapters, model, data, inits, args)
         diffs = [max(abs(p - s) / abs(s) for p, s in zip(curves[i], runs[i]["losses"], strict=True)) for i in range(k)]
         solo_s = sum(r["step_s"] for r in runs[:k])  # one step of each of the k trials
+        for other in others.values():
+            other_s = other.pop("step_s")
+            other["ratio"] = round(solo_s / other_s, 3)
+            other["auto_vs_this"] = round(other_s / step_s, 3)
         row = {
             "k": k,
             "solo_trial_steps_per_s": round(k / solo_s, 3),
             "packed_trial_steps_per_s": round(k / step_s, 3),
             "ratio": round(solo_s / step_s, 3),
+            "products": dict(sorted(others.items())),
+        }
+        row |= {
             "solo_peak_gb": max((r["peak_gb"] for r in runs[:k]), default=None) if args.device == "cuda" else None,
             "packed_peak_gb": peak_gb(args.device),
+            "dispatched": calls,
+            "solo_dispatched": {key: sum(r["dispatched"][key] for r in runs[:k]) for key in calls},
             "loss_max_rel_diff": [float(f"{d:.3g}") for d in diffs],
             "loss_match": all(d <= tolerance for d in diffs),
         }

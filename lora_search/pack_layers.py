@@ -15,12 +15,20 @@ training mode"), and it looks each adapter's rows up as Python index lists in ev
 rows are contiguous blocks, one per adapter, and each adapter's update is added into its own rows in place.
 The arithmetic per adapter is PEFT's `Linear.forward` (input cast to the adapter's dtype, `B(A(dropout(x))) *
 scaling`, added to the base's output in its dtype), so a packed adapter computes what it computes alone.
+
+A step's adapter products take one of three paths (`products`, per layer and step; tests/test_pack_layers.py holds
+each to the first): "loop", one adapter at a time (3-4 kernels each, forward and backward again); "bmm", batched
+matrix products over the adapters where they have one rank and one row count; "masked", two products over the whole
+batch for any ranks and rows, each row masked to its own adapter's rank slice, at the price of computing every
+adapter's product on every row. A pack step on a GPU waits on kernel launches more than on FLOPs (benchmarks/pack.py
+counts both), so on a GPU "auto" masks where the launches it saves outweigh its extra FLOPs.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -111,6 +119,82 @@ class Rows:
         return [b.stop - b.start for b in self.blocks.values()]
 
 
+PRODUCTS = "auto"
+"""How a PackedLinear computes its adapters' products in a step: "auto" (`products` picks per layer and step), or
+"loop", "bmm", "masked" for every layer where they apply (benchmarks/pack.py --products times them side by side)."""
+
+LOOP_KERNELS = 12
+"""Kernels the one-at-a-time path launches per adapter and layer in a training step (forward: A, B, scale, cast, add;
+backward: two products each for A and B, the scale's, gradient accumulation); "masked" launches about that many for
+all adapters together."""
+LAUNCH_S = 10e-6
+"""Host seconds per kernel launch in eager PyTorch (Python, dispatch, launch). With `LOOP_KERNELS`, a first estimate
+to be set from benchmarks/pack.py's GPU rows (its `dispatched` counts and step times)."""
+MASKED_MFU = 0.3
+"""The fraction of the GPU's peak the extra FLOPs of "masked" are assumed to run at (small, skinny products)."""
+
+
+@dataclass(frozen=True)
+class Step:
+    """What the choice of products depends on, for one layer in one step: each of its adapters' row count and rank
+    (in the batch's order), whether any applies dropout, how many weight dtypes they have, the layer's (in, out),
+    and the batch's rows and tokens a row."""
+
+    rows: tuple[int, ...]
+    ranks: tuple[int, ...]
+    dropout: bool
+    dtypes: int
+    features: tuple[int, int]
+    batch: int
+    tokens: int
+
+    def masked_extra_flops(self) -> float:
+        """FLOPs of a training step (forward and backward: 6 per multiply-add) that "masked" spends beyond the
+        adapters' own products: it computes every adapter's product on every row of the batch."""
+        needed = sum(n * r for n, r in zip(self.rows, self.ranks, strict=True))
+        return 6.0 * self.tokens * sum(self.features) * (self.batch * sum(self.ranks) - needed)
+
+    def masked_pays(self, peak_tflops: float) -> bool:
+        """The launches "masked" saves (`LOOP_KERNELS` per adapter beyond the first, at `LAUNCH_S`) outweigh the time
+        of its extra FLOPs at `MASKED_MFU` of `peak_tflops`."""
+        saved = (len(self.ranks) - 1) * LOOP_KERNELS * LAUNCH_S
+        return self.masked_extra_flops() / (peak_tflops * 1e12 * MASKED_MFU) < saved
+
+
+def products(how: str, step: Step, peak_tflops: float | None) -> str:
+    """Which products compute `step`'s adapters: "loop" (one adapter at a time, `LOOP_KERNELS` kernels each), "bmm"
+    (one rank and one row count: batched products over the adapters, no FLOP spent twice), "masked" (any ranks and
+    rows: two products over the whole batch, each row masked to its own adapter; not with dropout, whose draws are
+    per adapter). `how`: `PRODUCTS`. "auto" on a GPU of `peak_tflops`: masked where it pays (`Step.masked_pays`),
+    else bmm where it applies, else loop; on a CPU (`peak_tflops` None) one at a time: there a kernel costs little
+    and a FLOP much."""
+    masked = not step.dropout and step.dtypes == 1
+    bmm = len(set(step.rows)) == 1 and len(set(step.ranks)) == 1 and step.dtypes == 1
+    if how == "masked" and masked or how == "bmm" and bmm:
+        return how
+    if how != "auto" or len(step.rows) == 1 or peak_tflops is None:
+        return "loop"
+    if masked and step.masked_pays(peak_tflops):
+        return "masked"
+    return "bmm" if bmm else "loop"
+
+
+_PEAKS: dict[torch.device, float] = {}
+
+
+def device_peak_tflops(device: torch.device) -> float | None:
+    """The bf16 peak of `device` for "auto" (`memory.GPUS`; a GPU not listed counts as an H100), None on a CPU."""
+    if device.type != "cuda":
+        return None
+    if device not in _PEAKS:  # once per device: the name query is a driver call
+        from lora_search.memory import GPUS
+
+        name = torch.cuda.get_device_name(device).lower()
+        found = next((gpu.bf16_tflops for kind, gpu in GPUS.items() if kind.lower() in name), None)
+        _PEAKS[device] = found or GPUS["H100"].bf16_tflops
+    return _PEAKS[device]
+
+
 class _AddIntoRows(torch.autograd.Function):
     """out[rows_i] += delta_i for each adapter's block, in the output's own memory. Backward passes the output's
     gradient through and gives each delta its rows of it, as views. What autograd would do instead: an add into a
@@ -143,6 +227,8 @@ class PackedLinear(nn.Module):
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
         self.scaling: dict[str, float] = {}
+        self._scaling_cache: dict[tuple[Any, ...], torch.Tensor] = {}
+        self._masks: dict[tuple[Any, ...], torch.Tensor] = {}
 
     def add(
         self, name: str, *, r: int, scaling: float, dropout: float, dtype: torch.dtype, init: bool | str = True
@@ -164,9 +250,13 @@ class PackedLinear(nn.Module):
         self.lora_A[name], self.lora_B[name] = a, b
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling[name] = scaling
+        self._scaling_cache.clear()
+        self._masks.clear()
 
     def remove(self, name: str) -> None:
         del self.lora_A[name], self.lora_B[name], self.lora_dropout[name], self.scaling[name]
+        self._scaling_cache.clear()
+        self._masks.clear()
 
     @property
     def adapters(self) -> list[str]:
@@ -176,18 +266,103 @@ class PackedLinear(nn.Module):
         out = self.base_layer(x)
         if not self.rows.blocks:  # outside a step: the base alone
             return out
-        blocks, deltas = [], []
         # One split of the input: its backward is one concatenation, where a slice per adapter would fill a
         # zero gradient of the whole input each.
-        for (name, rows), part in zip(self.rows.blocks.items(), x.split(self.rows.sizes), strict=True):
-            scaling = self.scaling.get(name)
-            if scaling is None:  # that adapter does not target this module
-                continue
-            a = self.lora_A[name]
-            delta = self.lora_B[name](a(self.lora_dropout[name](part.to(a.weight.dtype)))) * scaling
-            blocks.append(rows)
-            deltas.append(delta.to(out.dtype))
-        return _AddIntoRows.apply(out, blocks, *deltas) if deltas else out
+        mine = [
+            (name, rows, part)
+            for (name, rows), part in zip(self.rows.blocks.items(), x.split(self.rows.sizes), strict=True)
+            if name in self.scaling  # an adapter that does not target this module has no product here
+        ]
+        if not mine:
+            return out
+        how = products(PRODUCTS, self._shape(mine, x), device_peak_tflops(x.device))
+        if how == "masked":
+            return _AddIntoRows.apply(out, [slice(0, x.shape[0])], self._masked(x, mine).to(out.dtype))
+        if how == "bmm":
+            blocks, deltas = self._bmm(x, mine, out.dtype)
+        else:
+            blocks, deltas = [], []
+            for name, rows, part in mine:
+                a = self.lora_A[name]
+                delta = self.lora_B[name](a(self.lora_dropout[name](part.to(a.weight.dtype)))) * self.scaling[name]
+                blocks.append(rows)
+                deltas.append(delta.to(out.dtype))
+        return _AddIntoRows.apply(out, blocks, *deltas)
+
+    def _shape(self, mine: list[tuple[str, slice, torch.Tensor]], x: torch.Tensor) -> Step:
+        names = [n for n, _, _ in mine]
+        return Step(
+            rows=tuple(r.stop - r.start for _, r, _ in mine),
+            ranks=tuple(self.lora_A[n].out_features for n in names),
+            dropout=any(not isinstance(self.lora_dropout[n], nn.Identity) for n in names),
+            dtypes=len({self.lora_A[n].weight.dtype for n in names}),
+            features=(self.base_layer.in_features, self.base_layer.out_features),
+            batch=x.shape[0],
+            tokens=x[0].numel() // x.shape[-1],
+        )
+
+    def _masked(self, x: torch.Tensor, mine: list[tuple[str, slice, torch.Tensor]]) -> torch.Tensor:
+        """Every adapter's update for the whole batch in two matrix products: the adapters' A stacked by rank
+        ((sum of ranks) x in), then B side by side (out x (sum of ranks)), and between them a mask that keeps, in each
+        row, only its own adapter's rank slice, times that adapter's scaling (zeros elsewhere, so other adapters add
+        exact zeros). A fixed number of kernels for any number of adapters, ranks and row counts, at the price of
+        computing every adapter's product on every row (`products` says when that price is small). The masks of a
+        step's layout are made once and kept (`_masks`)."""
+        names = [n for n, _, _ in mine]
+        a = torch.cat([self.lora_A[n].weight for n in names])
+        b = torch.cat([self.lora_B[n].weight for n in names], dim=1)
+        h = nn.functional.linear(x.to(a.dtype), a)
+        mask = self._mask(mine, x.shape[0], h.device).view(x.shape[0], *([1] * (x.dim() - 2)), -1)
+        return nn.functional.linear((h * mask).to(h.dtype), b)
+
+    def _mask(self, mine: list[tuple[str, slice, torch.Tensor]], batch: int, device: torch.device) -> torch.Tensor:
+        """(rows x sum of ranks): adapter i's scaling on its rows and its rank slice, 0 elsewhere; fp32, so that a
+        bf16 product is scaled in fp32 and rounded once, as the one-at-a-time path's Python float scales it."""
+        key = (tuple((n, r.start, r.stop) for n, r, _ in mine), batch, device)
+        if key not in self._masks:
+            ranks = [self.lora_A[n].out_features for n, _, _ in mine]
+            mask = torch.zeros(batch, sum(ranks))
+            col = 0
+            for (name, rows, _), rank in zip(mine, ranks, strict=True):
+                mask[rows, col : col + rank] = self.scaling[name]
+                col += rank
+            if len(self._masks) >= 8:  # layouts change when a trial sits a step out; keep the recent few
+                self._masks.pop(next(iter(self._masks)))
+            self._masks[key] = mask.to(device)
+        return self._masks[key]
+
+    def _bmm(
+        self, x: torch.Tensor, mine: list[tuple[str, slice, torch.Tensor]], dtype: torch.dtype
+    ) -> tuple[list[slice], list[torch.Tensor]]:
+        """The adapters' products as two batched matrix products (`torch.bmm`) over the adapters, for adapters of
+        one rank and one row count (`products`): A and B stacked, the inputs as one (adapters, rows x tokens,
+        features) tensor, a view of the layer's input where the adapters' rows are one contiguous run and no dropout
+        applies. No FLOP is spent twice; each adapter's dropout draws in the one-at-a-time path's order."""
+        names = [name for name, _, _ in mine]
+        shape = mine[0][2].shape
+        contiguous = all(a[1].stop == b[1].start for a, b in zip(mine, mine[1:], strict=False))
+        if contiguous and all(isinstance(self.lora_dropout[n], nn.Identity) for n in names):
+            x = x[mine[0][1].start : mine[-1][1].stop]  # a view: no copy forward, one gradient backward
+        else:
+            x = torch.stack([self.lora_dropout[n](part) for n, _, part in mine])
+        a = torch.stack([self.lora_A[n].weight for n in names])  # (adapters, rank, in)
+        b = torch.stack([self.lora_B[n].weight for n in names])  # (adapters, out, rank)
+        x = x.to(a.dtype).reshape(len(mine), -1, shape[-1])
+        delta = torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
+        delta = delta * self._scalings(tuple(names), delta.dtype, delta.device)
+        delta = delta.to(dtype).reshape(len(mine) * shape[0], *shape[1:-1], -1)
+        if contiguous:
+            return [slice(mine[0][1].start, mine[-1][1].stop)], [delta]
+        return [rows for _, rows, _ in mine], list(delta.split(shape[0]))
+
+    def _scalings(self, names: tuple[str, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The adapters' scalings as an (adapters, 1, 1) tensor in the product's dtype (a Python float keeps a bf16
+        product bf16, as this does), made once per set of adapters: not a host-to-device copy in every forward."""
+        key = (names, dtype, device)
+        if key not in self._scaling_cache:
+            values = [self.scaling[n] for n in names]
+            self._scaling_cache[key] = torch.tensor(values, dtype=dtype, device=device).view(-1, 1, 1)
+        return self._scaling_cache[key]
 
     def extra_repr(self) -> str:
         return ", ".join(f"{n}: r={self.lora_A[n].out_features} scaling={s:g}" for n, s in self.scaling.items())

@@ -1,34 +1,25 @@
 """Packed trials in a sweep: one `PackHost` actor per device holds the base once (`lora_search.pack.Pack`), and each
-packed configuration is still an ordinary Tune trial that attaches its adapter to a host and trains through it.
+packed configuration is still an ordinary Tune trial that attaches its adapter to a host and trains through it
+(`lora_search.pack_trial`, in the trial's own process).
 
-Turned on by `Resources(pack=N)` with N > 1: a trial whose variant packs (`pack.packs`) runs `run_packed_trial`
-(from `lora_search.trial.run_trial`) in a small CPU-only Tune process; the others train solo as before.
-
-The trial: tokenizes its data as the solo path does (TRL's dataset preparation, `fastpath`'s collator, the
-Trainer's seeded sampler order), attaches (`PackHost.attach`: its LoraConfig from `variants`, its `pack.Training`
-from the budget), then for every step sends its micro-batch (`PackHost.step`) and gets its loss back; at every
-`budget.eval_every` steps it asks for its eval loss and its saved adapter (`PackHost.save`) and reports to Tune the
-solo path's `StepReport`, with the adapter as its checkpoint (`callbacks.report_result`, as a warm trial does), so
-ASHA, the results table, MLflow and the report read it as any trial. A trial Tune stops leaves in its `finally`
-(`PackHost.detach`); one whose process was killed is detached after `STALE_S` without a step.
+Turned on by `Resources(pack=N)` with N > 1: a trial whose variant packs (`pack.packs`) runs
+`pack_trial.run_packed_trial` (from `lora_search.trial.run_trial`) in a small CPU-only Tune process
+(`trial_resources`); the others train solo as before. The trial finds a host with room (`host_for`), attaches its
+adapter (`PackHost.attach`), sends a micro-batch a step (`PackHost.step`), asks for its eval loss, its saved adapter
+and, at its last step, its golden scores, and detaches. A trial Tune stops leaves in its `finally` (`PackHost.detach`);
+one whose process was killed is detached after `STALE_S` without a step.
 
 The host runs a step once every adapter that took part in the previous step has sent its batch, or `GATHER_S` after
 the first batch came (the late ones sit that step out). A step's wall time is split over its adapters by their real
 tokens: that is each packed trial's device-seconds. Every load, attach and detach is a line in the host's journal,
 `<sweep>/ray/pack_host_<i>.jsonl`.
 
-A packed trial that trains its whole budget is scored on the sweep's golden sets (`Sweep.evals`) as a solo trial
-is at its last step: the host scores it (`PackHost.golden`: its process has no base, the host has the base and the
-device), with `evals.score` on a PEFT model of the saved adapter, and the trial reports the solo path's fields
-(`golden/<task>/<metric>`, `objective`, `objective_higher_is_better`, `eval_s`, `golden_device_s`) and writes
-lm-eval's results JSON beside its adapter. While a host scores, the other adapters' steps wait.
+Golden sets: the host scores a packed trial that trains its whole budget (`PackHost.golden`: the trial's process has
+no base, the host has the base and the device), with `evals.score` on a PEFT model of the saved adapter. While a host
+scores, the other adapters' steps wait.
 
-Spend: each packed trial reports `cost.DEVICE_SHARE`, the fraction of the host's device it held (its share of the
-steps it took part in), and its spend is its wall time x that fraction of the device (`cost.trial_spend`), so that the
-trials of one pack together spend the device once.
-
-Not done here: resuming a packed trial from its checkpoint (it trains again from step 0), gradient accumulation in
-smaller micro-batches (a step is one micro-batch of batch_size x grad_accum rows).
+Not done here: gradient accumulation in smaller micro-batches (a step is one micro-batch of batch_size x grad_accum
+rows).
 """
 
 from __future__ import annotations
@@ -42,9 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lora_search import layout
 from lora_search.config import Sweep
-from lora_search.records import StepReport, TrialParams, diverged
+from lora_search.records import TrialParams
 
 log = logging.getLogger("lora_search.pack_host")
 
@@ -387,198 +377,3 @@ def stop_hosts(sweep: Sweep, cluster: dict[str, float]) -> None:
         except Exception as e:  # a host that died or hangs is killed all the same
             log.warning("pack host %d: closing it failed: %s", index, e)
         ray.kill(actor)
-
-
-def tokenized(sweep: Sweep, tokenizer: Any) -> tuple[Any, Any, Any]:
-    """(train, eval) as the solo trial's SFTTrainer prepares them: `data.load`, then TRL's own dataset preparation
-    (prompt/completion tokens, completion-only labels, truncation to max_length); and eval as `data.load` gave it."""
-    from types import SimpleNamespace
-
-    from trl import SFTConfig, SFTTrainer
-
-    from lora_search import data
-
-    train, evaluation = data.load(sweep.dataset, sweep.seed)
-    # Only its data fields are read; use_cpu: no device is looked for (the trial process has none).
-    args = SFTConfig(
-        output_dir="unused", max_length=sweep.dataset.max_length, seed=sweep.seed, report_to="none", use_cpu=True
-    )
-    trainer = SimpleNamespace(completion_only_loss=True, chat_template=None, _tokenizer=tokenizer)
-    prepare = SFTTrainer._prepare_dataset  # a method that reads only these three of its trainer
-    return (
-        prepare(trainer, train, tokenizer, args, False, None, "train"),
-        prepare(trainer, evaluation, tokenizer, args, False, None, "eval"),
-        evaluation,
-    )
-
-
-def train_batches(dataset: Any, rows: int, seed: int, collate: Any) -> Any:
-    """Endless micro-batches of `rows` rows in the Trainer's order: each epoch a permutation drawn from a generator
-    seeded with seed + epoch (accelerate's seedable sampler); the last batch of an epoch may be short."""
-    import torch
-
-    epoch = 0
-    while True:
-        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-        for i in range(0, len(order), rows):
-            yield _plain(collate([dataset[j] for j in order[i : i + rows]]))
-        epoch += 1
-
-
-def eval_batches(dataset: Any, rows: int, collate: Any) -> list[dict[str, Any]]:
-    """The eval set in order, `rows` a batch, as the Trainer's eval loop takes it."""
-    n = len(dataset)
-    return [_plain(collate([dataset[j] for j in range(i, min(i + rows, n))])) for i in range(0, n, rows)]
-
-
-def eval_loss(losses: list[float], batches: list[dict[str, Any]]) -> float:
-    """The Trainer's eval loss: each batch's loss weighted by its rows."""
-    rows = [b["input_ids"].shape[0] for b in batches]
-    return sum(loss * n for loss, n in zip(losses, rows, strict=True)) / sum(rows)
-
-
-def _plain(batch: dict[str, Any]) -> dict[str, Any]:
-    return {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
-
-
-def run_packed_trial(config: dict[str, Any], sweep: Sweep, storage_path: str, trial_id: str) -> None:
-    """A packed trial's whole life, in its Tune trial process (see the module docstring). An error it raised is kept
-    in its run dir (`layout.FAILED_FILE`), as a warm trial's is, so that Tune's retry raises it again at once."""
-    from lora_search import checkpoints
-
-    run_dir = layout.run_dir(storage_path, trial_id)
-    earlier = checkpoints.kept_error(run_dir)
-    if earlier is not None:  # Tune's retry of a trial whose training raised: the same error, not a second training
-        raise earlier
-    try:
-        _train_packed(config, sweep, storage_path, trial_id)
-    except Exception as e:
-        checkpoints.keep_error(run_dir, e)
-        raise
-
-
-def _train_packed(config: dict[str, Any], sweep: Sweep, storage_path: str, trial_id: str) -> None:
-    import shutil
-
-    import ray
-    from safetensors.torch import save_file
-    from transformers import AutoTokenizer
-
-    from lora_search.callbacks import report_result
-    from lora_search.checkpoints import json_safe
-    from lora_search.cost import DEVICE_SHARE
-    from lora_search.fastpath import collator_class
-    from lora_search.layout import LM_EVAL_RESULTS, PROBE_FILE, REPORT_FILE, checkpoint_name
-    from lora_search.probe import probe_batch
-    from lora_search.records import GOLDEN_PREFIX
-    from lora_search.variants import adapter_bytes
-
-    trial_start = time.perf_counter()
-    startup_s = max(0.0, time.time() - float(config.get("tune_run_start", time.time())))
-    params = TrialParams.from_config(config)
-    budget = sweep.budget
-    run_dir = layout.run_dir(storage_path, trial_id)
-    tokenizer = AutoTokenizer.from_pretrained(
-        sweep.base.name_or_path, revision=sweep.base.revision, trust_remote_code=sweep.base.trust_remote_code
-    )
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    train_ds, eval_ds, eval_rows = tokenized(sweep, tokenizer)
-    collate = collator_class()(pad_token_id=tokenizer.pad_token_id)
-    rows = budget.batch_size * budget.grad_accum
-    batches = train_batches(train_ds, rows, sweep.seed, collate)
-    evals = eval_batches(eval_ds, budget.batch_size * 2, collate)
-    probe = probe_batch(tokenizer, eval_rows)
-    prepare_s = time.perf_counter() - trial_start
-    load_start = time.perf_counter()
-    host, info = host_for(sweep, storage_path, trial_id, params)
-    load_s = time.perf_counter() - load_start
-    why, step = "left", 0
-    try:
-        first = ray.get(host.evaluate.remote(trial_id, evals))
-        base_eval_loss = eval_loss(first["losses"], evals)
-        train_s = eval_device_s = eval_wall_s = device_s = steps_s = 0.0
-        tokens, window = 0, []
-        train_start = time.perf_counter()
-        for step in range(1, budget.max_steps + 1):
-            out = ray.get(host.step.remote(trial_id, next(batches)))
-            device_s += out["device_s"]
-            steps_s += out["step_s"]
-            tokens += out["tokens"]
-            window.append(out["loss"])
-            if not math.isfinite(out["loss"]):
-                raise diverged("train_loss", out["loss"], step)
-            if step % budget.eval_every and step < budget.max_steps:
-                continue
-            eval_start = time.perf_counter()
-            scored = ray.get(host.evaluate.remote(trial_id, evals))
-            loss = eval_loss(scored["losses"], evals)
-            if not math.isfinite(loss):
-                raise diverged("eval_loss", loss, step)
-            saved = ray.get(host.save.remote(trial_id, probe))
-            eval_device_s += scored["device_s"]
-            eval_wall_s += time.perf_counter() - eval_start
-            train_s = time.perf_counter() - train_start
-            report = StepReport(
-                step=step,
-                eval_loss=loss,
-                base_eval_loss=base_eval_loss,
-                train_loss=sum(window) / len(window),
-                trainable_params=info["trainable_params"],
-                train_s=train_s,
-                startup_s=startup_s,
-                load_s=load_s,
-                base_reused=info["base_reused"],
-                prepare_s=prepare_s,
-                device_s=device_s,
-                tokens=tokens,
-                tokens_per_s=tokens / train_s if train_s > 0 else 0.0,
-                steady_tokens_per_s=tokens / train_s if train_s > 0 else math.nan,
-                steady_train_device_s=device_s,
-                eval_device_s=eval_device_s,
-                eval_wall_s=eval_wall_s,
-                peak_mem_bytes=saved["peak"],
-                peak_mem_kind=saved["peak_kind"],
-                device_name=info["device"],
-                strategy="ddp",
-                fast_path=f"packed: up to {sweep.resources.pack} adapters over one base (lora_search.pack)",
-            ).metrics()
-            # Its share of the steps it took part in: the fraction of the host's device it held (`cost.trial_spend`).
-            report[DEVICE_SHARE] = device_s / steps_s if steps_s > 0 else 1.0
-            window = []
-            out_dir = run_dir / f".pack_{checkpoint_name(step)}"
-            out_dir.mkdir(parents=True, exist_ok=True)
-            for file, content in saved["files"].items():
-                (out_dir / file).write_bytes(content)
-            report["adapter_bytes"] = adapter_bytes(out_dir)
-            tensors = {f"input_ids_{i}": ids[0].contiguous() for i, ids in enumerate(probe)}
-            save_file({**tensors, "logits": saved["logits"]}, str(out_dir / PROBE_FILE))
-            if step >= budget.max_steps and sweep.evals is not None:  # as `callbacks.Reporter` scores a solo trial
-                scored = ray.get(host.golden.remote(trial_id, probe[0]))
-                (out_dir / LM_EVAL_RESULTS).write_text(json.dumps(scored["results"], indent=1))
-                report.update({f"{GOLDEN_PREFIX}{k}": v for k, v in scored["metrics"].items()})
-                report["objective"] = scored["objective"]
-                report["objective_higher_is_better"] = scored["higher_is_better"]
-                report["eval_s"] = scored["seconds"]
-                report["golden_device_s"] = scored["device_s"]
-            (out_dir / REPORT_FILE).write_text(json.dumps(json_safe(report)))
-            log.info("%s step %d eval_loss %.4f (packed)", trial_id, step, loss)
-            if step >= budget.max_steps:  # Tune may end this process once the last report is in
-                why = "finished"
-                ray.get(host.detach.remote(trial_id, why), timeout=30)
-            try:
-                report_result(report, out_dir, checkpoint_name(step), run_dir, warm=True)
-            finally:
-                shutil.rmtree(out_dir, ignore_errors=True)
-        why = "finished"
-    except SystemExit:  # Tune stopped the trial at a report: ASHA, or its last step (the scheduler's max_t)
-        why = "finished" if step >= budget.max_steps else f"stopped at step {step}"
-        raise
-    except BaseException as e:
-        why = f"failed at step {step}: {type(e).__name__}"
-        raise
-    finally:
-        try:
-            ray.get(host.detach.remote(trial_id, why), timeout=30)
-        except Exception as e:  # the host detaches it after STALE_S anyway
-            log.warning("%s: detaching from its pack host failed: %s", trial_id, e)

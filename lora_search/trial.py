@@ -91,10 +91,10 @@ def run_trial(config: dict[str, Any], sweep: Sweep, storage_path: str) -> None:
 
     trial_id = ray.tune.get_context().get_trial_id()
     if sweep.resources.pack > 1:
-        from lora_search import pack_host
+        from lora_search import pack_host, pack_trial
 
         if pack_host.packed(sweep, TrialParams.from_config(config).variant):
-            pack_host.run_packed_trial({**config, "tune_run_start": time.time()}, sweep, storage_path, trial_id)
+            pack_trial.run_packed_trial({**config, "tune_run_start": time.time()}, sweep, storage_path, trial_id)
             return
     run_dir = layout.run_dir(storage_path, trial_id)
     if run_dir.exists() and not usable_run(run_dir):

@@ -1,4 +1,5 @@
-"""Packed trials in a real sweep (lora_search/pack_host.py): ordinary Tune trials over one pack host's base.
+"""Packed trials in a real sweep (lora_search/pack_host.py, pack_trial.py): ordinary Tune trials over one pack
+host's base.
 
 Run: python -m pytest -q -n 0 tests/test_pack_tune.py   (CPU, a local Ray; about a minute)
 

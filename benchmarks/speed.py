@@ -163,7 +163,8 @@ def ours(
 ) -> dict:
     """One trial of lora_search's own path (Ray Tune + Ray Train + TRL + the trial's fast path), `bs` x `accum`
     sequences an optimizer step as the reference's (the trial may merge the micro-batches: `micro_batching`). `data`:
-    a dir with train.jsonl and eval.jsonl to train on (default: rows of `seq` tokens); `attn`: the base's kernel."""
+    a dir with train.jsonl and eval.jsonl to train on (default: rows of `seq` tokens); `attn`: the base's kernel,
+    with "+compiled" for compiled decoder layers (`BaseModel.compile_layers`)."""
     import pandas as pd
     import random_base
     import torch
@@ -182,13 +183,15 @@ def ours(
             write_rows(data / "eval.jsonl", tokenizer, seq, bs, 1)
     else:
         name += "_varlen"
-    name += f"_{attn}"
+    name += f"_{attn.replace('+', '_')}"
+    attn, _, compiled = attn.partition("+")
+    assert compiled in ("", "compiled"), f"--attn entries are KERNEL or KERNEL+compiled, not {attn}+{compiled}"
     # rank 0 of the trial writes a CUDA kernel profile of two steady steps (lora_search.callbacks.PROFILE_ENV); the
     # steady tokens/s window starts after them. Ray's workers inherit this process's environment.
     os.environ["LORA_SEARCH_PROFILE_DIR"] = str(work / f"profile_{name}")
     sweep = Sweep(
         name=name,
-        base=BaseModel(str(base_dir), dtype="bfloat16", attn_implementation=attn),
+        base=BaseModel(str(base_dir), dtype="bfloat16", attn_implementation=attn, compile_layers=bool(compiled)),
         dataset=Dataset(str(data / "train.jsonl"), eval_path=str(data / "eval.jsonl"), max_length=seq),
         space=SearchSpace(
             ranks=(rank,),
@@ -246,7 +249,10 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="with --reference: write a CUDA kernel profile")
     parser.add_argument("--mode", choices=["eager", "liger"], default="eager", help="with --reference")
     parser.add_argument(
-        "--attn", default="auto", help="the trial path's attn_implementation(s), comma-separated; ratio: the first"
+        "--attn",
+        default="auto",
+        help="the trial path's attn_implementation(s), comma-separated, each optionally +compiled (compiled decoder "
+        "layers: sdpa+compiled); ratio: the first",
     )
     parser.add_argument("--no-liger-reference", action="store_true", help="skip HF PEFT + Liger (library alone)")
     parser.add_argument("--varlen", action="store_true", help="variable-length chat rows, TRL/Liger/trial side by side")

@@ -75,6 +75,11 @@ class BaseModel:
     trial's fast path summary says which and why. A named varlen kernel ("flash_attention_2" with flash-attn
     installed, "flash_attention_3", "flex_attention") also turns on padding-free batches; "sdpa" keeps padded
     ones; "eager" is the slow reference."""
+    compile_layers: bool = False
+    """Train through compiled decoder layers (`lora_search.compiled_layers`: one `torch.compile` of the layer class,
+    shared by every layer; inference forwards stay eager). Fewer, fused kernels a step for tens of seconds of compile
+    once per trial process; only where activations are kept, on one worker or DDP, and not on a 4-bit base (the
+    trial's fast path summary says when it is off and why)."""
 
     def problems(self, ok: Fields = _everything) -> list[Problem]:
         return []
@@ -132,7 +137,11 @@ class SearchSpace:
         out = []
         low, high = self.lr if ok("lr") else (0, 1)
         if not low < high:
-            out.append(Problem("space.lr", self.lr, "need 0 < low < high", f"e.g. lr=({min(self.lr)}, {max(self.lr)})"))
+            if low == high:  # one learning rate: the grid's one point of a range is its geometric middle
+                fix = f"for lr {low:g} alone: lr=({low / 10:g}, {low * 10:g}), lr_grid_points=1 with search='grid'"
+            else:
+                fix = f"e.g. lr=({min(self.lr)}, {max(self.lr)})"
+            out.append(Problem("space.lr", self.lr, "need 0 < low < high", fix))
         variants = self.variants if ok("variants") else ()
         for i, name in ((i, v) for i, v in enumerate(variants) if variants.index(v) != i):
             out.append(Problem(f"space.variants[{i}]", name, "is listed twice", "list each variant once"))

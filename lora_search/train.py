@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from transformers import PrinterCallback, TrainerCallback
 
-from lora_search import checkpoints, data, fastpath, strategies, targets, variants
+from lora_search import checkpoints, compiled_layers, data, fastpath, strategies, targets, variants
 from lora_search.callbacks import Reporter, StepHook, progress_fields, report_result
 from lora_search.config import BaseModel, Sweep
 from lora_search.devices import (
@@ -287,6 +287,8 @@ def train_loop(config: dict[str, Any]) -> None:
     base_fp32 = model.get_base_model().dtype == torch.float32
     path = path.with_piece(fastpath.bf16_inputs(args.bf16))
     path = path.with_piece(fastpath.fused_add(strategy.name, args.bf16, base_fp32))
+    keep = path.active(fastpath.KEEP_ACTIVATIONS)
+    path = path.with_piece(compiled_layers.piece(sweep.base.compile_layers, strategy.name, keep, variant.quantized))
     path.prepare_model(model)
     n_trainable = trainable_parameters(model)
     train_ds, eval_ds = data.load(sweep.dataset, sweep.seed)

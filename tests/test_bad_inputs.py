@@ -55,6 +55,7 @@ CASES: dict[str, tuple[str, object, object, tuple[str, ...]]] = {
     "target-module": ("space=SearchSpace(targets=(('q_prj',),))", None, None, ("space.targets", "q_prj")),
     "variant": ("space=SearchSpace(variants=('lorra',))", None, None, ("space.variants", "lorra")),
     "lr-order": ("space=SearchSpace(lr=(1e-3, 1e-4))", None, None, ("space.lr", "0 < low < high")),
+    "lr-equal": ("space=SearchSpace(lr=(1e-3, 1e-3))", None, None, ("space.lr", "lr=(0.0001, 0.01), lr_grid_points=1")),
     "lr-zero": ("space=SearchSpace(lr=(0.0, 1e-3))", None, None, ("space.lr",)),
     "alpha-zero": ("space=SearchSpace(alpha=(0,))", None, None, ("space.alpha",)),
     "max-steps": ("budget=Budget(max_steps=0)", None, None, ("budget.max_steps", ">= 1")),

@@ -35,6 +35,7 @@ ROOMS = {
         "devices",
         "memory",
         "fastpath",
+        "compiled_layers",  # the compiled-layers piece: one torch.compile of the decoder layer, shared by every layer
         "data",
         "probe",
         "demo_base",

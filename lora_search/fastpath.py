@@ -105,10 +105,6 @@ class FastPath:
             keep_input_dtype(model)
         if self.active(FUSED_ADD):
             fuse_lora_add(model)
-        if self.active("compiled-layers"):  # last: the layers compile what the pieces above made them
-            from lora_search.compiled_layers import compile_layers
-
-            compile_layers(model)
 
     def trainer_args(self) -> dict[str, Any]:
         """`SFTConfig` arguments for the active pieces."""

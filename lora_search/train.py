@@ -290,6 +290,8 @@ def train_loop(config: dict[str, Any]) -> None:
     keep = path.active(fastpath.KEEP_ACTIVATIONS)
     path = path.with_piece(compiled_layers.piece(sweep.base.compile_layers, strategy.name, keep, variant.quantized))
     path.prepare_model(model)
+    if path.active(compiled_layers.COMPILED_LAYERS):  # last: the layers compile what the pieces above made them
+        compiled_layers.compile_layers(model)
     n_trainable = trainable_parameters(model)
     train_ds, eval_ds = data.load(sweep.dataset, sweep.seed)
     load_s = time.perf_counter() - start

@@ -7,7 +7,9 @@
     pack.attach("t2", LoraConfig(r=4, lora_alpha=4, use_rslora=True, target_modules=["v_proj"]), training=...)
     step = pack.step({"t1": batch_1, "t2": batch_2})   # step.losses["t1"] is t1's loss, as a solo run computes it
     pack.save("t1", out_dir)      # a plain PEFT adapter dir: PeftModel.from_pretrained(base, out_dir) loads it
+    kept = pack.state("t1"), pack.training_state("t1")     # its weights; its optimizer, schedule and step
     pack.detach("t2")             # e.g. ASHA stopped t2; the base stays loaded for the next adapter
+    pack.attach("t1", config, kept[0], training=..., resume=kept[1])   # later, in this pack or another: t1 goes on
 
 One step concatenates the adapters' micro-batches (right-padded to one length: pad token, attention mask 0, labels
 -100), runs the base once, and in every targeted linear layer adds each adapter's update into its own rows only
@@ -17,9 +19,17 @@ loss computes it for a solo batch. The backward runs on the sum of the losses: r
 solo gradient. Then each adapter clips its own gradients and steps its own AdamW and learning-rate schedule, in the
 order the Transformers Trainer does. An adapter without a batch in a step sits that step out.
 
+An adapter continues where it was (`training_state`, then `attach(..., init_state=its weights, resume=that state)`):
+its AdamW moments and step count, its learning-rate schedule's position and its step, so its next step is the step an
+uninterrupted run would take on the same batch. Not its dropout masks: `nn.Dropout` draws from the process's global
+torch RNG, which every adapter of the pack shares (and whose draws depend on which adapters step together), so with
+dropout > 0 the masks after a resume differ from those the uninterrupted run drew; with dropout 0 the run goes on
+exactly.
+
 Which variants pack is `packs(variant)`; the others train solo, for the reasons in `SOLO`.
-tests/test_pack.py checks each packed adapter's loss curve against its solo PEFT run (fp32, CPU) and the saved
-adapter against `PeftModel.from_pretrained`; benchmarks/pack.py measures packed against solo trial-steps per second.
+tests/test_pack.py checks each packed adapter's loss curve against its solo PEFT run (fp32, CPU), a resumed one's too,
+and the saved adapter against `PeftModel.from_pretrained`; benchmarks/pack.py measures packed against solo
+trial-steps per second.
 """
 
 from __future__ import annotations
@@ -32,7 +42,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
@@ -165,16 +175,26 @@ class Pack:
         return list(self._adapters)
 
     def attach(
-        self, name: str, config: LoraConfig, init_state: Mapping[str, torch.Tensor] | None = None, *, training: Training
+        self,
+        name: str,
+        config: LoraConfig,
+        init_state: Mapping[str, torch.Tensor] | None = None,
+        *,
+        training: Training,
+        resume: Mapping[str, Any] | None = None,
     ) -> None:
         """Add adapter `name`: a LoRA of `config` (rank, alpha, dropout, target modules, rsLoRA) on the modules it
         targets, with its own optimizer and schedule. `init_state`: its starting A and B under PEFT's key names
         (`get_peft_model_state_dict`, an adapter_model.safetensors, a checkpoint); None draws PEFT's init from torch's
-        RNG. Raises ConfigError naming every problem (a variant the pack cannot compute, a target that matches no
-        linear layer, missing or misshapen init tensors)."""
+        RNG. `resume`: a `training_state` of this adapter (same config and `training`), with `init_state` its weights
+        at that step: it goes on from there (its optimizer and schedule as they were). Raises ConfigError naming every
+        problem (a variant the pack cannot compute, a target that matches no linear layer, missing or misshapen init
+        tensors, a resume without its weights or of another adapter's optimizer)."""
         config = copy.deepcopy(config)
         modules = [m for m in self._linears if _targets(config, m)]
         problems = self._problems(name, config, modules, init_state)
+        if resume is not None:
+            problems += _resume_problems(resume, init_state, 2 * len(modules))
         if problems:
             raise ConfigError(problems, header=f"adapter {name!r} cannot join the pack")
         scaling = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)  # PEFT's
@@ -200,6 +220,9 @@ class Pack:
         from transformers import get_scheduler
 
         schedule = get_scheduler(training.schedule, optimizer, training.warmup_steps, training.total_steps)
+        if resume is not None:
+            optimizer.load_state_dict(resume["optimizer"])  # its moments, step counts and rates, on the params' device
+            schedule.load_state_dict(resume["schedule"])
         self._adapters[name] = _Attached(config, tuple(modules), training, list(keyed.values()), optimizer, schedule)
 
     def detach(self, name: str) -> None:
@@ -251,6 +274,18 @@ class Pack:
         """Adapter `name`'s A and B under PEFT's key names (what `get_peft_model_state_dict` gives), copied."""
         attached = self._adapters[self._known(name)]
         return {k: p.detach().clone() for k, p in self._keyed(name, attached.modules).items()}
+
+    def training_state(self, name: str) -> dict[str, Any]:
+        """What adapter `name` continues from besides its weights (`state`), for `attach(..., resume=)`: its step (the
+        optimizer steps it took), its optimizer's state dict (AdamW's moments and step count per parameter, its
+        groups' rates) and its schedule's. Copied onto the CPU: it saves with `torch.save` and loads with
+        `torch.load(weights_only=True)`, and travels to a process without the pack's device."""
+        attached = self._adapters[self._known(name)]
+        return {
+            "step": int(attached.schedule.last_epoch),  # the schedule steps once per optimizer step
+            "optimizer": _on_cpu(attached.optimizer.state_dict()),
+            "schedule": copy.deepcopy(attached.schedule.state_dict()),
+        }
 
     def save(self, name: str, out_dir: Path | str) -> Path:
         """Write adapter `name` as a standard PEFT dir (adapter_config.json, adapter_model.safetensors) that
@@ -388,6 +423,35 @@ def _init_problems(init_state: Mapping[str, torch.Tensor], shapes: dict[str, tup
         if k in init_state and tuple(init_state[k].shape) != shape:
             problems.append(Problem(k, tuple(init_state[k].shape), f"should have shape {shape}", fix))
     return problems
+
+
+def _resume_problems(
+    resume: Mapping[str, Any], init_state: Mapping[str, torch.Tensor] | None, n_params: int
+) -> list[Problem]:
+    problems = []
+    if init_state is None:
+        why = "comes without the adapter's weights"
+        problems.append(Problem("resume", resume.get("step"), why, "pass init_state: its weights at that step"))
+    try:
+        given = sum(len(g["params"]) for g in resume["optimizer"]["param_groups"])
+        ok = "schedule" in resume and given == n_params
+    except (KeyError, TypeError):
+        given, ok = -1, False
+    if not ok:
+        fix = "give the `Pack.training_state` of an adapter of the same LoraConfig (rank, target modules)"
+        problems.append(Problem("resume", f"{given} optimizer parameters", f"should have {n_params}", fix))
+    return problems
+
+
+def _on_cpu(state: Any) -> Any:
+    """A copy of a (nested) state dict with every tensor on the CPU."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {k: _on_cpu(v) for k, v in state.items()}
+    if isinstance(state, list | tuple):
+        return type(state)(_on_cpu(v) for v in state)
+    return state
 
 
 def _optimizer(params: dict[str, nn.Parameter], training: Training) -> torch.optim.Optimizer:

@@ -11,8 +11,8 @@ one whose process was killed is detached after `STALE_S` without a step.
 
 The host runs a step once every adapter that took part in the previous step has sent its batch, or `GATHER_S` after
 the first batch came (the late ones sit that step out). A step's wall time is split over its adapters by their real
-tokens: that is each packed trial's device-seconds. Every load, attach and detach is a line in the host's journal,
-`<sweep>/ray/pack_host_<i>.jsonl`.
+tokens: that is each packed trial's device-seconds. Every load, attach (with `resumed_from`: the step a resumed
+trial's checkpoint holds) and detach is a line in the host's journal, `<sweep>/ray/pack_host_<i>.jsonl`.
 
 Golden sets: the host scores a packed trial that trains its whole budget (`PackHost.golden`: the trial's process has
 no base, the host has the base and the device), with `evals.score` on a PEFT model of the saved adapter. While a host
@@ -42,6 +42,9 @@ GATHER_S = 0.5
 """How long a step waits for adapters of the previous step that have not sent their batch (at an eval, say)."""
 STALE_S = 60.0
 """An adapter that sent nothing for this long is detached: its trial was stopped and its process killed."""
+DETACH_S = 30.0
+"""How long a trial waits for its host to detach it (a host scoring another trial's golden sets holds its lock for
+minutes); past that the host detaches it after `STALE_S` anyway."""
 PACKED_TRIAL_CPU = 0.1
 """What a packed trial's own process reserves: it tokenizes and waits on its host, which holds the device."""
 
@@ -140,9 +143,15 @@ class PackHost:
         self._log("load", load_s=round(self.load_s, 3), device=self.device)
         threading.Thread(target=self._reap, daemon=True).start()
 
-    def attach(self, name: str, params: TrialParams, room: int) -> dict[str, Any] | None:
+    def attach(
+        self, name: str, params: TrialParams, room: int, resume: dict[str, Any] | None = None
+    ) -> dict[str, Any] | None:
         """Attach trial `name`'s adapter (PEFT's init under the sweep's seed, as a solo trial's); None when the pack
-        already holds `room` adapters."""
+        already holds `room` adapters. `resume`: the trial's checkpoint, {"weights": its adapter's tensors under PEFT's
+        keys, "training": its `Pack.training_state`}: the adapter goes on from that step (`Pack.attach`'s resume).
+
+        An adapter of the same name still attached is an earlier process of the same trial that died without
+        detaching (Tune retries a trial in a new process): it leaves first, so the retry finds its place."""
         import torch
 
         from lora_search.pack import Training
@@ -163,14 +172,21 @@ class PackHost:
             loraplus_lr_ratio=LORAPLUS_LR_RATIO if params.variant == "loraplus" else None,
         )
         with self.cond:
+            if name in self.pack.names:
+                self._detach(name, "attached again: its trial started in a new process")
             if len(self.pack.names) >= room:
                 return None
             torch.manual_seed(self.sweep.seed)  # train.py seeds the same before its adapter's init
-            self.pack.attach(name, VARIANTS[params.variant].peft_config(adapter), training=training)
+            config = VARIANTS[params.variant].peft_config(adapter)
+            if resume is None:
+                self.pack.attach(name, config, training=training)
+            else:
+                self.pack.attach(name, config, resume["weights"], training=training, resume=resume["training"])
+            step = 0 if resume is None else int(resume["training"]["step"])
             self.seen[name] = time.monotonic()
-            self.trained[name] = 0
+            self.trained[name] = step
             self.attaches += 1
-            self._log("attach", name=name)
+            self._log("attach", name=name, **({"resumed_from": step} if resume is not None else {}))
             trainable = sum(t.numel() for t in self.pack.state(name).values())
         # base_reused: the base was loaded for an earlier trial (as `StepReport.base_reused` says of a warm process)
         return {"trainable_params": trainable, "base_reused": self.attaches > 1, "device": self.device}
@@ -203,8 +219,9 @@ class PackHost:
             return {"losses": losses, "device_s": (time.perf_counter() - start) * self.units}
 
     def save(self, name: str, probe: list[Any]) -> dict[str, Any]:
-        """`name`'s adapter as a PEFT dir's files (name -> bytes; `pack.save`) and its last-position logits on the
-        `probe` prompts (`lora_search.probe`), with the host's peak memory."""
+        """`name`'s adapter as a PEFT dir's files (name -> bytes; `pack.save`), its training state
+        (`Pack.training_state`, on the CPU) and its last-position logits on the `probe` prompts (`lora_search.probe`),
+        with the host's peak memory."""
         import tempfile
 
         import torch
@@ -216,12 +233,13 @@ class PackHost:
             with tempfile.TemporaryDirectory() as tmp:
                 self.pack.save(name, tmp)
                 files = {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
+            training = self.pack.training_state(name)
             logits = [
                 self.pack.logits({name: {"input_ids": ids, "labels": ids}})[name][0, -1].float().cpu() for ids in probe
             ]
             self.seen[name] = time.monotonic()
         peak, kind = peak_memory_bytes()
-        return {"files": files, "logits": torch.stack(logits), "peak": peak, "peak_kind": kind}
+        return {"files": files, "training": training, "logits": torch.stack(logits), "peak": peak, "peak_kind": kind}
 
     def golden(self, name: str, probe_ids: Any) -> dict[str, Any]:
         """`name`'s scores on the sweep's golden sets, as a solo trial at its last step gets them: `evals.score`'s
@@ -297,7 +315,9 @@ class PackHost:
         real = {n: int(b["attention_mask"].sum()) for n, b in batches.items()}
         total = max(sum(real.values()), 1)
         step_s = done.seconds * self.units
+        now = time.monotonic()
         for n in batches:
+            self.seen[n] = now  # its silence counts from its step's end: a slow step is not a silent trial
             share = step_s * real[n] / total
             self.trained[n] = self.trained.get(n, 0) + 1
             out = {"loss": done.losses[n], "tokens": real[n], "device_s": share, "step_s": step_s, "pack": len(batches)}
@@ -334,9 +354,28 @@ class PackHost:
             f.write(json.dumps(line) + "\n")
 
 
-def host_for(sweep: Sweep, storage_path: str, name: str, params: TrialParams) -> tuple[Any, dict[str, Any]]:
-    """(host, attach info) for trial `name`: the first of the sweep's hosts with room, created when the
-    trial finds none there (`get_if_exists`: two trials creating the same host get the one actor)."""
+class Blocking:
+    """A host actor's handle whose calls wait for their answer: `host.step(name, batch)` is
+    `ray.get(actor.step.remote(name, batch))`, so a packed trial reads the same whether its host is an actor or (in
+    a test) a `PackHost` in its own process. `detach` waits `DETACH_S` at most."""
+
+    def __init__(self, actor: Any) -> None:
+        self.actor = actor
+
+    def __getattr__(self, method: str) -> Any:
+        import ray
+
+        remote = getattr(self.actor, method).remote
+        timeout = DETACH_S if method == "detach" else None
+        return lambda *args: ray.get(remote(*args), timeout=timeout)
+
+
+def host_for(
+    sweep: Sweep, storage_path: str, name: str, params: TrialParams, resume: dict[str, Any] | None = None
+) -> tuple[Any, dict[str, Any]]:
+    """(host, attach info) for trial `name` (`PackHost.attach`, `resume` with it): the first of the sweep's hosts with
+    room, created when the trial finds none there (`get_if_exists`: two trials creating the same host get the one
+    actor). The host comes as a `Blocking` handle."""
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -357,9 +396,9 @@ def host_for(sweep: Sweep, storage_path: str, name: str, params: TrialParams) ->
             name_it = {"name": host_name(sweep, index), "namespace": NAMESPACE, "get_if_exists": True}
             actor = ray.remote(PackHost).options(**name_it, **options)
             host = actor.remote(sweep, str(journal(storage_path, index)))
-        info = ray.get(host.attach.remote(name, params, r.pack))
+        info = ray.get(host.attach.remote(name, params, r.pack, resume))
         if info is not None:
-            return host, info
+            return Blocking(host), info
     raise RuntimeError(f"every pack host of sweep {sweep.name!r} is full; lower max_concurrent_trials")
 
 

@@ -201,6 +201,36 @@ def test_default_init_is_peft_init_and_detaching_all_restores_the_base(tiny_mode
     torch.testing.assert_close(pack.model.state_dict(), loaded, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("name", ["a", "c"])
+def test_an_adapter_resumed_from_its_training_state_goes_on_as_if_never_stopped(
+    name: str, tiny_model_dir: Path, solo: dict, tmp_path: Path
+) -> None:
+    """a (warmup, weight decay) and c (LoRA+: two parameter groups, unclipped) train 3 of their 6 steps, leave with
+    their weights and `training_state` (through torch.save and torch.load(weights_only=True), as a checkpoint keeps
+    it), and join a fresh pack with `resume=`: the whole curve is the uninterrupted solo run's. The same weights
+    without their training state start the optimizer and schedule afresh, and the curve leaves the solo one."""
+    config = VARIANTS[ADAPTERS[name][0]].peft_config(_adapter(name))
+    first = Pack(_base(tiny_model_dir))
+    first.attach(name, config, solo[name][0], training=_training(name))
+    data = _batches(name, first.model.config.vocab_size)
+    curve = [first.step({name: b}).losses[name] for b in data[:3]]
+    torch.save(first.training_state(name), tmp_path / "state.pt")
+    weights = first.state(name)
+    first.detach(name)
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    assert state["step"] == 3
+    pack = Pack(_base(tiny_model_dir))
+    pack.attach(name, config, weights, training=_training(name), resume=state)
+    pack.attach("afresh", config, weights, training=_training(name))
+    for b in data[3:]:
+        losses = pack.step({name: b, "afresh": b}).losses
+        curve.append(losses[name])
+        afresh = losses["afresh"]
+    assert curve == pytest.approx(solo[name][1], rel=1e-5, abs=0), f"{name}: resumed {curve} vs {solo[name][1]}"
+    assert pack.training_state(name)["step"] == TOTAL
+    assert afresh != pytest.approx(curve[-1], rel=1e-4), "the training state made no difference: the test shows nothing"
+
+
 def test_attach_names_every_problem(tiny_model_dir: Path) -> None:
     from peft import LoraConfig
 
@@ -213,6 +243,14 @@ def test_attach_names_every_problem(tiny_model_dir: Path) -> None:
         assert said in str(e.value)
     with pytest.raises(ConfigError, match="lacks 4 tensor"):
         pack.attach("b", LoraConfig(r=2, target_modules=["k_proj"]), {}, training=Training(lr=1e-3, total_steps=2))
+    kept = pack.training_state("a")
+    with pytest.raises(ConfigError, match="without the adapter's weights"):
+        pack.attach(
+            "c", LoraConfig(r=2, target_modules=["q_proj"]), training=Training(lr=1e-3, total_steps=2), resume=kept
+        )
+    with pytest.raises(ConfigError, match="should have 8"):
+        two = LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
+        pack.attach("c", two, {}, training=Training(lr=1e-3, total_steps=2), resume=kept)
     with pytest.raises(ConfigError, match="warmup_steps"):
         Training(lr=1e-3, total_steps=2, warmup_steps=2)
 

@@ -299,3 +299,61 @@ def _host_sweep(model_dir: Path, **fields: Any) -> Sweep:
         resources=Resources(pack=2),
         **fields,
     )
+
+
+def test_a_packed_trial_resumes_from_its_newest_checkpoint(
+    tiny_model_dir: Path, tiny_jsonl: Path, tmp_path: Path
+) -> None:
+    """In-process (no Ray: the trial's host is a `PackHost` here, its reports reach no Tune, its checkpoints its run
+    dir as a warm trial's): a trial trains its 10 steps; the same trial in a second storage that holds only what its
+    process left after the step-5 report (that checkpoint, its progress, its reports log) attaches resumed from step 5,
+    takes 5 steps, and its step-10 report is the uninterrupted one's: eval loss, train loss (the same batches),
+    tokens, the base's eval loss; and it counts the restart and the steps redone. The killed process's adapter, still
+    attached when the rerun comes, leaves first."""
+    import shutil
+    import time
+
+    from lora_search import layout, pack_trial
+    from lora_search.layout import REPORT_FILE, TRAINER_DIR, TRAINER_STATE, checkpoint_name
+    from lora_search.records import TrialParams
+
+    sweep = _sweep(tiny_model_dir, tiny_jsonl, tmp_path).replace(evals=None)
+    host = pack_host.PackHost(sweep, str(tmp_path / "journal.jsonl"))
+
+    def find_host(sweep: Sweep, storage: str, name: str, params: Any, resume: Any) -> tuple[Any, Any]:
+        return host, host.attach(name, params, sweep.resources.pack, resume)
+
+    config = {"variant": "loraplus", "rank": 4, "alpha": 8.0, "targets": "attention", "lr": 1e-2, "dropout": 0.0}
+    storages = {run: tmp_path / run for run in ("whole", "resumed")}
+    pack_trial.run_packed_trial(
+        {**config, "tune_run_start": time.time()}, sweep, str(storages["whole"]), "t", find_host
+    )
+    runs = {run: layout.run_dir(storage, "t") for run, storage in storages.items()}
+    progress = {run: layout.progress_file(storage, "t") for run, storage in storages.items()}
+    five = runs["whole"] / checkpoint_name(5)
+    assert (five / TRAINER_DIR / pack_trial.PACK_STATE).is_file() and (five / TRAINER_DIR / TRAINER_STATE).is_file()
+    shutil.copytree(five, runs["resumed"] / checkpoint_name(5))
+    progress["resumed"].parent.mkdir(parents=True)
+    shutil.copy(progress["whole"], progress["resumed"])  # the killed process had reached step 10
+    reports = progress["whole"].with_suffix(".reports.jsonl").read_text().splitlines()
+    progress["resumed"].with_suffix(".reports.jsonl").write_text(reports[0] + "\n")  # its step-5 report
+    steps_before = host.status()["steps"]
+    assert host.attach("t", TrialParams.from_config(config), room=2)  # the killed process's, never detached
+
+    pack_trial.run_packed_trial(
+        {**config, "tune_run_start": time.time()}, sweep, str(storages["resumed"]), "t", find_host
+    )
+
+    events = [json.loads(line) for line in (tmp_path / "journal.jsonl").read_text().splitlines()]
+    attaches = [e for e in events if e["event"] == "attach"]
+    assert "resumed_from" not in attaches[0] and attaches[2]["resumed_from"] == 5
+    assert [e["why"] for e in events if e["event"] == "detach"][
+        1
+    ] == "attached again: its trial started in a new process"
+    assert host.status()["steps"] - steps_before == 5 and host.status()["names"] == []
+    whole, resumed = (json.loads((runs[r] / checkpoint_name(10) / REPORT_FILE).read_text()) for r in runs)
+    for key in ("eval_loss", "train_loss", "base_eval_loss"):
+        assert resumed[key] == pytest.approx(whole[key], rel=1e-5), (key, resumed[key], whole[key])
+    assert resumed["tokens"] == whole["tokens"] and resumed["device_s"] > json.loads(reports[0])["device_s"]
+    assert resumed["restarts"] == 1 and resumed["steps_redone"] == 5 and whole["restarts"] == 0
+    assert whole["eval_loss"] < json.loads(reports[0])["eval_loss"] - 0.05  # it learnt: the losses compared move

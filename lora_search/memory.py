@@ -352,6 +352,49 @@ class MicroBatching:
     merge: fastpath.Piece
 
 
+def worker_memory(sweep: Sweep, on_gpu: bool) -> tuple[float, str]:
+    """(usable bytes, where they are) for one worker: `USABLE_FRACTION` of its share of the GPU (`gpus_per_worker` of
+    the device's total) or, on CPU, of `resources.memory_limit_gb` when set (host memory otherwise)."""
+    import torch
+
+    limit = sweep.resources.memory_limit_gb
+    if on_gpu:
+        have = torch.cuda.mem_get_info()[1] * min(sweep.resources.gpus_per_worker, 1.0)
+        where = f"{min(sweep.resources.gpus_per_worker, 1.0):g} of this GPU"
+    elif limit is not None:
+        have, where = limit * 2**30, f"resources.memory_limit_gb={limit:g}"
+    else:
+        have, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "host memory"
+    return USABLE_FRACTION * have, where
+
+
+def pack_checkpointing(sweep: Sweep, packable: Sequence[str], usable: float, where: str) -> tuple[bool, str]:
+    """Whether a pack host checkpoints its base's layers, and why: `pack_fit` for a full pack (`Resources.pack`
+    trials) of the sweep's most demanding packable shape (its largest `pack_bytes` over the `packable` variants, its
+    ranks and target sets). A pack that fits in no way is checkpointed all the same (unless the sweep says "off"),
+    and says so."""
+    arch = read_architecture(sweep.base)
+    k = sweep.resources.pack
+    shapes = [
+        (variant, rank, target) for variant in packable for rank in sweep.space.ranks for target in sweep.space.targets
+    ]
+    if not shapes:
+        return False, "no variant of the sweep packs"
+    worst = max(shapes, key=lambda shape: pack_bytes(sweep, arch, *shape, k))
+    fit = pack_fit(sweep, arch, *worst, k, usable)
+    size = {c: pack_bytes(sweep, arch, *worst, k, c) / 2**30 for c in (False, True)}
+    variant, rank, target = worst
+    shape = f"{k} x {variant} r={rank} {targets.target_key(target)}"
+    gib = f"{usable / 2**30:.1f} GiB usable of {where}"
+    if fit is None:  # it will not fit: the least memory the sweep allows, and why
+        checkpointing = sweep.budget.gradient_checkpointing != "off"
+        how = "with" if checkpointing else "without (budget.gradient_checkpointing='off')"
+        return checkpointing, f"{shape}: {size[checkpointing]:.1f} GiB {how} checkpointing exceeds {gib}"
+    if fit:
+        return True, f"{shape}: {size[False]:.1f} GiB without checkpointing exceeds {gib} ({size[True]:.1f} with)"
+    return False, f"{shape}: {size[False]:.1f} GiB without checkpointing fits {gib}"
+
+
 def micro_batching(sweep: Sweep, params: TrialParams, on_gpu: bool, liger: bool = False) -> MicroBatching:
     """The trial's micro-batch and gradient checkpointing, from the memory estimate (`trial_memory`)
     against what this worker holds: its share of the GPU (`gpus_per_worker` of the device's total) or, on CPU,
@@ -363,20 +406,10 @@ def micro_batching(sweep: Sweep, params: TrialParams, on_gpu: bool, liger: bool 
     recompute ("keep-activations": `Budget.gradient_checkpointing` "off", or "auto" where even k=1 fits without it)
     the merge is sized without checkpointing; with it, with checkpointing. `liger`: the trial runs Liger's kernels,
     which keep less (`LIGER_BLOCK_FACTOR`)."""
-    import torch
-
     budget = sweep.budget
     arch = read_architecture(sweep.base)
     target = targets.targets_from_key(params.targets)
-    limit = sweep.resources.memory_limit_gb
-    if on_gpu:
-        have = torch.cuda.mem_get_info()[1] * min(sweep.resources.gpus_per_worker, 1.0)
-        where = f"{min(sweep.resources.gpus_per_worker, 1.0):g} of this GPU"
-    elif limit is not None:
-        have, where = limit * 2**30, f"resources.memory_limit_gb={limit:g}"
-    else:
-        have, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "host memory"
-    usable = USABLE_FRACTION * have
+    usable, where = worker_memory(sweep, on_gpu)
 
     def need(checkpointing: bool, k: int) -> float:
         row = trial_memory(
@@ -420,32 +453,53 @@ def micro_batching(sweep: Sweep, params: TrialParams, on_gpu: bool, liger: bool 
 
 def pack_rows(sweep: Sweep) -> int:
     """Rows one trial puts into a pack step: its whole optimizer step as one micro-batch, batch_size x grad_accum
-    (lora_search.pack_host accumulates no gradients over smaller micro-batches)."""
+    (a pack accumulates no gradients over smaller micro-batches; it checkpoints instead, `pack_checkpointing`)."""
     return sweep.budget.batch_size * sweep.budget.grad_accum
 
 
-def pack_bytes(sweep: Sweep, arch: Architecture, variant: str, rank: int, target: targets.Targets, k: int) -> float:
+def pack_bytes(
+    sweep: Sweep,
+    arch: Architecture,
+    variant: str,
+    rank: int,
+    target: targets.Targets,
+    k: int,
+    checkpointing: bool = False,
+) -> float:
     """Bytes on the one device of a pack of `k` trials of one shape (`lora_search.pack`): the frozen base once, each
     adapter's own weights, gradients and AdamW state, and the activations of one pack step, which runs the base once
-    on all k adapters' rows concatenated (k x `pack_rows`), without gradient checkpointing (a pack runs the model as
-    loaded and never turns it on):
+    on all k adapters' rows concatenated (k x `pack_rows`), with or without gradient checkpointing (`pack_fit`):
 
-        weights + k x (adapter + optimizer) + activation_bytes(k x pack_rows, checkpointing=False)
+        weights + k x (adapter + optimizer) + activation_bytes(k x pack_rows, checkpointing)
 
     each term as `trial_memory` counts it. Example, sweeps/smollm2.py on a GPU (bf16 base, r=16 on all-linear, 32
-    rows of 96 tokens): 0.25 GiB of base + k x (0.07 GiB of adapter, gradients and AdamW state + 6.0 GiB of
-    activations: 87 x 96 x 32 x 576 x 30 layers = 4.3 GiB in the blocks, 12 x 96 x 32 x 49152 = 1.7 GiB of loss)."""
-    row = trial_memory(sweep, arch, variant, rank, target, checkpointing=False, batch=pack_rows(sweep) * k)
+    rows of 96 tokens), without checkpointing: 0.25 GiB of base + k x (0.07 GiB of adapter, gradients and AdamW
+    state + 6.0 GiB of activations: 87 x 96 x 32 x 576 x 30 layers = 4.3 GiB in the blocks, 12 x 96 x 32 x 49152 =
+    1.7 GiB of loss)."""
+    row = trial_memory(sweep, arch, variant, rank, target, checkpointing=checkpointing, batch=pack_rows(sweep) * k)
     return row.weights + k * (row.adapter + row.optimizer) + row.activations
+
+
+def pack_fit(
+    sweep: Sweep, arch: Architecture, variant: str, rank: int, target: targets.Targets, k: int, usable: float
+) -> bool | None:
+    """How a pack of `k` trials fits `usable` bytes under `Budget.gradient_checkpointing`: False (without
+    checkpointing), True (only with it: "auto" turns it on where the pack would not fit otherwise, as a solo trial's
+    "keep-activations" piece decides), None (not at all)."""
+    choice = sweep.budget.gradient_checkpointing
+    for checkpointing in {"off": (False,), "on": (True,)}.get(choice, (False, True)):
+        if pack_bytes(sweep, arch, variant, rank, target, k, checkpointing) <= usable:
+            return checkpointing
+    return None
 
 
 def largest_pack(
     sweep: Sweep, arch: Architecture, variant: str, rank: int, target: targets.Targets, usable: float
 ) -> int:
-    """The most trials of one shape whose pack fits `usable` bytes: the largest k with `pack_bytes` <= usable, 0 when
-    not even one trial fits. `pack_bytes` grows with k, so doubling to a k that does not fit and then halving the
-    interval finds it in about 2 log2(k) estimates."""
-    fits = lambda k: pack_bytes(sweep, arch, variant, rank, target, k) <= usable  # noqa: E731
+    """The most trials of one shape whose pack fits `usable` bytes (`pack_fit`, checkpointing where the sweep allows),
+    0 when not even one trial fits. `pack_bytes` grows with k, so doubling to a k that does not fit and then halving
+    the interval finds it in about 2 log2(k) estimates."""
+    fits = lambda k: pack_fit(sweep, arch, variant, rank, target, k, usable) is not None  # noqa: E731
     if not fits(1):
         return 0
     low, high = 1, 2  # fits(low), and high is the next to try

@@ -156,10 +156,17 @@ class _Attached:
 
 class Pack:
     """The frozen base, held once, and the adapters attached to it. `pad_token_id` pads the concatenated batch
-    (default: the base config's). The base's linear layers are wrapped in place as adapters target them."""
+    (default: the base config's). The base's linear layers are wrapped in place as adapters target them.
+    `checkpointing`: the decoder layers recompute their activations in the backward (Transformers' gradient
+    checkpointing, non-reentrant, the random state kept, so dropout draws the same masks again): the same gradients
+    for a step's activations of one layer's size instead of every layer's (`memory.pack_fit` says when a pack needs
+    it). The rows stay routed through the backward (`_routed`), so a recomputed layer adds each update to its rows."""
 
-    def __init__(self, model: PreTrainedModel, pad_token_id: int | None = None) -> None:
+    def __init__(self, model: PreTrainedModel, pad_token_id: int | None = None, checkpointing: bool = False) -> None:
         model.requires_grad_(False)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.checkpointing = checkpointing
         pad = model.config.pad_token_id if pad_token_id is None else pad_token_id
         if pad is None:
             raise ValueError("the base has no pad_token_id: pass Pack(model, pad_token_id=tokenizer.pad_token_id)")

@@ -103,7 +103,8 @@ class PackHost:
 
         from lora_search import targets
         from lora_search.devices import device_name
-        from lora_search.pack import Pack
+        from lora_search.memory import pack_checkpointing, worker_memory
+        from lora_search.pack import Pack, packs
         from lora_search.train import load_base
 
         self.sweep = sweep
@@ -120,7 +121,10 @@ class PackHost:
             tokenizer.pad_token = tokenizer.eos_token  # as the solo trial's (train.py): lm-eval pads with it
         self.tokenizer = tokenizer
         self.layers = targets.linear_layers(model)  # before the pack wraps any
-        self.pack = Pack(model, pad_token_id=tokenizer.pad_token_id)
+        usable, where = worker_memory(sweep, on_gpu)
+        packable = [v for v in sweep.space.variants if packs(v) is True]
+        self.checkpointing, checkpointing_why = pack_checkpointing(sweep, packable, usable, where)
+        self.pack = Pack(model, pad_token_id=tokenizer.pad_token_id, checkpointing=self.checkpointing)
         self.scorer: Any = None
         """The plain base golden scoring puts each adapter on (`Pack.plain_copy`), made at the first scoring."""
         # The autocast a solo trial of a packing variant trains and is scored under (train.py's SFTConfig bf16).
@@ -140,7 +144,13 @@ class PackHost:
         self.trained: dict[str, int] = {}
         """Steps each attached adapter has taken (what `close` says of a trial whose own detach never came)."""
         self.stale_s = stale_s
-        self._log("load", load_s=round(self.load_s, 3), device=self.device)
+        self._log(
+            "load",
+            load_s=round(self.load_s, 3),
+            device=self.device,
+            checkpointing=self.checkpointing,
+            checkpointing_why=checkpointing_why,
+        )
         threading.Thread(target=self._reap, daemon=True).start()
 
     def attach(

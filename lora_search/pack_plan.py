@@ -14,7 +14,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lora_search.config import ConfigError, Problem, Sweep
-from lora_search.memory import GPUS, USABLE_FRACTION, Architecture, largest_pack, pack_bytes, pack_rows, trial_memory
+from lora_search.memory import (
+    GPUS,
+    USABLE_FRACTION,
+    Architecture,
+    largest_pack,
+    pack_bytes,
+    pack_fit,
+    pack_rows,
+    trial_memory,
+)
 from lora_search.strategies import STRATEGIES
 from lora_search.targets import target_key
 
@@ -39,11 +48,14 @@ class PackShape:
     base: float
     """Bytes of the frozen base, held once per pack."""
     per_trial: float
-    """Bytes each trial adds: its adapter, gradients and AdamW state, and the activations of its own rows."""
+    """Bytes each trial adds: its adapter, gradients and AdamW state, and the activations of its own rows (checkpointed
+    where `recompute`)."""
     fits: int
     """The most trials whose pack fits the pack's usable memory (`memory.largest_pack`); 0: not one."""
     k: int
     """Trials a pack of this shape holds: `fits` capped by `Resources.pack`."""
+    recompute: bool = False
+    """The pack of `k` fits only with gradient checkpointing, which it then runs (`memory.pack_fit`)."""
 
 
 @dataclass(frozen=True)
@@ -234,9 +246,12 @@ def packing(
     for rank in sweep.space.ranks if packable and one_device else ():
         for target in sweep.space.targets:
             fits = min(largest_pack(sweep, arch, v, rank, target, usable) for v in packable)
-            one = max(pack_bytes(sweep, arch, v, rank, target, 1) for v in packable)
+            k_shape = min(fits, r.pack)
+            # checkpointed where the pack of k_shape fits only with it (`memory.pack_fit`)
+            recompute = k_shape >= 1 and any(pack_fit(sweep, arch, v, rank, target, k_shape, usable) for v in packable)
+            one = max(pack_bytes(sweep, arch, v, rank, target, 1, recompute) for v in packable)
             weights = trial_memory(sweep, arch, packable[0], rank, target).weights
-            shapes.append(PackShape(rank, target_key(target), weights, one - weights, fits, min(fits, r.pack)))
+            shapes.append(PackShape(rank, target_key(target), weights, one - weights, fits, k_shape, recompute))
     share = len(packable) / len(variants)
     packed_trials = trials * share
     k = min([s.k for s in shapes if s.k >= 1] or [1])

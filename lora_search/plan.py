@@ -595,10 +595,15 @@ def _format_packing(p: Plan) -> list[str]:
             f"  variants {', '.join(k.packable)}: a pack of k on one {GPU_LABELS[p.gpu]} ({_gib(k.usable)} GiB usable) "
             f"holds the base once ({_gib3(k.shapes[0].base)} GiB)",
             "  + k x per trial: its adapter, gradients and AdamW state, and the activations of its whole step "
-            f"({k.rows} rows x {p.max_length} tokens; a pack accumulates no gradients and does not checkpoint)",
+            f"({k.rows} rows x {p.max_length} tokens; a pack accumulates no gradients, and checkpoints its layers "
+            "where it fits only so: recompute)",
         ]
-        rows = [[str(s.rank), s.targets, _gib3(s.per_trial), str(s.fits), str(s.k)] for s in k.shapes]
-        out += ["  " + line for line in _table(["rank", "targets", "per trial GiB", "fits", "packs"], rows)]
+        rows = [
+            [str(s.rank), s.targets, _gib3(s.per_trial), str(s.fits), str(s.k), "yes" if s.recompute else "no"]
+            for s in k.shapes
+        ]
+        header = ["rank", "targets", "per trial GiB", "fits", "packs", "recompute"]
+        out += ["  " + line for line in _table(header, rows)]
         if any(s.fits == 0 for s in k.shapes):
             out.append(
                 "  fits 0: not even one trial's pack fits the GPU; to pack, lower the rows a step (budget.batch_size "

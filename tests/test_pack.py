@@ -129,7 +129,11 @@ def solo(tiny_model_dir: Path) -> dict[str, tuple[dict[str, torch.Tensor], list[
 @pytest.fixture(scope="module")
 def packed(tiny_model_dir: Path, solo: dict) -> tuple[Pack, dict[str, list[float]]]:
     """The pack after its TOTAL steps (a, c and d attached) and every adapter's packed loss curve."""
-    pack = Pack(_base(tiny_model_dir))
+    return _pack_run(tiny_model_dir, solo, checkpointing=False)
+
+
+def _pack_run(model_dir: Path, solo: dict, checkpointing: bool) -> tuple[Pack, dict[str, list[float]]]:
+    pack = Pack(_base(model_dir), checkpointing=checkpointing)
     vocab = pack.model.config.vocab_size
     data = {name: _batches(name, vocab) for name in ADAPTERS}
     for name in "abc":
@@ -199,6 +203,41 @@ def test_default_init_is_peft_init_and_detaching_all_restores_the_base(tiny_mode
     pack.detach("c")
     assert not any(isinstance(m, PackedLinear) for m in pack.model.modules())
     torch.testing.assert_close(pack.model.state_dict(), loaded, rtol=0, atol=0)
+
+
+def test_a_checkpointed_pack_trains_the_same_curves(tiny_model_dir: Path, solo: dict, packed: tuple) -> None:
+    """Gradient checkpointing (what a pack runs where it fits only so) recomputes each layer in the backward with the
+    rows still routed: every adapter's curve, b leaving and d joining included, is the plain pack's."""
+    pack, curves = _pack_run(tiny_model_dir, solo, checkpointing=True)
+    assert pack.model.is_gradient_checkpointing
+    for name in ADAPTERS:
+        assert curves[name] == pytest.approx(packed[1][name], rel=1e-5, abs=0), name
+
+
+def test_a_checkpointed_pack_draws_the_same_dropout_masks_again(tiny_model_dir: Path) -> None:
+    """With dropout the recompute must draw the forward's masks again (non-reentrant checkpointing keeps the random
+    state): two adapters with dropout 0.3 train the same curves with and without checkpointing."""
+    from peft import LoraConfig
+
+    def curves(checkpointing: bool) -> dict[str, list[float]]:
+        pack = Pack(_base(tiny_model_dir), checkpointing=checkpointing)
+        vocab = pack.model.config.vocab_size
+        torch.manual_seed(0)
+        for name in "ab":
+            config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, target_modules=["q_proj", "v_proj", "up_proj"])
+            pack.attach(name, config, training=Training(lr=1e-2, total_steps=4))
+        data = {name: _batches(name, vocab) for name in "ab"}
+        out: dict[str, list[float]] = {"a": [], "b": []}
+        torch.manual_seed(1)  # the dropout draws
+        for step in range(4):
+            for name, loss in pack.step({n: data[n][step] for n in "ab"}).losses.items():
+                out[name].append(loss)
+        return out
+
+    plain, checkpointed = curves(False), curves(True)
+    for name in "ab":
+        assert checkpointed[name] == pytest.approx(plain[name], rel=1e-5, abs=0), name
+        assert plain[name][-1] < plain[name][0], plain[name]
 
 
 @pytest.mark.parametrize("name", ["a", "c"])

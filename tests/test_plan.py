@@ -172,10 +172,13 @@ def test_sweep_dry_run(dry_runs: dict[str, str], name: str) -> None:
             weights[cells[0]] = float(cells[4])
     if name == "llama8b":  # DDP: every GPU holds the whole base, NF4 or bf16
         assert weights["qlora"] < weights["lora"]
-        # A pack step holds each trial's whole step, 32 rows x 2048 tokens, without checkpointing: 87 x 2048 x 32 x
-        # 4096 x 32 layers = 696 GiB of blocks alone, so no 8B pack fits an H100
+        # A pack step holds each trial's whole step, 32 rows x 2048 tokens as one micro-batch: 87 x 2048 x 32 x 4096 x
+        # 32 layers = 696 GiB of blocks alone without checkpointing, and the step's logits even with it, so no 8B
+        # pack fits an H100 (the per-trial column is then without checkpointing: recompute "no")
         per_trial = [
-            float(line.split()[2]) for line in out.splitlines() if re.match(r"  (8|16|64) +\S+ +[0-9.]+ +0 +0$", line)
+            float(line.split()[2])
+            for line in out.splitlines()
+            if re.match(r"  (8|16|64) +\S+ +[0-9.]+ +0 +0 +no$", line)
         ]
         assert len(per_trial) == 6 and min(per_trial) > 87 * 2048 * 32 * 4096 * 32 / 2**30
         assert "fits 0: not even one trial's pack fits the GPU" in out and "solo: dora: DoRA rescales" in out
@@ -261,9 +264,20 @@ def test_pack_memory_by_hand(tiny_config_dir: Path, tiny: M.Architecture) -> Non
     for k in (1, 3):
         assert M.pack_bytes(sweep, tiny, "lora", 4, "attention", k) == base + k * (adapter_state + activations)
     five = M.pack_bytes(sweep, tiny, "lora", 4, "attention", 5)
-    assert M.largest_pack(sweep, tiny, "lora", 4, "attention", five) == 5
-    assert M.largest_pack(sweep, tiny, "lora", 4, "attention", five - 1) == 4
-    assert M.largest_pack(sweep, tiny, "lora", 4, "attention", base + adapter_state) == 0  # not one trial
+    off = sweep.replace(budget=dataclasses.replace(sweep.budget, gradient_checkpointing="off"))
+    assert M.largest_pack(off, tiny, "lora", 4, "attention", five) == 5
+    assert M.largest_pack(off, tiny, "lora", 4, "attention", five - 1) == 4
+    assert M.largest_pack(off, tiny, "lora", 4, "attention", base + adapter_state) == 0  # not one trial
+
+    # "auto" (the default): a pack that fits only with gradient checkpointing runs with it
+    assert sweep.budget.gradient_checkpointing == "auto"
+    assert M.pack_fit(sweep, tiny, "lora", 4, "attention", 5, five) is False  # fits as it is
+    assert M.pack_fit(sweep, tiny, "lora", 4, "attention", 5, five - 1) is True  # fits only checkpointed
+    assert M.pack_fit(off, tiny, "lora", 4, "attention", 5, five - 1) is None  # "off": it does not fit
+    checkpointed = [M.pack_bytes(sweep, tiny, "lora", 4, "attention", k, True) for k in range(1, 40)]
+    assert checkpointed[4] < five  # checkpointing keeps less
+    most = max(k for k, b in enumerate(checkpointed, 1) if b <= five)
+    assert M.largest_pack(sweep, tiny, "lora", 4, "attention", five) == most > 5
 
 
 def test_plan_packs_per_shape_and_names_solo_variants(tiny_config_dir: Path, tiny: M.Architecture) -> None:
@@ -277,10 +291,12 @@ def test_plan_packs_per_shape_and_names_solo_variants(tiny_config_dir: Path, tin
     usable = 0.9 * 143771 / 1024 * 2**30
     for s in k.shapes:
         one = M.pack_bytes(p_sweep := pack_sweep(tiny_config_dir), tiny, "lora", s.rank, s.targets, 1)
-        assert s.base == 133_440 * 2 and s.per_trial == one - s.base
-        assert s.fits == int((usable - s.base) // s.per_trial) > 60_000  # a 133K-param base: tens of thousands
+        assert s.base == 133_440 * 2 and s.per_trial == one - s.base and not s.recompute  # 4 fit as they are
+        # the most that fit: checkpointed, as the default budget.gradient_checkpointing="auto" allows
+        per_checkpointed = M.pack_bytes(p_sweep, tiny, "lora", s.rank, s.targets, 1, True) - s.base
+        assert s.fits == int((usable - s.base) // per_checkpointed) > 60_000  # a 133K-param base: tens of thousands
         assert s.k == 4  # capped by Resources.pack
-        assert M.pack_bytes(p_sweep, tiny, "lora", s.rank, s.targets, s.fits) <= usable
+        assert M.pack_bytes(p_sweep, tiny, "lora", s.rank, s.targets, s.fits, True) <= usable
     text = P.format_plan(p)
     assert f"solo: dora: {SOLO['dora']}" in text and f"solo: qlora: {SOLO['qlora']}" in text
     assert "up to 4 trial(s) a pack" in text
@@ -356,3 +372,21 @@ def test_bad_pack_benchmarks_name_field_value_and_fix(tmp_path: Path, tiny_confi
     assert any(name == "pack_b.json" for name, _, _ in problems) and len(problems) == 4
     assert all("rerun benchmarks/pack.py to rewrite pack_" in p.fix for p in raised.value.problems)
     assert "cannot read the pack benchmarks: 4 problem(s)" in str(raised.value)
+
+
+def test_a_pack_host_checkpoints_only_where_its_full_pack_would_not_fit(tiny_config_dir: Path) -> None:
+    """`memory.pack_checkpointing`, what a PackHost decides at its load (and journals): a full pack (resources.pack) of
+    the sweep's most demanding packable shape (lora is the space's one packing variant), against usable memory."""
+    sweep = pack_sweep(tiny_config_dir)  # lora (packs), qlora and dora (solo); r 4, 8; attention, all-linear
+    tiny = M.read_architecture(sweep.base)
+    worst = M.pack_bytes(sweep, tiny, "lora", 8, "all-linear", 4)
+    assert worst == max(M.pack_bytes(sweep, tiny, "lora", r, t, 4) for r in (4, 8) for t in ("attention", "all-linear"))
+    on, why = M.pack_checkpointing(sweep, ["lora"], worst, "this GPU")
+    assert not on and why.startswith("4 x lora r=8 all-linear") and "without checkpointing fits" in why
+    on, why = M.pack_checkpointing(sweep, ["lora"], worst - 1, "this GPU")
+    assert on and "without checkpointing exceeds" in why
+    off = sweep.replace(budget=dataclasses.replace(sweep.budget, gradient_checkpointing="off"))
+    on, why = M.pack_checkpointing(off, ["lora"], worst - 1, "this GPU")
+    assert not on and "budget.gradient_checkpointing='off'" in why
+    on, why = M.pack_checkpointing(sweep, ["lora"], 1.0, "this GPU")  # nothing fits: the least memory it can, and why
+    assert on and "with checkpointing exceeds" in why

@@ -131,7 +131,11 @@ def solo(i: int, a: Any, model: Any, data: list, args: argparse.Namespace) -> di
     peft_model = get_peft_model(model, variant.peft_config(a))
     init = {k: v.clone() for k, v in get_peft_model_state_dict(peft_model).items()}
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = variant.optimizer(peft_model, a) if variant.optimizer else torch.optim.AdamW(params, lr=a.lr)
+    # a solo GPU trial's "adamw_torch_fused" (`train.optimizer_name`), as the pack's own AdamW
+    fused = args.device == "cuda" or None
+    optimizer = (
+        variant.optimizer(peft_model, a) if variant.optimizer else torch.optim.AdamW(params, lr=a.lr, fused=fused)
+    )
     schedule = get_scheduler(plan.schedule, optimizer, plan.warmup_steps, plan.total_steps)
     peft_model.train()
     losses, times = [], []

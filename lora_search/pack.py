@@ -463,7 +463,9 @@ def _on_cpu(state: Any) -> Any:
 
 def _optimizer(params: dict[str, nn.Parameter], training: Training) -> torch.optim.Optimizer:
     """AdamW over the adapter's A and B; with LoRA+, B in a group of its own at `loraplus_lr_ratio` times the rate
-    (PEFT's `create_loraplus_optimizer` puts "lora_B" parameters there)."""
+    (PEFT's `create_loraplus_optimizer` puts "lora_B" parameters there). Fused on CUDA (one multi-tensor kernel a
+    group), as a solo GPU trial's "adamw_torch_fused" (`train.optimizer_name`); torch's default on a CPU, as a solo
+    CPU trial's "adamw_torch"."""
     ratio = training.loraplus_lr_ratio
     if ratio is None:
         groups = [{"params": list(params.values())}]
@@ -471,4 +473,5 @@ def _optimizer(params: dict[str, nn.Parameter], training: Training) -> torch.opt
         a = [p for k, p in params.items() if "lora_B" not in k]
         b = [p for k, p in params.items() if "lora_B" in k]
         groups = [{"params": a}, {"params": b, "lr": training.lr * ratio}]
-    return torch.optim.AdamW(groups, lr=training.lr, weight_decay=training.weight_decay)
+    fused = all(p.is_cuda for p in params.values())
+    return torch.optim.AdamW(groups, lr=training.lr, weight_decay=training.weight_decay, fused=fused or None)

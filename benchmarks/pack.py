@@ -171,7 +171,7 @@ def packed(
     from lora_search.pack import Pack
     from lora_search.variants import VARIANTS
 
-    pack = Pack(model, pad_token_id=args.pad)
+    pack = Pack(model, pad_token_id=args.pad, checkpointing=args.checkpointing)
     for i, a in enumerate(adapters[:k]):
         pack.attach(f"t{i}", VARIANTS[a.variant].peft_config(a), inits[i], training=training(a))
     curves: list[list[float]] = [[] for _ in range(k)]
@@ -237,6 +237,12 @@ def main() -> None:
         default="auto,loop,bmm,masked",
         help="the pack layer's product paths to time side by side (lora_search.pack_layers.PRODUCTS): auto, the "
         "default path (`ratio`), and any of loop, bmm, masked (each row's `products`)",
+    )
+    parser.add_argument(
+        "--checkpointing",
+        action="store_true",
+        help="packs recompute their layers in the backward (what a pack host does where a pack fits only so); the "
+        "solo runs do not",
     )
     parser.add_argument("--work", type=Path, default=Path("/tmp/pack_bench"))
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/pack_<dev>_<base>_...)")
@@ -324,6 +330,7 @@ def main() -> None:
         "rows_per_trial": args.bs,
         "steps": args.steps,
         "timed_steps": args.steps - args.skip,
+        "pack_checkpointing": args.checkpointing,
         "timing": "median step time over the timed steps (robust to a busy machine); solo: summed over the k trials",
         "tolerance": tolerance,
         "trials": [dict(zip(("variant", "rank", "alpha", "targets", "lr"), t, strict=True)) for t in TRIALS],

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The GPU measurements issues 23 and 24 wait on, in calls of under 10 minutes each on the device machine, run from
+# the repo root after benchmarks/smollm2_device.sh's set-up calls (wheels .whl, wheels .whlb, the GGUF parts):
+#
+#   bash benchmarks/device_round.sh pack     # benchmarks/pack.py: every product path (auto, loop, bmm, masked)
+#                                            # side by side, SmolLM2 and the 1.1B shape at 512; 1.1B at 2048,
+#                                            # checkpointed (it ran out of memory without)
+#   bash benchmarks/device_round.sh speed    # benchmarks/speed.py, the 8B r16 headline: the trial path eager and
+#                                            # with compiled decoder layers, beside HF PEFT and HF PEFT + Liger
+#   bash benchmarks/device_round.sh varlen   # benchmarks/speed.py --varlen: TRL, Liger, padded, flex, auto
+#   bash benchmarks/device_round.sh sweep    # sweeps/smollm2.py packed 4 to a GPU, then solo: wall time and
+#                                            # frontier (each stopped with SIGINT at half the call; rerun resumes)
+#
+# Everything lands in $OUT (JSON per benchmark, one log per step). The GGUF must be in place for `pack` and `sweep`
+# (smollm2_device.sh's last part call puts it there); `speed` and `varlen` build random-init shapes.
+set -u
+export PYTHONPATH=$PWD:/tmp/site HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export LORA_SEARCH_CACHE=/tmp/lscache
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+T0=$SECONDS
+LIMIT=${LIMIT:-570}
+left() { echo $(( LIMIT - (SECONDS - T0) )); }
+step() {  # step NAME CMD...: CMD with the call's time left (SIGINT, then a kill), its log in $OUT/NAME.log
+  local name=$1; shift; local rest; rest=$(left)
+  [ "$rest" -lt 45 ] && { echo "skip $name: $rest s left"; return; }
+  echo "== $name ($rest s left): $*"
+  timeout -k 20 -s INT "$rest" "$@" > "$OUT/$name.log" 2>&1
+  echo "   rc $? after $(( SECONDS - T0 )) s"; grep -v -i warn "$OUT/$name.log" | tail -6 | cut -c1-400
+}
+
+case "${1:-}" in
+pack)
+  step pack_smollm2_512 python benchmarks/pack.py --device cuda --base smollm2 --seq 512 --out "$OUT/pack_smollm2_512.json"
+  step pack_1b_512 python benchmarks/pack.py --device cuda --base 1b --seq 512 --out "$OUT/pack_1b_512.json"
+  step pack_1b_2048 python benchmarks/pack.py --device cuda --base 1b --seq 2048 --bs 4 --ks 1 2 4 --checkpointing \
+    --out "$OUT/pack_1b_2048.json"
+  ;;
+speed)
+  step speed_8b python benchmarks/speed.py --out "$OUT/speed" --configs 8b:16 --bs 2 --accum 4 --steps 16 \
+    --attn sdpa,sdpa+compiled
+  ;;
+varlen)
+  step varlen_8b python benchmarks/speed.py --out "$OUT/varlen" --varlen --configs 8b:16 --bs 2 --accum 4 --steps 16
+  ;;
+sweep)
+  export LORA_SEARCH_OUTPUT_DIR=/tmp/reports  # smollm2-pack4/ and smollm2/ (the solo sweep took 254 s, 2026-12-04)
+  half=$(( ($(left) - 30) / 2 ))
+  LIMIT=$(( SECONDS - T0 + half )) step sweep_packed env SMOLLM2_PACK=4 python sweeps/smollm2.py
+  step sweep_solo python sweeps/smollm2.py
+  (cd /tmp/reports && find smollm2-pack4 smollm2 -maxdepth 2 -type f -size -20M -not -path "*/ray/*" \
+     -not -path "*/adapters/*" | tar czf "$OUT/sweeps.tgz" -T -) && ls -l "$OUT"
+  ;;
+*)
+  echo "usage: bash benchmarks/device_round.sh pack|speed|varlen|sweep" >&2
+  exit 2
+  ;;
+esac
+nvidia-smi --query-gpu=name,memory.used --format=csv 2>/dev/null

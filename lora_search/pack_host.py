@@ -224,7 +224,8 @@ class PackHost:
         with self.cond:
             self._attached(name)
             start = time.perf_counter()
-            losses = [self.pack.evaluate({name: b})[name] for b in batches]
+            with self._autocast():
+                losses = [self.pack.evaluate({name: b})[name] for b in batches]
             self.seen[name] = time.monotonic()
             return {"losses": losses, "device_s": (time.perf_counter() - start) * self.units}
 
@@ -244,9 +245,11 @@ class PackHost:
                 self.pack.save(name, tmp)
                 files = {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
             training = self.pack.training_state(name)
-            logits = [
-                self.pack.logits({name: {"input_ids": ids, "labels": ids}})[name][0, -1].float().cpu() for ids in probe
-            ]
+            with self._autocast():
+                logits = [
+                    self.pack.logits({name: {"input_ids": ids, "labels": ids}})[name][0, -1].float().cpu()
+                    for ids in probe
+                ]
             self.seen[name] = time.monotonic()
         peak, kind = peak_memory_bytes()
         return {"files": files, "training": training, "logits": torch.stack(logits), "peak": peak, "peak_kind": kind}
@@ -321,7 +324,8 @@ class PackHost:
     def _run(self) -> None:
         """One pack step of the pending batches (called holding the lock)."""
         batches, self.pending = self.pending, {}
-        done = self.pack.step(batches)
+        with self._autocast():
+            done = self.pack.step(batches)
         real = {n: int(b["attention_mask"].sum()) for n, b in batches.items()}
         total = max(sum(real.values()), 1)
         step_s = done.seconds * self.units
@@ -335,6 +339,14 @@ class PackHost:
         self.previous = set(batches)
         self.steps += 1
         self.cond.notify_all()
+
+    def _autocast(self) -> Any:
+        """The bf16 autocast a solo trial of the same sweep trains, evaluates and probes under (train.py's SFTConfig
+        bf16; `fastpath.autocast`), around every forward of the pack: the adapters' fp32 weights then meet bf16
+        activations in bf16 products, as in the solo trial and in benchmarks/pack.py's packed runs."""
+        from lora_search import fastpath
+
+        return fastpath.autocast(self.pack.model, self.bf16)
 
     def _attached(self, name: str) -> None:
         if name not in self.pack.names:

@@ -360,3 +360,28 @@ def test_a_packed_trial_resumes_from_its_newest_checkpoint(
     assert resumed["tokens"] == whole["tokens"] and resumed["device_s"] > json.loads(reports[0])["device_s"]
     assert resumed["restarts"] == 1 and resumed["steps_redone"] == 5 and whole["restarts"] == 0
     assert whole["eval_loss"] < json.loads(reports[0])["eval_loss"] - 0.05  # it learnt: the losses compared move
+
+
+def test_a_host_steps_evaluates_and_probes_under_the_solo_trials_autocast(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """In-process: a host whose sweep trains under bf16 autocast (a bf16 base on a GPU: `PackHost.bf16`) runs every
+    forward of its pack under it, as a solo trial's Trainer does (here on the CPU's autocast: the base's products come
+    out bf16); without it, in the base's own dtype."""
+    import torch
+
+    from lora_search.records import TrialParams
+
+    host = pack_host.PackHost(_host_sweep(tiny_model_dir), str(tmp_path / "journal.jsonl"))
+    params = TrialParams(variant="lora", rank=2, alpha=4.0, targets="attention", lr=1e-3, dropout=0.0)
+    assert host.attach("a", params, room=2)
+    ids = torch.randint(3, 300, (2, 8))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    seen: list[torch.dtype] = []
+    layer = next(m for m in host.pack.model.modules() if isinstance(m, torch.nn.Linear))
+    layer.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    for bf16, dtype in ((False, torch.float32), (True, torch.bfloat16)):
+        host.bf16 = bf16
+        seen.clear()
+        host.step("a", batch)
+        host.evaluate("a", [batch])
+        host.save("a", [ids[:1]])
+        assert len(seen) == 3 and set(seen) == {dtype}, (bf16, seen)

@@ -9,6 +9,10 @@ adapter (`PackHost.attach`), sends a micro-batch a step (`PackHost.step`), asks 
 and, at its last step, its golden scores, and detaches. A trial Tune stops leaves in its `finally` (`PackHost.detach`);
 one whose process was killed is detached after `STALE_S` without a step.
 
+A host holds its device (its Ray GPU) while it lives. Where the sweep also has variants that train solo, a host left
+without trials for `IDLE_S` leaves (journal "leave"), so that the solo trials waiting for that device get it (on one
+GPU they would wait for ever); the next packed trial starts a host again.
+
 The host runs a step once every adapter that took part in the previous step has sent its batch, or `GATHER_S` after
 the first batch came (the late ones sit that step out). A step's wall time is split over its adapters by their real
 tokens: that is each packed trial's device-seconds. Every load, attach (with `resumed_from`: the step a resumed
@@ -42,6 +46,10 @@ GATHER_S = 0.5
 """How long a step waits for adapters of the previous step that have not sent their batch (at an eval, say)."""
 STALE_S = 60.0
 """An adapter that sent nothing for this long is detached: its trial was stopped and its process killed."""
+IDLE_S = 15.0
+"""A host with no trial attached for this long leaves, giving its device back, when the sweep has variants that train
+solo: on a one-GPU machine they wait for the device the host holds (its Ray GPU), and would wait for ever. The next
+packed trial starts a new host (one base load more). Long enough for ASHA's next trial to tokenize and attach."""
 DETACH_S = 30.0
 """How long a trial waits for its host to detach it (a host scoring another trial's golden sets holds its lock for
 minutes); past that the host detaches it after `STALE_S` anyway."""
@@ -97,7 +105,9 @@ class PackHost:
     """The pack of one device, as a threaded Ray actor (`host_for` creates it). Each method is called by a packed
     trial; `step` blocks until the step its batch went into has run."""
 
-    def __init__(self, sweep: Sweep, journal_path: str, stale_s: float = STALE_S) -> None:
+    def __init__(
+        self, sweep: Sweep, journal_path: str, stale_s: float = STALE_S, idle_s: float | None = IDLE_S
+    ) -> None:
         import torch
         from transformers import AutoTokenizer
 
@@ -144,6 +154,10 @@ class PackHost:
         self.trained: dict[str, int] = {}
         """Steps each attached adapter has taken (what `close` says of a trial whose own detach never came)."""
         self.stale_s = stale_s
+        self.idle_s = idle_s if solo_reasons(sweep) else None
+        """Seconds empty after which the host leaves (`IDLE_S`); None: it stays (no trial of the sweep trains solo)."""
+        self.empty_since: float | None = time.monotonic()
+        self.leaving = False
         self._log(
             "load",
             load_s=round(self.load_s, 3),
@@ -182,6 +196,8 @@ class PackHost:
             loraplus_lr_ratio=LORAPLUS_LR_RATIO if params.variant == "loraplus" else None,
         )
         with self.cond:
+            if self.leaving:  # it gave its device back: `host_for` starts a new host
+                return {"leaving": True}
             if name in self.pack.names:
                 self._detach(name, "attached again: its trial started in a new process")
             if len(self.pack.names) >= room:
@@ -194,6 +210,7 @@ class PackHost:
                 self.pack.attach(name, config, resume["weights"], training=training, resume=resume["training"])
             step = 0 if resume is None else int(resume["training"]["step"])
             self.seen[name] = time.monotonic()
+            self.empty_since = None
             self.trained[name] = step
             self.attaches += 1
             self._log("attach", name=name, **({"resumed_from": step} if resume is not None else {}))
@@ -358,6 +375,8 @@ class PackHost:
         self.trained.pop(name, None)
         self.outcomes.pop(name, None)  # a step that ran after its trial's process was killed
         self.previous.discard(name)
+        if not self.pack.names:
+            self.empty_since = time.monotonic()
         self._log("detach", name=name, why=why)
         self.cond.notify_all()
 
@@ -369,6 +388,19 @@ class PackHost:
                 for name in [n for n in self.pack.names if n not in self.pending]:
                     if now - self.seen.get(name, now) > self.stale_s:
                         self._detach(name, f"no step for {self.stale_s:g}s")
+                idle = self.empty_since is not None and now - self.empty_since
+                if self.idle_s is not None and idle and idle > self.idle_s and not self.leaving:
+                    self.leaving = True
+                    self._log("leave", why=f"no trial for {self.idle_s:g}s: the device goes back to the solo trials")
+                    self._leave()
+                    return
+
+    def _leave(self) -> None:
+        """End this host's actor (in a Ray actor; in-process, `leaving` is all): its device goes back to Ray."""
+        import ray
+
+        if ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None:
+            ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
 
     def _log(self, event: str, **fields: Any) -> None:
         line = {"t": time.time(), "event": event, **fields, "attached": self.pack.names, "loads": self.loads}
@@ -411,17 +443,32 @@ def host_for(
     }
     if r.gpus_per_worker > 0:
         options["num_gpus"] = 1
-    for index in range(hosts(sweep, ray.cluster_resources())):
-        try:
-            host = ray.get_actor(host_name(sweep, index), namespace=NAMESPACE)
-        except ValueError:
-            name_it = {"name": host_name(sweep, index), "namespace": NAMESPACE, "get_if_exists": True}
-            actor = ray.remote(PackHost).options(**name_it, **options)
-            host = actor.remote(sweep, str(journal(storage_path, index)))
-        info = ray.get(host.attach.remote(name, params, r.pack, resume))
-        if info is not None:
-            return Blocking(host), info
+    for _ in range(LEAVING_RETRIES):
+        leaving = False
+        for index in range(hosts(sweep, ray.cluster_resources())):
+            try:
+                host = ray.get_actor(host_name(sweep, index), namespace=NAMESPACE)
+            except ValueError:
+                name_it = {"name": host_name(sweep, index), "namespace": NAMESPACE, "get_if_exists": True}
+                actor = ray.remote(PackHost).options(**name_it, **options)
+                host = actor.remote(sweep, str(journal(storage_path, index)))
+            try:
+                info = ray.get(host.attach.remote(name, params, r.pack, resume))
+            except ray.exceptions.RayActorError:  # it left (`IDLE_S`) between the lookup and the attach
+                info = {"leaving": True}
+            if info is not None and info.get("leaving"):
+                leaving = True
+                continue
+            if info is not None:
+                return Blocking(host), info
+        if not leaving:
+            break
+        time.sleep(1.0)  # a leaving host's name is free once its actor has ended
     raise RuntimeError(f"every pack host of sweep {sweep.name!r} is full; lower max_concurrent_trials")
+
+
+LEAVING_RETRIES = 30
+"""Rounds `host_for` tries the sweep's hosts while one of them is leaving (a second apart)."""
 
 
 def stop_hosts(sweep: Sweep, cluster: dict[str, float]) -> None:

@@ -385,3 +385,88 @@ def test_a_host_steps_evaluates_and_probes_under_the_solo_trials_autocast(tiny_m
         host.evaluate("a", [batch])
         host.save("a", [ids[:1]])
         assert len(seen) == 3 and set(seen) == {dtype}, (bf16, seen)
+
+
+def test_an_empty_host_gives_its_device_back_when_the_sweep_has_solo_trials(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """In-process: on a one-GPU machine a sweep's solo trials (dora here) wait for the device its host holds, so a
+    host left without trials leaves after `idle_s` (journal "leave"; a trial that asks it then is told to start a new
+    one). A sweep whose every variant packs keeps its host."""
+    import time
+
+    from lora_search.records import TrialParams
+
+    params = TrialParams(variant="lora", rank=2, alpha=4.0, targets="attention", lr=1e-3, dropout=0.0)
+    mixed = _host_sweep(tiny_model_dir, space=SearchSpace(variants=("lora", "dora")))
+    host = pack_host.PackHost(mixed, str(tmp_path / "mixed.jsonl"), idle_s=0.5)
+    assert host.idle_s == 0.5 and host.attach("a", params, room=2)
+    time.sleep(1.5)  # attached: it stays
+    assert not host.leaving
+    host.detach("a", "finished")
+    deadline = time.monotonic() + 10
+    while not host.leaving:
+        assert time.monotonic() < deadline, "the empty host did not leave"
+        time.sleep(0.1)
+    events = [json.loads(line) for line in (tmp_path / "mixed.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events] == ["load", "attach", "detach", "leave"]
+    assert "device goes back to the solo trials" in events[-1]["why"]
+    assert host.attach("b", params, room=2) == {"leaving": True}
+
+    packing_only = pack_host.PackHost(_host_sweep(tiny_model_dir), str(tmp_path / "lora.jsonl"), idle_s=0.5)
+    assert packing_only.idle_s is None
+    time.sleep(1.5)
+    assert not packing_only.leaving and packing_only.attach("a", params, room=2)
+
+
+def test_a_sweep_whose_solo_trials_need_the_hosts_device_finishes(
+    tiny_model_dir: Path, tiny_jsonl: Path, tmp_path: Path
+) -> None:
+    """A one-GPU machine, modelled with CPUs: each worker reserves 3/4 of the machine's cores, so a host (which
+    reserves a worker's share) and a solo trial cannot hold them at once, as a host and a solo trial cannot hold one
+    GPU. The packed lora trial's host must leave once it is empty (`IDLE_S`) for the solo dora trial to start; before
+    that, such a sweep waited for ever. Run in a child process, so that a hang fails this test instead of the suite."""
+    import contextlib
+    import os
+    import subprocess
+    import sys
+
+    import psutil
+
+    share = 0.75 * os.cpu_count()
+    script = f"""
+from lora_search import BaseModel, Budget, Dataset, Resources, SearchSpace, Sweep
+from lora_search.sweep import run
+sweep = Sweep(
+    name="mixed",
+    base=BaseModel({str(tiny_model_dir)!r}),
+    dataset=Dataset({str(tiny_jsonl)!r}, eval_fraction=0.2, max_length=96),
+    space=SearchSpace(ranks=(4,), targets=("attention",), variants=("lora", "dora"), lr=(1e-4, 1e-2), lr_grid_points=1),
+    budget=Budget(max_steps=4, eval_every=2, grace_period=4, batch_size=8),
+    resources=Resources(pack=2, cpus_per_worker={share}),
+    search="grid", num_samples=1, max_concurrent_trials=1, seed=2, output_dir={str(tmp_path)!r}, tracking_uri="off",
+)
+frame = run(sweep)
+print("STATUSES", sorted(zip(frame["variant"], frame["status"])))
+"""
+    child = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, _ = child.communicate(timeout=420)
+    except subprocess.TimeoutExpired:
+        for process in psutil.process_iter():  # the child's session: its driver and the local Ray it started
+            with contextlib.suppress(OSError, psutil.Error):
+                if os.getsid(process.pid) == child.pid:
+                    process.kill()
+        out, _ = child.communicate()
+        pytest.fail("the sweep did not finish: its solo trial waited on the pack host's device\n" + out[-3000:])
+    assert child.returncode == 0, out[-3000:]
+    assert "STATUSES [('dora', 'completed'), ('lora', 'completed')]" in out, out[-3000:]
+    events = [json.loads(line) for line in (tmp_path / "mixed" / "ray" / "pack_host_0.jsonl").read_text().splitlines()]
+    kinds = [e["event"] for e in events]
+    assert kinds[:3] == ["load", "attach", "detach"] and "leave" in kinds, kinds

@@ -90,6 +90,31 @@ keeps for backward (4), and in backward its fp32 gradient (4) and the logits' bf
 128256 x 12 bytes = 2.9 GiB a sequence, more than all 80 layer checkpoints of the 70B (2048 x 8192 x 2 x 80 = 2.5)."""
 
 
+LOSS_CHUNK_LOGITS = 2**26
+"""Logits one chunk of a pack step's loss holds at a time: the step runs the decoder once, then the LM head and
+cross-entropy over `LOSS_CHUNK_LOGITS // vocab` tokens at a time, each chunk recomputed in the backward
+(`pack._chunked_cross_entropy`). 2**26 logits x LOGIT_BYTES (12: bf16 logits, fp32 log-softmax, their gradients) =
+768 MiB, where the whole batch's are 12 x rows x tokens x vocab (an 8B pack of 32 rows x 2048 tokens of Llama-3's
+128,256-token vocab: 100 GB). A chunk is 523 tokens of Llama-3 (a 523 x 4096 x 128,256 head product, 0.55 TFLOP: a
+GEMM large enough to run near the GPU's peak), 1365 of SmolLM2's 49,152; the chunks' extra kernel launches (~15 each,
+forward, recompute and backward) are small beside their products. The recompute costs one more head product (2 x
+tokens x hidden x vocab FLOPs) per step."""
+
+PLAIN_HEADS = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "olmo2", "smollm3"})
+"""Architectures (`config.model_type`) whose causal-LM forward computes its logits as `lm_head` of the decoder's
+`last_hidden_state` and nothing more (Transformers 5.25; tests/test_pack.py holds each to it), so a pack step can
+compute them a chunk at a time from the decoder's output. Others do more, which the chunks would not reproduce:
+Gemma-2/3's `final_logit_softcapping`, Cohere's `logit_scale`, Granite's `logits_scaling` of the logits, MiniCPM3's of
+the hidden states; a pack over them (or over an adapter on the head itself) computes the whole batch's logits through
+the model's own forward, and `pack_bytes` counts them whole."""
+
+
+def loss_chunk_tokens(model_type: str, vocab: int) -> int | None:
+    """Tokens whose logits a pack step over a base of `model_type` holds at once: `LOSS_CHUNK_LOGITS // vocab`, or
+    None where it holds the whole batch's (not in `PLAIN_HEADS`). What `pack_bytes` counts at the loss."""
+    return max(1, LOSS_CHUNK_LOGITS // vocab) if model_type in PLAIN_HEADS else None
+
+
 @dataclass(frozen=True)
 class Architecture:
     """What the plan needs from a model, read off its meta-device build."""
@@ -107,6 +132,8 @@ class Architecture:
     vocab: int
     dtype_bytes: int
     """Bytes per weight of the config's dtype (what BaseModel(dtype="auto") loads)."""
+    model_type: str
+    """The config's `model_type`: whether a pack scores its loss in chunks (`PLAIN_HEADS`)."""
 
     @property
     def linear_params(self) -> int:
@@ -168,6 +195,7 @@ def architecture(model: torch.nn.Module, source: str) -> Architecture:
         num_layers=config.num_hidden_layers,
         vocab=config.vocab_size,
         dtype_bytes=embedding.element_size(),
+        model_type=config.model_type,
     )
 
 
@@ -231,6 +259,7 @@ def activation_bytes(
     extra_in_block: float = 0,
     checkpointing: bool = True,
     liger: bool = False,
+    loss_tokens: int | None = None,
 ) -> float:
     """Peak bf16 activations of one worker's micro-batch (b sequences of s tokens) with gradient checkpointing:
 
@@ -245,11 +274,14 @@ def activation_bytes(
     87*s*b*h*layers + extra + 12*s*b*vocab
 
     and with `liger` (Liger's kernels and TRL's fused LM head, as a trial runs them): 48*s*b*h*layers + extra.
+    `loss_tokens`: the loss holds the logits of this many tokens at a time, not all s*b (a pack's chunks,
+    `LOSS_CHUNK_LOGITS`): 12*min(loss_tokens, s*b)*vocab in place of 12*s*b*vocab.
     """
     sbh = seq * batch * arch.hidden
     if liger and not checkpointing:  # measured as a whole, the fused head's chunks included (LIGER_BLOCK_FACTOR)
         return LIGER_BLOCK_FACTOR * sbh * arch.num_layers + extra_in_block
-    loss = LOGIT_BYTES * seq * batch * arch.vocab
+    tokens = seq * batch if loss_tokens is None else min(loss_tokens, seq * batch)
+    loss = LOGIT_BYTES * tokens * arch.vocab
     if not checkpointing:
         return BLOCK_ACTIVATION_FACTOR * sbh * arch.num_layers + extra_in_block + loss
     return CHECKPOINT_BYTES * sbh * arch.num_layers + max(loss, BLOCK_ACTIVATION_FACTOR * sbh + extra_in_block)
@@ -277,10 +309,12 @@ def trial_memory(
     checkpointing: bool = True,
     batch: int | None = None,
     liger: bool = False,
+    loss_tokens: int | None = None,
 ) -> MemoryRow:
     """`memory_row` of one trial of `sweep`: `variant` x `rank` on `target` (a targets preset or names), at the
     sweep's dtype, micro-batch (`budget.batch_size`, or `batch`), max_length, strategy and workers; `liger`: the
-    trial runs Liger's kernels (`LIGER_BLOCK_FACTOR`)."""
+    trial runs Liger's kernels (`LIGER_BLOCK_FACTOR`); `loss_tokens`: the loss holds this many tokens' logits at a
+    time (a pack's chunks; None: the whole micro-batch's, as a solo trial without Liger)."""
     names = set(targets.resolve(target, list(arch.linears)))
     r = sweep.resources
     return memory_row(
@@ -297,6 +331,7 @@ def trial_memory(
         world=r.workers,
         checkpointing=checkpointing,
         liger=liger,
+        loss_tokens=loss_tokens,
     )
 
 
@@ -315,13 +350,15 @@ def memory_row(
     world: int,
     checkpointing: bool = True,
     liger: bool = False,
+    loss_tokens: int | None = None,
 ) -> MemoryRow:
     """Per-GPU bytes of one trial worker. `world`: the trial's workers, over which a sharding strategy splits:
 
     weights     weight_bytes / world, plus 2 gathered blocks (the current and the prefetched) when sharded
     adapter     trainable x (4 weight [/ world if the base is sharded] + 4 gradient [/ world if state is sharded])
     optimizer   trainable x 8 [/ world if state is sharded]
-    activations activation_bytes (with dora_transient_bytes in the block for DoRA); never sharded
+    activations activation_bytes (with dora_transient_bytes in the block for DoRA, the loss over `loss_tokens`);
+                never sharded
     """
     base_sharded, state_sharded = STRATEGIES[strategy].shards_base, STRATEGIES[strategy].shards_grads
     kind, r = adapter_shape(variant, rank)
@@ -335,7 +372,9 @@ def memory_row(
     state_div = world if state_sharded else 1
     adapter = trainable * (ADAPTER_WEIGHT_BYTES / (world if base_sharded else 1) + ADAPTER_GRAD_BYTES / state_div)
     dora = dora_transient_bytes(layers) if kind == "dora" else 0
-    activations = activation_bytes(arch, batch, seq, dora, checkpointing=checkpointing, liger=liger)
+    activations = activation_bytes(
+        arch, batch, seq, dora, checkpointing=checkpointing, liger=liger, loss_tokens=loss_tokens
+    )
     return MemoryRow(
         variant, rank, targets_name, trainable, weights, adapter, trainable * ADAM_BYTES / state_div, activations
     )
@@ -468,15 +507,25 @@ def pack_bytes(
 ) -> float:
     """Bytes on the one device of a pack of `k` trials of one shape (`lora_search.pack`): the frozen base once, each
     adapter's own weights, gradients and AdamW state, and the activations of one pack step, which runs the base once
-    on all k adapters' rows concatenated (k x `pack_rows`), with or without gradient checkpointing (`pack_fit`):
+    on all k adapters' rows concatenated (k x `pack_rows`), with or without gradient checkpointing (`pack_fit`), and
+    scores the loss a chunk of tokens at a time (`loss_chunk_tokens`: one chunk's logits, not the batch's):
 
-        weights + k x (adapter + optimizer) + activation_bytes(k x pack_rows, checkpointing)
+        weights + k x (adapter + optimizer) + activation_bytes(k x pack_rows, checkpointing, loss_tokens=chunk)
 
     each term as `trial_memory` counts it. Example, sweeps/smollm2.py on a GPU (bf16 base, r=16 on all-linear, 32
     rows of 96 tokens), without checkpointing: 0.25 GiB of base + k x (0.07 GiB of adapter, gradients and AdamW
-    state + 6.0 GiB of activations: 87 x 96 x 32 x 576 x 30 layers = 4.3 GiB in the blocks, 12 x 96 x 32 x 49152 =
-    1.7 GiB of loss)."""
-    row = trial_memory(sweep, arch, variant, rank, target, checkpointing=checkpointing, batch=pack_rows(sweep) * k)
+    state + 4.3 GiB in the blocks: 87 x 96 x 32 x 576 x 30 layers) + 0.75 GiB of loss, once: 12 x 1365 tokens (a
+    chunk, 2**26 // 49152) x 49152 (the whole batch's logits would be 12 x 96 x 32 x 49152 = 1.7 GiB a trial)."""
+    row = trial_memory(
+        sweep,
+        arch,
+        variant,
+        rank,
+        target,
+        checkpointing=checkpointing,
+        batch=pack_rows(sweep) * k,
+        loss_tokens=loss_chunk_tokens(arch.model_type, arch.vocab),
+    )
     return row.weights + k * (row.adapter + row.optimizer) + row.activations
 
 

@@ -14,7 +14,10 @@
 One step concatenates the adapters' micro-batches (right-padded to one length: pad token, attention mask 0, labels
 -100), runs the base once, and in every targeted linear layer adds each adapter's update into its own rows only
 (`pack_layers.PackedLinear`). Each adapter's loss is the mean over its own label tokens, as Transformers' causal-LM
-loss computes it for a solo batch. The backward runs on the sum of the losses: rows never mix in a decoder
+loss computes it for a solo batch. The loss runs through the LM head a chunk of tokens at a time
+(`memory.LOSS_CHUNK_LOGITS`), each chunk recomputed in the backward, so a step never holds the whole batch's logits
+(32 rows x 2048 tokens of Llama-3's vocabulary would be 100 GB); bases whose forward does more than `lm_head(hidden)`
+compute them whole (`memory.PLAIN_HEADS`). The backward runs on the sum of the losses: rows never mix in a decoder
 (attention is within a row, norms are per token) and adapters share no parameters, so each adapter's gradient is its
 solo gradient. Then each adapter clips its own gradients and steps its own AdamW and learning-rate schedule, in the
 order the Transformers Trainer does. An adapter without a batch in a step sits that step out.
@@ -46,7 +49,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
+from lora_search import memory
 from lora_search.config import Schedule
 from lora_search.pack_layers import PackedLinear, Rows, concat, config_problems
 from lora_search.problems import ConfigError, Problem
@@ -250,8 +255,8 @@ class Pack:
         start = time.perf_counter()
         if not self.model.training:  # train() walks every module: not once a step
             self.model.train()
-        with self._routed(batches) as (labels, logits, blocks):
-            losses = _losses(labels, logits, blocks)
+        with self._routed(batches) as (ids, mask, labels, blocks):
+            losses = _losses(labels, self._per_token(ids, mask, labels), blocks)
             torch.stack(list(losses.values())).sum().backward()
         for name in batches:
             self._adapters[name].update()
@@ -264,17 +269,20 @@ class Pack:
 
     @torch.no_grad()
     def evaluate(self, batches: Mapping[str, Batch]) -> dict[str, float]:
-        """Each adapter's loss on its batch, without dropout or gradients."""
+        """Each adapter's loss on its batch, without dropout or gradients; the logits a chunk at a time, as a step
+        computes them (an evaluation's batch need not fit whole logits either)."""
         self.model.eval()
-        with self._routed(batches) as (labels, logits, blocks):
-            losses = _losses(labels, logits, blocks)
+        with self._routed(batches) as (ids, mask, labels, blocks):
+            losses = _losses(labels, self._per_token(ids, mask, labels), blocks)
         return dict(zip(losses, torch.stack(list(losses.values())).tolist(), strict=True))
 
     @torch.no_grad()
     def logits(self, batches: Mapping[str, Batch]) -> dict[str, torch.Tensor]:
-        """Each adapter's logits on its batch (eval mode), cut back to the batch's own length."""
+        """Each adapter's logits on its batch (eval mode), cut back to the batch's own length: whole, through the
+        model's own forward (what is asked for is all of them)."""
         self.model.eval()
-        with self._routed(batches) as (_, logits, blocks):
+        with self._routed(batches) as (ids, mask, _, blocks):
+            logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
             return {n: logits[rows, : batches[n]["input_ids"].shape[1]] for n, rows in blocks.items()}
 
     def state(self, name: str) -> dict[str, torch.Tensor]:
@@ -380,29 +388,80 @@ class Pack:
             raise KeyError(f"no adapter {name!r} in the pack; attached: {self.names}")
         return name
 
+    def chunked_head(self) -> nn.Linear | None:
+        """The LM head when a step computes its loss a chunk of tokens at a time from the decoder's output (a base in
+        `memory.PLAIN_HEADS`, its head a plain nn.Linear, tied to the input embedding or not); None where the logits
+        are computed whole through the model's forward (another architecture, or an adapter on the head, whose rows a
+        chunk would not route)."""
+        head = self.model.get_output_embeddings()
+        plain = self.model.config.model_type in memory.PLAIN_HEADS and type(head) is nn.Linear
+        return head if plain else None
+
+    def _per_token(self, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Run the base once on the packed batch: the cross-entropy of each token (rows x tokens; each row's labels
+        shifted one left, 0 where the label is -100), on the fp32-upcast logits as Transformers' causal-LM loss
+        computes it. Through the decoder and then the head a chunk at a time (`_chunked_cross_entropy`) where
+        `chunked_head` allows, else through the model's forward on the whole batch's logits."""
+        shifted = _shifted(labels)
+        head = self.chunked_head()
+        if head is None:
+            logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            flat = nn.functional.cross_entropy(logits.float().flatten(0, 1), shifted.flatten(), reduction="none")
+        else:
+            decoder = self.model.get_decoder()
+            hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            flat = _chunked_cross_entropy(head, hidden.flatten(0, 1), shifted.flatten())
+        return flat.view_as(shifted)
+
     @contextmanager
-    def _routed(self, batches: Mapping[str, Batch]) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, slice]]]:
-        """Run the base once on the concatenated batches with each adapter routed to its rows; yield the packed
-        (labels, logits) and each adapter's rows. The routing stays set until the block ends, so a backward inside
-        it (and any recompute of a checkpointed layer) sees the same rows."""
+    def _routed(
+        self, batches: Mapping[str, Batch]
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, slice]]]:
+        """Concatenate the batches and route each adapter to its rows; yield the packed (input_ids, attention_mask,
+        labels) and each adapter's rows. The routing stays set until the block ends, so the base's forward and a
+        backward inside it (and any recompute of a checkpointed layer) see the same rows."""
         for n in batches:
             self._known(n)
         ids, mask, labels, blocks = concat(batches, self.pad_token_id, self.model.device)
         self._rows.blocks = blocks
         try:
-            yield labels, self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits, blocks
+            yield ids, mask, labels, blocks
         finally:
             self._rows.blocks = {}
 
 
-def _losses(labels: torch.Tensor, logits: torch.Tensor, blocks: dict[str, slice]) -> dict[str, torch.Tensor]:
-    """Each adapter's loss: the mean cross-entropy over its own label tokens (each row's labels shifted one left), as
-    Transformers' causal-LM loss computes it for a solo batch. One pass over the packed logits: a cut of the logits per
-    adapter would cost a logits-sized gradient per adapter (or one concatenation of them) in the backward."""
-    shifted = nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
-    flat = nn.functional.cross_entropy(logits.float().flatten(0, 1), shifted.flatten(), reduction="none")
-    per_token = flat.view_as(shifted)  # 0 where the label is -100
+def _shifted(labels: torch.Tensor) -> torch.Tensor:
+    """Each row's labels shifted one left (the token each position predicts), -100 after the last."""
+    return nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+
+
+def _losses(labels: torch.Tensor, per_token: torch.Tensor, blocks: dict[str, slice]) -> dict[str, torch.Tensor]:
+    """Each adapter's loss: the mean cross-entropy over its own label tokens (`per_token`: `Pack._per_token`), as
+    Transformers' causal-LM loss computes it for a solo batch. The cross-entropy runs once over the packed batch, and
+    each adapter sums its rows of it: a cut of the logits per adapter would cost a logits-sized gradient per adapter
+    (or one concatenation of them) in the backward."""
+    shifted = _shifted(labels)
     return {n: per_token[rows].sum() / (shifted[rows] != -100).sum() for n, rows in blocks.items()}
+
+
+def _chunked_cross_entropy(head: nn.Linear, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """`cross_entropy(head(hidden).float(), labels, reduction="none")` (hidden: tokens x hidden size), computed
+    `memory.loss_chunk_tokens` tokens at a time. With gradients on, each chunk is checkpointed (non-reentrant: it
+    keeps only its slice of `hidden`, a view, and recomputes its logits when the backward reaches it; the autograd
+    engine runs one chunk's backward after another, the last first), so the forward and the backward each hold one
+    chunk's logits. The head draws no random numbers, so no RNG state is kept for the recompute."""
+    size = max(1, memory.LOSS_CHUNK_LOGITS // head.out_features)  # as memory.loss_chunk_tokens counts it
+
+    def chunk(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(head(h).float(), y, reduction="none")
+
+    if not torch.is_grad_enabled():
+        return torch.cat([chunk(h, y) for h, y in zip(hidden.split(size), labels.split(size), strict=True)])
+    parts = [
+        checkpoint(chunk, h, y, use_reentrant=False, preserve_rng_state=False)
+        for h, y in zip(hidden.split(size), labels.split(size), strict=True)
+    ]
+    return torch.cat(parts)
 
 
 def _key(module: str, matrix: str) -> str:

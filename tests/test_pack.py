@@ -5,17 +5,21 @@ Run: python -m pytest tests/test_pack.py --durations=0
 Solo: `get_peft_model` on a fresh base with the variant's own PEFT config (lora_search.variants) and optimizer (LoRA+:
 the variant's), a plain loop in the Trainer's order (forward with labels, backward, clip, step, schedule, zero). Packed:
 the same init copied in, the same batches in the same order, three adapters of different ranks, alphas, learning rates,
-schedules and targets (c's a subset of a's) in one base; after 4 steps b leaves and d joins, and a and c go on.
+schedules and targets (c's a subset of a's) in one base; after 4 steps b leaves and d joins, and a and c go on. The pack
+scores its loss in chunks of `CHUNK` tokens (far fewer than a step's), so the curves go through the chunked loss.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
+from lora_search import memory
+from lora_search.memory import PLAIN_HEADS
 from lora_search.pack import PACKED, SOLO, Pack, Training, packs
 from lora_search.pack_layers import PackedLinear
 from lora_search.problems import ConfigError
@@ -33,6 +37,9 @@ ADAPTERS = {
 SWAP = 4
 STEPS = {"a": TOTAL, "b": SWAP, "c": TOTAL, "d": TOTAL - SWAP}
 """Steps each adapter trains in the pack: a, b, c from the start; after SWAP steps b leaves and d joins."""
+CHUNK = 7
+"""Tokens a chunk of the pack's loss holds (`LOSS_CHUNK_LOGITS` set to 7 x the vocab): a step's 100-150 tokens make
+15-22 chunks, whose edges fall inside rows and across adapters' blocks."""
 
 
 def _adapter(name: str) -> Adapter:
@@ -132,9 +139,31 @@ def packed(tiny_model_dir: Path, solo: dict) -> tuple[Pack, dict[str, list[float
     return _pack_run(tiny_model_dir, solo, checkpointing=False)
 
 
+def _head_calls(pack: Pack) -> list[int]:
+    """The LM head's forward calls from now on, one entry (its rows) a call: what shows the loss ran in chunks."""
+    calls: list[int] = []
+    pack.model.get_output_embeddings().register_forward_hook(lambda _m, args, _out: calls.append(args[0].shape[0]))
+    return calls
+
+
+def _chunks(batches: dict[str, dict[str, torch.Tensor]]) -> int:
+    """Chunks of `CHUNK` tokens in the pack step over `batches`: their rows x the longest row."""
+    tokens = sum(b["input_ids"].shape[0] for b in batches.values()) * max(
+        b["input_ids"].shape[1] for b in batches.values()
+    )
+    return math.ceil(tokens / CHUNK)
+
+
 def _pack_run(model_dir: Path, solo: dict, checkpointing: bool) -> tuple[Pack, dict[str, list[float]]]:
-    pack = Pack(_base(model_dir), checkpointing=checkpointing)
+    with pytest.MonkeyPatch.context() as patch:
+        pack = Pack(_base(model_dir), checkpointing=checkpointing)
+        patch.setattr(memory, "LOSS_CHUNK_LOGITS", CHUNK * pack.model.config.vocab_size)
+        return _pack_steps(pack, solo)
+
+
+def _pack_steps(pack: Pack, solo: dict) -> tuple[Pack, dict[str, list[float]]]:
     vocab = pack.model.config.vocab_size
+    calls, chunks = _head_calls(pack), 0
     data = {name: _batches(name, vocab) for name in ADAPTERS}
     for name in "abc":
         pack.attach(
@@ -148,6 +177,10 @@ def _pack_run(model_dir: Path, solo: dict, checkpointing: bool) -> tuple[Pack, d
         batches = {name: data[name][len(curves[name])] for name in pack.names}
         for name, loss in pack.step(batches).losses.items():
             curves[name].append(loss)
+        chunks += _chunks(batches)
+    # each chunk's head product runs in the forward and again in the backward's recompute, never the whole batch's
+    assert pack.chunked_head() is not None and chunks > 10 * TOTAL
+    assert len(calls) == 2 * chunks and max(calls) == CHUNK, calls
     return pack, curves
 
 
@@ -212,6 +245,94 @@ def test_a_checkpointed_pack_trains_the_same_curves(tiny_model_dir: Path, solo: 
     assert pack.model.is_gradient_checkpointing
     for name in ADAPTERS:
         assert curves[name] == pytest.approx(packed[1][name], rel=1e-5, abs=0), name
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_the_chunked_loss_is_the_whole_logits_loss(tiny_model_dir: Path, checkpointing: bool) -> None:
+    """Chunks of 5 tokens (a step's ~130 make 27, across rows and adapters) against the whole batch's logits through the
+    model's forward (what a base outside `PLAIN_HEADS` runs), on a base whose head is tied to its embedding: each step's
+    losses, every adapter's gradients (as the backward leaves them, before the optimizer) and the evaluated losses
+    agree to fp32 rounding."""
+    from peft import LoraConfig
+
+    configs = {
+        "a": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+        "b": LoraConfig(r=8, lora_alpha=8, target_modules=list(ALL)),
+        "c": LoraConfig(r=2, lora_alpha=4, target_modules=["down_proj"]),
+    }
+    drawn = Pack(_base(tiny_model_dir))
+    torch.manual_seed(0)
+    for name, config in configs.items():
+        drawn.attach(name, config, training=Training(lr=1e-2, total_steps=3))
+    # B drawn too (PEFT's init zeroes it), so that every gradient, A's included, is nonzero from the first step
+    init = {
+        n: {k: v if "lora_A" in k else 0.1 * torch.randn_like(v) for k, v in drawn.state(n).items()} for n in configs
+    }
+
+    def run(chunked: bool) -> tuple[list[dict[str, float]], list[dict[str, torch.Tensor]], dict[str, float], list]:
+        base = _base(tiny_model_dir)
+        base.lm_head.weight = base.model.embed_tokens.weight  # tied, as SmolLM2's
+        pack = Pack(base, checkpointing=checkpointing)
+        assert pack.model.get_output_embeddings().weight is pack.model.get_input_embeddings().weight
+        for name, config in configs.items():
+            pack.attach(name, config, init[name], training=Training(lr=1e-2, total_steps=3))
+        trainable = {n: p for n, p in pack.model.named_parameters() if p.requires_grad}
+        grads: list[dict[str, torch.Tensor]] = []
+        for n, p in trainable.items():
+            p.register_post_accumulate_grad_hook(lambda p, n=n: grads[-1].__setitem__(n, p.grad.clone()))
+        calls, data = _head_calls(pack), {n: _batches(n, base.config.vocab_size) for n in ("a", "b", "c")}
+        losses = []
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(memory, "LOSS_CHUNK_LOGITS", 5 * base.config.vocab_size)
+            if not chunked:
+                patch.setattr(memory, "PLAIN_HEADS", frozenset())
+            for step in range(3):
+                grads.append({})
+                losses.append(pack.step({n: data[n][step] for n in configs}).losses)
+                assert len(grads[-1]) == len(trainable)
+            evaluated = pack.evaluate({n: data[n][0] for n in configs})
+            assert (pack.chunked_head() is not None) == chunked
+        return losses, grads, evaluated, calls
+
+    whole, chunked = run(chunked=False), run(chunked=True)
+    assert len(whole[3]) == 3 + 1 and len(chunked[3]) > 20 * 3  # the whole logits once a step; chunks, many
+    for step in range(3):
+        assert chunked[0][step] == pytest.approx(whole[0][step], rel=1e-6, abs=0), step
+        torch.testing.assert_close(chunked[1][step], whole[1][step], rtol=1e-5, atol=1e-8)
+        assert all(g.abs().max() > 0 for g in whole[1][step].values())
+    assert chunked[2] == pytest.approx(whole[2], rel=1e-6, abs=0)
+
+
+def test_only_plain_heads_are_chunked(tiny_model_dir: Path) -> None:
+    """Every architecture in `PLAIN_HEADS` computes its logits as its head of its decoder's last hidden state (a tiny
+    random build of each, Transformers as installed); Gemma-2's softcapping does not, and its pack takes the whole
+    logits; so does a pack with an adapter on the head (its rows routed per adapter, which a chunk would not be)."""
+    from peft import LoraConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    small = {
+        "vocab_size": 96,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_dim": 16,
+        "pad_token_id": 0,
+    }
+    ids = torch.randint(1, 96, (2, 7), generator=torch.Generator().manual_seed(0))
+    for model_type in sorted(PLAIN_HEADS) + ["gemma2"]:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **small)).eval()
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits
+            chunkable = model.get_output_embeddings()(model.get_decoder()(input_ids=ids).last_hidden_state)
+        assert torch.equal(logits, chunkable) == (model_type != "gemma2"), model_type
+        assert (Pack(model).chunked_head() is not None) == (model_type != "gemma2"), model_type
+    pack = Pack(_base(tiny_model_dir))
+    assert pack.chunked_head() is pack.model.lm_head
+    pack.attach("a", LoraConfig(r=2, target_modules=["lm_head"]), training=Training(lr=1e-3, total_steps=2))
+    assert pack.chunked_head() is None
 
 
 def test_a_checkpointed_pack_draws_the_same_dropout_masks_again(tiny_model_dir: Path) -> None:

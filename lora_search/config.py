@@ -286,7 +286,8 @@ class Resources:
     pack: Annotated[int, Range(ge=1, example="4")] = 1
     """Trials that train together over one copy of the base on one device (`lora_search.pack`): up to this many
     adapters whose variant packs (`pack.packs`) attach to one base and step together, each still its own Tune trial.
-    1: every trial alone (as before packing existed). `lora-search plan` shows how many fit a GPU."""
+    The pack's host reserves what one worker does (`gpus_per_worker`: a whole GPU, or a share of one beside other
+    trials). 1: every trial alone (as before packing existed). `lora-search plan` shows how many fit a GPU."""
 
     def strategy_for(self, variant: str) -> str:
         return self.strategy_by_variant.get(variant, self.strategy)
@@ -332,16 +333,17 @@ class Resources:
                 )
             )
         if ok("pack", "workers", "strategy", "gpus_per_worker") and self.pack > 1:
-            # A pack host holds one device and the base once (lora_search.pack_host); a trial of several workers or a
-            # sharded base cannot be one of its adapters.
+            # A pack host holds one device, or a worker's share of it, and the base once (lora_search.pack_host); a
+            # trial of several workers or a sharded base cannot be one of its adapters.
             needs = [
                 ("resources.workers", self.workers, self.workers == 1, "workers=1, or pack=1"),
                 ("resources.strategy", self.strategy, self.strategy == "ddp", 'strategy="ddp", or pack=1'),
                 (
                     "resources.gpus_per_worker",
                     self.gpus_per_worker,
-                    self.gpus_per_worker in (0, 1),
-                    "gpus_per_worker=1 (the host holds one GPU for the whole pack) or 0 on CPU, or pack=1",
+                    self.gpus_per_worker <= 1,
+                    "gpus_per_worker of at most 1 (a host holds one GPU, or that share of it beside other trials) "
+                    "or 0 on CPU, or pack=1",
                 ),
             ]
             out += [

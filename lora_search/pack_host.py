@@ -140,8 +140,9 @@ class PackHost:
         # The autocast a solo trial of a packing variant trains and is scored under (train.py's SFTConfig bf16).
         self.bf16 = on_gpu and sweep.base.dtype == "bfloat16"
         self.device = device_name()
-        # One second of a step stands for this many devices: the GPU, or on CPU the cores torch computes on.
-        self.units = 1.0 if on_gpu else float(torch.get_num_threads())
+        # One second of a step stands for this many devices: the host's GPU (or its share of one), or on CPU the
+        # cores torch computes on.
+        self.units = float(sweep.resources.gpus_per_worker) if on_gpu else float(torch.get_num_threads())
         self.load_s = time.perf_counter() - start
         self.loads = 1
         self.steps = 0
@@ -442,7 +443,7 @@ def host_for(
         "scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=None),
     }
     if r.gpus_per_worker > 0:
-        options["num_gpus"] = 1
+        options["num_gpus"] = r.gpus_per_worker  # a whole GPU, or a worker's share of one beside other trials
     for _ in range(LEAVING_RETRIES):
         leaving = False
         for index in range(hosts(sweep, ray.cluster_resources())):

@@ -240,7 +240,8 @@ def packing(
     why = {v: pack.packs(v) for v in variants}
     packable = tuple(v for v in variants if why[v] is True)
     solo = tuple((v, str(reason)) for v, reason in why.items() if reason is not True)
-    usable = USABLE_FRACTION * GPUS[gpu].memory_gib * 2**30
+    held = min(r.gpus_per_worker, 1.0) or 1.0  # a host holds one GPU, or a worker's share of it
+    usable = USABLE_FRACTION * GPUS[gpu].memory_gib * 2**30 * held
     one_device = r.workers == 1 and not STRATEGIES[r.strategy].shards_base
     shapes = []
     for rank in sweep.space.ranks if packable and one_device else ():

@@ -82,11 +82,10 @@ SWEEP = Sweep(
     space=SPACE if GPU else SMOKE_SPACE,
     budget=BUDGET if GPU else SMOKE_BUDGET,
     # GPU: a 135M trial leaves an H200 waiting on the host (about 19k tokens/s with 16 rows), so four trials share
-    # it, each with 3 of the machine's 16 cores; the base's golden scoring takes a fifth share beside them.
+    # it, each with 3 of the machine's 16 cores; the base's golden scoring takes a fifth share beside them. Packed
+    # (SMOLLM2_PACK=k), a pack host takes one of those shares for up to k packable trials, the solo variants the rest.
     resources=(
-        Resources(workers=1, gpus_per_worker=0.25, cpus_per_worker=3)
-        if GPU and PACK == 1
-        else Resources(workers=1, gpus_per_worker=1, cpus_per_worker=3, pack=PACK)  # a pack holds its GPU whole
+        Resources(workers=1, gpus_per_worker=0.25, cpus_per_worker=3, pack=PACK)
         if GPU
         else Resources(workers=1, cpus_per_worker=1, pack=PACK)
     ),

@@ -155,9 +155,11 @@ def test_pack_needs_one_device_per_host_and_says_why_variants_train_solo(tiny_mo
             name="x",
             base=BaseModel(str(tiny_model_dir)),
             dataset=Dataset("d.jsonl"),
-            resources=Resources(pack=2, workers=2, gpus_per_worker=0.5),
+            resources=Resources(pack=2, workers=2, gpus_per_worker=2),
         )
     assert "resources.workers" in str(e.value) and "resources.gpus_per_worker" in str(e.value)
+    # a host may hold a share of a GPU, beside the sweep's other trials on it
+    assert Resources(pack=4, gpus_per_worker=0.25).problems() == []
     sweep = Sweep(
         name="x",
         base=BaseModel(str(tiny_model_dir)),

@@ -32,6 +32,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import threading
 import time
 from pathlib import Path
@@ -46,10 +47,11 @@ GATHER_S = 0.5
 """How long a step waits for adapters of the previous step that have not sent their batch (at an eval, say)."""
 STALE_S = 60.0
 """An adapter that sent nothing for this long is detached: its trial was stopped and its process killed."""
-IDLE_S = 15.0
+IDLE_S = float(os.environ.get("LORA_SEARCH_PACK_IDLE_S", "15"))
 """A host with no trial attached for this long leaves, giving its device back, when the sweep has variants that train
 solo: on a one-GPU machine they wait for the device the host holds (its Ray GPU), and would wait for ever. The next
-packed trial starts a new host (one base load more). Long enough for ASHA's next trial to tokenize and attach."""
+packed trial starts a new host (one base load more). Long enough for ASHA's next trial to tokenize and attach; where
+a base loads slowly, set LORA_SEARCH_PACK_IDLE_S (seconds) on the cluster's nodes."""
 DETACH_S = 30.0
 """How long a trial waits for its host to detach it (a host scoring another trial's golden sets holds its lock for
 minutes); past that the host detaches it after `STALE_S` anyway."""

@@ -457,6 +457,7 @@ print("STATUSES", sorted(zip(frame["variant"], frame["status"])))
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
+        env={**os.environ, "LORA_SEARCH_PACK_IDLE_S": "3"},  # the host leaves 3 s after its trial, not 15
     )
     try:
         out, _ = child.communicate(timeout=420)

@@ -47,7 +47,20 @@ GATHER_S = 0.5
 """How long a step waits for adapters of the previous step that have not sent their batch (at an eval, say)."""
 STALE_S = 60.0
 """An adapter that sent nothing for this long is detached: its trial was stopped and its process killed."""
-IDLE_S = float(os.environ.get("LORA_SEARCH_PACK_IDLE_S", "15"))
+
+
+def _idle_s(value: str) -> float:
+    """LORA_SEARCH_PACK_IDLE_S as seconds, or a ValueError naming the variable, its value and the fix."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not 0 <= seconds < math.inf:
+        raise ValueError(f"LORA_SEARCH_PACK_IDLE_S={value!r}: give seconds >= 0, e.g. LORA_SEARCH_PACK_IDLE_S=15")
+    return seconds
+
+
+IDLE_S = _idle_s(os.environ.get("LORA_SEARCH_PACK_IDLE_S", "15"))
 """A host with no trial attached for this long leaves, giving its device back, when the sweep has variants that train
 solo: on a one-GPU machine they wait for the device the host holds (its Ray GPU), and would wait for ever. The next
 packed trial starts a new host (one base load more). Long enough for ASHA's next trial to tokenize and attach; where

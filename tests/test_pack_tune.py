@@ -473,3 +473,10 @@ print("STATUSES", sorted(zip(frame["variant"], frame["status"])))
     events = [json.loads(line) for line in (tmp_path / "mixed" / "ray" / "pack_host_0.jsonl").read_text().splitlines()]
     kinds = [e["event"] for e in events]
     assert kinds[:3] == ["load", "attach", "detach"] and "leave" in kinds, kinds
+
+
+@pytest.mark.parametrize("value", ["abc", "-1", "inf", "nan", ""])
+def test_a_bad_idle_setting_names_the_variable_its_value_and_the_fix(value: str) -> None:
+    with pytest.raises(ValueError, match=f"LORA_SEARCH_PACK_IDLE_S={value!r}: give seconds >= 0, e.g."):
+        pack_host._idle_s(value)
+    assert pack_host._idle_s("2.5") == 2.5 and pack_host._idle_s("0") == 0

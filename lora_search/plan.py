@@ -604,6 +604,10 @@ def _format_packing(p: Plan) -> list[str]:
         ]
         header = ["rank", "targets", "per trial GiB", "fits", "packs", "recompute"]
         out += ["  " + line for line in _table(header, rows)]
+        out.append(
+            "  fits: the most trials one pack could hold, checkpointed where that fits more (budget."
+            "gradient_checkpointing); per trial GiB and recompute: at the size it packs"
+        )
         if any(s.fits == 0 for s in k.shapes):
             out.append(
                 "  fits 0: not even one trial's pack fits the GPU; to pack, lower the rows a step (budget.batch_size "

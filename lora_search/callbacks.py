@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from transformers import TrainerCallback
 
 from lora_search import strategies, variants
-from lora_search.checkpoints import KEEP_CHECKPOINTS, Progress, ProgressTracker, json_safe
+from lora_search.checkpoints import KEEP_CHECKPOINTS, Progress, ProgressTracker, json_safe, reports_until
 from lora_search.config import Sweep
 from lora_search.devices import device_name, peak_memory_bytes
 from lora_search.layout import (
@@ -409,6 +409,20 @@ def progress_fields(progress: Progress | None) -> dict[str, Any]:
     if progress is None:  # ranks > 0: rank 0's report is the one Tune sees
         return {}
     return {"restarts": progress.restarts, "steps_redone": progress.steps_redone, "prior_s": progress.prior_s}
+
+
+def replay_reports(
+    reports_log: Path, step: int, checkpoint: str, progress: Progress | None, run_dir: Path, warm: bool
+) -> None:
+    """Report every result of a resumed trial up to its checkpoint's `step` again, oldest first, the last with its
+    `checkpoint` path: Tune's restored state keeps no results of a trial it reruns, and some never reached it (a
+    worker whose driver died trains on for a few seconds). A repeat is not logged twice; the restored scheduler
+    decides on each as it did, or would have. Solo and packed trials alike (`train.py`, `pack_trial.py`)."""
+    for again in reports_until(reports_log, step):
+        again.update(progress_fields(progress), replayed=True)
+        if again["step"] == step:
+            again["checkpoint_path"] = checkpoint
+        report_result(again, None, "", run_dir, warm)
 
 
 def report_result(metrics: dict[str, Any], checkpoint: Path | None, name: str, run_dir: Path, warm: bool) -> None:

@@ -134,7 +134,7 @@ def _train_packed(config: dict[str, Any], sweep: Sweep, storage_path: str, trial
     from transformers import AutoTokenizer
 
     from lora_search import checkpoints
-    from lora_search.callbacks import progress_fields, report_result
+    from lora_search.callbacks import progress_fields, replay_reports, report_result
     from lora_search.checkpoints import json_safe
     from lora_search.cost import DEVICE_SHARE
     from lora_search.fastpath import collator_class
@@ -158,13 +158,7 @@ def _train_packed(config: dict[str, Any], sweep: Sweep, storage_path: str, trial
     progress = tracker.start(start)
     reports_log = tracker.path.with_suffix(".reports.jsonl")
     if found:
-        # As train.py: every report up to the one resumed from again, for a Tune that reran the trial after its
-        # driver died (its restored state keeps none of them); the restored scheduler decides on each as it did.
-        for again in checkpoints.reports_until(reports_log, start):
-            again.update(progress_fields(progress), replayed=True)
-            if again["step"] == start:
-                again["checkpoint_path"] = str(found[0])
-            report_result(again, None, "", run_dir, warm=True)
+        replay_reports(reports_log, start, str(found[0]), progress, run_dir, warm=True)
         if start >= budget.max_steps:
             return
     tokenizer = AutoTokenizer.from_pretrained(

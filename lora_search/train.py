@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from transformers import PrinterCallback, TrainerCallback
 
 from lora_search import checkpoints, compiled_layers, data, fastpath, strategies, targets, variants
-from lora_search.callbacks import Reporter, StepHook, progress_fields, report_result
+from lora_search.callbacks import Reporter, StepHook, replay_reports
 from lora_search.config import BaseModel, Sweep
 from lora_search.devices import (
     device_name,
@@ -195,14 +195,7 @@ def train_loop(config: dict[str, Any]) -> None:
     progress = tracker.start(int(earlier.get("step", 0))) if rank0 else None
     reports_log = Path(config["progress_file"]).with_suffix(".reports.jsonl")
     if restored:
-        # Report every step up to the one resumed from again, oldest first: Tune's restored state keeps no results of
-        # a trial it reruns, and some never reached it (a worker whose driver died trains on for a few seconds). A
-        # repeat is not logged twice; the restored ASHA decides on each as it did, or would have.
-        for again in checkpoints.reports_until(reports_log, int(earlier["step"])):
-            again.update(progress_fields(progress), replayed=True)
-            if again["step"] == earlier["step"]:
-                again["checkpoint_path"] = source
-            report_result(again, None, "", run_dir, warm)
+        replay_reports(reports_log, int(earlier["step"]), source, progress, run_dir, warm)
         if earlier["step"] >= budget.max_steps:
             shutil.rmtree(work, ignore_errors=True)
             return

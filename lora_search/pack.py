@@ -290,6 +290,10 @@ class Pack:
         attached = self._adapters[self._known(name)]
         return {k: p.detach().clone() for k, p in self._keyed(name, attached.modules).items()}
 
+    def steps(self, name: str) -> int:
+        """The optimizer steps adapter `name` has taken (from its resumed step on, if it was resumed)."""
+        return int(self._adapters[self._known(name)].schedule.last_epoch)  # one schedule step per optimizer step
+
     def training_state(self, name: str) -> dict[str, Any]:
         """What adapter `name` continues from besides its weights (`state`), for `attach(..., resume=)`: its step (the
         optimizer steps it took), its optimizer's state dict (AdamW's moments and step count per parameter, its
@@ -297,7 +301,7 @@ class Pack:
         `torch.load(weights_only=True)`, and travels to a process without the pack's device."""
         attached = self._adapters[self._known(name)]
         return {
-            "step": int(attached.schedule.last_epoch),  # the schedule steps once per optimizer step
+            "step": self.steps(name),
             "optimizer": _on_cpu(attached.optimizer.state_dict()),
             "schedule": copy.deepcopy(attached.schedule.state_dict()),
         }

@@ -167,8 +167,6 @@ class PackHost:
         self.outcomes: dict[str, dict[str, Any]] = {}
         self.previous: set[str] = set()
         self.seen: dict[str, float] = {}
-        self.trained: dict[str, int] = {}
-        """Steps each attached adapter has taken (what `close` says of a trial whose own detach never came)."""
         self.stale_s = stale_s
         self.idle_s = idle_s if solo_reasons(sweep) else None
         """Seconds empty after which the host leaves (`IDLE_S`); None: it stays (no trial of the sweep trains solo)."""
@@ -227,7 +225,6 @@ class PackHost:
             step = 0 if resume is None else int(resume["training"]["step"])
             self.seen[name] = time.monotonic()
             self.empty_since = None
-            self.trained[name] = step
             self.attaches += 1
             self._log("attach", name=name, **({"resumed_from": step} if resume is not None else {}))
             trainable = sum(t.numel() for t in self.pack.state(name).values())
@@ -346,7 +343,7 @@ class PackHost:
         with self.cond:
             names = list(self.pack.names)
             for name in names:
-                steps = self.trained.get(name, 0)
+                steps = self.pack.steps(name)
                 why = "finished" if steps >= self.sweep.budget.max_steps else f"sweep ended at step {steps}"
                 self._detach(name, why)
             return names
@@ -366,7 +363,6 @@ class PackHost:
         for n in batches:
             self.seen[n] = now  # its silence counts from its step's end: a slow step is not a silent trial
             share = step_s * real[n] / total
-            self.trained[n] = self.trained.get(n, 0) + 1
             out = {"loss": done.losses[n], "tokens": real[n], "device_s": share, "step_s": step_s, "pack": len(batches)}
             self.outcomes[n] = out
         self.previous = set(batches)
@@ -388,7 +384,6 @@ class PackHost:
     def _detach(self, name: str, why: str) -> None:
         self.pack.detach(name)
         self.seen.pop(name, None)
-        self.trained.pop(name, None)
         self.outcomes.pop(name, None)  # a step that ran after its trial's process was killed
         self.previous.discard(name)
         if not self.pack.names:

@@ -30,8 +30,9 @@ step() {  # step NAME CMD...: CMD with the call's time left (SIGINT, then a kill
 }
 
 case "${1:-}" in
-pack)
-  step pack_smollm2_512 python benchmarks/pack.py --device cuda --base smollm2 --seq 512 --out "$OUT/pack_smollm2_512.json"
+pack | pack_smollm2 | pack_1b)  # `pack` runs all three; pack_smollm2 (needs the GGUF) and pack_1b (random init) split them
+  [ "$1" != pack_1b ] && step pack_smollm2_512 python benchmarks/pack.py --device cuda --base smollm2 --seq 512 --out "$OUT/pack_smollm2_512.json"
+  [ "$1" = pack_smollm2 ] && exit 0
   step pack_1b_512 python benchmarks/pack.py --device cuda --base 1b --seq 512 --out "$OUT/pack_1b_512.json"
   step pack_1b_2048 python benchmarks/pack.py --device cuda --base 1b --seq 2048 --bs 4 --ks 1 2 4 --checkpointing \
     --out "$OUT/pack_1b_2048.json"

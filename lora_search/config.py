@@ -197,7 +197,8 @@ class Budget:
     """Sequences per micro-batch (one forward/backward) per worker."""
     grad_accum: Annotated[int, Range(ge=1, example="1")] = 1
     """Micro-batches per optimizer step: a step sees batch_size x grad_accum sequences per worker. A trial runs them
-    as fewer, larger micro-batches where its memory allows (`lora_search.train.micro_batching`), with the same loss."""
+    as fewer, larger micro-batches where its memory allows (`lora_search.train.micro_batching`), with the same loss; a
+    pack host (`Resources.pack`) runs its trials' steps whole, or in as few micro-batches as fit (`memory.pack_fit`)."""
     warmup_steps: Annotated[int, Range(ge=0, example="0")] = 0
     lr_schedule: Schedule = "linear"
     """The learning rate after warmup, over max_steps (Transformers' `lr_scheduler_type`). Every trial of a sweep

@@ -1,7 +1,8 @@
 """The memory model: what one trial worker needs, estimated from the model's architecture alone.
 
 Read by the plan (lora_search.plan: the memory table of `--dry-run`) and, at run time, by every trial worker:
-`micro_batching` sizes the trial's micro-batches and turns gradient checkpointing off where its activations fit.
+`micro_batching` sizes the trial's micro-batches and turns gradient checkpointing off where its activations fit; and
+by every pack host (lora_search.pack_host): `pack_host_fit` decides the same two for its pack's steps.
 
 The architecture is read from the model's config alone (`meta_model`: a meta-device build, no weights, no GPU).
 Every number is an estimate whose arithmetic is in the docstring of the function that makes it; the model follows
@@ -407,33 +408,6 @@ def worker_memory(sweep: Sweep, on_gpu: bool) -> tuple[float, str]:
     return USABLE_FRACTION * have, where
 
 
-def pack_checkpointing(sweep: Sweep, packable: Sequence[str], usable: float, where: str) -> tuple[bool, str]:
-    """Whether a pack host checkpoints its base's layers, and why: `pack_fit` for a full pack (`Resources.pack`
-    trials) of the sweep's most demanding packable shape (its largest `pack_bytes` over the `packable` variants, its
-    ranks and target sets). A pack that fits in no way is checkpointed all the same (unless the sweep says "off"),
-    and says so."""
-    arch = read_architecture(sweep.base)
-    k = sweep.resources.pack
-    shapes = [
-        (variant, rank, target) for variant in packable for rank in sweep.space.ranks for target in sweep.space.targets
-    ]
-    if not shapes:
-        return False, "no variant of the sweep packs"
-    worst = max(shapes, key=lambda shape: pack_bytes(sweep, arch, *shape, k))
-    fit = pack_fit(sweep, arch, *worst, k, usable)
-    size = {c: pack_bytes(sweep, arch, *worst, k, c) / 2**30 for c in (False, True)}
-    variant, rank, target = worst
-    shape = f"{k} x {variant} r={rank} {targets.target_key(target)}"
-    gib = f"{usable / 2**30:.1f} GiB usable of {where}"
-    if fit is None:  # it will not fit: the least memory the sweep allows, and why
-        checkpointing = sweep.budget.gradient_checkpointing != "off"
-        how = "with" if checkpointing else "without (budget.gradient_checkpointing='off')"
-        return checkpointing, f"{shape}: {size[checkpointing]:.1f} GiB {how} checkpointing exceeds {gib}"
-    if fit:
-        return True, f"{shape}: {size[False]:.1f} GiB without checkpointing exceeds {gib} ({size[True]:.1f} with)"
-    return False, f"{shape}: {size[False]:.1f} GiB without checkpointing fits {gib}"
-
-
 def micro_batching(sweep: Sweep, params: TrialParams, on_gpu: bool, liger: bool = False) -> MicroBatching:
     """The trial's micro-batch and gradient checkpointing, from the memory estimate (`trial_memory`)
     against what this worker holds: its share of the GPU (`gpus_per_worker` of the device's total) or, on CPU,
@@ -491,9 +465,28 @@ def micro_batching(sweep: Sweep, params: TrialParams, on_gpu: bool, liger: bool 
 
 
 def pack_rows(sweep: Sweep) -> int:
-    """Rows one trial puts into a pack step: its whole optimizer step as one micro-batch, batch_size x grad_accum
-    (a pack accumulates no gradients over smaller micro-batches; it checkpoints instead, `pack_checkpointing`)."""
+    """Rows one trial puts into a pack step: its whole optimizer step, batch_size x grad_accum, run through the base as
+    one micro-batch or, where that does not fit, as n micro-batches of pack_rows / n rows each (`pack_fit`)."""
     return sweep.budget.batch_size * sweep.budget.grad_accum
+
+
+def pack_splits(sweep: Sweep) -> list[int]:
+    """The micro-batch counts a pack step may run in, fewest first: the divisors of `budget.grad_accum`, so that a
+    micro-batch holds a whole number of `budget.batch_size` runs of each trial's rows (at grad_accum micro-batches,
+    a solo trial's own micro-batch)."""
+    accum = sweep.budget.grad_accum
+    return [n for n in range(1, accum + 1) if accum % n == 0]
+
+
+@dataclass(frozen=True)
+class PackFit:
+    """How a pack step fits its device (`pack_fit`)."""
+
+    checkpointing: bool
+    """The base's layers recompute their activations in the backward (`pack.Pack`'s `checkpointing`)."""
+    micro_batches: int
+    """Forward/backward passes a step runs, each over 1/micro_batches of every adapter's rows, the gradients summed
+    (`pack.Pack.step`): 1, the whole step at once."""
 
 
 def pack_bytes(
@@ -504,18 +497,23 @@ def pack_bytes(
     target: targets.Targets,
     k: int,
     checkpointing: bool = False,
+    micro_batches: int = 1,
 ) -> float:
     """Bytes on the one device of a pack of `k` trials of one shape (`lora_search.pack`): the frozen base once, each
-    adapter's own weights, gradients and AdamW state, and the activations of one pack step, which runs the base once
-    on all k adapters' rows concatenated (k x `pack_rows`), with or without gradient checkpointing (`pack_fit`), and
-    scores the loss a chunk of tokens at a time (`loss_chunk_tokens`: one chunk's logits, not the batch's):
+    adapter's own weights, gradients and AdamW state, and the activations of one micro-batch of a pack step, which
+    runs the base once on all k adapters' rows concatenated (k x `pack_rows` / `micro_batches`), with or without
+    gradient checkpointing (`pack_fit`), and scores the loss a chunk of tokens at a time (`loss_chunk_tokens`: one
+    chunk's logits, not the batch's):
 
-        weights + k x (adapter + optimizer) + activation_bytes(k x pack_rows, checkpointing, loss_tokens=chunk)
+        weights + k x (adapter + optimizer) + activation_bytes(k x pack_rows / micro_batches, checkpointing,
+                                                               loss_tokens=chunk)
 
     each term as `trial_memory` counts it. Example, sweeps/smollm2.py on a GPU (bf16 base, r=16 on all-linear, 32
     rows of 96 tokens), without checkpointing: 0.25 GiB of base + k x (0.07 GiB of adapter, gradients and AdamW
     state + 4.3 GiB in the blocks: 87 x 96 x 32 x 576 x 30 layers) + 0.75 GiB of loss, once: 12 x 1365 tokens (a
-    chunk, 2**26 // 49152) x 49152 (the whole batch's logits would be 12 x 96 x 32 x 49152 = 1.7 GiB a trial)."""
+    chunk, 2**26 // 49152) x 49152 (the whole batch's logits would be 12 x 96 x 32 x 49152 = 1.7 GiB a trial). With
+    batch_size=16 and grad_accum=2 (the same 32 rows a step) in 2 micro-batches: 2.15 GiB a trial in the blocks (87 x
+    96 x 16 x 576 x 30)."""
     row = trial_memory(
         sweep,
         arch,
@@ -523,7 +521,7 @@ def pack_bytes(
         rank,
         target,
         checkpointing=checkpointing,
-        batch=pack_rows(sweep) * k,
+        batch=pack_rows(sweep) * k // micro_batches,
         loss_tokens=loss_chunk_tokens(arch.model_type, arch.vocab),
     )
     return row.weights + k * (row.adapter + row.optimizer) + row.activations
@@ -531,23 +529,28 @@ def pack_bytes(
 
 def pack_fit(
     sweep: Sweep, arch: Architecture, variant: str, rank: int, target: targets.Targets, k: int, usable: float
-) -> bool | None:
-    """How a pack of `k` trials fits `usable` bytes under `Budget.gradient_checkpointing`: False (without
-    checkpointing), True (only with it: "auto" turns it on where the pack would not fit otherwise, as a solo trial's
-    "keep-activations" piece decides), None (not at all)."""
+) -> PackFit | None:
+    """How a pack of `k` trials fits `usable` bytes, as a solo trial's `micro_batching` decides: under
+    `Budget.gradient_checkpointing` "auto" without checkpointing where the pack fits so in the most micro-batches
+    (`pack_splits`: grad_accum, each a solo trial's micro-batch), else checkpointed; "off" / "on" as they say. Then
+    the fewest micro-batches that fit. None: it does not fit (with grad_accum=1, one micro-batch or nothing)."""
     choice = sweep.budget.gradient_checkpointing
-    for checkpointing in {"off": (False,), "on": (True,)}.get(choice, (False, True)):
-        if pack_bytes(sweep, arch, variant, rank, target, k, checkpointing) <= usable:
-            return checkpointing
-    return None
+    splits = pack_splits(sweep)
+
+    def fits(checkpointing: bool, n: int) -> bool:
+        return pack_bytes(sweep, arch, variant, rank, target, k, checkpointing, n) <= usable
+
+    checkpointing = choice == "on" if choice != "auto" else not fits(False, splits[-1])
+    n = next((n for n in splits if fits(checkpointing, n)), None)
+    return None if n is None else PackFit(checkpointing, n)
 
 
 def largest_pack(
     sweep: Sweep, arch: Architecture, variant: str, rank: int, target: targets.Targets, usable: float
 ) -> int:
-    """The most trials of one shape whose pack fits `usable` bytes (`pack_fit`, checkpointing where the sweep allows),
-    0 when not even one trial fits. `pack_bytes` grows with k, so doubling to a k that does not fit and then halving
-    the interval finds it in about 2 log2(k) estimates."""
+    """The most trials of one shape whose pack fits `usable` bytes in any way the sweep allows (`pack_fit`: checkpointed
+    and in micro-batches where it needs to), 0 when not even one trial fits. `pack_bytes` grows with k, so doubling to
+    a k that does not fit and then halving the interval finds it in about 2 log2(k) estimates."""
     fits = lambda k: pack_fit(sweep, arch, variant, rank, target, k, usable) is not None  # noqa: E731
     if not fits(1):
         return 0
@@ -558,3 +561,48 @@ def largest_pack(
         middle = (low + high) // 2
         low, high = (middle, high) if fits(middle) else (low, middle)
     return low
+
+
+def pack_host_fit(sweep: Sweep, packable: Sequence[str], usable: float, where: str) -> tuple[PackFit, str]:
+    """How a pack host runs its steps (whether it checkpoints its base's layers, in how many micro-batches), and why in
+    one sentence: `pack_fit` for a full pack (`Resources.pack` trials) of the sweep's most demanding packable shape
+    (its largest `pack_bytes` over the `packable` variants, its ranks and target sets). A pack that fits in no way
+    runs in the least memory the sweep allows (grad_accum micro-batches, checkpointed unless "off"), and says so.
+
+    Example, sweeps/llama8b.py with Resources(pack=4) on an H100 (32 rows of 2048 tokens a trial's step): "4 x lora
+    r=64 all-linear, 71.7 GiB usable of 1 of this GPU: 373.7 GiB in 8 micro-batches of 4 rows a trial without
+    checkpointing exceeds it; 100.5 GiB in 2 micro-batches of 16 rows a trial checkpointed exceeds it; 62.7 GiB in 4
+    micro-batches of 8 rows a trial checkpointed fits"."""
+    arch = read_architecture(sweep.base)
+    k = sweep.resources.pack
+    shapes = [
+        (variant, rank, target) for variant in packable for rank in sweep.space.ranks for target in sweep.space.targets
+    ]
+    if not shapes:
+        return PackFit(False, 1), "no variant of the sweep packs"
+    worst = max(shapes, key=lambda shape: pack_bytes(sweep, arch, *shape, k))
+    fit = pack_fit(sweep, arch, *worst, k, usable)
+    choice, splits = sweep.budget.gradient_checkpointing, pack_splits(sweep)
+    chosen = fit or PackFit(choice != "off", splits[-1])
+
+    def said(how: PackFit, verdict: str) -> str:
+        size = pack_bytes(sweep, arch, *worst, k, how.checkpointing, how.micro_batches) / 2**30
+        n = how.micro_batches
+        runs = "one micro-batch" if n == 1 else f"{n} micro-batches"
+        recompute = "checkpointed" if how.checkpointing else "without checkpointing"
+        return f"{size:.1f} GiB in {runs} of {pack_rows(sweep) // n} rows a trial {recompute} {verdict}"
+
+    reasons = []
+    if choice != "auto":
+        reasons.append(f"budget.gradient_checkpointing={choice!r}")
+    elif chosen.checkpointing:
+        reasons.append(said(PackFit(False, splits[-1]), "exceeds it"))
+    if fit is None:
+        reasons.append(said(chosen, "exceeds it: it runs so all the same"))
+    else:
+        if fit.micro_batches > 1:  # the next fewer micro-batches do not fit
+            reasons.append(said(PackFit(fit.checkpointing, splits[splits.index(fit.micro_batches) - 1]), "exceeds it"))
+        reasons.append(said(fit, "fits"))
+    variant, rank, target = worst
+    shape = f"{k} x {variant} r={rank} {targets.target_key(target)}"
+    return chosen, f"{shape}, {usable / 2**30:.1f} GiB usable of {where}: {'; '.join(reasons)}"

@@ -5,7 +5,7 @@ packed configuration is still an ordinary Tune trial that attaches its adapter t
 Turned on by `Resources(pack=N)` with N > 1: a trial whose variant packs (`pack.packs`) runs
 `pack_trial.run_packed_trial` (from `lora_search.trial.run_trial`) in a small CPU-only Tune process
 (`trial_resources`); the others train solo as before. The trial finds a host with room (`host_for`), attaches its
-adapter (`PackHost.attach`), sends a micro-batch a step (`PackHost.step`), asks for its eval loss, its saved adapter
+adapter (`PackHost.attach`), sends its rows for each step (`PackHost.step`), asks for its eval loss, its saved adapter
 and, at its last step, its golden scores, and detaches. A trial Tune stops leaves in its `finally` (`PackHost.detach`);
 one whose process was killed is detached after `STALE_S` without a step.
 
@@ -22,8 +22,11 @@ Golden sets: the host scores a packed trial that trains its whole budget (`PackH
 no base, the host has the base and the device), with `evals.score` on a PEFT model of the saved adapter. While a host
 scores, the other adapters' steps wait.
 
-Not done here: gradient accumulation in smaller micro-batches (a step is one micro-batch of batch_size x grad_accum
-rows).
+A step holds each trial's batch_size x grad_accum rows. At its load a host decides, for a full pack of the sweep's
+most demanding packable shape and as a solo trial decides for itself (`memory.pack_host_fit`; the "load" line says
+which and why): whether its base's layers recompute their activations in the backward, and in how many micro-batches
+a step runs, the fewest n dividing grad_accum that fit: each 1/n of every adapter's rows, the gradients summed
+to the one-micro-batch step's (`Pack.step`).
 """
 
 from __future__ import annotations
@@ -128,7 +131,7 @@ class PackHost:
 
         from lora_search import targets
         from lora_search.devices import device_name
-        from lora_search.memory import pack_checkpointing, worker_memory
+        from lora_search.memory import pack_host_fit, worker_memory
         from lora_search.pack import Pack, packs
         from lora_search.train import load_base
 
@@ -148,8 +151,9 @@ class PackHost:
         self.layers = targets.linear_layers(model)  # before the pack wraps any
         usable, where = worker_memory(sweep, on_gpu)
         packable = [v for v in sweep.space.variants if packs(v) is True]
-        self.checkpointing, checkpointing_why = pack_checkpointing(sweep, packable, usable, where)
-        self.pack = Pack(model, pad_token_id=tokenizer.pad_token_id, checkpointing=self.checkpointing)
+        self.fit, fit_why = pack_host_fit(sweep, packable, usable, where)
+        """Whether the pack checkpoints and how many micro-batches each step runs in (`memory.PackFit`)."""
+        self.pack = Pack(model, pad_token_id=tokenizer.pad_token_id, checkpointing=self.fit.checkpointing)
         self.scorer: Any = None
         """The plain base golden scoring puts each adapter on (`Pack.plain_copy`), made at the first scoring."""
         # The autocast a solo trial of a packing variant trains and is scored under (train.py's SFTConfig bf16).
@@ -176,8 +180,9 @@ class PackHost:
             "load",
             load_s=round(self.load_s, 3),
             device=self.device,
-            checkpointing=self.checkpointing,
-            checkpointing_why=checkpointing_why,
+            checkpointing=self.fit.checkpointing,
+            micro_batches=self.fit.micro_batches,
+            checkpointing_why=fit_why,
         )
         threading.Thread(target=self._reap, daemon=True).start()
 
@@ -355,7 +360,7 @@ class PackHost:
         """One pack step of the pending batches (called holding the lock)."""
         batches, self.pending = self.pending, {}
         with self._autocast():
-            done = self.pack.step(batches)
+            done = self.pack.step(batches, self.fit.micro_batches)
         real = {n: int(b["attention_mask"].sum()) for n, b in batches.items()}
         total = max(sum(real.values()), 1)
         step_s = done.seconds * self.units

@@ -1,7 +1,8 @@
 """What the plan says about packing (`Resources.pack`, `lora_search.pack_host`): per packable (rank, targets) how
-many trials one pack fits on a GPU (`memory.pack_bytes`), and the measured speed-up a packed sweep's wall time is
-planned at: the trial-steps/s ratio of the nearest comparable GPU run of benchmarks/pack.py (`measured_ratio`), never
-a modelled one. `lora_search.plan` prints it.
+many trials one pack fits on a GPU (`memory.pack_bytes`) and how it runs its steps (checkpointed or not, in how many
+micro-batches: `memory.pack_fit`), and the measured speed-up a packed sweep's wall time is planned at: the
+trial-steps/s ratio of the nearest comparable GPU run of benchmarks/pack.py (`measured_ratio`), never a modelled one.
+`lora_search.plan` prints it.
 """
 
 from __future__ import annotations
@@ -48,14 +49,17 @@ class PackShape:
     base: float
     """Bytes of the frozen base, held once per pack."""
     per_trial: float
-    """Bytes each trial adds: its adapter, gradients and AdamW state, and the activations of its own rows (checkpointed
-    where `recompute`)."""
+    """Bytes each trial adds: its adapter, gradients and AdamW state, and the activations of its own rows in one
+    micro-batch (checkpointed where `recompute`, 1/`micro_batches` of its step's rows)."""
     fits: int
     """The most trials whose pack fits the pack's usable memory (`memory.largest_pack`); 0: not one."""
     k: int
     """Trials a pack of this shape holds: `fits` capped by `Resources.pack`."""
     recompute: bool = False
-    """The pack of `k` fits only with gradient checkpointing, which it then runs (`memory.pack_fit`)."""
+    """The pack of `k` runs with gradient checkpointing (`memory.pack_fit`: where it does not fit without)."""
+    micro_batches: int = 1
+    """Micro-batches a step of the pack of `k` runs in, the fewest that fit (`memory.pack_fit`); 1: its whole step at
+    once."""
 
 
 @dataclass(frozen=True)
@@ -230,9 +234,10 @@ def packing(
     benchmarks: str | Path,
 ) -> Packing:
     """How the sweep's trials pack on `gpu` (see `Packing`): per packable (rank, target set), the most trials whose
-    pack fits (`memory.largest_pack`, the most demanding packable variant), capped by `Resources.pack`; the variants
-    that train solo, with why; and the measured speed-up (`measured_ratio` over `pack_runs(benchmarks)`) at the pack
-    size the sweep makes. A pack trains on one device, so trials of several workers do not pack."""
+    pack fits (`memory.largest_pack`, the most demanding packable variant), capped by `Resources.pack`, and whether
+    that pack checkpoints and in how many micro-batches its steps run (`memory.pack_fit`); the variants that train
+    solo, with why; and the measured speed-up (`measured_ratio` over `pack_runs(benchmarks)`) at the pack size the
+    sweep makes. A pack trains on one device, so trials of several workers do not pack."""
     from lora_search import pack  # imports torch: only when a plan is made
 
     r = sweep.resources
@@ -248,11 +253,14 @@ def packing(
         for target in sweep.space.targets:
             fits = min(largest_pack(sweep, arch, v, rank, target, usable) for v in packable)
             k_shape = min(fits, r.pack)
-            # checkpointed where the pack of k_shape fits only with it (`memory.pack_fit`)
-            recompute = k_shape >= 1 and any(pack_fit(sweep, arch, v, rank, target, k_shape, usable) for v in packable)
-            one = max(pack_bytes(sweep, arch, v, rank, target, 1, recompute) for v in packable)
+            # how the pack of k_shape runs (`memory.pack_fit`): checkpointed, in micro-batches, where a variant needs it
+            fit = [f for v in packable if k_shape and (f := pack_fit(sweep, arch, v, rank, target, k_shape, usable))]
+            recompute = any(f.checkpointing for f in fit)
+            micro = max((f.micro_batches for f in fit), default=1)
+            one = max(pack_bytes(sweep, arch, v, rank, target, 1, recompute, micro) for v in packable)
             weights = trial_memory(sweep, arch, packable[0], rank, target).weights
-            shapes.append(PackShape(rank, target_key(target), weights, one - weights, fits, k_shape, recompute))
+            per_trial = one - weights
+            shapes.append(PackShape(rank, target_key(target), weights, per_trial, fits, k_shape, recompute, micro))
     share = len(packable) / len(variants)
     packed_trials = trials * share
     k = min([s.k for s in shapes if s.k >= 1] or [1])

@@ -585,7 +585,8 @@ def format_plan(p: Plan) -> str:
 
 
 def _format_packing(p: Plan) -> list[str]:
-    """The packing section: per packable shape the most trials a pack fits and holds; the variants that train solo."""
+    """The packing section: per packable shape the most trials a pack fits and holds, whether that pack checkpoints
+    and, where some pack's step runs in more than one, its micro-batches a step; the variants that train solo."""
     k = p.packing
     out = ["", f"packing     up to {k.limit} trial(s) a pack (resources.pack) over one copy of the base on one GPU"]
     if not k.shapes:
@@ -594,24 +595,28 @@ def _format_packing(p: Plan) -> list[str]:
         out += [
             f"  variants {', '.join(k.packable)}: a pack of k on one {GPU_LABELS[p.gpu]} ({_gib(k.usable)} GiB usable) "
             f"holds the base once ({_gib3(k.shapes[0].base)} GiB)",
-            "  + k x per trial: its adapter, gradients and AdamW state, and the activations of its whole step "
-            f"({k.rows} rows x {p.max_length} tokens; a pack accumulates no gradients, and checkpoints its layers "
-            "where it fits only so: recompute)",
+            "  + k x per trial: its adapter, gradients and AdamW state, and the activations of its rows of a step "
+            f"({k.rows} rows x {p.max_length} tokens; where that does not fit, the pack checkpoints its layers: "
+            "recompute, or runs a step in micro-batches, each 1/n of the rows, the gradients summed: micro-batches)",
         ]
+        header = ["rank", "targets", "per trial GiB", "fits", "packs", "recompute", "micro-batches"]
         rows = [
             [str(s.rank), s.targets, _gib3(s.per_trial), str(s.fits), str(s.k), "yes" if s.recompute else "no"]
+            + [str(s.micro_batches)]
             for s in k.shapes
         ]
-        header = ["rank", "targets", "per trial GiB", "fits", "packs", "recompute"]
+        if all(s.micro_batches == 1 for s in k.shapes):  # the micro-batches column only where a pack accumulates
+            header, rows = header[:-1], [row[:-1] for row in rows]
         out += ["  " + line for line in _table(header, rows)]
         out.append(
-            "  fits: the most trials one pack could hold, checkpointed where that fits more (budget."
-            "gradient_checkpointing); per trial GiB and recompute: at the size it packs"
+            "  fits: the most trials one pack could hold, checkpointed and in micro-batches where that fits more "
+            "(budget.gradient_checkpointing, grad_accum); per trial GiB, recompute and micro-batches: at the size it "
+            "packs"
         )
         if any(s.fits == 0 for s in k.shapes):
             out.append(
-                "  fits 0: not even one trial's pack fits the GPU; to pack, lower the rows a step (budget.batch_size "
-                "x grad_accum) or dataset.max_length"
+                "  fits 0: not even one trial's pack fits the GPU, in grad_accum micro-batches of budget.batch_size "
+                "rows each; to pack, lower budget.batch_size or dataset.max_length"
             )
     out += [f"  solo: {variant}: {why}" for variant, why in k.solo]
     return out

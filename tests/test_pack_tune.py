@@ -231,9 +231,11 @@ def test_closing_a_host_says_how_each_adapter_it_still_holds_left(tiny_model_dir
         host.step("b", batch)
     assert sorted(host.close()) == ["a", "b"] and host.status()["names"] == []
     events = [json.loads(line) for line in (tmp_path / "journal.jsonl").read_text().splitlines()]
-    # the load says whether the pack checkpoints and why: a full pack of this tiny base fits the host's memory
-    assert events[0]["event"] == "load" and events[0]["checkpointing"] is False
-    assert "without checkpointing fits" in events[0]["checkpointing_why"] and not host.pack.checkpointing
+    # the load says whether the pack checkpoints, in how many micro-batches a step runs, and why: a full pack of this
+    # tiny base fits the host's memory as it is
+    assert events[0]["event"] == "load" and events[0]["checkpointing"] is False and events[0]["micro_batches"] == 1
+    assert events[0]["checkpointing_why"].endswith("in one micro-batch of 8 rows a trial without checkpointing fits")
+    assert not host.pack.checkpointing
     assert {e["name"]: e["why"] for e in events if e["event"] == "detach"} == {
         "a": "finished",
         "b": "sweep ended at step 3",

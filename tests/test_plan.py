@@ -172,19 +172,23 @@ def test_sweep_dry_run(dry_runs: dict[str, str], name: str) -> None:
             weights[cells[0]] = float(cells[4])
     if name == "llama8b":  # DDP: every GPU holds the whole base, NF4 or bf16
         assert weights["qlora"] < weights["lora"]
-        # A pack step holds each trial's whole step, 32 rows x 2048 tokens as one micro-batch: 87 x 2048 x 32 x 4096 x
-        # 32 layers = 696 GiB of blocks alone without checkpointing. With it, 2 x 2048 x 32 x 4096 x 32 layers of
-        # checkpoints + 87 x 2048 x 32 x 4096 of one block recomputed = 37.75 GiB, and the loss's one chunk of logits
-        # (12 x 523 x 128256 = 0.75 GiB) fits beside the block: one trial's pack fits an H100 (71.7 GiB usable, the
-        # base 15 GiB), checkpointed; two do not. The step's whole logits (12 x 2048 x 32 x 128256 = 94 GiB) would not.
-        per_trial = [
-            float(line.split()[2])
+        # A pack step holds each trial's whole step, 32 rows x 2048 tokens: 87 x 2048 x 32 x 4096 x 32 layers = 696 GiB
+        # of blocks alone without checkpointing, 87 GiB even in grad_accum=8 micro-batches of 4 rows. With it, in one
+        # micro-batch, 2 x 2048 x 32 x 4096 x 32 layers of checkpoints + 87 x 2048 x 32 x 4096 of one block recomputed
+        # = 37.75 GiB, and the loss's one chunk of logits (12 x 523 x 128256 = 0.75 GiB) fits beside the block: the
+        # sweep's pack of one (resources.pack=1) fits an H100 (71.7 GiB usable, the base 15 GiB) checkpointed in one
+        # micro-batch (no micro-batches column). The step's whole logits (12 x 2048 x 32 x 128256 = 94 GiB) would not.
+        # In 8 micro-batches of 4 rows a trial needs (2 x 32 + 87) x 2048 x 4 x 4096 = 4.72 GiB: the 56.7 GiB beside
+        # the base fit 11 trials of r=8 (0.05 GiB of adapter state each), 7 of r=64 on all-linear (2.5 GiB).
+        table = {
+            (m[1], m[2]): (float(m[3]), int(m[4]))
             for line in out.splitlines()
-            if re.match(r"  (8|16|64) +\S+ +[0-9.]+ +1 +1 +yes$", line)
-        ]
+            if (m := re.match(r"  (8|16|64) +(\S+) +([0-9.]+) +(\d+) +1 +yes$", line))
+        }
         held = (2 * 32 + 87) * 2048 * 32 * 4096 / 2**30
         adapter_state = 167.8e6 * 16 / 2**30  # r=64 on all-linear, the largest adapter: 2.5 GiB
-        assert len(per_trial) == 6 and all(held <= t <= held + adapter_state + 0.1 for t in per_trial), per_trial
+        assert len(table) == 6 and all(held <= t <= held + adapter_state + 0.1 for t, _ in table.values()), table
+        assert table["8", "attention"][1] == 11 and table["64", "all-linear"][1] == 7
         assert "solo: dora: DoRA rescales" in out
     else:  # bf16 base sharded over 8 GPUs by FSDP against a whole NF4 base per GPU (qlora runs DDP)
         assert "strategy fsdp shards the base" in out
@@ -280,20 +284,69 @@ def test_pack_memory_by_hand(tiny_config_dir: Path, tiny: M.Architecture, monkey
         whole = base + k * (adapter_state + blocks + 12 * 16 * 8 * 320)
         assert M.pack_bytes(sweep, softcapped, "lora", 4, "attention", k) == whole
     five = M.pack_bytes(sweep, tiny, "lora", 4, "attention", 5)
-    off = sweep.replace(budget=dataclasses.replace(sweep.budget, gradient_checkpointing="off"))
+    # grad_accum=1 (a step of 8 rows as one batch of 8): a pack step is one micro-batch, checkpointed where it must be
+    whole = sweep.replace(budget=dataclasses.replace(sweep.budget, batch_size=8, grad_accum=1))
+    assert M.pack_splits(whole) == [1] and M.pack_bytes(whole, tiny, "lora", 4, "attention", 5) == five
+    off = whole.replace(budget=dataclasses.replace(whole.budget, gradient_checkpointing="off"))
     assert M.largest_pack(off, tiny, "lora", 4, "attention", five) == 5
     assert M.largest_pack(off, tiny, "lora", 4, "attention", five - 1) == 4
     assert M.largest_pack(off, tiny, "lora", 4, "attention", base + adapter_state) == 0  # not one trial
 
     # "auto" (the default): a pack that fits only with gradient checkpointing runs with it
-    assert sweep.budget.gradient_checkpointing == "auto"
-    assert M.pack_fit(sweep, tiny, "lora", 4, "attention", 5, five) is False  # fits as it is
-    assert M.pack_fit(sweep, tiny, "lora", 4, "attention", 5, five - 1) is True  # fits only checkpointed
+    assert whole.budget.gradient_checkpointing == "auto"
+    assert M.pack_fit(whole, tiny, "lora", 4, "attention", 5, five) == M.PackFit(False, 1)  # fits as it is
+    assert M.pack_fit(whole, tiny, "lora", 4, "attention", 5, five - 1) == M.PackFit(True, 1)  # only checkpointed
     assert M.pack_fit(off, tiny, "lora", 4, "attention", 5, five - 1) is None  # "off": it does not fit
-    checkpointed = [M.pack_bytes(sweep, tiny, "lora", 4, "attention", k, True) for k in range(1, 40)]
+    checkpointed = [M.pack_bytes(whole, tiny, "lora", 4, "attention", k, True) for k in range(1, 40)]
     assert checkpointed[4] < five  # checkpointing keeps less
     most = max(k for k, b in enumerate(checkpointed, 1) if b <= five)
-    assert M.largest_pack(sweep, tiny, "lora", 4, "attention", five) == most > 5
+    assert M.largest_pack(whole, tiny, "lora", 4, "attention", five) == most > 5
+
+
+def test_a_pack_steps_in_micro_batches_where_its_whole_step_does_not_fit(
+    tiny_config_dir: Path, tiny: M.Architecture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """grad_accum=4 of 2 rows: a pack step of 8 rows a trial may run in 1, 2 or 4 micro-batches (8, 4 or 2 rows a
+    trial). `pack_fit` decides as a solo trial's `micro_batching`: under "auto" no checkpointing where 4 micro-batches
+    fit without it, else checkpointed; then the fewest micro-batches that fit."""
+    monkeypatch.setattr(M, "LOSS_CHUNK_LOGITS", 40 * 320)  # chunks of 40 tokens of the 320-token vocab
+    sweep = pack_sweep(tiny_config_dir)
+    assert (sweep.budget.batch_size, sweep.budget.grad_accum, M.pack_splits(sweep)) == (2, 4, [1, 2, 4])
+    base, adapter_state, loss = 133_440 * 2, 1792 * 16, 12 * 40 * 320  # as in test_pack_memory_by_hand
+    size = {
+        (c, n): M.pack_bytes(sweep, tiny, "lora", 4, "attention", 5, c, n) for c in (False, True) for n in (1, 2, 4)
+    }
+    for n in (1, 2, 4):  # the activations of one micro-batch: 5 trials x 8 / n rows of 16 tokens, 2 layers of 64
+        rows = 5 * 8 // n
+        assert size[False, n] == base + 5 * adapter_state + 87 * 16 * rows * 64 * 2 + loss
+        assert size[True, n] == base + 5 * adapter_state + 2 * 16 * rows * 64 * 2 + max(loss, 87 * 16 * rows * 64)
+    # checkpointed, 2 micro-batches keep less than 4 without (2 layers: checkpointing saves a layer's blocks at most)
+    assert size[True, 4] < size[True, 2] < size[False, 4] < size[False, 2] < size[True, 1] < size[False, 1]
+
+    def fit(budget: Sweep, usable: float) -> M.PackFit | None:
+        return M.pack_fit(budget, tiny, "lora", 4, "attention", 5, usable)
+
+    on, off = (sweep.replace(budget=dataclasses.replace(sweep.budget, gradient_checkpointing=c)) for c in ("on", "off"))
+    # "auto": 4 micro-batches fit without checkpointing, so none, in the fewest micro-batches that fit
+    assert fit(sweep, size[False, 1]) == M.PackFit(False, 1)
+    assert fit(sweep, size[False, 1] - 1) == M.PackFit(False, 2)  # 2 or 4 fit
+    assert fit(sweep, size[False, 2] - 1) == M.PackFit(False, 4)  # only 4 fit
+    assert fit(on, size[False, 2] - 1) == M.PackFit(True, 2)  # where checkpointed 2 would: "auto" keeps activations
+    # not even 4 fit without: checkpointed, in the fewest that fit so
+    assert fit(sweep, size[False, 4] - 1) == M.PackFit(True, 2)
+    assert fit(sweep, size[True, 2] - 1) == M.PackFit(True, 4)
+    assert fit(sweep, size[True, 4] - 1) is None
+    # "off" never checkpoints, "on" always does
+    assert fit(off, size[False, 2]) == M.PackFit(False, 2) and fit(off, size[False, 4] - 1) is None
+    assert fit(on, size[False, 1]) == M.PackFit(True, 1) and fit(on, size[True, 4] - 1) is None
+
+    # The most that fit in any allowed way: "off" in 4 micro-batches of 2 rows a trial (87 x 16 x 2 x 64 x 2 layers of
+    # blocks each), "auto" checkpointed in 4 (2 x 16 x 2 x 64 x 2 of checkpoints, 87 x 16 x 2 x 64 of the one block).
+    usable = size[False, 1]
+    assert M.largest_pack(off, tiny, "lora", 4, "attention", usable) == 18
+    assert (usable - base - loss) // (adapter_state + 87 * 16 * 2 * 64 * 2) == 18
+    assert M.largest_pack(sweep, tiny, "lora", 4, "attention", usable) == 34
+    assert (usable - base) // (adapter_state + 2 * 16 * 2 * 64 * 2 + 87 * 16 * 2 * 64) == 34
 
 
 def test_plan_packs_per_shape_and_names_solo_variants(tiny_config_dir: Path, tiny: M.Architecture) -> None:
@@ -308,11 +361,11 @@ def test_plan_packs_per_shape_and_names_solo_variants(tiny_config_dir: Path, tin
     for s in k.shapes:
         one = M.pack_bytes(p_sweep := pack_sweep(tiny_config_dir), tiny, "lora", s.rank, s.targets, 1)
         assert s.base == 133_440 * 2 and s.per_trial == one - s.base and not s.recompute  # 4 fit as they are
-        # the most that fit: checkpointed, as the default budget.gradient_checkpointing="auto" allows
-        per_checkpointed = M.pack_bytes(p_sweep, tiny, "lora", s.rank, s.targets, 1, True) - s.base
-        assert s.fits == int((usable - s.base) // per_checkpointed) > 60_000  # a 133K-param base: tens of thousands
-        assert s.k == 4  # capped by Resources.pack
-        assert M.pack_bytes(p_sweep, tiny, "lora", s.rank, s.targets, s.fits, True) <= usable
+        # the most that fit: checkpointed in grad_accum=4 micro-batches, as the default "auto" allows
+        per_checkpointed = M.pack_bytes(p_sweep, tiny, "lora", s.rank, s.targets, 1, True, 4) - s.base
+        assert s.fits == int((usable - s.base) // per_checkpointed) > 240_000  # a 133K-param base: 100,000s
+        assert s.k == 4 and s.micro_batches == 1  # capped by Resources.pack, whose step fits whole
+        assert M.pack_bytes(p_sweep, tiny, "lora", s.rank, s.targets, s.fits, True, 4) <= usable
     text = P.format_plan(p)
     assert f"solo: dora: {SOLO['dora']}" in text and f"solo: qlora: {SOLO['qlora']}" in text
     assert "up to 4 trial(s) a pack" in text
@@ -390,19 +443,72 @@ def test_bad_pack_benchmarks_name_field_value_and_fix(tmp_path: Path, tiny_confi
     assert "cannot read the pack benchmarks: 4 problem(s)" in str(raised.value)
 
 
-def test_a_pack_host_checkpoints_only_where_its_full_pack_would_not_fit(tiny_config_dir: Path) -> None:
-    """`memory.pack_checkpointing`, what a PackHost decides at its load (and journals): a full pack (resources.pack) of
-    the sweep's most demanding packable shape (lora is the space's one packing variant), against usable memory."""
+def test_a_pack_host_checkpoints_and_splits_its_steps_only_where_its_full_pack_would_not_fit(
+    tiny_config_dir: Path,
+) -> None:
+    """`memory.pack_host_fit`, what a PackHost decides at its load (and journals): how a full pack (resources.pack) of
+    the sweep's most demanding packable shape (lora is the space's one packing variant) fits usable memory, and why in
+    one sentence that names checkpointing and micro-batches."""
     sweep = pack_sweep(tiny_config_dir)  # lora (packs), qlora and dora (solo); r 4, 8; attention, all-linear
     tiny = M.read_architecture(sweep.base)
     worst = M.pack_bytes(sweep, tiny, "lora", 8, "all-linear", 4)
     assert worst == max(M.pack_bytes(sweep, tiny, "lora", r, t, 4) for r in (4, 8) for t in ("attention", "all-linear"))
-    on, why = M.pack_checkpointing(sweep, ["lora"], worst, "this GPU")
-    assert not on and why.startswith("4 x lora r=8 all-linear") and "without checkpointing fits" in why
-    on, why = M.pack_checkpointing(sweep, ["lora"], worst - 1, "this GPU")
-    assert on and "without checkpointing exceeds" in why
+
+    def size(checkpointing: bool, n: int) -> float:
+        return M.pack_bytes(sweep, tiny, "lora", 8, "all-linear", 4, checkpointing, n)
+
+    def host(budget: Sweep, usable: float) -> tuple[M.PackFit, str]:
+        return M.pack_host_fit(budget, ["lora"], usable, "this GPU")
+
+    fit, why = host(sweep, worst)  # grad_accum=4 of 2 rows: 8 rows a trial's step
+    assert fit == M.PackFit(False, 1) and why.startswith("4 x lora r=8 all-linear, 0.0 GiB usable of this GPU: ")
+    assert why.endswith(": 0.0 GiB in one micro-batch of 8 rows a trial without checkpointing fits")
+    fit, why = host(sweep, worst - 1)
+    assert fit == M.PackFit(False, 2) and why.endswith(
+        "in one micro-batch of 8 rows a trial without checkpointing exceeds it; "
+        "0.0 GiB in 2 micro-batches of 4 rows a trial without checkpointing fits"
+    )
+    fit, why = host(sweep, size(False, 4) - 1)  # not even 4 fit without: checkpointed, in 2
+    assert fit == M.PackFit(True, 2) and why.endswith(
+        "in 4 micro-batches of 2 rows a trial without checkpointing exceeds it; "
+        "0.0 GiB in one micro-batch of 8 rows a trial checkpointed exceeds it; "
+        "0.0 GiB in 2 micro-batches of 4 rows a trial checkpointed fits"
+    )
     off = sweep.replace(budget=dataclasses.replace(sweep.budget, gradient_checkpointing="off"))
-    on, why = M.pack_checkpointing(off, ["lora"], worst - 1, "this GPU")
-    assert not on and "budget.gradient_checkpointing='off'" in why
-    on, why = M.pack_checkpointing(sweep, ["lora"], 1.0, "this GPU")  # nothing fits: the least memory it can, and why
-    assert on and "with checkpointing exceeds" in why
+    fit, why = host(off, size(False, 4) - 1)  # it fits in no way: the least memory "off" allows, and why
+    assert fit == M.PackFit(False, 4) and why.endswith(
+        ": budget.gradient_checkpointing='off'; "
+        "0.0 GiB in 4 micro-batches of 2 rows a trial without checkpointing exceeds it: it runs so all the same"
+    )
+    fit, why = host(sweep, 1.0)
+    assert fit == M.PackFit(True, 4) and why.endswith(
+        "of 2 rows a trial checkpointed exceeds it: it runs so all the same"
+    )
+
+    # grad_accum=1: one micro-batch a step, checkpointed where it must be, as before micro-batches
+    whole = sweep.replace(budget=dataclasses.replace(sweep.budget, batch_size=8, grad_accum=1))
+    assert host(whole, worst)[0] == M.PackFit(False, 1)
+    fit, why = host(whole, worst - 1)
+    assert fit == M.PackFit(True, 1) and why.endswith(
+        "in one micro-batch of 8 rows a trial without checkpointing exceeds it; "
+        "0.0 GiB in one micro-batch of 8 rows a trial checkpointed fits"
+    )
+    assert host(whole, 1.0)[0] == M.PackFit(True, 1)
+
+
+def test_the_plan_shows_micro_batches_where_a_pack_step_runs_in_several(
+    tiny_config_dir: Path, tiny: M.Architecture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a GPU where a pack of 4 of the most demanding shape fits only in 2 micro-batches (and the other shapes no
+    better), the packing table gains a micro-batches column, and per trial GiB is at 2 micro-batches of 4 rows."""
+    sweep = pack_sweep(tiny_config_dir)
+    usable = M.pack_bytes(sweep, tiny, "lora", 8, "all-linear", 4, False, 2)
+    monkeypatch.setitem(M.GPUS, "H200", M.Gpu(memory_gib=usable / 2**30 / M.USABLE_FRACTION, bf16_tflops=989.4))
+    p = P.plan(sweep, cluster_gpus=1, gpu="H200", pack_benchmarks=tiny_config_dir)
+    assert p.packing.usable == pytest.approx(usable)
+    for s in p.packing.shapes:
+        half = M.pack_bytes(sweep, tiny, "lora", s.rank, s.targets, 1, False, 2) - s.base
+        assert (s.k, s.recompute, s.micro_batches, s.per_trial) == (4, False, 2, half)
+    text = P.format_plan(p)
+    assert re.search(r"rank +targets +per trial GiB +fits +packs +recompute +micro-batches\n", text)
+    assert re.search(r"\n  8 +all-linear +[0-9.e-]+ +\d+ +4 +no +2\n", text), text

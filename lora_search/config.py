@@ -79,7 +79,8 @@ class BaseModel:
     """Train through compiled decoder layers (`lora_search.compiled_layers`: one `torch.compile` of the layer class,
     shared by every layer; inference forwards stay eager). Fewer, fused kernels a step for tens of seconds of compile
     once per trial process; only where activations are kept, on one worker or DDP, and not on a 4-bit base (the
-    trial's fast path summary says when it is off and why)."""
+    trial's fast path summary says when it is off and why). Off by default: on one H200 (8B shape, r16) it trained at
+    0.95x the eager fast path and the compile took longer than the 16 steps it sped up (benchmarks/NOTES.md)."""
 
     def problems(self, ok: Fields = _everything) -> list[Problem]:
         return []

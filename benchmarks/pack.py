@@ -178,11 +178,12 @@ def packed(
     times = []
     for step in range(args.steps):
         with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.device == "cuda"):
-            done = pack.step({f"t{i}": data[i][step] for i in range(k)})
+            done = pack.step({f"t{i}": data[i][step] for i in range(k)}, args.micro_batches)
         times.append(done.seconds)  # the step's losses read back: it is done
         for i in range(k):
             curves[i].append(done.losses[f"t{i}"])
-    calls = dispatched(lambda: pack.step({f"t{i}": data[i][0] for i in range(k)}), args.device)  # after the curves
+    first = {f"t{i}": data[i][0] for i in range(k)}
+    calls = dispatched(lambda: pack.step(first, args.micro_batches), args.device)  # after the curves
     for i in range(k):
         pack.detach(f"t{i}")
     return curves, statistics.median(times[args.skip :]), calls
@@ -243,6 +244,13 @@ def main() -> None:
         action="store_true",
         help="packs recompute their layers in the backward (what a pack host does where a pack fits only so); the "
         "solo runs do not",
+    )
+    parser.add_argument(
+        "--micro-batches",
+        type=int,
+        default=1,
+        help="a pack step's rows in this many micro-batches, the gradients summed (what a host does where a whole step "
+        "does not fit, `memory.pack_host_fit`); the solo runs take each step whole",
     )
     parser.add_argument("--work", type=Path, default=Path("/tmp/pack_bench"))
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/pack_<dev>_<base>_...)")
@@ -331,6 +339,7 @@ def main() -> None:
         "steps": args.steps,
         "timed_steps": args.steps - args.skip,
         "pack_checkpointing": args.checkpointing,
+        "pack_micro_batches": args.micro_batches,
         "timing": "median step time over the timed steps (robust to a busy machine); solo: summed over the k trials",
         "tolerance": tolerance,
         "trials": [dict(zip(("variant", "rank", "alpha", "targets", "lr"), t, strict=True)) for t in TRIALS],

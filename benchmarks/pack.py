@@ -247,7 +247,11 @@ def main() -> None:
     )
     parser.add_argument(
         "--micro-batches",
-        type=int,
+        type=lambda text: (
+            int(text)
+            if text.isdigit() and int(text) >= 1
+            else parser.error(f"--micro-batches {text!r}: give a whole number of at least 1, e.g. --micro-batches 2")
+        ),
         default=1,
         help="a pack step's rows in this many micro-batches, the gradients summed (what a host does where a whole step "
         "does not fit, `memory.pack_host_fit`); the solo runs take each step whole",

@@ -257,15 +257,13 @@ class Pack:
         as Transformers divides an accumulated step's (`num_items_in_batch`), so the gradients are the one-batch
         step's to float rounding (dropout draws other masks). `memory.pack_fit` says how many a pack needs."""
         start = time.perf_counter()
-        if not self.model.training:  # train() walks every module: not once a step
-            self.model.train()
         if micro_batches < 1:
             raise ValueError(f"micro_batches={micro_batches}: give at least 1")
+        if not self.model.training:  # train() walks every module: not once a step
+            self.model.train()
         tokens = {n: int((_shifted(b["labels"]) != -100).sum()) for n, b in batches.items()}
-        parts = [
-            {n: rows for n, b in batches.items() if (rows := _rows_of(b, i, micro_batches)) is not None}
-            for i in range(micro_batches)
-        ]
+        runs = {n: _runs(b, micro_batches) for n, b in batches.items()}
+        parts = [{n: r[i] for n, r in runs.items() if i < len(r)} for i in range(micro_batches)]
         total: dict[str, torch.Tensor] = {}
         for part in filter(None, parts):
             with self._routed(part) as (ids, mask, labels, blocks):
@@ -455,11 +453,11 @@ def _shifted(labels: torch.Tensor) -> torch.Tensor:
     return nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
 
 
-def _rows_of(batch: Batch, i: int, n: int) -> Batch | None:
-    """The i-th of `n` nearly equal runs of the batch's rows (`torch.tensor_split`), None where it has none (fewer
-    rows than runs)."""
-    part = {key: value.tensor_split(n)[i] for key, value in batch.items()}
-    return part if part["input_ids"].shape[0] else None
+def _runs(batch: Batch, n: int) -> list[Batch]:
+    """The batch's rows cut into `n` nearly equal runs (`torch.tensor_split`), the empty ones (fewer rows than runs)
+    left out."""
+    split = {key: value.tensor_split(n) for key, value in batch.items()}
+    return [{key: parts[i] for key, parts in split.items()} for i in range(n) if split["input_ids"][i].shape[0]]
 
 
 def _losses(labels: torch.Tensor, per_token: torch.Tensor, blocks: dict[str, slice]) -> dict[str, torch.Tensor]:

@@ -263,36 +263,34 @@ class PackedLinear(nn.Module):
         return list(self.scaling)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
         if not self.rows.blocks:  # outside a step: the base alone
-            return out
+            return self.base_layer(x)
+        blocks = [(n, rows) for n, rows in self.rows.blocks.items() if n in self.scaling]
+        if not blocks:  # no adapter of this step targets this module
+            return self.base_layer(x)
+        how = products(PRODUCTS, self._shape(blocks, x), device_peak_tflops(x.device))
+        if how == "masked":
+            return self._masked(x, blocks)
+        out = self.base_layer(x)
         # One split of the input: its backward is one concatenation, where a slice per adapter would fill a
         # zero gradient of the whole input each.
-        mine = [
-            (name, rows, part)
-            for (name, rows), part in zip(self.rows.blocks.items(), x.split(self.rows.sizes), strict=True)
-            if name in self.scaling  # an adapter that does not target this module has no product here
-        ]
-        if not mine:
-            return out
-        how = products(PRODUCTS, self._shape(mine, x), device_peak_tflops(x.device))
-        if how == "masked":
-            return _AddIntoRows.apply(out, [slice(0, x.shape[0])], self._masked(x, mine).to(out.dtype))
+        parts = dict(zip(self.rows.blocks, x.split(self.rows.sizes), strict=True))
+        mine = [(name, rows, parts[name]) for name, rows in blocks]
         if how == "bmm":
-            blocks, deltas = self._bmm(x, mine, out.dtype)
+            rows_of, deltas = self._bmm(x, mine, out.dtype)
         else:
-            blocks, deltas = [], []
+            rows_of, deltas = [], []
             for name, rows, part in mine:
                 a = self.lora_A[name]
                 delta = self.lora_B[name](a(self.lora_dropout[name](part.to(a.weight.dtype)))) * self.scaling[name]
-                blocks.append(rows)
+                rows_of.append(rows)
                 deltas.append(delta.to(out.dtype))
-        return _AddIntoRows.apply(out, blocks, *deltas)
+        return _AddIntoRows.apply(out, rows_of, *deltas)
 
-    def _shape(self, mine: list[tuple[str, slice, torch.Tensor]], x: torch.Tensor) -> Step:
-        names = [n for n, _, _ in mine]
+    def _shape(self, blocks: list[tuple[str, slice]], x: torch.Tensor) -> Step:
+        names = [n for n, _ in blocks]
         return Step(
-            rows=tuple(r.stop - r.start for _, r, _ in mine),
+            rows=tuple(r.stop - r.start for _, r in blocks),
             ranks=tuple(self.lora_A[n].out_features for n in names),
             dropout=any(not isinstance(self.lora_dropout[n], nn.Identity) for n in names),
             dtypes=len({self.lora_A[n].weight.dtype for n in names}),
@@ -301,29 +299,36 @@ class PackedLinear(nn.Module):
             tokens=x[0].numel() // x.shape[-1],
         )
 
-    def _masked(self, x: torch.Tensor, mine: list[tuple[str, slice, torch.Tensor]]) -> torch.Tensor:
-        """Every adapter's update for the whole batch in two matrix products: the adapters' A stacked by rank
-        ((sum of ranks) x in), then B side by side (out x (sum of ranks)), and between them a mask that keeps, in each
-        row, only its own adapter's rank slice, times that adapter's scaling (zeros elsewhere, so other adapters add
-        exact zeros). A fixed number of kernels for any number of adapters, ranks and row counts, at the price of
-        computing every adapter's product on every row (`products` says when that price is small). The masks of a
-        step's layout are made once and kept (`_masks`)."""
-        names = [n for n, _, _ in mine]
+    def _masked(self, x: torch.Tensor, blocks: list[tuple[str, slice]]) -> torch.Tensor:
+        """The base's output with every adapter's update in it, in two matrix products for all adapters: the
+        adapters' A stacked by rank ((sum of ranks) x in), then B side by side (out x (sum of ranks)), and between them
+        a mask that keeps, in each row, only its own adapter's rank slice, times that adapter's scaling (zeros
+        elsewhere, so other adapters add exact zeros). A fixed number of kernels for any number of adapters, ranks and
+        row counts, at the price of computing every adapter's product on every row (`products` says when that price is
+        small). As the solo trial's fused-lora-add (`fastpath._fused_lora_forward`): the base product on the tokens as
+        2-D rows and the second product accumulated into it in place (`addmm_`), so no output-sized update is made,
+        added or routed through a Python autograd function. The masks of a step's layout are made once and kept
+        (`_masks`)."""
+        names = [n for n, _ in blocks]
         a = torch.cat([self.lora_A[n].weight for n in names])
         b = torch.cat([self.lora_B[n].weight for n in names], dim=1)
-        h = nn.functional.linear(x.to(a.dtype), a)
-        mask = self._mask(mine, x.shape[0], h.device).view(x.shape[0], *([1] * (x.dim() - 2)), -1)
-        return nn.functional.linear((h * mask).to(h.dtype), b)
+        tokens = x.reshape(-1, x.shape[-1])
+        out = self.base_layer(tokens)
+        h = nn.functional.linear(tokens.to(a.dtype), a)
+        mask = self._mask(blocks, x.shape[0], h.device)  # rows x ranks; each row's tokens share it
+        h = (h.view(x.shape[0], -1, h.shape[-1]) * mask[:, None, :]).view(-1, h.shape[-1])
+        out.addmm_(h.to(out.dtype), b.t().to(out.dtype))
+        return out.view(*x.shape[:-1], out.shape[-1])
 
-    def _mask(self, mine: list[tuple[str, slice, torch.Tensor]], batch: int, device: torch.device) -> torch.Tensor:
+    def _mask(self, blocks: list[tuple[str, slice]], batch: int, device: torch.device) -> torch.Tensor:
         """(rows x sum of ranks): adapter i's scaling on its rows and its rank slice, 0 elsewhere; fp32, so that a
         bf16 product is scaled in fp32 and rounded once, as the one-at-a-time path's Python float scales it."""
-        key = (tuple((n, r.start, r.stop) for n, r, _ in mine), batch, device)
+        key = (tuple((n, r.start, r.stop) for n, r in blocks), batch, device)
         if key not in self._masks:
-            ranks = [self.lora_A[n].out_features for n, _, _ in mine]
+            ranks = [self.lora_A[n].out_features for n, _ in blocks]
             mask = torch.zeros(batch, sum(ranks))
             col = 0
-            for (name, rows, _), rank in zip(mine, ranks, strict=True):
+            for (name, rows), rank in zip(blocks, ranks, strict=True):
                 mask[rows, col : col + rank] = self.scaling[name]
                 col += rank
             if len(self._masks) >= 8:  # layouts change when a trial sits a step out; keep the recent few

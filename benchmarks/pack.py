@@ -138,6 +138,8 @@ def solo(i: int, a: Any, model: Any, data: list, args: argparse.Namespace) -> di
     )
     schedule = get_scheduler(plan.schedule, optimizer, plan.warmup_steps, plan.total_steps)
     peft_model.train()
+    if args.drop_mask:  # the rows are right-padded: as the pack (and a solo trial's no-pad-mask) runs them
+        data = [{k: v for k, v in b.items() if k != "attention_mask"} for b in data]
     losses, times = [], []
     for batch in data:
         start = time.perf_counter()
@@ -171,7 +173,7 @@ def packed(
     from lora_search.pack import Pack
     from lora_search.variants import VARIANTS
 
-    pack = Pack(model, pad_token_id=args.pad, checkpointing=args.checkpointing)
+    pack = Pack(model, pad_token_id=args.pad, checkpointing=args.checkpointing, drop_mask=args.drop_mask)
     for i, a in enumerate(adapters[:k]):
         pack.attach(f"t{i}", VARIANTS[a.variant].peft_config(a), inits[i], training=training(a))
     curves: list[list[float]] = [[] for _ in range(k)]
@@ -256,6 +258,14 @@ def main() -> None:
         help="a pack step's rows in this many micro-batches, the gradients summed (what a host does where a whole step "
         "does not fit, `memory.pack_host_fit`); the solo runs take each step whole",
     )
+    parser.add_argument(
+        "--base-path",
+        choices=("fast", "plain"),
+        default="fast",
+        help="fast (default): the shared base runs the base pieces a pack host gives it (`fastpath.pack_path`: Liger's "
+        "kernels, no-cudnn-sdpa, right-padded rows without their mask), for the solo runs and the packs alike; "
+        "plain: the base as loaded (the 2026-12-04 rows)",
+    )
     parser.add_argument("--work", type=Path, default=Path("/tmp/pack_bench"))
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/pack_<dev>_<base>_...)")
     args = parser.parse_args()
@@ -269,6 +279,15 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, args.pad, source = load(args)
+    from lora_search import fastpath
+
+    base_path = fastpath.FastPath()
+    if args.base_path == "fast":
+        config = model.config
+        base_path = fastpath.pack_path(args.device == "cuda", config.model_type, config._attn_implementation)
+        fastpath.prepare_pack(base_path, model)
+    args.drop_mask = base_path.active(fastpath.NO_PAD_MASK)
+    print(f"base path: {base_path.summary() or 'plain'}", flush=True)
     vocab = model.config.vocab_size
     data = [batches(i, args, vocab, args.pad) for i in range(max(args.ks))]
     # Targets resolved on the bare base: a packed layer's own base_layer is an nn.Linear too.
@@ -344,6 +363,7 @@ def main() -> None:
         "timed_steps": args.steps - args.skip,
         "pack_checkpointing": args.checkpointing,
         "pack_micro_batches": args.micro_batches,
+        "base_path": base_path.summary() or "plain",
         "timing": "median step time over the timed steps (robust to a busy machine); solo: summed over the k trials",
         "tolerance": tolerance,
         "trials": [dict(zip(("variant", "rank", "alpha", "targets", "lr"), t, strict=True)) for t in TRIALS],

@@ -566,3 +566,43 @@ def inference_attention(model: Any, enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         base.set_attn_implementation(kernel)
+
+
+PACK_PIECES = ("liger", "attention", NO_PAD_MASK, CUDNN_OFF)
+"""The pieces of a solo trial's path that a pack (`lora_search.pack_host`) runs on its shared base: the kernels and
+attention switches of the base itself. The rest are the Trainer's or PEFT's layers', which a pack replaces with its
+own (one device sync a step, `lora_search.pack_layers`' products, its micro-batches)."""
+PACK_LIGER = {
+    "rms_norm": True,
+    "swiglu": True,
+    "rope": True,
+    "cross_entropy": False,
+    "fused_linear_cross_entropy": False,
+}
+"""Liger's kernels on a pack's base (transformers' `apply_liger_kernel` config): not the loss, which the pack scores
+per adapter itself, a chunk of tokens at a time (`lora_search.pack.Pack._per_token`)."""
+PACK_LIGER_WHY = "rms_norm, swiglu, rope on the shared base; the pack scores each adapter's loss itself"
+
+
+def pack_path(on_gpu: bool, model_type: str, attn: str) -> FastPath:
+    """The pieces a pack's base runs with (`PACK_PIECES`), each on or off as a solo trial's on the same device,
+    architecture and attention kernel (`choose`), so that packed and solo trials of a sweep train on the same base
+    kernels. `prepare_pack` applies them."""
+    pieces = []
+    for piece in choose(on_gpu, model_type, attn).pieces:
+        if piece.name == "liger" and piece.active:
+            piece = Piece("liger", True, PACK_LIGER_WHY)
+        if piece.name in PACK_PIECES:
+            pieces.append(piece)
+    return FastPath(tuple(pieces))
+
+
+def prepare_pack(path: FastPath, model: Any) -> None:
+    """Apply `path` (`pack_path`) to a pack's base before any adapter attaches: the process-wide switches, and
+    Liger's kernels patched into this model instance as the Trainer patches a solo trial's (transformers'
+    `apply_liger_kernel`). The pack's own `drop_mask` is `path.active(NO_PAD_MASK)`."""
+    path.prepare()
+    if path.active("liger"):
+        from transformers.integrations.liger import apply_liger_kernel
+
+        apply_liger_kernel(model, PACK_LIGER)

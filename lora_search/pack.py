@@ -165,13 +165,23 @@ class Pack:
     `checkpointing`: the decoder layers recompute their activations in the backward (Transformers' gradient
     checkpointing, non-reentrant, the random state kept, so dropout draws the same masks again): the same gradients
     for a step's activations of one layer's size instead of every layer's (`memory.pack_fit` says when a pack needs
-    it). The rows stay routed through the backward (`_routed`), so a recomputed layer adds each update to its rows."""
+    it). The rows stay routed through the backward (`_routed`), so a recomputed layer adds each update to its rows.
+    `drop_mask`: training and evaluation forwards go without the attention mask where every row is padded on the right
+    (a solo trial's `fastpath.NO_PAD_MASK`: no real token sees a pad under causal attention, and SDPA runs causal
+    flash); a step with a row padded on the left keeps its mask."""
 
-    def __init__(self, model: PreTrainedModel, pad_token_id: int | None = None, checkpointing: bool = False) -> None:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        pad_token_id: int | None = None,
+        checkpointing: bool = False,
+        drop_mask: bool = False,
+    ) -> None:
         model.requires_grad_(False)
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.checkpointing = checkpointing
+        self.drop_mask = drop_mask
         pad = model.config.pad_token_id if pad_token_id is None else pad_token_id
         if pad is None:
             raise ValueError("the base has no pad_token_id: pass Pack(model, pad_token_id=tokenizer.pad_token_id)")
@@ -266,7 +276,7 @@ class Pack:
         parts = [{n: r[i] for n, r in runs.items() if i < len(r)} for i in range(micro_batches)]
         total: dict[str, torch.Tensor] = {}
         for part in filter(None, parts):
-            with self._routed(part) as (ids, mask, labels, blocks):
+            with self._routed(part, self.drop_mask) as (ids, mask, labels, blocks):
                 per_token = self._per_token(ids, mask, labels)
                 losses = {n: per_token[rows].sum() / max(tokens[n], 1) for n, rows in blocks.items()}
                 torch.stack(list(losses.values())).sum().backward()
@@ -286,7 +296,7 @@ class Pack:
         """Each adapter's loss on its batch, without dropout or gradients; the logits a chunk at a time, as a step
         computes them (an evaluation's batch need not fit whole logits either)."""
         self.model.eval()
-        with self._routed(batches) as (ids, mask, labels, blocks):
+        with self._routed(batches, self.drop_mask) as (ids, mask, labels, blocks):
             losses = _losses(labels, self._per_token(ids, mask, labels), blocks)
         return dict(zip(losses, torch.stack(list(losses.values())).tolist(), strict=True))
 
@@ -415,7 +425,7 @@ class Pack:
         plain = self.model.config.model_type in memory.PLAIN_HEADS and type(head) is nn.Linear
         return head if plain else None
 
-    def _per_token(self, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _per_token(self, ids: torch.Tensor, mask: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
         """Run the base once on the packed batch: the cross-entropy of each token (rows x tokens; each row's labels
         shifted one left, 0 where the label is -100), on the fp32-upcast logits as Transformers' causal-LM loss
         computes it. Through the decoder and then the head a chunk at a time (`_chunked_cross_entropy`) where
@@ -433,19 +443,28 @@ class Pack:
 
     @contextmanager
     def _routed(
-        self, batches: Mapping[str, Batch]
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, slice]]]:
+        self, batches: Mapping[str, Batch], drop_mask: bool = False
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, dict[str, slice]]]:
         """Concatenate the batches and route each adapter to its rows; yield the packed (input_ids, attention_mask,
-        labels) and each adapter's rows. The routing stays set until the block ends, so the base's forward and a
-        backward inside it (and any recompute of a checkpointed layer) see the same rows."""
+        labels) and each adapter's rows; with `drop_mask`, the mask is None where every row is padded on the right
+        (`Pack` says why). The routing stays set until the block ends, so the base's forward and a backward inside
+        it (and any recompute of a checkpointed layer) see the same rows."""
         for n in batches:
             self._known(n)
         ids, mask, labels, blocks = concat(batches, self.pad_token_id, self.model.device)
+        if drop_mask and all(_right_padded(b.get("attention_mask")) for b in batches.values()):
+            mask = None
         self._rows.blocks = blocks
         try:
             yield ids, mask, labels, blocks
         finally:
             self._rows.blocks = {}
+
+
+def _right_padded(mask: torch.Tensor | None) -> bool:
+    """Every row of `mask` is ones, then zeros (or no mask: no padding). Read where the mask is: free for the CPU
+    batches a pack host gets, one small device read for batches already on the GPU."""
+    return mask is None or bool((mask[:, 1:] <= mask[:, :-1]).all())
 
 
 def _shifted(labels: torch.Tensor) -> torch.Tensor:

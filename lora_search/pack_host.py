@@ -129,7 +129,7 @@ class PackHost:
         import torch
         from transformers import AutoTokenizer
 
-        from lora_search import targets
+        from lora_search import fastpath, targets
         from lora_search.devices import device_name
         from lora_search.memory import pack_host_fit, worker_memory
         from lora_search.pack import Pack, packs
@@ -153,7 +153,15 @@ class PackHost:
         packable = [v for v in sweep.space.variants if packs(v) is True]
         self.fit, fit_why = pack_host_fit(sweep, packable, usable, where)
         """Whether the pack checkpoints and how many micro-batches each step runs in (`memory.PackFit`)."""
-        self.pack = Pack(model, pad_token_id=tokenizer.pad_token_id, checkpointing=self.fit.checkpointing)
+        # the base kernels and attention switches a solo trial of this sweep runs on this device (`fastpath.pack_path`)
+        self.fast_path = fastpath.pack_path(on_gpu, model.config.model_type, model.config._attn_implementation)
+        fastpath.prepare_pack(self.fast_path, model)
+        self.pack = Pack(
+            model,
+            pad_token_id=tokenizer.pad_token_id,
+            checkpointing=self.fit.checkpointing,
+            drop_mask=self.fast_path.active(fastpath.NO_PAD_MASK),
+        )
         self.scorer: Any = None
         """The plain base golden scoring puts each adapter on (`Pack.plain_copy`), made at the first scoring."""
         # The autocast a solo trial of a packing variant trains and is scored under (train.py's SFTConfig bf16).
@@ -183,6 +191,7 @@ class PackHost:
             checkpointing=self.fit.checkpointing,
             micro_batches=self.fit.micro_batches,
             checkpointing_why=fit_why,
+            fast_path=self.fast_path.summary(),
         )
         threading.Thread(target=self._reap, daemon=True).start()
 

@@ -58,6 +58,23 @@ def test_liger_falls_back_piece_by_piece(monkeypatch: pytest.MonkeyPatch) -> Non
     assert "no kernels for 'gpt2'" in fastpath.choose(on_gpu=True, model_type="gpt2", attn="sdpa").summary()
 
 
+def test_a_packs_base_runs_the_solo_trials_base_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pack's base (`pack_path`) takes the pieces of a solo trial's path that belong to the base, each on or off as
+    the solo trial's on the same device, architecture and kernel; not the Trainer's or PEFT's layers' pieces."""
+    monkeypatch.setattr(fastpath.importlib.util, "find_spec", lambda name: object())  # Triton and Liger "present"
+    monkeypatch.setattr(fastpath, "_liger_models", lambda: frozenset({"llama"}))
+    gpu = fastpath.pack_path(on_gpu=True, model_type="llama", attn="sdpa")
+    assert [p.name for p in gpu.pieces] == ["liger", "attention", "no-pad-mask", "no-cudnn-sdpa"]
+    assert all(p.active for p in gpu.pieces)
+    assert "liger on (rms_norm, swiglu, rope on the shared base; the pack scores" in gpu.summary()
+    assert fastpath.PACK_LIGER["fused_linear_cross_entropy"] is False and fastpath.PACK_LIGER["cross_entropy"] is False
+    cpu = fastpath.pack_path(on_gpu=False, model_type="llama", attn="sdpa")
+    assert cpu.summary().startswith("liger off (no CUDA device)") and cpu.active("no-pad-mask")
+    assert not cpu.active(fastpath.CUDNN_OFF)
+    eager = fastpath.pack_path(on_gpu=True, model_type="gpt2", attn="eager")
+    assert not eager.active("liger") and not eager.active("no-pad-mask") and "no kernels for 'gpt2'" in eager.summary()
+
+
 def test_gpu_sdpa_trials_keep_off_cudnn_attention() -> None:
     import torch
 

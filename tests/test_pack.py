@@ -155,10 +155,10 @@ def _chunks(batches: dict[str, dict[str, torch.Tensor]]) -> int:
 
 
 def _pack_run(
-    model_dir: Path, solo: dict, checkpointing: bool, micro_batches: int = 1
+    model_dir: Path, solo: dict, checkpointing: bool, micro_batches: int = 1, drop_mask: bool = False
 ) -> tuple[Pack, dict[str, list[float]]]:
     with pytest.MonkeyPatch.context() as patch:
-        pack = Pack(_base(model_dir), checkpointing=checkpointing)
+        pack = Pack(_base(model_dir), checkpointing=checkpointing, drop_mask=drop_mask)
         patch.setattr(memory, "LOSS_CHUNK_LOGITS", CHUNK * pack.model.config.vocab_size)
         return _pack_steps(pack, solo, micro_batches)
 
@@ -264,6 +264,58 @@ def test_a_step_in_micro_batches_trains_the_same_curves(
     for name in pack.names:
         for key, value in pack.state(name).items():
             torch.testing.assert_close(value, packed[0].state(name)[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def _masks_seen(pack: Pack) -> list[bool]:
+    """From now on, one entry a decoder forward: whether it got an attention mask."""
+    seen: list[bool] = []
+
+    def hook(_module: torch.nn.Module, _args: tuple, kwargs: dict) -> None:
+        seen.append(kwargs.get("attention_mask") is not None)
+
+    pack.model.get_decoder().register_forward_pre_hook(hook, with_kwargs=True)
+    return seen
+
+
+def test_a_pack_without_the_pad_mask_trains_the_same_curves(tiny_model_dir: Path, solo: dict, packed: tuple) -> None:
+    """`drop_mask` (the solo trial's no-pad-mask, which a pack's base runs on a GPU): right-padded rows of uneven
+    lengths go through the base without their attention mask, and every curve and final weight is the masked pack's
+    (causal attention: no real token sees a pad, and pads carry no loss)."""
+    with pytest.MonkeyPatch.context() as patch:
+        pack = Pack(_base(tiny_model_dir), drop_mask=True)
+        seen = _masks_seen(pack)
+        patch.setattr(memory, "LOSS_CHUNK_LOGITS", CHUNK * pack.model.config.vocab_size)
+        pack, curves = _pack_steps(pack, solo)
+    assert seen and not any(seen), seen  # the rows are padded (uneven lengths), and no forward took the mask
+    for name in ADAPTERS:
+        assert curves[name] == pytest.approx(packed[1][name], rel=1e-5, abs=0), name
+    for name in pack.names:
+        for key, value in pack.state(name).items():
+            torch.testing.assert_close(value, packed[0].state(name)[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_a_left_padded_row_keeps_the_mask(tiny_model_dir: Path) -> None:
+    """A step with one row padded on the left keeps its mask even with `drop_mask` (its pads come before its tokens,
+    which causal attention alone would let them see): its evaluation equals a masked pack's, and differs from the
+    same rows with the pads left unmasked."""
+    config = VARIANTS["lora"].peft_config(_adapter("a"))
+    right = _batches("a", 64)[0]
+    left = {k: right[k].flip(1) for k in ("input_ids", "attention_mask")}  # each row's pads first
+    left["labels"] = left["input_ids"].masked_fill(left["attention_mask"] == 0, -100)
+    losses = {}
+    for drop in (False, True):
+        torch.manual_seed(0)
+        pack = Pack(_base(tiny_model_dir), drop_mask=drop)
+        pack.attach("a", config, training=_training("a"))
+        seen = _masks_seen(pack)
+        losses[drop] = pack.evaluate({"a": left})["a"]
+        assert seen == [True]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-6)
+    torch.manual_seed(0)
+    pack = Pack(_base(tiny_model_dir))
+    pack.attach("a", config, training=_training("a"))
+    unmasked = {**left, "attention_mask": torch.ones_like(left["attention_mask"])}
+    assert pack.evaluate({"a": unmasked})["a"] != pytest.approx(losses[False], rel=1e-4)
 
 
 def test_a_step_refuses_fewer_than_one_micro_batch(packed: tuple) -> None:

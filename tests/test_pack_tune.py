@@ -236,6 +236,10 @@ def test_closing_a_host_says_how_each_adapter_it_still_holds_left(tiny_model_dir
     assert events[0]["event"] == "load" and events[0]["checkpointing"] is False and events[0]["micro_batches"] == 1
     assert events[0]["checkpointing_why"].endswith("in one micro-batch of 8 rows a trial without checkpointing fits")
     assert not host.pack.checkpointing
+    # and the base pieces a solo trial of the sweep runs on this device, on the pack's base: on a CPU, no Liger, and
+    # right-padded rows without their attention mask
+    assert events[0]["fast_path"].startswith("liger off (no CUDA device)"), events[0]["fast_path"]
+    assert "no-pad-mask on" in events[0]["fast_path"] and host.pack.drop_mask
     assert {e["name"]: e["why"] for e in events if e["event"] == "detach"} == {
         "a": "finished",
         "b": "sweep ended at step 3",

@@ -254,35 +254,12 @@ def fuse_lora_add(model: Any) -> int:
     """Give the plain LoRA layers of `model` the fused forward (`FUSED_ADD_WHY`); returns how many."""
     import types
 
+    from lora_search.fused_lora import fused_lora_forward
+
     layers = plain_lora_layers(model)
     for layer in layers:
-        layer.forward = types.MethodType(_fused_lora_forward, layer)
+        layer.forward = types.MethodType(fused_lora_forward, layer)
     return len(layers)
-
-
-def _fused_lora_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
-
-    names = self.active_adapters
-    name = names[0] if len(names) == 1 else None
-    if (
-        args
-        or kwargs
-        or self.disable_adapters
-        or self.merged
-        or name not in self.lora_A
-        or name in self.lora_variant
-        or self.lora_B[name].bias is not None
-    ):
-        return type(self).forward(self, x, *args, **kwargs)  # PEFT's own: merged, mixed, biased, several adapters
-    # The base product on the tokens as rows (2-D), so that the update accumulates into it in place: `addmm_` on a
-    # view of a 3-D output would make autograd copy the whole output gradient back in backward (CopySlices), and
-    # out-of-place `addmm` copies the base output first. Nothing saved for backward holds the base output.
-    rows = x.reshape(-1, x.shape[-1])
-    result = self.base_layer(rows)
-    lora_a, lora_b = self.lora_A[name], self.lora_B[name]
-    h = lora_a(self.lora_dropout[name](self._cast_input_dtype(rows, lora_a.weight.dtype))) * self.scaling[name]
-    result.addmm_(h.to(result.dtype), lora_b.weight.t().to(result.dtype))
-    return result.view(*x.shape[:-1], result.shape[-1])
 
 
 def _liger_models() -> frozenset[str]:

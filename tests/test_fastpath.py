@@ -278,7 +278,9 @@ def test_golden_scoring_runs_on_fast_path_layers_under_the_trials_autocast(tiny_
     from lora_search.evals import score
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
+    # dropout on: the fused layers take the path that meets fp32 adapter weights with bf16 inputs (without dropout
+    # they run as one autograd node that casts every operand itself, `fused_lora._LoraLinear`)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.05))
     assert fastpath.keep_input_dtype(model) == fastpath.fuse_lora_add(model) == 2 * 7
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     tasks = str(Path(__file__).resolve().parents[1] / "evals" / "tasks")
@@ -300,6 +302,7 @@ def test_fused_lora_add_gives_peft_outputs_and_gradients(tiny_model_dir: Path, p
     from transformers import AutoModelForCausalLM
 
     dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+    nodes: dict[str, int] = {}
 
     def run(fused: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor], object]:
         torch.manual_seed(0)
@@ -313,12 +316,14 @@ def test_fused_lora_add_gives_peft_outputs_and_gradients(tiny_model_dir: Path, p
         x = torch.randint(0, 300, (3, 24), generator=torch.Generator().manual_seed(2))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "fp32"):
             out = model(input_ids=x, labels=x)
+        nodes["fused" if fused else "peft"] = _graph_nodes(out.loss, "_LoraLinearBackward")
         out.loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
         return out.logits.detach().float(), grads, (model, x)
 
     peft_logits, peft_grads, _ = run(fused=False)
     fused_logits, fused_grads, (model, x) = run(fused=True)
+    assert nodes == {"fused": 2 * 7, "peft": 0}  # every layer ran as one node (no dropout), PEFT's as its own graph
     tol = {"rtol": 1e-5, "atol": 1e-5} if precision == "fp32" else {"rtol": 2e-2, "atol": 2e-2}
     torch.testing.assert_close(fused_logits, peft_logits, **tol)
     for name, grad in peft_grads.items():
@@ -337,6 +342,19 @@ def test_fused_lora_add_gives_peft_outputs_and_gradients(tiny_model_dir: Path, p
     assert fastpath.fused_add("ddp", True, False).active and fastpath.fused_add("ddp", False, True).active
     assert "gathers weights" in fastpath.fused_add("deepspeed-zero3", True, False).why
     assert not fastpath.fused_add("ddp", False, False).active
+
+
+def _graph_nodes(tensor: object, name: str) -> int:
+    """How many nodes called `name` the autograd graph behind `tensor` has."""
+    seen, todo, count = set(), [tensor.grad_fn], 0  # type: ignore[attr-defined]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        count += type(node).__name__ == name
+        todo.extend(next_node for next_node, _ in node.next_functions)
+    return count
 
 
 def _uncompiled_flex(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,0 +1,92 @@
+"""fused-lora-add (`lora_search.fastpath.FUSED_ADD_WHY`): a plain PEFT LoRA layer's forward with its update in the base
+product's epilogue, and for layers without dropout the base and the adapter as one autograd node (`_LoraLinear`).
+
+Our own code because neither PEFT nor Liger has it: PEFT's `Linear.forward` adds `lora_B(lora_A(x)) * scaling` to
+the base output as separate passes, and Liger patches norms, activations and the loss, not LoRA layers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def fused_lora_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+    """The forward `lora_search.fastpath.fuse_lora_add` binds to a plain LoRA layer; PEFT's own where it does not
+    apply (merged, disabled, several active adapters, a variant, a biased B)."""
+    names = self.active_adapters
+    name = names[0] if len(names) == 1 else None
+    if (
+        args
+        or kwargs
+        or self.disable_adapters
+        or self.merged
+        or name not in self.lora_A
+        or name in self.lora_variant
+        or self.lora_B[name].bias is not None
+    ):
+        return type(self).forward(self, x, *args, **kwargs)  # PEFT's own: merged, mixed, biased, several adapters
+    # The base product on the tokens as rows (2-D), so that the update accumulates into it in place: `addmm_` on a
+    # view of a 3-D output would make autograd copy the whole output gradient back in backward (CopySlices), and
+    # out-of-place `addmm` copies the base output first. Nothing saved for backward holds the base output.
+    rows = x.reshape(-1, x.shape[-1])
+    lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+    base = self.base_layer
+    if (
+        type(base) is torch.nn.Linear
+        and isinstance(self.lora_dropout[name], torch.nn.Identity)
+        and not base.weight.requires_grad
+        and (base.bias is None or not base.bias.requires_grad)
+    ):
+        device = rows.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else rows.dtype
+        result = _LoraLinear.apply(
+            rows, base.weight, base.bias, lora_a.weight, lora_b.weight, self.scaling[name], dtype
+        )
+        return result.view(*x.shape[:-1], result.shape[-1])
+    result = base(rows)
+    h = lora_a(self.lora_dropout[name](self._cast_input_dtype(rows, lora_a.weight.dtype))) * self.scaling[name]
+    result.addmm_(h.to(result.dtype), lora_b.weight.t().to(result.dtype))
+    return result.view(*x.shape[:-1], result.shape[-1])
+
+
+class _LoraLinear(torch.autograd.Function):
+    """A frozen linear layer and its LoRA update as one autograd node, for the layers without dropout: forward
+    `out = x W^T (+ bias); out += (s x A^T) B^T` (the update in the product's epilogue, `addmm_`), backward
+    `dx = g W; dx += (s g B) A` the same way. Autograd's own graph of the same forward makes the base's and the
+    adapter's input gradients apart and then adds them, one pass over a tokens x in_features tensor per layer:
+    632 `add_` kernels in two 8B steps, 70 ms of 1.83 s of GPU time (H200 profile, benchmarks/NOTES.md change 20).
+    Every product runs in `dtype` (the autocast dtype, or the input's), as autocast would run it, and the adapter's
+    gradients come back in its weights' dtype; `tests/test_fastpath.py` holds outputs and gradients to PEFT's."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        scaling: float,
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            xc, w, ac, bc = x.to(dtype), weight.to(dtype), a.to(dtype), b.to(dtype)
+            out = torch.mm(xc, w.t()) if bias is None else torch.addmm(bias.to(dtype), xc, w.t())
+            h = torch.mm(xc, ac.t()).mul_(scaling)
+            out.addmm_(h, bc.t())
+        ctx.save_for_backward(xc, weight, h, ac, bc)
+        ctx.scaling, ctx.x_dtype, ctx.a_dtype, ctx.b_dtype = scaling, x.dtype, a.dtype, b.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        xc, weight, h, ac, bc = ctx.saved_tensors
+        grad = grad.to(xc.dtype)
+        dh = grad.mm(bc).mul_(ctx.scaling)
+        grad_a = dh.t().mm(xc).to(ctx.a_dtype)
+        grad_b = grad.t().mm(h).to(ctx.b_dtype)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = grad.mm(weight.to(xc.dtype)).addmm_(dh, ac).to(ctx.x_dtype)
+        return dx, None, None, grad_a, grad_b, None, None

@@ -5,17 +5,22 @@
     python benchmarks/pack.py --device cuda --base 1b --seq 2048 --ks 2 4 8           # TinyLlama-1.1B's shape
 
 Trials: the first k of `TRIALS` (ranks 4-64, alphas, learning rates, targets and variants as a sweep samples them),
-each with its own micro-batches (`--bs` rows of --seq*3/4 to --seq random tokens). Solo: each trial alone, as PEFT
-trains it (`get_peft_model` on the loaded base, the variant's optimizer, a plain loop in the Trainer's order), then
-`unload()` gives the base to the next: warm, the base loaded once. Packed: the same trials from the same initial
+each with its own micro-batches (`--bs` rows of --seq*3/4 to --seq random tokens). Solo: each trial alone on PEFT
+(`get_peft_model` on the loaded base, the variant's optimizer, a plain loop in the Trainer's order), then `unload()`
+gives the base to the next: warm, the base loaded once. Each trial runs solo twice: on PEFT's layers as a solo trial
+runs them (lora_search's bf16-adapter-inputs and fused-lora-add: `ratio`, the bar a pack must pass) and on PEFT's
+layers as they come (`ratio_vs_peft`, the 2026-12-04 rows' baseline). With `--base-path fast` (the default) the
+shared base runs the pieces a pack host gives it, and so do the solo runs (Liger's kernels, and on the solo runs
+Liger's fused LM head and loss, as a solo trial's Trainer applies them). Packed: the same trials from the same initial
 weights and batches in one `lora_search.pack.Pack`. The first `--skip` steps of each are not timed (allocations,
 kernel selection); a run's step time is the median of the others. The solo runs are shared by every k: the
 first k of them are the k trials run solo.
 
-Per k: trial-steps per second solo and packed and their `ratio` (packed / solo), peak GPU memory of each (CUDA only),
+Per k: trial-steps per second solo and packed and their `ratio` (packed / solo; `ratio_vs_peft`), peak GPU memory of each (CUDA only),
 the same pack with each other path of its layer's adapter products forced (`pack_layers.PRODUCTS`: loop, one adapter
 at a time, the layer before batched products; bmm; masked) under `products`, what one step of each dispatches
-(aten operators; CUDA kernel launches on a GPU: `dispatched`, `solo_dispatched` for the k solo steps),
+(aten operators; CUDA kernel launches on a GPU: `dispatched`, `solo_dispatched` and `solo_peft_dispatched` for the
+k solo steps),
 and `loss_match`: every packed loss within `tolerance` (relative) of its solo loss at the same step (fp32 on a CPU:
 1e-5, rounding; bf16 autocast on a GPU: 1e-2, issue 24's bar), with each trial's largest difference. CPU ratios say
 little (a CPU's matrix products do not batch like a GPU's); they check the script.
@@ -117,18 +122,25 @@ def training(a: Any) -> Any:
     return Training(lr=a.lr, total_steps=a.total_steps, loraplus_lr_ratio=16.0 if a.variant == "loraplus" else None)
 
 
-def solo(i: int, a: Any, model: Any, data: list, args: argparse.Namespace) -> dict[str, Any]:
-    """Trial i (adapter `a`) alone on the loaded base; the base is handed back without its adapter."""
+def solo(i: int, a: Any, model: Any, data: list, args: argparse.Namespace, layers: str) -> dict[str, Any]:
+    """Trial i (adapter `a`) alone on the loaded base; the base is handed back without its adapter. `layers`:
+    "trial", PEFT's LoRA layers as a solo trial runs them (`fastpath`'s bf16-adapter-inputs under bf16 autocast and
+    fused-lora-add), or "peft", PEFT's layers as they come."""
     import torch
     from peft import get_peft_model
     from peft.utils import get_peft_model_state_dict
     from transformers import get_scheduler
 
+    from lora_search import fastpath
     from lora_search.variants import VARIANTS
 
     variant, plan = VARIANTS[a.variant], training(a)
     torch.manual_seed(i)
     peft_model = get_peft_model(model, variant.peft_config(a))
+    if layers == "trial":
+        if args.device == "cuda":
+            fastpath.keep_input_dtype(peft_model)
+        fastpath.fuse_lora_add(peft_model)
     init = {k: v.clone() for k, v in get_peft_model_state_dict(peft_model).items()}
     params = [p for p in peft_model.parameters() if p.requires_grad]
     # a solo GPU trial's "adamw_torch_fused" (`train.optimizer_name`), as the pack's own AdamW
@@ -286,6 +298,10 @@ def main() -> None:
         config = model.config
         base_path = fastpath.pack_path(args.device == "cuda", config.model_type, config._attn_implementation)
         fastpath.prepare_pack(base_path, model)
+        if base_path.active("liger"):  # the solo runs' loss as a solo trial's: Liger's fused LM head and loss (the
+            from transformers.integrations.liger import apply_liger_kernel  # packs score theirs without forward())
+
+            apply_liger_kernel(model, {**fastpath.PACK_LIGER, "fused_linear_cross_entropy": True})
     args.drop_mask = base_path.active(fastpath.NO_PAD_MASK)
     print(f"base path: {base_path.summary() or 'plain'}", flush=True)
     vocab = model.config.vocab_size
@@ -293,14 +309,16 @@ def main() -> None:
     # Targets resolved on the bare base: a packed layer's own base_layer is an nn.Linear too.
     adapters = [adapter(i, model, args.steps) for i in range(max(args.ks))]
     reset_peak(args.device)
-    runs = []
+    runs, peft_runs = [], []
     for i in range(max(args.ks)):
-        runs.append(solo(i, adapters[i], model, data[i], args))
-        runs[-1]["peak_gb"] = peak_gb(args.device)
-        print(
-            f"solo t{i} {TRIALS[i]}: {runs[-1]['step_s'] * 1e3:.1f} ms a step, losses {runs[-1]['losses'][-1]:.4f}",
-            flush=True,
-        )
+        for layers, out in (("trial", runs), ("peft", peft_runs)):
+            out.append(solo(i, adapters[i], model, data[i], args, layers))
+            out[-1]["peak_gb"] = peak_gb(args.device)
+            print(
+                f"solo t{i} {TRIALS[i]} ({layers} layers): {out[-1]['step_s'] * 1e3:.1f} ms a step, last loss "
+                f"{out[-1]['losses'][-1]:.4f}",
+                flush=True,
+            )
     tolerance = 1e-2 if args.device == "cuda" else 1e-5
     rows = []
     for k in args.ks:
@@ -325,6 +343,7 @@ def main() -> None:
         curves, step_s, calls = packed(k, adapters, model, data, inits, args)
         diffs = [max(abs(p - s) / abs(s) for p, s in zip(curves[i], runs[i]["losses"], strict=True)) for i in range(k)]
         solo_s = sum(r["step_s"] for r in runs[:k])  # one step of each of the k trials
+        peft_s = sum(r["step_s"] for r in peft_runs[:k])
         for other in others.values():
             other_s = other.pop("step_s")
             other["ratio"] = round(solo_s / other_s, 3)
@@ -334,6 +353,8 @@ def main() -> None:
             "solo_trial_steps_per_s": round(k / solo_s, 3),
             "packed_trial_steps_per_s": round(k / step_s, 3),
             "ratio": round(solo_s / step_s, 3),
+            "solo_peft_trial_steps_per_s": round(k / peft_s, 3),
+            "ratio_vs_peft": round(peft_s / step_s, 3),
             "products": dict(sorted(others.items())),
         }
         row |= {
@@ -341,6 +362,7 @@ def main() -> None:
             "packed_peak_gb": peak_gb(args.device),
             "dispatched": calls,
             "solo_dispatched": {key: sum(r["dispatched"][key] for r in runs[:k]) for key in calls},
+            "solo_peft_dispatched": {key: sum(r["dispatched"][key] for r in peft_runs[:k]) for key in calls},
             "loss_max_rel_diff": [float(f"{d:.3g}") for d in diffs],
             "loss_match": all(d <= tolerance for d in diffs),
         }

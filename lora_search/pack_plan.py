@@ -76,6 +76,10 @@ class PackRun:
     rows_per_trial: int
     ratios: tuple[tuple[int, float], ...]
     """(k, packed trial-steps per second / solo trial-steps per second), one per row of the file."""
+    micro_batches: int = 1
+    """The file's `pack_micro_batches`: its packs ran each step in this many micro-batches (1: whole)."""
+    checkpointing: bool = False
+    """The file's `pack_checkpointing`: its packs recomputed their layers in the backward."""
 
 
 @dataclass(frozen=True)
@@ -159,6 +163,11 @@ def pack_runs(directory: str | Path) -> list[PackRun]:
             if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 < ratio < math.inf:
                 found.append(Problem(f"{path}: rows[{i}].ratio", ratio, "must be a positive number", fix))
             ratios.append((k, ratio))
+        micro, recompute = record.get("pack_micro_batches", 1), record.get("pack_checkpointing", False)
+        if not _positive_int(micro):
+            found.append(Problem(f"{path}: pack_micro_batches", micro, "must be a positive whole number", fix))
+        if not isinstance(recompute, bool):
+            found.append(Problem(f"{path}: pack_checkpointing", recompute, "must be true or false", fix))
         size = record.get("base_params")
         if size is not None and (isinstance(size, bool) or not isinstance(size, int | float) or size <= 0):
             found.append(Problem(f"{path}: base_params", size, "must be a positive number of parameters", fix))
@@ -176,6 +185,8 @@ def pack_runs(directory: str | Path) -> list[PackRun]:
                 seq=record["seq"],
                 rows_per_trial=record["rows_per_trial"],
                 ratios=tuple(ratios),
+                micro_batches=micro,
+                checkpointing=recompute,
             )
         )
     if problems:
@@ -188,17 +199,30 @@ def _positive_int(x: object) -> bool:
 
 
 def measured_ratio(
-    runs: Sequence[PackRun], *, params: float, seq: int, rows: int, k: int, gpu: str
+    runs: Sequence[PackRun],
+    *,
+    params: float,
+    seq: int,
+    rows: int,
+    k: int,
+    gpu: str,
+    micro_batches: int = 1,
+    checkpointing: bool = False,
 ) -> PackRatio | None:
     """The measured speed-up of a pack of `k` on a base of `params` parameters, `rows` rows of `seq` tokens a trial,
-    on `gpu`: among GPU runs within `COMPARABLE_FACTOR` of the base's size and of the micro-batch's tokens, the
-    nearest (|log| of the size ratio + |log| of the token ratio; then a run on `gpu`; then the nearest sequence
-    length), and its row of k >= 2 nearest `k` (a tie goes to the smaller k, whose speed-up is the smaller: a pack
-    of 3 takes k=2's ratio where k=2 and k=4 were measured). None: nothing comparable."""
-    tokens = seq * rows
+    its steps in `micro_batches` (checkpointed or not), on `gpu`: among GPU runs within `COMPARABLE_FACTOR` of the
+    base's size and of the tokens a trial puts in one forward (a step's tokens over its micro-batches: what decides
+    how busy a forward keeps the GPU), the nearest (|log| of the size ratio + |log| of the token ratio; then a run on
+    `gpu`; then one that checkpoints as this pack does; then the nearest sequence length), and its row of k >= 2
+    nearest `k` (a tie goes to the smaller k, whose speed-up is the smaller: a pack of 3 takes k=2's ratio where k=2
+    and k=4 were measured). None: nothing comparable."""
+    tokens = seq * rows / micro_batches
 
     def off(a: float, b: float) -> float:
         return abs(math.log(a / b))
+
+    def run_tokens(run: PackRun) -> float:
+        return run.seq * run.rows_per_trial / run.micro_batches
 
     limit = math.log(COMPARABLE_FACTOR) + 1e-9
     candidates = [
@@ -207,7 +231,7 @@ def measured_ratio(
         if run.gpu
         and run.base_params is not None
         and off(run.base_params, params) <= limit
-        and off(run.seq * run.rows_per_trial, tokens) <= limit
+        and off(run_tokens(run), tokens) <= limit
         and any(rk >= 2 for rk, _ in run.ratios)
     ]
     if not candidates:
@@ -215,8 +239,9 @@ def measured_ratio(
     run = min(
         candidates,
         key=lambda r: (
-            off(r.base_params or params, params) + off(r.seq * r.rows_per_trial, tokens),
+            off(r.base_params or params, params) + off(run_tokens(r), tokens),
             gpu.lower() not in r.device.lower(),
+            r.checkpointing != checkpointing,
             off(r.seq, seq),
         ),
     )
@@ -290,6 +315,9 @@ def packing(
             rows=pack_rows(sweep),
             k=k,
             gpu=gpu,
+            # how the sweep's most demanding shape runs its pack (the packs hold any of its shapes)
+            micro_batches=max((s.micro_batches for s in shapes if s.k >= 2), default=1),
+            checkpointing=any(s.recompute for s in shapes if s.k >= 2),
         )
         why_not = "" if measured else NO_MEASUREMENT
     return Packing(

@@ -410,6 +410,42 @@ def test_packed_wall_time_uses_the_measured_ratio(tmp_path: Path, tiny_config_di
     assert three.packing.measured is not None and (three.packing.measured.k, three.packing.measured.ratio) == (2, 1.5)
 
 
+def test_a_pack_in_micro_batches_is_compared_with_runs_of_as_many_tokens_a_forward(tmp_path: Path) -> None:
+    """A pack whose steps run in micro-batches puts a step's tokens over that many forwards: it is compared with runs
+    of as many tokens a forward (a run that split its own steps counts its tokens the same way), and between runs as
+    near, with one that checkpoints as the pack does."""
+    whole = write_pack_run(tmp_path / "pack_h200_whole.json", rows_per_trial=32, rows=[{"k": 4, "ratio": 3.0}])
+    split = write_pack_run(
+        tmp_path / "pack_h200_split.json",
+        rows_per_trial=32,
+        pack_micro_batches=4,
+        pack_checkpointing=True,
+        rows=[{"k": 4, "ratio": 2.0}],
+    )
+    runs = pack_plan.pack_runs(tmp_path)
+    assert {r.file: (r.micro_batches, r.checkpointing) for r in runs} == {
+        whole.name: (1, False),
+        split.name: (4, True),
+    }
+    # 32 rows of 16 tokens a trial: whole, 512 tokens a forward, as the whole run; in 4 micro-batches, 128, as the split
+    ask = {"params": 133_440, "seq": 16, "rows": 32, "k": 4, "gpu": "H200"}
+    assert pack_plan.measured_ratio(runs, **ask).run.file == whole.name  # type: ignore[union-attr]
+    assert pack_plan.measured_ratio(runs, **ask, micro_batches=4).run.file == split.name  # type: ignore[union-attr]
+    # 8 rows of 16 tokens, whole: 128 tokens a forward, the split run's, where the whole run's 512 is 4x off
+    assert pack_plan.measured_ratio(runs, **{**ask, "rows": 8}).run.file == split.name  # type: ignore[union-attr]
+    # two runs as near: the one that checkpoints as the pack does
+    write_pack_run(tmp_path / "pack_h200_split_plain.json", rows_per_trial=32, pack_micro_batches=4)
+    runs = pack_plan.pack_runs(tmp_path)
+    pick = pack_plan.measured_ratio(runs, **ask, micro_batches=4, checkpointing=True)
+    assert pick is not None and pick.run.file == split.name
+    pick = pack_plan.measured_ratio(runs, **ask, micro_batches=4, checkpointing=False)
+    assert pick is not None and pick.run.file == "pack_h200_split_plain.json"
+    write_pack_run(tmp_path / "pack_h200_bad.json", pack_micro_batches=0, pack_checkpointing="yes")
+    with pytest.raises(ConfigError) as raised:
+        pack_plan.pack_runs(tmp_path)
+    assert {p.field.split(": ")[-1] for p in raised.value.problems} == {"pack_micro_batches", "pack_checkpointing"}
+
+
 def test_no_comparable_gpu_measurement_says_so(tmp_path: Path, tiny_config_dir: Path) -> None:
     sweep = pack_sweep(tiny_config_dir)
     write_pack_run(tmp_path / "pack_cpu.json", device="x86_64", autocast=None)  # a CPU run of the very shape

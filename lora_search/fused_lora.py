@@ -1,5 +1,5 @@
 """fused-lora-add (`lora_search.fastpath.FUSED_ADD_WHY`): a plain PEFT LoRA layer's forward with its update in the base
-product's epilogue, and for layers without dropout the base and the adapter as one autograd node (`_LoraLinear`).
+product's epilogue, and for layers without dropout the base and the adapter as one autograd node (`LoraLinear`).
 
 Our own code because neither PEFT nor Liger has it: PEFT's `Linear.forward` adds `lora_B(lora_A(x)) * scaling` to
 the base output as separate passes, and Liger patches norms, activations and the loss, not LoRA layers."""
@@ -40,7 +40,7 @@ def fused_lora_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
     ):
         device = rows.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else rows.dtype
-        result = _LoraLinear.apply(
+        result = LoraLinear.apply(
             rows, base.weight, base.bias, lora_a.weight, lora_b.weight, self.scaling[name], dtype
         )
         return result.view(*x.shape[:-1], result.shape[-1])
@@ -50,14 +50,17 @@ def fused_lora_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
     return result.view(*x.shape[:-1], result.shape[-1])
 
 
-class _LoraLinear(torch.autograd.Function):
+class LoraLinear(torch.autograd.Function):
     """A frozen linear layer and its LoRA update as one autograd node, for the layers without dropout: forward
     `out = x W^T (+ bias); out += (s x A^T) B^T` (the update in the product's epilogue, `addmm_`), backward
     `dx = g W; dx += (s g B) A` the same way. Autograd's own graph of the same forward makes the base's and the
     adapter's input gradients apart and then adds them, one pass over a tokens x in_features tensor per layer:
     632 `add_` kernels in two 8B steps, 70 ms of 1.83 s of GPU time (H200 profile, benchmarks/NOTES.md change 20).
     Every product runs in `dtype` (the autocast dtype, or the input's), as autocast would run it, and the adapter's
-    gradients come back in its weights' dtype; `tests/test_fastpath.py` holds outputs and gradients to PEFT's."""
+    gradients come back in its weights' dtype; `tests/test_fastpath.py` holds outputs and gradients to PEFT's.
+
+    `scaling`: a number, or for a pack's masked products (`lora_search.pack_layers`) a (rows x rank) tensor that scales
+    each row's tokens of the rank-r intermediate, several adapters' A and B stacked into `a` and `b`."""
 
     @staticmethod
     def forward(
@@ -67,13 +70,13 @@ class _LoraLinear(torch.autograd.Function):
         bias: torch.Tensor | None,
         a: torch.Tensor,
         b: torch.Tensor,
-        scaling: float,
+        scaling: float | torch.Tensor,
         dtype: torch.dtype,
     ) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):
             xc, w, ac, bc = x.to(dtype), weight.to(dtype), a.to(dtype), b.to(dtype)
             out = torch.mm(xc, w.t()) if bias is None else torch.addmm(bias.to(dtype), xc, w.t())
-            h = torch.mm(xc, ac.t()).mul_(scaling)
+            h = _scale_(torch.mm(xc, ac.t()), scaling)
             out.addmm_(h, bc.t())
         ctx.save_for_backward(xc, weight, h, ac, bc)
         ctx.scaling, ctx.x_dtype, ctx.a_dtype, ctx.b_dtype = scaling, x.dtype, a.dtype, b.dtype
@@ -83,10 +86,19 @@ class _LoraLinear(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         xc, weight, h, ac, bc = ctx.saved_tensors
         grad = grad.to(xc.dtype)
-        dh = grad.mm(bc).mul_(ctx.scaling)
+        dh = _scale_(grad.mm(bc), ctx.scaling)
         grad_a = dh.t().mm(xc).to(ctx.a_dtype)
         grad_b = grad.t().mm(h).to(ctx.b_dtype)
         dx = None
         if ctx.needs_input_grad[0]:
             dx = grad.mm(weight.to(xc.dtype)).addmm_(dh, ac).to(ctx.x_dtype)
         return dx, None, None, grad_a, grad_b, None, None
+
+
+def _scale_(h: torch.Tensor, scaling: float | torch.Tensor) -> torch.Tensor:
+    """`h` (tokens x rank) times `scaling` in place: a number, or a (rows x rank) tensor whose row i scales the i-th
+    run of tokens (tokens = rows x tokens a row)."""
+    if isinstance(scaling, torch.Tensor):
+        h.view(scaling.shape[0], -1, h.shape[-1]).mul_(scaling[:, None, :])
+        return h
+    return h.mul_(scaling)

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from lora_search.fused_lora import LoraLinear
 from lora_search.problems import Problem
 
 if TYPE_CHECKING:
@@ -313,7 +314,19 @@ class PackedLinear(nn.Module):
         a = torch.cat([self.lora_A[n].weight for n in names])
         b = torch.cat([self.lora_B[n].weight for n in names], dim=1)
         tokens = x.reshape(-1, x.shape[-1])
-        out = self.base_layer(tokens)
+        base, device = self.base_layer, x.device.type
+        autocast = torch.is_autocast_enabled(device)
+        if (
+            type(base) is nn.Linear
+            and not base.weight.requires_grad
+            and (base.bias is None or not base.bias.requires_grad)
+            and (autocast or a.dtype == tokens.dtype == base.weight.dtype)
+        ):  # one autograd node for the base and every adapter's update (`fused_lora.LoraLinear`)
+            dtype = torch.get_autocast_dtype(device) if autocast else tokens.dtype
+            mask = self._mask(blocks, x.shape[0], x.device)
+            out = LoraLinear.apply(tokens, base.weight, base.bias, a, b, mask, dtype)
+            return out.view(*x.shape[:-1], out.shape[-1])
+        out = base(tokens)
         h = nn.functional.linear(tokens.to(a.dtype), a)
         mask = self._mask(blocks, x.shape[0], h.device)  # rows x ranks; each row's tokens share it
         h = (h.view(x.shape[0], -1, h.shape[-1]) * mask[:, None, :]).view(-1, h.shape[-1])

@@ -279,7 +279,7 @@ def test_golden_scoring_runs_on_fast_path_layers_under_the_trials_autocast(tiny_
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
     # dropout on: the fused layers take the path that meets fp32 adapter weights with bf16 inputs (without dropout
-    # they run as one autograd node that casts every operand itself, `fused_lora._LoraLinear`)
+    # they run as one autograd node that casts every operand itself, `fused_lora.LoraLinear`)
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.05))
     assert fastpath.keep_input_dtype(model) == fastpath.fuse_lora_add(model) == 2 * 7
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -316,7 +316,7 @@ def test_fused_lora_add_gives_peft_outputs_and_gradients(tiny_model_dir: Path, p
         x = torch.randint(0, 300, (3, 24), generator=torch.Generator().manual_seed(2))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "fp32"):
             out = model(input_ids=x, labels=x)
-        nodes["fused" if fused else "peft"] = _graph_nodes(out.loss, "_LoraLinearBackward")
+        nodes["fused" if fused else "peft"] = _graph_nodes(out.loss, "LoraLinearBackward")
         out.loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
         return out.logits.detach().float(), grads, (model, x)

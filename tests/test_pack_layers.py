@@ -117,6 +117,26 @@ def test_batched_products_equal_one_adapter_at_a_time(
     assert all(loop[f"{n}.B.grad"].abs().sum() > 0 for n in targeting)  # every adapter's update reached its rows
 
 
+def test_masked_products_run_as_one_autograd_node_with_the_base(how: object) -> None:
+    """The masked path computes the base and every adapter's update as one node (`fused_lora.LoraLinear`), whose
+    backward adds the adapters' input gradient into the base's: the input gets one gradient from the layer, not two
+    (what the equality with the loop above holds to the loop's numbers). A base that trains keeps autograd's graph."""
+    layer, rows = _layer(MIXED)
+    x = torch.randn(12, 5, 24, requires_grad=True)
+    how("masked")
+    rows.blocks = EVEN
+    try:
+        out = layer(x)
+        layer.base_layer.weight.requires_grad_(True)
+        trained = layer(x)
+    finally:
+        rows.blocks = {}
+    node = out.grad_fn.next_functions[0][0]  # under the view back to (rows, tokens, out)
+    assert type(node).__name__ == "LoraLinearBackward"
+    assert [type(n).__name__ for n, _ in node.next_functions][:1] == ["ViewBackward0"]  # x's rows, one edge
+    assert "LoraLinearBackward" not in {type(n).__name__ for n, _ in trained.grad_fn.next_functions}
+
+
 @pytest.mark.parametrize("asked", ["masked", "bmm"])
 def test_batched_products_keep_a_bf16_product_bf16_under_autocast(asked: str, how: object, taken: list[str]) -> None:
     """As the one-at-a-time path does (its scaling is a Python float): the update is added in the output's dtype."""

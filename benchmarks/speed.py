@@ -170,7 +170,7 @@ def ours(
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
-    from lora_search import BaseModel, Budget, Dataset, Resources, SearchSpace, Sweep, run
+    from lora_search import BaseModel, Budget, Dataset, Resources, SearchSpace, Sweep, fused_lora, run
 
     base_dir = random_base.build(shape, work / f"base_{shape}")
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
@@ -184,8 +184,11 @@ def ours(
     else:
         name += "_varlen"
     name += f"_{attn.replace('+', '_')}"
-    attn, _, compiled = attn.partition("+")
-    assert compiled in ("", "compiled"), f"--attn entries are KERNEL or KERNEL+compiled, not {attn}+{compiled}"
+    attn, *options = attn.split("+")
+    assert set(options) <= {"compiled", "two-node"}, f"--attn entries are KERNEL[+compiled][+two-node], not {options}"
+    compiled = "compiled" in options
+    # +two-node: LoRA layers without dropout on autograd's graph, not fused_lora.LoraLinear (NOTES.md change 20)
+    os.environ[fused_lora.ONE_NODE_ENV] = "0" if "two-node" in options else "1"
     # rank 0 of the trial writes a CUDA kernel profile of two steady steps (lora_search.callbacks.PROFILE_ENV); the
     # steady tokens/s window starts after them. Ray's workers inherit this process's environment.
     os.environ["LORA_SEARCH_PROFILE_DIR"] = str(work / f"profile_{name}")
@@ -252,7 +255,8 @@ def main() -> None:
         "--attn",
         default="auto",
         help="the trial path's attn_implementation(s), comma-separated, each optionally +compiled (compiled decoder "
-        "layers: sdpa+compiled); ratio: the first",
+        "layers: sdpa+compiled) and +two-node (LoRA layers on autograd's graph, not one node each: sdpa+two-node); "
+        "ratio: the first",
     )
     parser.add_argument("--no-liger-reference", action="store_true", help="skip HF PEFT + Liger (library alone)")
     parser.add_argument("--varlen", action="store_true", help="variable-length chat rows, TRL/Liger/trial side by side")

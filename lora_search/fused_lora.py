@@ -6,9 +6,15 @@ the base output as separate passes, and Liger patches norms, activations and the
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
+
+ONE_NODE_ENV = "LORA_SEARCH_LORA_ONE_NODE"
+"""Set to 0 in a trial's environment (Ray's workers inherit the driver's), layers without dropout keep the fused
+forward under autograd's own graph instead of `LoraLinear`: what benchmarks/speed.py's `+two-node` runs beside the
+default, to measure the one node side by side. Read when a layer runs."""
 
 
 def fused_lora_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
@@ -33,16 +39,15 @@ def fused_lora_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
     lora_a, lora_b = self.lora_A[name], self.lora_B[name]
     base = self.base_layer
     if (
-        type(base) is torch.nn.Linear
+        os.environ.get(ONE_NODE_ENV, "1") != "0"
+        and type(base) is torch.nn.Linear
         and isinstance(self.lora_dropout[name], torch.nn.Identity)
         and not base.weight.requires_grad
         and (base.bias is None or not base.bias.requires_grad)
     ):
         device = rows.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else rows.dtype
-        result = LoraLinear.apply(
-            rows, base.weight, base.bias, lora_a.weight, lora_b.weight, self.scaling[name], dtype
-        )
+        result = LoraLinear.apply(rows, base.weight, base.bias, lora_a.weight, lora_b.weight, self.scaling[name], dtype)
         return result.view(*x.shape[:-1], result.shape[-1])
     result = base(rows)
     h = lora_a(self.lora_dropout[name](self._cast_input_dtype(rows, lora_a.weight.dtype))) * self.scaling[name]

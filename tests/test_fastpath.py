@@ -293,7 +293,9 @@ def test_golden_scoring_runs_on_fast_path_layers_under_the_trials_autocast(tiny_
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16-autocast"])
-def test_fused_lora_add_gives_peft_outputs_and_gradients(tiny_model_dir: Path, precision: str) -> None:
+def test_fused_lora_add_gives_peft_outputs_and_gradients(
+    tiny_model_dir: Path, precision: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The fused forward (scaling on the rank-r intermediate, the update accumulated by addmm) against PEFT's own,
     with dropout off: the same logits and adapter gradients, in fp32 (to 1e-5) and under bf16 autocast (to bf16
     rounding); merged or disabled adapters fall back to PEFT's forward."""
@@ -324,11 +326,19 @@ def test_fused_lora_add_gives_peft_outputs_and_gradients(tiny_model_dir: Path, p
     peft_logits, peft_grads, _ = run(fused=False)
     fused_logits, fused_grads, (model, x) = run(fused=True)
     assert nodes == {"fused": 2 * 7, "peft": 0}  # every layer ran as one node (no dropout), PEFT's as its own graph
+    from lora_search import fused_lora
+
+    monkeypatch.setenv(fused_lora.ONE_NODE_ENV, "0")  # speed.py's +two-node: the fused add on autograd's graph
+    two_node_logits, two_node_grads, _ = run(fused=True)
+    monkeypatch.delenv(fused_lora.ONE_NODE_ENV)
+    assert nodes["fused"] == 0
     tol = {"rtol": 1e-5, "atol": 1e-5} if precision == "fp32" else {"rtol": 2e-2, "atol": 2e-2}
     torch.testing.assert_close(fused_logits, peft_logits, **tol)
     for name, grad in peft_grads.items():
         assert grad.abs().max() > 0, name
         torch.testing.assert_close(fused_grads[name].float(), grad.float(), **tol, msg=name)
+        torch.testing.assert_close(two_node_grads[name].float(), grad.float(), **tol, msg=name)
+    torch.testing.assert_close(two_node_logits, peft_logits, **tol)
 
     # PEFT's forward where the fused one does not apply: adapters off give the base alone, merged the same logits
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "fp32"):

@@ -12,9 +12,9 @@ from typing import Any
 import torch
 
 ONE_NODE_ENV = "LORA_SEARCH_LORA_ONE_NODE"
-"""Set to 0 in a trial's environment (Ray's workers inherit the driver's), layers without dropout keep the fused
-forward under autograd's own graph instead of `LoraLinear`: what benchmarks/speed.py's `+two-node` runs beside the
-default, to measure the one node side by side. Read when a layer runs."""
+"""Set to 0 in a trial's environment (Ray's workers inherit the driver's), LoRA layers (solo and a pack's masked
+products) compute under autograd's own graph instead of `LoraLinear`: what benchmarks/speed.py's `+two-node` runs
+beside the default, to measure the one node side by side. Read when a layer runs."""
 
 
 def fused_lora_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
@@ -38,21 +38,29 @@ def fused_lora_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
     rows = x.reshape(-1, x.shape[-1])
     lora_a, lora_b = self.lora_A[name], self.lora_B[name]
     base = self.base_layer
-    if (
-        os.environ.get(ONE_NODE_ENV, "1") != "0"
-        and type(base) is torch.nn.Linear
-        and isinstance(self.lora_dropout[name], torch.nn.Identity)
-        and not base.weight.requires_grad
-        and (base.bias is None or not base.bias.requires_grad)
-    ):
-        device = rows.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else rows.dtype
+    one_node = isinstance(self.lora_dropout[name], torch.nn.Identity)
+    if one_node and (dtype := one_node_dtype(base, rows, lora_a.weight.dtype)) is not None:
         result = LoraLinear.apply(rows, base.weight, base.bias, lora_a.weight, lora_b.weight, self.scaling[name], dtype)
         return result.view(*x.shape[:-1], result.shape[-1])
     result = base(rows)
     h = lora_a(self.lora_dropout[name](self._cast_input_dtype(rows, lora_a.weight.dtype))) * self.scaling[name]
     result.addmm_(h.to(result.dtype), lora_b.weight.t().to(result.dtype))
     return result.view(*x.shape[:-1], result.shape[-1])
+
+
+def one_node_dtype(base: torch.nn.Module, x: torch.Tensor, adapter_dtype: torch.dtype) -> torch.dtype | None:
+    """The dtype `LoraLinear` runs `base` and adapter weights of `adapter_dtype` in on input `x`: autocast's where it
+    is on (what autocast would run the products in), else the one dtype of input, base and adapter. None where it
+    does not apply: `ONE_NODE_ENV` is 0, the base is not a frozen `nn.Linear`, or the dtypes differ outside autocast
+    (the layer then computes as autograd's graph would, and raises as it would)."""
+    if os.environ.get(ONE_NODE_ENV, "1") == "0" or type(base) is not torch.nn.Linear:
+        return None
+    if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
+        return None
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype if adapter_dtype == x.dtype == base.weight.dtype else None
 
 
 class LoraLinear(torch.autograd.Function):

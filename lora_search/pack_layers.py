@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from lora_search.fused_lora import LoraLinear
+from lora_search.fused_lora import LoraLinear, one_node_dtype
 from lora_search.problems import Problem
 
 if TYPE_CHECKING:
@@ -306,29 +306,20 @@ class PackedLinear(nn.Module):
         a mask that keeps, in each row, only its own adapter's rank slice, times that adapter's scaling (zeros
         elsewhere, so other adapters add exact zeros). A fixed number of kernels for any number of adapters, ranks and
         row counts, at the price of computing every adapter's product on every row (`products` says when that price is
-        small). As the solo trial's fused-lora-add (`fastpath._fused_lora_forward`): the base product on the tokens as
-        2-D rows and the second product accumulated into it in place (`addmm_`), so no output-sized update is made,
-        added or routed through a Python autograd function. The masks of a step's layout are made once and kept
-        (`_masks`)."""
+        small). As the solo trial's fused-lora-add (`fused_lora`): the base product on the tokens as 2-D rows, the
+        second product accumulated into it in place (`addmm_`), and base and adapters one autograd node
+        (`fused_lora.LoraLinear`, the mask its scaling) whose backward adds the adapters' input gradient into the
+        base's the same way. The masks of a step's layout are made once and kept (`_masks`)."""
         names = [n for n, _ in blocks]
         a = torch.cat([self.lora_A[n].weight for n in names])
         b = torch.cat([self.lora_B[n].weight for n in names], dim=1)
         tokens = x.reshape(-1, x.shape[-1])
-        base, device = self.base_layer, x.device.type
-        autocast = torch.is_autocast_enabled(device)
-        if (
-            type(base) is nn.Linear
-            and not base.weight.requires_grad
-            and (base.bias is None or not base.bias.requires_grad)
-            and (autocast or a.dtype == tokens.dtype == base.weight.dtype)
-        ):  # one autograd node for the base and every adapter's update (`fused_lora.LoraLinear`)
-            dtype = torch.get_autocast_dtype(device) if autocast else tokens.dtype
-            mask = self._mask(blocks, x.shape[0], x.device)
-            out = LoraLinear.apply(tokens, base.weight, base.bias, a, b, mask, dtype)
+        mask = self._mask(blocks, x.shape[0], x.device)  # rows x ranks; each row's tokens share it
+        if (dtype := one_node_dtype(self.base_layer, tokens, a.dtype)) is not None:
+            out = LoraLinear.apply(tokens, self.base_layer.weight, self.base_layer.bias, a, b, mask, dtype)
             return out.view(*x.shape[:-1], out.shape[-1])
-        out = base(tokens)
+        out = self.base_layer(tokens)
         h = nn.functional.linear(tokens.to(a.dtype), a)
-        mask = self._mask(blocks, x.shape[0], h.device)  # rows x ranks; each row's tokens share it
         h = (h.view(x.shape[0], -1, h.shape[-1]) * mask[:, None, :]).view(-1, h.shape[-1])
         out.addmm_(h.to(out.dtype), b.t().to(out.dtype))
         return out.view(*x.shape[:-1], out.shape[-1])

@@ -264,6 +264,9 @@ def main() -> None:
     parser.add_argument("--varlen-reference", choices=["trl", "eager", "liger"], help="one --varlen path alone")
     parser.add_argument("--data", type=Path, help="with --varlen-reference: the rows' dir")
     args = parser.parse_args()
+    bad = [e for e in args.attn.split(",") if not e or not set(e.split("+")[1:]) <= {"compiled", "two-node"}]
+    if bad:  # before any reference or trial runs
+        parser.error(f"--attn {', '.join(map(repr, bad))}: give KERNEL[+compiled][+two-node], e.g. sdpa,sdpa+two-node")
     if args.varlen_reference:
         print(json.dumps(varlen_reference(args)))
         return

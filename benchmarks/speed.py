@@ -212,7 +212,14 @@ def ours(
         output_dir=str(work / "reports"),
         tracking_uri="off",
     )
-    run(sweep, fresh=True)
+    try:
+        run(sweep, fresh=True)
+    finally:
+        import ray
+
+        # The next trial's Ray starts afresh: a running local Ray's workers keep the environment it started with,
+        # and this trial's switches (the profile dir, fused_lora.ONE_NODE_ENV) are per trial.
+        ray.shutdown()
     t = pd.read_parquet(Path(sweep.output_dir) / name / "trials.parquet").iloc[0]
     config = AutoConfig.from_pretrained(base_dir)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"

@@ -53,7 +53,10 @@ def one_node_dtype(base: torch.nn.Module, x: torch.Tensor, adapter_dtype: torch.
     is on (what autocast would run the products in), else the one dtype of input, base and adapter. None where it
     does not apply: `ONE_NODE_ENV` is 0, the base is not a frozen `nn.Linear`, or the dtypes differ outside autocast
     (the layer then computes as autograd's graph would, and raises as it would)."""
-    if os.environ.get(ONE_NODE_ENV, "1") == "0" or type(base) is not torch.nn.Linear:
+    switch = os.environ.get(ONE_NODE_ENV, "1")
+    if switch not in ("0", "1"):
+        raise ValueError(f"{ONE_NODE_ENV}={switch!r}: give 1 (one autograd node, the default) or 0 (autograd's graph)")
+    if switch == "0" or type(base) is not torch.nn.Linear:
         return None
     if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
         return None

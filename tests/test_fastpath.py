@@ -328,6 +328,9 @@ def test_fused_lora_add_gives_peft_outputs_and_gradients(
 
     monkeypatch.setenv(fused_lora.ONE_NODE_ENV, "0")  # speed.py's +two-node: the fused add on autograd's graph
     two_node_logits, two_node_grads, _ = run(fused=True)
+    monkeypatch.setenv(fused_lora.ONE_NODE_ENV, "off")  # not a value it takes: said with the fix
+    with pytest.raises(ValueError, match="LORA_SEARCH_LORA_ONE_NODE='off': give 1 .* or 0"):
+        run(fused=True)
     monkeypatch.delenv(fused_lora.ONE_NODE_ENV)
     assert nodes["fused"] == 0
     tol = {"rtol": 1e-5, "atol": 1e-5} if precision == "fp32" else {"rtol": 2e-2, "atol": 2e-2}

@@ -36,6 +36,7 @@ ROOMS = {
         "memory",
         "fastpath",
         "compiled_layers",  # the compiled-layers piece: one torch.compile of the decoder layer, shared by every layer
+        "fused_lora",  # fused-lora-add: a LoRA layer's forward and its one-autograd-node form (solo and packed)
         "data",
         "probe",
         "demo_base",

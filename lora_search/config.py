@@ -180,6 +180,8 @@ BITSANDBYTES_OPTIMIZERS = frozenset({"paged_adamw_8bit", "adamw_8bit", "paged_ad
 Checkpointing = Literal["auto", "on", "off"]
 CHECKPOINTING: tuple[str, ...] = get_args(Checkpointing)
 """`Budget.gradient_checkpointing` values."""
+Sampling = Literal["random", "group_by_length"]
+"""`Budget.sampling` values: Transformers' `train_sampling_strategy` names a trial's Trainer takes."""
 
 
 @dataclass(frozen=True)
@@ -209,6 +211,13 @@ class Budget:
     GPU (QLoRA's recipe: 2 bytes of state per adapter parameter instead of 8, paged to the CPU under memory
     spikes) unless they train under FSDP (bitsandbytes cannot update its sharded parameters), fused AdamW on other
     GPU trials, plain AdamW on CPU. LoRA+ always builds its own AdamW groups."""
+    sampling: Sampling = "random"
+    """How a trial draws its rows into steps (Transformers' `train_sampling_strategy`). "random": the Trainer's
+    seeded shuffle. "group_by_length": Transformers' `LengthGroupedSampler`, each step's rows of about one length, so
+    a padded batch pads less: for padded attention, where no variable-length kernel runs (`fastpath`'s padding-free
+    needs flash or flex attention). Either way every trial of a sweep sees the same rows at the same step (the sweep's
+    seed), so ASHA compares trials on the same data; "group_by_length" orders steps by length within each group of
+    about 50 steps, which a loss curve shows. Packed trials (`Resources.pack` > 1) take the rows at random."""
     gradient_checkpointing: Checkpointing = "auto"
     """"auto": off where the trial's activations without it fit its device (`lora_search.plan`'s estimate at
     batch_size x max_length against the GPU's share, or `resources.memory_limit_gb`), on otherwise. Recomputing the
@@ -515,6 +524,17 @@ class Sweep:
                 out.extend(part.problems(lambda *fields, name=name: not broken & {f"{name}.{f}" for f in fields}))
         if self.conforms("space.variants", "resources", "budget.optimizer"):
             out.extend(self._strategy_problems())
+        grouped = self.conforms("budget.sampling", "resources.pack") and self.budget.sampling != "random"
+        if grouped and self.resources.pack > 1:
+            out.append(
+                Problem(
+                    "budget.sampling",
+                    self.budget.sampling,
+                    f"packed trials (resources.pack={self.resources.pack}) take their rows in the Trainer's random "
+                    "order (lora_search.pack_trial), so the sweep's trials would not see the same rows a step",
+                    'sampling="random", or resources.pack=1',
+                )
+            )
         if self.conforms("space.variants", "serve_with") and self.serve_with != "any":
             from lora_search.serving import can_serve
             from lora_search.variants import VARIANTS

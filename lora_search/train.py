@@ -258,6 +258,9 @@ def train_loop(config: dict[str, Any]) -> None:
         dataset_num_proc=None,
         optim=optimizer_name(budget.optimizer, variant.quantized, on_gpu, fsdp=strategy.fsdp),
         gradient_checkpointing=not path.active(fastpath.KEEP_ACTIVATIONS),
+        # the rows of one optimizer step grouped by length where asked (`Budget.sampling`): a sampler group is
+        # rows_a_batch x batches_a_step, the step's rows, whether the Trainer or the token budget cuts them
+        train_sampling_strategy=budget.sampling,
         **strategies.trainer_kwargs(strategy.name, adapter_numel),
         **path.trainer_args(),
     )

@@ -1,4 +1,5 @@
-"""The trial's Trainer: TRL's SFTTrainer with a variant's own optimizer and per-step metrics kept on the device.
+"""The trial's Trainer: TRL's SFTTrainer with a variant's own optimizer, per-step metrics kept on the device, and a
+seeded length-grouped sampler.
 
 The one subclass lora_search needs of a framework class (the Trainer builds optimizers and computes the loss itself;
 both are hooks only a subclass reaches). Built by lora_search.train for every trial.
@@ -50,6 +51,24 @@ class TrialTrainer(SFTTrainer):
         if self.optimizer is None and self._make_optimizer is not None:
             self.optimizer = self._make_optimizer(self.model if model is None else model)
         return super().create_optimizer(model)
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        """`Budget.sampling="group_by_length"`: Transformers' `LengthGroupedSampler` over the step's rows, drawn from
+        a generator of its own seeded with the sweep's data seed. The Trainer's draws from torch's global generator
+        wherever it stands when the sampler is made (a resumed trial has restored its checkpoint's), so a trial could
+        see other rows a step than its sweep's others; the Trainer's random order is seeded already."""
+        if self.args.train_sampling_strategy != "group_by_length":
+            return super()._get_train_sampler(train_dataset)
+        import torch
+        from transformers.trainer_pt_utils import LengthGroupedSampler
+
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return LengthGroupedSampler(
+            self.args.train_batch_size * self.args.gradient_accumulation_steps,
+            dataset=self.train_dataset if train_dataset is None else train_dataset,
+            model_input_name="input_ids",
+            generator=torch.Generator().manual_seed(seed),
+        )
 
     def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
         """With a `token_budget`, the step's rows (one batch: the collator's `ROW_TOKENS` list them) run as

@@ -160,6 +160,17 @@ def test_pack_needs_one_device_per_host_and_says_why_variants_train_solo(tiny_mo
     assert "resources.workers" in str(e.value) and "resources.gpus_per_worker" in str(e.value)
     # a host may hold a share of a GPU, beside the sweep's other trials on it
     assert Resources(pack=4, gpus_per_worker=0.25).problems() == []
+    # packed trials take their rows at random: a length-grouped sweep that packs is refused with the fix, as is a
+    # sampling that does not exist, each named by its field
+    grouped = Budget(sampling="group_by_length")
+    with pytest.raises(ConfigError) as e:
+        Sweep(name="x", base=BaseModel(str(tiny_model_dir)), dataset=Dataset("d.jsonl"), budget=grouped,
+              resources=Resources(pack=2))  # fmt: skip
+    assert "budget.sampling" in str(e.value) and 'sampling="random", or resources.pack=1' in str(e.value)
+    Sweep(name="x", base=BaseModel(str(tiny_model_dir)), dataset=Dataset("d.jsonl"), budget=grouped)  # solo: fine
+    with pytest.raises(ConfigError, match="budget.sampling"):
+        Sweep(name="x", base=BaseModel(str(tiny_model_dir)), dataset=Dataset("d.jsonl"),
+              budget=Budget(sampling="by_length"))  # type: ignore[arg-type]  # fmt: skip
     sweep = Sweep(
         name="x",
         base=BaseModel(str(tiny_model_dir)),

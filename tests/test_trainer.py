@@ -158,3 +158,84 @@ def test_a_trial_whose_step_does_not_fit_one_micro_batch_cuts_it_by_tokens(
     assert [r["step"] for r in reports if "eval_loss" in r][-2:] == [2, 4]
     assert "token-budget on (a step's rows as micro-batches of up to 384 tokens" in reports[-1]["fast_path"]
     assert len(cuts) == 4 and all(sum(len(c) for c in chunks) == 16 for chunks in cuts)
+
+
+def test_length_grouped_steps_pad_less_and_every_trial_sees_the_same_rows(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`Budget(sampling="group_by_length")` through the whole trial path (as the token-budget test above: each step's
+    16 rows reach the trial's trainer at once, so their lengths show): its steps' rows pad less than the random
+    order's, and two trials of other ranks, whose adapters draw other random numbers, see the same rows a step."""
+    import json
+    import random
+    import time
+
+    import ray.tune
+
+    from lora_search import BaseModel, Budget, Resources, SearchSpace, Sweep, memory, train
+    from lora_search.config import Dataset
+
+    rng, rows = random.Random(0), tmp_path / "varied.jsonl"  # rows of 1 to 20 words, as real SFT rows vary
+    words = ("calm", "bright", "the", "a", "sunny", "dark", "quiet", "storm")
+    with rows.open("w") as f:
+        for i in range(500):  # 400 to train: LengthGroupedSampler sorts groups of 6 steps (it takes 50 where it can)
+            said = " ".join(rng.choice(words) for _ in range(rng.randint(1, 20)))
+            row = {"id": f"r{i}", "instruction": "Name the mood.", "input": said, "output": "calm"}
+            f.write(json.dumps(row) + "\n")
+    kept_apart = memory.MicroBatching(
+        4,
+        4,
+        fastpath.Piece(fastpath.KEEP_ACTIVATIONS, True, "test"),
+        fastpath.Piece(fastpath.MERGE_MICRO, False, "test"),
+    )
+    monkeypatch.setattr(train, "micro_batching", lambda *a, **k: kept_apart)
+    monkeypatch.setattr(train, "worker_nodes", lambda: ["here"])
+    monkeypatch.setattr(ray.tune, "report", lambda metrics, **kw: None)
+    steps: list[list[int]] = []
+    real = fastpath.token_chunks
+    monkeypatch.setattr(fastpath, "token_chunks", lambda lengths, *a: steps.append(list(lengths)) or real(lengths, *a))
+
+    def lengths_a_step(sampling: str, rank: int) -> list[list[int]]:
+        sweep = Sweep(
+            name=f"sampling_{sampling}_{rank}",
+            base=BaseModel(str(tiny_model_dir)),
+            dataset=Dataset(str(rows), eval_fraction=0.2, max_length=96),
+            space=SearchSpace(ranks=(rank,), targets=("all-linear",), variants=("lora",), lr=(1e-3, 1e-2)),
+            budget=Budget(max_steps=3, eval_every=3, grace_period=3, batch_size=4, grad_accum=4, sampling=sampling),
+            resources=Resources(workers=1, cpus_per_worker=1),
+        )
+        steps.clear()
+        train.train_loop(
+            {
+                "sweep": sweep,
+                "variant": "lora",
+                "rank": rank,
+                "alpha": 8.0,
+                "targets": "all-linear",
+                "lr": 1e-3,
+                "dropout": 0.0,
+                "warm": True,
+                "run_dir": str(tmp_path / sweep.name),
+                "progress_file": str(tmp_path / f"trial_{sweep.name}.progress.json"),
+                "tune_run": "r",
+                "tune_run_start": time.time(),
+            }
+        )
+        assert len(steps) == 3 and all(len(rows) == 16 for rows in steps), steps
+        return [list(rows) for rows in steps]
+
+    def padding(steps: list[list[int]]) -> int:
+        return sum(len(rows) * max(rows) - sum(rows) for rows in steps)
+
+    shuffled, grouped = lengths_a_step("random", 4), lengths_a_step("group_by_length", 4)
+    assert padding(grouped) < padding(shuffled) / 2, (grouped, shuffled)
+    # Another rank, and torch's global generator somewhere else when the sampler is made (as a resumed trial restores
+    # its checkpoint's): the same rows a step, the order drawn from the sweep's seed alone.
+    import torch
+
+    from lora_search.trainer import TrialTrainer
+
+    made = TrialTrainer._get_train_sampler
+    monkeypatch.setattr(TrialTrainer, "_get_train_sampler", lambda self, *a: torch.manual_seed(123) and made(self, *a))
+    assert lengths_a_step("group_by_length", 8) == grouped
+    assert lengths_a_step("random", 8) == shuffled

@@ -46,11 +46,12 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-VARLEN_PATHS = ("trl", "liger", "padded", "flex", "auto")
-"""--varlen's paths: TRL + PEFT as they come, HF PEFT + Liger padded, the trial path padded (SDPA), padding-free on
-flex attention, and the trial path as a sweep runs it by default (`attn_implementation="auto"`: flex where it trains,
-tried in the trial; after "flex" its compile finds Inductor's cache warm, as a sweep's later trials do). "eager": HF
-PEFT padded without Liger, on request."""
+VARLEN_PATHS = ("trl", "liger", "padded", "grouped", "flex", "auto")
+"""--varlen's paths: TRL + PEFT as they come, HF PEFT + Liger padded, the trial path padded (SDPA), the same with
+length-grouped steps (`Budget(sampling="group_by_length")`), padding-free on flex attention, and the trial path as a
+sweep runs it by default (`attn_implementation="auto"`: flex where it trains, tried in the trial; after "flex" its
+compile finds Inductor's cache warm, as a sweep's later trials do). "eager": HF PEFT padded without Liger, on
+request."""
 COLD_START = ("startup_s", "imports_s", "load_s", "prepare_s", "base_eval_s")  # lora_search.results.TrialRecord's parts
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, by device name
 
@@ -160,6 +161,7 @@ def ours(
     accum: int = 1,
     data: Path | None = None,
     attn: str = "sdpa",
+    sampling: str = "random",
 ) -> dict:
     """One trial of lora_search's own path (Ray Tune + Ray Train + TRL + the trial's fast path), `bs` x `accum`
     sequences an optimizer step as the reference's (the trial may merge the micro-batches: `micro_batching`). `data`:
@@ -183,7 +185,7 @@ def ours(
             write_rows(data / "eval.jsonl", tokenizer, seq, bs, 1)
     else:
         name += "_varlen"
-    name += f"_{attn.replace('+', '_')}"
+    name += f"_{attn.replace('+', '_')}" + ("_grouped" if sampling != "random" else "")
     attn, *options = attn.split("+")
     assert set(options) <= {"compiled", "two-node"}, f"--attn entries are KERNEL[+compiled][+two-node], not {options}"
     compiled = "compiled" in options
@@ -204,7 +206,9 @@ def ours(
             lr=(5e-5, 2e-4),
             lr_grid_points=1,
         ),
-        budget=Budget(max_steps=steps, eval_every=steps, grace_period=steps, batch_size=bs, grad_accum=accum),
+        budget=Budget(
+            max_steps=steps, eval_every=steps, grace_period=steps, batch_size=bs, grad_accum=accum, sampling=sampling
+        ),
         resources=Resources(workers=1, gpus_per_worker=1 if torch.cuda.is_available() else 0, cpus_per_worker=2),
         search="grid",
         num_samples=1,
@@ -592,10 +596,13 @@ def varlen_main(args: argparse.Namespace) -> None:
                     row[path] = {"skipped": "Liger needs CUDA"}
                     continue
                 row[path] = run_varlen_reference(args, shape, rank, path, data)
-            elif path in ("padded", "flex", "auto"):
+            elif path in ("padded", "grouped", "flex", "auto"):
                 attn = {"flex": "flex_attention", "auto": "auto"}.get(path, "sdpa")
+                sampling = "group_by_length" if path == "grouped" else "random"
                 try:
-                    row[path] = ours(shape, int(rank), seq, args.bs, args.steps, args.work, args.accum, data, attn)
+                    row[path] = ours(
+                        shape, int(rank), seq, args.bs, args.steps, args.work, args.accum, data, attn, sampling
+                    )
                 except Exception as e:  # the table still shows the other paths and why this one has no figure
                     row[path] = {"error": f"{type(e).__name__}: {e}"[:800]}
                 profile = row[path].pop("kernel_profile", None)

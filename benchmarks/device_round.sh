@@ -8,7 +8,8 @@
 #   bash benchmarks/device_round.sh speed    # benchmarks/speed.py, the 8B r16 headline: the trial path with its
 #                                            # LoRA layers as one autograd node each (default) and on autograd's
 #                                            # graph (+two-node, NOTES.md change 20), beside HF PEFT and + Liger
-#   bash benchmarks/device_round.sh varlen   # benchmarks/speed.py --varlen: TRL, Liger, padded, flex, auto
+#   bash benchmarks/device_round.sh varlen   # benchmarks/speed.py --varlen: TRL, padded, length-grouped, flex,
+#                                            # auto (HF PEFT + Liger left out: measured, 2,359 tokens/s)
 #   bash benchmarks/device_round.sh sweep    # sweeps/smollm2.py packed 4 to a GPU, then solo: wall time and
 #                                            # frontier (each stopped with SIGINT at half the call; rerun resumes)
 #
@@ -43,7 +44,8 @@ speed)
     --attn sdpa,sdpa+two-node
   ;;
 varlen)
-  step varlen_8b python benchmarks/speed.py --out "$OUT/varlen" --varlen --configs 8b:16 --bs 2 --accum 4 --steps 16
+  step varlen_8b python benchmarks/speed.py --out "$OUT/varlen" --varlen --configs 8b:16 --bs 2 --accum 4 --steps 16 \
+    --paths trl,padded,grouped,flex,auto
   ;;
 sweep)
   export LORA_SEARCH_OUTPUT_DIR=/tmp/reports  # smollm2-pack4/ and smollm2/ (the solo sweep took 254 s, 2026-12-04)

@@ -315,13 +315,21 @@ PADDED_MFU = 0.21
 """The padded trial path's model FLOP utilisation on those rows (0.208, same file): what a padded token costs."""
 
 
-def padding_fraction(lengths: Sequence[int], rows: int, seed: int = 0) -> tuple[float, float]:
+def padding_fraction(lengths: Sequence[int], rows: int, seed: int = 0, grouped: bool = False) -> tuple[float, float]:
     """(the share of padding, the mean padding tokens) of right-padded micro-batches of `rows` rows of these
-    `lengths`, drawn in a seeded random order as the Trainer's sampler draws them."""
+    `lengths`, drawn in a seeded random order as the Trainer's sampler draws them, or `grouped` by length as
+    `Budget(sampling="group_by_length")` draws them (Transformers' length-grouped order)."""
     import random
 
     order = list(lengths)
-    random.Random(seed).shuffle(order)
+    if grouped:
+        import torch
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        generator = torch.Generator().manual_seed(seed)
+        order = [order[i] for i in get_length_grouped_indices(order, rows, generator=generator)]
+    else:
+        random.Random(seed).shuffle(order)
     batches = [order[i : i + rows] for i in range(0, len(order), rows)]
     pads = [len(b) * max(b) - sum(b) for b in batches if b]
     padded = sum(len(b) * max(b) for b in batches if b)
@@ -329,13 +337,20 @@ def padding_fraction(lengths: Sequence[int], rows: int, seed: int = 0) -> tuple[
 
 
 def padding_free_pays(
-    lengths: Sequence[int], rows: int, micro_batches: int, params: int, peak_tflops: float, compiled: bool
+    lengths: Sequence[int],
+    rows: int,
+    micro_batches: int,
+    params: int,
+    peak_tflops: float,
+    compiled: bool,
+    grouped: bool = False,
 ) -> tuple[bool, str]:
     """Whether padding-free batches save a trial more than flex attention's compile costs it, and why: the padding
-    tokens of its `micro_batches` micro-batches of `rows` rows (`padding_fraction`), each costing 4 x `params` FLOPs
-    at `PADDED_MFU` of `peak_tflops`, against twice `FLEX_COMPILE_S` (none if flex is `compiled` in this process
-    already). Twice: the estimate is a model, and a compile that does not pay back costs the trial outright."""
-    share, pad_tokens = padding_fraction(lengths, rows)
+    tokens of its `micro_batches` micro-batches of `rows` rows (`padding_fraction`, `grouped` by length where the
+    trial's steps are), each costing 4 x `params` FLOPs at `PADDED_MFU` of `peak_tflops`, against twice
+    `FLEX_COMPILE_S` (none if flex is `compiled` in this process already). Twice: the estimate is a model, and a
+    compile that does not pay back costs the trial outright."""
+    share, pad_tokens = padding_fraction(lengths, rows, grouped=grouped)
     saved = micro_batches * pad_tokens * 4 * params / (peak_tflops * 1e12 * PADDED_MFU)
     cost = 0.0 if compiled else FLEX_COMPILE_S
     numbers = (

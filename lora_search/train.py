@@ -378,7 +378,8 @@ def auto_fast_path(
     peak = peak or GPUS["H100"].bf16_tflops
     params = sum(p.numel() for p in model.parameters())
     compiled = fastpath.flex_compiled(model_config)
-    pays = fastpath.padding_free_pays(lengths, rows, micro_batches, params, peak, compiled)
+    grouped = trainer.args.train_sampling_strategy == "group_by_length"  # `Budget.sampling`: less padding to save
+    pays = fastpath.padding_free_pays(lengths, rows, micro_batches, params, peak, compiled, grouped)
     attn, why = fastpath.resolve_attention(fastpath.AUTO_ATTENTION, True, model_config, pays)
     if attn != fastpath.AUTO_FALLBACK:
         fastpath.pretrained_model(model).set_attn_implementation(attn)

@@ -473,6 +473,11 @@ def test_padding_free_is_chosen_where_the_padding_it_saves_outweighs_the_compile
     assert fastpath.padding_free_pays(chat, 8, 16, 135_000_000, h200, compiled=True)[0]  # compiled: any saving pays
     fixed, why_fixed = fastpath.padding_free_pays([512] * 64, 8, 2000, 8_000_000_000, h200, compiled=True)
     assert not fixed and "0% of its padded batches' tokens would be padding" in why_fixed
+    # steps grouped by length (Budget.sampling) pad a fraction as much: less for padding-free to save
+    assert fastpath.padding_fraction(chat, 8, grouped=True)[0] < fastpath.padding_fraction(chat, 8)[0] / 4
+    grouped, why_grouped = fastpath.padding_free_pays(chat, 8, 400, 8_000_000_000, h200, False, grouped=True)
+    assert fastpath.padding_free_pays(chat, 8, 400, 8_000_000_000, h200, compiled=False)[0] and not grouped
+    assert why_grouped.startswith("auto: padded batches pay here")
 
 
 def test_an_auto_trial_decides_on_its_tokenized_rows_and_switches_kernel_and_collator(

@@ -99,7 +99,7 @@ FINAL_METRICS = (
     "tokens_per_s",
     "steady_tokens_per_s",
 )
-BUDGET_PARAMS = ("max_steps", "batch_size", "grad_accum", "warmup_steps", "lr_schedule", "eval_every")
+BUDGET_PARAMS = ("max_steps", "batch_size", "grad_accum", "warmup_steps", "lr_schedule", "eval_every", "sampling")
 MLFLOW_STATUS = {
     "completed": "FINISHED",
     "pruned": "FINISHED",

@@ -452,7 +452,7 @@ class Pack:
         for n in batches:
             self._known(n)
         ids, mask, labels, blocks = concat(batches, self.pad_token_id, self.model.device)
-        if drop_mask and all(_right_padded(b.get("attention_mask")) for b in batches.values()):
+        if drop_mask and _right_padded(mask):  # concat pads on the right: a row padded on the left still shows
             mask = None
         self._rows.blocks = blocks
         try:
@@ -461,10 +461,9 @@ class Pack:
             self._rows.blocks = {}
 
 
-def _right_padded(mask: torch.Tensor | None) -> bool:
-    """Every row of `mask` is ones, then zeros (or no mask: no padding). Read where the mask is: free for the CPU
-    batches a pack host gets, one small device read for batches already on the GPU."""
-    return mask is None or bool((mask[:, 1:] <= mask[:, :-1]).all())
+def _right_padded(mask: torch.Tensor) -> bool:
+    """Every row of `mask` is ones, then zeros: one small read of the step's packed mask, before its forward."""
+    return bool((mask[:, 1:] <= mask[:, :-1]).all())
 
 
 def _shifted(labels: torch.Tensor) -> torch.Tensor:

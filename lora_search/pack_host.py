@@ -13,10 +13,11 @@ A host holds its device (its Ray GPU) while it lives. Where the sweep also has v
 without trials for `IDLE_S` leaves (journal "leave"), so that the solo trials waiting for that device get it (on one
 GPU they would wait for ever); the next packed trial starts a host again.
 
-The host runs a step once every adapter that took part in the previous step has sent its batch, or `GATHER_S` after
-the first batch came (the late ones sit that step out). A step's wall time is split over its adapters by their real
-tokens: that is each packed trial's device-seconds. Every load, attach (with `resumed_from`: the step a resumed
-trial's checkpoint holds) and detach is a line in the host's journal, `<sweep>/ray/pack_host_<i>.jsonl`.
+The host runs a step once every adapter that took part in the previous step has sent its batch, or `GATHER_S` after the
+first batch came (the late ones sit that step out); an adapter whose trial is reporting (after `save`) is not waited
+for. A step's wall time is split over its adapters by their real tokens: that is each packed trial's device-seconds.
+Every load, attach (with `resumed_from`: the step a resumed trial's checkpoint holds) and detach is a line in the host's
+journal, `<sweep>/ray/pack_host_<i>.jsonl`.
 
 Golden sets: the host scores a packed trial that trains its whole budget (`PackHost.golden`: the trial's process has
 no base, the host has the base and the device), with `evals.score` on a PEFT model of the saved adapter. While a host
@@ -178,6 +179,9 @@ class PackHost:
         self.pending: dict[str, Any] = {}
         self.outcomes: dict[str, dict[str, Any]] = {}
         self.previous: set[str] = set()
+        self.away: set[str] = set()
+        """Adapters whose trial has its checkpoint saved and is reporting (`save`, `golden`): a step does not wait
+        for them, as it waits `GATHER_S` for one that is merely late; their next batch brings them back."""
         self.seen: dict[str, float] = {}
         self.stale_s = stale_s
         self.idle_s = idle_s if solo_reasons(sweep) else None
@@ -252,11 +256,12 @@ class PackHost:
         with self.cond:
             self._attached(name)
             self.pending[name] = batch
+            self.away.discard(name)
             self.seen[name] = time.monotonic()
             self.cond.notify_all()
             deadline = time.monotonic() + GATHER_S
             while name not in self.outcomes:
-                waiting_for = (self.previous & set(self.pack.names)) - set(self.pending)
+                waiting_for = (self.previous & set(self.pack.names)) - set(self.pending) - self.away
                 if name in self.pending and (not waiting_for or time.monotonic() >= deadline):
                     self._run()
                 else:
@@ -295,6 +300,8 @@ class PackHost:
                     for ids in probe
                 ]
             self.seen[name] = time.monotonic()
+            self.away.add(name)  # its trial writes the checkpoint and reports now: the others step without it
+            self.cond.notify_all()
         peak, kind = peak_memory_bytes()
         return {"files": files, "training": training, "logits": torch.stack(logits), "peak": peak, "peak_kind": kind}
 
@@ -400,6 +407,7 @@ class PackHost:
         self.seen.pop(name, None)
         self.outcomes.pop(name, None)  # a step that ran after its trial's process was killed
         self.previous.discard(name)
+        self.away.discard(name)
         if not self.pack.names:
             self.empty_since = time.monotonic()
         self._log("detach", name=name, why=why)

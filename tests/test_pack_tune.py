@@ -223,6 +223,43 @@ def test_a_host_detaches_an_adapter_that_stopped_stepping_and_steps_without_a_la
     assert host.status()["names"] == ["a"] and host.status()["loads"] == 1
 
 
+def test_a_step_does_not_wait_for_an_adapter_whose_trial_is_reporting(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In-process (no Ray): a and b step together; then b's trial saves its checkpoint (`save`, before it reports to
+    Tune) and a's next step runs at once, without the `GATHER_S` wait a merely late b costs it; b's next batch brings
+    it back, and a waits for it again."""
+    import time
+
+    import torch
+
+    from lora_search.records import TrialParams
+
+    monkeypatch.setattr(pack_host, "GATHER_S", 5.0)  # a wait, where there is one, that no slow runner hides
+    host = pack_host.PackHost(_host_sweep(tiny_model_dir), str(tmp_path / "journal.jsonl"))
+    params = TrialParams(variant="lora", rank=2, alpha=4.0, targets="attention", lr=1e-3, dropout=0.0)
+    assert host.attach("a", params, room=2) and host.attach("b", params, room=2)
+    ids = torch.randint(3, 300, (2, 8))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+    def together() -> None:
+        with ThreadPoolExecutor(1) as pool:
+            b = pool.submit(host.step, "b", batch)
+            while "b" not in host.pending:
+                time.sleep(0.01)
+            assert host.step("a", batch)["pack"] == 2 and b.result()["pack"] == 2
+
+    assert host.step("a", batch)["pack"] == 1  # the first step runs with whoever came; then b waits for a
+    together()
+    host.save("b", [ids[:1]])  # b reports now
+    start = time.monotonic()
+    assert host.step("a", batch)["pack"] == 1 and time.monotonic() - start < 2.5  # no wait for b
+    together()  # b's batch brought it back: a waited for it (it is in the step)
+    start = time.monotonic()
+    assert host.step("a", batch)["pack"] == 1 and time.monotonic() - start >= 4.5  # late, not reporting: the wait
+    host.close()
+
+
 def test_closing_a_host_says_how_each_adapter_it_still_holds_left(tiny_model_dir: Path, tmp_path: Path) -> None:
     """In-process (no Ray): Tune may end a trial's process after its last report and before its own detach; when the
     sweep ends, `close` detaches what is left, an adapter that took every step as "finished" and any other with the

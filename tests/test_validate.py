@@ -25,6 +25,10 @@ def _broken_jsonl(path: Path) -> Path:
 
 
 def test_validate_names_all_seven_problems_and_starts_no_ray(tiny_model_dir, tmp_path, capsys) -> None:
+    import ray
+
+    if ray.is_initialized():  # a Ray an earlier test of this worker process started: not validate's to judge
+        ray.shutdown()
     data = _broken_jsonl(tmp_path / "train.jsonl")
     sweep_file = tmp_path / "bad_sweep.py"
     sweep_file.write_text(

@@ -14,7 +14,8 @@ time outside training) as a fraction of the trial.
 Also runs HF PEFT with Liger's kernels patched in (the well-kept library alone) so the table shows what the library
 gives and what lora_search's path adds. lora_search's figure is its trial's steady steps (`steady_tokens_per_s`:
 after warm-up, evaluations left out), with the whole trial's tokens/s and cold start beside it; its rank 0 writes a
-CUDA kernel profile of two steps (profile_lora_search_*.txt), the reference of the first config likewise.
+CUDA kernel profile of two steps (kernel_lora_search_*.txt) and where the GPU waited on the host in them
+(idle_lora_search_*.txt, `lora_search.idle`), the reference of the first config likewise.
 
 Writes speed.json (device, versions, one row per config) into --out; commit it as benchmarks/speed_<gpu>.json.
 
@@ -120,11 +121,15 @@ def reference(
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as torch_profile
 
-        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        from lora_search.callbacks import idle_table
+
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(2):
                 step()
             torch.cuda.synchronize()
         profile.write_text(prof.key_averages().table(sort_by="self_device_time_total", row_limit=40))
+        # where the reference's GPU waited on its host, as the trial's own profile says it (lora_search.idle)
+        profile.with_name(f"idle_{profile.name}").write_text(idle_table(prof, profile.with_suffix(".trace.json")))
     device = torch.cuda.get_device_name(0)
     return {
         "tok_s": round(tok_s),
@@ -229,6 +234,7 @@ def ours(
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     steady = float(t.steady_tokens_per_s)  # training steps alone, after warm-up and the profiled steps
     profiles = sorted((work / f"profile_{name}").glob("*_kernels.txt"))
+    idles = sorted((work / f"profile_{name}").glob("*_idle.txt"))  # lora_search.idle: where the GPU waited
     return {
         "status": t.status,
         "tok_s": round(steady) if steady == steady else None,
@@ -243,6 +249,7 @@ def ours(
         "cold_start_s": {k: round(float(getattr(t, k)), 1) for k in COLD_START},
         "fast_path": t.fast_path,
         "kernel_profile": profiles[0].read_text() if profiles else None,
+        "idle_profile": idles[0].read_text() if idles else None,
         "reason": t.reason[:300],
     }
 
@@ -322,9 +329,10 @@ def main() -> None:
                 by_attn[attn] = ours(shape, int(rank), args.seq, args.bs, args.steps, args.work, args.accum, attn=attn)
             except Exception as e:  # the table still shows the references and why ours has no figure
                 by_attn[attn] = {"error": f"{type(e).__name__}: {e}"[:800]}
-            profile = by_attn[attn].pop("kernel_profile", None)
-            if profile:
-                (args.out / f"profile_lora_search_{shape}_r{rank}_{attn}.txt").write_text(profile)
+            tag = attn.replace("+", "_")  # a name the device's file return keeps
+            for kind in ("kernel", "idle"):
+                if profile := by_attn[attn].pop(f"{kind}_profile", None):
+                    (args.out / f"{kind}_lora_search_{shape}_r{rank}_{tag}.txt").write_text(profile)
             by_attn[attn]["attn_implementation"] = attn
         mine = next(iter(by_attn.values()))
         row = {"shape": shape, "rank": int(rank), "seq": args.seq, "bs": args.bs, "accum": args.accum}
@@ -605,9 +613,9 @@ def varlen_main(args: argparse.Namespace) -> None:
                     )
                 except Exception as e:  # the table still shows the other paths and why this one has no figure
                     row[path] = {"error": f"{type(e).__name__}: {e}"[:800]}
-                profile = row[path].pop("kernel_profile", None)
-                if profile:
-                    (args.out / f"profile_lora_search_varlen_{path}_{shape}_r{rank}.txt").write_text(profile)
+                for kind in ("kernel", "idle"):
+                    if profile := row[path].pop(f"{kind}_profile", None):
+                        (args.out / f"{kind}_lora_search_varlen_{path}_{shape}_r{rank}.txt").write_text(profile)
             else:
                 raise SystemExit(f"unknown --paths entry {path!r}; known: {', '.join(VARLEN_PATHS)}, eager")
             print(f"[speed] varlen {pair} {path}: {json.dumps(row[path])[:600]}", flush=True)

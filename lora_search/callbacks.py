@@ -62,7 +62,11 @@ PROFILED_STEPS = 2
 
 PROFILE_ENV = "LORA_SEARCH_PROFILE_DIR"
 """Set (on the cluster's workers) to a directory: rank 0 of every trial writes a CUDA kernel profile of two steady
-steps there, `trial_<id>_kernels.txt`, sorted by time. Off unless set; for finding where a trial's step goes."""
+steps there, `trial_<id>_kernels.txt`, sorted by time, and `trial_<id>_idle.txt`, the gaps where the device waited
+on the host named by the host's ops (`lora_search.idle`). Off unless set; for finding where a trial's step goes."""
+PROFILE_TRACE_ENV = "LORA_SEARCH_PROFILE_TRACE"
+"""1: keep the profiled steps' Chrome trace beside the tables, `trial_<id>_trace.json` (Perfetto or chrome://tracing
+open it)."""
 
 
 def device_clock() -> float:
@@ -195,14 +199,32 @@ class Throughput(TrainerCallback):
         self.profiler.__exit__(None, None, None)
         out = Path(os.environ[PROFILE_ENV])
         table = self.profiler.key_averages().table(sort_by="self_device_time_total", row_limit=40)
-        self.profiler = None
+        profiler, self.profiler = self.profiler, None
         try:
             out.mkdir(parents=True, exist_ok=True)
             (out / f"{self.name}_kernels.txt").write_text(table)
+            try:
+                gaps = idle_table(profiler, out / f"{self.name}_trace.json")
+            except Exception as e:  # the idle table is a reading of the trace; the kernel table above stands alone
+                gaps = f"idle gaps not read: {type(e).__name__}: {e}\n"
+            (out / f"{self.name}_idle.txt").write_text(gaps)
         except OSError as e:  # a profile is for looking, never a reason to lose the trial
             log.warning("kernel profile not written: %s=%s: %s; set it to a writable dir", PROFILE_ENV, out, e)
             return
         log.info("kernel profile of steps %d-%d: %s", STEADY_AFTER_STEPS + 1, STEADY_AFTER_STEPS + PROFILED_STEPS, out)
+
+
+def idle_table(profiler: Any, trace: Path) -> str:
+    """The profiled steps' device idle gaps named by the host's ops (`lora_search.idle`), from the profiler's Chrome
+    trace written to `trace`; the trace is kept only where `PROFILE_TRACE_ENV` is 1 (an 8B step's is ~100 MB)."""
+    from lora_search import idle
+
+    profiler.export_chrome_trace(str(trace))
+    try:
+        return idle.table(idle.load(trace))
+    finally:
+        if os.environ.get(PROFILE_TRACE_ENV) != "1":
+            trace.unlink(missing_ok=True)
 
 
 class Reporter(TrainerCallback):

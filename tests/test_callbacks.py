@@ -68,6 +68,9 @@ def test_kernel_profile_is_written_and_kept_out_of_the_steady_window(tmp_path, m
     _steps(meter, {8}, max_steps=8, step_s=0.01, eval_s=0.0, tokens_per_step=10)
     table = (tmp_path / "profiles" / "trial_abc_kernels.txt").read_text()
     assert "aten::mm" in table and "# of Calls" in table
+    # the idle table beside it (this CPU has no device work to find gaps in); the trace is not kept by default
+    assert (tmp_path / "profiles" / "trial_abc_idle.txt").read_text().startswith("no device work in the trace")
+    assert not (tmp_path / "profiles" / "trial_abc_trace.json").exists()
     assert meter.tokens == 30  # window from the end of step 5 (after the profiled steps 4-5) to the end of step 8
 
 

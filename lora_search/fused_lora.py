@@ -89,11 +89,13 @@ class LoraLinear(torch.autograd.Function):
         scaling: float | torch.Tensor,
         dtype: torch.dtype,
     ) -> torch.Tensor:
-        with torch.autocast(x.device.type, enabled=False):
-            xc, w, ac, bc = x.to(dtype), weight.to(dtype), a.to(dtype), b.to(dtype)
-            out = torch.mm(xc, w.t()) if bias is None else torch.addmm(bias.to(dtype), xc, w.t())
-            h = _scale_(torch.mm(xc, ac.t()), scaling)
-            out.addmm_(h, bc.t())
+        # Every operand is cast to `dtype` here, so autocast (whose dtype `dtype` is, where it is on) has nothing left
+        # to cast: no autocast context is needed around these products, and none is entered (a few us of host time
+        # per layer call, where a small step's host time is what sets its pace).
+        xc, w, ac, bc = _as(x, dtype), _as(weight, dtype), _as(a, dtype), _as(b, dtype)
+        out = torch.mm(xc, w.t()) if bias is None else torch.addmm(_as(bias, dtype), xc, w.t())
+        h = _scale_(torch.mm(xc, ac.t()), scaling)
+        out.addmm_(h, bc.t())
         ctx.save_for_backward(xc, weight, h, ac, bc)
         ctx.scaling, ctx.x_dtype, ctx.a_dtype, ctx.b_dtype = scaling, x.dtype, a.dtype, b.dtype
         return out
@@ -101,14 +103,19 @@ class LoraLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         xc, weight, h, ac, bc = ctx.saved_tensors
-        grad = grad.to(xc.dtype)
+        grad = _as(grad, xc.dtype)
         dh = _scale_(grad.mm(bc), ctx.scaling)
-        grad_a = dh.t().mm(xc).to(ctx.a_dtype)
-        grad_b = grad.t().mm(h).to(ctx.b_dtype)
+        grad_a = _as(dh.t().mm(xc), ctx.a_dtype)
+        grad_b = _as(grad.t().mm(h), ctx.b_dtype)
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = grad.mm(weight.to(xc.dtype)).addmm_(dh, ac).to(ctx.x_dtype)
+            dx = _as(grad.mm(_as(weight, xc.dtype)).addmm_(dh, ac), ctx.x_dtype)
         return dx, None, None, grad_a, grad_b, None, None
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`t.to(dtype)` without the call where it would return `t` itself (a dispatch saved per operand per layer)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _scale_(h: torch.Tensor, scaling: float | torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,8 @@
 #                                            # graph (+two-node, NOTES.md change 20), beside HF PEFT and + Liger
 #   bash benchmarks/device_round.sh varlen   # benchmarks/speed.py --varlen: TRL, padded, length-grouped, flex,
 #                                            # auto (HF PEFT + Liger left out: measured, 2,359 tokens/s)
+#   bash benchmarks/device_round.sh idle     # the trial path alone, 8B fixed-length and varlen length-grouped, for
+#                                            # its profiles: kernels and where the GPU waited on the host (idle_*.txt)
 #   bash benchmarks/device_round.sh sweep    # sweeps/smollm2.py packed 4 to a GPU, then solo: wall time and
 #                                            # frontier (each stopped with SIGINT at half the call; rerun resumes)
 #
@@ -43,6 +45,17 @@ speed)
   step speed_8b python benchmarks/speed.py --out "$OUT/speed" --configs 8b:16 --bs 2 --accum 4 --steps 16 \
     --attn sdpa,sdpa+two-node
   ;;
+idle)  # no references: each trial's figure is indicative only; ratios come from `speed` and `varlen`
+  step idle_8b python -c "
+import json, sys; sys.path.insert(0, 'benchmarks'); import speed; from pathlib import Path
+r = speed.ours('8b', 16, 2048, 2, 16, Path('/tmp/w'), accum=4)
+for k in ('idle', 'kernel'): Path('$OUT/' + k + '_lora_search_8b_r16_sdpa.txt').write_text(r.pop(k + '_profile') or '')
+print(json.dumps(r))"
+  grep -v "^ " "$OUT/idle_lora_search_8b_r16_sdpa.txt" 2>/dev/null | head -14 | cut -c1-250
+  step idle_varlen python benchmarks/speed.py --out "$OUT/varlen" --work /tmp/w --varlen --configs 8b:16 --bs 2 \
+    --accum 4 --steps 16 --paths grouped
+  head -14 "$OUT"/varlen/idle_*grouped* 2>/dev/null | cut -c1-250
+  ;;
 varlen)
   step varlen_8b python benchmarks/speed.py --out "$OUT/varlen" --varlen --configs 8b:16 --bs 2 --accum 4 --steps 16 \
     --paths trl,padded,grouped,flex,auto
@@ -56,7 +69,7 @@ sweep)
      -not -path "*/adapters/*" | tar czf "$OUT/sweeps.tgz" -T -) && ls -l "$OUT"
   ;;
 *)
-  echo "usage: bash benchmarks/device_round.sh pack|speed|varlen|sweep" >&2
+  echo "usage: bash benchmarks/device_round.sh pack|pack_smollm2|pack_1b|speed|varlen|idle|sweep" >&2
   exit 2
   ;;
 esac

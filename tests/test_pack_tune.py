@@ -95,7 +95,9 @@ def test_packed_trials_are_ordinary_tune_trials(tiny_model_dir: Path, tiny_jsonl
     left = {e["name"]: (i, e["why"]) for i, e in enumerate(events) if e["event"] == "detach"}
     assert set(attached) == set(left) == set(frame["trial_id"])
     for trial_id in pruned["trial_id"]:
-        assert left[trial_id][1] == "stopped at step 5", left[trial_id]
+        # its own `finally` says "stopped"; a trial ASHA stops as the sweep ends may have its process ended by Tune
+        # before that runs, and the sweep's `PackHost.close` then journals it (seen in a fresh-clone CI run)
+        assert left[trial_id][1] in ("stopped at step 5", "sweep ended at step 5"), left[trial_id]
     for trial_id in frame[frame["status"] == "completed"]["trial_id"]:
         assert left[trial_id][1] == "finished", left[trial_id]
     assert max(len(e["attached"]) for e in events) == 2 and events[-1]["attached"] == []

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
 
-from lora_search import strategies, variants
+from lora_search import environment, strategies, variants
 from lora_search.checkpoints import KEEP_CHECKPOINTS, Progress, ProgressTracker, json_safe, reports_until
 from lora_search.config import Sweep
 from lora_search.devices import device_name, peak_memory_bytes
@@ -64,7 +64,7 @@ PROFILE_ENV = "LORA_SEARCH_PROFILE_DIR"
 """Set (on the cluster's workers) to a directory: rank 0 of every trial writes a CUDA kernel profile of two steady
 steps there, `trial_<id>_kernels.txt`, sorted by time, and `trial_<id>_idle.txt`, the gaps where the device waited
 on the host named by the host's ops (`lora_search.idle`). Off unless set; for finding where a trial's step goes."""
-PROFILE_TRACE_ENV = "LORA_SEARCH_PROFILE_TRACE"
+PROFILE_TRACE_ENV = environment.PROFILE_TRACE
 """1: keep the profiled steps' Chrome trace beside the tables, `trial_<id>_trace.json` (Perfetto or chrome://tracing
 open it)."""
 
@@ -223,7 +223,7 @@ def idle_table(profiler: Any, trace: Path) -> str:
     try:
         return idle.table(idle.load(trace))
     finally:
-        if os.environ.get(PROFILE_TRACE_ENV) != "1":
+        if not environment.value(PROFILE_TRACE_ENV):
             trace.unlink(missing_ok=True)
 
 

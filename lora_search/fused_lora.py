@@ -6,12 +6,13 @@ the base output as separate passes, and Liger patches norms, activations and the
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
 
-ONE_NODE_ENV = "LORA_SEARCH_LORA_ONE_NODE"
+from lora_search import environment
+
+ONE_NODE_ENV = environment.LORA_ONE_NODE
 """Set to 0 in a trial's environment (Ray's workers inherit the driver's), LoRA layers (solo and a pack's masked
 products) compute under autograd's own graph instead of `LoraLinear`: what benchmarks/speed.py's `+two-node` runs
 beside the default, to measure the one node side by side. Read when a layer runs."""
@@ -53,10 +54,7 @@ def one_node_dtype(base: torch.nn.Module, x: torch.Tensor, adapter_dtype: torch.
     is on (what autocast would run the products in), else the one dtype of input, base and adapter. None where it
     does not apply: `ONE_NODE_ENV` is 0, the base is not a frozen `nn.Linear`, or the dtypes differ outside autocast
     (the layer then computes as autograd's graph would, and raises as it would)."""
-    switch = os.environ.get(ONE_NODE_ENV, "1")
-    if switch not in ("0", "1"):
-        raise ValueError(f"{ONE_NODE_ENV}={switch!r}: give 1 (one autograd node, the default) or 0 (autograd's graph)")
-    if switch == "0" or type(base) is not torch.nn.Linear:
+    if not environment.value(ONE_NODE_ENV) or type(base) is not torch.nn.Linear:
         return None
     if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
         return None

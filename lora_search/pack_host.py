@@ -36,12 +36,12 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from lora_search import environment
 from lora_search.config import Sweep
 from lora_search.records import TrialParams
 
@@ -53,19 +53,9 @@ STALE_S = 60.0
 """An adapter that sent nothing for this long is detached: its trial was stopped and its process killed."""
 
 
-def _idle_s(value: str) -> float:
-    """LORA_SEARCH_PACK_IDLE_S as seconds, or a ValueError naming the variable, its value and the fix."""
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = math.nan
-    if not 0 <= seconds < math.inf:
-        raise ValueError(f"LORA_SEARCH_PACK_IDLE_S={value!r}: give seconds >= 0, e.g. LORA_SEARCH_PACK_IDLE_S=15")
-    return seconds
-
-
-IDLE_S = _idle_s(os.environ.get("LORA_SEARCH_PACK_IDLE_S", "15"))
-"""A host with no trial attached for this long leaves, giving its device back, when the sweep has variants that train
+IDLE_S = environment.PACK_IDLE_S
+"""(The variable, read in the host's process as it starts: `lora_search.preflight` checks the driver's value first.)
+A host with no trial attached for this long leaves, giving its device back, when the sweep has variants that train
 solo: on a one-GPU machine they wait for the device the host holds (its Ray GPU), and would wait for ever. The next
 packed trial starts a new host (one base load more). Long enough for ASHA's next trial to tokenize and attach; where
 a base loads slowly, set LORA_SEARCH_PACK_IDLE_S (seconds) on the cluster's nodes."""
@@ -124,9 +114,7 @@ class PackHost:
     """The pack of one device, as a threaded Ray actor (`host_for` creates it). Each method is called by a packed
     trial; `step` blocks until the step its batch went into has run."""
 
-    def __init__(
-        self, sweep: Sweep, journal_path: str, stale_s: float = STALE_S, idle_s: float | None = IDLE_S
-    ) -> None:
+    def __init__(self, sweep: Sweep, journal_path: str, stale_s: float = STALE_S, idle_s: float | None = None) -> None:
         import torch
         from transformers import AutoTokenizer
 
@@ -184,8 +172,10 @@ class PackHost:
         for them, as it waits `GATHER_S` for one that is merely late; their next batch brings them back."""
         self.seen: dict[str, float] = {}
         self.stale_s = stale_s
+        idle_s = environment.value(IDLE_S) if idle_s is None else idle_s
         self.idle_s = idle_s if solo_reasons(sweep) else None
-        """Seconds empty after which the host leaves (`IDLE_S`); None: it stays (no trial of the sweep trains solo)."""
+        """Seconds empty after which the host leaves (`IDLE_S`, or the `idle_s` given); None: it stays (no trial of the
+        sweep trains solo)."""
         self.empty_since: float | None = time.monotonic()
         self.leaving = False
         self._log(

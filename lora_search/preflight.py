@@ -12,7 +12,7 @@ import importlib.util
 import os
 from typing import TYPE_CHECKING
 
-from lora_search import data, gguf, targets
+from lora_search import data, environment, gguf, targets
 from lora_search.config import BaseModel, ConfigError, Problem, Sweep
 from lora_search.memory import meta_model
 from lora_search.variants import VARIANTS
@@ -42,6 +42,7 @@ def problems(sweep: Sweep) -> list[Problem]:
     all have the annotated types (`Sweep.conforms`): those that do not are already reported. A GGUF base is
     checked, converted once (`lora_search.gguf`), and every later check reads its converted dir."""
     sweep, out = gguf.resolved(sweep)
+    out.extend(environment.problems())  # the LORA_SEARCH_* switches this driver's workers inherit
     model = None
     if sweep.conforms("base") and not out:
         try:

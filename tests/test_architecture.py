@@ -51,6 +51,7 @@ ROOMS = {
     "outputs": {"tracking", "logged_models", "provenance", "registry", "report", "answers"},
     "core": {
         "config",
+        "environment",  # the LORA_SEARCH_* switches and their readers, one table
         "problems",
         "checks",
         "userfiles",

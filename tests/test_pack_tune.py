@@ -22,7 +22,7 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from lora_search import BaseModel, Budget, Dataset, Evals, Resources, SearchSpace, Sweep, pack_host
+from lora_search import BaseModel, Budget, Dataset, Evals, Resources, SearchSpace, Sweep, environment, pack_host
 from lora_search.config import ConfigError
 from lora_search.cost import DEVICE_SHARE, devices_per_trial
 
@@ -534,5 +534,5 @@ print("STATUSES", sorted(zip(frame["variant"], frame["status"])))
 @pytest.mark.parametrize("value", ["abc", "-1", "inf", "nan", ""])
 def test_a_bad_idle_setting_names_the_variable_its_value_and_the_fix(value: str) -> None:
     with pytest.raises(ValueError, match=f"LORA_SEARCH_PACK_IDLE_S={value!r}: give seconds >= 0, e.g."):
-        pack_host._idle_s(value)
-    assert pack_host._idle_s("2.5") == 2.5 and pack_host._idle_s("0") == 0
+        environment.VARIABLES[environment.PACK_IDLE_S].read(value)
+    assert environment.VARIABLES[environment.PACK_IDLE_S].read("2.5") == 2.5

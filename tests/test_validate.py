@@ -24,6 +24,55 @@ def _broken_jsonl(path: Path) -> Path:
     return path
 
 
+def test_bad_environment_switches_are_named_with_the_rest_before_any_compute(
+    tiny_model_dir, tmp_path, capsys, monkeypatch
+) -> None:
+    """The LORA_SEARCH_* switches a sweep's workers read (lora_search.environment) are checked in the driver with the
+    sweep's other problems: a bad value is not first met by a trial's first forward after its base has loaded."""
+    import ray
+
+    if ray.is_initialized():  # a Ray an earlier test of this worker process started: not validate's to judge
+        ray.shutdown()
+    monkeypatch.setenv("LORA_SEARCH_LORA_ONE_NODE", "yes")
+    monkeypatch.setenv("LORA_SEARCH_PROFILE_TRACE", "true")
+    monkeypatch.setenv("LORA_SEARCH_PACK_IDLE_S", "-5")
+    sweep_file = tmp_path / "env_sweep.py"
+    sweep_file.write_text(
+        textwrap.dedent(f"""
+        from lora_search import BaseModel, Dataset, SearchSpace, Sweep
+        SWEEP = Sweep(
+            name="env",
+            base=BaseModel({str(tiny_model_dir)!r}),
+            dataset=Dataset({str(_broken_jsonl(tmp_path / "train.jsonl"))!r}),
+            space=SearchSpace(ranks=(4,), lr=(1e-3, 1e-5)),
+        )
+    """)
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["validate", str(sweep_file)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    for text in (
+        "environment LORA_SEARCH_LORA_ONE_NODE = 'yes': lora_search.fused_lora cannot read it. Fix: "
+        "LORA_SEARCH_LORA_ONE_NODE='yes': give 1 (one autograd node, the default) or 0 (autograd's graph)",
+        "environment LORA_SEARCH_PROFILE_TRACE = 'true': lora_search.callbacks cannot read it. Fix: ",
+        "environment LORA_SEARCH_PACK_IDLE_S = '-5': lora_search.pack_host cannot read it. Fix: "
+        "LORA_SEARCH_PACK_IDLE_S='-5': give seconds >= 0, e.g. LORA_SEARCH_PACK_IDLE_S=15",
+        "space.lr = (0.001, 1e-05): need 0 < low < high",  # and the sweep's own problems, in the same report
+        "train.jsonl:3: invalid JSON",
+    ):
+        assert text in err, f"missing {text!r} in:\n{err}"
+    assert not ray.is_initialized()
+    from lora_search import environment
+
+    monkeypatch.setenv("LORA_SEARCH_LORA_ONE_NODE", "0")
+    monkeypatch.setenv("LORA_SEARCH_PROFILE_TRACE", "1")
+    monkeypatch.setenv("LORA_SEARCH_PACK_IDLE_S", "2.5")
+    assert environment.problems() == []
+    assert [environment.value(n) for n in environment.VARIABLES] == [False, True, 2.5]
+
+
 def test_validate_names_all_seven_problems_and_starts_no_ray(tiny_model_dir, tmp_path, capsys) -> None:
     import ray
 

@@ -466,6 +466,12 @@ def test_padding_free_is_chosen_where_the_padding_it_saves_outweighs_the_compile
     h200 = 989.4
     short, why_short = fastpath.padding_free_pays(chat, 8, 16, 8_000_000_000, h200, compiled=False)
     assert not short and "against 41 s to compile flex attention" in why_short  # a 16-step trial: the compile wins
+    # and it names the lever that needs no compile, with the padding it would leave
+    grouped_share = fastpath.padding_fraction(chat, 8, grouped=True)[0]
+    assert why_short.endswith(
+        f"; Budget(sampling='group_by_length') would pad {grouped_share:.0%} (it ran 1.73x the random order's real "
+        "tokens/s on the 8B variable-length rows, H100, benchmarks/NOTES.md change 22)"
+    )
     long, why_long = fastpath.padding_free_pays(chat, 8, 2000, 8_000_000_000, h200, compiled=False)
     assert long and why_long.startswith("padding-free pays")
     small, _ = fastpath.padding_free_pays(chat, 8, 2000, 135_000_000, h200, compiled=False)

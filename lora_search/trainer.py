@@ -100,7 +100,12 @@ class TrialTrainer(SFTTrainer):
         inputs["use_cache"] = False
         if self.aux_loss_enabled:
             inputs["output_router_logits"] = True
-        with fastpath.inference_attention(model, enabled=mode == "eval"):  # step-0 and rung evals
+        # The forward under its own name in a profile (`lora_search.idle` names a gap by the host ops around it; the
+        # backward's ops carry autograd's names and the optimizer step torch's): about 1 us when no profiler runs.
+        with (
+            torch.profiler.record_function(f"lora_search.{mode}_forward"),
+            fastpath.inference_attention(model, enabled=mode == "eval"),  # step-0 and rung evals
+        ):
             outputs = model(**inputs, fused_lm_head=True)
         tokens = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
         loss = -outputs.log_probs.sum() / torch.as_tensor(tokens).clamp(min=1)

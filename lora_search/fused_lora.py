@@ -6,6 +6,7 @@ the base output as separate passes, and Liger patches norms, activations and the
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -41,7 +42,9 @@ def fused_lora_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
     base = self.base_layer
     one_node = isinstance(self.lora_dropout[name], torch.nn.Identity)
     if one_node and (dtype := one_node_dtype(base, rows, lora_a.weight.dtype)) is not None:
-        result = LoraLinear.apply(rows, base.weight, base.bias, lora_a.weight, lora_b.weight, self.scaling[name], dtype)
+        a, b, scaling = lora_a.weight, lora_b.weight, self.scaling[name]
+        casts = adapter_casts(self, name, a, b, dtype, scaling)
+        result = LoraLinear.apply(rows, base.weight, base.bias, a, b, scaling, dtype, *casts)
         return result.view(*x.shape[:-1], result.shape[-1])
     result = base(rows)
     h = lora_a(self.lora_dropout[name](self._cast_input_dtype(rows, lora_a.weight.dtype))) * self.scaling[name]
@@ -62,6 +65,74 @@ def one_node_dtype(base: torch.nn.Module, x: torch.Tensor, adapter_dtype: torch.
     if torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
     return x.dtype if adapter_dtype == x.dtype == base.weight.dtype else None
+
+
+CASTS = "_lora_search_casts"
+"""A fused layer's attribute: adapter name -> `Casts`."""
+
+
+@dataclass
+class Casts:
+    """An adapter's weights as its one-node products read them: `a` is `scaling * A` in `dtype` (the scaling folded
+    into the A-side product, which saves a multiply on the rank-r intermediate each way), `b` is B in `dtype` (B
+    itself where it has that dtype already). Valid while A and B keep the versions they were cast at: an optimizer step
+    or a checkpoint load writes them in place, which bumps a tensor's version. `refresh_casts` recasts every adapter's
+    in a few foreach kernels after each optimizer step, so a step's forwards cast nothing."""
+
+    a_src: torch.Tensor
+    b_src: torch.Tensor
+    a_version: int
+    b_version: int
+    dtype: torch.dtype
+    scaling: float
+    a: torch.Tensor
+    b: torch.Tensor
+
+    def valid(self, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, scaling: float) -> bool:
+        return (
+            self.a_src is a
+            and self.b_src is b
+            and self.a_version == a._version
+            and self.b_version == b._version
+            and self.dtype == dtype
+            and self.scaling == scaling
+        )
+
+
+def adapter_casts(
+    layer: Any, name: str, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, scaling: Any
+) -> tuple[torch.Tensor, torch.Tensor] | tuple[()]:
+    """(`scaling` * A, B) in `dtype` for `layer`'s adapter `name`, cast where the cached ones are stale (`Casts`); ()
+    for a scaling that is not a plain number (the pack's per-row masks keep `LoraLinear`'s own casts)."""
+    if not isinstance(scaling, (int, float)):
+        return ()
+    cache = layer.__dict__.setdefault(CASTS, {})
+    hit = cache.get(name)
+    if hit is not None and hit.valid(a, b, dtype, scaling):
+        return hit.a, hit.b
+    with torch.no_grad():
+        entry = Casts(a, b, a._version, b._version, dtype, float(scaling), _as(a * scaling, dtype), _as(b, dtype))
+    cache[name] = entry
+    return entry.a, entry.b
+
+
+def refresh_casts(layers: list[Any]) -> int:
+    """Recast the cached adapters of `layers` (`Casts`) from their current weights, a few foreach kernels for all of
+    them in place of two casts a layer in the next forward; returns how many. Registered on a trial's optimizer as a
+    step post-hook (`lora_search.trainer.TrialTrainer`). A cast whose source changed otherwise (a checkpoint load)
+    is still caught by its version."""
+    entries = [e for layer in layers for e in layer.__dict__.get(CASTS, {}).values()]
+    if not entries:
+        return 0
+    with torch.no_grad():
+        scaled = torch._foreach_mul([e.a_src for e in entries], [e.scaling for e in entries])
+        torch._foreach_copy_([e.a for e in entries], scaled)
+        own_b = [e for e in entries if e.b is not e.b_src]  # B already in the products' dtype is read as it is
+        if own_b:
+            torch._foreach_copy_([e.b for e in own_b], [e.b_src for e in own_b])
+    for e in entries:
+        e.a_version, e.b_version = e.a_src._version, e.b_src._version
+    return len(entries)
 
 
 class LoraLinear(torch.autograd.Function):
@@ -86,29 +157,41 @@ class LoraLinear(torch.autograd.Function):
         b: torch.Tensor,
         scaling: float | torch.Tensor,
         dtype: torch.dtype,
+        a_scaled: torch.Tensor | None = None,
+        b_cast: torch.Tensor | None = None,
     ) -> torch.Tensor:
         # Every operand is cast to `dtype` here, so autocast (whose dtype `dtype` is, where it is on) has nothing left
         # to cast: no autocast context is needed around these products, and none is entered (a few us of host time
         # per layer call, where a small step's host time is what sets its pace).
-        xc, w, ac, bc = _as(x, dtype), _as(weight, dtype), _as(a, dtype), _as(b, dtype)
+        xc, w = _as(x, dtype), _as(weight, dtype)
         out = torch.mm(xc, w.t()) if bias is None else torch.addmm(_as(bias, dtype), xc, w.t())
-        h = _scale_(torch.mm(xc, ac.t()), scaling)
+        if a_scaled is not None and b_cast is not None:  # `adapter_casts`: the scaling is in the A side already
+            ac, bc = a_scaled, b_cast
+            h = torch.mm(xc, ac.t())
+        else:
+            ac, bc = _as(a, dtype), _as(b, dtype)
+            h = _scale_(torch.mm(xc, ac.t()), scaling)
         out.addmm_(h, bc.t())
         ctx.save_for_backward(xc, weight, h, ac, bc)
         ctx.scaling, ctx.x_dtype, ctx.a_dtype, ctx.b_dtype = scaling, x.dtype, a.dtype, b.dtype
+        ctx.folded = a_scaled is not None and b_cast is not None
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         xc, weight, h, ac, bc = ctx.saved_tensors
         grad = _as(grad, xc.dtype)
-        dh = _scale_(grad.mm(bc), ctx.scaling)
-        grad_a = _as(dh.t().mm(xc), ctx.a_dtype)
+        if ctx.folded:  # h = x (sA)^T: dA = s dh^T x with dh = g B, scaled as it is cast to A's dtype (one kernel)
+            dh = grad.mm(bc)
+            grad_a = torch.mul(dh.t().mm(xc), ctx.scaling, out=torch.empty_like(ac, dtype=ctx.a_dtype))
+        else:
+            dh = _scale_(grad.mm(bc), ctx.scaling)
+            grad_a = _as(dh.t().mm(xc), ctx.a_dtype)
         grad_b = _as(grad.t().mm(h), ctx.b_dtype)
         dx = None
         if ctx.needs_input_grad[0]:
             dx = _as(grad.mm(_as(weight, xc.dtype)).addmm_(dh, ac), ctx.x_dtype)
-        return dx, None, None, grad_a, grad_b, None, None
+        return dx, None, None, grad_a, grad_b, None, None, None, None
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -12,7 +12,7 @@ from typing import Any
 
 from trl import SFTTrainer
 
-from lora_search import fastpath
+from lora_search import fastpath, fused_lora
 
 
 class TrialTrainer(SFTTrainer):
@@ -50,7 +50,15 @@ class TrialTrainer(SFTTrainer):
     def create_optimizer(self, model: Any = None) -> Any:
         if self.optimizer is None and self._make_optimizer is not None:
             self.optimizer = self._make_optimizer(self.model if model is None else model)
-        return super().create_optimizer(model)
+        optimizer = super().create_optimizer(model)
+        # The one-node LoRA layers' cached casts (`fused_lora.Casts`) recast after every step, a few foreach kernels
+        # for all of them; without the hook each layer would recast its own in the next forward (found by version).
+        register = getattr(optimizer, "register_step_post_hook", None)  # a torch optimizer (not DeepSpeed's stand-in)
+        if register is not None and not getattr(optimizer, "_lora_search_refreshes_casts", False):
+            layers = fastpath.plain_lora_layers(self.model)
+            register(lambda *_: fused_lora.refresh_casts(layers))
+            optimizer._lora_search_refreshes_casts = True
+        return optimizer
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
         """`Budget.sampling="group_by_length"`: Transformers' `LengthGroupedSampler` over the step's rows, drawn from

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -298,19 +299,12 @@ def test_fused_lora_add_gives_peft_outputs_and_gradients(
     with dropout off: the same logits and adapter gradients, in fp32 (to 1e-5) and under bf16 autocast (to bf16
     rounding); merged or disabled adapters fall back to PEFT's forward."""
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
 
     dtype = torch.float32 if precision == "fp32" else torch.bfloat16
     nodes: dict[str, int] = {}
 
     def run(fused: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor], object]:
-        torch.manual_seed(0)
-        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=dtype)
-        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0))
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                torch.nn.init.normal_(param, std=0.05)
+        model = _tiny_lora(tiny_model_dir, dtype, alpha=16)
         if fused:
             assert fastpath.fuse_lora_add(model) == 2 * 7
         x = torch.randint(0, 300, (3, 24), generator=torch.Generator().manual_seed(2))
@@ -364,8 +358,6 @@ def test_cached_adapter_casts_train_as_peft_does_and_follow_every_weight_change(
     (`refresh_casts`, what a trial registers) or found stale by their versions; a checkpoint-style load in place is
     caught by the version too."""
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
 
     from lora_search import fused_lora
 
@@ -373,12 +365,7 @@ def test_cached_adapter_casts_train_as_peft_does_and_follow_every_weight_change(
     x = torch.randint(0, 300, (3, 24), generator=torch.Generator().manual_seed(2))
 
     def train(mode: str) -> tuple[dict[str, torch.Tensor], object]:
-        torch.manual_seed(0)
-        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=dtype)
-        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=12, target_modules="all-linear", lora_dropout=0.0))
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                torch.nn.init.normal_(param, std=0.05)
+        model = _tiny_lora(tiny_model_dir, dtype, alpha=12)
         layers = fastpath.plain_lora_layers(model)
         if mode != "peft":
             fastpath.fuse_lora_add(model)
@@ -419,6 +406,21 @@ def test_cached_adapter_casts_train_as_peft_does_and_follow_every_weight_change(
         model(input_ids=x)
     fresh = layer.__dict__[fused_lora.CASTS]["default"]
     assert fresh is not entry and not fresh.a.any()
+
+
+def _tiny_lora(tiny_model_dir: Path, dtype: object, alpha: float) -> Any:
+    """The tiny model with an r4 all-linear LoRA adapter (dropout off) whose B is nonzero, seeded."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=dtype)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=alpha, target_modules="all-linear", lora_dropout=0.0))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)
+    return model
 
 
 def _graph_nodes(tensor: object, name: str) -> int:

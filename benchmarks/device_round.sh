@@ -5,9 +5,9 @@
 #   bash benchmarks/device_round.sh pack     # benchmarks/pack.py: every product path (auto, loop, bmm, masked)
 #                                            # side by side, SmolLM2 and the 1.1B shape at 512; 1.1B at 2048,
 #                                            # checkpointed (it ran out of memory without)
-#   bash benchmarks/device_round.sh speed    # benchmarks/speed.py, the 8B r16 headline: the trial path with its
-#                                            # LoRA layers as one autograd node each (default) and on autograd's
-#                                            # graph (+two-node, NOTES.md change 20), beside HF PEFT and + Liger
+#   bash benchmarks/device_round.sh speed    # benchmarks/speed.py, the 8B r16 headline: the trial path (ATTN=sdpa)
+#                                            # (+two-node: LoRA layers on autograd's graph, NOTES.md change 20)
+#                                            # beside HF PEFT and + Liger (EXTRA=--no-liger-reference skips it)
 #   bash benchmarks/device_round.sh varlen   # benchmarks/speed.py --varlen: TRL, padded, length-grouped, flex,
 #                                            # auto (HF PEFT + Liger left out: measured, 2,359 tokens/s)
 #   bash benchmarks/device_round.sh idle     # the trial path alone, 8B fixed-length and varlen length-grouped, for
@@ -42,8 +42,9 @@ pack | pack_smollm2 | pack_1b)  # `pack` runs all three; pack_smollm2 (needs the
     --out "$OUT/pack_1b_2048.json"
   ;;
 speed)
-  step speed_8b python benchmarks/speed.py --out "$OUT/speed" --configs 8b:16 --bs 2 --accum 4 --steps 16 \
-    --attn sdpa,sdpa+two-node
+  # ATTN: the trial paths (+two-node measured no gain, NOTES.md change 20); EXTRA: e.g. --no-liger-reference
+  step speed_8b python benchmarks/speed.py --out "$OUT/speed" --work /tmp/w --configs 8b:16 --bs 2 --accum 4 \
+    --steps 16 --attn "${ATTN:-sdpa}" ${EXTRA:-}
   ;;
 idle)  # no references: each trial's figure is indicative only; ratios come from `speed` and `varlen`
   step idle_8b python -c "
@@ -57,8 +58,8 @@ print(json.dumps(r))"
   head -14 "$OUT"/varlen/idle_*grouped* 2>/dev/null | cut -c1-250
   ;;
 varlen)
-  step varlen_8b python benchmarks/speed.py --out "$OUT/varlen" --varlen --configs 8b:16 --bs 2 --accum 4 --steps 16 \
-    --paths trl,padded,grouped,flex,auto
+  step varlen_8b python benchmarks/speed.py --out "$OUT/varlen" --work /tmp/w --varlen --configs 8b:16 --bs 2 \
+    --accum 4 --steps 16 --paths "${PATHS:-trl,padded,grouped,flex,auto}"
   ;;
 sweep)
   export LORA_SEARCH_OUTPUT_DIR=/tmp/reports  # smollm2-pack4/ and smollm2/ (the solo sweep took 254 s, 2026-12-04)
@@ -73,4 +74,7 @@ sweep)
   exit 2
   ;;
 esac
+if [ -n "${LORA_SEARCH_PROFILE_TRACE:-}" ]; then  # the kept Chrome traces, for Perfetto
+  find /tmp/w -name "*.json*" -path "*profile_*" -newer "$0" 2>/dev/null | tar czf "$OUT/traces_$1.tgz" -T - 2>/dev/null
+fi
 nvidia-smi --query-gpu=name,memory.used --format=csv 2>/dev/null

@@ -48,6 +48,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VARLEN_PATHS = ("trl", "liger", "padded", "grouped", "flex", "auto")
+ATTN_OPTIONS = frozenset({"compiled", "two-node", "ungrouped"})  # --attn KERNEL+OPTION: what each switches, in `ours`
 """--varlen's paths: TRL + PEFT as they come, HF PEFT + Liger padded, the trial path padded (SDPA), the same with
 length-grouped steps (`Budget(sampling="group_by_length")`), padding-free on flex attention, and the trial path as a
 sweep runs it by default (`attn_implementation="auto"`: flex where it trains, tried in the trial; after "flex" its
@@ -192,10 +193,12 @@ def ours(
         name += "_varlen"
     name += f"_{attn.replace('+', '_')}" + ("_grouped" if sampling != "random" else "")
     attn, *options = attn.split("+")
-    assert set(options) <= {"compiled", "two-node"}, f"--attn entries are KERNEL[+compiled][+two-node], not {options}"
+    assert set(options) <= ATTN_OPTIONS, f"--attn entries are KERNEL[+OPTION] with OPTION in {sorted(ATTN_OPTIONS)}"
     compiled = "compiled" in options
     # +two-node: LoRA layers without dropout on autograd's graph, not fused_lora.LoraLinear (NOTES.md change 20)
     os.environ[fused_lora.ONE_NODE_ENV] = "0" if "two-node" in options else "1"
+    # +ungrouped: q/k/v and gate/up adapters each their own node, not one `fused_lora.LoraGroup` (NOTES.md change 27)
+    os.environ[fused_lora.LORA_GROUPS] = "0" if "ungrouped" in options else "1"
     # rank 0 of the trial writes a CUDA kernel profile of two steady steps (lora_search.callbacks.PROFILE_ENV); the
     # steady tokens/s window starts after them. Ray's workers inherit this process's environment.
     os.environ["LORA_SEARCH_PROFILE_DIR"] = str(work / f"profile_{name}")
@@ -273,8 +276,8 @@ def main() -> None:
         "--attn",
         default="auto",
         help="the trial path's attn_implementation(s), comma-separated, each optionally +compiled (compiled decoder "
-        "layers: sdpa+compiled) and +two-node (LoRA layers on autograd's graph, not one node each: sdpa+two-node); "
-        "ratio: the first",
+        "layers: sdpa+compiled), +two-node (LoRA layers on autograd's graph, not one node each: sdpa+two-node) and "
+        "+ungrouped (q/k/v and gate/up adapters each their own node: sdpa+ungrouped); ratio: the first",
     )
     parser.add_argument("--no-liger-reference", action="store_true", help="skip HF PEFT + Liger (library alone)")
     parser.add_argument("--varlen", action="store_true", help="variable-length chat rows, TRL/Liger/trial side by side")
@@ -282,9 +285,12 @@ def main() -> None:
     parser.add_argument("--varlen-reference", choices=["trl", "eager", "liger"], help="one --varlen path alone")
     parser.add_argument("--data", type=Path, help="with --varlen-reference: the rows' dir")
     args = parser.parse_args()
-    bad = [e for e in args.attn.split(",") if not e or not set(e.split("+")[1:]) <= {"compiled", "two-node"}]
+    bad = [e for e in args.attn.split(",") if not e or not set(e.split("+")[1:]) <= ATTN_OPTIONS]
     if bad:  # before any reference or trial runs
-        parser.error(f"--attn {', '.join(map(repr, bad))}: give KERNEL[+compiled][+two-node], e.g. sdpa,sdpa+two-node")
+        parser.error(
+            f"--attn {', '.join(map(repr, bad))}: give KERNEL[+{'][+'.join(sorted(ATTN_OPTIONS))}], "
+            "e.g. sdpa,sdpa+ungrouped"
+        )
     if args.varlen_reference:
         print(json.dumps(varlen_reference(args)))
         return

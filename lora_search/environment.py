@@ -16,6 +16,7 @@ from typing import Any
 from lora_search.problems import Problem
 
 LORA_ONE_NODE = "LORA_SEARCH_LORA_ONE_NODE"
+LORA_GROUPS = "LORA_SEARCH_LORA_GROUPS"
 PROFILE_TRACE = "LORA_SEARCH_PROFILE_TRACE"
 PACK_IDLE_S = "LORA_SEARCH_PACK_IDLE_S"
 
@@ -61,6 +62,12 @@ VARIABLES = {
             LORA_ONE_NODE,
             "1",
             switch(LORA_ONE_NODE, "one autograd node, the default", "autograd's graph"),
+            "lora_search.fused_lora",
+        ),
+        Variable(
+            LORA_GROUPS,
+            "1",
+            switch(LORA_GROUPS, "q/k/v and gate/up adapters as one node each, the default", "each layer alone"),
             "lora_search.fused_lora",
         ),
         Variable(

@@ -254,11 +254,12 @@ def fuse_lora_add(model: Any) -> int:
     """Give the plain LoRA layers of `model` the fused forward (`FUSED_ADD_WHY`); returns how many."""
     import types
 
-    from lora_search.fused_lora import fused_lora_forward
+    from lora_search.fused_lora import fused_lora_forward, group_siblings
 
     layers = plain_lora_layers(model)
     for layer in layers:
         layer.forward = types.MethodType(fused_lora_forward, layer)
+    group_siblings(model)  # q/k/v and gate/up as one node each (`fused_lora.Siblings`)
     return len(layers)
 
 

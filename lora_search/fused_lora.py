@@ -14,6 +14,7 @@ import torch
 from lora_search import environment
 
 ONE_NODE_ENV = environment.LORA_ONE_NODE
+LORA_GROUPS = environment.LORA_GROUPS
 """Set to 0 in a trial's environment (Ray's workers inherit the driver's), LoRA layers (solo and a pack's masked
 products) compute under autograd's own graph instead of `LoraLinear`: what benchmarks/speed.py's `+two-node` runs
 beside the default, to measure the one node side by side. Read when a layer runs."""
@@ -38,6 +39,9 @@ def fused_lora_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
     # view of a 3-D output would make autograd copy the whole output gradient back in backward (CopySlices), and
     # out-of-place `addmm` copies the base output first. Nothing saved for backward holds the base output.
     rows = x.reshape(-1, x.shape[-1])
+    group = self.__dict__.get(GROUP)
+    if group is not None and (out := group.output(self, x, rows)) is not None:
+        return out
     lora_a, lora_b = self.lora_A[name], self.lora_B[name]
     base = self.base_layer
     one_node = isinstance(self.lora_dropout[name], torch.nn.Identity)
@@ -50,6 +54,25 @@ def fused_lora_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
     h = lora_a(self.lora_dropout[name](self._cast_input_dtype(rows, lora_a.weight.dtype))) * self.scaling[name]
     result.addmm_(h.to(result.dtype), lora_b.weight.t().to(result.dtype))
     return result.view(*x.shape[:-1], result.shape[-1])
+
+
+def _one_node(layer: Any, rows: torch.Tensor) -> tuple[str, torch.dtype] | None:
+    """(adapter name, products' dtype) where `layer`'s fused forward would run its adapter as one node on `rows`
+    (`LoraLinear`), with its cached casts (a plain-number scaling); None where it would not."""
+    names = layer.active_adapters
+    name = names[0] if len(names) == 1 else None
+    if (
+        layer.disable_adapters
+        or layer.merged
+        or name not in layer.lora_A
+        or name in layer.lora_variant
+        or layer.lora_B[name].bias is not None
+        or not isinstance(layer.lora_dropout[name], torch.nn.Identity)
+        or not isinstance(layer.scaling[name], (int, float))
+    ):
+        return None
+    dtype = one_node_dtype(layer.base_layer, rows, layer.lora_A[name].weight.dtype)
+    return None if dtype is None else (name, dtype)
 
 
 def one_node_dtype(base: torch.nn.Module, x: torch.Tensor, adapter_dtype: torch.dtype) -> torch.dtype | None:
@@ -192,6 +215,157 @@ class LoraLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = _as(grad.mm(_as(weight, xc.dtype)).addmm_(dh, ac), ctx.x_dtype)
         return dx, None, None, grad_a, grad_b, None, None, None, None
+
+
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+"""Projections of one module that read the same input in the decoder layers of the architectures lora_search fuses
+(Llama, Mistral, Qwen2/3, Gemma; Phi-3 has its own fused `qkv_proj` and `gate_up_proj`): their adapters run as one
+node (`LoraGroup`). Matched by name, as PEFT's target names and vLLM's packed modules are: which modules share an
+input cannot be read off the module tree (Llama's `o_proj` has `q_proj`'s width and parent)."""
+GROUP = "_lora_search_group"
+"""A grouped LoRA layer's attribute: its `Siblings`."""
+GROUP_WHY = "q/k/v and gate/up adapters as one node each: one A product, one pass over the input for their gradients"
+
+
+def group_siblings(model: Any) -> int:
+    """Group the fused LoRA layers of `model` that read one input (`SIBLINGS`, two or more under one parent module)
+    so that the first of them called computes all of them (`Siblings`); returns how many groups."""
+    groups = 0
+    for parent in model.modules():
+        for names in SIBLINGS:
+            members = [getattr(parent, n, None) for n in names]
+            members = [m for m in members if m is not None and getattr(m, "forward", None) is not None]
+            members = [m for m in members if getattr(m.forward, "__func__", None) is fused_lora_forward]
+            if len(members) >= 2:
+                group = Siblings(members)
+                for m in members:
+                    m.__dict__[GROUP] = group
+                groups += 1
+    return groups
+
+
+class Siblings:
+    """LoRA layers of one module that read the same input (q/k/v, gate/up), computed together: the first called
+    (`output`) runs every member's base and adapter products as one autograd node (`LoraGroup`) and keeps the others'
+    outputs for their own calls on the same input, which take them. Why: each layer alone is its own autograd node,
+    its own A product, its own pass over the input for A's gradient, and the input's gradients of the layers meet in
+    autograd's adds over a tokens x hidden tensor (two for q/k/v, one for gate/up, a layer a micro-batch); as a group,
+    one A product over the stacked scaled A's, one pass for their gradients, and the input's gradient accumulated in
+    the products' epilogues (`addmm_`), with one autograd node and one Python call in place of three (two).
+
+    Falls back to each layer alone, exactly as before, where a member does not take the one-node path
+    (`_one_node`), the members differ in adapter or dtype, `environment.LORA_GROUPS` is 0, or a member is called on
+    an input the group did not compute (its kept outputs are then dropped)."""
+
+    def __init__(self, members: list[Any]) -> None:
+        self.members = members
+        self.kept: tuple[torch.Tensor, dict[int, torch.Tensor]] | None = None  # (input, member index -> output)
+        self.a_cat: torch.Tensor | None = None  # the members' scaled A's stacked; their `Casts.a` are views of it
+        self.views: tuple[torch.Tensor, ...] = ()
+
+    def output(self, layer: Any, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
+        kept, self.kept = self.kept, None
+        index = next(i for i, m in enumerate(self.members) if m is layer)
+        if kept is not None and kept[0] is x and index in kept[1]:
+            out = kept[1].pop(index)
+            if kept[1]:
+                self.kept = kept
+            return out
+        if not environment.value(LORA_GROUPS):
+            return None
+        found = [_one_node(m, rows) for m in self.members]
+        if any(f is None or f != found[0] for f in found):
+            return None
+        name, dtype = found[0]  # type: ignore[misc]
+        casts = [
+            adapter_casts(m, name, m.lora_A[name].weight, m.lora_B[name].weight, dtype, m.scaling[name])
+            for m in self.members
+        ]
+        a_cat = self._stacked(name, [c[0] for c in casts])
+        outs = LoraGroup.apply(
+            rows,
+            dtype,
+            tuple(float(m.scaling[name]) for m in self.members),
+            a_cat,
+            *(m.base_layer.weight for m in self.members),
+            *(m.base_layer.bias for m in self.members),
+            *(m.lora_A[name].weight for m in self.members),
+            *(m.lora_B[name].weight for m in self.members),
+            *(c[1] for c in casts),
+        )
+        outs = [o.view(*x.shape[:-1], o.shape[-1]) for o in outs]
+        self.kept = (x, {i: o for i, o in enumerate(outs) if i != index})
+        return outs[index]
+
+    def _stacked(self, name: str, scaled: list[torch.Tensor]) -> torch.Tensor:
+        """The members' scaled A's as one (sum of ranks x in_features) tensor whose row blocks are the members' cached
+        casts (so `refresh_casts` writes into it); restacked where a member's cast was made anew."""
+        if (
+            self.a_cat is None
+            or len(self.views) != len(scaled)
+            or any(v is not a for v, a in zip(self.views, scaled, strict=True))
+        ):
+            with torch.no_grad():
+                self.a_cat = torch.cat(scaled)
+            views, start = [], 0
+            for m, a in zip(self.members, scaled, strict=True):
+                view = self.a_cat[start : start + a.shape[0]]
+                m.__dict__[CASTS][name].a = view
+                views.append(view)
+                start += a.shape[0]
+            self.views = tuple(views)
+        return self.a_cat
+
+
+class LoraGroup(torch.autograd.Function):
+    """k frozen linear layers that read one input, each with its LoRA update, as one autograd node (`Siblings`):
+    forward `out_i = x W_i^T (+ bias_i)`, `h = x [s_1 A_1; ...; s_k A_k]^T` (one product), `out_i += h_i B_i^T`;
+    backward `dh_i = g_i B_i`, `[dA_1; ...] = [dh_1 ... dh_k]^T x` (one pass over x), `dB_i = g_i^T h_i`,
+    `dx = sum_i g_i W_i + [dh_1 ... dh_k] [s_1 A_1; ...]`, accumulated in the products' epilogues. The same products
+    as k `LoraLinear` nodes, in the same dtype; `tests/test_fastpath.py` holds outputs and gradients to PEFT's."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: torch.Tensor, dtype: torch.dtype, scalings: tuple[float, ...], a_cat: torch.Tensor, *tensors: Any
+    ) -> tuple[torch.Tensor, ...]:
+        k = len(scalings)
+        weights, biases, a_src, b_src, b_cast = (tensors[i * k : (i + 1) * k] for i in range(5))
+        xc = _as(x, dtype)
+        outs = []
+        for w, bias in zip(weights, biases, strict=True):
+            w = _as(w, dtype)
+            outs.append(torch.mm(xc, w.t()) if bias is None else torch.addmm(_as(bias, dtype), xc, w.t()))
+        h = torch.mm(xc, a_cat.t())
+        ranks = [a.shape[0] for a in a_src]
+        for out, h_i, b in zip(outs, h.split(ranks, dim=1), b_cast, strict=True):
+            out.addmm_(h_i, b.t())
+        ctx.save_for_backward(xc, h, a_cat, *weights, *b_cast)
+        ctx.k, ctx.ranks, ctx.scalings, ctx.x_dtype = k, ranks, scalings, x.dtype
+        ctx.a_dtypes, ctx.b_dtypes = [a.dtype for a in a_src], [b.dtype for b in b_src]
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        xc, h, a_cat, *rest = ctx.saved_tensors
+        k = ctx.k
+        weights, b_cast = rest[:k], rest[k:]
+        gs = [_as(g, xc.dtype) for g in grads]
+        dhs = [g.mm(b) for g, b in zip(gs, b_cast, strict=True)]
+        dh = torch.cat(dhs, dim=1)
+        d_a = dh.t().mm(xc)
+        grad_a, grad_b = [], []
+        for d_a_i, h_i, g, s, a_dtype, b_dtype in zip(
+            d_a.split(ctx.ranks), h.split(ctx.ranks, dim=1), gs, ctx.scalings, ctx.a_dtypes, ctx.b_dtypes, strict=True
+        ):
+            grad_a.append(torch.mul(d_a_i, s, out=torch.empty_like(d_a_i, dtype=a_dtype)))
+            grad_b.append(_as(g.t().mm(h_i), b_dtype))
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = gs[0].mm(_as(weights[0], xc.dtype))
+            for g, w in zip(gs[1:], weights[1:], strict=True):
+                dx.addmm_(g, _as(w, xc.dtype))
+            dx = _as(dx.addmm_(dh, a_cat), ctx.x_dtype)
+        return (dx, None, None, None, *[None] * (2 * k), *grad_a, *grad_b, *[None] * k)
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

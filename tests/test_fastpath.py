@@ -303,37 +303,44 @@ def test_fused_lora_add_gives_peft_outputs_and_gradients(
     dtype = torch.float32 if precision == "fp32" else torch.bfloat16
     nodes: dict[str, int] = {}
 
-    def run(fused: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor], object]:
+    def run(fused: bool, mode: str = "groups") -> tuple[torch.Tensor, dict[str, torch.Tensor], object]:
         model = _tiny_lora(tiny_model_dir, dtype, alpha=16)
         if fused:
             assert fastpath.fuse_lora_add(model) == 2 * 7
         x = torch.randint(0, 300, (3, 24), generator=torch.Generator().manual_seed(2))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "fp32"):
             out = model(input_ids=x, labels=x)
-        nodes["fused" if fused else "peft"] = _graph_nodes(out.loss, "LoraLinearBackward")
+        nodes[mode if fused else "peft"] = (
+            _graph_nodes(out.loss, "LoraLinearBackward"),
+            _graph_nodes(out.loss, "LoraGroupBackward"),
+        )
         out.loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
         return out.logits.detach().float(), grads, (model, x)
 
-    peft_logits, peft_grads, _ = run(fused=False)
-    fused_logits, fused_grads, (model, x) = run(fused=True)
-    assert nodes == {"fused": 2 * 7, "peft": 0}  # every layer ran as one node (no dropout), PEFT's as its own graph
     from lora_search import fused_lora
 
+    peft_logits, peft_grads, _ = run(fused=False)
+    fused_logits, fused_grads, (model, x) = run(fused=True)
+    monkeypatch.setenv(fused_lora.LORA_GROUPS, "0")  # speed.py's +ungrouped: every layer its own node
+    alone_logits, alone_grads, _ = run(fused=True, mode="alone")
     monkeypatch.setenv(fused_lora.ONE_NODE_ENV, "0")  # speed.py's +two-node: the fused add on autograd's graph
-    two_node_logits, two_node_grads, _ = run(fused=True)
+    two_node_logits, two_node_grads, _ = run(fused=True, mode="two-node")
     monkeypatch.setenv(fused_lora.ONE_NODE_ENV, "off")  # not a value it takes: said with the fix
     with pytest.raises(ValueError, match="LORA_SEARCH_LORA_ONE_NODE='off': give 1 .* or 0"):
         run(fused=True)
     monkeypatch.delenv(fused_lora.ONE_NODE_ENV)
-    assert nodes["fused"] == 0
+    monkeypatch.delenv(fused_lora.LORA_GROUPS)
+    # each decoder layer: q/k/v and gate/up as one group node each, o and down one node each (no dropout); with the
+    # groups off all 7 one node each; with one node off, autograd's graph; PEFT's its own graph
+    assert nodes == {"groups": (2 * 2, 2 * 2), "alone": (2 * 7, 0), "two-node": (0, 0), "peft": (0, 0)}
     tol = {"rtol": 1e-5, "atol": 1e-5} if precision == "fp32" else {"rtol": 2e-2, "atol": 2e-2}
-    torch.testing.assert_close(fused_logits, peft_logits, **tol)
+    for logits in (fused_logits, alone_logits, two_node_logits):
+        torch.testing.assert_close(logits, peft_logits, **tol)
     for name, grad in peft_grads.items():
         assert grad.abs().max() > 0, name
-        torch.testing.assert_close(fused_grads[name].float(), grad.float(), **tol, msg=name)
-        torch.testing.assert_close(two_node_grads[name].float(), grad.float(), **tol, msg=name)
-    torch.testing.assert_close(two_node_logits, peft_logits, **tol)
+        for grads in (fused_grads, alone_grads, two_node_grads):
+            torch.testing.assert_close(grads[name].float(), grad.float(), **tol, msg=name)
 
     # PEFT's forward where the fused one does not apply: adapters off give the base alone, merged the same logits
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "fp32"):

@@ -255,6 +255,10 @@ def train_loop(config: dict[str, Any]) -> None:
         logging_nan_inf_filter=False,
         disable_tqdm=True,
         dataloader_num_workers=0,
+        # batches to the GPU from pinned memory without waiting for the device's queue to drain (Accelerate's
+        # `non_blocking`; a copy from pageable memory waits for every kernel launched before it)
+        dataloader_pin_memory=on_gpu,
+        accelerator_config={"non_blocking": on_gpu},
         dataset_num_proc=None,
         optim=optimizer_name(budget.optimizer, variant.quantized, on_gpu, fsdp=strategy.fsdp),
         gradient_checkpointing=not path.active(fastpath.KEEP_ACTIVATIONS),

@@ -168,6 +168,11 @@ def _rows_of(inputs: dict[str, Any], chunk: list[int], rows: list[int], padded: 
     out: dict[str, Any] = {}
     if padded:
         index = torch.tensor(chunk)
+        # pinned and copied without waiting: a plain copy from pageable memory waits for the device's whole queue
+        # (the last micro-batch's backward) before the next forward is launched
+        device = next((v.device for v in inputs.values() if isinstance(v, torch.Tensor) and v.dim() >= 2), None)
+        if device is not None and device.type == "cuda":
+            index = index.pin_memory().to(device, non_blocking=True)
         length = max(rows[i] for i in chunk)
     else:
         start = sum(rows[: chunk[0]])
@@ -176,7 +181,7 @@ def _rows_of(inputs: dict[str, Any], chunk: list[int], rows: list[int], padded: 
         if not isinstance(value, torch.Tensor) or value.dim() < 2:
             out[key] = value
         elif padded:
-            out[key] = value.index_select(0, index.to(value.device))[:, :length]
+            out[key] = value.index_select(0, index.to(value.device))[:, :length]  # (a no-op where pinned above)
         else:
             out[key] = value[:, span]
     return out

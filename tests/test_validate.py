@@ -34,6 +34,7 @@ def test_bad_environment_switches_are_named_with_the_rest_before_any_compute(
     if ray.is_initialized():  # a Ray an earlier test of this worker process started: not validate's to judge
         ray.shutdown()
     monkeypatch.setenv("LORA_SEARCH_LORA_ONE_NODE", "yes")
+    monkeypatch.setenv("LORA_SEARCH_LORA_GROUPS", "on")
     monkeypatch.setenv("LORA_SEARCH_PROFILE_TRACE", "true")
     monkeypatch.setenv("LORA_SEARCH_PACK_IDLE_S", "-5")
     sweep_file = tmp_path / "env_sweep.py"
@@ -56,6 +57,7 @@ def test_bad_environment_switches_are_named_with_the_rest_before_any_compute(
     for text in (
         "environment LORA_SEARCH_LORA_ONE_NODE = 'yes': lora_search.fused_lora cannot read it. Fix: "
         "LORA_SEARCH_LORA_ONE_NODE='yes': give 1 (one autograd node, the default) or 0 (autograd's graph)",
+        "environment LORA_SEARCH_LORA_GROUPS = 'on': lora_search.fused_lora cannot read it. Fix: ",
         "environment LORA_SEARCH_PROFILE_TRACE = 'true': lora_search.callbacks cannot read it. Fix: ",
         "environment LORA_SEARCH_PACK_IDLE_S = '-5': lora_search.pack_host cannot read it. Fix: "
         "LORA_SEARCH_PACK_IDLE_S='-5': give seconds >= 0, e.g. LORA_SEARCH_PACK_IDLE_S=15",
@@ -67,10 +69,11 @@ def test_bad_environment_switches_are_named_with_the_rest_before_any_compute(
     from lora_search import environment
 
     monkeypatch.setenv("LORA_SEARCH_LORA_ONE_NODE", "0")
+    monkeypatch.setenv("LORA_SEARCH_LORA_GROUPS", "0")
     monkeypatch.setenv("LORA_SEARCH_PROFILE_TRACE", "1")
     monkeypatch.setenv("LORA_SEARCH_PACK_IDLE_S", "2.5")
     assert environment.problems() == []
-    assert [environment.value(n) for n in environment.VARIABLES] == [False, True, 2.5]
+    assert [environment.value(n) for n in environment.VARIABLES] == [False, False, True, 2.5]
 
 
 def test_validate_names_all_seven_problems_and_starts_no_ray(tiny_model_dir, tmp_path, capsys) -> None:

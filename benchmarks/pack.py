@@ -300,7 +300,8 @@ def main() -> None:
         if base_path.active("liger"):  # the solo runs' loss as a solo trial's: Liger's fused LM head and loss (the
             from transformers.integrations.liger import apply_liger_kernel  # packs score theirs without forward())
 
-            apply_liger_kernel(model, {**fastpath.PACK_LIGER, "fused_linear_cross_entropy": True})
+            # the loss alone: prepare_pack has patched the base's kernels already
+            apply_liger_kernel(model, {**{k: False for k in fastpath.PACK_LIGER}, "fused_linear_cross_entropy": True})
     args.drop_mask = base_path.active(fastpath.NO_PAD_MASK)
     print(f"base path: {base_path.summary() or 'plain'}", flush=True)
     vocab = model.config.vocab_size

@@ -467,6 +467,32 @@ def choose(on_gpu: bool, model_type: str, attn: str, attn_why: str = "") -> Fast
     return FastPath(tuple(pieces))
 
 
+FROZEN_HEAP = "frozen-heap"
+FROZEN_HEAP_WHY = "the objects that exist when training starts are left out of Python's full collections (gc.freeze)"
+"""Why a trial freezes its process's heap as training starts. Python's cyclic collector runs a full collection over
+every object the process holds whenever enough objects have survived into its oldest generation, and every forward
+leaves objects alive until its backward (autograd's contexts, saved tensors), which count: a trial's process ran one
+every step or two. On the 8B H100 profile (benchmarks/NOTES.md change 29) the GPU sat idle 164 ms in one gap of two
+steps, its next kernel launched late from inside a backward with no op on the host the while: the collection, over the
+580,000 objects a trial's process holds (269 ms on the CPU machine). `gc.freeze` moves what exists when training starts
+(the base, the libraries' modules) into a generation the collector never scans, so a full collection scans only what
+training made since. Unfrozen when training ends, so that a warm process's later trial collects what this one left."""
+
+
+@contextmanager
+def frozen_heap() -> Iterator[None]:
+    """The process's heap frozen out of Python's collections while the block runs (`FROZEN_HEAP_WHY`); collected
+    first, so no garbage is frozen."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 NO_PAD_MASK = "no-pad-mask"
 INFERENCE_ATTN = "inference-attention"
 NO_PAD_MASK_WHY = "right-padded batches without an attention mask: causal SDPA on its flash kernel"

@@ -33,6 +33,7 @@ to the one-micro-batch step's (`Pack.step`).
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 import math
@@ -144,6 +145,7 @@ class PackHost:
         """Whether the pack checkpoints and how many micro-batches each step runs in (`memory.PackFit`)."""
         # the base kernels and attention switches a solo trial of this sweep runs on this device (`fastpath.pack_path`)
         self.fast_path = fastpath.pack_path(on_gpu, model.config.model_type, model.config._attn_implementation)
+        self.fast_path = self.fast_path.with_piece(fastpath.Piece(fastpath.FROZEN_HEAP, True, fastpath.FROZEN_HEAP_WHY))
         fastpath.prepare_pack(self.fast_path, model)
         self.pack = Pack(
             model,
@@ -187,6 +189,9 @@ class PackHost:
             checkpointing_why=fit_why,
             fast_path=self.fast_path.summary(),
         )
+        # the base and the libraries out of Python's full collections while the host lives (`fastpath.FROZEN_HEAP_WHY`)
+        gc.collect()
+        gc.freeze()
         threading.Thread(target=self._reap, daemon=True).start()
 
     def attach(
@@ -357,6 +362,7 @@ class PackHost:
                 steps = self.pack.steps(name)
                 why = "finished" if steps >= self.sweep.budget.max_steps else f"sweep ended at step {steps}"
                 self._detach(name, why)
+            gc.unfreeze()  # what the host froze at its start may now be collected (an in-process host: the tests')
             return names
 
     def status(self) -> dict[str, Any]:

@@ -328,7 +328,8 @@ def train_loop(config: dict[str, Any]) -> None:
     if auto and on_gpu:  # the rows are tokenized now: padding-free on flex attention where it works and pays
         micro_batches = budget.max_steps * batching.accum
         path = auto_fast_path(trainer, model_config, batching.micro, micro_batches, path, chosen)
-        reporter.fast_path = path.summary()
+    path = path.with_piece(fastpath.Piece(fastpath.FROZEN_HEAP, True, fastpath.FROZEN_HEAP_WHY))
+    reporter.fast_path = path.summary()
     log.info(
         "%s: %s r=%d on %s x %d worker(s), strategy %s, optimizer %s, fast path: %s",
         Path(config["progress_file"]).stem,  # trial_<id>: a warm process trains one trial after another
@@ -343,7 +344,8 @@ def train_loop(config: dict[str, Any]) -> None:
     path.prepare()
     intact = False  # whether the base is as loaded (bar the adapter): kept for this process's next trial
     try:
-        trainer.train(resume_from_checkpoint=str(restored / TRAINER_DIR) if restored else None)
+        with fastpath.frozen_heap():  # `fastpath.FROZEN_HEAP_WHY`
+            trainer.train(resume_from_checkpoint=str(restored / TRAINER_DIR) if restored else None)
         intact = True
     except torch.cuda.OutOfMemoryError as e:
         peak, _ = peak_memory_bytes()

@@ -634,3 +634,27 @@ def test_flex_attention_trains_on_this_gpu_and_the_verdict_is_kept() -> None:
     assert fastpath.flex_failure(llama) is None
     assert fastpath.resolve_attention("auto", True, llama)[0] == "flex_attention"
     assert list(fastpath._flex_tried.values()) == [None]  # tried once, kept for the process's next trial
+
+
+def test_training_runs_with_the_heap_frozen_out_of_full_collections() -> None:
+    """`fastpath.frozen_heap` (what a trial's `trainer.train()` runs under): the objects alive when it starts are frozen
+    (Python's full collections skip them), garbage made before it is collected rather than frozen, objects made inside
+    are collected as usual, and leaving unfreezes, so a warm process's next trial can collect what this one left."""
+    import gc
+
+    class Cycle:
+        def __init__(self) -> None:
+            self.me = self
+
+    before = gc.get_freeze_count()
+    kept = Cycle()
+    Cycle()  # garbage already: collected, not frozen
+    with fastpath.frozen_heap():
+        frozen = gc.get_freeze_count()
+        assert frozen > before and gc.is_tracked(kept)
+        assert sum(type(o) is Cycle for o in gc.get_objects()) == 0  # the live one is frozen, the dead one gone
+        Cycle()
+        assert gc.collect() >= 1  # a cycle made while frozen is still collected
+        assert gc.get_freeze_count() == frozen
+    assert gc.get_freeze_count() == before
+    assert sum(type(o) is Cycle for o in gc.get_objects()) == 1  # back in the collector's view

@@ -7,6 +7,7 @@ warm trial (`report`), where ASHA may stop the trial.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -167,6 +168,7 @@ class Throughput(TrainerCallback):
             cuda = [ProfilerActivity.CUDA] if torch.cuda.is_available() else []
             self.profiler = profile(activities=[ProfilerActivity.CPU, *cuda])
             self.profiler.__enter__()
+            gc.callbacks.append(label_collections)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         step, tokens = int(state.global_step), int(state.num_input_tokens_seen)
@@ -196,6 +198,8 @@ class Throughput(TrainerCallback):
 
     def _write_profile(self) -> None:
         self._now()
+        if label_collections in gc.callbacks:
+            gc.callbacks.remove(label_collections)
         self.profiler.__exit__(None, None, None)
         out = Path(os.environ[PROFILE_ENV])
         table = self.profiler.key_averages().table(sort_by="self_device_time_total", row_limit=40)
@@ -212,6 +216,25 @@ class Throughput(TrainerCallback):
             log.warning("kernel profile not written: %s=%s: %s; set it to a writable dir", PROFILE_ENV, out, e)
             return
         log.info("kernel profile of steps %d-%d: %s", STEADY_AFTER_STEPS + 1, STEADY_AFTER_STEPS + PROFILED_STEPS, out)
+
+
+GC_LABEL = "python.gc"
+_collecting: list[Any] = []  # the open label of the collection running, if any
+
+
+def label_collections(phase: str, info: dict[str, int]) -> None:
+    """A `gc.callbacks` hook: each Python garbage collection as a profiler range, `python.gc (generation N)`, on the
+    thread it ran on, so that an idle table names the gaps a collection made (`lora_search.idle`): the profiler itself
+    records no Python frames, and a full collection is a pause of 100 ms and more with no op in it
+    (benchmarks/NOTES.md change 29). Registered while a trial's steps are profiled."""
+    import torch
+
+    if phase == "start":
+        label = torch.profiler.record_function(f"{GC_LABEL} (generation {info['generation']})")
+        label.__enter__()
+        _collecting.append(label)
+    elif _collecting:
+        _collecting.pop().__exit__(None, None, None)
 
 
 def idle_table(profiler: Any, trace: Path) -> str:

@@ -3,6 +3,7 @@ Trainer drives them."""
 
 from __future__ import annotations
 
+import gc
 import math
 import time
 
@@ -72,6 +73,9 @@ def test_kernel_profile_is_written_and_kept_out_of_the_steady_window(tmp_path, m
     assert (tmp_path / "profiles" / "trial_abc_idle.txt").read_text().startswith("no device work in the trace")
     assert not (tmp_path / "profiles" / "trial_abc_trace.json").exists()
     assert meter.tokens == 30  # window from the end of step 5 (after the profiled steps 4-5) to the end of step 8
+    from lora_search.callbacks import label_collections
+
+    assert label_collections not in gc.callbacks  # collections were labelled while profiling, and only then
 
 
 def test_unwritable_profile_dir_warns_and_training_goes_on(tmp_path, monkeypatch, caplog) -> None:

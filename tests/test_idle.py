@@ -113,3 +113,31 @@ def test_a_real_profiler_trace_is_read_and_removed_unless_kept(tmp_path, monkeyp
     idle_table(profiled(), trace)
     events = idle.load(trace)["traceEvents"]
     assert any(e.get("name") == "aten::mm" and e.get("cat") == "cpu_op" for e in events)  # the format idle reads
+
+
+def test_garbage_collections_are_named_in_the_profile(tmp_path) -> None:
+    """A profiled trial labels each Python collection (`callbacks.label_collections`, a `gc.callbacks` hook): the
+    profiler records no Python frames, so a collection's pause would otherwise be a gap with no op in it. Here the
+    hook runs around a forced full collection and a step's work, as a trial registers it, and the range is in the
+    trace as an annotation the idle table reads as a host op."""
+    import gc
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from lora_search.callbacks import GC_LABEL, label_collections
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        gc.callbacks.append(label_collections)
+        try:
+            torch.mm(torch.randn(8, 8), torch.randn(8, 8))
+            gc.collect(2)
+            torch.mm(torch.randn(8, 8), torch.randn(8, 8))
+        finally:
+            gc.callbacks.remove(label_collections)
+    trace = tmp_path / "gc_trace.json"
+    prof.export_chrome_trace(str(trace))
+    events = idle.load(trace)["traceEvents"]
+    labels = [e for e in events if e.get("name") == f"{GC_LABEL} (generation 2)"]
+    assert len(labels) == 1 and labels[0].get("cat") in idle.HOST_CATS, labels
+    mms = sorted(e["ts"] for e in events if e.get("name") == "aten::mm")
+    assert mms[0] < labels[0]["ts"] < mms[-1]  # between the two products, where it ran

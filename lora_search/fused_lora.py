@@ -23,17 +23,8 @@ beside the default, to measure the one node side by side. Read when a layer runs
 def fused_lora_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
     """The forward `lora_search.fastpath.fuse_lora_add` binds to a plain LoRA layer; PEFT's own where it does not
     apply (merged, disabled, several active adapters, a variant, a biased B)."""
-    names = self.active_adapters
-    name = names[0] if len(names) == 1 else None
-    if (
-        args
-        or kwargs
-        or self.disable_adapters
-        or self.merged
-        or name not in self.lora_A
-        or name in self.lora_variant
-        or self.lora_B[name].bias is not None
-    ):
+    name = None if args or kwargs else _plain_adapter(self)
+    if name is None:
         return type(self).forward(self, x, *args, **kwargs)  # PEFT's own: merged, mixed, biased, several adapters
     # The base product on the tokens as rows (2-D), so that the update accumulates into it in place: `addmm_` on a
     # view of a 3-D output would make autograd copy the whole output gradient back in backward (CopySlices), and
@@ -56,9 +47,9 @@ def fused_lora_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
     return result.view(*x.shape[:-1], result.shape[-1])
 
 
-def _one_node(layer: Any, rows: torch.Tensor) -> tuple[str, torch.dtype] | None:
-    """(adapter name, products' dtype) where `layer`'s fused forward would run its adapter as one node on `rows`
-    (`LoraLinear`), with its cached casts (a plain-number scaling); None where it would not."""
+def _plain_adapter(layer: Any) -> str | None:
+    """The name of `layer`'s one active adapter where the fused forward applies to it; None where PEFT's own forward
+    must run (adapters disabled or merged, several active, a variant, a biased B)."""
     names = layer.active_adapters
     name = names[0] if len(names) == 1 else None
     if (
@@ -67,6 +58,17 @@ def _one_node(layer: Any, rows: torch.Tensor) -> tuple[str, torch.dtype] | None:
         or name not in layer.lora_A
         or name in layer.lora_variant
         or layer.lora_B[name].bias is not None
+    ):
+        return None
+    return name
+
+
+def _one_node(layer: Any, rows: torch.Tensor) -> tuple[str, torch.dtype] | None:
+    """(adapter name, products' dtype) where `layer`'s fused forward would run its adapter as one node on `rows`
+    (`LoraLinear`), with its cached casts (a plain-number scaling); None where it would not."""
+    name = _plain_adapter(layer)
+    if (
+        name is None
         or not isinstance(layer.lora_dropout[name], torch.nn.Identity)
         or not isinstance(layer.scaling[name], (int, float))
     ):

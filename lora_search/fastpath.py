@@ -479,6 +479,10 @@ steps, its next kernel launched late from inside a backward with no op on the ho
 training made since. Unfrozen when training ends, so that a warm process's later trial collects what this one left."""
 
 
+FROZEN_HEAP_PIECE = Piece(FROZEN_HEAP, True, FROZEN_HEAP_WHY)
+"""The piece in a trial's and a pack host's fast path: always on (it changes no result, only when collections run)."""
+
+
 @contextmanager
 def frozen_heap() -> Iterator[None]:
     """The process's heap frozen out of Python's collections while the block runs (`FROZEN_HEAP_WHY`); collected

@@ -145,7 +145,7 @@ class PackHost:
         """Whether the pack checkpoints and how many micro-batches each step runs in (`memory.PackFit`)."""
         # the base kernels and attention switches a solo trial of this sweep runs on this device (`fastpath.pack_path`)
         self.fast_path = fastpath.pack_path(on_gpu, model.config.model_type, model.config._attn_implementation)
-        self.fast_path = self.fast_path.with_piece(fastpath.Piece(fastpath.FROZEN_HEAP, True, fastpath.FROZEN_HEAP_WHY))
+        self.fast_path = self.fast_path.with_piece(fastpath.FROZEN_HEAP_PIECE)
         fastpath.prepare_pack(self.fast_path, model)
         self.pack = Pack(
             model,

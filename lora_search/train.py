@@ -328,7 +328,7 @@ def train_loop(config: dict[str, Any]) -> None:
     if auto and on_gpu:  # the rows are tokenized now: padding-free on flex attention where it works and pays
         micro_batches = budget.max_steps * batching.accum
         path = auto_fast_path(trainer, model_config, batching.micro, micro_batches, path, chosen)
-    path = path.with_piece(fastpath.Piece(fastpath.FROZEN_HEAP, True, fastpath.FROZEN_HEAP_WHY))
+    path = path.with_piece(fastpath.FROZEN_HEAP_PIECE)
     reporter.fast_path = path.summary()
     log.info(
         "%s: %s r=%d on %s x %d worker(s), strategy %s, optimizer %s, fast path: %s",

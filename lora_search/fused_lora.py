@@ -226,7 +226,6 @@ node (`LoraGroup`). Matched by name, as PEFT's target names and vLLM's packed mo
 input cannot be read off the module tree (Llama's `o_proj` has `q_proj`'s width and parent)."""
 GROUP = "_lora_search_group"
 """A grouped LoRA layer's attribute: its `Siblings`."""
-GROUP_WHY = "q/k/v and gate/up adapters as one node each: one A product, one pass over the input for their gradients"
 
 
 def group_siblings(model: Any) -> int:

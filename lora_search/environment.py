@@ -19,6 +19,7 @@ LORA_ONE_NODE = "LORA_SEARCH_LORA_ONE_NODE"
 LORA_GROUPS = "LORA_SEARCH_LORA_GROUPS"
 PROFILE_TRACE = "LORA_SEARCH_PROFILE_TRACE"
 PACK_IDLE_S = "LORA_SEARCH_PACK_IDLE_S"
+LOADER_WORKERS = "LORA_SEARCH_LOADER_WORKERS"
 
 
 def switch(name: str, on: str, off: str) -> Callable[[str], bool]:
@@ -45,6 +46,18 @@ def seconds(name: str, example: str) -> Callable[[str], float]:
         return s
 
     return read
+
+
+def loader_workers(value: str) -> int | None:
+    """`LOADER_WORKERS`'s reader: "auto" (None: the trial decides, 1 on a GPU and 0 on a CPU) or a count >= 0."""
+    if value == "auto":
+        return None
+    if not value.isdigit():
+        raise ValueError(
+            f"{LOADER_WORKERS}={value!r}: give auto (one loader process on a GPU, none on a CPU, the default) or a "
+            f"count of processes, e.g. {LOADER_WORKERS}=1"
+        )
+    return int(value)
 
 
 @dataclass(frozen=True)
@@ -77,6 +90,7 @@ VARIABLES = {
             "lora_search.callbacks",
         ),
         Variable(PACK_IDLE_S, "15", seconds(PACK_IDLE_S, "15"), "lora_search.pack_host"),
+        Variable(LOADER_WORKERS, "auto", loader_workers, "lora_search.train"),
     )
 }
 

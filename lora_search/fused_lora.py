@@ -212,7 +212,7 @@ class LoraLinear(torch.autograd.Function):
         else:
             dh = _scale_(grad.mm(bc), ctx.scaling)
             grad_a = _as(dh.t().mm(xc), ctx.a_dtype)
-        grad_b = _as(grad.t().mm(h), ctx.b_dtype)
+        grad_b = _mm_to(grad.t(), h, ctx.b_dtype)
         dx = None
         if ctx.needs_input_grad[0]:
             dx = _as(grad.mm(_as(weight, xc.dtype)).addmm_(dh, ac), ctx.x_dtype)
@@ -347,26 +347,55 @@ class LoraGroup(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        # Launches counted because the 8B step's backward is where the GPU waits on the host (benchmarks/NOTES.md
+        # change 30): dh^T is written block by block into one buffer (no cat), the A gradients are scaled and cast
+        # in one kernel where the members share scaling and dtype, and B's come out of their product in their own
+        # dtype (`_mm_to`): 3k + 3 kernels, down from 5k + 3.
         xc, h, a_cat, *rest = ctx.saved_tensors
-        k = ctx.k
+        k, ranks = ctx.k, ctx.ranks
         weights, b_cast = rest[:k], rest[k:]
         gs = [_as(g, xc.dtype) for g in grads]
-        dhs = [g.mm(b) for g, b in zip(gs, b_cast, strict=True)]
-        dh = torch.cat(dhs, dim=1)
-        d_a = dh.t().mm(xc)
-        grad_a, grad_b = [], []
-        for d_a_i, h_i, g, s, a_dtype, b_dtype in zip(
-            d_a.split(ctx.ranks), h.split(ctx.ranks, dim=1), gs, ctx.scalings, ctx.a_dtypes, ctx.b_dtypes, strict=True
-        ):
-            grad_a.append(torch.mul(d_a_i, s, out=torch.empty_like(d_a_i, dtype=a_dtype)))
-            grad_b.append(_as(g.t().mm(h_i), b_dtype))
+        dh_t = xc.new_empty((a_cat.shape[0], xc.shape[0]))  # [dh_1 ... dh_k]^T, rank rows x tokens
+        for g, b, block in zip(gs, b_cast, dh_t.split(ranks), strict=True):
+            torch.mm(b.t(), g.t(), out=block)
+        d_a = dh_t.mm(xc)
+        if len(set(ctx.scalings)) == 1 and len(set(ctx.a_dtypes)) == 1:  # one kernel; each gradient a row block
+            scaled = torch.mul(d_a, ctx.scalings[0], out=torch.empty_like(d_a, dtype=ctx.a_dtypes[0]))
+            grad_a = list(scaled.split(ranks))
+        else:
+            grad_a = [
+                torch.mul(d_a_i, s, out=torch.empty_like(d_a_i, dtype=a_dtype))
+                for d_a_i, s, a_dtype in zip(d_a.split(ranks), ctx.scalings, ctx.a_dtypes, strict=True)
+            ]
+        grad_b = [
+            _mm_to(g.t(), h_i, b_dtype) for g, h_i, b_dtype in zip(gs, h.split(ranks, dim=1), ctx.b_dtypes, strict=True)
+        ]
         dx = None
         if ctx.needs_input_grad[0]:
             dx = gs[0].mm(_as(weights[0], xc.dtype))
             for g, w in zip(gs[1:], weights[1:], strict=True):
                 dx.addmm_(g, _as(w, xc.dtype))
-            dx = _as(dx.addmm_(dh, a_cat), ctx.x_dtype)
+            dx = _as(dx.addmm_(dh_t.t(), a_cat), ctx.x_dtype)
         return (dx, None, None, None, *[None] * (2 * k), *grad_a, *grad_b, *[None] * k)
+
+
+_MM_OUT_DTYPE: dict[str, bool] = {}
+"""Device type -> whether `torch.mm(..., out_dtype=)` ran there (CUDA's cuBLAS products of bf16/fp16 operands
+with an fp32 result; torch has no CPU kernel for it). Found by trying, once per process and device type."""
+
+
+def _mm_to(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`a @ b` in `dtype`: where the operands are half precision and `dtype` is fp32, the product writes fp32 straight
+    from its fp32 accumulator (one kernel, no rounding to half first); elsewhere the product and then a cast."""
+    if a.dtype == dtype or dtype != torch.float32 or a.dtype not in (torch.bfloat16, torch.float16):
+        return _as(a.mm(b), dtype)
+    device = a.device.type
+    if _MM_OUT_DTYPE.get(device, device == "cuda"):
+        try:
+            return torch.mm(a, b, out_dtype=dtype)
+        except (RuntimeError, TypeError, NotImplementedError):  # an older torch, or no kernel on this device
+            _MM_OUT_DTYPE[device] = False
+    return _as(a.mm(b), dtype)
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

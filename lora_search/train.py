@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from transformers import PrinterCallback, TrainerCallback
 
-from lora_search import checkpoints, compiled_layers, data, fastpath, strategies, targets, variants
+from lora_search import checkpoints, compiled_layers, data, environment, fastpath, strategies, targets, variants
 from lora_search.callbacks import Reporter, StepHook, replay_reports
 from lora_search.config import BaseModel, Sweep
 from lora_search.devices import (
@@ -221,6 +221,8 @@ def train_loop(config: dict[str, Any]) -> None:
     rows_a_batch, batches_a_step = (
         (budget.batch_size * budget.grad_accum, 1) if by_tokens else (batching.micro, batching.accum)
     )
+    loaders = environment.value(environment.LOADER_WORKERS)
+    loaders = int(on_gpu) if loaders is None else loaders
     # Built before the model loads: under ZeRO-3 it makes from_pretrained partition the weights as they load, under
     # FSDP it makes ranks > 0 load none (`strategies.trainer_kwargs`).
     args = SFTConfig(
@@ -254,7 +256,11 @@ def train_loop(config: dict[str, Any]) -> None:
         # away, and no step waits on the device for the check
         logging_nan_inf_filter=False,
         disable_tqdm=True,
-        dataloader_num_workers=0,
+        # A GPU trial's batches are read and collated by a loader process while the step before runs: in the
+        # trial's own process that is ~10 ms a step (8 x 2,048 tokens) with the GPU idle (benchmarks/NOTES.md
+        # change 31). A CPU trial keeps the cores for its products. `LORA_SEARCH_LOADER_WORKERS` sets the count.
+        dataloader_num_workers=loaders,
+        dataloader_persistent_workers=loaders > 0,
         # batches to the GPU from pinned memory without waiting for the device's queue to drain (Accelerate's
         # `non_blocking`; a copy from pageable memory waits for every kernel launched before it)
         dataloader_pin_memory=on_gpu,

@@ -63,7 +63,9 @@ def test_token_budget_micro_batches_train_the_accumulated_curve(
 ) -> None:
     """A step's 8 rows handed over at once and cut into micro-batches of at most 96 tokens (`fastpath.TOKEN_BUDGET`)
     train the curve of 4 accumulated micro-batches of 2 rows: the same rows a step, each micro-batch's loss over the
-    step's label tokens. Padded micro-batches take the rows longest first; padding-free ones are spans of one row."""
+    step's label tokens. Padded micro-batches take the rows longest first; padding-free ones are spans of one row.
+    The padded run reads its batches in a loader process (what a GPU trial does): the same rows, the same curve. The
+    Trainer's `model.train()` runs once a step, and every step after the step-6 eval trains in training mode."""
     from transformers import AutoTokenizer
 
     train, evaluation = _rows(tmp_path / "train.jsonl", 120, 0), _rows(tmp_path / "eval.jsonl", 24, 1)
@@ -83,9 +85,22 @@ def test_token_budget_micro_batches_train_the_accumulated_curve(
     monkeypatch.setattr(fastpath, "token_chunks", seen)
     pieces = (fastpath.NO_PAD_MASK,) if layout == "padded" else ("padding-free",)
     by_tokens = _pieces(*pieces, fastpath.TOKEN_BUDGET).collator(pad_id)
-    cut, _, b = _run(tiny_model_dir, train, evaluation, by_tokens, "sdpa", ours=True, batch=8, accum=1, token_budget=96)
-    _same(accumulated, cut, f"2 x 4 accumulated vs 8 rows cut at 96 tokens, {layout}")
+    loaders = 1 if layout == "padded" else 0
+    cut, _, b = _run(
+        tiny_model_dir,
+        train,
+        evaluation,
+        by_tokens,
+        "sdpa",
+        ours=True,
+        batch=8,
+        accum=1,
+        token_budget=96,
+        loaders=loaders,
+    )
+    _same(accumulated, cut, f"2 x 4 accumulated vs 8 rows cut at 96 tokens, {layout}, {loaders} loader process(es)")
     assert a.num_input_tokens_seen == b.num_input_tokens_seen > 0
+    assert b.train_modes == [True] * 12
     assert len(cuts) == 12  # one cut a step
     for lengths, chunks in cuts:
         assert sorted(i for c in chunks for i in c) == list(range(len(lengths)))  # every row of the step, once
@@ -94,6 +109,32 @@ def test_token_budget_micro_batches_train_the_accumulated_curve(
         ]
         assert all(x <= 96 or len(c) == 1 for x, c in zip(cost, chunks, strict=True))
     assert max(len(chunks) for _, chunks in cuts) > 1  # steps were really cut
+
+
+def test_the_flops_count_walks_the_parameters_once_and_gives_the_trainers_figure() -> None:
+    """`TrialTrainer.floating_point_ops` is the Trainer's 6 x tokens x non-embedding parameters, the parameters counted
+    on the first step only (the Trainer walks all of them every step)."""
+    import torch
+    from transformers import Trainer
+
+    from lora_search.trainer import TrialTrainer
+
+    class Model:
+        main_input_name = "input_ids"
+        calls = 0
+
+        def num_parameters(self, exclude_embeddings: bool = False) -> int:
+            assert exclude_embeddings
+            Model.calls += 1
+            return 1234
+
+    trainer = TrialTrainer.__new__(TrialTrainer)
+    trainer.model, trainer._flop_params = Model(), None
+    for rows in (4, 8, 2):
+        inputs = {"input_ids": torch.zeros(rows, 64, dtype=torch.long)}
+        assert trainer.floating_point_ops(inputs) == Trainer.floating_point_ops(trainer, inputs) == 6 * rows * 64 * 1234
+    assert Model.calls == 1 + 3  # ours once; the Trainer's own (called above for the comparison) each time
+    assert trainer.floating_point_ops({"labels": torch.zeros(2, 2)}) == 0  # no input ids: the Trainer's answer
 
 
 def test_token_chunks_cut_by_tokens() -> None:

@@ -37,6 +37,7 @@ def test_bad_environment_switches_are_named_with_the_rest_before_any_compute(
     monkeypatch.setenv("LORA_SEARCH_LORA_GROUPS", "on")
     monkeypatch.setenv("LORA_SEARCH_PROFILE_TRACE", "true")
     monkeypatch.setenv("LORA_SEARCH_PACK_IDLE_S", "-5")
+    monkeypatch.setenv("LORA_SEARCH_LOADER_WORKERS", "two")
     sweep_file = tmp_path / "env_sweep.py"
     sweep_file.write_text(
         textwrap.dedent(f"""
@@ -61,6 +62,9 @@ def test_bad_environment_switches_are_named_with_the_rest_before_any_compute(
         "environment LORA_SEARCH_PROFILE_TRACE = 'true': lora_search.callbacks cannot read it. Fix: ",
         "environment LORA_SEARCH_PACK_IDLE_S = '-5': lora_search.pack_host cannot read it. Fix: "
         "LORA_SEARCH_PACK_IDLE_S='-5': give seconds >= 0, e.g. LORA_SEARCH_PACK_IDLE_S=15",
+        "environment LORA_SEARCH_LOADER_WORKERS = 'two': lora_search.train cannot read it. Fix: "
+        "LORA_SEARCH_LOADER_WORKERS='two': give auto (one loader process on a GPU, none on a CPU, the default) or a "
+        "count of processes, e.g. LORA_SEARCH_LOADER_WORKERS=1",
         "space.lr = (0.001, 1e-05): need 0 < low < high",  # and the sweep's own problems, in the same report
         "train.jsonl:3: invalid JSON",
     ):
@@ -72,8 +76,11 @@ def test_bad_environment_switches_are_named_with_the_rest_before_any_compute(
     monkeypatch.setenv("LORA_SEARCH_LORA_GROUPS", "0")
     monkeypatch.setenv("LORA_SEARCH_PROFILE_TRACE", "1")
     monkeypatch.setenv("LORA_SEARCH_PACK_IDLE_S", "2.5")
+    monkeypatch.setenv("LORA_SEARCH_LOADER_WORKERS", "2")
     assert environment.problems() == []
-    assert [environment.value(n) for n in environment.VARIABLES] == [False, False, True, 2.5]
+    assert [environment.value(n) for n in environment.VARIABLES] == [False, False, True, 2.5, 2]
+    monkeypatch.setenv("LORA_SEARCH_LOADER_WORKERS", "auto")
+    assert environment.value(environment.LOADER_WORKERS) is None  # the trial decides: 1 on a GPU, 0 on a CPU
 
 
 def test_validate_names_all_seven_problems_and_starts_no_ray(tiny_model_dir, tmp_path, capsys) -> None:

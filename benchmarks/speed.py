@@ -238,6 +238,7 @@ def ours(
     steady = float(t.steady_tokens_per_s)  # training steps alone, after warm-up and the profiled steps
     profiles = sorted((work / f"profile_{name}").glob("*_kernels.txt"))
     idles = sorted((work / f"profile_{name}").glob("*_idle.txt"))  # lora_search.idle: where the GPU waited
+    steps = sorted((work / f"profile_{name}").glob("*_steps.txt"))  # each steady step's device ms
     return {
         "status": t.status,
         "tok_s": round(steady) if steady == steady else None,
@@ -253,6 +254,7 @@ def ours(
         "fast_path": t.fast_path,
         "kernel_profile": profiles[0].read_text() if profiles else None,
         "idle_profile": idles[0].read_text() if idles else None,
+        "step_ms": [float(line.split()[1]) for line in steps[0].read_text().splitlines()] if steps else None,
         "reason": t.reason[:300],
     }
 

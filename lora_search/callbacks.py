@@ -187,6 +187,8 @@ class Throughput(TrainerCallback):
             self.window = (self._now(), tokens)
         if evaluates:
             self.eval_mark = (self._now(), device_clock())
+            if self.profiling() and state.is_world_process_zero and self.steps:
+                self._write_steps()
 
     def first_step(self) -> int:
         """The step whose end opens the window: past the profiled steps when profiling, so they never count."""
@@ -195,6 +197,15 @@ class Throughput(TrainerCallback):
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.profiler is not None:  # a trial shorter than the profiled steps: what it ran
             self._write_profile()
+
+    def _write_steps(self) -> None:
+        """Each steady step's device time so far beside the profile, `trial_<id>_steps.txt`: whether the profiled
+        steps are like the rest. Written at every evaluation (a trial's last report may end its process)."""
+        lines = [f"{i} {_elapsed(a, b) * 1000:.1f} ms {n} tokens" for i, (a, b, n) in enumerate(self.steps)]
+        try:
+            (Path(os.environ[PROFILE_ENV]) / f"{self.name}_steps.txt").write_text("\n".join(lines) + "\n")
+        except OSError as e:
+            log.warning("step times not written: %s", e)
 
     def _write_profile(self) -> None:
         self._now()

@@ -212,7 +212,7 @@ class LoraLinear(torch.autograd.Function):
         else:
             dh = _scale_(grad.mm(bc), ctx.scaling)
             grad_a = _as(dh.t().mm(xc), ctx.a_dtype)
-        grad_b = _mm_to(grad.t(), h, ctx.b_dtype)
+        grad_b = _as(grad.t().mm(h), ctx.b_dtype)
         dx = None
         if ctx.needs_input_grad[0]:
             dx = _as(grad.mm(_as(weight, xc.dtype)).addmm_(dh, ac), ctx.x_dtype)
@@ -347,10 +347,11 @@ class LoraGroup(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        # Launches counted because the 8B step's backward is where the GPU waits on the host (benchmarks/NOTES.md
-        # change 30): dh^T is written block by block into one buffer (no cat), the A gradients are scaled and cast
-        # in one kernel where the members share scaling and dtype, and B's come out of their product in their own
-        # dtype (`_mm_to`): 3k + 3 kernels, down from 5k + 3.
+        # Launches counted because the 8B step's backward is where the GPU waited on the host (benchmarks/NOTES.md
+        # change 30): dh^T is written block by block into one buffer (no cat) and the A gradients are scaled and
+        # cast in one kernel where the members share scaling and dtype: 4k + 3 kernels, down from 5k + 3. B's
+        # gradients stay a half-precision product and a cast: cuBLAS's fp32-output products (`torch.mm(...,
+        # out_dtype=)`) ran on slower sm80 kernels there, 12.8 against 9.7 ms a micro-batch (H100, 8B r16).
         xc, h, a_cat, *rest = ctx.saved_tensors
         k, ranks = ctx.k, ctx.ranks
         weights, b_cast = rest[:k], rest[k:]
@@ -368,7 +369,7 @@ class LoraGroup(torch.autograd.Function):
                 for d_a_i, s, a_dtype in zip(d_a.split(ranks), ctx.scalings, ctx.a_dtypes, strict=True)
             ]
         grad_b = [
-            _mm_to(g.t(), h_i, b_dtype) for g, h_i, b_dtype in zip(gs, h.split(ranks, dim=1), ctx.b_dtypes, strict=True)
+            _as(g.t().mm(h_i), b_dtype) for g, h_i, b_dtype in zip(gs, h.split(ranks, dim=1), ctx.b_dtypes, strict=True)
         ]
         dx = None
         if ctx.needs_input_grad[0]:
@@ -377,25 +378,6 @@ class LoraGroup(torch.autograd.Function):
                 dx.addmm_(g, _as(w, xc.dtype))
             dx = _as(dx.addmm_(dh_t.t(), a_cat), ctx.x_dtype)
         return (dx, None, None, None, *[None] * (2 * k), *grad_a, *grad_b, *[None] * k)
-
-
-_MM_OUT_DTYPE: dict[str, bool] = {}
-"""Device type -> whether `torch.mm(..., out_dtype=)` ran there (CUDA's cuBLAS products of bf16/fp16 operands
-with an fp32 result; torch has no CPU kernel for it). Found by trying, once per process and device type."""
-
-
-def _mm_to(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`a @ b` in `dtype`: where the operands are half precision and `dtype` is fp32, the product writes fp32 straight
-    from its fp32 accumulator (one kernel, no rounding to half first); elsewhere the product and then a cast."""
-    if a.dtype == dtype or dtype != torch.float32 or a.dtype not in (torch.bfloat16, torch.float16):
-        return _as(a.mm(b), dtype)
-    device = a.device.type
-    if _MM_OUT_DTYPE.get(device, device == "cuda"):
-        try:
-            return torch.mm(a, b, out_dtype=dtype)
-        except (RuntimeError, TypeError, NotImplementedError):  # an older torch, or no kernel on this device
-            _MM_OUT_DTYPE[device] = False
-    return _as(a.mm(b), dtype)
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

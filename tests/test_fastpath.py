@@ -429,11 +429,8 @@ def test_cached_adapter_casts_train_as_peft_does_and_follow_every_weight_change(
 @pytest.mark.gpu
 def test_grouped_lora_layers_match_peft_on_the_gpu(tiny_model_dir: Path) -> None:
     """On CUDA under bf16 autocast, with siblings of different ranks and scalings: the grouped and one-node layers give
-    PEFT's logits and adapter gradients to bf16 rounding, and their B gradients came out of cuBLAS in fp32 directly
-    (`fused_lora._mm_to`, `torch.mm(..., out_dtype=)`), not through the fallback cast."""
+    PEFT's logits and adapter gradients (fp32, as the adapter's weights) to bf16 rounding."""
     import torch
-
-    from lora_search import fused_lora
 
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
@@ -451,7 +448,6 @@ def test_grouped_lora_layers_match_peft_on_the_gpu(tiny_model_dir: Path) -> None
 
     peft_logits, peft_grads = run(fused=False)
     logits, grads = run(fused=True)
-    assert fused_lora._MM_OUT_DTYPE.get("cuda", True), "torch.mm(out_dtype=) fell back on this GPU"
     torch.testing.assert_close(logits, peft_logits, rtol=2e-2, atol=2e-2)
     for name, grad in peft_grads.items():
         assert grads[name].dtype == torch.float32 and grad.abs().max() > 0, name

@@ -141,19 +141,29 @@ def reference(
 
 
 def write_rows(path: Path, tokenizer, seq: int, n: int, seed: int) -> None:
-    """`n` chat rows whose tokens fill `seq`: a long prompt and a 32-token answer, so truncation never cuts the
-    answer (a row with no answer token left would be dropped) and every batch is seq tokens long."""
+    """`n` chat rows of exactly `seq` tokens as the trial tokenizes them (the chat template included): a long prompt
+    and a 32-token answer, so every batch is seq tokens long, the shape of the HF PEFT reference's rows. The prompt is
+    grown or cut until the rendered row has `seq` tokens (decoding and re-encoding a cut can merge tokens, so it
+    takes a few tries); it never relies on truncation, which would cut the answer first."""
     from lora_search.demo_base import _story
 
     rng = random.Random(seed)
     with path.open("w") as f:
         for _i in range(n):
             words: list[str] = []
-            while len(tokenizer(" ".join(words))["input_ids"]) < seq - 96:
+            while len(tokenizer(" ".join(words))["input_ids"]) < seq:
                 words.extend(_story(rng).split())
-            prompt = tokenizer.decode(tokenizer(" ".join(words))["input_ids"][: seq - 96])
+            pool = tokenizer(" ".join(words))["input_ids"]
             answer = tokenizer.decode(tokenizer(_story(rng))["input_ids"][:32])
-            row = {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]}
+            take = seq - 96
+            for _try in range(8):
+                prompt = tokenizer.decode(pool[:take])
+                messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+                length = len(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+                if length == seq:
+                    break
+                take += seq - length
+            row = {"messages": messages}
             f.write(json.dumps(row) + "\n")
 
 
@@ -184,7 +194,7 @@ def ours(
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     name = f"speed_{shape}_r{rank}_bs{bs}x{accum}"
     if data is None:
-        data = work / f"data_{seq}_{bs * accum}"
+        data = work / f"data_{seq}_{bs * accum}_exact"  # `write_rows`: every row seq tokens
         data.mkdir(parents=True, exist_ok=True)
         if not (data / "train.jsonl").exists():
             write_rows(data / "train.jsonl", tokenizer, seq, bs * accum * (steps + 2), 0)

@@ -126,11 +126,16 @@ PRODUCTS = "auto"
 
 LOOP_KERNELS = 12
 """Kernels the one-at-a-time path launches per adapter and layer in a training step (forward: A, B, scale, cast, add;
-backward: two products each for A and B, the scale's, gradient accumulation); "masked" launches about that many for
-all adapters together."""
-LAUNCH_S = 10e-6
-"""Host seconds per kernel launch in eager PyTorch (Python, dispatch, launch). With `LOOP_KERNELS`, a first estimate
-to be set from benchmarks/pack.py's GPU rows (its `dispatched` counts and step times)."""
+backward: two products each for A and B, the scale's, gradient accumulation)."""
+MASKED_KERNELS = 9
+"""Kernels "masked" launches per layer in a training step, for all its adapters together: measured 2.9 fewer per
+adapter layer than the one-at-a-time path with a single adapter (benchmarks/pack_h100_1b_512_2026-12-05.json, k=1:
+712 launches a step against 970)."""
+LAUNCH_S = 40e-6
+"""Host seconds a launch costs a pack's step (Python, the aten ops around it, dispatch, launch): a pack on a GPU waits
+on its host. Measured on one H100, the 1.1B shape at 512 tokens (benchmarks/NOTES.md change 32): "masked" against
+the one-at-a-time path saved 10.5 ms of a step for 258 fewer launches at k=1 and 142 ms for 3,252 at k=4, 41 and
+44 us each (the first estimate, 10 us, was the launch alone)."""
 MASKED_MFU = 0.3
 """The fraction of the GPU's peak the extra FLOPs of "masked" are assumed to run at (small, skinny products)."""
 
@@ -156,9 +161,10 @@ class Step:
         return 6.0 * self.tokens * sum(self.features) * (self.batch * sum(self.ranks) - needed)
 
     def masked_pays(self, peak_tflops: float) -> bool:
-        """The launches "masked" saves (`LOOP_KERNELS` per adapter beyond the first, at `LAUNCH_S`) outweigh the time
-        of its extra FLOPs at `MASKED_MFU` of `peak_tflops`."""
-        saved = (len(self.ranks) - 1) * LOOP_KERNELS * LAUNCH_S
+        """The launches "masked" saves (`LOOP_KERNELS` per adapter against its own `MASKED_KERNELS`, at `LAUNCH_S`)
+        outweigh the time of its extra FLOPs at `MASKED_MFU` of `peak_tflops`. With one adapter it saves launches
+        too, and spends FLOPs only on the rows of the pack's other trials."""
+        saved = (len(self.ranks) * LOOP_KERNELS - MASKED_KERNELS) * LAUNCH_S
         return self.masked_extra_flops() / (peak_tflops * 1e12 * MASKED_MFU) < saved
 
 
@@ -166,18 +172,18 @@ def products(how: str, step: Step, peak_tflops: float | None) -> str:
     """Which products compute `step`'s adapters: "loop" (one adapter at a time, `LOOP_KERNELS` kernels each), "bmm"
     (one rank and one row count: batched products over the adapters, no FLOP spent twice), "masked" (any ranks and
     rows: two products over the whole batch, each row masked to its own adapter; not with dropout, whose draws are
-    per adapter). `how`: `PRODUCTS`. "auto" on a GPU of `peak_tflops`: masked where it pays (`Step.masked_pays`),
-    else bmm where it applies, else loop; on a CPU (`peak_tflops` None) one at a time: there a kernel costs little
-    and a FLOP much."""
+    per adapter). `how`: `PRODUCTS`. "auto" on a GPU of `peak_tflops`: masked where it pays (`Step.masked_pays`, one
+    adapter included), else bmm where it applies to several, else loop; on a CPU (`peak_tflops` None) one at a time:
+    there a kernel costs little and a FLOP much."""
     masked = not step.dropout and step.dtypes == 1
     bmm = len(set(step.rows)) == 1 and len(set(step.ranks)) == 1 and step.dtypes == 1
     if how == "masked" and masked or how == "bmm" and bmm:
         return how
-    if how != "auto" or len(step.rows) == 1 or peak_tflops is None:
+    if how != "auto" or peak_tflops is None:
         return "loop"
     if masked and step.masked_pays(peak_tflops):
         return "masked"
-    return "bmm" if bmm else "loop"
+    return "bmm" if bmm and len(step.rows) > 1 else "loop"
 
 
 _PEAKS: dict[torch.device, float] = {}

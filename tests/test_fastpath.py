@@ -697,6 +697,8 @@ def test_training_runs_with_the_heap_frozen_out_of_full_collections() -> None:
         assert sum(type(o) is Cycle for o in gc.get_objects()) == 0  # the live one is frozen, the dead one gone
         Cycle()
         assert gc.collect() >= 1  # a cycle made while frozen is still collected
-        assert gc.get_freeze_count() == frozen
+        # and nothing more is frozen (fewer may be: a frozen object whose last reference goes is freed, which a busy
+        # test process does now and then)
+        assert gc.get_freeze_count() <= frozen
     assert gc.get_freeze_count() == before
     assert sum(type(o) is Cycle for o in gc.get_objects()) == 1  # back in the collector's view

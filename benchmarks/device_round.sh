@@ -2,7 +2,7 @@
 # The GPU measurements issues 23 and 24 wait on, in calls of under 10 minutes each on the device machine, run from
 # the repo root after benchmarks/smollm2_device.sh's set-up calls (wheels .whl, wheels .whlb, the GGUF parts):
 #
-#   bash benchmarks/device_round.sh pack     # benchmarks/pack.py: every product path (auto, loop, bmm, masked)
+#   bash benchmarks/device_round.sh pack     # benchmarks/pack.py: every product path (auto, loop, bmm, masked; PRODUCTS)
 #                                            # side by side, SmolLM2 and the 1.1B shape at 512; 1.1B at 2048,
 #                                            # checkpointed (it ran out of memory without)
 #   bash benchmarks/device_round.sh speed    # benchmarks/speed.py, the 8B r16 headline: the trial path (ATTN=sdpa)
@@ -35,11 +35,15 @@ step() {  # step NAME CMD...: CMD with the call's time left (SIGINT, then a kill
 
 case "${1:-}" in
 pack | pack_smollm2 | pack_1b)  # `pack` runs all three; pack_smollm2 (needs the GGUF) and pack_1b (random init) split them
-  [ "$1" != pack_1b ] && step pack_smollm2_512 python benchmarks/pack.py --device cuda --base smollm2 --seq 512 --out "$OUT/pack_smollm2_512.json"
+  # PRODUCTS: the product paths timed beside auto (all four took 245 s of a call for k = 1, 2, 4 on the 1.1B shape)
+  products=${PRODUCTS:-auto,loop,bmm,masked}
+  [ "$1" != pack_1b ] && step pack_smollm2_512 python benchmarks/pack.py --device cuda --base smollm2 --seq 512 \
+    --products "$products" --out "$OUT/pack_smollm2_512.json"
   [ "$1" = pack_smollm2 ] && exit 0
-  step pack_1b_512 python benchmarks/pack.py --device cuda --base 1b --seq 512 --out "$OUT/pack_1b_512.json"
+  step pack_1b_512 python benchmarks/pack.py --device cuda --base 1b --seq 512 --products "$products" \
+    --out "$OUT/pack_1b_512.json"
   step pack_1b_2048 python benchmarks/pack.py --device cuda --base 1b --seq 2048 --bs 4 --ks 1 2 4 --checkpointing \
-    --out "$OUT/pack_1b_2048.json"
+    --products "$products" --out "$OUT/pack_1b_2048.json"
   ;;
 speed)
   # ATTN: the trial paths (+two-node measured no gain, NOTES.md change 20); EXTRA: e.g. --no-liger-reference

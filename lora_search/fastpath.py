@@ -598,6 +598,38 @@ def inference_attention(model: Any, enabled: bool = True) -> Iterator[None]:
         base.set_attn_implementation(kernel)
 
 
+UNPACKED_WHY = (
+    "a padded batch's rows hold one sequence each, so transformers' check for packed rows (position ids that "
+    "restart), which every forward without an attention mask runs and which reads the device (`.all()` in an `if`), "
+    "is skipped: it waited for the whole previous micro-batch's backward before each forward (benchmarks/NOTES.md "
+    "change 33)"
+)
+
+
+@contextmanager
+def rows_unpacked(enabled: bool = True) -> Iterator[None]:
+    """Forwards inside take their rows as one sequence each without asking the device (`UNPACKED_WHY`): transformers'
+    `masking_utils.find_packed_sequence_indices` answers None, what it returns for such rows after a device read. For
+    padded batches only: padding-free batches are packed rows, which their attention needs told apart. A no-op where
+    not `enabled`; nests."""
+    if not enabled:
+        yield
+        return
+    from transformers import masking_utils
+
+    found = masking_utils.find_packed_sequence_indices
+    masking_utils.find_packed_sequence_indices = _one_sequence_a_row
+    try:
+        yield
+    finally:
+        masking_utils.find_packed_sequence_indices = found
+
+
+def _one_sequence_a_row(position_ids: Any) -> None:
+    """`find_packed_sequence_indices` for rows known to be unpacked (`rows_unpacked`)."""
+    return None
+
+
 PACK_PIECES = ("liger", "attention", NO_PAD_MASK, CUDNN_OFF)
 """The pieces of a solo trial's path that a pack (`lora_search.pack_host`) runs on its shared base: the kernels and
 attention switches of the base itself. The rest are the Trainer's or PEFT's layers', which a pack replaces with its

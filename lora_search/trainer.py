@@ -144,6 +144,7 @@ class TrialTrainer(SFTTrainer):
         with (
             torch.profiler.record_function(f"lora_search.{mode}_forward"),
             fastpath.inference_attention(model, enabled=mode == "eval"),  # step-0 and rung evals
+            fastpath.rows_unpacked(enabled=not getattr(self.data_collator, "padding_free", False)),
         ):
             outputs = model(**inputs, fused_lm_head=True)
         tokens = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch

@@ -702,3 +702,37 @@ def test_training_runs_with_the_heap_frozen_out_of_full_collections() -> None:
         assert gc.get_freeze_count() <= frozen
     assert gc.get_freeze_count() == before
     assert sum(type(o) is Cycle for o in gc.get_objects()) == 1  # back in the collector's view
+
+
+def test_padded_forwards_skip_the_packed_rows_check_and_give_the_same_logits(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`fastpath.rows_unpacked` (the trial's forwards on padded batches): without an attention mask every forward asks
+    transformers whether its rows are packed, a device read (`UNPACKED_WHY`); inside, that check is not run, the logits
+    are the same, and it is back afterwards. Packed rows (position ids that restart) are what the check finds, so
+    padding-free batches keep it."""
+    import torch
+    from transformers import AutoModelForCausalLM, masking_utils
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    x = torch.randint(0, 300, (3, 24), generator=torch.Generator().manual_seed(0))
+    real = masking_utils.find_packed_sequence_indices
+    calls: list[object] = []
+
+    def counted(position_ids: torch.Tensor) -> object:
+        calls.append(position_ids)
+        return real(position_ids)
+
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", counted)
+    with torch.no_grad():
+        checked = model(input_ids=x, use_cache=False).logits  # as a trial calls it: no cache
+        assert len(calls) == 1 and counted(calls[0]) is None  # rows of one sequence each: the check says so
+        with fastpath.rows_unpacked():
+            skipped = model(input_ids=x, use_cache=False).logits
+        assert len(calls) == 2  # only the call above: the forward inside did not check
+        with fastpath.rows_unpacked(enabled=False):
+            model(input_ids=x, use_cache=False)
+    assert len(calls) == 3 and masking_utils.find_packed_sequence_indices is counted
+    torch.testing.assert_close(skipped, checked, rtol=0, atol=0)
+    packed = torch.tensor([[0, 1, 2, 0, 1, 2, 3]])  # two sequences in one row: the padding-free layout
+    assert real(packed).tolist() == [[0, 0, 0, 1, 1, 1, 1]]

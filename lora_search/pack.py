@@ -51,7 +51,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lora_search import memory
+from lora_search import fastpath, memory
 from lora_search.config import Schedule
 from lora_search.pack_layers import PackedLinear, Rows, concat, config_problems
 from lora_search.problems import ConfigError, Problem
@@ -432,13 +432,15 @@ class Pack:
         `chunked_head` allows, else through the model's forward on the whole batch's logits."""
         shifted = _shifted(labels)
         head = self.chunked_head()
-        if head is None:
-            logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-            flat = nn.functional.cross_entropy(logits.float().flatten(0, 1), shifted.flatten(), reduction="none")
-        else:
-            decoder = self.model.get_decoder()
-            hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-            flat = _chunked_cross_entropy(head, hidden.flatten(0, 1), shifted.flatten())
+        # without a mask the rows are right-padded, one sequence each: no device read to ask (`fastpath.UNPACKED_WHY`)
+        with fastpath.rows_unpacked(enabled=mask is None):
+            if head is None:
+                logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                flat = nn.functional.cross_entropy(logits.float().flatten(0, 1), shifted.flatten(), reduction="none")
+            else:
+                decoder = self.model.get_decoder()
+                hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+                flat = _chunked_cross_entropy(head, hidden.flatten(0, 1), shifted.flatten())
         return flat.view_as(shifted)
 
     @contextmanager

@@ -454,7 +454,9 @@ class Pack:
         for n in batches:
             self._known(n)
         ids, mask, labels, blocks = concat(batches, self.pad_token_id, self.model.device)
-        if drop_mask and _right_padded(mask):  # concat pads on the right: a row padded on the left still shows
+        # concat pads on the right, so the packed rows are right-padded where each batch's are; read on the batches'
+        # own masks (the CPU's) rather than the packed one on the GPU, a device read before every forward
+        if drop_mask and all(_right_padded(b["attention_mask"]) for b in batches.values() if "attention_mask" in b):
             mask = None
         self._rows.blocks = blocks
         try:
@@ -463,8 +465,10 @@ class Pack:
             self._rows.blocks = {}
 
 
-def _right_padded(mask: torch.Tensor) -> bool:
-    """Every row of `mask` is ones, then zeros: one small read of the step's packed mask, before its forward."""
+def _right_padded(mask: torch.Tensor | None) -> bool:
+    """Every row of `mask` is ones, then zeros (None: no padding at all). A read of the mask where it is."""
+    if mask is None:
+        return True
     return bool((mask[:, 1:] <= mask[:, :-1]).all())
 
 

@@ -25,6 +25,21 @@ DEVICE_CATS = frozenset({"kernel", "gpu_memcpy", "gpu_memset"})
 LAUNCH_CATS = frozenset({"cuda_runtime", "cuda_driver"})
 """Categories of the host calls that start it (cudaLaunchKernel, cudaMemcpyAsync ...), linked by `correlation`."""
 HOST_CATS = frozenset({"cpu_op", "user_annotation", "python_function"})
+WAITS = frozenset(
+    {
+        "cudaStreamSynchronize",
+        "cudaDeviceSynchronize",
+        "cudaEventSynchronize",
+        "cudaMemcpy",
+        "cuStreamSynchronize",
+        "cuCtxSynchronize",
+        "cuEventSynchronize",
+    }
+)
+"""Host calls that wait for the device's queue to drain. Each one spends the lead the host had built (it launches
+ahead of the kernels while they are long), so the host-bound stretches after it show as gaps: a wait is often the
+cause of gaps the table puts elsewhere (benchmarks/NOTES.md change 33: transformers' packed-rows check waited 47-109 ms
+before each forward of the 8B trial)."""
 
 
 @dataclass(frozen=True)
@@ -109,7 +124,33 @@ def table(trace: Mapping[str, Any], min_gap_us: float = 20.0, rows: int = 25) ->
         lines.append(f"{sum(g.us for g in rest) / 1e3:8.2f} | {len(rest):4d} |      | (the other groups)")
     largest = sorted(found, key=lambda g: -g.us)[:10]
     lines.append("largest gaps: " + "; ".join(f"{g.us / 1e3:.2f} ms before {g.next_kernel[:40]}" for g in largest))
+    held = waits(trace)
+    if held:
+        by_ops: dict[str, list[float]] = defaultdict(list)
+        for ops, us in held:
+            by_ops[ops].append(us)
+        ranked_waits = sorted(by_ops.items(), key=lambda kv: -sum(kv[1]))[:6]
+        lines.append(
+            f"host waits for the device (`WAITS`: each spends the host's lead): {len(held)}, "
+            f"{sum(us for _, us in held) / 1e3:.1f} ms; "
+            + "; ".join(f"{len(v)} x {sum(v) / 1e3:.1f} ms in {ops[:90]}" for ops, v in ranked_waits)
+        )
     return "\n".join(lines) + "\n"
+
+
+def waits(trace: Mapping[str, Any], min_us: float = 100.0) -> list[tuple[str, float]]:
+    """The host's waits for the device (`WAITS`) of at least `min_us`, in order: (the host ops around it, microseconds
+    waited)."""
+    events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and "ts" in e]
+    held = [e for e in events if e.get("name") in WAITS and float(e.get("dur", 0.0)) >= min_us]
+    if not held:
+        return []
+    host = _host_stacks(e for e in events if str(e.get("cat", "")).lower() in HOST_CATS)
+    out = []
+    for e in sorted(held, key=lambda e: float(e["ts"])):
+        stack = [s.name for s in host.enclosing((e.get("pid"), e.get("tid")), float(e["ts"]))]
+        out.append((" > ".join(_short(stack)) or "(no op around it)", float(e["dur"])))
+    return out
 
 
 class _HostStacks:

@@ -141,3 +141,23 @@ def test_garbage_collections_are_named_in_the_profile(tmp_path) -> None:
     assert len(labels) == 1 and labels[0].get("cat") in idle.HOST_CATS, labels
     mms = sorted(e["ts"] for e in events if e.get("name") == "aten::mm")
     assert mms[0] < labels[0]["ts"] < mms[-1]  # between the two products, where it ran
+
+
+def test_the_table_names_the_hosts_waits_for_the_device() -> None:
+    """A sync the host waited in (`idle.WAITS`) is listed with the ops around it and how long it waited: the cause of
+    the gaps after it, which the gap rows name by what the host did then. Short waits and launch calls are not."""
+    events = [
+        *_trace()["traceEvents"],
+        _op("aten::is_nonzero", 1000.0, 400.0),  # after the trace's optimizer step
+        _op("aten::item", 1001.0, 398.0),
+        _op("cudaStreamSynchronize", 1002.0, 300.0, cat="cuda_runtime"),
+        _op("cudaStreamSynchronize", 1500.0, 20.0, cat="cuda_runtime"),  # under 100 us: not listed
+    ]
+    assert idle.waits({"traceEvents": events}) == [("aten::is_nonzero > aten::item", 300.0)]
+    assert idle.waits({"traceEvents": events}, min_us=10.0)[1] == ("(no op around it)", 20.0)
+    last = idle.table({"traceEvents": events}).splitlines()[-1]
+    assert last == (
+        "host waits for the device (`WAITS`: each spends the host's lead): 1, 0.3 ms; "
+        "1 x 0.3 ms in aten::is_nonzero > aten::item"
+    ), last
+    assert idle.waits(_trace()) == [] and idle.table(_trace()).splitlines()[-1].startswith("largest gaps")

@@ -87,7 +87,7 @@ class TrialTrainer(SFTTrainer):
         rows = inputs.pop(fastpath.ROW_TOKENS, None)
         if self.token_budget is None or rows is None:
             return super().training_step(model, inputs, num_items_in_batch)
-        padded = not getattr(self.data_collator, "padding_free", False)
+        padded = self._padded_batches()
         chunks = fastpath.token_chunks(rows, self.token_budget, padded)
         loss, self._micro_batches = None, len(chunks)
         try:
@@ -101,6 +101,10 @@ class TrialTrainer(SFTTrainer):
             self._micro_batches = 0
             model.__dict__.pop("train", None)
         return loss
+
+    def _padded_batches(self) -> bool:
+        """Whether the collator pads rows (one sequence each) rather than packing them padding-free."""
+        return not getattr(self.data_collator, "padding_free", False)
 
     # Host time between steps (benchmarks/NOTES.md change 31): the GPU waits while the host walks the model's modules
     # and parameters. The 8B shape with its adapters has 2,665 modules and 739 parameters: `model.train()` took 6.4 ms
@@ -144,7 +148,7 @@ class TrialTrainer(SFTTrainer):
         with (
             torch.profiler.record_function(f"lora_search.{mode}_forward"),
             fastpath.inference_attention(model, enabled=mode == "eval"),  # step-0 and rung evals
-            fastpath.rows_unpacked(enabled=not getattr(self.data_collator, "padding_free", False)),
+            fastpath.rows_unpacked(enabled=self._padded_batches()),
         ):
             outputs = model(**inputs, fused_lm_head=True)
         tokens = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch

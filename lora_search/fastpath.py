@@ -17,6 +17,7 @@ MLflow (`fast_path`, tag `lora_search.fast_path`), so a slow trial says which pi
 - no-cudnn-sdpa: on GPU, SDPA's cuDNN backend is turned off in the trial's process (`CUDNN_WHY`).
 - no-pad-mask: padded batches go without their attention mask (`NO_PAD_MASK_WHY`), so SDPA runs causal flash.
 - few-syncs: per-step metrics stay on the device between log steps (`FEW_SYNCS_WHY`).
+- label-index: the LM head takes the positions it scores from the collator's CPU labels (`LABEL_INDEX_WHY`).
 - bf16-adapter-inputs: under bf16 autocast, LoRA layers take their input as it is (`BF16_INPUTS_WHY`).
 - fused-lora-add: a plain LoRA layer adds its update inside the matrix product (`FUSED_ADD_WHY`).
 - keep-activations: gradient checkpointing off where the activations fit (`lora_search.train.micro_batching`).
@@ -112,13 +113,15 @@ class FastPath:
 
     def collator(self, pad_token_id: int) -> Any:
         """The data collator for the active pieces: TRL's, padded or padding-free, that also counts each batch's
-        real tokens on the CPU (`REAL_TOKENS`), with `NO_PAD_MASK` leaves out the attention mask, and with
-        `TOKEN_BUDGET` lists each row's tokens (`ROW_TOKENS`)."""
+        real tokens on the CPU (`REAL_TOKENS`), with `NO_PAD_MASK` leaves out the attention mask, with
+        `TOKEN_BUDGET` lists each row's tokens (`ROW_TOKENS`), and with `LABEL_INDEX` keeps which labels count, on the
+        CPU (`LABEL_MASK`)."""
         return collator_class()(
             pad_token_id=pad_token_id,
             padding_free=self.active("padding-free"),
             drop_mask=self.active(NO_PAD_MASK),
             lengths=self.active(TOKEN_BUDGET),
+            label_mask=self.active(LABEL_INDEX),
         )
 
 
@@ -191,12 +194,15 @@ def collator_class() -> type:
     class Collator(DataCollatorForLanguageModeling):
         drop_mask: bool = False
         lengths: bool = False  # also each row's tokens (`ROW_TOKENS`), for the token-budget split
+        label_mask: bool = False  # also which labels count, as a NumPy array (`LABEL_MASK`), for the LM head
 
         def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
             batch = super().torch_call(examples)
             batch[REAL_TOKENS] = sum(len(e["input_ids"]) for e in examples)
             if self.lengths:
                 batch[ROW_TOKENS] = [len(e["input_ids"]) for e in examples]
+            if self.label_mask:  # NumPy, not a tensor: Accelerate moves every tensor of a batch to the device
+                batch[LABEL_MASK] = (batch["labels"] != -100).numpy()
             if self.drop_mask:  # TRL pads on the right: each row's mask is ones, then zeros
                 batch.pop("attention_mask", None)
             return batch
@@ -514,6 +520,31 @@ Trainer its tokens seen and a NaN check: each a device sync that stops the CPU q
 trial's trainer (`lora_search.train._Trainer`) sums them on the device, reads them at log steps, and counts tokens
 from the collator's CPU count (`REAL_TOKENS`). The Trainer's NaN filter is off: a NaN loss is not averaged away
 but shows in the logged loss, and the trial ends as diverged."""
+
+LABEL_INDEX = "label-index"
+LABEL_INDEX_WHY = "the LM head scores the positions the collator's CPU labels name: no device read a micro-batch"
+"""Why the trial's LM head takes its positions from the CPU. TRL's fused head (`trl.trainer.utils.add_fused_lm_head`)
+scores only the tokens whose label counts, picked with a boolean mask on the device (`hidden_states[mask]`); how many
+there are is known only once the device has computed the mask, so the host stops there and waits for every kernel
+queued before it (the whole forward), and its backward (`masked_scatter`, the index's gradient) waits again. On the
+8B H100 profile (benchmarks/NOTES.md change 34) those were 4 waits over two steps, 740 ms of the host's lead, and the
+GPU then idled while the host launched the head's chunks: ~30 ms of the 93 ms idle. The collator keeps which labels
+count as a NumPy array (`LABEL_MASK`, split with the batch by the token budget); the trial's trainer turns it into the
+positions on the CPU and copies them without a wait, and the head (`lora_search.trainer.indexed_lm_head`) gathers
+those rows with `index_select`: TRL's kernel on the same rows, the same loss (`tests/test_trainer.py`)."""
+
+LABEL_MASK = "lora_search_label_mask"
+"""The batch key holding `labels != -100` as a NumPy bool array (rows x tokens): which labels count, on the CPU."""
+
+
+def label_index(on_gpu: bool, shards_base: bool) -> Piece:
+    """The `LABEL_INDEX` piece of a trial: on where a device read stalls the host (CUDA) and the head is whole."""
+    if not on_gpu:
+        return Piece(LABEL_INDEX, False, "no CUDA device: a read of a CPU tensor waits for nothing")
+    if shards_base:
+        return Piece(LABEL_INDEX, False, "the LM head is sharded: TRL's head gathers it")
+    return Piece(LABEL_INDEX, True, LABEL_INDEX_WHY)
+
 
 BF16_INPUTS = "bf16-adapter-inputs"
 BF16_INPUTS_WHY = "LoRA layers skip PEFT's fp32 copy of their input, which autocast cast straight back to bf16"

@@ -216,6 +216,7 @@ def train_loop(config: dict[str, Any]) -> None:
     path = path.with_piece(batching.keep_activations).with_piece(batching.merge)
     world = context.get_world_size()
     path = path.with_piece(fastpath.token_budget(batching.micro, batching.accum, sweep.dataset.max_length, world))
+    path = path.with_piece(fastpath.label_index(on_gpu, strategy.shards_base))
     # by tokens: the Trainer hands over a step's rows at once and the trial's trainer cuts them (`TOKEN_BUDGET_WHY`)
     by_tokens = path.active(fastpath.TOKEN_BUDGET)
     rows_a_batch, batches_a_step = (

@@ -48,6 +48,7 @@ class TrialTrainer(SFTTrainer):
         }
         if any(unsupported.values()):  # lora_search's own SFTConfig never sets these
             raise ValueError(f"the trial's trainer does not support {[k for k, v in unsupported.items() if v]}")
+        indexed_lm_head(self.model)  # used where batches carry `fastpath.LABEL_MASK`
 
     def create_optimizer(self, model: Any = None) -> Any:
         if self.optimizer is None and self._make_optimizer is not None:
@@ -139,6 +140,9 @@ class TrialTrainer(SFTTrainer):
 
         inputs.pop(fastpath.REAL_TOKENS, None)
         inputs.pop(fastpath.ROW_TOKENS, None)  # eval batches list their rows too; they run whole
+        counted = inputs.pop(fastpath.LABEL_MASK, None)
+        if counted is not None and counted[:, 1:].any():  # (an all-masked micro-batch goes to TRL's head)
+            inputs["label_index"] = _label_positions(counted, inputs["labels"].device)
         mode = "train" if self.model.training else "eval"
         inputs["use_cache"] = False
         if self.aux_loss_enabled:
@@ -210,6 +214,7 @@ def _train_mode_kept(model: Any) -> Callable[..., Any]:
 def _rows_of(inputs: dict[str, Any], chunk: list[int], rows: list[int], padded: bool) -> dict[str, Any]:
     """The micro-batch of `inputs` holding the rows `chunk`: padded (rows x tokens), those rows cut to the longest of
     them; padding-free (one packed row), the span of their tokens."""
+    import numpy as np
     import torch
 
     out: dict[str, Any] = {}
@@ -225,10 +230,113 @@ def _rows_of(inputs: dict[str, Any], chunk: list[int], rows: list[int], padded: 
         start = sum(rows[: chunk[0]])
         span = slice(start, start + sum(rows[i] for i in chunk))
     for key, value in inputs.items():
-        if not isinstance(value, torch.Tensor) or value.dim() < 2:
+        if isinstance(value, np.ndarray) and value.ndim >= 2:  # `fastpath.LABEL_MASK`, cut as the labels are
+            out[key] = value[chunk, :length] if padded else value[:, span]
+        elif not isinstance(value, torch.Tensor) or value.dim() < 2:
             out[key] = value
         elif padded:
             out[key] = value.index_select(0, index.to(value.device))[:, :length]  # (a no-op where pinned above)
         else:
             out[key] = value[:, span]
     return out
+
+
+def _label_positions(counted: Any, device: Any) -> Any:
+    """The flat positions (row x tokens) whose next label counts, from `counted` (`fastpath.LABEL_MASK`, NumPy),
+    on `device`: copied from pinned memory without a wait on CUDA (`fastpath.LABEL_INDEX_WHY`)."""
+    import numpy as np
+    import torch
+
+    scored = np.zeros_like(counted)
+    scored[:, :-1] = counted[:, 1:]  # position t predicts label t + 1 (TRL's shift)
+    positions = torch.from_numpy(np.flatnonzero(scored))
+    if device.type == "cuda":
+        return positions.pin_memory().to(device, non_blocking=True)
+    return positions.to(device)
+
+
+LM_HEAD_SCALES = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
+"""Text-config fields by which TRL's fused head scales or caps the logits (`add_fused_lm_head`): a base with any of
+them set keeps TRL's head, which applies them; `indexed_lm_head` scores plain logits."""
+
+
+def indexed_lm_head(model: Any) -> bool:
+    """Let the causal LM under `model` (TRL's fused LM head already added, as SFTTrainer does) take `label_index`:
+    the flat positions (rows x tokens, `_label_positions`) to score, known on the CPU, in place of TRL's boolean mask
+    of the labels on the device, which waits for the device twice a micro-batch (`fastpath.LABEL_INDEX_WHY`). The
+    rows go to TRL's own kernel (`trl.kernels.ChunkedLogProbFunction`) with the arguments TRL's head gives it, and
+    the output is TRL's `FusedCausalLMOutput`; without `label_index`, TRL's head runs. Ours because TRL's head has no
+    way to be told the positions. Returns whether it was added: not for a base whose logits TRL scales or caps
+    (`LM_HEAD_SCALES`), nor one without TRL's head."""
+    import functools
+    import types
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    fused = getattr(base, "forward", None)
+    if getattr(fused, "_lora_search_label_index", False):
+        return True
+    text = base.config.get_text_config()
+    # TRL's forward carries the model's name (`functools.wraps`); its code keeps its own
+    if not isinstance(fused, types.MethodType) or getattr(fused.__func__, "__code__", None) is None:
+        return False
+    if fused.__func__.__code__.co_name != "_fused_forward":
+        return False
+    if any(getattr(text, name, None) is not None for name in LM_HEAD_SCALES):
+        return False
+    routed = bool(getattr(text, "output_router_logits", False))  # a mixture of experts' aux loss: TRL's head adds it
+
+    @functools.wraps(fused)
+    def forward(self: Any, *args: Any, label_index: Any = None, **kwargs: Any) -> Any:
+        trl_only = kwargs.get("shift_labels") is not None or kwargs.get("output_router_logits") or routed
+        if label_index is None or not kwargs.get("fused_lm_head") or trl_only:  # TRL's head: its aux loss, its shift
+            return fused(*args, **kwargs)
+        return _indexed_forward(self, label_index, args, kwargs)
+
+    forward._lora_search_label_index = True  # type: ignore[attr-defined]
+    base.forward = types.MethodType(forward, base)
+    return True
+
+
+HEAD_OUTPUTS = ("log_probs", "entropy", "is_top1")
+"""The per-token fields SFTTrainer asks TRL's fused head for (its `add_fused_lm_head(outputs=...)`)."""
+
+
+def _indexed_forward(model: Any, label_index: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """TRL's fused head (`add_fused_lm_head`'s forward, compact path) over the positions `label_index`."""
+    from trl.kernels import ChunkedLogProbFunction
+    from trl.trainer import utils as trl_utils
+
+    kwargs.pop("fused_lm_head")
+    labels = kwargs.pop("labels")
+    kwargs.pop("shift_labels", None)
+    num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+    kwargs["use_cache"] = False
+    hidden = model.base_model(*args, **kwargs).last_hidden_state
+    head = model.get_output_embeddings()
+    rows, length = labels.shape
+    label_index = label_index.to(hidden.device)
+    flat = hidden.reshape(rows * length, hidden.size(-1)).index_select(0, label_index)
+    targets = labels.to(hidden.device).reshape(-1).index_select(0, label_index + 1)
+    chunk = getattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", 32768)
+    per_token = ChunkedLogProbFunction.apply(
+        flat, head.weight, head.bias, targets, 1.0, chunk, None, 1.0, HEAD_OUTPUTS
+    )  # temperature 1, no softcap, logit scale 1: SFTTrainer's head on a base without `LM_HEAD_SCALES`
+
+    def spread(x: Any) -> Any:  # back to (rows, length - 1), zero where no label counts, as TRL's masked_scatter
+        if x is None:
+            return None
+        return x.new_zeros(rows * length).index_copy(0, label_index, x).view(rows, length)[:, :-1]
+
+    log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1 = (spread(x) for x in per_token)
+    mask = labels[:, 1:] != -100
+    tokens = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+    return trl_utils.FusedCausalLMOutput(
+        loss=-log_probs.sum() / tokens,
+        log_probs=log_probs,
+        entropy=entropy,
+        log_sum_sq_probs=log_sum_sq_probs,
+        mean_logits=mean_logits,
+        is_top1=is_top1,
+        label_mask=mask,
+        aux_loss=None,
+    )

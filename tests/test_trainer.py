@@ -280,3 +280,102 @@ def test_length_grouped_steps_pad_less_and_every_trial_sees_the_same_rows(
     monkeypatch.setattr(TrialTrainer, "_get_train_sampler", lambda self, *a: torch.manual_seed(123) and made(self, *a))
     assert lengths_a_step("group_by_length", 8) == grouped
     assert lengths_a_step("random", 8) == shuffled
+
+
+@pytest.mark.parametrize("layout", ["padded", "padding-free"])
+def test_the_lm_head_scores_the_positions_the_cpu_labels_name_and_trains_trls_curve(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, layout: str
+) -> None:
+    """With `fastpath.LABEL_INDEX` the trial's LM head takes the positions it scores from the collator's CPU labels
+    (`LABEL_MASK`, cut with the batch by the token budget) and trains TRL's curve: TRL's head on its compact path, the
+    one it takes on a GPU (a boolean index of the hidden states by the labels). Every training micro-batch and every
+    eval batch goes through the indexed head."""
+    from transformers import AutoTokenizer
+    from trl.trainer import utils as trl_utils
+
+    from lora_search import trainer as trial_trainer
+
+    monkeypatch.setattr(trl_utils, "_use_triton", lambda device: True)  # TRL's GPU path: score the valid rows only
+    calls = []
+    real = trial_trainer._indexed_forward
+
+    def spy(model, label_index, args, kwargs):  # type: ignore[no-untyped-def]
+        calls.append(int(label_index.numel()))
+        return real(model, label_index, args, kwargs)
+
+    monkeypatch.setattr(trial_trainer, "_indexed_forward", spy)
+    train, evaluation = _rows(tmp_path / "train.jsonl", 120, 0), _rows(tmp_path / "eval.jsonl", 24, 1)
+    pad_id = AutoTokenizer.from_pretrained(tiny_model_dir).pad_token_id
+    trl, trl_logs, trl_state = _run(tiny_model_dir, train, evaluation, None, "sdpa")
+    pieces = (fastpath.NO_PAD_MASK,) if layout == "padded" else ("padding-free",)
+    collator = _pieces(*pieces, fastpath.TOKEN_BUDGET, fastpath.LABEL_INDEX).collator(pad_id)
+    ours, logs, state = _run(
+        tiny_model_dir, train, evaluation, collator, "sdpa", ours=True, batch=8, accum=1, token_budget=96
+    )
+    _same(trl, ours, f"TRL's head vs the indexed head, {layout}, cut at 96 tokens")
+    assert state.num_input_tokens_seen == trl_state.num_input_tokens_seen
+    train_logs, trl_train = [x for x in logs if "loss" in x], [x for x in trl_logs if "loss" in x]
+    for x, y in zip(train_logs, trl_train, strict=True):
+        assert abs(x["mean_token_accuracy"] - y["mean_token_accuracy"]) < 0.02
+        assert abs(x["entropy"] - y["entropy"]) < 1e-3 * y["entropy"]
+    eval_batches = 2 * 3  # two evals of 24 rows in batches of 8
+    assert len(calls) > 12 + eval_batches and all(n > 0 for n in calls)  # steps were cut: more micro-batches than steps
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_the_indexed_lm_head_matches_trls_and_never_asks_the_device_how_many_labels_count(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, device: str
+) -> None:
+    """One forward and backward of the indexed head (`trainer.indexed_lm_head`) gives TRL's compact head's per-token
+    log-probs, entropy, top-1 hits, label mask and adapter gradients, and runs no op whose output size depends on the
+    device's data (`aten::nonzero`, `masked_select`, `masked_scatter`: each waits for the device on a GPU). TRL's
+    head runs them: the check can fail. On the GPU both run TRL's Triton kernel."""
+    import numpy as np
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    from trl.trainer import utils as trl_utils
+
+    from lora_search.trainer import _label_positions, indexed_lm_head
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    if device == "cpu":
+        monkeypatch.setattr(trl_utils, "_use_triton", lambda device: True)  # the compact path, as on a GPU
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).to(device)
+    trl_utils.add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0))
+    assert indexed_lm_head(model) and indexed_lm_head(model)  # once: a second call finds it there
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.02)  # B starts at zero: give the gradients of A something to carry
+    ids = torch.randint(3, 300, (3, 20), device=device)
+    labels = ids.clone()
+    labels[0, :5] = -100  # a prompt
+    labels[1, 12:] = -100  # padding
+    labels[2, :] = -100
+    labels[2, 7:9] = ids[2, 7:9]
+
+    def run(**extra):  # type: ignore[no-untyped-def]
+        model.zero_grad()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:  # host ops
+            out = model(input_ids=ids, labels=labels, fused_lm_head=True, use_cache=False, **extra)
+            (-out.log_probs.sum() / out.label_mask.sum()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return out, grads, {e.name for e in prof.events()}
+
+    theirs, their_grads, their_ops = run()
+    index = _label_positions((labels != -100).cpu().numpy(), ids.device)
+    assert index.tolist() == [i * 20 + t for i in range(3) for t in range(19) if labels[i, t + 1] != -100]
+    ours, our_grads, our_ops = run(label_index=index)
+    waiting = {"aten::nonzero", "aten::masked_select", "aten::masked_scatter"}
+    assert waiting & their_ops, "TRL's compact head should index by a device mask"
+    assert not waiting & our_ops, waiting & our_ops
+    assert torch.equal(ours.label_mask, theirs.label_mask)
+    close = {"rtol": 1e-5, "atol": 1e-6} if device == "cpu" else {"rtol": 1e-3, "atol": 1e-5}  # TF32 products
+    for field in ("log_probs", "entropy", "is_top1"):
+        torch.testing.assert_close(getattr(ours, field), getattr(theirs, field), **close)
+    for name, grad in their_grads.items():
+        torch.testing.assert_close(our_grads[name], grad, rtol=close["rtol"] * 10, atol=close["atol"] / 10)
+    assert np.isclose(float(ours.loss.detach()), float(theirs.loss.detach()), rtol=1e-6)

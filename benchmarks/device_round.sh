@@ -36,15 +36,18 @@ case "${1:-}" in
 pack | pack_smollm2 | pack_1b)  # `pack` runs all three; pack_smollm2 (needs the GGUF) and pack_1b (random init) split them
   # PRODUCTS: the product paths timed beside auto (all four took 245 s of a call for k = 1, 2, 4 on the 1.1B shape)
   products=${PRODUCTS:-auto,loop,bmm,masked}
+  # PACK_PROFILE=1: each profiled step's kernel and idle tables (pack.py --profile), in $OUT/pack_profiles.tgz
+  profile=(); [ -n "${PACK_PROFILE:-}" ] && profile=(--profile /tmp/pack_profiles)
   [ "$1" != pack_1b ] && step pack_smollm2_512 python benchmarks/pack.py --device cuda --base smollm2 --seq 512 \
     --products "$products" --out "$OUT/pack_smollm2_512.json"
   [ "$1" = pack_smollm2 ] && exit 0
   step pack_1b_512 python benchmarks/pack.py --device cuda --base 1b --seq 512 --products "$products" \
-    --out "$OUT/pack_1b_512.json"
+    --out "$OUT/pack_1b_512.json" "${profile[@]}"
   # not checkpointed, as the solo trials it is set against (session 13: checkpointed, the k <= 4 packs peaked at 3.8-7.4
   # GB against solo's 9.7-15.4, so they fit without)
   step pack_1b_2048 python benchmarks/pack.py --device cuda --base 1b --seq 2048 --bs 4 --ks 1 2 4 \
     --products "$products" --out "$OUT/pack_1b_2048.json"
+  [ -d /tmp/pack_profiles ] && (cd /tmp && tar czf "$OUT/pack_profiles.tgz" pack_profiles)
   ;;
 speed)
   # ATTN: the trial paths (+two-node measured no gain, NOTES.md change 20); EXTRA: e.g. --no-liger-reference

@@ -169,7 +169,7 @@ def solo(i: int, a: Any, model: Any, data: list, args: argparse.Namespace, layer
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    calls = dispatched(one_more, args.device)
+    calls = dispatched(one_more, args.device, f"solo_{layers}_t{i}")
     peft_model.unload()  # the base, its layers restored, for the next trial
     return {"init": init, "losses": losses, "step_s": statistics.median(times[args.skip :]), "dispatched": calls}
 
@@ -196,16 +196,24 @@ def packed(
         for i in range(k):
             curves[i].append(done.losses[f"t{i}"])
     first = {f"t{i}": data[i][0] for i in range(k)}
-    calls = dispatched(lambda: pack.step(first, args.micro_batches), args.device)  # after the curves
+    from lora_search import pack_layers
+
+    name = f"packed_k{k}_{pack_layers.PRODUCTS}"
+    calls = dispatched(lambda: pack.step(first, args.micro_batches), args.device, name)  # after the curves
     for i in range(k):
         pack.detach(f"t{i}")
     return curves, statistics.median(times[args.skip :]), calls
 
 
-def dispatched(step: Any, device: str) -> dict[str, int]:
+PROFILE_DIR: Path | None = None
+"""`--profile`: where `dispatched` writes each profiled step's kernel and idle tables (CUDA only)."""
+
+
+def dispatched(step: Any, device: str, name: str = "") -> dict[str, int]:
     """What one pack step dispatches, counted by torch's profiler: aten operators (each is host work: Python,
     dispatch, and on a GPU a kernel launch or more), and on CUDA the kernels launched. A step bound by the host
-    scales with these, not with its FLOPs."""
+    scales with these, not with its FLOPs. With `--profile` (`PROFILE_DIR`), the step's CUDA kernel table and idle
+    table (`lora_search.idle`: where the GPU waited on the host) go to `<name>_kernels.txt` and `<name>_idle.txt`."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -219,6 +227,13 @@ def dispatched(step: Any, device: str) -> dict[str, int]:
         counts["kernel_launches"] = sum(
             1 for e in events if e.name in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC")
         )
+        if PROFILE_DIR is not None and name:
+            from lora_search.callbacks import idle_table
+
+            PROFILE_DIR.mkdir(parents=True, exist_ok=True)
+            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60)
+            (PROFILE_DIR / f"{name}_kernels.txt").write_text(table)
+            (PROFILE_DIR / f"{name}_idle.txt").write_text(idle_table(prof, PROFILE_DIR / f"{name}.trace.json"))
     return counts
 
 
@@ -278,8 +293,13 @@ def main() -> None:
         "plain: the base as loaded (the 2026-12-04 rows)",
     )
     parser.add_argument("--work", type=Path, default=Path("/tmp/pack_bench"))
+    parser.add_argument(
+        "--profile", type=Path, default=None, help="write each profiled step's CUDA kernel and idle tables here"
+    )
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/pack_<dev>_<base>_...)")
     args = parser.parse_args()
+    global PROFILE_DIR
+    PROFILE_DIR = args.profile
     assert max(args.ks) <= len(TRIALS) and args.skip < args.steps
     args.products = {p.strip() for p in args.products.split(",")}
     assert args.products <= {"auto", "loop", "bmm", "masked"} and "auto" in args.products, args.products

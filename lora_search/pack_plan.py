@@ -80,6 +80,9 @@ class PackRun:
     """The file's `pack_micro_batches`: its packs ran each step in this many micro-batches (1: whole)."""
     checkpointing: bool = False
     """The file's `pack_checkpointing`: its packs recomputed their layers in the backward."""
+    date: str = ""
+    """The file's `date` (ISO, as benchmarks/pack.py writes it; "" where absent): of two runs as near, the newer
+    measured the trial path as it is now."""
 
 
 @dataclass(frozen=True)
@@ -168,6 +171,9 @@ def pack_runs(directory: str | Path) -> list[PackRun]:
             found.append(Problem(f"{path}: pack_micro_batches", micro, "must be a positive whole number", fix))
         if not isinstance(recompute, bool):
             found.append(Problem(f"{path}: pack_checkpointing", recompute, "must be true or false", fix))
+        date = record.get("date", "")
+        if not isinstance(date, str):
+            found.append(Problem(f"{path}: date", date, "must be an ISO date (YYYY-MM-DD)", fix))
         size = record.get("base_params")
         if size is not None and (isinstance(size, bool) or not isinstance(size, int | float) or size <= 0):
             found.append(Problem(f"{path}: base_params", size, "must be a positive number of parameters", fix))
@@ -187,6 +193,7 @@ def pack_runs(directory: str | Path) -> list[PackRun]:
                 ratios=tuple(ratios),
                 micro_batches=micro,
                 checkpointing=recompute,
+                date=date,
             )
         )
     if problems:
@@ -213,7 +220,8 @@ def measured_ratio(
     its steps in `micro_batches` (checkpointed or not), on `gpu`: among GPU runs within `COMPARABLE_FACTOR` of the
     base's size and of the tokens a trial puts in one forward (a step's tokens over its micro-batches: what decides
     how busy a forward keeps the GPU), the nearest (|log| of the size ratio + |log| of the token ratio; then a run on
-    `gpu`; then one that checkpoints as this pack does; then the nearest sequence length), and its row of k >= 2
+    `gpu`; then one that checkpoints as this pack does; then the nearest sequence length; then the newest: by `date`,
+    then by file name, so that a rerun on the same day, `..._05b.json`, wins over `..._05.json`), and its row of k >= 2
     nearest `k` (a tie goes to the smaller k, whose speed-up is the smaller: a pack of 3 takes k=2's ratio where k=2
     and k=4 were measured). None: nothing comparable."""
     tokens = seq * rows / micro_batches
@@ -236,6 +244,7 @@ def measured_ratio(
     ]
     if not candidates:
         return None
+    candidates.sort(key=lambda r: (r.date, r.file), reverse=True)  # newest first: `min` keeps the first of equals
     run = min(
         candidates,
         key=lambda r: (

@@ -440,10 +440,31 @@ def test_a_pack_in_micro_batches_is_compared_with_runs_of_as_many_tokens_a_forwa
     assert pick is not None and pick.run.file == split.name
     pick = pack_plan.measured_ratio(runs, **ask, micro_batches=4, checkpointing=False)
     assert pick is not None and pick.run.file == "pack_h200_split_plain.json"
-    write_pack_run(tmp_path / "pack_h200_bad.json", pack_micro_batches=0, pack_checkpointing="yes")
+    write_pack_run(tmp_path / "pack_h200_bad.json", pack_micro_batches=0, pack_checkpointing="yes", date=20261205)
     with pytest.raises(ConfigError) as raised:
         pack_plan.pack_runs(tmp_path)
-    assert {p.field.split(": ")[-1] for p in raised.value.problems} == {"pack_micro_batches", "pack_checkpointing"}
+    fields = {p.field.split(": ")[-1] for p in raised.value.problems}
+    assert fields == {"pack_micro_batches", "pack_checkpointing", "date"}
+
+
+def test_of_two_runs_as_near_the_newest_measurement_is_used(tmp_path: Path) -> None:
+    """A rerun of the same shape (the solo path it is set against may have changed since) replaces the older run:
+    the later date, then, on one date, the later file name (`_05b` after `_05`); name order alone would pick the
+    older."""
+    ask = {"params": 133_440, "seq": 16, "rows": 8, "k": 4, "gpu": "H200"}
+    write_pack_run(tmp_path / "pack_h200_tiny_2026-12-04.json", date="2026-12-04", rows=[{"k": 4, "ratio": 2.0}])
+    write_pack_run(tmp_path / "pack_h200_tiny_2026-12-05.json", date="2026-12-05", rows=[{"k": 4, "ratio": 1.9}])
+    pick = pack_plan.measured_ratio(pack_plan.pack_runs(tmp_path), **ask)
+    assert pick is not None and (pick.run.file, pick.ratio) == ("pack_h200_tiny_2026-12-05.json", 1.9)
+    write_pack_run(tmp_path / "pack_h200_tiny_2026-12-05b.json", date="2026-12-05", rows=[{"k": 4, "ratio": 1.6}])
+    pick = pack_plan.measured_ratio(pack_plan.pack_runs(tmp_path), **ask)
+    assert pick is not None and (pick.run.file, pick.ratio) == ("pack_h200_tiny_2026-12-05b.json", 1.6)
+    # nearer still wins over newer: an older run of the very shape against a newer one of 4x the tokens
+    write_pack_run(
+        tmp_path / "pack_h200_tiny_2026-12-06.json", date="2026-12-06", seq=64, rows=[{"k": 4, "ratio": 9.0}]
+    )
+    pick = pack_plan.measured_ratio(pack_plan.pack_runs(tmp_path), **ask)
+    assert pick is not None and pick.run.file == "pack_h200_tiny_2026-12-05b.json"
 
 
 def test_no_comparable_gpu_measurement_says_so(tmp_path: Path, tiny_config_dir: Path) -> None:

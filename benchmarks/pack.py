@@ -212,8 +212,9 @@ PROFILE_DIR: Path | None = None
 def dispatched(step: Any, device: str, name: str = "") -> dict[str, int]:
     """What one pack step dispatches, counted by torch's profiler: aten operators (each is host work: Python,
     dispatch, and on a GPU a kernel launch or more), and on CUDA the kernels launched. A step bound by the host
-    scales with these, not with its FLOPs. With `--profile` (`PROFILE_DIR`), the step's CUDA kernel table and idle
-    table (`lora_search.idle`: where the GPU waited on the host) go to `<name>_kernels.txt` and `<name>_idle.txt`."""
+    scales with these, not with its FLOPs. With `--profile` (`PROFILE_DIR`), the step's operators by count go to
+    `<name>_ops.txt`, and on CUDA its kernel table and idle table (`lora_search.idle`: where the GPU waited on the
+    host) to `<name>_kernels.txt` and `<name>_idle.txt`."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -227,10 +228,13 @@ def dispatched(step: Any, device: str, name: str = "") -> dict[str, int]:
         counts["kernel_launches"] = sum(
             1 for e in events if e.name in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC")
         )
-        if PROFILE_DIR is not None and name:
+    if PROFILE_DIR is not None and name:
+        PROFILE_DIR.mkdir(parents=True, exist_ok=True)
+        by_count = prof.key_averages().table(sort_by="count", row_limit=40, max_name_column_width=60)
+        (PROFILE_DIR / f"{name}_ops.txt").write_text(by_count)  # the host's operators, most called first
+        if device == "cuda":
             from lora_search.callbacks import idle_table
 
-            PROFILE_DIR.mkdir(parents=True, exist_ok=True)
             table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60)
             (PROFILE_DIR / f"{name}_kernels.txt").write_text(table)
             (PROFILE_DIR / f"{name}_idle.txt").write_text(idle_table(prof, PROFILE_DIR / f"{name}.trace.json"))
@@ -294,7 +298,10 @@ def main() -> None:
     )
     parser.add_argument("--work", type=Path, default=Path("/tmp/pack_bench"))
     parser.add_argument(
-        "--profile", type=Path, default=None, help="write each profiled step's CUDA kernel and idle tables here"
+        "--profile",
+        type=Path,
+        default=None,
+        help="write each profiled step's operator (and CUDA kernel and idle) tables here",
     )
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/pack_<dev>_<base>_...)")
     args = parser.parse_args()

@@ -287,9 +287,9 @@ def test_the_lm_head_scores_the_positions_the_cpu_labels_name_and_trains_trls_cu
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, layout: str
 ) -> None:
     """With `fastpath.LABEL_INDEX` the trial's LM head takes the positions it scores from the collator's CPU labels
-    (`LABEL_MASK`, cut with the batch by the token budget) and trains TRL's curve: TRL's head on its compact path, the
-    one it takes on a GPU (a boolean index of the hidden states by the labels). Every training micro-batch and every
-    eval batch goes through the indexed head."""
+    (`LABEL_MASK`, cut with the batch by the token budget; padded, read through a loader process) and trains TRL's
+    curve: TRL's head on its compact path, the one it takes on a GPU (a boolean index of the hidden states by the
+    labels). Every training micro-batch and every eval batch goes through the indexed head."""
     from transformers import AutoTokenizer
     from trl.trainer import utils as trl_utils
 
@@ -309,10 +309,20 @@ def test_the_lm_head_scores_the_positions_the_cpu_labels_name_and_trains_trls_cu
     trl, trl_logs, trl_state = _run(tiny_model_dir, train, evaluation, None, "sdpa")
     pieces = (fastpath.NO_PAD_MASK,) if layout == "padded" else ("padding-free",)
     collator = _pieces(*pieces, fastpath.TOKEN_BUDGET, fastpath.LABEL_INDEX).collator(pad_id)
+    loaders = 1 if layout == "padded" else 0  # the NumPy mask through a loader process too, as on a GPU
     ours, logs, state = _run(
-        tiny_model_dir, train, evaluation, collator, "sdpa", ours=True, batch=8, accum=1, token_budget=96
+        tiny_model_dir,
+        train,
+        evaluation,
+        collator,
+        "sdpa",
+        ours=True,
+        batch=8,
+        accum=1,
+        token_budget=96,
+        loaders=loaders,
     )
-    _same(trl, ours, f"TRL's head vs the indexed head, {layout}, cut at 96 tokens")
+    _same(trl, ours, f"TRL's head vs the indexed head, {layout}, cut at 96 tokens, {loaders} loader process(es)")
     assert state.num_input_tokens_seen == trl_state.num_input_tokens_seen
     train_logs, trl_train = [x for x in logs if "loss" in x], [x for x in trl_logs if "loss" in x]
     for x, y in zip(train_logs, trl_train, strict=True):

@@ -325,8 +325,11 @@ class PackedLinear(nn.Module):
         (`fused_lora.LoraLinear`, the mask its scaling) whose backward adds the adapters' input gradient into the
         base's the same way. The masks of a step's layout are made once and kept (`_masks`)."""
         names = [n for n, _ in blocks]
-        a = torch.cat([self.lora_A[n].weight for n in names])
-        b = torch.cat([self.lora_B[n].weight for n in names], dim=1)
+        if len(names) == 1:  # a lone adapter's own weights: a cat of one would copy them, and its gradients back
+            a, b = self.lora_A[names[0]].weight, self.lora_B[names[0]].weight
+        else:
+            a = torch.cat([self.lora_A[n].weight for n in names])
+            b = torch.cat([self.lora_B[n].weight for n in names], dim=1)
         tokens = x.reshape(-1, x.shape[-1])
         mask = self._mask(blocks, x.shape[0], x.device)  # rows x ranks; each row's tokens share it
         if (dtype := one_node_dtype(self.base_layer, tokens, a.dtype)) is not None:

@@ -23,6 +23,7 @@ MIXED = {"a": 2, "b": 8, "c": 4, "d": 8}
 EQUAL = {"a": 4, "b": 4, "c": 4, "d": 4}
 EVEN = {"a": slice(0, 3), "b": slice(3, 6), "c": slice(6, 9), "d": slice(9, 12)}
 UNEVEN = {"a": slice(0, 2), "b": slice(2, 5), "c": slice(5, 9)}
+LONE = {"b": slice(0, 4)}  # one adapter in the step (the pack's others sat it out or left)
 
 
 @pytest.fixture
@@ -86,6 +87,7 @@ def _run(layer: PackedLinear, rows: Rows, blocks: dict[str, slice]) -> dict[str,
         ("masked", MIXED, 0.0, "", EVEN, "masked"),
         ("masked", MIXED, 0.0, "b", EVEN, "masked"),  # an adapter between two others targets another layer
         ("masked", MIXED, 0.0, "", UNEVEN, "masked"),  # rows of different counts, one adapter without rows
+        ("masked", MIXED, 0.0, "", LONE, "masked"),  # one adapter: its own weights, no stacking
         ("masked", MIXED, 0.3, "", EVEN, "loop"),  # dropout draws per adapter: not masked
         ("bmm", EQUAL, 0.0, "", EVEN, "bmm"),
         ("bmm", EQUAL, 0.3, "", EVEN, "bmm"),  # each adapter's mask drawn in the loop's order

@@ -11,6 +11,9 @@
 #                                            # auto (HF PEFT + Liger left out: measured, 2,359 tokens/s)
 #   bash benchmarks/device_round.sh idle     # the trial path alone, 8B fixed-length and varlen length-grouped, for
 #                                            # its profiles: kernels and where the GPU waited on the host (idle_*.txt)
+#   bash benchmarks/device_round.sh pack_sweep  # benchmarks/pack_sweep.py: 16 trials of the 1.1B shape, ASHA, packed 4
+#                                            # to the GPU, then 4 solo sharing it: wall time, endings, frontier (only
+#                                            # .whl carried: random base, no golden sets, MLflow off)
 #   bash benchmarks/device_round.sh sweep    # sweeps/smollm2.py packed 4 to a GPU, then solo: wall time and
 #                                            # frontier (each stopped with SIGINT at half the call; rerun resumes)
 #
@@ -69,6 +72,10 @@ varlen)
   step varlen_8b python benchmarks/speed.py --out "$OUT/varlen" --work /tmp/w --varlen --configs 8b:16 --bs 2 \
     --accum 4 --steps 16 --paths "${PATHS:-trl,padded,grouped,flex,auto}"
   ;;
+pack_sweep)
+  step pack_sweep python benchmarks/pack_sweep.py --shape "${SHAPE:-1b}" --seq 512 --pack 4 --trials 16 --steps 60 \
+    --work /tmp/pack_sweep --out "$OUT"
+  ;;
 sweep)
   export LORA_SEARCH_OUTPUT_DIR=/tmp/reports  # smollm2-pack4/ and smollm2/ (the solo sweep took 254 s, 2026-12-04)
   half=$(( ($(left) - 30) / 2 ))
@@ -78,7 +85,7 @@ sweep)
      -not -path "*/adapters/*" | tar czf "$OUT/sweeps.tgz" -T -) && ls -l "$OUT"
   ;;
 *)
-  echo "usage: bash benchmarks/device_round.sh pack|pack_smollm2|pack_1b|speed|varlen|idle|sweep" >&2
+  echo "usage: bash benchmarks/device_round.sh pack|pack_smollm2|pack_1b|speed|varlen|idle|pack_sweep|sweep" >&2
   exit 2
   ;;
 esac

@@ -1,0 +1,161 @@
+"""A packed sweep against the same sweep solo, on one GPU: wall time, and whether both find the same frontier.
+
+Issue 24's sweep-level claim, measured without the golden sets' wheels (lm-eval, MLflow) or the SmolLM2 GGUF, so that
+one device call carrying benchmarks/device_wheels.sh's `.whl` runs it: a random-init base of a real shape
+(`random_base`), rows of exactly `--seq` tokens (`speed.write_rows`), MLflow off, no golden sets, eval loss the
+objective. The same space, seed and ASHA budget twice, one after the other in fresh local Rays:
+
+- solo: `Resources(gpus_per_worker=1/k)`, k trials at a time sharing the GPU (as `sweeps/smollm2.py` runs solo);
+- packed: `Resources(gpus_per_worker=1, pack=k)`, one pack host holding the base once for k trials at a time.
+
+Only packable variants (lora, rslora, loraplus) are drawn, so every trial of the packed sweep packs. Prints and writes
+each sweep's wall time (the driver's `run`, Ray's start included), the ratio, each trial's ending and eval loss, and
+the frontier (completed trials on `pareto`) of each. The base is random, so its losses say nothing about quality;
+the question is whether the two sweeps make the same decisions and how long they take.
+
+    python benchmarks/pack_sweep.py --shape 1b --seq 512 --pack 4 --trials 16 --steps 60 --out $OUT   # GPU
+    python benchmarks/pack_sweep.py --shape tiny --seq 64 --pack 2 --trials 4 --steps 4 --out /tmp/ps  # CPU check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+PACKABLE = ("lora", "rslora", "loraplus")
+"""The variants a pack trains (`lora_search.pack.SOLO` names the others)."""
+
+
+def sweep_for(args: argparse.Namespace, base_dir: Path, data: Path, packed: bool):  # noqa: ANN201 (a Sweep)
+    import torch
+
+    from lora_search import BaseModel, Budget, Dataset, Resources, SearchSpace, Sweep
+
+    gpu = torch.cuda.is_available()
+    k, cpus = args.pack, 2 if gpu else 1  # a CPU check: the pack host's share leaves a core for the trials
+    if packed:
+        resources = Resources(workers=1, gpus_per_worker=1 if gpu else 0, cpus_per_worker=cpus, pack=k)
+    else:
+        resources = Resources(workers=1, gpus_per_worker=1 / k if gpu else 0, cpus_per_worker=cpus)
+    rung = max(1, args.steps // 4)
+    return Sweep(
+        name=f"pack_sweep_{args.shape}_{'packed' if packed else 'solo'}{k}",
+        base=BaseModel(str(base_dir), dtype="bfloat16" if gpu else "float32"),
+        dataset=Dataset(str(data / "train.jsonl"), eval_path=str(data / "eval.jsonl"), max_length=args.seq),
+        space=SearchSpace(
+            ranks=(4, 8, 16, 32),
+            alpha_over_rank=(1.0, 2.0),
+            targets=("attention", "mlp", "all-linear"),
+            variants=PACKABLE,
+            lr=(2e-5, 2e-3),
+        ),
+        budget=Budget(max_steps=args.steps, eval_every=rung, grace_period=rung, reduction_factor=3, batch_size=args.bs),
+        resources=resources,
+        search="random",
+        num_samples=args.trials,
+        max_concurrent_trials=k,
+        seed=0,
+        scheduler="asha",
+        output_dir=str(args.work / "reports"),
+        tracking_uri="off",
+    )
+
+
+def run_one(sweep) -> dict:  # noqa: ANN001 (a Sweep)
+    """Run `sweep` fresh in its own local Ray; its wall time and per-trial outcome."""
+    import ray
+
+    from lora_search import run
+
+    start = time.perf_counter()
+    try:
+        frame = run(sweep, fresh=True)
+    finally:
+        ray.shutdown()
+    wall = time.perf_counter() - start
+    cols = [c for c in ("variant", "rank", "alpha", "targets", "lr") if c in frame.columns]
+    trials = []
+    for _, row in frame.sort_values(cols).iterrows():
+        loss, step = row.get("eval_loss"), row.get("step")
+        trials.append(
+            {
+                **{c: (row[c].item() if hasattr(row[c], "item") else row[c]) for c in cols},
+                "status": row["status"],
+                "step": int(step) if step == step and step is not None else None,  # NaN: never reported
+                "eval_loss": round(float(loss), 5) if loss == loss and loss is not None else None,
+                "pareto": bool(row.get("pareto", False)),
+            }
+        )
+    return {"wall_s": round(wall, 1), "trials": trials}
+
+
+def config_key(trial: dict) -> tuple:
+    return tuple(trial.get(c) for c in ("variant", "rank", "alpha", "targets", "lr"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shape", default="tiny", help="random_base shape: tiny, 1b, 8b")
+    parser.add_argument("--seq", type=int, default=512, help="tokens a row (every row exactly this long)")
+    parser.add_argument("--bs", type=int, default=8, help="rows a trial's step")
+    parser.add_argument("--pack", type=int, default=4, help="k: trials a pack, and solo trials sharing the GPU")
+    parser.add_argument("--trials", type=int, default=16, help="configurations drawn (the same in both sweeps)")
+    parser.add_argument("--steps", type=int, default=60, help="a trial's full budget; rungs at a quarter of it")
+    parser.add_argument("--order", default="packed,solo", help="which sweep first (a warm cache helps the later)")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/pack_sweep"))
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    import random_base
+    import speed
+    import torch
+    from transformers import AutoTokenizer
+
+    base_dir = random_base.build(args.shape, args.work / f"base_{args.shape}")
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    data = args.work / f"data_{args.seq}_{args.bs}_{args.steps}"
+    if not (data / "train.jsonl").exists():
+        data.mkdir(parents=True, exist_ok=True)
+        speed.write_rows(data / "train.jsonl", tokenizer, args.seq, args.bs * (args.steps + 2), 0)
+        speed.write_rows(data / "eval.jsonl", tokenizer, args.seq, args.bs, 1)
+    result: dict = {
+        "what": __doc__.split("\n")[0],
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "shape": args.shape,
+        "seq": args.seq,
+        "rows_per_step": args.bs,
+        "pack": args.pack,
+        "trials": args.trials,
+        "max_steps": args.steps,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    for which in args.order.split(","):
+        print(f"[pack_sweep] {which} sweep ...", flush=True)
+        result[which] = run_one(sweep_for(args, base_dir, data, packed=which == "packed"))
+        print(f"[pack_sweep] {which}: {result[which]['wall_s']} s", flush=True)
+        (args.out / "pack_sweep.json").write_text(json.dumps(result, indent=1) + "\n")  # after each sweep
+    packed, solo = result.get("packed"), result.get("solo")
+    if packed and solo:
+        result["ratio"] = round(solo["wall_s"] / packed["wall_s"], 3)  # how many times sooner the packed sweep ends
+        ending = {config_key(t): t["status"] for t in solo["trials"]}
+        same = [ending.get(config_key(t)) == t["status"] for t in packed["trials"]]
+        result["same_endings"] = f"{sum(same)} of {len(same)}"
+        front = {config_key(t) for t in solo["trials"] if t["pareto"]}
+        result["same_frontier"] = front == {config_key(t) for t in packed["trials"] if t["pareto"]}
+        (args.out / "pack_sweep.json").write_text(json.dumps(result, indent=1) + "\n")
+        print(
+            f"\n{result['device']}: {args.trials} trials of {args.shape} at {args.seq} tokens, ASHA, k = {args.pack}: "
+            f"solo {solo['wall_s']} s, packed {packed['wall_s']} s, x{result['ratio']} sooner; same endings "
+            f"{result['same_endings']}; same frontier: {result['same_frontier']}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -332,6 +332,9 @@ def train_loop(config: dict[str, Any]) -> None:
         token_budget=batching.micro * sweep.dataset.max_length if by_tokens else None,
     )
     trainer.remove_callback(PrinterCallback)  # progress goes to Tune, not one dict per log line
+    if path.active(fastpath.LABEL_INDEX) and trainer.label_index_off:  # the head cannot take the positions
+        path = path.with_piece(fastpath.Piece(fastpath.LABEL_INDEX, False, trainer.label_index_off))
+        trainer.data_collator = path.collator(tokenizer.pad_token_id)
     if auto and on_gpu:  # the rows are tokenized now: padding-free on flex attention where it works and pays
         micro_batches = budget.max_steps * batching.accum
         path = auto_fast_path(trainer, model_config, batching.micro, micro_batches, path, chosen)

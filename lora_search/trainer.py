@@ -48,7 +48,8 @@ class TrialTrainer(SFTTrainer):
         }
         if any(unsupported.values()):  # lora_search's own SFTConfig never sets these
             raise ValueError(f"the trial's trainer does not support {[k for k, v in unsupported.items() if v]}")
-        indexed_lm_head(self.model)  # used where batches carry `fastpath.LABEL_MASK`
+        # None: the head takes `label_index` where batches carry `fastpath.LABEL_MASK`; else why it cannot
+        self.label_index_off: str | None = indexed_lm_head(self.model)
 
     def create_optimizer(self, model: Any = None) -> Any:
         if self.optimizer is None and self._make_optimizer is not None:
@@ -141,7 +142,8 @@ class TrialTrainer(SFTTrainer):
         inputs.pop(fastpath.REAL_TOKENS, None)
         inputs.pop(fastpath.ROW_TOKENS, None)  # eval batches list their rows too; they run whole
         counted = inputs.pop(fastpath.LABEL_MASK, None)
-        if counted is not None and counted[:, 1:].any():  # (an all-masked micro-batch goes to TRL's head)
+        # (an all-masked micro-batch goes to TRL's head, as does every batch where the indexed head is not there)
+        if counted is not None and self.label_index_off is None and counted[:, 1:].any():
             inputs["label_index"] = _label_positions(counted, inputs["labels"].device)
         mode = "train" if self.model.training else "eval"
         inputs["use_cache"] = False
@@ -260,29 +262,29 @@ LM_HEAD_SCALES = ("final_logit_softcapping", "logit_scale", "output_multiplier",
 them set keeps TRL's head, which applies them; `indexed_lm_head` scores plain logits."""
 
 
-def indexed_lm_head(model: Any) -> bool:
+def indexed_lm_head(model: Any) -> str | None:
     """Let the causal LM under `model` (TRL's fused LM head already added, as SFTTrainer does) take `label_index`:
     the flat positions (rows x tokens, `_label_positions`) to score, known on the CPU, in place of TRL's boolean mask
     of the labels on the device, which waits for the device twice a micro-batch (`fastpath.LABEL_INDEX_WHY`). The
     rows go to TRL's own kernel (`trl.kernels.ChunkedLogProbFunction`) with the arguments TRL's head gives it, and
     the output is TRL's `FusedCausalLMOutput`; without `label_index`, TRL's head runs. Ours because TRL's head has no
-    way to be told the positions. Returns whether it was added: not for a base whose logits TRL scales or caps
-    (`LM_HEAD_SCALES`), nor one without TRL's head."""
+    way to be told the positions. Returns None where it was added (or was there), else why not: a base whose logits
+    TRL scales or caps (`LM_HEAD_SCALES`), or one without TRL's head."""
     import functools
     import types
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     fused = getattr(base, "forward", None)
     if getattr(fused, "_lora_search_label_index", False):
-        return True
+        return None
     text = base.config.get_text_config()
     # TRL's forward carries the model's name (`functools.wraps`); its code keeps its own
-    if not isinstance(fused, types.MethodType) or getattr(fused.__func__, "__code__", None) is None:
-        return False
-    if fused.__func__.__code__.co_name != "_fused_forward":
-        return False
-    if any(getattr(text, name, None) is not None for name in LM_HEAD_SCALES):
-        return False
+    code = getattr(getattr(fused, "__func__", None), "__code__", None)
+    if not isinstance(fused, types.MethodType) or code is None or code.co_name != "_fused_forward":
+        return "the model has no TRL fused LM head to index"
+    scaled = [name for name in LM_HEAD_SCALES if getattr(text, name, None) is not None]
+    if scaled:
+        return f"the base's logits are scaled or capped ({', '.join(scaled)}): TRL's head applies it"
     routed = bool(getattr(text, "output_router_logits", False))  # a mixture of experts' aux loss: TRL's head adds it
 
     @functools.wraps(fused)
@@ -294,7 +296,7 @@ def indexed_lm_head(model: Any) -> bool:
 
     forward._lora_search_label_index = True  # type: ignore[attr-defined]
     base.forward = types.MethodType(forward, base)
-    return True
+    return None
 
 
 HEAD_OUTPUTS = ("log_probs", "entropy", "is_top1")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -120,11 +121,12 @@ def _run(
     accum: int = 1,
     token_budget: int | None = None,
     loaders: int = 0,
+    configure: Callable[[object], None] | None = None,
 ) -> tuple[list[float], list[dict], object]:
     """12 steps of LoRA through TRL's SFTTrainer (or, `ours`, the trial's `lora_search.trainer.TrialTrainer`): the
     training and eval losses in order, every log, and the Trainer's state; `loaders` processes read the batches. The
     state's `train_modes` holds, for each step's end, whether every module was in training mode and the model had no
-    `train` of its own left (`lora_search.trainer._train_mode_kept`)."""
+    `train` of its own left (`lora_search.trainer._train_mode_kept`). `configure` changes the base first."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -151,6 +153,8 @@ def _run(
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attn)
+    if configure is not None:  # changes to the base before its adapter
+        configure(model)
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0))
     train_ds, eval_ds = data.load(Dataset(str(train), eval_path=str(evaluation), max_length=64), seed=0)
     losses = Losses()

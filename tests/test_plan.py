@@ -441,10 +441,16 @@ def test_a_pack_in_micro_batches_is_compared_with_runs_of_as_many_tokens_a_forwa
     pick = pack_plan.measured_ratio(runs, **ask, micro_batches=4, checkpointing=False)
     assert pick is not None and pick.run.file == "pack_h200_split_plain.json"
     write_pack_run(tmp_path / "pack_h200_bad.json", pack_micro_batches=0, pack_checkpointing="yes", date=20261205)
+    write_pack_run(tmp_path / "pack_h200_bad_date.json", date="5 Dec 2026")  # text, but not ISO: sorts wrongly
     with pytest.raises(ConfigError) as raised:
         pack_plan.pack_runs(tmp_path)
-    fields = {p.field.split(": ")[-1] for p in raised.value.problems}
-    assert fields == {"pack_micro_batches", "pack_checkpointing", "date"}
+    fields = {(p.field.split(": ")[0].rsplit("/", 1)[-1], p.field.split(": ")[-1]) for p in raised.value.problems}
+    assert fields == {
+        ("pack_h200_bad.json", "pack_micro_batches"),
+        ("pack_h200_bad.json", "pack_checkpointing"),
+        ("pack_h200_bad.json", "date"),
+        ("pack_h200_bad_date.json", "date"),
+    }
 
 
 def test_of_two_runs_as_near_the_newest_measurement_is_used(tmp_path: Path) -> None:

@@ -356,7 +356,7 @@ def test_the_indexed_lm_head_matches_trls_and_never_asks_the_device_how_many_lab
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).to(device)
     trl_utils.add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0))
-    assert indexed_lm_head(model) and indexed_lm_head(model)  # once: a second call finds it there
+    assert indexed_lm_head(model) is None and indexed_lm_head(model) is None  # once: a second call finds it there
     for p in model.parameters():
         if p.requires_grad:
             torch.nn.init.normal_(p, std=0.02)  # B starts at zero: give the gradients of A something to carry
@@ -389,3 +389,46 @@ def test_the_indexed_lm_head_matches_trls_and_never_asks_the_device_how_many_lab
     for name, grad in their_grads.items():
         torch.testing.assert_close(our_grads[name], grad, rtol=close["rtol"] * 10, atol=close["atol"] / 10)
     assert np.isclose(float(ours.loss.detach()), float(theirs.loss.detach()), rtol=1e-6)
+
+
+def test_a_base_whose_logits_are_capped_keeps_trls_head_and_trains_its_curve(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A base with `final_logit_softcapping` (Gemma 2's kind): the indexed head, which scores plain logits, is not
+    added (`trainer.indexed_lm_head` says why), and batches carrying `LABEL_MASK` train on TRL's head, which caps
+    them: TRL's own curve, never the indexed forward (which would score uncapped logits)."""
+    from transformers import AutoTokenizer
+    from trl.trainer import utils as trl_utils
+
+    from lora_search import trainer as trial_trainer
+
+    monkeypatch.setattr(trl_utils, "_use_triton", lambda device: True)
+    calls: list[int] = []
+    monkeypatch.setattr(trial_trainer, "_indexed_forward", lambda *a: calls.append(1))
+
+    def capped(model: object) -> None:
+        model.config.final_logit_softcapping = 1.0  # type: ignore[attr-defined]  # low: it changes the curve
+
+    train, evaluation = _rows(tmp_path / "train.jsonl", 120, 0), _rows(tmp_path / "eval.jsonl", 24, 1)
+    pad_id = AutoTokenizer.from_pretrained(tiny_model_dir).pad_token_id
+    plain, _, _ = _run(tiny_model_dir, train, evaluation, None, "sdpa")
+    trl, _, _ = _run(tiny_model_dir, train, evaluation, None, "sdpa", configure=capped)
+    collator = _pieces(fastpath.NO_PAD_MASK, fastpath.LABEL_INDEX).collator(pad_id)
+    ours, _, _ = _run(tiny_model_dir, train, evaluation, collator, "sdpa", ours=True, configure=capped)
+    assert max(abs(x - y) for x, y in zip(trl, plain, strict=True)) > 0.05  # the cap is applied: another curve
+    _same(trl, ours, "TRL's head vs the trial's, capped logits")
+    assert calls == []
+
+
+def test_the_indexed_head_says_why_it_is_not_added(tiny_model_dir: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+    from trl.trainer import utils as trl_utils
+
+    from lora_search.trainer import indexed_lm_head
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    assert indexed_lm_head(model) == "the model has no TRL fused LM head to index"
+    model.config.final_logit_softcapping = 30.0
+    trl_utils.add_fused_lm_head(model)
+    assert "final_logit_softcapping" in (indexed_lm_head(model) or "")

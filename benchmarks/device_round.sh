@@ -4,6 +4,7 @@
 #
 #   bash benchmarks/device_round.sh pack     # benchmarks/pack.py: every product path (auto, loop, bmm, masked; PRODUCTS)
 #                                            # side by side, SmolLM2 and the 1.1B shape at 512; 1.1B at 2048
+#   bash benchmarks/device_round.sh pack_135m  # the same at 512 on SmolLM2-135M's shape, random init (no GGUF needed)
 #   bash benchmarks/device_round.sh speed    # benchmarks/speed.py, the 8B r16 headline: the trial path (ATTN=sdpa)
 #                                            # (+two-node: LoRA layers on autograd's graph, NOTES.md change 20)
 #                                            # beside HF PEFT and + Liger (EXTRA=--no-liger-reference skips it)
@@ -36,14 +37,20 @@ step() {  # step NAME CMD...: CMD with the call's time left (SIGINT, then a kill
 }
 
 case "${1:-}" in
-pack | pack_smollm2 | pack_1b)  # `pack` runs all three; pack_smollm2 (needs the GGUF) and pack_1b (random init) split them
+pack | pack_smollm2 | pack_1b | pack_135m)  # `pack` runs all three; pack_smollm2 (needs the GGUF) and pack_1b (random init) split them
   # PRODUCTS: the product paths timed beside auto (all four took 245 s of a call for k = 1, 2, 4 on the 1.1B shape)
   products=${PRODUCTS:-auto,loop,bmm,masked}
   # PACK_PROFILE=1: each profiled step's kernel and idle tables (pack.py --profile), in $OUT/pack_profiles.tgz
   profile=(); [ -n "${PACK_PROFILE:-}" ] && profile=(--profile /tmp/pack_profiles)
-  [ "$1" != pack_1b ] && step pack_smollm2_512 python benchmarks/pack.py --device cuda --base smollm2 --seq 512 \
+  [ "$1" != pack_1b ] && [ "$1" != pack_135m ] && step pack_smollm2_512 python benchmarks/pack.py --device cuda --base smollm2 --seq 512 \
     --products "$products" --out "$OUT/pack_smollm2_512.json"
   [ "$1" = pack_smollm2 ] && exit 0
+  if [ "$1" = pack_135m ]; then  # SmolLM2-135M's shape, random init: no GGUF, no set-up calls
+    step pack_135m_512 python benchmarks/pack.py --device cuda --base 135m --seq 512 --products "$products" \
+      --out "$OUT/pack_135m_512.json" "${profile[@]}"
+    [ -d /tmp/pack_profiles ] && (cd /tmp && tar czf "$OUT/pack_profiles.tgz" pack_profiles)
+    exit 0
+  fi
   step pack_1b_512 python benchmarks/pack.py --device cuda --base 1b --seq 512 --products "$products" \
     --out "$OUT/pack_1b_512.json" "${profile[@]}"
   # not checkpointed, as the solo trials it is set against (session 13: checkpointed, the k <= 4 packs peaked at 3.8-7.4
@@ -85,7 +92,7 @@ sweep)
      -not -path "*/adapters/*" | tar czf "$OUT/sweeps.tgz" -T -) && ls -l "$OUT"
   ;;
 *)
-  echo "usage: bash benchmarks/device_round.sh pack|pack_smollm2|pack_1b|speed|varlen|idle|pack_sweep|sweep" >&2
+  echo "usage: bash benchmarks/device_round.sh pack|pack_smollm2|pack_1b|pack_135m|speed|varlen|idle|pack_sweep|sweep" >&2
   exit 2
   ;;
 esac

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-SHAPES: dict[str, dict[str, int | float]] = {
+SHAPES: dict[str, dict[str, int | float | bool]] = {
     # Llama-3-8B's shape (GQA 32/8, 128,256 vocabulary): 8.03B parameters.
     "8b": {
         "hidden_size": 4096,
@@ -37,6 +37,19 @@ SHAPES: dict[str, dict[str, int | float]] = {
         "vocab_size": 4096,
         "max_position_embeddings": 512,
         "rope_theta": 10000.0,
+    },
+    # SmolLM2-135M's shape (sweeps/smollm2.py's base: GQA 9/3, tied embeddings): 0.13B parameters. Its speed on a
+    # GPU without the GGUF and its set-up calls; the weights are random, so only speed and memory mean anything.
+    "135m": {
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "vocab_size": 49152,
+        "max_position_embeddings": 8192,
+        "rope_theta": 100000.0,
+        "tie_word_embeddings": True,
     },
     # TinyLlama-1.1B's shape (Llama-2 architecture, GQA 32/4): 1.10B parameters at a 32,000 vocabulary.
     "1b": {

@@ -128,6 +128,7 @@ def main() -> None:
         "what": __doc__.split("\n")[0],
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "shape": args.shape,
+        "base_params": json.loads((base_dir / "random_base.json").read_text())["params"],
         "seq": args.seq,
         "rows_per_step": args.bs,
         "pack": args.pack,
@@ -140,7 +141,7 @@ def main() -> None:
         print(f"[pack_sweep] {which} sweep ...", flush=True)
         result[which] = run_one(sweep_for(args, base_dir, data, packed=which == "packed"))
         print(f"[pack_sweep] {which}: {result[which]['wall_s']} s", flush=True)
-        (args.out / "pack_sweep.json").write_text(json.dumps(result, indent=1) + "\n")  # after each sweep
+        (args.out / "packed_sweep.json").write_text(json.dumps(result, indent=1) + "\n")  # after each sweep
     packed, solo = result.get("packed"), result.get("solo")
     if packed and solo:
         result["ratio"] = round(solo["wall_s"] / packed["wall_s"], 3)  # how many times sooner the packed sweep ends
@@ -149,7 +150,7 @@ def main() -> None:
         result["same_endings"] = f"{sum(same)} of {len(same)}"
         front = {config_key(t) for t in solo["trials"] if t["pareto"]}
         result["same_frontier"] = front == {config_key(t) for t in packed["trials"] if t["pareto"]}
-        (args.out / "pack_sweep.json").write_text(json.dumps(result, indent=1) + "\n")
+        (args.out / "packed_sweep.json").write_text(json.dumps(result, indent=1) + "\n")
         print(
             f"\n{result['device']}: {args.trials} trials of {args.shape} at {args.seq} tokens, ASHA, k = {args.pack}: "
             f"solo {solo['wall_s']} s, packed {packed['wall_s']} s, x{result['ratio']} sooner; same endings "

@@ -2,7 +2,11 @@
 many trials one pack fits on a GPU (`memory.pack_bytes`) and how it runs its steps (checkpointed or not, in how many
 micro-batches: `memory.pack_fit`), and the measured speed-up a packed sweep's wall time is planned at: the
 trial-steps/s ratio of the nearest comparable GPU run of benchmarks/pack.py (`measured_ratio`), never a modelled one.
-`lora_search.plan` prints it.
+Where the sweep's solo trials share a GPU (`Resources.gpus_per_worker` < 1), the baseline is those trials running side
+by side, not one after another: then only a whole sweep's measurement counts (benchmarks/pack_sweep.py,
+`sweep_runs`), because solo trials sharing a GPU overlap their host work in separate processes, which a pack's one
+process does not (2026-12-05, H100, SmolLM2-135M's shape: 2.18x pack.py's solo trials one after another at k = 4,
+yet the packed sweep took 1.85x the wall time of 4 solo trials sharing the GPU). `lora_search.plan` prints it.
 """
 
 from __future__ import annotations
@@ -39,6 +43,13 @@ and that depends on the model's size and a step's tokens: a 135M base's 2.3x at 
 base, nor of 64k tokens a step. Beyond that the plan says there is no measurement rather than guess."""
 
 NO_MEASUREMENT = "packing: no GPU measurement for this shape (run benchmarks/pack.py)"
+NO_SHARED_MEASUREMENT = (
+    "packing: no GPU measurement of a packed sweep against solo trials sharing a GPU for this shape (run "
+    "benchmarks/pack_sweep.py; benchmarks/pack.py's speed-ups are against solo trials one after another, and solo "
+    "trials sharing a GPU run their host work side by side)"
+)
+SHARING = "sharing"
+"""`PackRun.baseline` of a whole sweep's measurement (benchmarks/pack_sweep.py): against solo trials sharing the GPU."""
 
 
 @dataclass(frozen=True)
@@ -84,6 +95,9 @@ class PackRun:
     date: str = ""
     """The file's `date` (ISO, as benchmarks/pack.py writes it; "" where absent): of two runs as near, the newer
     measured the trial path as it is now."""
+    baseline: str = "one after another"
+    """What the packs were set against: solo trials "one after another" on a warm base (benchmarks/pack.py,
+    trial-steps/s), or the same sweep's solo trials `SHARING` the GPU (benchmarks/pack_sweep.py, wall time)."""
 
 
 @dataclass(frozen=True)
@@ -202,6 +216,71 @@ def pack_runs(directory: str | Path) -> list[PackRun]:
     return runs
 
 
+def sweep_runs(directory: str | Path) -> list[PackRun]:
+    """Every `packed_sweep_*.json` of benchmarks/pack_sweep.py in `directory` (a packed sweep and the same sweep's
+    solo trials sharing the GPU, `pack` of them), each as a `PackRun` whose one row is (pack, solo wall time / packed
+    wall time) and whose baseline is `SHARING`. A file where one of the two sweeps did not finish (no `ratio`) measured
+    nothing and is left out; GPU runs only count, as in `pack_runs`. Raises ConfigError naming every malformed field of
+    every file."""
+    runs, problems = [], []
+    for path in sorted(Path(directory).glob("packed_sweep_*.json")):
+        fix = f"rerun benchmarks/pack_sweep.py to rewrite {path.name}, or move it out of {path.parent}"
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            problems.append(Problem(str(path), None, f"cannot be read as JSON ({e})", fix))
+            continue
+        if not isinstance(record, dict):
+            problems.append(Problem(str(path), type(record).__name__, "is not a JSON object", fix))
+            continue
+        ratio, date, k, size = (record.get(f) for f in ("ratio", "date", "pack", "base_params"))
+        date = date if date is not None else ""
+        found = [
+            Problem(f"{path}: {name}", record.get(name), why, fix)
+            for name, ok, why in (
+                ("device", isinstance(record.get("device"), str), "must be the device's name"),
+                ("shape", isinstance(record.get("shape"), str), "must name the base's shape"),
+                ("seq", _positive_int(record.get("seq")), "must be a positive whole number of tokens"),
+                ("rows_per_step", _positive_int(record.get("rows_per_step")), "must be a positive whole number"),
+                ("pack", _positive_int(k) and k >= 2, "must be a whole number of trials, 2 or more"),
+                (
+                    "ratio",
+                    ratio is None
+                    or (not isinstance(ratio, bool) and isinstance(ratio, int | float) and 0 < ratio < math.inf),
+                    "must be a positive number (absent: one of the two sweeps did not finish)",
+                ),
+                ("date", date == "" or _iso_date(date), "must be an ISO date (YYYY-MM-DD)"),
+                (
+                    "base_params",
+                    size is None or (not isinstance(size, bool) and isinstance(size, int | float) and size > 0),
+                    "must be a positive number of parameters",
+                ),
+            )
+            if not ok
+        ]
+        problems += found
+        if found or ratio is None:
+            continue
+        device = record["device"]
+        runs.append(
+            PackRun(
+                file=path.name,
+                device=device,
+                gpu=device.strip().lower() not in ("", "cpu"),
+                base=f"random_base {record['shape']}",
+                base_params=float(size) if size is not None else params_in_name(record["shape"]),
+                seq=record["seq"],
+                rows_per_trial=record["rows_per_step"],
+                ratios=((k, float(ratio)),),
+                date=date,
+                baseline=SHARING,
+            )
+        )
+    if problems:
+        raise ConfigError(problems, header="cannot read the packed-sweep benchmarks")
+    return runs
+
+
 def _iso_date(x: object) -> bool:
     try:
         return isinstance(x, str) and datetime.date.fromisoformat(x).isoformat() == x
@@ -279,7 +358,8 @@ def packing(
     pack fits (`memory.largest_pack`, the most demanding packable variant), capped by `Resources.pack`, and whether
     that pack checkpoints and in how many micro-batches its steps run (`memory.pack_fit`); the variants that train
     solo, with why; and the measured speed-up (`measured_ratio` over `pack_runs(benchmarks)`) at the pack size the
-    sweep makes. A pack trains on one device, so trials of several workers do not pack."""
+    sweep makes. A pack trains on one device, so trials of several workers do not pack. Where solo trials share a GPU
+    (0 < `gpus_per_worker` < 1), only a whole sweep's measurement against them counts (`sweep_runs`; module doc)."""
     from lora_search import pack  # imports torch: only when a plan is made
 
     r = sweep.resources
@@ -325,8 +405,9 @@ def packing(
             else f"{packed_trials:.3g} packable trials over {concurrent} concurrent slots: one per slot, no packs"
         )
     else:
+        shared = 0 < r.gpus_per_worker < 1  # solo trials side by side on a GPU: pack.py's ratios are not against them
         measured = measured_ratio(
-            pack_runs(benchmarks),
+            sweep_runs(benchmarks) if shared else pack_runs(benchmarks),
             params=arch.params,
             seq=sweep.dataset.max_length,
             rows=pack_rows(sweep),
@@ -336,7 +417,7 @@ def packing(
             micro_batches=max((s.micro_batches for s in shapes if s.k >= 2), default=1),
             checkpointing=any(s.recompute for s in shapes if s.k >= 2),
         )
-        why_not = "" if measured else NO_MEASUREMENT
+        why_not = "" if measured else NO_SHARED_MEASUREMENT if shared else NO_MEASUREMENT
     return Packing(
         limit=r.pack,
         usable=usable,

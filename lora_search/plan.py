@@ -17,7 +17,9 @@ the estimates within 3% of peaks measured on an H100 (bf16 LoRA and DoRA; NF4 no
 Packing (`Resources.pack`, `lora_search.pack`): per packable (rank, target set) the most trials whose pack fits one
 GPU (`memory.pack_bytes`), and the sweep's wall time with packing at a measured speed-up, never a modelled one: the
 ratio of the nearest comparable GPU run of benchmarks/pack.py (benchmarks/pack_*.json, `measured_ratio`), named in
-the plan; with none, the plan says so (`pack_plan.NO_MEASUREMENT`).
+the plan; with none, the plan says so (`pack_plan.NO_MEASUREMENT`). Where the solo trials share a GPU, the ratio is a
+whole sweep's against them (benchmarks/packed_sweep_*.json, `pack_plan.sweep_runs`), and where packing measured slower,
+the plan says to keep it off.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from lora_search.memory import (
     read_architecture,
     trial_memory,
 )
-from lora_search.pack_plan import PACK_BENCHMARKS, Packing, packing
+from lora_search.pack_plan import PACK_BENCHMARKS, SHARING, Packing, packing
 from lora_search.strategies import STRATEGIES
 
 GPU_LABELS = {"H100": "H100 80GB", "H200": "H200 141GB"}
@@ -132,6 +134,8 @@ class Plan:
         m = self.packing.measured
         if m is None:
             return None
+        if m.run.baseline == SHARING:  # a whole sweep's wall-time ratio: the packable trials' share of it
+            return self.full_wall_hours * (1 - self.packing.share + self.packing.share / m.ratio)
         k, solo = self.packing.k, self.trials - self.packed_trials
         solo_waves = math.ceil(solo / self.concurrent - 1e-9)
         pack_waves = math.ceil(self.packed_trials / (self.concurrent * k) - 1e-9)
@@ -568,12 +572,18 @@ def format_plan(p: Plan) -> str:
     ]
     if m is not None:
         run = m.run
+        against = (
+            f"{m.ratio:g}x as soon as the same sweep's {m.k} solo trials sharing the GPU, measured in {run.file}"
+            if run.baseline == SHARING
+            else f"{m.ratio:g}x the solo trial-steps/s, measured in {run.file} row k={m.k}"
+        )
         out.append(
             f"  packed: {p.packed_trials:.3g} of {p.trials} trials ({', '.join(p.packing.packable)}) in packs of "
-            f"{p.packing.k} at {m.ratio:g}x the solo trial-steps/s, measured in {run.file} row k={m.k} ({run.device}, "
-            f"{run.base}, {run.rows_per_trial} rows x {run.seq} tokens a trial; this sweep "
-            f"{p.packing.rows} x {p.max_length})"
+            f"{p.packing.k} at {against} ({run.device}, {run.base}, {run.rows_per_trial} rows x {run.seq} tokens a "
+            f"trial; this sweep {p.packing.rows} x {p.max_length})"
         )
+        if m.ratio < 1:
+            out.append(f"  packing measured slower than solo ({m.ratio:g}x): keep resources.pack=1 for this shape")
     elif p.packing.shapes:  # without shapes, the packing section said why already
         out.append(f"  {p.packing.why_not}")
     out.append(

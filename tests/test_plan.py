@@ -575,3 +575,101 @@ def test_the_plan_shows_micro_batches_where_a_pack_step_runs_in_several(
     text = P.format_plan(p)
     assert re.search(r"rank +targets +per trial GiB +fits +packs +recompute +micro-batches\n", text)
     assert re.search(r"\n  8 +all-linear +[0-9.e-]+ +\d+ +4 +no +2\n", text), text
+
+
+def write_sweep_run(path: Path, **fields: object) -> Path:
+    """A benchmarks/pack_sweep.py result as a CUDA run writes it (both sweeps finished), with `fields` overriding."""
+    import json
+
+    record = {
+        "device": "NVIDIA H200",
+        "shape": "tiny",
+        "base_params": 133_440,
+        "seq": 16,
+        "rows_per_step": 8,
+        "pack": 4,
+        "date": "2026-12-05",
+        "ratio": 0.5,
+        **fields,
+    }
+    path.write_text(json.dumps(record))
+    return path
+
+
+def test_where_solo_trials_share_a_gpu_only_a_packed_sweeps_measurement_counts(
+    tmp_path: Path, tiny_config_dir: Path
+) -> None:
+    """pack.py's speed-up is against solo trials one after another; four solo trials sharing a GPU run their host work
+    in four processes at once, which a pack's one process does not. So a sweep whose solo trials share a GPU is planned
+    only with a whole packed sweep's measurement against such trials, and where that measured packing slower, the
+    plan says to keep it off."""
+    import dataclasses
+
+    write_pack_run(tmp_path / "pack_h200_tiny_16.json")  # the very shape, k=4 at 2.5x one after another
+    shared = dataclasses.replace(pack_sweep(tiny_config_dir, gpus_per_worker=0.25), num_samples=40)
+    p = P.plan(shared, cluster_gpus=1, gpu="H200", pack_benchmarks=tmp_path)
+    assert p.concurrent == 4 and p.packing.k == 4
+    assert p.packing.measured is None and p.packed_full_wall_hours is None and p.packed_asha_wall_hours is None
+    assert f"\n  {pack_plan.NO_SHARED_MEASUREMENT}\n" in P.format_plan(p)
+
+    write_sweep_run(tmp_path / "packed_sweep_h200_tiny_unfinished.json", ratio=None)  # one sweep cut short: nothing
+    p = P.plan(shared, cluster_gpus=1, gpu="H200", pack_benchmarks=tmp_path)
+    assert p.packing.measured is None
+
+    write_sweep_run(tmp_path / "packed_sweep_h200_tiny.json")  # packed took twice the solo sweep's wall time
+    p = P.plan(shared, cluster_gpus=1, gpu="H200", pack_benchmarks=tmp_path)
+    m = p.packing.measured
+    assert m is not None and (m.run.file, m.k, m.ratio, m.run.baseline) == (
+        "packed_sweep_h200_tiny.json",
+        4,
+        0.5,
+        pack_plan.SHARING,
+    )
+    # the packable third of the sweep takes 1 / 0.5 of its wall time, the rest as before
+    factor = 2 / 3 + (1 / 3) / 0.5
+    assert p.packed_full_wall_hours == pytest.approx(p.full_wall_hours * factor)
+    assert p.packed_asha_wall_hours == pytest.approx(p.asha_wall_hours * factor) and factor > 1
+    text = P.format_plan(p)
+    assert (
+        "at 0.5x as soon as the same sweep's 4 solo trials sharing the GPU, measured in packed_sweep_h200_tiny" in text
+    )
+    assert "packing measured slower than solo (0.5x): keep resources.pack=1 for this shape" in text
+
+    # one trial a GPU: pack.py's trials one after another are the baseline, and the sweep measurement is not used
+    whole = dataclasses.replace(pack_sweep(tiny_config_dir), num_samples=40)
+    m = P.plan(whole, cluster_gpus=1, gpu="H200", pack_benchmarks=tmp_path).packing.measured
+    assert m is not None and (m.run.file, m.ratio) == ("pack_h200_tiny_16.json", 2.5)
+    assert "keep resources.pack=1" not in P.format_plan(
+        P.plan(whole, cluster_gpus=1, gpu="H200", pack_benchmarks=tmp_path)
+    )
+
+
+def test_bad_packed_sweep_benchmarks_name_field_value_and_fix(tmp_path: Path, tiny_config_dir: Path) -> None:
+    write_sweep_run(tmp_path / "packed_sweep_a.json", pack=1, ratio=-1, date="5 Dec 2026", seq="long", base_params=0)
+    (tmp_path / "packed_sweep_b.json").write_text("[1, 2]")
+    shared = pack_sweep(tiny_config_dir, gpus_per_worker=0.5)
+    with pytest.raises(ConfigError) as raised:
+        P.plan(shared, cluster_gpus=1, gpu="H200", pack_benchmarks=tmp_path)
+    problems = {
+        (Path(p.field.split(":")[0]).name, Path(p.field.split(": ")[-1]).name, p.value) for p in raised.value.problems
+    }
+    assert problems == {
+        ("packed_sweep_a.json", "pack", 1),
+        ("packed_sweep_a.json", "ratio", -1),
+        ("packed_sweep_a.json", "date", "5 Dec 2026"),
+        ("packed_sweep_a.json", "seq", "long"),
+        ("packed_sweep_a.json", "base_params", 0),
+        ("packed_sweep_b.json", "packed_sweep_b.json", "list"),
+    }
+    assert all("rerun benchmarks/pack_sweep.py to rewrite packed_sweep_" in p.fix for p in raised.value.problems)
+    assert "cannot read the packed-sweep benchmarks: 6 problem(s)" in str(raised.value)
+
+
+def test_the_committed_benchmarks_read_and_the_smollm2_shape_is_planned_against_sharing_trials() -> None:
+    """The files in benchmarks/ parse, and the SmolLM2-shaped packed sweep measured on the H100 is the one a
+    SmolLM2-sized sweep sharing a GPU gets."""
+    runs = pack_plan.sweep_runs(pack_plan.PACK_BENCHMARKS)
+    assert runs and all(r.baseline == pack_plan.SHARING and r.gpu for r in runs)
+    assert pack_plan.pack_runs(pack_plan.PACK_BENCHMARKS)  # none of the sweep files is read as a pack.py run
+    pick = pack_plan.measured_ratio(runs, params=134_515_008, seq=512, rows=8, k=4, gpu="H100")
+    assert pick is not None and pick.run.file.startswith("packed_sweep_") and pick.run.base == "random_base 135m"

@@ -3,7 +3,7 @@
 # (files under /tmp last while the machine stays warm; each call carries under 64 MiB):
 #
 #   bash benchmarks/device_wheels.sh                  # .whl/  (Ray, TRL, datasets, DeepSpeed, bitsandbytes, Liger)
-#   mkdir .whlb && cp <set B wheels> .whlb/           # lm-eval, MLflow (skinny + tracing), Optuna, plotly, gguf + deps
+#   bash benchmarks/device_wheels_b.sh               # .whlb/ (lm-eval, MLflow skinny + tracing, Optuna, plotly, gguf + deps)
 #   head/tail -c the GGUF into .g1/part (20 MB), .g2/part (58 MB), .g3/part (the rest)
 #   call 1: carry [".whl"]            bash benchmarks/smollm2_device.sh wheels .whl
 #   call 2: carry [".whlb", ".g1"]    bash benchmarks/smollm2_device.sh wheels .whlb .g1

@@ -15,9 +15,10 @@ import datetime
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from lora_search.config import ConfigError, Problem, Sweep
 from lora_search.memory import (
@@ -150,17 +151,9 @@ def pack_runs(directory: str | Path) -> list[PackRun]:
     A run is from a GPU when its device is not "cpu" and it trained under bf16 autocast: benchmarks/pack.py writes
     torch.cuda.get_device_name() and autocast "bf16" on CUDA, the processor ("x86_64") and no autocast on a CPU,
     whose ratios say nothing of a GPU. Raises ConfigError naming every malformed field of every file."""
-    runs, problems = [], []
-    for path in sorted(Path(directory).glob("pack_*.json")):
-        fix = f"rerun benchmarks/pack.py to rewrite {path.name}, or move it out of {path.parent}"
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            problems.append(Problem(str(path), None, f"cannot be read as JSON ({e})", fix))
-            continue
-        if not isinstance(record, dict):
-            problems.append(Problem(str(path), type(record).__name__, "is not a JSON object", fix))
-            continue
+    runs: list[PackRun] = []
+    problems: list[Problem] = []
+    for path, record, fix in _records(directory, "pack_*.json", "pack.py", problems):
         found = [
             Problem(f"{path}: {name}", record.get(name), why, fix)
             for name, ok, why in (
@@ -222,17 +215,9 @@ def sweep_runs(directory: str | Path) -> list[PackRun]:
     wall time) and whose baseline is `SHARING`. A file where one of the two sweeps did not finish (no `ratio`) measured
     nothing and is left out; GPU runs only count, as in `pack_runs`. Raises ConfigError naming every malformed field of
     every file."""
-    runs, problems = [], []
-    for path in sorted(Path(directory).glob("packed_sweep_*.json")):
-        fix = f"rerun benchmarks/pack_sweep.py to rewrite {path.name}, or move it out of {path.parent}"
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            problems.append(Problem(str(path), None, f"cannot be read as JSON ({e})", fix))
-            continue
-        if not isinstance(record, dict):
-            problems.append(Problem(str(path), type(record).__name__, "is not a JSON object", fix))
-            continue
+    runs: list[PackRun] = []
+    problems: list[Problem] = []
+    for path, record, fix in _records(directory, "packed_sweep_*.json", "pack_sweep.py", problems):
         ratio, date, k, size = (record.get(f) for f in ("ratio", "date", "pack", "base_params"))
         date = date if date is not None else ""
         found = [
@@ -279,6 +264,24 @@ def sweep_runs(directory: str | Path) -> list[PackRun]:
     if problems:
         raise ConfigError(problems, header="cannot read the packed-sweep benchmarks")
     return runs
+
+
+def _records(
+    directory: str | Path, pattern: str, script: str, problems: list[Problem]
+) -> Iterator[tuple[Path, dict[str, Any], str]]:
+    """Each file of `directory` matching `pattern` (name order) that holds a JSON object: (path, object, the fix a
+    problem with it names: rerun benchmarks/`script`). A file that is not one is added to `problems` and skipped."""
+    for path in sorted(Path(directory).glob(pattern)):
+        fix = f"rerun benchmarks/{script} to rewrite {path.name}, or move it out of {path.parent}"
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            problems.append(Problem(str(path), None, f"cannot be read as JSON ({e})", fix))
+            continue
+        if not isinstance(record, dict):
+            problems.append(Problem(str(path), type(record).__name__, "is not a JSON object", fix))
+            continue
+        yield path, record, fix
 
 
 def _iso_date(x: object) -> bool:

@@ -8,6 +8,11 @@ objective. The same space, seed and ASHA budget twice, one after the other in fr
 - solo: `Resources(gpus_per_worker=1/k)`, k trials at a time sharing the GPU (as `sweeps/smollm2.py` runs solo);
 - packed: `Resources(gpus_per_worker=1, pack=k)`, one pack host holding the base once for k trials at a time.
 
+With `--hosts H`, both run H x k trials at a time: solo at 1/(H x k) of the GPU each, packed as H pack hosts of k
+trials, each host on 1/H of the GPU (as `SMOLLM2_PACK=k` packs `sweeps/smollm2.py`'s 0.25-GPU shares). One host
+(the default) sets one process against k; H hosts give the packs as many processes for their host work as H solo
+trials would have, each process doing k trials' steps.
+
 Only packable variants (lora, rslora, loraplus) are drawn, so every trial of the packed sweep packs. Prints and writes
 each sweep's wall time (the driver's `run`, Ray's start included), the ratio, each trial's ending and eval loss, and
 the frontier (completed trials on `pareto`) of each. The base is random, so its losses say nothing about quality;
@@ -39,14 +44,14 @@ def sweep_for(args: argparse.Namespace, base_dir: Path, data: Path, packed: bool
     from lora_search import BaseModel, Budget, Dataset, Resources, SearchSpace, Sweep
 
     gpu = torch.cuda.is_available()
-    k, cpus = args.pack, 2 if gpu else 1  # a CPU check: the pack host's share leaves a core for the trials
+    k, hosts, cpus = args.pack, args.hosts, 2 if gpu else 1  # a CPU check: a pack host's share leaves a core
     if packed:
-        resources = Resources(workers=1, gpus_per_worker=1 if gpu else 0, cpus_per_worker=cpus, pack=k)
+        resources = Resources(workers=1, gpus_per_worker=1 / hosts if gpu else 0, cpus_per_worker=cpus, pack=k)
     else:
-        resources = Resources(workers=1, gpus_per_worker=1 / k if gpu else 0, cpus_per_worker=cpus)
+        resources = Resources(workers=1, gpus_per_worker=1 / (hosts * k) if gpu else 0, cpus_per_worker=cpus)
     rung = max(1, args.steps // 4)
     return Sweep(
-        name=f"pack_sweep_{args.shape}_{'packed' if packed else 'solo'}{k}",
+        name=f"pack_sweep_{args.shape}_{'packed' if packed else 'solo'}{k}" + (f"x{hosts}" if hosts > 1 else ""),
         base=BaseModel(str(base_dir), dtype="bfloat16" if gpu else "float32"),
         dataset=Dataset(str(data / "train.jsonl"), eval_path=str(data / "eval.jsonl"), max_length=args.seq),
         space=SearchSpace(
@@ -60,7 +65,7 @@ def sweep_for(args: argparse.Namespace, base_dir: Path, data: Path, packed: bool
         resources=resources,
         search="random",
         num_samples=args.trials,
-        max_concurrent_trials=k,
+        max_concurrent_trials=hosts * k,
         seed=0,
         scheduler="asha",
         output_dir=str(args.work / "reports"),
@@ -106,6 +111,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=512, help="tokens a row (every row exactly this long)")
     parser.add_argument("--bs", type=int, default=8, help="rows a trial's step")
     parser.add_argument("--pack", type=int, default=4, help="k: trials a pack, and solo trials sharing the GPU")
+    parser.add_argument("--hosts", type=int, default=1, help="H: pack hosts on the GPU (solo: H x k trials at once)")
     parser.add_argument("--trials", type=int, default=16, help="configurations drawn (the same in both sweeps)")
     parser.add_argument("--steps", type=int, default=60, help="a trial's full budget; rungs at a quarter of it")
     parser.add_argument("--order", default="packed,solo", help="which sweep first (a warm cache helps the later)")
@@ -132,6 +138,7 @@ def main() -> None:
         "seq": args.seq,
         "rows_per_step": args.bs,
         "pack": args.pack,
+        "hosts": args.hosts,
         "trials": args.trials,
         "max_steps": args.steps,
         "date": time.strftime("%Y-%m-%d"),
@@ -152,7 +159,8 @@ def main() -> None:
         result["same_frontier"] = front == {config_key(t) for t in packed["trials"] if t["pareto"]}
         (args.out / "packed_sweep.json").write_text(json.dumps(result, indent=1) + "\n")
         print(
-            f"\n{result['device']}: {args.trials} trials of {args.shape} at {args.seq} tokens, ASHA, k = {args.pack}: "
+            f"\n{result['device']}: {args.trials} trials of {args.shape} at {args.seq} tokens, ASHA, "
+            f"k = {args.pack}, {args.hosts} host(s): "
             f"solo {solo['wall_s']} s, packed {packed['wall_s']} s, x{result['ratio']} sooner; same endings "
             f"{result['same_endings']}; same frontier: {result['same_frontier']}"
         )

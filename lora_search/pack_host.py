@@ -100,11 +100,16 @@ def host_name(sweep: Sweep, index: int) -> str:
 
 
 def hosts(sweep: Sweep, cluster: dict[str, float]) -> int:
-    """Hosts the cluster holds at most: one per device a trial would get."""
+    """Hosts the cluster holds at most: one per device a trial would get, and no more than its CPUs place with their
+    trials (a host reserves `cpus_per_worker`, each of its `pack` trials `PACKED_TRIAL_CPU`). A host beyond that
+    could not be placed, and the trials attaching to it would wait for it for ever; with the count right, a trial
+    that finds every placeable host full fails with `host_for`'s error instead (seen on a 2-CPU machine: two hosts
+    of 1 CPU and 2 trials each, the second host pending while its two trials waited, the sweep never ending)."""
     r = sweep.resources
-    if r.gpus_per_worker > 0:
-        return max(1, math.floor(cluster.get("GPU", 0) / r.gpus_per_worker))
-    return max(1, math.floor(cluster.get("CPU", 0) / max(r.cpus_per_worker, 1e-9)))
+    per_host_cpu = r.cpus_per_worker + r.pack * PACKED_TRIAL_CPU
+    by_cpu = math.floor(cluster.get("CPU", 0) / per_host_cpu + 1e-9)
+    by_device = math.floor(cluster.get("GPU", 0) / r.gpus_per_worker + 1e-9) if r.gpus_per_worker > 0 else by_cpu
+    return max(1, min(by_device, by_cpu))
 
 
 def journal(storage_path: str | Path, index: int) -> Path:

@@ -96,6 +96,9 @@ class PackRun:
     date: str = ""
     """The file's `date` (ISO, as benchmarks/pack.py writes it; "" where absent): of two runs as near, the newer
     measured the trial path as it is now."""
+    hosts: int = 1
+    """A whole sweep's measurement: the pack hosts that shared the GPU, each of k trials (against hosts x k solo
+    trials sharing it); 1 for benchmarks/pack.py's runs."""
     baseline: str = "one after another"
     """What the packs were set against: solo trials "one after another" on a warm base (benchmarks/pack.py,
     trial-steps/s), or the same sweep's solo trials `SHARING` the GPU (benchmarks/pack_sweep.py, wall time)."""
@@ -218,8 +221,8 @@ def sweep_runs(directory: str | Path) -> list[PackRun]:
     runs: list[PackRun] = []
     problems: list[Problem] = []
     for path, record, fix in _records(directory, "packed_sweep_*.json", "pack_sweep.py", problems):
-        ratio, date, k, size = (record.get(f) for f in ("ratio", "date", "pack", "base_params"))
-        date = date if date is not None else ""
+        ratio, date, k, size, hosts = (record.get(f) for f in ("ratio", "date", "pack", "base_params", "hosts"))
+        date, hosts = date if date is not None else "", hosts if hosts is not None else 1
         found = [
             Problem(f"{path}: {name}", record.get(name), why, fix)
             for name, ok, why in (
@@ -228,6 +231,7 @@ def sweep_runs(directory: str | Path) -> list[PackRun]:
                 ("seq", _positive_int(record.get("seq")), "must be a positive whole number of tokens"),
                 ("rows_per_step", _positive_int(record.get("rows_per_step")), "must be a positive whole number"),
                 ("pack", _positive_int(k) and k >= 2, "must be a whole number of trials, 2 or more"),
+                ("hosts", _positive_int(hosts), "must be a positive whole number of pack hosts (absent: 1)"),
                 (
                     "ratio",
                     ratio is None
@@ -258,6 +262,7 @@ def sweep_runs(directory: str | Path) -> list[PackRun]:
                 rows_per_trial=record["rows_per_step"],
                 ratios=((k, float(ratio)),),
                 date=date,
+                hosts=hosts,
                 baseline=SHARING,
             )
         )

@@ -573,7 +573,8 @@ def format_plan(p: Plan) -> str:
     if m is not None:
         run = m.run
         against = (
-            f"{m.ratio:g}x as soon as the same sweep's {m.k} solo trials sharing the GPU, measured in {run.file}"
+            f"{m.ratio:g}x as soon as the same sweep's {m.k * run.hosts} solo trials sharing the GPU ({run.hosts} pack "
+            f"host(s) of {m.k} on it), measured in {run.file}"
             if run.baseline == SHARING
             else f"{m.ratio:g}x the solo trial-steps/s, measured in {run.file} row k={m.k}"
         )

@@ -188,6 +188,24 @@ def test_pack_needs_one_device_per_host_and_says_why_variants_train_solo(tiny_mo
     assert pack_host.trial_resources(sweep, "dora", {"CPU": 1.0}) == {"CPU": 1.0}
 
 
+def test_a_sweep_counts_only_the_pack_hosts_its_cluster_can_place(tiny_model_dir: Path) -> None:
+    """A host reserves its worker's CPUs and each of its trials `PACKED_TRIAL_CPU`: on 2 CPUs, hosts of 1 CPU and 2
+    trials each (1.2 CPUs) fit once, not twice (a second would never be placed, and its trials would wait on it for
+    ever); GPUs bound the count by the worker's share, CPUs still cap it."""
+
+    def sweep(**resources: float) -> Sweep:
+        return Sweep(name="x", base=BaseModel(str(tiny_model_dir)), dataset=Dataset("d.jsonl"),
+                     resources=Resources(**resources))  # type: ignore[arg-type]  # fmt: skip
+
+    assert pack_host.hosts(sweep(pack=2, cpus_per_worker=1), {"CPU": 2.0}) == 1
+    assert pack_host.hosts(sweep(pack=2, cpus_per_worker=1), {"CPU": 2.4}) == 2  # 2 x 1.2
+    assert pack_host.hosts(sweep(pack=4, cpus_per_worker=1), {"CPU": 1.0}) == 1  # never fewer than one
+    gpu = {"CPU": 16.0, "GPU": 1.0}
+    assert pack_host.hosts(sweep(pack=4, cpus_per_worker=2, gpus_per_worker=0.25), gpu) == 4  # 4 x 2.4 CPUs fit
+    assert pack_host.hosts(sweep(pack=4, cpus_per_worker=2, gpus_per_worker=0.25), {**gpu, "CPU": 5.0}) == 2
+    assert pack_host.hosts(sweep(pack=4, cpus_per_worker=2, gpus_per_worker=1), {**gpu, "GPU": 2.0}) == 2
+
+
 def test_a_host_detaches_an_adapter_that_stopped_stepping_and_steps_without_a_late_one(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:

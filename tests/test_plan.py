@@ -631,7 +631,8 @@ def test_where_solo_trials_share_a_gpu_only_a_packed_sweeps_measurement_counts(
     assert p.packed_asha_wall_hours == pytest.approx(p.asha_wall_hours * factor) and factor > 1
     text = P.format_plan(p)
     assert (
-        "at 0.5x as soon as the same sweep's 4 solo trials sharing the GPU, measured in packed_sweep_h200_tiny" in text
+        "at 0.5x as soon as the same sweep's 4 solo trials sharing the GPU (1 pack host(s) of 4 on it), measured in "
+        "packed_sweep_h200_tiny" in text
     )
     assert "packing measured slower than solo (0.5x): keep resources.pack=1 for this shape" in text
 
@@ -645,7 +646,9 @@ def test_where_solo_trials_share_a_gpu_only_a_packed_sweeps_measurement_counts(
 
 
 def test_bad_packed_sweep_benchmarks_name_field_value_and_fix(tmp_path: Path, tiny_config_dir: Path) -> None:
-    write_sweep_run(tmp_path / "packed_sweep_a.json", pack=1, ratio=-1, date="5 Dec 2026", seq="long", base_params=0)
+    write_sweep_run(
+        tmp_path / "packed_sweep_a.json", pack=1, ratio=-1, date="5 Dec 2026", seq="long", base_params=0, hosts=0.5
+    )
     (tmp_path / "packed_sweep_b.json").write_text("[1, 2]")
     shared = pack_sweep(tiny_config_dir, gpus_per_worker=0.5)
     with pytest.raises(ConfigError) as raised:
@@ -659,10 +662,11 @@ def test_bad_packed_sweep_benchmarks_name_field_value_and_fix(tmp_path: Path, ti
         ("packed_sweep_a.json", "date", "5 Dec 2026"),
         ("packed_sweep_a.json", "seq", "long"),
         ("packed_sweep_a.json", "base_params", 0),
+        ("packed_sweep_a.json", "hosts", 0.5),
         ("packed_sweep_b.json", "packed_sweep_b.json", "list"),
     }
     assert all("rerun benchmarks/pack_sweep.py to rewrite packed_sweep_" in p.fix for p in raised.value.problems)
-    assert "cannot read the packed-sweep benchmarks: 6 problem(s)" in str(raised.value)
+    assert "cannot read the packed-sweep benchmarks: 7 problem(s)" in str(raised.value)
 
 
 def test_the_committed_benchmarks_read_and_the_smollm2_shape_is_planned_against_sharing_trials() -> None:

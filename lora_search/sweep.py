@@ -449,11 +449,12 @@ def run(
         tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_errored=False, restart_errored=False)
     else:
         asha_state.unlink(missing_ok=True)  # of an earlier sweep by this name whose Ray state was unusable
-        n_concurrent = trials_at_once(sweep, ray.cluster_resources())
+        cluster = ray.cluster_resources()
+        n_concurrent = trials_at_once(sweep, cluster)
         if sweep.resources.pack > 1 and sweep.max_concurrent_trials is None:
             # up to `pack` trials share each device, over the hosts the cluster can place (CPUs can cap them below
             # the devices: `pack_host.hosts`; a trial beyond them would find every host full)
-            n_concurrent = min(n_concurrent, pack_host.hosts(sweep, ray.cluster_resources())) * sweep.resources.pack
+            n_concurrent = min(n_concurrent, pack_host.hosts(sweep, cluster)) * sweep.resources.pack
         print(
             f"sweep {sweep.name!r}: {sweep.num_samples} sample(s), search={sweep.search}, "
             f"ASHA rungs at steps {space.rungs(sweep)} of {sweep.budget.max_steps}, "

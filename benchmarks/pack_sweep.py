@@ -118,6 +118,16 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/pack_sweep"))
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    bad = [f"--{name} {value}: give {want}" for name, value, ok, want in (
+        ("pack", args.pack, args.pack >= 2, "2 or more trials a pack"),
+        ("hosts", args.hosts, args.hosts >= 1, "1 or more pack hosts"),
+        ("trials", args.trials, args.trials >= 1, "1 or more configurations"),
+        ("steps", args.steps, args.steps >= 1, "1 or more steps"),
+        ("seq", args.seq, args.seq >= 1, "1 or more tokens a row"),
+        ("bs", args.bs, args.bs >= 1, "1 or more rows a step"),
+    ) if not ok]  # fmt: skip
+    if bad:
+        parser.error("; ".join(bad))
     import random_base
     import speed
     import torch

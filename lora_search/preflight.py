@@ -9,6 +9,7 @@ what this machine has installed. Ray is never started here.
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 from typing import TYPE_CHECKING
 
@@ -106,6 +107,7 @@ def _local_fit(sweep: Sweep) -> list[Problem]:
                 f"use fewer workers or cpus_per_worker (at most {cores} in all), or run on a cluster (RAY_ADDRESS)",
             )
         )
+    out.extend(_pack_host_fit(sweep, cores))
     if r.gpus_per_worker > 0:
         import torch
 
@@ -121,6 +123,37 @@ def _local_fit(sweep: Sweep) -> list[Problem]:
                 )
             )
     return out
+
+
+def _pack_host_fit(sweep: Sweep, cores: int) -> list[Problem]:
+    """A pack host reserves `cpus_per_worker` CPUs and each packed trial beside it `PACKED_TRIAL_CPU`: where the
+    two together exceed this machine, the trials take their CPUs first, the host is never placed, and they wait for
+    it for ever (seen on a 2-CPU machine with cpus_per_worker=2). `pack_host.hosts` caps the hosts of a machine
+    that can place one; this is the case where none can."""
+    from lora_search.pack_host import PACKED_TRIAL_CPU, solo_reasons
+
+    r = sweep.resources
+    if r.pack <= 1 or len(solo_reasons(sweep)) == len(sweep.space.variants):
+        return []  # packing off, or no variant of the sweep packs
+    trials = r.pack if sweep.max_concurrent_trials is None else min(r.pack, sweep.max_concurrent_trials)
+    need = r.cpus_per_worker + trials * PACKED_TRIAL_CPU
+    if need <= cores + 1e-9:
+        return []
+    room = cores - trials * PACKED_TRIAL_CPU
+    most_pack = math.floor((cores - r.cpus_per_worker) / PACKED_TRIAL_CPU + 1e-9)
+    fixes = [f"cpus_per_worker to at most {room:g}"] if room > 0 else []
+    fixes += [f"pack to at most {most_pack}"] if most_pack >= 2 else []
+    fix = f"set {' or '.join(fixes)}" if fixes else "use fewer cpus_per_worker and a smaller pack"
+    return [
+        Problem(
+            "resources",
+            f"cpus_per_worker={r.cpus_per_worker:g} with pack={r.pack}",
+            f"a pack host needs {need:g} CPUs (its cpus_per_worker, and {PACKED_TRIAL_CPU:g} for each of its "
+            f"{trials} trials); this machine has {cores}, so the host would never start and its trials would wait "
+            "for ever",
+            f"{fix}, or run on a cluster (RAY_ADDRESS)",
+        )
+    ]
 
 
 def _output_problems(sweep: Sweep) -> list[Problem]:

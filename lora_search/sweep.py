@@ -135,6 +135,16 @@ def trials_at_once(sweep: Sweep, cluster: dict[str, float]) -> int:
     return max(1, min(fits))
 
 
+def tune_concurrency(sweep: Sweep, cluster: dict[str, float]) -> int:
+    """Tune's `max_concurrent_trials`: `trials_at_once`, and in a packed sweep (set no `max_concurrent_trials` of
+    its own) up to `pack` trials on each pack host the cluster can place. CPUs can cap the hosts below the devices
+    (`pack_host.hosts`); a trial beyond them would find every host full."""
+    n = trials_at_once(sweep, cluster)
+    if sweep.resources.pack > 1 and sweep.max_concurrent_trials is None:
+        n = min(n, pack_host.hosts(sweep, cluster)) * sweep.resources.pack
+    return n
+
+
 class SweepInterrupted(RuntimeError):
     """The driver stopped (Ctrl+C, SIGINT) before every trial ended; Ray saved the state, a rerun resumes it."""
 
@@ -449,12 +459,7 @@ def run(
         tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_errored=False, restart_errored=False)
     else:
         asha_state.unlink(missing_ok=True)  # of an earlier sweep by this name whose Ray state was unusable
-        cluster = ray.cluster_resources()
-        n_concurrent = trials_at_once(sweep, cluster)
-        if sweep.resources.pack > 1 and sweep.max_concurrent_trials is None:
-            # up to `pack` trials share each device, over the hosts the cluster can place (CPUs can cap them below
-            # the devices: `pack_host.hosts`; a trial beyond them would find every host full)
-            n_concurrent = min(n_concurrent, pack_host.hosts(sweep, cluster)) * sweep.resources.pack
+        n_concurrent = tune_concurrency(sweep, ray.cluster_resources())
         print(
             f"sweep {sweep.name!r}: {sweep.num_samples} sample(s), search={sweep.search}, "
             f"ASHA rungs at steps {space.rungs(sweep)} of {sweep.budget.max_steps}, "

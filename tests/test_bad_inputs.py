@@ -170,6 +170,12 @@ CASES: dict[str, tuple[str, object, object, tuple[str, ...]]] = {
         None,
         ("resources", "256 CPUs", "no trial would ever start"),
     ),
+    "pack-host-beyond-machine": (  # the host's CPUs fit, but not beside its trials' own: it would never start
+        "resources=Resources(cpus_per_worker=__import__('os').cpu_count(), pack=4)",
+        None,
+        None,
+        ("resources", "with pack=4", "would never start", "cpus_per_worker to at most"),
+    ),
     "output-dir-is-a-file": ("output_dir=DATA", None, None, ("output_dir", "is a file")),
     "sweep-file-syntax": ("num_samples=)", None, None, ("sweep_file.py:4", "SyntaxError")),
     "sweep-file-keyword": ("nmae='x'", None, None, ("sweep_file.py:4", "unexpected keyword argument 'nmae'")),

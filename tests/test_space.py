@@ -6,7 +6,7 @@ import pytest
 
 from lora_search import BaseModel, Budget, Dataset, Resources, SearchSpace, Sweep, space
 from lora_search.records import trial_params
-from lora_search.sweep import trials_at_once
+from lora_search.sweep import trials_at_once, tune_concurrency
 
 
 def _sweep(**changes) -> Sweep:
@@ -82,3 +82,19 @@ def test_concurrent_trials_fit_the_cluster() -> None:
     assert trials_at_once(gpu, {"CPU": 64.0, "GPU": 8.0}) == 4
     assert trials_at_once(_sweep(max_concurrent_trials=3), {"CPU": 64.0}) == 3
     assert trials_at_once(_sweep(), {"CPU": 0.5}) == 1  # never 0: Tune would queue the trials forever
+
+
+def test_a_packed_sweep_runs_pack_trials_on_each_placeable_host() -> None:
+    """Packed: `pack` trials per host, the hosts capped by devices and by CPUs (`pack_host.hosts`); a sweep's own
+    max_concurrent_trials wins; packing off leaves `trials_at_once`."""
+    one_gpu = {"CPU": 16.0, "GPU": 1.0}
+    quarter = _sweep(resources=Resources(cpus_per_worker=2, gpus_per_worker=0.25, pack=4))
+    assert tune_concurrency(quarter, one_gpu) == 16  # 4 hosts of 2.4 CPUs on 16 CPUs, 4 trials each
+    assert tune_concurrency(quarter, {**one_gpu, "CPU": 5.0}) == 8  # CPUs place 2 hosts only
+    whole = _sweep(resources=Resources(cpus_per_worker=2, gpus_per_worker=1, pack=4))
+    assert tune_concurrency(whole, one_gpu) == 4
+    assert tune_concurrency(whole, {**one_gpu, "GPU": 2.0}) == 8
+    assert (
+        tune_concurrency(_sweep(resources=Resources(gpus_per_worker=1, pack=4), max_concurrent_trials=3), one_gpu) == 3
+    )
+    assert tune_concurrency(_sweep(resources=Resources(gpus_per_worker=1)), one_gpu) == 1

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -48,7 +49,9 @@ def sweep_for(args: argparse.Namespace, base_dir: Path, data: Path, packed: bool
     if packed:
         resources = Resources(workers=1, gpus_per_worker=1 / hosts if gpu else 0, cpus_per_worker=cpus, pack=k)
     else:
-        resources = Resources(workers=1, gpus_per_worker=1 / (hosts * k) if gpu else 0, cpus_per_worker=cpus)
+        # every solo trial at once, as many as the packs hold: 1 CPU each where 2 would not fit them all
+        solo_cpus = cpus if hosts * k * cpus <= (os.cpu_count() or 1) else 1
+        resources = Resources(workers=1, gpus_per_worker=1 / (hosts * k) if gpu else 0, cpus_per_worker=solo_cpus)
     rung = max(1, args.steps // 4)
     return Sweep(
         name=f"pack_sweep_{args.shape}_{'packed' if packed else 'solo'}{k}" + (f"x{hosts}" if hosts > 1 else ""),

@@ -14,7 +14,8 @@
 #                                            # its profiles: kernels and where the GPU waited on the host (idle_*.txt)
 #   bash benchmarks/device_round.sh pack_sweep  # benchmarks/pack_sweep.py: 16 trials of the 1.1B shape, ASHA, packed 4
 #                                            # to the GPU, then 4 solo sharing it: wall time, endings, frontier (only
-#                                            # .whl carried: random base, no golden sets, MLflow off)
+#                                            # .whl carried: random base, no golden sets, MLflow off); SHAPE=135m,
+#                                            # HOSTS=4 (4 hosts of 4 against 16 solo), TRIALS=32
 #   bash benchmarks/device_round.sh sweep    # sweeps/smollm2.py packed 4 to a GPU, then solo: wall time and
 #                                            # frontier (each stopped with SIGINT at half the call; rerun resumes)
 #
@@ -80,8 +81,8 @@ varlen)
     --accum 4 --steps 16 --paths "${PATHS:-trl,padded,grouped,flex,auto}"
   ;;
 pack_sweep)
-  step pack_sweep python benchmarks/pack_sweep.py --shape "${SHAPE:-1b}" --seq 512 --pack 4 --trials 16 --steps 60 \
-    --work /tmp/pack_sweep --out "$OUT"
+  step pack_sweep python benchmarks/pack_sweep.py --shape "${SHAPE:-1b}" --seq 512 --pack 4 --hosts "${HOSTS:-1}" \
+    --trials "${TRIALS:-16}" --steps 60 --work /tmp/pack_sweep --out "$OUT"
   ;;
 sweep)
   export LORA_SEARCH_OUTPUT_DIR=/tmp/reports  # smollm2-pack4/ and smollm2/ (the solo sweep took 254 s, 2026-12-04)

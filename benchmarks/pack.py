@@ -307,9 +307,20 @@ def main() -> None:
     args = parser.parse_args()
     global PROFILE_DIR
     PROFILE_DIR = args.profile
-    assert max(args.ks) <= len(TRIALS) and args.skip < args.steps
     args.products = {p.strip() for p in args.products.split(",")}
-    assert args.products <= {"auto", "loop", "bmm", "masked"} and "auto" in args.products, args.products
+    paths = ("auto", "loop", "bmm", "masked")
+    bad = [f"--{name} {value}: give {want}" for name, value, ok, want in (
+        ("ks", " ".join(map(str, args.ks)), all(1 <= k <= len(TRIALS) for k in args.ks),
+         f"packs of 1 to {len(TRIALS)}"),
+        ("skip", args.skip, 0 <= args.skip < args.steps, f"0 to {args.steps - 1} (fewer than --steps)"),
+        ("steps", args.steps, args.steps >= 1, "1 or more"),
+        ("bs", args.bs, args.bs >= 1, "1 or more rows"),
+        ("seq", args.seq, args.seq >= 2, "2 or more tokens"),
+        ("products", ",".join(sorted(args.products)), args.products <= set(paths) and "auto" in args.products,
+         f"auto and any of {', '.join(paths[1:])}, e.g. --products auto,masked (auto sets `ratio`)"),
+    ) if not ok]  # fmt: skip
+    if bad:
+        parser.error("; ".join(bad))
     import torch
 
     from lora_search import pack_layers

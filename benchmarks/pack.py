@@ -213,13 +213,13 @@ def dispatched(step: Any, device: str, name: str = "") -> dict[str, int]:
     """What one pack step dispatches, counted by torch's profiler: aten operators (each is host work: Python,
     dispatch, and on a GPU a kernel launch or more), and on CUDA the kernels launched. A step bound by the host
     scales with these, not with its FLOPs. With `--profile` (`PROFILE_DIR`), the step's operators by count go to
-    `<name>_ops.txt`, and on CUDA its kernel table and idle table (`lora_search.idle`: where the GPU waited on the
-    host) to `<name>_kernels.txt` and `<name>_idle.txt`."""
+    `<name>_ops.txt` (and by the code that called them to `<name>_callers.txt`), and on CUDA its kernel table and
+    idle table (`lora_search.idle`: where the GPU waited on the host) to `<name>_kernels.txt` and `<name>_idle.txt`."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, with_stack=PROFILE_DIR is not None and bool(name)) as prof:
         with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
             step()
     events = prof.events()
@@ -232,6 +232,7 @@ def dispatched(step: Any, device: str, name: str = "") -> dict[str, int]:
         PROFILE_DIR.mkdir(parents=True, exist_ok=True)
         by_count = prof.key_averages().table(sort_by="count", row_limit=40, max_name_column_width=60)
         (PROFILE_DIR / f"{name}_ops.txt").write_text(by_count)  # the host's operators, most called first
+        (PROFILE_DIR / f"{name}_callers.txt").write_text(callers(events))  # which code the operators come from
         if device == "cuda":
             from lora_search.callbacks import idle_table
 
@@ -239,6 +240,34 @@ def dispatched(step: Any, device: str, name: str = "") -> dict[str, int]:
             (PROFILE_DIR / f"{name}_kernels.txt").write_text(table)
             (PROFILE_DIR / f"{name}_idle.txt").write_text(idle_table(prof, PROFILE_DIR / f"{name}.trace.json"))
     return counts
+
+
+CALLER_PATHS = ("lora_search/", "peft/", "transformers/models/", "transformers/loss", "torch/optim/", "liger_kernel/")
+"""Code whose lines `callers` charges operators to: ours, then the libraries a step runs through."""
+
+
+def callers(events: Any) -> str:
+    """The step's top-level aten operators (not those inside another aten operator) counted by the innermost Python
+    line of `CALLER_PATHS` they ran under (the profiler's Python events, `with_stack`): which lines of a pack step
+    dispatch more as k grows. torch's `group_by_stack_n` table does not attribute operators to Python frames."""
+    from collections import Counter
+
+    by_line: Counter[str] = Counter()
+    for e in events:
+        if not e.name.startswith("aten::"):
+            continue
+        parent, line = e.cpu_parent, "(no Python caller of CALLER_PATHS)"
+        if parent is not None and parent.name.startswith("aten::"):
+            continue  # inside another operator: charged with it
+        while parent is not None:
+            if any(path in parent.name for path in CALLER_PATHS):
+                line = parent.name.split("site-packages/")[-1]
+                break
+            parent = parent.cpu_parent
+        by_line[line] += 1
+    total = sum(by_line.values())
+    rows = [f"{n:7d}  {n / total:6.1%}  {line}" for line, n in by_line.most_common(60)]
+    return f"{total} top-level aten operators by calling line\n" + "\n".join(rows) + "\n"
 
 
 def peak_gb(device: str) -> float | None:

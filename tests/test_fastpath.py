@@ -692,6 +692,9 @@ def test_training_runs_with_the_heap_frozen_out_of_full_collections() -> None:
         def __init__(self) -> None:
             self.me = self
 
+    # From an unfrozen heap: a PackHost built in this process by another test (tests/test_pack_tune.py) froze it and
+    # never unfreezes (a host's process ends with the host), and leaving the block unfreezes that too.
+    gc.unfreeze()
     before = gc.get_freeze_count()
     kept = Cycle()
     Cycle()  # garbage already: collected, not frozen

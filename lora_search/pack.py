@@ -51,7 +51,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lora_search import fastpath, memory
+from lora_search import fastpath, memory, pack_layers
 from lora_search.config import Schedule
 from lora_search.pack_layers import PackedLinear, Rows, concat, config_problems
 from lora_search.problems import ConfigError, Problem
@@ -284,6 +284,8 @@ class Pack:
                 total[n] = total[n] + loss.detach() if n in total else loss.detach()
         for name in batches:
             self._adapters[name].update()
+        # the masked products' stacked weights, recast from the updated ones in a few kernels for every layer
+        pack_layers.refresh_stacks([layer.last_stack for layer in self._packed.values()])
         values = torch.stack(list(total.values())).tolist()  # the step's one device sync
         return PackStep(
             losses=dict(zip(total, values, strict=True)),

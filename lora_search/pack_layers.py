@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from lora_search.fused_lora import LoraLinear, one_node_dtype
+from lora_search.fused_lora import _as, one_node_dtype
 from lora_search.problems import Problem
 
 if TYPE_CHECKING:
@@ -230,6 +230,104 @@ class _AddIntoRows(torch.autograd.Function):
         return (grad, None, *(grad[rows] for rows in ctx.blocks))
 
 
+@dataclass
+class _Stack:
+    """One layer's adapters of one layout, stacked for `MaskedLoraLinear`: `a` is every adapter's `scaling * A` one
+    under another ((sum of ranks) x in), `b` their B side by side (out x (sum of ranks)), both in the products' dtype
+    (the solo trial's `fused_lora.Casts`, for several adapters). Valid while each source weight keeps the version it
+    was cast at; an optimizer step writes the weights in place, and `refresh_stacks` recasts every stale stack of a
+    pack in a few foreach kernels, where a cat and two casts per layer in every forward did it before."""
+
+    a_src: list[torch.Tensor]
+    b_src: list[torch.Tensor]
+    scalings: list[float]
+    ranks: tuple[int, ...]
+    a: torch.Tensor
+    b: torch.Tensor
+    a_t: torch.Tensor
+    b_t: torch.Tensor
+    """`a.t()` and `b.t()`, as the products read them: views made once, which the in-place recasts keep current."""
+    scale_rows: torch.Tensor
+    """(sum of ranks) x 1, fp32: each row of `a`'s adapter scaling, which A's gradient is multiplied by."""
+    versions: list[int]
+
+    @staticmethod
+    def of(a_src: list[torch.Tensor], b_src: list[torch.Tensor], scalings: list[float], dtype: torch.dtype) -> _Stack:
+        ranks = tuple(t.shape[0] for t in a_src)
+        device = a_src[0].device
+        a = torch.empty(sum(ranks), a_src[0].shape[1], dtype=dtype, device=device)
+        b = torch.empty(b_src[0].shape[0], sum(ranks), dtype=dtype, device=device)
+        column = torch.cat([torch.full((r, 1), float(s)) for r, s in zip(ranks, scalings, strict=True)])
+        return _Stack(list(a_src), list(b_src), list(scalings), ranks, a, b, a.t(), b.t(), column.to(device), [-1])
+
+    def stale(self) -> bool:
+        return self.versions != [t._version for t in (*self.a_src, *self.b_src)]
+
+
+def refresh_stacks(stacks: list[_Stack]) -> int:
+    """Recast the stale `stacks` from their adapters' current weights, in a few foreach kernels for all of them;
+    returns how many. `lora_search.pack.Pack.step` calls it after its optimizer steps with every layer's last stack
+    (`PackedLinear.last_stack`), so the next step's forwards cast nothing; a stack it did not recast (another
+    layout's) is recast by the forward that uses it."""
+    stale = [s for s in stacks if s is not None and s.stale()]
+    if not stale:
+        return 0
+    a_src = [t for s in stale for t in s.a_src]
+    scalings = [c for s in stale for c in s.scalings]
+    with torch.no_grad():
+        a_dst = [v for s in stale for v in s.a.split(s.ranks)]
+        b_dst = [v for s in stale for v in s.b.split(s.ranks, dim=1)]
+        torch._foreach_copy_(a_dst, torch._foreach_mul(a_src, scalings))
+        torch._foreach_copy_(b_dst, [t for s in stale for t in s.b_src])
+    for s in stale:
+        s.versions = [t._version for t in (*s.a_src, *s.b_src)]
+    return len(stale)
+
+
+class MaskedLoraLinear(torch.autograd.Function):
+    """A frozen linear layer and several adapters' LoRA updates as one autograd node, each row of the batch updated
+    by its own adapter only (`PackedLinear._masked`): forward `out = x W^T (+ bias); h = mask * (x a^T);
+    out += h b^T` with `a`, `b` a `_Stack`'s (scalings folded into `a`), backward `dh = mask * (g b)`,
+    `dx = g W + dh a`, A_i's gradient `s_i (dh^T x)` and B_i's `(g^T h)` in each adapter's rank slice, returned to
+    the adapters' own weights (the trailing arguments: every A, then every B). `fused_lora.LoraLinear`'s arithmetic,
+    which the solo trial runs, for a pack; tests/test_pack_layers.py holds it to one adapter at a time."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        mask: torch.Tensor,
+        stack: _Stack,
+        dtype: torch.dtype,
+        *params: torch.Tensor,
+    ) -> torch.Tensor:
+        xc, w = _as(x, dtype), _as(weight, dtype)
+        out = torch.mm(xc, w.t()) if bias is None else torch.addmm(_as(bias, dtype), xc, w.t())
+        h = torch.mm(xc, stack.a_t)
+        h.view(mask.shape[0], -1, h.shape[-1]).mul_(mask)
+        out.addmm_(h, stack.b_t)
+        ctx.save_for_backward(xc, weight, h, mask, stack.a, stack.b, stack.scale_rows)
+        ctx.ranks, ctx.x_dtype = stack.ranks, x.dtype
+        ctx.dtypes = [p.dtype for p in params]
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        xc, weight, h, mask, a, b, scale_rows = ctx.saved_tensors
+        k = len(ctx.ranks)
+        grad = _as(grad, xc.dtype)
+        dh = grad.mm(b)
+        dh.view(mask.shape[0], -1, dh.shape[-1]).mul_(mask)
+        grad_a = _as(dh.t().mm(xc).mul(scale_rows), ctx.dtypes[0]).split(ctx.ranks)  # fp32 scale rows: fp32
+        grad_b = [_as(g, d) for g, d in zip(grad.t().mm(h).split(ctx.ranks, dim=1), ctx.dtypes[k:], strict=True)]
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = _as(grad.mm(_as(weight, xc.dtype)).addmm_(dh, a), ctx.x_dtype)
+        return (dx, None, None, None, None, None, *grad_a, *grad_b)
+
+
 class PackedLinear(nn.Module):
     """A frozen `base_layer` plus per-adapter `lora_A[name]`, `lora_B[name]` (nn.Linear, no bias: PEFT's shapes and
     names), `lora_dropout[name]` and `scaling[name]`."""
@@ -244,6 +342,9 @@ class PackedLinear(nn.Module):
         self.scaling: dict[str, float] = {}
         self._scaling_cache: dict[tuple[Any, ...], torch.Tensor] = {}
         self._masks: dict[tuple[Any, ...], torch.Tensor] = {}
+        self._stacks: dict[tuple[Any, ...], _Stack] = {}
+        self.last_stack: _Stack | None = None
+        """The stack the last masked forward used: `refresh_stacks` recasts it after the optimizer step."""
 
     def add(
         self, name: str, *, r: int, scaling: float, dropout: float, dtype: torch.dtype, init: bool | str = True
@@ -265,13 +366,17 @@ class PackedLinear(nn.Module):
         self.lora_A[name], self.lora_B[name] = a, b
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling[name] = scaling
-        self._scaling_cache.clear()
-        self._masks.clear()
+        self._forget_layouts()
 
     def remove(self, name: str) -> None:
         del self.lora_A[name], self.lora_B[name], self.lora_dropout[name], self.scaling[name]
+        self._forget_layouts()
+
+    def _forget_layouts(self) -> None:
         self._scaling_cache.clear()
         self._masks.clear()
+        self._stacks.clear()
+        self.last_stack = None
 
     @property
     def adapters(self) -> list[str]:
@@ -311,50 +416,77 @@ class PackedLinear(nn.Module):
             dtypes=len({self.lora_A[n].weight.dtype for n in names}),
             features=(self.base_layer.in_features, self.base_layer.out_features),
             batch=x.shape[0],
-            tokens=x[0].numel() // x.shape[-1],
+            tokens=x.numel() // (x.shape[0] * x.shape[-1]),  # ints, not an aten op on x[0]
         )
 
     def _masked(self, x: torch.Tensor, blocks: list[tuple[str, slice]]) -> torch.Tensor:
         """The base's output with every adapter's update in it, in two matrix products for all adapters: the
         adapters' A stacked by rank ((sum of ranks) x in), then B side by side (out x (sum of ranks)), and between them
-        a mask that keeps, in each row, only its own adapter's rank slice, times that adapter's scaling (zeros
-        elsewhere, so other adapters add exact zeros). A fixed number of kernels for any number of adapters, ranks and
-        row counts, at the price of computing every adapter's product on every row (`products` says when that price is
-        small). As the solo trial's fused-lora-add (`fused_lora`): the base product on the tokens as 2-D rows, the
-        second product accumulated into it in place (`addmm_`), and base and adapters one autograd node
-        (`fused_lora.LoraLinear`, the mask its scaling) whose backward adds the adapters' input gradient into the
-        base's the same way. The masks of a step's layout are made once and kept (`_masks`)."""
-        names = [n for n, _ in blocks]
+        a mask that keeps, in each row, only its own adapter's rank slice (zeros elsewhere, so other adapters add
+        exact zeros). A fixed number of kernels for any number of adapters, ranks and row counts, at the price of
+        computing every adapter's product on every row (`products` says when that price is small). As the solo
+        trial's fused-lora-add (`fused_lora`): the base product on the tokens as 2-D rows, the second product
+        accumulated into it in place (`addmm_`), and base and adapters one autograd node (`MaskedLoraLinear`) whose
+        backward adds the adapters' input gradient into the base's the same way. The stacked weights come cast, with
+        each adapter's scaling folded into its A rows, from `_Stack` (made once per layout, recast in place after
+        each optimizer step by `refresh_stacks`), so a step's forward neither concatenates nor casts a weight."""
+        names = tuple(n for n, _ in blocks)
+        tokens = x.reshape(-1, x.shape[-1])
+        a_dtype = self.lora_A[names[0]].weight.dtype
+        if (dtype := one_node_dtype(self.base_layer, tokens, a_dtype)) is not None:
+            stack = self._stack(names, dtype)
+            mask = self._mask(blocks, x.shape[0], x.device, dtype)  # rows x 1 x ranks, 0 or 1
+            params = [self.lora_A[n].weight for n in names] + [self.lora_B[n].weight for n in names]
+            base = self.base_layer
+            out = MaskedLoraLinear.apply(tokens, base.weight, base.bias, mask, stack, dtype, *params)
+            return out.view(*x.shape[:-1], out.shape[-1])
+        # autograd's own graph (LORA_ONE_NODE=0, or dtypes that differ outside autocast)
         if len(names) == 1:  # a lone adapter's own weights: a cat of one would copy them, and its gradients back
             a, b = self.lora_A[names[0]].weight, self.lora_B[names[0]].weight
         else:
             a = torch.cat([self.lora_A[n].weight for n in names])
             b = torch.cat([self.lora_B[n].weight for n in names], dim=1)
-        tokens = x.reshape(-1, x.shape[-1])
-        mask = self._mask(blocks, x.shape[0], x.device)  # rows x ranks; each row's tokens share it
-        if (dtype := one_node_dtype(self.base_layer, tokens, a.dtype)) is not None:
-            out = LoraLinear.apply(tokens, self.base_layer.weight, self.base_layer.bias, a, b, mask, dtype)
-            return out.view(*x.shape[:-1], out.shape[-1])
+        mask = self._mask(blocks, x.shape[0], x.device, None)  # rows x ranks, each adapter's scaling
         out = self.base_layer(tokens)
         h = nn.functional.linear(tokens.to(a.dtype), a)
         h = (h.view(x.shape[0], -1, h.shape[-1]) * mask[:, None, :]).view(-1, h.shape[-1])
         out.addmm_(h.to(out.dtype), b.t().to(out.dtype))
         return out.view(*x.shape[:-1], out.shape[-1])
 
-    def _mask(self, blocks: list[tuple[str, slice]], batch: int, device: torch.device) -> torch.Tensor:
-        """(rows x sum of ranks): adapter i's scaling on its rows and its rank slice, 0 elsewhere; fp32, so that a
-        bf16 product is scaled in fp32 and rounded once, as the one-at-a-time path's Python float scales it."""
-        key = (tuple((n, r.start, r.stop) for n, r in blocks), batch, device)
+    def _stack(self, names: tuple[str, ...], dtype: torch.dtype) -> _Stack:
+        """The stacked weights of adapters `names` in `dtype`, made for this layout once and kept (the last few
+        layouts), recast here only where `refresh_stacks` has not already (an adapter's weights written since)."""
+        key = (names, dtype)
+        stack = self._stacks.get(key)
+        if stack is None:
+            if len(self._stacks) >= 8:  # layouts change when a trial sits a step out; keep the recent few
+                self._stacks.pop(next(iter(self._stacks)))
+            a = [self.lora_A[n].weight for n in names]
+            b = [self.lora_B[n].weight for n in names]
+            stack = self._stacks[key] = _Stack.of(a, b, [self.scaling[n] for n in names], dtype)
+        if stack.stale():
+            refresh_stacks([stack])
+        self.last_stack = stack
+        return stack
+
+    def _mask(
+        self, blocks: list[tuple[str, slice]], batch: int, device: torch.device, dtype: torch.dtype | None
+    ) -> torch.Tensor:
+        """Which rank columns each row keeps: with `dtype`, a (rows x 1 x sum of ranks) 0/1 mask in it for
+        `MaskedLoraLinear` (the scalings are in the stacked A); with None, (rows x sum of ranks) in fp32 with adapter
+        i's scaling on its rows and rank slice, so that the autograd-graph path scales a bf16 product in fp32 and
+        rounds once, as the one-at-a-time path's Python float scales it. 0 elsewhere. Made once per layout and kept."""
+        key = (tuple((n, r.start, r.stop) for n, r in blocks), batch, device, dtype)
         if key not in self._masks:
             ranks = [self.lora_A[n].out_features for n, _ in blocks]
             mask = torch.zeros(batch, sum(ranks))
             col = 0
             for (name, rows), rank in zip(blocks, ranks, strict=True):
-                mask[rows, col : col + rank] = self.scaling[name]
+                mask[rows, col : col + rank] = 1.0 if dtype is not None else self.scaling[name]
                 col += rank
             if len(self._masks) >= 8:  # layouts change when a trial sits a step out; keep the recent few
                 self._masks.pop(next(iter(self._masks)))
-            self._masks[key] = mask.to(device)
+            self._masks[key] = mask.to(device) if dtype is None else mask[:, None, :].to(device, dtype)
         return self._masks[key]
 
     def _bmm(

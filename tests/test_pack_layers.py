@@ -134,9 +134,43 @@ def test_masked_products_run_as_one_autograd_node_with_the_base(how: object) -> 
     finally:
         rows.blocks = {}
     node = out.grad_fn.next_functions[0][0]  # under the view back to (rows, tokens, out)
-    assert type(node).__name__ == "LoraLinearBackward"
-    assert [type(n).__name__ for n, _ in node.next_functions][:1] == ["ViewBackward0"]  # x's rows, one edge
-    assert "LoraLinearBackward" not in {type(n).__name__ for n, _ in trained.grad_fn.next_functions}
+    assert type(node).__name__ == "MaskedLoraLinearBackward"
+    edges = [type(n).__name__ for n, _ in node.next_functions if n is not None]
+    # x's rows, one edge; then each adapter's A and B straight to its own weight (no cat of them in the graph)
+    assert edges == ["ViewBackward0"] + ["AccumulateGrad"] * 2 * len(MIXED)
+    assert "MaskedLoraLinearBackward" not in {type(n).__name__ for n, _ in trained.grad_fn.next_functions}
+
+
+def test_masked_products_read_weights_written_since_the_last_forward(how: object) -> None:
+    """The stacked, scaled weights are kept between forwards (`_Stack`) and recast where an adapter's weights were
+    written in place since (an optimizer step, a checkpoint load): by `refresh_stacks` for a whole pack at once, or
+    by the next forward that finds its stack stale. Either way the output is the one-at-a-time path's."""
+    layer, rows = _layer(MIXED)
+    x = torch.randn(12, 5, 24)
+
+    def out(path: str) -> torch.Tensor:
+        how(path)
+        rows.blocks = EVEN
+        try:
+            with torch.no_grad():
+                return layer(x)
+        finally:
+            rows.blocks = {}
+
+    first = out("masked")
+    stack = layer.last_stack
+    assert stack is not None and not stack.stale()
+    with torch.no_grad():
+        layer.lora_B["c"].weight.mul_(3.0)  # as an optimizer step writes it
+    assert stack.stale()
+    assert pack_layers.refresh_stacks([stack, None]) == 1 and not stack.stale()
+    assert pack_layers.refresh_stacks([stack]) == 0  # nothing written since
+    torch.testing.assert_close(out("masked"), out("loop"), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(out("masked"), first)
+    with torch.no_grad():
+        layer.lora_A["a"].weight.mul_(-2.0)  # no refresh: the forward recasts its own stack
+    torch.testing.assert_close(out("masked"), out("loop"), rtol=1e-5, atol=1e-5)
+    assert layer.last_stack is stack  # the same layout's stack, kept
 
 
 @pytest.mark.parametrize("asked", ["masked", "bmm"])

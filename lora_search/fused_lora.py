@@ -128,7 +128,8 @@ def adapter_casts(
     layer: Any, name: str, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, scaling: Any
 ) -> tuple[torch.Tensor, torch.Tensor] | tuple[()]:
     """(`scaling` * A, B) in `dtype` for `layer`'s adapter `name`, cast where the cached ones are stale (`Casts`); ()
-    for a scaling that is not a plain number (the pack's per-row masks keep `LoraLinear`'s own casts)."""
+    for a scaling that is not a plain number (`LoraLinear` then casts and scales on its own). A pack's layers keep
+    their stacked casts in `lora_search.pack_layers._Stack`."""
     if not isinstance(scaling, (int, float)):
         return ()
     cache = layer.__dict__.setdefault(CASTS, {})
@@ -169,8 +170,8 @@ class LoraLinear(torch.autograd.Function):
     Every product runs in `dtype` (the autocast dtype, or the input's), as autocast would run it, and the adapter's
     gradients come back in its weights' dtype; `tests/test_fastpath.py` holds outputs and gradients to PEFT's.
 
-    `scaling`: a number, or for a pack's masked products (`lora_search.pack_layers`) a (rows x rank) tensor that scales
-    each row's tokens of the rank-r intermediate, several adapters' A and B stacked into `a` and `b`."""
+    A pack's masked products (several adapters, each on its own rows) are `lora_search.pack_layers.MaskedLoraLinear`,
+    the same arithmetic over stacked weights."""
 
     @staticmethod
     def forward(
@@ -180,7 +181,7 @@ class LoraLinear(torch.autograd.Function):
         bias: torch.Tensor | None,
         a: torch.Tensor,
         b: torch.Tensor,
-        scaling: float | torch.Tensor,
+        scaling: float,
         dtype: torch.dtype,
         a_scaled: torch.Tensor | None = None,
         b_cast: torch.Tensor | None = None,
@@ -385,10 +386,6 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def _scale_(h: torch.Tensor, scaling: float | torch.Tensor) -> torch.Tensor:
-    """`h` (tokens x rank) times `scaling` in place: a number, or a (rows x rank) tensor whose row i scales the i-th
-    run of tokens (tokens = rows x tokens a row)."""
-    if isinstance(scaling, torch.Tensor):
-        h.view(scaling.shape[0], -1, h.shape[-1]).mul_(scaling[:, None, :])
-        return h
+def _scale_(h: torch.Tensor, scaling: float) -> torch.Tensor:
+    """`h` (tokens x rank) times `scaling`, in place."""
     return h.mul_(scaling)

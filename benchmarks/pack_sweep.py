@@ -101,7 +101,27 @@ def run_one(sweep) -> dict:  # noqa: ANN001 (a Sweep)
                 "pareto": bool(row.get("pareto", False)),
             }
         )
-    return {"wall_s": round(wall, 1), "trials": trials}
+    return {"wall_s": round(wall, 1), "trials": trials, **host_times(Path(sweep.output_dir) / sweep.name)}
+
+
+def host_times(out: Path) -> dict:
+    """Where each pack host's time went (its journal's last totals, `pack_host.PackHost._log`): steps, the steps' own
+    seconds, and the seconds between steps (waiting for its trials' next batches); {} for a solo sweep."""
+    hosts = []
+    for journal in sorted(out.rglob("pack_host_*.jsonl")):
+        lines = [json.loads(line) for line in journal.read_text().splitlines() if line.strip()]
+        last = next((line for line in reversed(lines) if "steps" in line), None)
+        if last is not None:
+            hosts.append({k: last[k] for k in ("steps", "step_s", "between_steps_s")})
+    if hosts:
+        steps = sum(h["steps"] for h in hosts)
+        print(
+            f"[pack_sweep] {len(hosts)} host(s), {steps} pack steps: "
+            f"{1000 * sum(h['step_s'] for h in hosts) / steps:.0f} ms a step in the pack, "
+            f"{1000 * sum(h['between_steps_s'] for h in hosts) / steps:.0f} ms between steps",
+            flush=True,
+        )
+    return {"hosts_time": hosts} if hosts else {}
 
 
 def config_key(trial: dict) -> tuple:

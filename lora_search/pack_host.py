@@ -169,6 +169,9 @@ class PackHost:
         self.load_s = time.perf_counter() - start
         self.loads = 1
         self.steps = 0
+        self.step_s = 0.0  # the steps' own seconds (`Pack.step`), summed
+        self.between_s = 0.0  # seconds from a step's end to the next one's start: the host waiting for batches
+        self.last_end: float | None = None
         self.attaches = 0
         self.cond = threading.Condition()
         self.pending: dict[str, Any] = {}
@@ -376,8 +379,11 @@ class PackHost:
     def _run(self) -> None:
         """One pack step of the pending batches (called holding the lock)."""
         batches, self.pending = self.pending, {}
+        if self.last_end is not None:
+            self.between_s += time.monotonic() - self.last_end
         with self._autocast():
             done = self.pack.step(batches, self.fit.micro_batches)
+        self.step_s += done.seconds
         real = {n: int(b["attention_mask"].sum()) for n, b in batches.items()}
         total = max(sum(real.values()), 1)
         step_s = done.seconds * self.units
@@ -389,6 +395,7 @@ class PackHost:
             self.outcomes[n] = out
         self.previous = set(batches)
         self.steps += 1
+        self.last_end = time.monotonic()
         self.cond.notify_all()
 
     def _autocast(self) -> Any:
@@ -438,6 +445,8 @@ class PackHost:
 
     def _log(self, event: str, **fields: Any) -> None:
         line = {"t": time.time(), "event": event, **fields, "attached": self.pack.names, "loads": self.loads}
+        if self.steps:  # where a pack's time goes: its steps, and the waits for its trials' next batches between them
+            line.update(steps=self.steps, step_s=round(self.step_s, 3), between_steps_s=round(self.between_s, 3))
         with self.journal.open("a") as f:
             f.write(json.dumps(line) + "\n")
 

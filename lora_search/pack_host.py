@@ -99,6 +99,12 @@ def host_name(sweep: Sweep, index: int) -> str:
     return f"lora_search-pack-{sweep.name}-{index}"
 
 
+def host_cpus(sweep: Sweep, trials: int) -> float:
+    """CPUs a pack host takes with `trials` packed trials beside it: its own `cpus_per_worker`, and
+    `PACKED_TRIAL_CPU` for each trial's process."""
+    return sweep.resources.cpus_per_worker + trials * PACKED_TRIAL_CPU
+
+
 def hosts(sweep: Sweep, cluster: dict[str, float]) -> int:
     """Hosts the cluster holds at most: one per device a trial would get, and no more than its CPUs place with their
     trials (a host reserves `cpus_per_worker`, each of its `pack` trials `PACKED_TRIAL_CPU`). A host beyond that
@@ -106,8 +112,7 @@ def hosts(sweep: Sweep, cluster: dict[str, float]) -> int:
     that finds every placeable host full fails with `host_for`'s error instead (seen on a 2-CPU machine: two hosts
     of 1 CPU and 2 trials each, the second host pending while its two trials waited, the sweep never ending)."""
     r = sweep.resources
-    per_host_cpu = r.cpus_per_worker + r.pack * PACKED_TRIAL_CPU
-    by_cpu = math.floor(cluster.get("CPU", 0) / per_host_cpu + 1e-9)
+    by_cpu = math.floor(cluster.get("CPU", 0) / host_cpus(sweep, r.pack) + 1e-9)
     by_device = math.floor(cluster.get("GPU", 0) / r.gpus_per_worker + 1e-9) if r.gpus_per_worker > 0 else by_cpu
     return max(1, min(by_device, by_cpu))
 

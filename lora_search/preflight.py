@@ -130,13 +130,13 @@ def _pack_host_fit(sweep: Sweep, cores: int) -> list[Problem]:
     two together exceed this machine, the trials take their CPUs first, the host is never placed, and they wait for
     it for ever (seen on a 2-CPU machine with cpus_per_worker=2). `pack_host.hosts` caps the hosts of a machine
     that can place one; this is the case where none can."""
-    from lora_search.pack_host import PACKED_TRIAL_CPU, solo_reasons
+    from lora_search.pack_host import PACKED_TRIAL_CPU, host_cpus, packed
 
     r = sweep.resources
-    if r.pack <= 1 or len(solo_reasons(sweep)) == len(sweep.space.variants):
+    if not any(packed(sweep, v) for v in sweep.space.variants):
         return []  # packing off, or no variant of the sweep packs
     trials = r.pack if sweep.max_concurrent_trials is None else min(r.pack, sweep.max_concurrent_trials)
-    need = r.cpus_per_worker + trials * PACKED_TRIAL_CPU
+    need = host_cpus(sweep, trials)
     if need <= cores + 1e-9:
         return []
     room = cores - trials * PACKED_TRIAL_CPU

@@ -5,6 +5,9 @@
 #   bash benchmarks/device_round.sh pack     # benchmarks/pack.py: every product path (auto, loop, bmm, masked; PRODUCTS)
 #                                            # side by side, SmolLM2 and the 1.1B shape at 512; 1.1B at 2048
 #   bash benchmarks/device_round.sh pack_135m  # the same at 512 on SmolLM2-135M's shape, random init (no GGUF needed)
+#   bash benchmarks/device_round.sh graphs   # the `gpu` tests of tests/test_pack_graphs.py, then benchmarks/pack.py
+#                                            # --graphs (captured steps beside steps as they come): 135M shape, k = 1,
+#                                            # 2, 4, 8 at 512; 1.1B shape, k = 4 at 512 (KS_1B)
 #   bash benchmarks/device_round.sh speed    # benchmarks/speed.py, the 8B r16 headline: the trial path (ATTN=sdpa)
 #                                            # (+two-node: LoRA layers on autograd's graph, NOTES.md change 20)
 #                                            # beside HF PEFT and + Liger (EXTRA=--no-liger-reference skips it)
@@ -15,7 +18,8 @@
 #   bash benchmarks/device_round.sh pack_sweep  # benchmarks/pack_sweep.py: 16 trials of the 1.1B shape, ASHA, packed 4
 #                                            # to the GPU, then 4 solo sharing it: wall time, endings, frontier (only
 #                                            # .whl carried: random base, no golden sets, MLflow off); SHAPE=135m,
-#                                            # HOSTS=4 (4 hosts of 4 against 16 solo), TRIALS=32
+#                                            # HOSTS=4 (4 hosts of 4 against 16 solo), TRIALS=32,
+#                                            # ORDER=packed,solo,eager (eager: packed without graphs)
 #   bash benchmarks/device_round.sh sweep    # sweeps/smollm2.py packed 4 to a GPU, then solo: wall time and
 #                                            # frontier (each stopped with SIGINT at half the call; rerun resumes)
 #
@@ -60,6 +64,13 @@ pack | pack_smollm2 | pack_1b | pack_135m)  # `pack` runs all three; pack_smollm
     --products "$products" --out "$OUT/pack_1b_2048.json"
   [ -d /tmp/pack_profiles ] && (cd /tmp && tar czf "$OUT/pack_profiles.tgz" pack_profiles)
   ;;
+graphs)
+  step gpu_tests python -m pytest -q -m gpu tests/test_pack_graphs.py -p no:cacheprovider
+  step pack_135m_graphs python benchmarks/pack.py --device cuda --base 135m --seq 512 --ks 1 2 4 8 --products auto \
+    --graphs --out "$OUT/pack_135m_512_graphs.json"
+  step pack_1b_graphs python benchmarks/pack.py --device cuda --base 1b --seq 512 --ks ${KS_1B:-4} --products auto \
+    --graphs --out "$OUT/pack_1b_512_graphs.json"
+  ;;
 speed)
   # ATTN: the trial paths (+two-node measured no gain, NOTES.md change 20); EXTRA: e.g. --no-liger-reference
   step speed_8b python benchmarks/speed.py --out "$OUT/speed" --work /tmp/w --configs 8b:16 --bs 2 --accum 4 \
@@ -82,7 +93,7 @@ varlen)
   ;;
 pack_sweep)
   step pack_sweep python benchmarks/pack_sweep.py --shape "${SHAPE:-1b}" --seq 512 --pack 4 --hosts "${HOSTS:-1}" \
-    --trials "${TRIALS:-16}" --steps 60 --work /tmp/pack_sweep --out "$OUT"
+    --trials "${TRIALS:-16}" --steps 60 --order "${ORDER:-packed,solo}" --work /tmp/pack_sweep --out "$OUT"
   ;;
 sweep)
   export LORA_SEARCH_OUTPUT_DIR=/tmp/reports  # smollm2-pack4/ and smollm2/ (the solo sweep took 254 s, 2026-12-04)
@@ -93,7 +104,7 @@ sweep)
      -not -path "*/adapters/*" | tar czf "$OUT/sweeps.tgz" -T -) && ls -l "$OUT"
   ;;
 *)
-  echo "usage: bash benchmarks/device_round.sh pack|pack_smollm2|pack_1b|pack_135m|speed|varlen|idle|pack_sweep|sweep" >&2
+  echo "usage: bash benchmarks/device_round.sh pack|pack_smollm2|pack_1b|pack_135m|graphs|speed|varlen|idle|pack_sweep|sweep" >&2
   exit 2
   ;;
 esac

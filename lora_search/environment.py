@@ -19,6 +19,7 @@ LORA_ONE_NODE = "LORA_SEARCH_LORA_ONE_NODE"
 LORA_GROUPS = "LORA_SEARCH_LORA_GROUPS"
 PROFILE_TRACE = "LORA_SEARCH_PROFILE_TRACE"
 PACK_IDLE_S = "LORA_SEARCH_PACK_IDLE_S"
+PACK_GRAPHS = "LORA_SEARCH_PACK_GRAPHS"
 LOADER_WORKERS = "LORA_SEARCH_LOADER_WORKERS"
 
 
@@ -90,6 +91,12 @@ VARIABLES = {
             "lora_search.callbacks",
         ),
         Variable(PACK_IDLE_S, "15", seconds(PACK_IDLE_S, "15"), "lora_search.pack_host"),
+        Variable(
+            PACK_GRAPHS,
+            "1",
+            switch(PACK_GRAPHS, "a GPU pack's steps captured as CUDA graphs, the default", "every step as it comes"),
+            "lora_search.pack_host",
+        ),
         Variable(LOADER_WORKERS, "auto", loader_workers, "lora_search.train"),
     )
 }

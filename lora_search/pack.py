@@ -51,7 +51,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lora_search import fastpath, memory, pack_layers
+from lora_search import fastpath, memory, pack_graphs, pack_layers
 from lora_search.config import Schedule
 from lora_search.pack_layers import PackedLinear, Rows, concat, config_problems
 from lora_search.problems import ConfigError, Problem
@@ -63,6 +63,8 @@ if TYPE_CHECKING:
 
 Batch = Mapping[str, torch.Tensor]
 """One adapter's micro-batch as a collator gives it: input_ids and labels (rows x tokens), attention_mask optional."""
+Placed = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, dict[str, slice]]
+"""A micro-batch of the pack on its device: (input_ids, attention_mask or None, labels, each adapter's rows)."""
 
 PACKED = frozenset({"lora", "rslora", "loraplus"})
 """Variants that differ from plain LoRA only in scaling (rsLoRA: alpha/sqrt(r)) or optimizer (LoRA+: B's lr ratio)."""
@@ -150,11 +152,16 @@ class _Attached:
     optimizer: torch.optim.Optimizer
     schedule: torch.optim.lr_scheduler.LRScheduler
 
-    def update(self) -> None:
-        """Clip, step and zero as the Trainer does: clip_grad_norm_, optimizer.step(), scheduler.step(), zero_grad."""
+    def apply(self) -> None:
+        """Clip and step as the Trainer does (clip_grad_norm_, optimizer.step()): the device work of an update, which
+        a CUDA graph of the step captures (`pack_graphs`)."""
         if self.training.max_grad_norm is not None:
             nn.utils.clip_grad_norm_(self.params, self.training.max_grad_norm)
         self.optimizer.step()
+
+    def advance(self) -> None:
+        """Then the schedule's step and zero_grad, on the host: the learning rate for the next step (written into
+        the optimizer's rate tensors where the step is a graph's)."""
         self.schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -168,7 +175,10 @@ class Pack:
     it). The rows stay routed through the backward (`_routed`), so a recomputed layer adds each update to its rows.
     `drop_mask`: training and evaluation forwards go without the attention mask where every row is padded on the right
     (a solo trial's `fastpath.NO_PAD_MASK`: no real token sees a pad under causal attention, and SDPA runs causal
-    flash); a step with a row padded on the left keeps its mask."""
+    flash); a step with a row padded on the left keeps its mask.
+    `graphs`: on a GPU, a layout's steps (which adapters, their rows, the tokens a row rounded up) are captured as one
+    CUDA graph once the layout has run `pack_graphs.WARMUP_STEPS` steps, and replayed: the step's thousands of
+    launches become one (`pack_graphs` says what it needs and when it falls back)."""
 
     def __init__(
         self,
@@ -176,6 +186,7 @@ class Pack:
         pad_token_id: int | None = None,
         checkpointing: bool = False,
         drop_mask: bool = False,
+        graphs: bool = False,
     ) -> None:
         model.requires_grad_(False)
         if checkpointing:
@@ -191,6 +202,9 @@ class Pack:
         self._linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
         self._packed: dict[str, PackedLinear] = {}
         self._adapters: dict[str, _Attached] = {}
+        self.graphs = pack_graphs.Graphs(graphs, model.device, checkpointing)
+        # a graph replays the optimizers' steps: their step counts and rates are device tensors (capturable)
+        self._capturable = self.graphs.capture
 
     @property
     def names(self) -> list[str]:
@@ -238,19 +252,22 @@ class Pack:
             with torch.no_grad():
                 for key, param in keyed.items():
                     param.copy_(init_state[key])
-        optimizer = _optimizer(keyed, training)
+        optimizer = _optimizer(keyed, training, self._capturable)
         from transformers import get_scheduler
 
         schedule = get_scheduler(training.schedule, optimizer, training.warmup_steps, training.total_steps)
         if resume is not None:
             optimizer.load_state_dict(resume["optimizer"])  # its moments, step counts and rates, on the params' device
             schedule.load_state_dict(resume["schedule"])
+            _rates_as(optimizer, self._capturable)
         self._adapters[name] = _Attached(config, tuple(modules), training, list(keyed.values()), optimizer, schedule)
+        self.graphs.forget()  # every layer's layouts changed
 
     def detach(self, name: str) -> None:
         """Remove adapter `name`, its optimizer state with it. A layer left with no adapter is unwrapped: with every
         adapter detached the model is the base as loaded."""
         attached = self._adapters.pop(self._known(name))
+        self.graphs.forget()
         for module in attached.modules:
             layer = self._packed[module]
             layer.remove(name)
@@ -271,27 +288,54 @@ class Pack:
             raise ValueError(f"micro_batches={micro_batches}: give at least 1")
         if not self.model.training:  # train() walks every module: not once a step
             self.model.train()
+        for n in batches:
+            self._known(n)
         tokens = {n: int((_shifted(b["labels"]) != -100).sum()) for n, b in batches.items()}
         runs = {n: _runs(b, micro_batches) for n, b in batches.items()}
         parts = [{n: r[i] for n, r in runs.items() if i < len(r)} for i in range(micro_batches)]
-        total: dict[str, torch.Tensor] = {}
-        for part in filter(None, parts):
-            with self._routed(part, self.drop_mask) as (ids, mask, labels, blocks):
-                per_token = self._per_token(ids, mask, labels)
-                losses = {n: per_token[rows].sum() / max(tokens[n], 1) for n, rows in blocks.items()}
-                torch.stack(list(losses.values())).sum().backward()
-            for n, loss in losses.items():
-                total[n] = total[n] + loss.detach() if n in total else loss.detach()
+        parts = [part for part in parts if part]
+        layout = self.graphs.layout(parts, self.drop_mask)  # None: this step runs as it comes
+        losses = self.graphs.replay(self, layout, parts, tokens) if layout is not None else None
+        if losses is None:
+            length = layout.length if layout is not None else None  # a layout's warm-up steps run its graph's shape
+            placed = [self._placed(part, self.drop_mask, length) for part in parts]
+            total = self.train(placed, {n: max(t, 1) for n, t in tokens.items()})
+            values = torch.stack(list(total.values())).tolist()  # the step's one device sync
+            losses = dict(zip(total, values, strict=True))
         for name in batches:
-            self._adapters[name].update()
-        # the masked products' stacked weights, recast from the updated ones in a few kernels for every layer
-        pack_layers.refresh_stacks([layer.last_stack for layer in self._packed.values()])
-        values = torch.stack(list(total.values())).tolist()  # the step's one device sync
+            self._adapters[name].advance()
         return PackStep(
-            losses=dict(zip(total, values, strict=True)),
+            losses=losses,
             tokens={n: int(t) for n, t in tokens.items()},
             seconds=time.perf_counter() - start,
         )
+
+    def train(self, placed: list[Placed], divisors: Mapping[str, float | torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A step's device work: each placed micro-batch (`_placed`) through the base forward and backward, each
+        adapter's loss its rows' token losses summed over `divisors[name]` (its label tokens in the whole step: a
+        number, or a device tensor a graph reads), then every adapter's clip and optimizer step (`_Attached.apply`)
+        and the masked layers' stacks recast. Returns each adapter's loss summed over the micro-batches, on the
+        device. What `pack_graphs` captures; the schedules' steps come after (`_Attached.advance`)."""
+        total: dict[str, torch.Tensor] = {}
+        for ids, mask, labels, blocks in placed:
+            self._rows.blocks = blocks
+            try:
+                per_token = self._per_token(ids, mask, labels)
+                losses = {n: per_token[rows].sum() / divisors[n] for n, rows in blocks.items()}
+                torch.stack(list(losses.values())).sum().backward()
+            finally:
+                self._rows.blocks = {}
+            for n, loss in losses.items():
+                total[n] = total[n] + loss.detach() if n in total else loss.detach()
+        for name in total:
+            self._adapters[name].apply()
+        # the masked products' stacked weights, recast from the updated ones in a few kernels for every layer
+        pack_layers.refresh_stacks([layer.last_stack for layer in self._packed.values()])
+        return total
+
+    def layers(self) -> list[PackedLinear]:
+        """The base's wrapped linear layers, in the base's order."""
+        return list(self._packed.values())
 
     @torch.no_grad()
     def evaluate(self, batches: Mapping[str, Batch]) -> dict[str, float]:
@@ -328,8 +372,8 @@ class Pack:
         attached = self._adapters[self._known(name)]
         return {
             "step": self.steps(name),
-            "optimizer": _on_cpu(attached.optimizer.state_dict()),
-            "schedule": copy.deepcopy(attached.schedule.state_dict()),
+            "optimizer": _on_cpu(_rates_plain(attached.optimizer.state_dict())),
+            "schedule": _rates_plain(copy.deepcopy(attached.schedule.state_dict())),
         }
 
     def save(self, name: str, out_dir: Path | str) -> Path:
@@ -453,18 +497,27 @@ class Pack:
         labels) and each adapter's rows; with `drop_mask`, the mask is None where every row is padded on the right
         (`Pack` says why). The routing stays set until the block ends, so the base's forward and a backward inside
         it (and any recompute of a checkpointed layer) see the same rows."""
-        for n in batches:
-            self._known(n)
-        ids, mask, labels, blocks = concat(batches, self.pad_token_id, self.model.device)
-        # concat pads on the right, so the packed rows are right-padded where each batch's are; read on the batches'
-        # own masks (the CPU's) rather than the packed one on the GPU, a device read before every forward
-        if drop_mask and all(_right_padded(b["attention_mask"]) for b in batches.values() if "attention_mask" in b):
-            mask = None
+        ids, mask, labels, blocks = self._placed(batches, drop_mask)
         self._rows.blocks = blocks
         try:
             yield ids, mask, labels, blocks
         finally:
             self._rows.blocks = {}
+
+    def _placed(self, batches: Mapping[str, Batch], drop_mask: bool = False, length: int | None = None) -> Placed:
+        """The batches concatenated on the base's device (`concat`, right-padded to their longest or to `length`)
+        with each adapter's rows; with `drop_mask`, the mask None where every row is padded on the right."""
+        for n in batches:
+            self._known(n)
+        ids, mask, labels, blocks = concat(batches, self.pad_token_id, self.model.device, length)
+        # concat pads on the right, so the packed rows are right-padded where each batch's are; read on the batches'
+        # own masks (the CPU's) rather than the packed one on the GPU, a device read before every forward
+        return ids, None if drop_mask and right_padded(batches) else mask, labels, blocks
+
+
+def right_padded(batches: Mapping[str, Batch]) -> bool:
+    """Every row of every batch is padded on the right only (its mask ones, then zeros; no mask: no padding)."""
+    return all(_right_padded(b.get("attention_mask")) for b in batches.values())
 
 
 def _right_padded(mask: torch.Tensor | None) -> bool:
@@ -571,17 +624,52 @@ def _on_cpu(state: Any) -> Any:
     return state
 
 
-def _optimizer(params: dict[str, nn.Parameter], training: Training) -> torch.optim.Optimizer:
+def _optimizer(params: dict[str, nn.Parameter], training: Training, capturable: bool = False) -> torch.optim.Optimizer:
     """AdamW over the adapter's A and B; with LoRA+, B in a group of its own at `loraplus_lr_ratio` times the rate
     (PEFT's `create_loraplus_optimizer` puts "lora_B" parameters there). Fused on CUDA (one multi-tensor kernel a
     group), as a solo GPU trial's "adamw_torch_fused" (`train.optimizer_name`); torch's default on a CPU, as a solo
-    CPU trial's "adamw_torch"."""
+    CPU trial's "adamw_torch". `capturable`: a CUDA graph replays its step (`pack_graphs`), so its step counts live
+    on the device and its rates are device tensors the schedule writes into (torch's capturable AdamW)."""
     ratio = training.loraplus_lr_ratio
     if ratio is None:
-        groups = [{"params": list(params.values())}]
+        groups: list[dict[str, Any]] = [{"params": list(params.values())}]
     else:
         a = [p for k, p in params.items() if "lora_B" not in k]
         b = [p for k, p in params.items() if "lora_B" in k]
         groups = [{"params": a}, {"params": b, "lr": training.lr * ratio}]
     fused = all(p.is_cuda for p in params.values())
-    return torch.optim.AdamW(groups, lr=training.lr, weight_decay=training.weight_decay, fused=fused or None)
+    optimizer = torch.optim.AdamW(
+        groups, lr=training.lr, weight_decay=training.weight_decay, fused=fused or None, capturable=capturable
+    )
+    return _rates_as(optimizer, capturable)
+
+
+def _rates_as(optimizer: torch.optim.Optimizer, tensors: bool) -> torch.optim.Optimizer:
+    """Each group's rate ("lr", "initial_lr") as a 0-d tensor on its parameters' device (`tensors`: a captured step
+    reads it there, and the schedule fills it in place) or as a float; `optimizer`, changed in place."""
+    for group in optimizer.param_groups:
+        device = group["params"][0].device
+        for key in ("lr", "initial_lr"):
+            if key not in group:
+                continue
+            value = group[key]
+            if tensors and not isinstance(value, torch.Tensor):
+                group[key] = torch.tensor(float(value), device=device)
+            elif tensors:
+                group[key] = value.to(device)
+            elif isinstance(value, torch.Tensor):
+                group[key] = float(value)
+    return optimizer
+
+
+def _rates_plain(state: dict[str, Any]) -> dict[str, Any]:
+    """An optimizer's or schedule's state dict with its rates as floats (a capturable optimizer's are device
+    tensors): a checkpoint that resumes on any device and optimizer kind. `state`, changed in place."""
+    for group in state.get("param_groups", []):
+        for key in ("lr", "initial_lr"):
+            if isinstance(group.get(key), torch.Tensor):
+                group[key] = float(group[key])
+    for key in ("base_lrs", "_last_lr"):
+        if key in state:
+            state[key] = [float(v) if isinstance(v, torch.Tensor) else v for v in state[key]]
+    return state

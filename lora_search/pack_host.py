@@ -162,7 +162,9 @@ class PackHost:
             pad_token_id=tokenizer.pad_token_id,
             checkpointing=self.fit.checkpointing,
             drop_mask=self.fast_path.active(fastpath.NO_PAD_MASK),
+            graphs=on_gpu and environment.value(environment.PACK_GRAPHS),  # `pack_graphs`
         )
+        self.graphs_why = self.pack.graphs.why  # logged again when a capture fails (`_run`)
         self.scorer: Any = None
         """The plain base golden scoring puts each adapter on (`Pack.plain_copy`), made at the first scoring."""
         # The autocast a solo trial of a packing variant trains and is scored under (train.py's SFTConfig bf16).
@@ -201,6 +203,8 @@ class PackHost:
             micro_batches=self.fit.micro_batches,
             checkpointing_why=fit_why,
             fast_path=self.fast_path.summary(),
+            graphs=self.pack.graphs.capture and self.pack.graphs.why is None,
+            **({"graphs_why": self.pack.graphs.why} if self.pack.graphs.why else {}),
         )
         # the base and the libraries out of Python's full collections while the host lives (`fastpath.FROZEN_HEAP_WHY`)
         gc.collect()
@@ -400,6 +404,9 @@ class PackHost:
             self.outcomes[n] = out
         self.previous = set(batches)
         self.steps += 1
+        if self.pack.graphs.why != self.graphs_why:  # its capture failed: every step runs as it comes from now on
+            self.graphs_why = self.pack.graphs.why
+            self._log("graphs_off", why=self.graphs_why)
         self.last_end = time.monotonic()
         self.cond.notify_all()
 
@@ -452,6 +459,7 @@ class PackHost:
         line = {"t": time.time(), "event": event, **fields, "attached": self.pack.names, "loads": self.loads}
         if self.steps:  # where a pack's time goes: its steps, and the waits for its trials' next batches between them
             line.update(steps=self.steps, step_s=round(self.step_s, 3), between_steps_s=round(self.between_s, 3))
+            line.update(graph_replays=self.pack.graphs.replays)
         with self.journal.open("a") as f:
             f.write(json.dumps(line) + "\n")
 

@@ -88,13 +88,17 @@ def config_problems(config: LoraConfig, init_given: bool) -> list[Problem]:
 
 
 def concat(
-    batches: Mapping[str, Mapping[str, torch.Tensor]], pad_token_id: int, device: torch.device
+    batches: Mapping[str, Mapping[str, torch.Tensor]],
+    pad_token_id: int,
+    device: torch.device | str,
+    length: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, slice]]:
     """(input_ids, attention_mask, labels, name -> its rows) on `device`: the micro-batches one under another,
-    right-padded to the longest (pad token, mask 0, labels -100), so a row keeps its positions and its loss its
+    right-padded to the longest (or to `length` tokens, at least the longest: a CUDA graph's fixed shape,
+    `pack_graphs`) with the pad token, mask 0 and labels -100, so a row keeps its positions and its loss its
     tokens. Made where the batches are (the CPU) and copied to a GPU from pinned memory without a wait: a copy from
     pageable memory waits for every kernel queued before it (the previous step's), and the host loses its lead."""
-    length = max(b["input_ids"].shape[1] for b in batches.values())
+    length = max([b["input_ids"].shape[1] for b in batches.values()] + [length or 0])
     ids, masks, labels, blocks, start = [], [], [], {}, 0
     for name, b in batches.items():
         x = b["input_ids"]

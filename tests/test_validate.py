@@ -38,6 +38,7 @@ def test_bad_environment_switches_are_named_with_the_rest_before_any_compute(
     monkeypatch.setenv("LORA_SEARCH_PROFILE_TRACE", "true")
     monkeypatch.setenv("LORA_SEARCH_PACK_IDLE_S", "-5")
     monkeypatch.setenv("LORA_SEARCH_LOADER_WORKERS", "two")
+    monkeypatch.setenv("LORA_SEARCH_PACK_GRAPHS", "on")
     sweep_file = tmp_path / "env_sweep.py"
     sweep_file.write_text(
         textwrap.dedent(f"""
@@ -65,6 +66,8 @@ def test_bad_environment_switches_are_named_with_the_rest_before_any_compute(
         "environment LORA_SEARCH_LOADER_WORKERS = 'two': lora_search.train cannot read it. Fix: "
         "LORA_SEARCH_LOADER_WORKERS='two': give auto (one loader process on a GPU, none on a CPU, the default) or a "
         "count of processes, e.g. LORA_SEARCH_LOADER_WORKERS=1",
+        "environment LORA_SEARCH_PACK_GRAPHS = 'on': lora_search.pack_host cannot read it. Fix: "
+        "LORA_SEARCH_PACK_GRAPHS='on': give 1 (a GPU pack's steps captured as CUDA graphs, the default) or 0",
         "space.lr = (0.001, 1e-05): need 0 < low < high",  # and the sweep's own problems, in the same report
         "train.jsonl:3: invalid JSON",
     ):
@@ -77,8 +80,9 @@ def test_bad_environment_switches_are_named_with_the_rest_before_any_compute(
     monkeypatch.setenv("LORA_SEARCH_PROFILE_TRACE", "1")
     monkeypatch.setenv("LORA_SEARCH_PACK_IDLE_S", "2.5")
     monkeypatch.setenv("LORA_SEARCH_LOADER_WORKERS", "2")
+    monkeypatch.setenv("LORA_SEARCH_PACK_GRAPHS", "0")
     assert environment.problems() == []
-    assert [environment.value(n) for n in environment.VARIABLES] == [False, False, True, 2.5, 2]
+    assert [environment.value(n) for n in environment.VARIABLES] == [False, False, True, 2.5, False, 2]
     monkeypatch.setenv("LORA_SEARCH_LOADER_WORKERS", "auto")
     assert environment.value(environment.LOADER_WORKERS) is None  # the trial decides: 1 on a GPU, 0 on a CPU
 

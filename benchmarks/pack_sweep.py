@@ -67,7 +67,15 @@ def sweep_for(args: argparse.Namespace, base_dir: Path, data: Path, which: str):
             variants=PACKABLE,
             lr=(2e-5, 2e-3),
         ),
-        budget=Budget(max_steps=args.steps, eval_every=rung, grace_period=rung, reduction_factor=3, batch_size=args.bs),
+        budget=Budget(
+            max_steps=args.steps,
+            eval_every=rung,
+            grace_period=rung,
+            reduction_factor=3,
+            batch_size=args.bs,
+            # --pack-checkpointing: the packs' own (a pack that recomputes is not captured as a graph); solo: auto
+            gradient_checkpointing=args.pack_checkpointing if packed else "auto",
+        ),
         resources=resources,
         search="random",
         num_samples=args.trials,
@@ -145,6 +153,12 @@ def main() -> None:
         default="packed,solo",
         help="the sweeps, in this order (a warm cache helps the later): packed, solo, and eager (packed, no graphs)",
     )
+    parser.add_argument(
+        "--pack-checkpointing",
+        choices=("auto", "off", "on"),
+        default="auto",
+        help="the packed sweeps' Budget.gradient_checkpointing (auto: the memory model decides, as for the solo one)",
+    )
     parser.add_argument("--work", type=Path, default=Path("/tmp/pack_sweep"))
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -181,6 +195,7 @@ def main() -> None:
         "rows_per_step": args.bs,
         "pack": args.pack,
         "hosts": args.hosts,
+        "pack_checkpointing": args.pack_checkpointing,
         "trials": args.trials,
         "max_steps": args.steps,
         "date": time.strftime("%Y-%m-%d"),

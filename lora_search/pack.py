@@ -290,6 +290,9 @@ class Pack:
             self.model.train()
         for n in batches:
             self._known(n)
+        # in the order the adapters attached, whatever order their batches came in (a host's trials send theirs as
+        # they come): one step's layout, stacks and graph for the same adapters, not one per arrival order
+        batches = {n: batches[n] for n in self._adapters if n in batches}
         tokens = {n: int((_shifted(b["labels"]) != -100).sum()) for n, b in batches.items()}
         runs = {n: _runs(b, micro_batches) for n, b in batches.items()}
         parts = [{n: r[i] for n, r in runs.items() if i < len(r)} for i in range(micro_batches)]

@@ -196,3 +196,19 @@ def test_captured_steps_equal_steps_as_they_come_on_the_gpu(tiny_model_dir: Path
     for name in "abc":
         for key, value in pack.state(name).items():
             torch.testing.assert_close(value, runs[False][0].state(name)[key], rtol=rel, atol=rel / 10, msg=key)
+
+
+def test_a_step_is_one_layout_whatever_order_its_batches_come_in(tiny_model_dir: Path) -> None:
+    """A pack host's trials send their batches as they come: the same adapters in another order are the same step
+    (the pack's attach order), so their layout warms up once and replays, not once per arrival order."""
+    from transformers import AutoModelForCausalLM
+
+    pack = Pack(AutoModelForCausalLM.from_pretrained(tiny_model_dir), drop_mask=True, graphs=True)
+    for name in "abc":
+        pack.attach(name, _config(name), training=_training(name))
+    g = torch.Generator().manual_seed(3)
+    vocab = pack.model.config.vocab_size
+    for order in ["abc", "cab", "bca", "acb", "cba"]:
+        done = pack.step({n: _batch(g, vocab, 2) for n in order})
+        assert list(done.losses) == ["a", "b", "c"]
+    assert pack.graphs.replays == 5 - pack_graphs.WARMUP_STEPS and len(pack.graphs._captured) == 1

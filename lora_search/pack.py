@@ -53,7 +53,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lora_search import fastpath, memory, pack_graphs, pack_layers
 from lora_search.config import Schedule
-from lora_search.pack_layers import PackedLinear, Rows, concat, config_problems
+from lora_search.pack_layers import PackedLinear, Rows, concat, config_problems, right_padded
 from lora_search.problems import ConfigError, Problem
 from lora_search.variants import VARIANTS
 
@@ -516,18 +516,6 @@ class Pack:
         # concat pads on the right, so the packed rows are right-padded where each batch's are; read on the batches'
         # own masks (the CPU's) rather than the packed one on the GPU, a device read before every forward
         return ids, None if drop_mask and right_padded(batches) else mask, labels, blocks
-
-
-def right_padded(batches: Mapping[str, Batch]) -> bool:
-    """Every row of every batch is padded on the right only (its mask ones, then zeros; no mask: no padding)."""
-    return all(_right_padded(b.get("attention_mask")) for b in batches.values())
-
-
-def _right_padded(mask: torch.Tensor | None) -> bool:
-    """Every row of `mask` is ones, then zeros (None: no padding at all). A read of the mask where it is."""
-    if mask is None:
-        return True
-    return bool((mask[:, 1:] <= mask[:, :-1]).all())
 
 
 def _shifted(labels: torch.Tensor) -> torch.Tensor:

@@ -37,14 +37,25 @@ import math
 from collections import Counter, OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
+from torch import nn
 
 from lora_search import pack_layers
 
-if TYPE_CHECKING:
-    from lora_search.pack import Batch, Pack
+Batch = Mapping[str, torch.Tensor]
+
+
+class Pack(Protocol):
+    """What a graph needs of `lora_search.pack.Pack` (named here, not imported: the pack imports this module)."""
+
+    model: nn.Module
+    pad_token_id: int
+
+    def train(self, placed: list[Any], divisors: Mapping[str, Any]) -> dict[str, torch.Tensor]: ...
+
+    def layers(self) -> list[pack_layers.PackedLinear]: ...
 
 WARMUP_STEPS = 2
 """Steps a layout runs as it comes before its graph is captured: the first compiles kernels (Triton's, cuBLAS's
@@ -120,11 +131,9 @@ class Graphs:
 
     def layout(self, parts: list[Mapping[str, Batch]], drop_mask: bool) -> Layout | None:
         """The step's layout, or None where it runs as it comes (graphs off or failed, a mask kept)."""
-        from lora_search.pack import right_padded
-
         if not self.enabled or self.why is not None:
             return None
-        if not drop_mask or not all(right_padded(part) for part in parts):
+        if not drop_mask or not all(pack_layers.right_padded(part) for part in parts):
             return None
         longest = max(b["input_ids"].shape[1] for part in parts for b in part.values())
         kind = self.device_type

@@ -112,6 +112,16 @@ def concat(
     return _to(torch.cat(ids), device), _to(torch.cat(masks), device), _to(torch.cat(labels), device), blocks
 
 
+def right_padded(batches: Mapping[str, Mapping[str, torch.Tensor]]) -> bool:
+    """Every row of every batch is padded on the right only (its mask ones, then zeros; no mask: no padding). A read
+    of the masks where they are (the CPU's, before `concat`)."""
+    for b in batches.values():
+        mask = b.get("attention_mask")
+        if mask is not None and not bool((mask[:, 1:] <= mask[:, :-1]).all()):
+            return False
+    return True
+
+
 def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """`t` on `device`; from the CPU to a GPU through pinned memory, without waiting (`concat`)."""
     if t.device.type == "cpu" and torch.device(device).type == "cuda":

@@ -44,6 +44,7 @@ ROOMS = {
         "gguf",  # a GGUF base converted into the cache, as demo_base builds the demo's
         "pack",  # several trials' adapters training over one loaded base
         "pack_layers",
+        "pack_graphs",  # a pack's step as one CUDA graph per layout: what it captures, when, and its fallbacks
         "pack_host",  # a sweep's packed trials: the host actor per device that holds the base and steps the pack
         "pack_trial",  # a packed trial's life in its Tune trial process: its data, its steps through its host, reports
     },

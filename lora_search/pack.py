@@ -170,7 +170,8 @@ class Pack:
     """The frozen base, held once, and the adapters attached to it. `pad_token_id` pads the concatenated batch
     (default: the base config's). The base's linear layers are wrapped in place as adapters target them.
     `checkpointing`: the decoder layers recompute their activations in the backward (Transformers' gradient
-    checkpointing, non-reentrant, the random state kept, so dropout draws the same masks again): the same gradients
+    checkpointing, non-reentrant; where an adapter or the base draws random numbers (dropout) the random state is kept,
+    so the recompute draws the same masks again, and otherwise it is not read at all): the same gradients
     for a step's activations of one layer's size instead of every layer's (`memory.pack_fit` says when a pack needs
     it). The rows stay routed through the backward (`_routed`), so a recomputed layer adds each update to its rows.
     `drop_mask`: training and evaluation forwards go without the attention mask where every row is padded on the right
@@ -189,9 +190,8 @@ class Pack:
         graphs: bool = False,
     ) -> None:
         model.requires_grad_(False)
-        if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.checkpointing = checkpointing
+        self._keeps_rng: bool | None = None  # what the recompute was last set to (`_recompute`)
         self.drop_mask = drop_mask
         pad = model.config.pad_token_id if pad_token_id is None else pad_token_id
         if pad is None:
@@ -202,7 +202,8 @@ class Pack:
         self._linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
         self._packed: dict[str, PackedLinear] = {}
         self._adapters: dict[str, _Attached] = {}
-        self.graphs = pack_graphs.Graphs(graphs, model.device, checkpointing)
+        self.graphs = pack_graphs.Graphs(graphs, model.device)
+        self._recompute()
         # a graph replays the optimizers' steps: their step counts and rates are device tensors (capturable)
         self._capturable = self.graphs.capture
 
@@ -262,12 +263,14 @@ class Pack:
             _rates_as(optimizer, self._capturable)
         self._adapters[name] = _Attached(config, tuple(modules), training, list(keyed.values()), optimizer, schedule)
         self.graphs.forget()  # every layer's layouts changed
+        self._recompute()
 
     def detach(self, name: str) -> None:
         """Remove adapter `name`, its optimizer state with it. A layer left with no adapter is unwrapped: with every
         adapter detached the model is the base as loaded."""
         attached = self._adapters.pop(self._known(name))
         self.graphs.forget()
+        self._recompute()
         for module in attached.modules:
             layer = self._packed[module]
             layer.remove(name)
@@ -297,7 +300,9 @@ class Pack:
         runs = {n: _runs(b, micro_batches) for n, b in batches.items()}
         parts = [{n: r[i] for n, r in runs.items() if i < len(r)} for i in range(micro_batches)]
         parts = [part for part in parts if part]
-        layout = self.graphs.layout(parts, self.drop_mask)  # None: this step runs as it comes
+        # None: this step runs as it comes (a recompute that keeps the random state reads it on the host)
+        random_recompute = self.checkpointing and bool(self._keeps_rng)
+        layout = self.graphs.layout(parts, self.drop_mask, random_recompute)
         losses = self.graphs.replay(self, layout, parts, tokens) if layout is not None else None
         if losses is None:
             length = layout.length if layout is not None else None  # a layout's warm-up steps run its graph's shape
@@ -335,6 +340,27 @@ class Pack:
         # the masked products' stacked weights, recast from the updated ones in a few kernels for every layer
         pack_layers.refresh_stacks([layer.last_stack for layer in self._packed.values()])
         return total
+
+    def draws_random(self) -> bool:
+        """Whether a training step draws random numbers: an attached adapter's dropout, or the base's own (any
+        dropout probability in its config above 0)."""
+        config = self.model.config.to_dict()
+        base = any(isinstance(v, float) and v > 0 for k, v in config.items() if "dropout" in k)
+        return base or any(a.config.lora_dropout > 0 for a in self._adapters.values())
+
+    def _recompute(self) -> None:
+        """With `checkpointing`, (re)set the decoder layers' recompute: the random state kept only where a step draws
+        random numbers (`draws_random`), so a pack without dropout reads no RNG state on the host and its steps can
+        be captured (`pack_graphs`)."""
+        if not self.checkpointing or self._keeps_rng == (keep := self.draws_random()):
+            return
+        import warnings
+
+        with warnings.catch_warnings():  # transformers 5 renames it activation_checkpointing_enable; both take this
+            warnings.simplefilter("ignore", FutureWarning)
+            kwargs = {"use_reentrant": False, "preserve_rng_state": keep}
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        self._keeps_rng = keep
 
     def layers(self) -> list[PackedLinear]:
         """The base's wrapped linear layers, in the base's order."""

@@ -17,7 +17,9 @@ steps, recompiles per layout, and specialises on the layers' Python state (the r
 captures as it runs. Torch's own `torch.cuda.graph` is what this uses.
 
 A step runs as it comes, not from a graph, where:
-- the pack recomputes activations (`Pack(checkpointing=True)`): the checkpoints' RNG state is read on the host;
+- the pack recomputes activations (`Pack(checkpointing=True)`) and keeps the random state for it, which is read on
+  the host: where an adapter or the base has dropout (without, the recompute reads no random state, and is
+  captured with the rest);
 - a row is padded on the left or the mask is kept (the attention mask's branches read the device);
 - the layout has not run `WARMUP_STEPS` steps yet (kernels compile and the optimizers' states are made on the first
   steps, which a capture cannot do), or its capture failed (`Graphs.why` says why; every step then runs as it comes).
@@ -56,6 +58,7 @@ class Pack(Protocol):
     def train(self, placed: list[Any], divisors: Mapping[str, Any]) -> dict[str, torch.Tensor]: ...
 
     def layers(self) -> list[pack_layers.PackedLinear]: ...
+
 
 WARMUP_STEPS = 2
 """Steps a layout runs as it comes before its graph is captured: the first compiles kernels (Triton's, cuBLAS's
@@ -114,24 +117,26 @@ class _Captured:
 
 class Graphs:
     """A pack's captured steps, by layout (`Layout`). `enabled`: the pack was asked for graphs; they are captured on
-    a CUDA device only (`capture`), and not for a pack that recomputes activations (`checkpointing`)."""
+    a CUDA device only (`capture`)."""
 
-    def __init__(self, enabled: bool, device: torch.device, checkpointing: bool) -> None:
+    def __init__(self, enabled: bool, device: torch.device) -> None:
         self.enabled = enabled
         self.device_type = device.type
         self.capture = enabled and device.type == "cuda"
         self.why: str | None = None
-        """Why no step replays a graph, where one was asked for (None: they do, or none was asked for)."""
-        if enabled and checkpointing:
-            self.why = "the pack recomputes activations (checkpointing), whose RNG state a capture cannot read"
+        """Why no step replays a graph any more, where one was asked for: its capture failed (None: they do, or none
+        was asked for)."""
         self._seen: Counter[Layout] = Counter()
         self._captured: OrderedDict[Layout, _Captured] = OrderedDict()
         self.captures = 0
         self.replays = 0
 
-    def layout(self, parts: list[Mapping[str, Batch]], drop_mask: bool) -> Layout | None:
-        """The step's layout, or None where it runs as it comes (graphs off or failed, a mask kept)."""
-        if not self.enabled or self.why is not None:
+    def layout(
+        self, parts: list[Mapping[str, Batch]], drop_mask: bool, random_recompute: bool = False
+    ) -> Layout | None:
+        """The step's layout, or None where it runs as it comes (graphs off or failed, a mask kept, a recompute that
+        keeps the random state)."""
+        if not self.enabled or self.why is not None or random_recompute:
             return None
         if not drop_mask or not all(pack_layers.right_padded(part) for part in parts):
             return None

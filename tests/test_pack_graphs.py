@@ -65,10 +65,13 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-def _run(model_dir: Path, graphs: bool, micro_batches: int, inits: dict) -> tuple[Pack, list[dict[str, float]]]:
+def _run(
+    model_dir: Path, graphs: bool, micro_batches: int, inits: dict, checkpointing: bool = False
+) -> tuple[Pack, list[dict[str, float]]]:
     from transformers import AutoModelForCausalLM
 
-    pack = Pack(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), drop_mask=True, graphs=graphs)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    pack = Pack(model, drop_mask=True, graphs=graphs, checkpointing=checkpointing)
     vocab = pack.model.config.vocab_size
     for name in "abc":
         pack.attach(name, _config(name), inits.get(name), training=_training(name))
@@ -86,15 +89,19 @@ def _run(model_dir: Path, graphs: bool, micro_batches: int, inits: dict) -> tupl
     return pack, losses
 
 
-@pytest.mark.parametrize("micro_batches", [1, 2])
-def test_a_layouts_replayed_steps_equal_its_steps_as_they_come(tiny_model_dir: Path, micro_batches: int) -> None:
+@pytest.mark.parametrize(("micro_batches", "checkpointing"), [(1, False), (2, False), (1, True)])
+def test_a_layouts_replayed_steps_equal_its_steps_as_they_come(
+    tiny_model_dir: Path, micro_batches: int, checkpointing: bool
+) -> None:
     """Three adapters of different ranks, targets and optimizers (LoRA+), one sitting a step out, then one leaving and
     another joining: every step's losses and every final weight and AdamW moment of the pack whose layouts replay
-    equal the pack whose steps all run as they come (fp32, 1e-5), and the replays happened where the plan says."""
+    equal the pack whose steps all run as they come (fp32, 1e-5), and the replays happened where the plan says. With
+    the activations recomputed too: no adapter has dropout, so the recompute keeps no random state."""
     torch.manual_seed(0)
     inits: dict = {}
-    eager, want = _run(tiny_model_dir, False, micro_batches, inits)
-    graphed, got = _run(tiny_model_dir, True, micro_batches, inits)
+    eager, want = _run(tiny_model_dir, False, micro_batches, inits, checkpointing)
+    graphed, got = _run(tiny_model_dir, True, micro_batches, inits, checkpointing)
+    assert graphed._keeps_rng is (False if checkpointing else None)
     assert graphed.graphs.replays == REPLAYS and eager.graphs.replays == 0
     assert graphed.graphs.why is None and graphed.graphs.captures == 0  # a CPU: the buffers' path, no graph
     for step, (g, w) in enumerate(zip(got, want, strict=True)):
@@ -113,7 +120,7 @@ def test_a_layouts_replayed_steps_equal_its_steps_as_they_come(tiny_model_dir: P
 
 def test_layouts_round_rows_up_to_the_bucket_and_skip_what_a_graph_cannot_hold(tiny_model_dir: Path) -> None:
     g = torch.Generator().manual_seed(1)
-    graphs = pack_graphs.Graphs(True, torch.device("cpu"), checkpointing=False)
+    graphs = pack_graphs.Graphs(True, torch.device("cpu"))
     short, long = _batch(g, 300, 2), _batch(g, 300, 3)
     layout = graphs.layout([{"a": short, "b": long}], drop_mask=True)
     assert layout is not None and layout.length == pack_graphs.BUCKET_TOKENS
@@ -124,9 +131,8 @@ def test_layouts_round_rows_up_to_the_bucket_and_skip_what_a_graph_cannot_hold(t
     left = {k: v.flip(1) for k, v in short.items()}  # pads first: the mask stays, and masks are not graphed
     assert graphs.layout([{"a": left}], drop_mask=True) is None
     assert graphs.layout([{"a": short}], drop_mask=False) is None
-    assert pack_graphs.Graphs(False, torch.device("cpu"), False).layout([{"a": short}], True) is None
-    recomputing = pack_graphs.Graphs(True, torch.device("cpu"), checkpointing=True)
-    assert recomputing.layout([{"a": short}], True) is None and "checkpointing" in recomputing.why
+    assert pack_graphs.Graphs(False, torch.device("cpu")).layout([{"a": short}], True) is None
+    assert graphs.layout([{"a": short}], True, random_recompute=True) is None  # its RNG state read on the host
 
 
 def test_a_pack_keeps_its_most_recent_graphs(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -163,10 +169,12 @@ def test_checkpoints_carry_rates_as_numbers(tiny_model_dir: Path) -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("bf16", [False, True])
-def test_captured_steps_equal_steps_as_they_come_on_the_gpu(tiny_model_dir: Path, bf16: bool) -> None:
+@pytest.mark.parametrize(("bf16", "checkpointing"), [(False, False), (True, False), (True, True)])
+def test_captured_steps_equal_steps_as_they_come_on_the_gpu(
+    tiny_model_dir: Path, bf16: bool, checkpointing: bool
+) -> None:
     """On CUDA the layouts are captured as graphs and replayed (fp32: 1e-4, GEMMs of another padded shape round
-    differently; under the pack host's bf16 autocast: 1e-2, issue 24's bar)."""
+    differently; under the pack host's bf16 autocast: 1e-2, issue 24's bar), the recomputing pack's too."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     from transformers import AutoModelForCausalLM
@@ -176,7 +184,7 @@ def test_captured_steps_equal_steps_as_they_come_on_the_gpu(tiny_model_dir: Path
     for graphs in (False, True):
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16 if bf16 else torch.float32)
-        pack = Pack(model.to("cuda"), drop_mask=True, graphs=graphs)
+        pack = Pack(model.to("cuda"), drop_mask=True, graphs=graphs, checkpointing=checkpointing)
         for name in "abc":
             pack.attach(name, _config(name), inits.get(name), training=_training(name))
             inits.setdefault(name, pack.state(name))
@@ -212,3 +220,36 @@ def test_a_step_is_one_layout_whatever_order_its_batches_come_in(tiny_model_dir:
         done = pack.step({n: _batch(g, vocab, 2) for n in order})
         assert list(done.losses) == ["a", "b", "c"]
     assert pack.graphs.replays == 5 - pack_graphs.WARMUP_STEPS and len(pack.graphs._captured) == 1
+
+
+def test_a_recompute_keeps_the_random_state_only_while_an_adapter_draws_it(tiny_model_dir: Path) -> None:
+    """A recomputing pack keeps the random state (so dropout draws the same masks again) while an adapter with dropout
+    is attached, and its steps then run as they come; without one it keeps none and its layouts replay."""
+    from functools import partial
+
+    from transformers import AutoModelForCausalLM
+
+    pack = Pack(AutoModelForCausalLM.from_pretrained(tiny_model_dir), drop_mask=True, graphs=True, checkpointing=True)
+
+    def kept() -> set[bool]:
+        layers = [m for m in pack.model.modules() if getattr(m, "gradient_checkpointing", False)]
+        funcs = [m._gradient_checkpointing_func for m in layers]
+        assert funcs and all(isinstance(f, partial) for f in funcs)
+        return {f.keywords["preserve_rng_state"] for f in funcs}
+
+    assert kept() == {False} and not pack.draws_random()
+    pack.attach("a", _config("a"), training=_training("a"))
+    config = _config("b")
+    config.lora_dropout = 0.1
+    pack.attach("b", config, training=_training("b"))
+    assert kept() == {True} and pack.draws_random()
+    g = torch.Generator().manual_seed(4)
+    vocab = pack.model.config.vocab_size
+    for _ in range(4):
+        pack.step({n: _batch(g, vocab, 2) for n in "ab"})
+    assert pack.graphs.replays == 0 and pack.graphs.why is None  # it runs as it comes, and may replay later
+    pack.detach("b")
+    assert kept() == {False}
+    for _ in range(4):
+        pack.step({"a": _batch(g, vocab, 2)})
+    assert pack.graphs.replays == 4 - pack_graphs.WARMUP_STEPS

@@ -135,6 +135,24 @@ def host_times(out: Path) -> dict:
     return {"hosts_time": hosts} if hosts else {}
 
 
+def compare(result: dict) -> bool:
+    """Where the packed and the solo sweep both ran: set how many times sooner the packed one ended (`ratio`; and
+    `ratio_eager`, the packed sweep without graphs, where it ran), which trials ended alike, and whether the frontiers
+    match; False where one of the two is missing."""
+    packed, solo = result.get("packed"), result.get("solo")
+    if not (packed and solo):
+        return False
+    result["ratio"] = round(solo["wall_s"] / packed["wall_s"], 3)
+    if result.get("eager"):
+        result["ratio_eager"] = round(solo["wall_s"] / result["eager"]["wall_s"], 3)
+    ending = {config_key(t): t["status"] for t in solo["trials"]}
+    same = [ending.get(config_key(t)) == t["status"] for t in packed["trials"]]
+    result["same_endings"] = f"{sum(same)} of {len(same)}"
+    front = {config_key(t) for t in solo["trials"] if t["pareto"]}
+    result["same_frontier"] = front == {config_key(t) for t in packed["trials"] if t["pareto"]}
+    return True
+
+
 def config_key(trial: dict) -> tuple:
     return tuple(trial.get(c) for c in ("variant", "rank", "alpha", "targets", "lr"))
 
@@ -207,23 +225,14 @@ def main() -> None:
         os.environ["LORA_SEARCH_PACK_GRAPHS"] = "0" if which == "eager" else "1"
         result[which] = run_one(sweep_for(args, base_dir, data, which))
         print(f"[pack_sweep] {which}: {result[which]['wall_s']} s", flush=True)
-        (args.out / "packed_sweep.json").write_text(json.dumps(result, indent=1) + "\n")  # after each sweep
-    packed, solo = result.get("packed"), result.get("solo")
-    if packed and solo:
-        result["ratio"] = round(solo["wall_s"] / packed["wall_s"], 3)  # how many times sooner the packed sweep ends
-        if result.get("eager"):
-            result["ratio_eager"] = round(solo["wall_s"] / result["eager"]["wall_s"], 3)
-        ending = {config_key(t): t["status"] for t in solo["trials"]}
-        same = [ending.get(config_key(t)) == t["status"] for t in packed["trials"]]
-        result["same_endings"] = f"{sum(same)} of {len(same)}"
-        front = {config_key(t) for t in solo["trials"] if t["pareto"]}
-        result["same_frontier"] = front == {config_key(t) for t in packed["trials"] if t["pareto"]}
+        compare(result)  # after each sweep: a call cut short keeps what it measured
         (args.out / "packed_sweep.json").write_text(json.dumps(result, indent=1) + "\n")
+    if compare(result):
         print(
             f"\n{result['device']}: {args.trials} trials of {args.shape} at {args.seq} tokens, ASHA, "
-            f"k = {args.pack}, {args.hosts} host(s): "
-            f"solo {solo['wall_s']} s, packed {packed['wall_s']} s, x{result['ratio']} sooner; same endings "
-            f"{result['same_endings']}; same frontier: {result['same_frontier']}"
+            f"k = {args.pack}, {args.hosts} host(s): solo {result['solo']['wall_s']} s, packed "
+            f"{result['packed']['wall_s']} s, x{result['ratio']} sooner; same endings {result['same_endings']}; "
+            f"same frontier: {result['same_frontier']}"
         )
 
 

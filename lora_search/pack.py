@@ -307,7 +307,7 @@ class Pack:
         if losses is None:
             length = layout.length if layout is not None else None  # a layout's warm-up steps run its graph's shape
             placed = [self._placed(part, self.drop_mask, length) for part in parts]
-            total = self.train(placed, {n: max(t, 1) for n, t in tokens.items()})
+            total = self.device_step(placed, {n: max(t, 1) for n, t in tokens.items()})
             values = torch.stack(list(total.values())).tolist()  # the step's one device sync
             losses = dict(zip(total, values, strict=True))
         for name in batches:
@@ -318,7 +318,9 @@ class Pack:
             seconds=time.perf_counter() - start,
         )
 
-    def train(self, placed: list[Placed], divisors: Mapping[str, float | torch.Tensor]) -> dict[str, torch.Tensor]:
+    def device_step(
+        self, placed: list[Placed], divisors: Mapping[str, float | torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
         """A step's device work: each placed micro-batch (`_placed`) through the base forward and backward, each
         adapter's loss its rows' token losses summed over `divisors[name]` (its label tokens in the whole step: a
         number, or a device tensor a graph reads), then every adapter's clip and optimizer step (`_Attached.apply`)

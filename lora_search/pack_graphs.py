@@ -7,7 +7,7 @@ of kernel launches, which a pack step on a small base waits on: benchmarks/NOTES
 A layout is what a graph's shapes and branches depend on: which adapters step, in which order, with how many rows in
 each micro-batch, and the tokens a row, rounded up to `BUCKET_TOKENS` (the rows are right-padded to it: under causal
 attention without a mask no real token sees a pad, and the labels there are -100, so the losses and gradients are
-those of the unpadded step, to float rounding). `Pack.train` is what is captured: the forwards and backwards, each
+those of the unpadded step, to float rounding). `Pack.device_step` is what is captured: the forwards and backwards, each
 adapter's clip and AdamW step (torch's capturable AdamW, its rates device tensors) and the masked layers' stacks
 recast. Outside the graph stay the copies of the step's batches into the graph's input buffers, the schedules'
 steps (which write the next rates into those tensors) and the read of the losses.
@@ -28,7 +28,7 @@ Each graph keeps its own memory pool (the step's activations, as the eager step'
 `MAX_GRAPHS` (the least recently replayed goes first). A graph reads the adapters' weights, optimizer states, rates
 and the layers' stacks and masks where they were at its capture; attaching or detaching an adapter changes them, and
 forgets every graph. A step of another layout writes the same weights, so the stacks a graph reads are recast before
-it replays where they are stale. On a CPU there is no graph: a layout's steps run `Pack.train` on the same input
+it replays where they are stale. On a CPU there is no graph: a layout's steps run `Pack.device_step` on the same input
 buffers each time, which is what tests/test_pack_graphs.py holds to the step as it comes; the capture itself runs on
 the GPU (its `gpu` test).
 """
@@ -55,7 +55,7 @@ class Pack(Protocol):
     model: nn.Module
     pad_token_id: int
 
-    def train(self, placed: list[Any], divisors: Mapping[str, Any]) -> dict[str, torch.Tensor]: ...
+    def device_step(self, placed: list[Any], divisors: Mapping[str, Any]) -> dict[str, torch.Tensor]: ...
 
     def layers(self) -> list[pack_layers.PackedLinear]: ...
 
@@ -111,7 +111,7 @@ class _Captured:
     def body(self, pack: Pack) -> torch.Tensor:
         placed = [(ids, None, labels, blocks) for ids, labels, blocks in self.inputs]
         divisors = dict(zip(self.layout.names, self.divisors.unbind(), strict=True))
-        total = pack.train(placed, divisors)
+        total = pack.device_step(placed, divisors)
         return torch.stack([total[n] for n in self.layout.names])
 
 

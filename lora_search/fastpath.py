@@ -661,6 +661,58 @@ def _one_sequence_a_row(position_ids: Any) -> None:
     return None
 
 
+@contextmanager
+def causal_when_capturing(enabled: bool = True) -> Iterator[None]:
+    """Forwards inside run causal SDPA without a mask under a CUDA graph capture too, as they do outside one. Where a
+    forward has no attention mask (right-padded rows, `NO_PAD_MASK`), transformers skips the causal mask and asks SDPA
+    for `is_causal`, which runs flash; under a capture transformers 5.17 (the GPU machine's) does not skip it, as it
+    cannot tell a capture from a trace, and builds the full causal mask, which sends SDPA to its memory-efficient
+    kernels (benchmarks/NOTES.md, session 16: 57 ms of a 1.1B pack's captured step against ~25 ms on flash). Here
+    `masking_utils._ignore_causal_mask_sdpa` answers True under a capture where it would outside one without a padding
+    mask: no padding mask, as many queries as keys, no cache offset, no local window reached. A no-op where not
+    `enabled`; nests."""
+    if not enabled:
+        yield
+        return
+    import inspect
+
+    from transformers import masking_utils
+
+    found = masking_utils._ignore_causal_mask_sdpa
+    signature = inspect.signature(found)
+
+    def ignore(*args: Any, **kwargs: Any) -> bool:
+        if _capturing():
+            given = signature.bind(*args, **kwargs)
+            given.apply_defaults()
+            a = given.arguments
+            queries, keys = a.get("q_length", a.get("query_length")), a.get("kv_length")
+            local = a.get("local_attention_size")
+            if (
+                a.get("padding_mask") is None
+                and queries is not None
+                and queries == keys
+                and not a.get("q_offset")
+                and not a.get("kv_offset")
+                and (local is None or keys < local)
+            ):
+                return True
+        return found(*args, **kwargs)
+
+    masking_utils._ignore_causal_mask_sdpa = ignore
+    try:
+        yield
+    finally:
+        masking_utils._ignore_causal_mask_sdpa = found
+
+
+def _capturing() -> bool:
+    """A CUDA graph capture is under way on this thread's stream."""
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 PACK_PIECES = ("liger", "attention", NO_PAD_MASK, CUDNN_OFF)
 """The pieces of a solo trial's path that a pack (`lora_search.pack_host`) runs on its shared base: the kernels and
 attention switches of the base itself. The rest are the Trainer's or PEFT's layers', which a pack replaces with its

@@ -510,7 +510,7 @@ class Pack:
         shifted = _shifted(labels)
         head = self.chunked_head()
         # without a mask the rows are right-padded, one sequence each: no device read to ask (`fastpath.UNPACKED_WHY`)
-        with fastpath.rows_unpacked(enabled=mask is None):
+        with fastpath.rows_unpacked(enabled=mask is None), fastpath.causal_when_capturing(enabled=mask is None):
             if head is None:
                 logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
                 flat = nn.functional.cross_entropy(logits.float().flatten(0, 1), shifted.flatten(), reduction="none")

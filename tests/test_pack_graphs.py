@@ -253,3 +253,44 @@ def test_a_recompute_keeps_the_random_state_only_while_an_adapter_draws_it(tiny_
     for _ in range(4):
         pack.step({"a": _batch(g, vocab, 2)})
     assert pack.graphs.replays == 4 - pack_graphs.WARMUP_STEPS
+
+
+def test_a_captured_forward_without_a_mask_stays_causal_sdpa(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Transformers 5.17 (the GPU machine's) builds the full causal mask under a CUDA graph capture even without a
+    padding mask, which sends SDPA from flash to its memory-efficient kernels. Emulated here (its skip answering False
+    while capturing, the capture itself faked): inside `fastpath.causal_when_capturing` the forward's SDPA gets no
+    mask and `is_causal`, as outside a capture; without it, a mask."""
+    from functools import wraps
+
+    from transformers import AutoModelForCausalLM, masking_utils
+
+    from lora_search import fastpath
+
+    original = masking_utils._ignore_causal_mask_sdpa
+
+    @wraps(original)  # its signature, as the real one has
+    def as_in_5_17(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        return False if fastpath._capturing() else original(*args, **kwargs)
+
+    monkeypatch.setattr(fastpath, "_capturing", lambda: True)
+    monkeypatch.setattr(masking_utils, "_ignore_causal_mask_sdpa", as_in_5_17)
+    seen: list[tuple[bool, bool]] = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **kwargs):  # noqa: ANN001, ANN202
+        seen.append((attn_mask is None, bool(is_causal)))
+        return sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa")
+    ids = torch.randint(3, 100, (2, 12))
+    with torch.no_grad(), fastpath.rows_unpacked():
+        model(input_ids=ids)
+        masked = list(seen)
+        seen.clear()
+        with fastpath.causal_when_capturing():
+            model(input_ids=ids)
+    assert masked and all(not no_mask for no_mask, _ in masked)  # the emulated 5.17 builds the mask
+    assert seen and all(no_mask and causal for no_mask, causal in seen)  # the flash-eligible call

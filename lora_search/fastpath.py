@@ -665,9 +665,11 @@ def _one_sequence_a_row(position_ids: Any) -> None:
 def causal_when_capturing(enabled: bool = True) -> Iterator[None]:
     """Forwards inside run causal SDPA without a mask under a CUDA graph capture too, as they do outside one. Where a
     forward has no attention mask (right-padded rows, `NO_PAD_MASK`), transformers skips the causal mask and asks SDPA
-    for `is_causal`, which runs flash; under a capture transformers 5.17 (the GPU machine's) does not skip it, as it
-    cannot tell a capture from a trace, and builds the full causal mask, which sends SDPA to its memory-efficient
-    kernels (benchmarks/NOTES.md, session 16: 57 ms of a 1.1B pack's captured step against ~25 ms on flash). Here
+    for `is_causal`, which runs flash. Under a capture, transformers 5.17 (the GPU machine's) most likely does not skip
+    it: its `is_tracing` counts a stream capture as a trace, and the full causal mask sends SDPA to its
+    memory-efficient kernels, which is what the captured 1.1B pack step ran (benchmarks/NOTES.md, session 16: 57 ms
+    of its step against ~25 ms on flash; inferred from that profile and transformers' masking_utils, not yet seen
+    fixed on a GPU; 5.25 skips it where there is no padding mask). Here
     `masking_utils._ignore_causal_mask_sdpa` answers True under a capture where it would outside one without a padding
     mask: no padding mask, as many queries as keys, no cache offset, no local window reached. A no-op where not
     `enabled`; nests."""

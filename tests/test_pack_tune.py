@@ -242,7 +242,8 @@ def test_a_host_detaches_an_adapter_that_stopped_stepping_and_steps_without_a_la
     assert events[-1]["event"] == "detach" and events[-1]["name"] == "b" and events[-1]["why"].startswith("no step")
     assert host.status()["names"] == ["a"] and host.status()["loads"] == 1
     # where the host's time went, in each line after its first step: the wait for late b falls between steps
-    assert events[-1]["steps"] == host.status()["steps"] >= 4 and events[-1]["step_s"] > 0
+    # (the reaper may detach b while the loop's last step of a waits on the host's lock: that step then comes after)
+    assert 3 <= events[-1]["steps"] <= host.status()["steps"] and events[-1]["step_s"] > 0
     assert events[-1]["between_steps_s"] >= pack_host.GATHER_S * 0.9
 
 

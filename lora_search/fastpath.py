@@ -39,6 +39,7 @@ products already run at 71% of the GPU's peak; benchmarks/NOTES.md). Sequence pa
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 from collections.abc import Iterator, Sequence
@@ -676,12 +677,10 @@ def causal_when_capturing(enabled: bool = True) -> Iterator[None]:
     if not enabled:
         yield
         return
-    import inspect
-
     from transformers import masking_utils
 
     found = masking_utils._ignore_causal_mask_sdpa
-    signature = inspect.signature(found)
+    signature = _signature(found)
 
     def ignore(*args: Any, **kwargs: Any) -> bool:
         if _capturing():
@@ -706,6 +705,14 @@ def causal_when_capturing(enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         masking_utils._ignore_causal_mask_sdpa = found
+
+
+@functools.cache
+def _signature(function: Any) -> Any:
+    """`inspect.signature(function)`, read once per function: `causal_when_capturing` is entered every forward."""
+    import inspect
+
+    return inspect.signature(function)
 
 
 def _capturing() -> bool:

@@ -164,7 +164,7 @@ class PackHost:
             drop_mask=self.fast_path.active(fastpath.NO_PAD_MASK),
             graphs=on_gpu and environment.value(environment.PACK_GRAPHS),  # `pack_graphs`
         )
-        self.graphs_why = self.pack.graphs.why  # logged again when a capture fails (`_run`)
+        self.graphs_why: str | None = None  # why the pack's graphs stopped, logged once (`_run`)
         self.scorer: Any = None
         """The plain base golden scoring puts each adapter on (`Pack.plain_copy`), made at the first scoring."""
         # The autocast a solo trial of a packing variant trains and is scored under (train.py's SFTConfig bf16).
@@ -203,8 +203,7 @@ class PackHost:
             micro_batches=self.fit.micro_batches,
             checkpointing_why=fit_why,
             fast_path=self.fast_path.summary(),
-            graphs=self.pack.graphs.capture and self.pack.graphs.why is None,
-            **({"graphs_why": self.pack.graphs.why} if self.pack.graphs.why else {}),
+            graphs=self.pack.graphs.capture,
         )
         # the base and the libraries out of Python's full collections while the host lives (`fastpath.FROZEN_HEAP_WHY`)
         gc.collect()

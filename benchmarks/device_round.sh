@@ -66,10 +66,13 @@ pack | pack_smollm2 | pack_1b | pack_135m)  # `pack` runs all three; pack_smollm
   ;;
 graphs)
   step gpu_tests python -m pytest -q -m gpu tests/test_pack_graphs.py -p no:cacheprovider
-  step pack_135m_graphs python benchmarks/pack.py --device cuda --base 135m --seq 512 --ks 1 2 4 8 --products auto \
-    --graphs --out "$OUT/pack_135m_512_graphs.json"
+  # PACK_PROFILE=1: the 1.1B row's kernel and idle tables, eager and captured, in $OUT/pack_profiles.tgz
+  profile=(); [ -n "${PACK_PROFILE:-}" ] && profile=(--profile /tmp/pack_profiles)
+  step pack_135m_graphs python benchmarks/pack.py --device cuda --base 135m --seq 512 --ks ${KS_135M:-1 2 4 8} \
+    --products auto --graphs --out "$OUT/pack_135m_512_graphs.json"
   step pack_1b_graphs python benchmarks/pack.py --device cuda --base 1b --seq 512 --ks ${KS_1B:-4} --products auto \
-    --graphs --out "$OUT/pack_1b_512_graphs.json"
+    --graphs --out "$OUT/pack_1b_512_graphs.json" "${profile[@]}"
+  [ -d /tmp/pack_profiles ] && (cd /tmp && tar czf "$OUT/pack_profiles.tgz" pack_profiles)
   ;;
 speed)
   # ATTN: the trial paths (+two-node measured no gain, NOTES.md change 20); EXTRA: e.g. --no-liger-reference

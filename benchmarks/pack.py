@@ -22,7 +22,9 @@ loop, one adapter at a time, the layer before batched products; bmm; masked) und
 dispatches (aten operators; CUDA kernel launches on a GPU: `dispatched`, `solo_dispatched` and `solo_peft_dispatched`
 for the k solo steps), and `loss_match`: every packed loss within `tolerance` (relative) of its solo loss at the same
 step (fp32 on a CPU: 1e-5, rounding; bf16 autocast on a GPU: 1e-2, issue 24's bar), with each trial's largest
-difference. With `--graphs`, each row's `graphs`: the same pack with its steps captured as CUDA graphs and replayed
+difference, and `update_match`: each packed adapter's weight update over the steps points where its solo run's does
+(`update_cosine`, at least `UPDATE_COSINE`; a loss alone moves little in a dozen steps, and a pack whose forward read
+stale weights passed `loss_match` in sessions 15-16). With `--graphs`, each row's `graphs`: the same pack with its steps captured as CUDA graphs and replayed
 (`lora_search.pack_graphs`, a pack host's default on a GPU): its `ratio` against the same solo runs, `vs_as_they_come`
 (its speed over the pack's steps as they come), its loss match, captures and replays. CPU ratios say little (a
 CPU's matrix products do not batch like a GPU's); they check the script.
@@ -92,17 +94,28 @@ def load(args: argparse.Namespace) -> tuple[Any, int, str]:
     return model, pad, source
 
 
+LEARNABLE = 32
+"""Tokens a trial's rows are drawn from."""
+UPDATE_COSINE = 0.9
+"""`update_match`'s bar: the cosine between a packed adapter's weight update over its steps and its solo run's. A
+pack whose products read stale weights updates A not at all (its gradient goes through the stale B, zero at init):
+about 0.7."""
+
+
 def batches(trial: int, args: argparse.Namespace, vocab: int, pad: int) -> list[dict[str, Any]]:
-    """The trial's own micro-batches: right-padded rows of random tokens, labels -100 on the pads."""
+    """The trial's own micro-batches: right-padded rows of tokens drawn from a set of `LEARNABLE` of its own (its
+    adapter learns them within the steps, so the loss curves move and a pack that does not train fails
+    `loss_match`), labels -100 on the pads."""
     import torch
 
     g = torch.Generator().manual_seed(1000 + trial)
+    tokens = torch.randperm(vocab, generator=g)[:LEARNABLE]
     out = []
     for _ in range(args.steps):
         lengths = torch.randint(args.seq * 3 // 4, args.seq + 1, (args.bs,), generator=g)
         width = int(lengths.max())
         mask = (torch.arange(width)[None] < lengths[:, None]).long()
-        ids = torch.randint(0, vocab, (args.bs, width), generator=g).masked_fill(mask == 0, pad)
+        ids = tokens[torch.randint(0, LEARNABLE, (args.bs, width), generator=g)].masked_fill(mask == 0, pad)
         batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
         out.append({k: v.to(args.device) for k, v in batch.items()})
     return out
@@ -172,9 +185,16 @@ def solo(i: int, a: Any, model: Any, data: list, args: argparse.Namespace, layer
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    final = {k: v.detach().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
     calls = dispatched(one_more, args.device, f"solo_{layers}_t{i}")
     peft_model.unload()  # the base, its layers restored, for the next trial
-    return {"init": init, "losses": losses, "step_s": statistics.median(times[args.skip :]), "dispatched": calls}
+    return {
+        "init": init,
+        "final": final,
+        "losses": losses,
+        "step_s": statistics.median(times[args.skip :]),
+        "dispatched": calls,
+    }
 
 
 def packed(
@@ -200,6 +220,7 @@ def packed(
         for i in range(k):
             curves[i].append(done.losses[f"t{i}"])
     first = {f"t{i}": data[i][0] for i in range(k)}
+    FINAL[:] = [pack.state(f"t{i}") for i in range(k)]  # after the curves' steps, before `dispatched`'s one more
     from lora_search import pack_layers
 
     name = f"packed_k{k}_{pack_layers.PRODUCTS}{'_graphs' if graphs else ''}"
@@ -210,10 +231,27 @@ def packed(
     return curves, statistics.median(times[args.skip :]), calls
 
 
+FINAL: list[dict[str, Any]] = []
+"""The last `packed` run's adapters' weights after the curves' steps (`Pack.state`)."""
 GRAPHS: dict[str, Any] = {}
 """What the last `packed(graphs=True)` run's graphs did: captures, replays, and why none replayed (None: they did)."""
 PROFILE_DIR: Path | None = None
 """`--profile`: where `dispatched` writes each profiled step's kernel and idle tables (CUDA only)."""
+
+
+def update_cosines(k: int, runs: list[dict[str, Any]]) -> list[float]:
+    """Per trial, the cosine between its weight update in the last `packed` run (`FINAL`) and in its solo run, over
+    all its A and B: 1.0 for the same update; a pack that trains its adapters otherwise than solo falls below
+    `UPDATE_COSINE`."""
+    import torch
+
+    out = []
+    for i in range(k):
+        init, solo_final = runs[i]["init"], runs[i]["final"]
+        packed = torch.cat([(FINAL[i][key].float().cpu() - init[key].float().cpu()).flatten() for key in init])
+        solo = torch.cat([(solo_final[key].float().cpu() - init[key].float().cpu()).flatten() for key in init])
+        out.append(float(f"{torch.nn.functional.cosine_similarity(packed, solo, dim=0).item():.4g}"))
+    return out
 
 
 def dispatched(step: Any, device: str, name: str = "") -> dict[str, int]:
@@ -417,6 +455,7 @@ def main() -> None:
                 "auto_vs_this": None,  # set below, once auto's step time is known
                 "dispatched": other_calls,
                 "loss_match": all(d <= tolerance for d in other_diffs),
+                "update_match": min(update_cosines(k, runs)) >= UPDATE_COSINE,
                 "step_s": other_s,
             }
         graphed = None
@@ -434,11 +473,14 @@ def main() -> None:
                 "dispatched": graph_calls,
                 "loss_max_rel_diff": [float(f"{d:.3g}") for d in graph_diffs],
                 "loss_match": all(d <= tolerance for d in graph_diffs),
+                "update_cosine": (graph_cosines := update_cosines(k, runs)),
+                "update_match": min(graph_cosines) >= UPDATE_COSINE,
                 **GRAPHS,
             }
         reset_peak(args.device)
         curves, step_s, calls = packed(k, adapters, model, data, inits, args)
         diffs = [max(abs(p - s) / abs(s) for p, s in zip(curves[i], runs[i]["losses"], strict=True)) for i in range(k)]
+        cosines = update_cosines(k, runs)
         solo_s = sum(r["step_s"] for r in runs[:k])  # one step of each of the k trials
         peft_s = sum(r["step_s"] for r in peft_runs[:k])
         for other in others.values():
@@ -466,6 +508,9 @@ def main() -> None:
             "solo_peft_dispatched": {key: sum(r["dispatched"][key] for r in peft_runs[:k]) for key in calls},
             "loss_max_rel_diff": [float(f"{d:.3g}") for d in diffs],
             "loss_match": all(d <= tolerance for d in diffs),
+            "loss_drop": [round(r["losses"][0] - r["losses"][-1], 4) for r in runs[:k]],
+            "update_cosine": cosines,
+            "update_match": min(cosines) >= UPDATE_COSINE,
         }
         rows.append(row)
         print(json.dumps(row), flush=True)

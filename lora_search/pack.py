@@ -158,6 +158,13 @@ class _Attached:
         if self.training.max_grad_norm is not None:
             nn.utils.clip_grad_norm_(self.params, self.training.max_grad_norm)
         self.optimizer.step()
+        self.wrote()
+
+    def wrote(self) -> None:
+        """Say the weights were written in place: bump their version counters, which the masked layers' stacks read
+        to know they are stale (`pack_layers._Stack`). Torch's fused AdamW (the CUDA default, `_optimizer`) writes
+        them without a bump, and a graph's replayed step (`pack_graphs`) writes them without the host seeing it."""
+        torch.autograd.graph.increment_version(self.params)
 
     def advance(self) -> None:
         """Then the schedule's step and zero_grad, on the host: the learning rate for the next step (written into
@@ -367,6 +374,12 @@ class Pack:
     def layers(self) -> list[PackedLinear]:
         """The base's wrapped linear layers, in the base's order."""
         return list(self._packed.values())
+
+    def wrote(self, names: list[str]) -> None:
+        """The named adapters' weights were written where the host did not see it (a graph's replayed step):
+        `_Attached.wrote` for each."""
+        for name in names:
+            self._adapters[name].wrote()
 
     @torch.no_grad()
     def evaluate(self, batches: Mapping[str, Batch]) -> dict[str, float]:

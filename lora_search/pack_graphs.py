@@ -59,6 +59,8 @@ class Pack(Protocol):
 
     def layers(self) -> list[pack_layers.PackedLinear]: ...
 
+    def wrote(self, names: list[str]) -> None: ...
+
 
 WARMUP_STEPS = 2
 """Steps a layout runs as it comes before its graph is captured: the first compiles kernels (Triton's, cuBLAS's
@@ -170,6 +172,10 @@ class Graphs:
         else:
             captured.graph.replay()
             losses = captured.losses
+            # the replayed optimizer steps wrote the adapters' weights, and the graph recast the layout's stacks after
+            # them: both said on the host, so another layout's stack of the same weights (an evaluation's) is stale
+            pack.wrote(layout.names)
+            pack_layers.mark_fresh(captured.stacks)
         self.replays += 1
         assert losses is not None
         return dict(zip(layout.names, losses.tolist(), strict=True))  # the step's one device sync

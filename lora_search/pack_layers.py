@@ -249,8 +249,9 @@ class _Stack:
     """One layer's adapters of one layout, stacked for `MaskedLoraLinear`: `a` is every adapter's `scaling * A` one
     under another ((sum of ranks) x in), `b` their B side by side (out x (sum of ranks)), both in the products' dtype
     (the solo trial's `fused_lora.Casts`, for several adapters). Valid while each source weight keeps the version it
-    was cast at; an optimizer step writes the weights in place, and `refresh_stacks` recasts every stale stack of a
-    pack in a few foreach kernels, where a cat and two casts per layer in every forward did it before."""
+    was cast at; an optimizer step writes the weights in place (and says so: `lora_search.pack._Attached.wrote`, as
+    torch's fused AdamW bumps no version), and `refresh_stacks` recasts every stale stack of a pack in a few foreach
+    kernels, where a cat and two casts per layer in every forward did it before."""
 
     a_src: list[torch.Tensor]
     b_src: list[torch.Tensor]
@@ -293,9 +294,15 @@ def refresh_stacks(stacks: list[_Stack]) -> int:
         b_dst = [v for s in stale for v in s.b.split(s.ranks, dim=1)]
         torch._foreach_copy_(a_dst, torch._foreach_mul(a_src, scalings))
         torch._foreach_copy_(b_dst, [t for s in stale for t in s.b_src])
-    for s in stale:
-        s.versions = [t._version for t in (*s.a_src, *s.b_src)]
+    mark_fresh(stale)
     return len(stale)
+
+
+def mark_fresh(stacks: list[_Stack]) -> None:
+    """Record `stacks` as cast from their adapters' current weights (`refresh_stacks` did it, or a replayed graph's
+    recast: `lora_search.pack_graphs`)."""
+    for s in stacks:
+        s.versions = [t._version for t in (*s.a_src, *s.b_src)]
 
 
 class MaskedLoraLinear(torch.autograd.Function):

@@ -294,3 +294,78 @@ def test_a_captured_forward_without_a_mask_stays_causal_sdpa(
             model(input_ids=ids)
     assert masked and all(not no_mask for no_mask, _ in masked)  # the emulated 5.17 builds the mask
     assert seen and all(no_mask and causal for no_mask, causal in seen)  # the flash-eligible call
+
+
+class _FusedAdamW(torch.optim.AdamW):
+    """Torch's fused AdamW (a GPU pack's, `pack._optimizer`) on the CPU: it writes the weights without bumping their
+    version counters."""
+
+    def __init__(self, *args: object, fused: object = None, **kwargs: object) -> None:
+        super().__init__(*args, fused=True, **kwargs)  # type: ignore[arg-type]
+
+
+def _steps_and_evals(
+    model_dir: Path, products: str, graphs: bool, inits: dict, fused: bool, device: str = "cpu", bf16: bool = False
+) -> tuple[list[dict[str, float]], dict[str, float]]:
+    """`PLAN`'s first steps (two layouts: graphs replay) with the layers' products forced, then each adapter's loss
+    alone on a held-out batch (`Pack.evaluate`: another layout's stacks, cast before the steps)."""
+    from transformers import AutoModelForCausalLM
+
+    from lora_search import pack_layers
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pack_layers, "PRODUCTS", products)
+        if fused:
+            patch.setattr(torch.optim, "AdamW", _FusedAdamW)
+        torch.manual_seed(0)
+        dtype = torch.bfloat16 if bf16 else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+        pack = Pack(model, drop_mask=True, graphs=graphs)
+        vocab = model.config.vocab_size
+        for name in "abc":
+            pack.attach(name, _config(name), inits.get(name), training=_training(name))
+            inits.setdefault(name, pack.state(name))
+        g = torch.Generator().manual_seed(0)
+        held_out = {n: _batch(g, vocab, rows=2) for n in "abc"}
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+            before = {n: pack.evaluate({n: held_out[n]})[n] for n in "abc"}  # every eval stack cast from the inits
+            losses = []
+            for names in PLAN[:9]:
+                batches = {n: _batch(g, vocab, rows=2 + i) for i, n in enumerate(names)}
+                losses.append(pack.step(batches).losses)
+            after = {n: pack.evaluate({n: held_out[n]})[n] for n in "abc"}
+    assert graphs is False or pack.graphs.replays == 6
+    assert all(after[n] != before[n] for n in "abc"), (before, after)
+    return losses, after
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "buffers"])
+def test_masked_stacks_follow_the_weights_whatever_optimizer_writes_them(
+    tiny_model_dir: Path, fused: bool, graphs: bool
+) -> None:
+    """The masked products read stacked copies of the adapters' weights (`pack_layers._Stack`), recast when the
+    weights change. The steps' losses and each adapter's evaluation after them equal the one-at-a-time products',
+    which read the weights themselves (fp32, 1e-5): with torch's fused AdamW too, which bumps no version counter (in
+    session 16's GPU sweeps every packed trial's evaluation read its initial weights, the base's loss)."""
+    inits: dict = {}
+    want_losses, want_evals = _steps_and_evals(tiny_model_dir, "loop", False, inits, fused=False)
+    got_losses, got_evals = _steps_and_evals(tiny_model_dir, "masked", graphs, inits, fused=fused)
+    for step, (g, w) in enumerate(zip(got_losses, want_losses, strict=True)):
+        assert list(g.values()) == pytest.approx(list(w.values()), rel=1e-5, abs=0), step
+    assert got_evals == pytest.approx(want_evals, rel=1e-5, abs=0)
+
+
+@pytest.mark.gpu
+def test_captured_masked_steps_and_evaluations_follow_the_weights_on_the_gpu(tiny_model_dir: Path) -> None:
+    """On CUDA (fused AdamW, the pack's own) the captured masked steps, and each adapter's evaluation after them,
+    equal the one-at-a-time products' steps as they come, under the pack host's bf16 autocast (1e-2, issue 24's bar):
+    a replay's weight writes reach the stacks that other layouts read."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    inits: dict = {}
+    want_losses, want_evals = _steps_and_evals(tiny_model_dir, "loop", False, inits, False, "cuda", bf16=True)
+    got_losses, got_evals = _steps_and_evals(tiny_model_dir, "masked", True, inits, False, "cuda", bf16=True)
+    for step, (g, w) in enumerate(zip(got_losses, want_losses, strict=True)):
+        assert list(g.values()) == pytest.approx(list(w.values()), rel=1e-2, abs=0), step
+    assert got_evals == pytest.approx(want_evals, rel=1e-2, abs=0)

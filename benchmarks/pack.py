@@ -24,9 +24,10 @@ for the k solo steps), and `loss_match`: every packed loss within `tolerance` (r
 step (fp32 on a CPU: 1e-5, rounding; bf16 autocast on a GPU: 1e-2, issue 24's bar), with each trial's largest
 difference, and `update_match`: each packed adapter's weight update over the steps points where its solo run's does
 (`update_cosine`, at least `UPDATE_COSINE`; a loss alone moves little in a dozen steps, and a pack whose forward read
-stale weights passed `loss_match` in sessions 15-16). With `--graphs`, each row's `graphs`: the same pack with its steps captured as CUDA graphs and replayed
-(`lora_search.pack_graphs`, a pack host's default on a GPU): its `ratio` against the same solo runs, `vs_as_they_come`
-(its speed over the pack's steps as they come), its loss match, captures and replays. CPU ratios say little (a
+stale weights passed `loss_match` in sessions 15-16). With `--graphs`, each row's `graphs`: the same pack with its
+steps captured as CUDA graphs and replayed (`lora_search.pack_graphs`, a pack host's default on a GPU): its `ratio`
+against the same solo runs, `vs_as_they_come` (its speed over the pack's steps as they come), its loss and update
+match, captures and replays. CPU ratios say little (a
 CPU's matrix products do not batch like a GPU's); they check the script.
 
 --base: `smollm2` (sweeps/smollm2.py's base, its GGUF converted once by `lora_search.gguf.resolve`, needs the

@@ -161,7 +161,7 @@ def test_masked_products_read_weights_written_since_the_last_forward(how: object
     stack = layer.last_stack
     assert stack is not None and not stack.stale()
     with torch.no_grad():
-        layer.lora_B["c"].weight.mul_(3.0)  # an in-place write that bumps the version (a fused AdamW does not: the pack says it)
+        layer.lora_B["c"].weight.mul_(3.0)  # an in-place write bumps the version (the pack bumps a fused AdamW's)
     assert stack.stale()
     assert pack_layers.refresh_stacks([stack, None]) == 1 and not stack.stale()
     assert pack_layers.refresh_stacks([stack]) == 0  # nothing written since

@@ -164,6 +164,11 @@ def solo(i: int, a: Any, model: Any, data: list, args: argparse.Namespace, layer
     optimizer = (
         variant.optimizer(peft_model, a) if variant.optimizer else torch.optim.AdamW(params, lr=a.lr, fused=fused)
     )
+    if layers == "trial":  # as `trainer.TrialTrainer` does: the one-node layers' casts recast after every step
+        from lora_search import fused_lora
+
+        plain = fastpath.plain_lora_layers(peft_model)
+        optimizer.register_step_post_hook(lambda *_: fused_lora.refresh_casts(plain))
     schedule = get_scheduler(plan.schedule, optimizer, plan.warmup_steps, plan.total_steps)
     peft_model.train()
     if args.drop_mask:  # the rows are right-padded: as the pack (and a solo trial's no-pad-mask) runs them

@@ -100,9 +100,10 @@ CASTS = "_lora_search_casts"
 class Casts:
     """An adapter's weights as its one-node products read them: `a` is `scaling * A` in `dtype` (the scaling folded
     into the A-side product, which saves a multiply on the rank-r intermediate each way), `b` is B in `dtype` (B
-    itself where it has that dtype already). Valid while A and B keep the versions they were cast at: an optimizer step
-    or a checkpoint load writes them in place, which bumps a tensor's version. `refresh_casts` recasts every adapter's
-    in a few foreach kernels after each optimizer step, so a step's forwards cast nothing."""
+    itself where it has that dtype already). Valid while A and B keep the versions they were cast at: a checkpoint load
+    writes them in place, which bumps a tensor's version. Torch's fused AdamW (a GPU trial's) writes them without a
+    bump, so whatever steps an optimizer over these layers must run `refresh_casts` after each step (a step post-hook:
+    `trainer.TrialTrainer` registers it), which also means a step's forwards cast nothing."""
 
     a_src: torch.Tensor
     b_src: torch.Tensor

@@ -213,6 +213,8 @@ class Graphs:
             except Exception as e:  # noqa: BLE001  (any failure: this pack's steps run as they come, said why)
                 self.why = f"capture failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
                 self._captured.clear()
+                for layer in pack.layers():  # what the capture made is unfilled: it is made again as steps come
+                    layer.forget_layouts()
                 return None
             finally:
                 for p in params:  # the graph writes its gradients in its own pool; an eager step starts from none

@@ -272,8 +272,9 @@ class _Stack:
         device = a_src[0].device
         a = torch.empty(sum(ranks), a_src[0].shape[1], dtype=dtype, device=device)
         b = torch.empty(b_src[0].shape[0], sum(ranks), dtype=dtype, device=device)
-        column = torch.cat([torch.full((r, 1), float(s)) for r, s in zip(ranks, scalings, strict=True)])
-        return _Stack(list(a_src), list(b_src), list(scalings), ranks, a, b, a.t(), b.t(), column.to(device), [-1])
+        # made on the device (fill kernels, no copy from the host): a stack first needed inside a graph's capture
+        column = torch.cat([torch.full((r, 1), float(s), device=device) for r, s in zip(ranks, scalings, strict=True)])
+        return _Stack(list(a_src), list(b_src), list(scalings), ranks, a, b, a.t(), b.t(), column, [-1])
 
     def stale(self) -> bool:
         return self.versions != [t._version for t in (*self.a_src, *self.b_src)]
@@ -387,13 +388,15 @@ class PackedLinear(nn.Module):
         self.lora_A[name], self.lora_B[name] = a, b
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling[name] = scaling
-        self._forget_layouts()
+        self.forget_layouts()
 
     def remove(self, name: str) -> None:
         del self.lora_A[name], self.lora_B[name], self.lora_dropout[name], self.scaling[name]
-        self._forget_layouts()
+        self.forget_layouts()
 
-    def _forget_layouts(self) -> None:
+    def forget_layouts(self) -> None:
+        """Drop the layouts' stacks, masks and scalings (an adapter added or removed; a graph whose capture failed may
+        have made some, which no kernel has filled)."""
         self._scaling_cache.clear()
         self._masks.clear()
         self._stacks.clear()
@@ -499,15 +502,18 @@ class PackedLinear(nn.Module):
         rounds once, as the one-at-a-time path's Python float scales it. 0 elsewhere. Made once per layout and kept."""
         key = (tuple((n, r.start, r.stop) for n, r in blocks), batch, device, dtype)
         if key not in self._masks:
+            # filled on the device, no copy from the host: a mask first needed inside a graph's capture (its layout's
+            # warm-up steps' mask dropped from these few since) is then captured too, where a copy of an unpinned
+            # host tensor stops the capture (session 16: every pack host's graphs went off so)
             ranks = [self.lora_A[n].out_features for n, _ in blocks]
-            mask = torch.zeros(batch, sum(ranks))
+            mask = torch.zeros(batch, sum(ranks), device=device, dtype=torch.float32 if dtype is None else dtype)
             col = 0
             for (name, rows), rank in zip(blocks, ranks, strict=True):
                 mask[rows, col : col + rank] = 1.0 if dtype is not None else self.scaling[name]
                 col += rank
             if len(self._masks) >= 8:  # layouts change when a trial sits a step out; keep the recent few
                 self._masks.pop(next(iter(self._masks)))
-            self._masks[key] = mask.to(device) if dtype is None else mask[:, None, :].to(device, dtype)
+            self._masks[key] = mask if dtype is None else mask[:, None, :]
         return self._masks[key]
 
     def _bmm(
@@ -539,8 +545,9 @@ class PackedLinear(nn.Module):
         product bf16, as this does), made once per set of adapters: not a host-to-device copy in every forward."""
         key = (names, dtype, device)
         if key not in self._scaling_cache:
-            values = [self.scaling[n] for n in names]
-            self._scaling_cache[key] = torch.tensor(values, dtype=dtype, device=device).view(-1, 1, 1)
+            # fill kernels, not a copy from the host: capturable (`_mask`)
+            values = [torch.full((1,), float(self.scaling[n]), dtype=dtype, device=device) for n in names]
+            self._scaling_cache[key] = torch.cat(values).view(-1, 1, 1)
         return self._scaling_cache[key]
 
     def extra_repr(self) -> str:

@@ -112,7 +112,20 @@ def run_one(sweep) -> dict:  # noqa: ANN001 (a Sweep)
                 "pareto": bool(row.get("pareto", False)),
             }
         )
-    return {"wall_s": round(wall, 1), "trials": trials, **host_times(Path(sweep.output_dir) / sweep.name)}
+    # where a trial's time went, the mean over trials (`results.StepReport`'s fields, as each last reported them)
+    phases = {
+        c: round(float(frame[c].mean()), 2)
+        for c in ("startup_s", "prepare_s", "load_s", "train_s", "eval_wall_s")
+        if c in frame.columns and frame[c].notna().any()
+    }
+    steps = int(sum(t["step"] or 0 for t in trials))
+    return {
+        "wall_s": round(wall, 1),
+        "trial_steps": steps,
+        "trial_phases_mean_s": phases,
+        "trials": trials,
+        **host_times(Path(sweep.output_dir) / sweep.name),
+    }
 
 
 def host_times(out: Path) -> dict:

@@ -4,7 +4,8 @@
 #
 #   bash benchmarks/device_wheels.sh                  # .whl/  (Ray, TRL, datasets, DeepSpeed, bitsandbytes, Liger)
 #   bash benchmarks/device_wheels_b.sh               # .whlb/ (lm-eval, MLflow skinny + tracing, Optuna, plotly, gguf + deps)
-#   head/tail -c the GGUF into .g1/part (20 MB), .g2/part (58 MB), .g3/part (the rest)
+#   head/tail -c the GGUF into .g1/part (15 MB), .g2/part (42 MB), .g3/part (the rest, 41 MB): each call carries
+#   the tracked tree too (11 MB), all under 64 MiB
 #   call 1: carry [".whl"]            bash benchmarks/smollm2_device.sh wheels .whl
 #   call 2: carry [".whlb", ".g1"]    bash benchmarks/smollm2_device.sh wheels .whlb .g1
 #   call 3: carry [".g2"]             bash benchmarks/smollm2_device.sh part .g2

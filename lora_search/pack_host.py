@@ -4,7 +4,9 @@ packed configuration is still an ordinary Tune trial that attaches its adapter t
 
 Turned on by `Resources(pack=N)` with N > 1: a trial whose variant packs (`pack.packs`) runs
 `pack_trial.run_packed_trial` (from `lora_search.trial.run_trial`) in a small CPU-only Tune process
-(`trial_resources`); the others train solo as before. The trial finds a host with room (`host_for`), attaches its
+(`trial_resources`); the others train solo as before. The sweep's driver starts host 0 as the trials start
+(`start_host`); a host loads its base in the background and answers at once whether it has room, so hosts that
+trials start load side by side. The trial finds a host with room (`host_for`), attaches its
 adapter (`PackHost.attach`), sends its rows for each step (`PackHost.step`), asks for its eval loss, its saved adapter
 and, at its last step, its golden scores, and detaches. A trial Tune stops leaves in its `finally` (`PackHost.detach`);
 one whose process was killed is detached after `STALE_S` without a step.
@@ -126,6 +128,39 @@ class PackHost:
     trial; `step` blocks until the step its batch went into has run."""
 
     def __init__(self, sweep: Sweep, journal_path: str, stale_s: float = STALE_S, idle_s: float | None = None) -> None:
+        """Returns at once: the base loads in a thread of its own (`_load`), so the host answers `attach` from the
+        start. A trial that finds its place waits for the base there, and one that finds the host full hears so at
+        once and starts the next host, whose base then loads beside this one's (session 17's sweep: with the
+        answer only after the load, a sweep's 4 hosts started one after another, 24 s apart)."""
+        self.sweep = sweep
+        self.journal = Path(journal_path)
+        self.stale_s = stale_s
+        self.cond = threading.Condition()
+        self.claimed: set[str] = set()
+        """Trials with a place here: attached, or waiting for the base to attach (what `attach`'s room counts)."""
+        self.leaving = False
+        self.loaded = threading.Event()
+        self.load_error: BaseException | None = None
+        threading.Thread(target=self._load, args=(idle_s,), daemon=True).start()
+
+    def _load(self, idle_s: float | None) -> None:
+        """The base on the device, the pack over it and the host's state, then its reaper; a failure is kept for every
+        call to raise (`_ready`)."""
+        try:
+            self._load_base(idle_s)
+        except BaseException as e:  # noqa: BLE001  (whatever it was, each trial waiting here hears it)
+            self.load_error = e
+            self._log("load_failed", why=f"{type(e).__name__}: {e}"[:500])
+        finally:
+            self.loaded.set()
+
+    def _ready(self) -> None:
+        """Wait for the base (`_load`); raise its failure."""
+        self.loaded.wait()
+        if self.load_error is not None:
+            raise RuntimeError(f"the pack host could not load its base: {self.load_error}") from self.load_error
+
+    def _load_base(self, idle_s: float | None) -> None:
         import torch
         from transformers import AutoTokenizer
 
@@ -135,8 +170,7 @@ class PackHost:
         from lora_search.pack import Pack, packs
         from lora_search.train import load_base
 
-        self.sweep = sweep
-        self.journal = Path(journal_path)
+        sweep = self.sweep
         start = time.perf_counter()
         model = load_base(sweep.base, quantized=False)
         on_gpu = torch.cuda.is_available() and sweep.resources.gpus_per_worker > 0
@@ -180,7 +214,6 @@ class PackHost:
         self.between_s = 0.0  # seconds from a step's end to the next one's start: the host waiting for batches
         self.last_end: float | None = None
         self.attaches = 0
-        self.cond = threading.Condition()
         self.pending: dict[str, Any] = {}
         self.outcomes: dict[str, dict[str, Any]] = {}
         self.previous: set[str] = set()
@@ -188,13 +221,12 @@ class PackHost:
         """Adapters whose trial has its checkpoint saved and is reporting (`save`, `golden`): a step does not wait
         for them, as it waits `GATHER_S` for one that is merely late; their next batch brings them back."""
         self.seen: dict[str, float] = {}
-        self.stale_s = stale_s
         idle_s = environment.value(IDLE_S) if idle_s is None else idle_s
         self.idle_s = idle_s if solo_reasons(sweep) else None
         """Seconds empty after which the host leaves (`IDLE_S`, or the `idle_s` given); None: it stays (no trial of the
         sweep trains solo)."""
-        self.empty_since: float | None = time.monotonic()
-        self.leaving = False
+        with self.cond:  # a trial waiting for the base to attach keeps it from counting as empty
+            self.empty_since: float | None = None if self.claimed else time.monotonic()
         self._log(
             "load",
             load_s=round(self.load_s, 3),
@@ -225,38 +257,51 @@ class PackHost:
         from lora_search.targets import resolve, targets_from_key
         from lora_search.variants import LORAPLUS_LR_RATIO, VARIANTS, Adapter
 
-        budget = self.sweep.budget
-        adapter = Adapter(
-            **dataclasses.asdict(params),
-            target_modules=resolve(targets_from_key(params.targets), self.layers),
-            total_steps=budget.max_steps,
-        )
-        training = Training(
-            lr=params.lr,
-            total_steps=budget.max_steps,
-            warmup_steps=budget.warmup_steps,
-            schedule=budget.lr_schedule,
-            loraplus_lr_ratio=LORAPLUS_LR_RATIO if params.variant == "loraplus" else None,
-        )
         with self.cond:
             if self.leaving:  # it gave its device back: `host_for` starts a new host
                 return {"leaving": True}
-            if name in self.pack.names:
-                self._detach(name, "attached again: its trial started in a new process")
-            if len(self.pack.names) >= room:
-                return None
-            torch.manual_seed(self.sweep.seed)  # train.py seeds the same before its adapter's init
-            config = VARIANTS[params.variant].peft_config(adapter)
-            if resume is None:
-                self.pack.attach(name, config, training=training)
-            else:
-                self.pack.attach(name, config, resume["weights"], training=training, resume=resume["training"])
-            step = 0 if resume is None else int(resume["training"]["step"])
-            self.seen[name] = time.monotonic()
-            self.empty_since = None
-            self.attaches += 1
-            self._log("attach", name=name, **({"resumed_from": step} if resume is not None else {}))
-            trainable = sum(t.numel() for t in self.pack.state(name).values())
+            if name not in self.claimed and len(self.claimed) >= room:
+                return None  # at once, the base loaded or not: the trial goes on to the next host
+            self.claimed.add(name)
+        try:
+            self._ready()
+            budget = self.sweep.budget
+            adapter = Adapter(
+                **dataclasses.asdict(params),
+                target_modules=resolve(targets_from_key(params.targets), self.layers),
+                total_steps=budget.max_steps,
+            )
+            training = Training(
+                lr=params.lr,
+                total_steps=budget.max_steps,
+                warmup_steps=budget.warmup_steps,
+                schedule=budget.lr_schedule,
+                loraplus_lr_ratio=LORAPLUS_LR_RATIO if params.variant == "loraplus" else None,
+            )
+            with self.cond:
+                if self.leaving:
+                    self.claimed.discard(name)
+                    return {"leaving": True}
+                if name in self.pack.names:
+                    self._detach(name, "attached again: its trial started in a new process")
+                    self.claimed.add(name)
+                torch.manual_seed(self.sweep.seed)  # train.py seeds the same before its adapter's init
+                config = VARIANTS[params.variant].peft_config(adapter)
+                if resume is None:
+                    self.pack.attach(name, config, training=training)
+                else:
+                    self.pack.attach(name, config, resume["weights"], training=training, resume=resume["training"])
+                step = 0 if resume is None else int(resume["training"]["step"])
+                self.seen[name] = time.monotonic()
+                self.empty_since = None
+                self.attaches += 1
+                self._log("attach", name=name, **({"resumed_from": step} if resume is not None else {}))
+                trainable = sum(t.numel() for t in self.pack.state(name).values())
+        except BaseException:  # its place goes back: the load failed, or the adapter did not attach
+            with self.cond:
+                if self.load_error is not None or name not in self.pack.names:
+                    self.claimed.discard(name)
+            raise
         # base_reused: the base was loaded for an earlier trial (as `StepReport.base_reused` says of a warm process)
         return {"trainable_params": trainable, "base_reused": self.attaches > 1, "device": self.device}
 
@@ -364,6 +409,7 @@ class PackHost:
         return {**scored, "seconds": seconds, "device_s": seconds * self.units}
 
     def detach(self, name: str, why: str) -> None:
+        self._ready()
         with self.cond:
             if name in self.pack.names:
                 self._detach(name, why)
@@ -372,6 +418,7 @@ class PackHost:
         """Detach every adapter still attached as the sweep ends; their names. Tune ends a trial's process once its
         last report is in, sometimes before the trial's own `finally` detaches it: such an adapter that took the
         sweep's every step left as "finished", any other as "sweep ended at step N"."""
+        self._ready()
         with self.cond:
             names = list(self.pack.names)
             for name in names:
@@ -382,6 +429,7 @@ class PackHost:
             return names
 
     def status(self) -> dict[str, Any]:
+        self._ready()
         return {"names": self.pack.names, "loads": self.loads, "steps": self.steps}
 
     def _run(self) -> None:
@@ -423,11 +471,12 @@ class PackHost:
 
     def _detach(self, name: str, why: str) -> None:
         self.pack.detach(name)
+        self.claimed.discard(name)
         self.seen.pop(name, None)
         self.outcomes.pop(name, None)  # a step that ran after its trial's process was killed
         self.previous.discard(name)
         self.away.discard(name)
-        if not self.pack.names:
+        if not self.claimed:
             self.empty_since = time.monotonic()
         self._log("detach", name=name, why=why)
         self.cond.notify_all()
@@ -455,8 +504,11 @@ class PackHost:
             ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
 
     def _log(self, event: str, **fields: Any) -> None:
-        line = {"t": time.time(), "event": event, **fields, "attached": self.pack.names, "loads": self.loads}
-        if self.steps:  # where a pack's time goes: its steps, and the waits for its trials' next batches between them
+        pack = getattr(self, "pack", None)  # None: the base has not loaded (`load_failed`)
+        line = {"t": time.time(), "event": event, **fields}
+        line.update(attached=pack.names if pack else [], loads=getattr(self, "loads", 0))
+        # where a pack's time goes: its steps, and the waits for its trials' next batches between them
+        if getattr(self, "steps", 0):
             line.update(steps=self.steps, step_s=round(self.step_s, 3), between_steps_s=round(self.between_s, 3))
             line.update(graph_replays=self.pack.graphs.replays)
         with self.journal.open("a") as f:
@@ -486,27 +538,12 @@ def host_for(
     room, created when the trial finds none there (`get_if_exists`: two trials creating the same host get the one
     actor). The host comes as a `Blocking` handle."""
     import ray
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     r = sweep.resources
-    options: dict[str, Any] = {
-        "num_cpus": r.cpus_per_worker,
-        "max_concurrency": r.pack + 2,
-        "lifetime": "detached",  # it outlives the trial that created it; `stop_hosts` ends it
-        # out of the trial's placement group (Tune's, of PACKED_TRIAL_CPU): the host reserves its own device
-        "scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=None),
-    }
-    if r.gpus_per_worker > 0:
-        options["num_gpus"] = r.gpus_per_worker  # a whole GPU, or a worker's share of one beside other trials
     for _ in range(LEAVING_RETRIES):
         leaving = False
         for index in range(hosts(sweep, ray.cluster_resources())):
-            try:
-                host = ray.get_actor(host_name(sweep, index), namespace=NAMESPACE)
-            except ValueError:
-                name_it = {"name": host_name(sweep, index), "namespace": NAMESPACE, "get_if_exists": True}
-                actor = ray.remote(PackHost).options(**name_it, **options)
-                host = actor.remote(sweep, str(journal(storage_path, index)))
+            host = start_host(sweep, storage_path, index)
             try:
                 info = ray.get(host.attach.remote(name, params, r.pack, resume))
             except ray.exceptions.RayActorError:  # it left (`IDLE_S`) between the lookup and the attach
@@ -520,6 +557,33 @@ def host_for(
             break
         time.sleep(1.0)  # a leaving host's name is free once its actor has ended
     raise RuntimeError(f"every pack host of sweep {sweep.name!r} is full; lower max_concurrent_trials")
+
+
+def start_host(sweep: Sweep, storage_path: str, index: int) -> Any:
+    """The sweep's host `index` (its actor handle), started where it is not running (`get_if_exists`: two trials
+    starting the same host get the one actor). Returns at once: the host loads its base in the background
+    (`PackHost._load`). The sweep's driver starts host 0 as the trials start, so its base loads beside their imports."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    try:
+        return ray.get_actor(host_name(sweep, index), namespace=NAMESPACE)
+    except ValueError:
+        pass
+    r = sweep.resources
+    options: dict[str, Any] = {
+        "name": host_name(sweep, index),
+        "namespace": NAMESPACE,
+        "get_if_exists": True,
+        "num_cpus": r.cpus_per_worker,
+        "max_concurrency": r.pack + 2,
+        "lifetime": "detached",  # it outlives the trial that created it; `stop_hosts` ends it
+        # out of the trial's placement group (Tune's, of PACKED_TRIAL_CPU): the host reserves its own device
+        "scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=None),
+    }
+    if r.gpus_per_worker > 0:
+        options["num_gpus"] = r.gpus_per_worker  # a whole GPU, or a worker's share of one beside other trials
+    return ray.remote(PackHost).options(**options).remote(sweep, str(journal(storage_path, index)))
 
 
 LEAVING_RETRIES = 30

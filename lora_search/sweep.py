@@ -496,6 +496,8 @@ def run(
         r = sweep.resources
         base_scores = ray.remote(score_base).options(num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker)
         base_scores = base_scores.remote(sweep)
+    if any(pack_host.packed(sweep, v) for v in sweep.space.variants):
+        pack_host.start_host(sweep, str(storage), 0)  # its base loads while the trials' processes start
     global _SESSION
     _SESSION = session
     try:

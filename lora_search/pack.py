@@ -53,7 +53,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lora_search import fastpath, memory, pack_graphs, pack_layers
 from lora_search.config import Schedule
-from lora_search.pack_layers import PackedLinear, Rows, concat, config_problems, right_padded
+from lora_search.pack_layers import PackedLinear, Rows, concat, config_problems, is_pissa, right_padded
 from lora_search.problems import ConfigError, Problem
 from lora_search.variants import VARIANTS
 
@@ -66,16 +66,15 @@ Batch = Mapping[str, torch.Tensor]
 Placed = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, dict[str, slice]]
 """A micro-batch of the pack on its device: (input_ids, attention_mask or None, labels, each adapter's rows)."""
 
-PACKED = frozenset({"lora", "rslora", "loraplus"})
-"""Variants that differ from plain LoRA only in scaling (rsLoRA: alpha/sqrt(r)) or optimizer (LoRA+: B's lr ratio)."""
+PACKED = frozenset({"lora", "rslora", "loraplus", "pissa"})
+"""Variants that differ from plain LoRA only in scaling (rsLoRA: alpha/sqrt(r)), optimizer (LoRA+: B's lr ratio) or
+init (PiSSA: the base weight's top singular vectors, with a frozen correction in place of PEFT's write into the shared
+base weight, `pack_layers.PackedLinear.correct`)."""
 
 SOLO: dict[str, str] = {
     "dora": "DoRA rescales each output column by m / ||W + sBA||: a norm of the whole weight plus its update, per "
     "adapter and step (weight-sized work each), and with dropout a base product of its own on the dropped input; "
     "PackedLinear adds only low-rank products (it could share the base product, but is not built for it)",
-    "pissa": "PiSSA's init rewrites the base weight to W - sB0A0 (PEFT writes it into the base layer), and the pack's "
-    "base is shared and stays as loaded; it could pack as W + s(BA - B0A0), a frozen rank-r correction at twice the "
-    "low-rank cost (the algebra of PEFT's save conversion), which is not built",
     "adalora": "AdaLoRA trains an SVD form (P, singular values, Q), adds an orthogonality term to the loss and prunes "
     "ranks across all its modules after every step (a step hook): a different layer, loss and optimizer loop",
     "vera": "VeRA shares frozen random projections across all layers of an adapter and trains only scaling vectors: "
@@ -239,6 +238,8 @@ class Pack:
         problems = self._problems(name, config, modules, init_state)
         if resume is not None:
             problems += _resume_problems(resume, init_state, 2 * len(modules))
+            if is_pissa(config.init_lora_weights) and modules:
+                problems += _pissa_resume_problems(resume, self._shapes(config, tuple(modules)))
         if problems:
             raise ConfigError(problems, header=f"adapter {name!r} cannot join the pack")
         scaling = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)  # PEFT's
@@ -254,12 +255,17 @@ class Pack:
                 dropout=config.lora_dropout,
                 dtype=dtype,
                 init=config.init_lora_weights if init_state is None else False,
+                config=config,
             )
         keyed = self._keyed(name, tuple(modules))
         if init_state is not None:
             with torch.no_grad():
                 for key, param in keyed.items():
                     param.copy_(init_state[key])
+            if is_pissa(config.init_lora_weights):  # its correction: the weights it started from
+                initial = init_state if resume is None else resume["pissa_init"]
+                for m in modules:
+                    self._packed[m].correct(name, initial[_key(m, "lora_A")], initial[_key(m, "lora_B")])
         optimizer = _optimizer(keyed, training, self._capturable)
         from transformers import get_scheduler
 
@@ -411,18 +417,24 @@ class Pack:
     def training_state(self, name: str) -> dict[str, Any]:
         """What adapter `name` continues from besides its weights (`state`), for `attach(..., resume=)`: its step (the
         optimizer steps it took), its optimizer's state dict (AdamW's moments and step count per parameter, its
-        groups' rates) and its schedule's. Copied onto the CPU: it saves with `torch.save` and loads with
-        `torch.load(weights_only=True)`, and travels to a process without the pack's device."""
+        groups' rates) and its schedule's; for PiSSA, "pissa_init": the A0 and B0 it started from under PEFT's keys
+        (its correction's, which a resume must keep: a second SVD would draw others). Copied onto the CPU: it saves
+        with `torch.save` and loads with `torch.load(weights_only=True)`, and travels to a process without the pack's
+        device."""
         attached = self._adapters[self._known(name)]
+        initial = self._initial(name)
         return {
             "step": self.steps(name),
             "optimizer": _on_cpu(_rates_plain(attached.optimizer.state_dict())),
             "schedule": _rates_plain(copy.deepcopy(attached.schedule.state_dict())),
+            **({"pissa_init": _on_cpu(initial)} if initial is not None else {}),
         }
 
     def save(self, name: str, out_dir: Path | str) -> Path:
         """Write adapter `name` as a standard PEFT dir (adapter_config.json, adapter_model.safetensors) that
-        `PeftModel.from_pretrained(base, out_dir)` loads onto the base as loaded."""
+        `PeftModel.from_pretrained(base, out_dir)` loads onto the base as loaded. A PiSSA adapter is saved as PEFT
+        saves a solo one (`save_pretrained(path_initial_model_for_weight_conversion=)`): plain LoRA of twice the
+        rank, A' = [A; A0] and B' = [B | -B0], alpha doubled (x sqrt 2 under rsLoRA) so the scaling stays."""
         from peft.utils import SAFETENSORS_WEIGHTS_NAME
         from safetensors.torch import save_file
 
@@ -432,9 +444,15 @@ class Pack:
         config.base_model_name_or_path = config.base_model_name_or_path or self.model.config._name_or_path
         config.inference_mode = True
         config.init_lora_weights = True  # the saved weights are what counts; reloading re-runs no data-driven init
+        tensors = self.state(name)
+        if (initial := self._initial(name)) is not None:  # PEFT's `subtract_mutated_init`, and its config change
+            for key, t in tensors.items():
+                tensors[key] = torch.cat([t, initial[key]]) if ".lora_A." in key else torch.cat([t, -initial[key]], 1)
+            config.r *= 2
+            config.lora_alpha *= 2**0.5 if config.use_rslora else 2
         config.save_pretrained(str(out))
         save_file(
-            {k: t.contiguous() for k, t in self.state(name).items()},
+            {k: t.contiguous() for k, t in tensors.items()},
             str(out / SAFETENSORS_WEIGHTS_NAME),
             metadata={"format": "pt"},
         )
@@ -492,6 +510,15 @@ class Pack:
         setattr(self.model.get_submodule(parent), child, layer)
         self._packed[module] = layer
         return layer
+
+    def _initial(self, name: str) -> dict[str, torch.Tensor] | None:
+        """A PiSSA adapter's A0 and B0 (its correction's, `PackedLinear.correct`) under PEFT's keys; None for others."""
+        out = {}
+        for m in self._adapters[self._known(name)].modules:
+            if (ab := self._packed[m].correction(name)) is None:
+                return None
+            out[_key(m, "lora_A")], out[_key(m, "lora_B")] = ab
+        return out or None
 
     def _keyed(self, name: str, modules: tuple[str, ...]) -> dict[str, nn.Parameter]:
         """PEFT key -> parameter, A then B per module, in the base's module order."""
@@ -643,6 +670,30 @@ def _resume_problems(
         fix = "give the `Pack.training_state` of an adapter of the same LoraConfig (rank, target modules)"
         problems.append(Problem("resume", f"{given} optimizer parameters", f"should have {n_params}", fix))
     return problems
+
+
+def trained_weights(saved: Mapping[str, torch.Tensor], training: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """An adapter's own A and B (`Pack.state`'s, what `attach(init_state=)` resumes from) out of what `Pack.save` wrote
+    (adapter_model.safetensors, loaded) and its `training_state`. Those are the same tensors, but for PiSSA's: saved
+    converted ([A; A0] and [B | -B0], `Pack.save`), its own are the first rows of A' and columns of B', as many as
+    its A0 in "pissa_init" has rows."""
+    initial = training.get("pissa_init")
+    if initial is None:
+        return dict(saved)
+    return {k: t[: initial[k].shape[0]] if ".lora_A." in k else t[:, : initial[k].shape[1]] for k, t in saved.items()}
+
+
+def _pissa_resume_problems(resume: Mapping[str, Any], shapes: dict[str, tuple[int, int]]) -> list[Problem]:
+    """A PiSSA adapter resumes with the A0 and B0 it started from (`Pack.training_state`'s "pissa_init")."""
+    initial = resume.get("pissa_init") if isinstance(resume, Mapping) else None
+    if not isinstance(initial, Mapping):
+        why = "has no pissa_init: the A0 and B0 a PiSSA adapter started from (its correction)"
+        return [Problem("resume", sorted(resume)[:4], why, "give the `Pack.training_state` of this PiSSA adapter")]
+    named = {"init_state": "resume.pissa_init"}
+    return [
+        Problem(named.get(p.field, f"resume.pissa_init[{p.field!r}]"), p.value, p.message, p.fix)
+        for p in _init_problems(initial, shapes)
+    ]
 
 
 def _on_cpu(state: Any) -> Any:

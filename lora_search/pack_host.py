@@ -251,12 +251,6 @@ class PackHost:
 
         An adapter of the same name still attached is an earlier process of the same trial that died without
         detaching (Tune retries a trial in a new process): it leaves first, so the retry finds its place."""
-        import torch
-
-        from lora_search.pack import Training
-        from lora_search.targets import resolve, targets_from_key
-        from lora_search.variants import LORAPLUS_LR_RATIO, VARIANTS, Adapter
-
         with self.cond:
             if self.leaving:  # it gave its device back: `host_for` starts a new host
                 return {"leaving": True}
@@ -265,6 +259,14 @@ class PackHost:
             self.claimed.add(name)
         try:
             self._ready()
+            # imported once the base has loaded: Transformers' and TRL's lazy modules resolve their names unguarded,
+            # and an import racing the loading thread's can fail ("cannot import name 'SFTConfig' from 'trl'")
+            import torch
+
+            from lora_search.pack import Training
+            from lora_search.targets import resolve, targets_from_key
+            from lora_search.variants import LORAPLUS_LR_RATIO, VARIANTS, Adapter
+
             budget = self.sweep.budget
             adapter = Adapter(
                 **dataclasses.asdict(params),

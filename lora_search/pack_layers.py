@@ -62,8 +62,18 @@ UNSUPPORTED = (
 )
 """LoraConfig fields a packed adapter leaves at PEFT's default: each changes the layer, what trains or where."""
 
-REWRITES_BASE = ("pissa", "olora", "corda", "loftq", "lora_ga")
-"""`init_lora_weights` values whose init writes into the base weight (PEFT 0.21), which a pack shares."""
+REWRITES_BASE = ("olora", "corda", "loftq", "lora_ga")
+"""`init_lora_weights` values whose init writes into the base weight (PEFT 0.21), which a pack shares. PiSSA's
+("pissa", "pissa_niter_N") writes one too, and packs: its correction (`PackedLinear.correct`) stands in for it."""
+
+CORRECTION = "#0"
+"""What follows an adapter's name in a layer's dicts for its frozen correction (`PackedLinear.correct`); an
+adapter's name has no "#" (`lora_search.pack.Pack.attach` checks), so the two never meet."""
+
+
+def is_pissa(init: Any) -> bool:
+    """`init_lora_weights` is PiSSA's ("pissa", or "pissa_niter_N": PEFT's randomised SVD of N iterations)."""
+    return isinstance(init, str) and init.lower().startswith("pissa")
 
 
 def config_problems(config: LoraConfig, init_given: bool) -> list[Problem]:
@@ -78,13 +88,31 @@ def config_problems(config: LoraConfig, init_given: bool) -> list[Problem]:
     init = config.init_lora_weights
     if isinstance(init, str) and init.lower().startswith(REWRITES_BASE):
         problems.append(Problem("config.init_lora_weights", init, "writes into the shared base weight", fix))
-    elif not init_given and init not in (True, False, "gaussian"):
+    elif not init_given and init not in (True, False, "gaussian") and not is_pissa(init):
         why, give = "needs its initial weights given", "pass init_state (PEFT's state dict of the initialised adapter)"
         problems.append(Problem("config.init_lora_weights", init, why, give))
     if config.target_modules == "all-linear":
         why, give = "is not resolved here", "give the module names (lora_search.targets.resolve)"
         problems.append(Problem("config.target_modules", "all-linear", why, give))
     return problems
+
+
+def pissa_weights(base_layer: nn.Linear, config: LoraConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """PiSSA's initial (A0, B0) for `base_layer` under `config`, as PEFT makes them: PEFT's own LoRA layer
+    (`peft.tuners.lora.layer.Linear`, whose `pissa_init` runs the SVD) built over a stand-in for the base layer, a
+    new parameter over the same weight tensor. PEFT then rebinds the stand-in's weight to the residual W - s B0 A0;
+    the base's own parameter, shared by the pack, is not written. In the adapter's dtype as PEFT leaves it after
+    `get_peft_model` (fp32 for a half-precision base: PEFT moves A0 and B0 to the base's dtype, then autocasts the
+    adapter to fp32), so a packed PiSSA starts where its solo trial starts."""
+    from peft.tuners.lora.layer import Linear
+
+    weight = base_layer.weight
+    stand_in = nn.Linear(base_layer.in_features, base_layer.out_features, bias=False, device="meta")
+    stand_in.weight = nn.Parameter(weight.detach(), requires_grad=False)
+    layer = Linear(stand_in, "default", config, r=config.r, lora_alpha=config.lora_alpha)
+    dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+    a0, b0 = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    return a0.detach().to(dtype), b0.detach().to(dtype)
 
 
 def concat(
@@ -229,7 +257,8 @@ class _AddIntoRows(torch.autograd.Function):
     gradient through and gives each delta its rows of it, as views. What autograd would do instead: an add into a
     slice copies the whole gradient once per adapter (CopySlices); index_add_ scatters, slowly on a CPU; a cat of
     the blocks copies the output forward and its gradient backward. In place is safe: a linear layer's backward needs
-    its input and weight, never its output, and the blocks are disjoint."""
+    its input and weight, never its output. Blocks are disjoint but for a correction's, which is its adapter's
+    (`PackedLinear.correct`): both add into the rows, and both get the rows' gradient."""
 
     @staticmethod
     def forward(ctx: Any, out: torch.Tensor, blocks: list[slice], *deltas: torch.Tensor) -> torch.Tensor:
@@ -369,17 +398,37 @@ class PackedLinear(nn.Module):
         """The stack the last masked forward used: `refresh_stacks` recasts it after the optimizer step."""
 
     def add(
-        self, name: str, *, r: int, scaling: float, dropout: float, dtype: torch.dtype, init: bool | str = True
+        self,
+        name: str,
+        *,
+        r: int,
+        scaling: float,
+        dropout: float,
+        dtype: torch.dtype,
+        init: bool | str = True,
+        config: LoraConfig | None = None,
     ) -> None:
         """Add adapter `name` of rank `r`. `init`: PEFT's `init_lora_weights` (True: A Kaiming-uniform and B zero, so
-        the adapter starts as the base; "gaussian": A normal with std 1/r, B zero; False: both as nn.Linear starts).
-        The random draws follow PEFT's order (A's and B's nn.Linear init, then A's reset), so under the same seed the
-        weights are those `get_peft_model` draws for the same modules in the same order."""
+        the adapter starts as the base; "gaussian": A normal with std 1/r, B zero; False: both as nn.Linear starts;
+        PiSSA's: the base weight's top-r singular vectors, `pissa_weights`, with `config` the adapter's LoraConfig,
+        and the correction that keeps the adapter's start the base, `correct`). The random draws follow PEFT's order
+        (A's and B's nn.Linear init, then A's reset or PiSSA's randomised SVD), so under the same seed the weights are
+        those `get_peft_model` draws for the same modules in the same order."""
         base = self.base_layer
         device = base.weight.device
-        a = nn.Linear(base.in_features, r, bias=False, device=device, dtype=dtype)
-        b = nn.Linear(r, base.out_features, bias=False, device=device, dtype=dtype)
-        if init is True:
+        pissa = is_pissa(init)
+        if pissa and config is None:
+            raise ValueError(f"init={init!r} needs the adapter's LoraConfig: add(..., config=)")
+        # PiSSA's weights come from PEFT's own layer, which draws the nn.Linear inits itself: none drawn here
+        make = nn.utils.skip_init if pissa else lambda cls, *args, **kw: cls(*args, **kw)
+        a = make(nn.Linear, base.in_features, r, bias=False, device=device, dtype=dtype)
+        b = make(nn.Linear, r, base.out_features, bias=False, device=device, dtype=dtype)
+        if pissa:
+            a0, b0 = pissa_weights(base, config)
+            with torch.no_grad():
+                a.weight.copy_(a0)
+                b.weight.copy_(b0)
+        elif init is True:
             nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
             nn.init.zeros_(b.weight)
         elif init == "gaussian":
@@ -388,10 +437,43 @@ class PackedLinear(nn.Module):
         self.lora_A[name], self.lora_B[name] = a, b
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling[name] = scaling
+        if pissa:
+            self.correct(name, a.weight, b.weight)
         self.forget_layouts()
 
+    def correct(self, name: str, a0: torch.Tensor, b0: torch.Tensor) -> None:
+        """Give adapter `name` a frozen correction `-scaling * B0 A0` on its rows: the product of PiSSA's initial A0
+        and B0, which PEFT subtracts from the base weight once (W_res = W - s B0 A0, `LoraLayer.pissa_init`) and a
+        pack, whose base is shared and stays as loaded, subtracts in every forward. The adapter's rows then see
+        W + s(BA - B0A0), the solo trial's W_res + sBA to float rounding: in fp32 exactly its arithmetic's order
+        aside; on a bf16 base W_res's own rounding is not there. Computed as one more adapter (`CORRECTION`) of the
+        same rank on the same rows, A0 and -B0 copied and frozen: every product path (loop, bmm, masked) takes it as
+        it takes adapters, at twice the adapter's low-rank work. It is also PEFT's save conversion, [A | A0] and
+        [B | -B0] (`lora_search.pack.Pack.save`)."""
+        key = name + CORRECTION
+        a = nn.utils.skip_init(nn.Linear, a0.shape[1], a0.shape[0], bias=False, device=a0.device, dtype=a0.dtype)
+        b = nn.utils.skip_init(nn.Linear, b0.shape[1], b0.shape[0], bias=False, device=b0.device, dtype=b0.dtype)
+        with torch.no_grad():
+            a.weight.copy_(a0)
+            b.weight.copy_(b0).neg_()
+        a.requires_grad_(False)
+        b.requires_grad_(False)
+        self.lora_A[key], self.lora_B[key] = a, b
+        self.lora_dropout[key] = nn.Identity()  # the base's product, which PEFT's W_res is, sees no dropout
+        self.scaling[key] = self.scaling[name]
+        self.forget_layouts()
+
+    def correction(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Adapter `name`'s (A0, B0) of its correction (`correct`), copies; None where it has none."""
+        key = name + CORRECTION
+        if key not in self.scaling:
+            return None
+        return self.lora_A[key].weight.detach().clone(), self.lora_B[key].weight.detach().neg()
+
     def remove(self, name: str) -> None:
-        del self.lora_A[name], self.lora_B[name], self.lora_dropout[name], self.scaling[name]
+        for key in (name, name + CORRECTION):
+            if key in self.scaling:
+                del self.lora_A[key], self.lora_B[key], self.lora_dropout[key], self.scaling[key]
         self.forget_layouts()
 
     def forget_layouts(self) -> None:
@@ -404,12 +486,18 @@ class PackedLinear(nn.Module):
 
     @property
     def adapters(self) -> list[str]:
-        return list(self.scaling)
+        """The adapters' names (their corrections not among them)."""
+        return [n for n in self.scaling if not n.endswith(CORRECTION)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.rows.blocks:  # outside a step: the base alone
             return self.base_layer(x)
-        blocks = [(n, rows) for n, rows in self.rows.blocks.items() if n in self.scaling]
+        blocks = [
+            (key, rows)
+            for n, rows in self.rows.blocks.items()
+            for key in (n, n + CORRECTION)  # a correction (PiSSA's) right after its adapter, on the same rows
+            if key in self.scaling
+        ]
         if not blocks:  # no adapter of this step targets this module
             return self.base_layer(x)
         how = products(PRODUCTS, self._shape(blocks, x), device_peak_tflops(x.device))
@@ -419,7 +507,7 @@ class PackedLinear(nn.Module):
         # One split of the input: its backward is one concatenation, where a slice per adapter would fill a
         # zero gradient of the whole input each.
         parts = dict(zip(self.rows.blocks, x.split(self.rows.sizes), strict=True))
-        mine = [(name, rows, parts[name]) for name, rows in blocks]
+        mine = [(name, rows, parts[name.removesuffix(CORRECTION)]) for name, rows in blocks]
         if how == "bmm":
             rows_of, deltas = self._bmm(x, mine, out.dtype)
         else:

@@ -295,12 +295,14 @@ def _write_checkpoint(out_dir: Path, saved: dict[str, Any], probe: list[Any]) ->
 
 
 def _resume(checkpoint: Path) -> dict[str, Any]:
-    """What `PackHost.attach` resumes an adapter from: its weights (the checkpoint's PEFT adapter) and its training
-    state (`PACK_STATE`)."""
+    """What `PackHost.attach` resumes an adapter from: its weights (the checkpoint's PEFT adapter, a PiSSA one's own
+    half of it: `pack.trained_weights`) and its training state (`PACK_STATE`)."""
     import torch
     from safetensors.torch import load_file
 
     from lora_search.layout import PEFT_WEIGHTS, TRAINER_DIR
+    from lora_search.pack import trained_weights
 
     training = torch.load(checkpoint / TRAINER_DIR / PACK_STATE, weights_only=True)
-    return {"weights": load_file(str(checkpoint / PEFT_WEIGHTS)), "training": training}
+    weights = trained_weights(load_file(str(checkpoint / PEFT_WEIGHTS)), training)  # PiSSA's: saved converted
+    return {"weights": weights, "training": training}

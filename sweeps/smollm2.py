@@ -36,7 +36,7 @@ MODE = os.environ.get("SMOLLM2_MODE") or (
     "gpu" if torch.cuda.is_available() or os.environ.get("RAY_ADDRESS") else "smoke"
 )
 GPU = MODE == "gpu"
-# SMOLLM2_PACK=k (k > 1): packable trials (lora, rslora, loraplus) train k at a time over one base per GPU
+# SMOLLM2_PACK=k (k > 1): packable trials (lora, rslora, loraplus, pissa) train k at a time over one base per GPU
 # (`Resources.pack`; the others solo beside them), for packed against solo sweeps on the same space and seed.
 try:
     PACK = int(os.environ.get("SMOLLM2_PACK", "1"))

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from lora_search import memory
 from lora_search.memory import PLAIN_HEADS
-from lora_search.pack import PACKED, SOLO, Pack, Training, packs
+from lora_search.pack import PACKED, SOLO, Pack, Training, packs, trained_weights
 from lora_search.pack_layers import PackedLinear
 from lora_search.problems import ConfigError
 from lora_search.variants import VARIANTS, Adapter
@@ -33,10 +34,14 @@ ADAPTERS = {
     "b": ("rslora", 8, 4.0, ALL, 5e-3, {"schedule": "cosine", "max_grad_norm": 0.05}),
     "c": ("loraplus", 2, 4.0, ("v_proj",), 2e-3, {"max_grad_norm": None}),
     "d": ("lora", 6, 12.0, ("o_proj", "down_proj"), 1e-2, {"schedule": "constant"}),
+    # PiSSA: its solo run writes W - s B0 A0 into the base; in the pack the base stays and a correction subtracts
+    "e": ("pissa", 4, 4.0, ("q_proj", "v_proj", "up_proj"), 2e-2, {"warmup_steps": 1}),
 }
 SWAP = 4
-STEPS = {"a": TOTAL, "b": SWAP, "c": TOTAL, "d": TOTAL - SWAP}
-"""Steps each adapter trains in the pack: a, b, c from the start; after SWAP steps b leaves and d joins."""
+STEPS = {"a": TOTAL, "b": SWAP, "c": TOTAL, "d": TOTAL - SWAP, "e": TOTAL}
+"""Steps each adapter trains in the pack: a, b, c, e from the start; after SWAP steps b leaves and d joins."""
+FIRST = "abce"
+"""The adapters attached from the start."""
 CHUNK = 7
 """Tokens a chunk of the pack's loss holds (`LOSS_CHUNK_LOGITS` set to 7 x the vocab): a step's 100-150 tokens make
 15-22 chunks, whose edges fall inside rows and across adapters' blocks."""
@@ -167,7 +172,7 @@ def _pack_steps(pack: Pack, solo: dict, micro_batches: int = 1) -> tuple[Pack, d
     vocab = pack.model.config.vocab_size
     calls, chunks = _head_calls(pack), 0
     data = {name: _batches(name, vocab) for name in ADAPTERS}
-    for name in "abc":
+    for name in FIRST:
         pack.attach(
             name, VARIANTS[ADAPTERS[name][0]].peft_config(_adapter(name)), solo[name][0], training=_training(name)
         )
@@ -201,14 +206,18 @@ def test_saved_adapter_loads_in_peft_with_the_same_logits(tiny_model_dir: Path, 
     from peft import PeftModel
 
     pack = packed[0]
-    batches = {n: _batches(n, pack.model.config.vocab_size)[0] for n in ("a", "d")}
+    batches = {n: _batches(n, pack.model.config.vocab_size)[0] for n in ("a", "d", "e")}
     mine = pack.logits(batches)
-    for name in ("a", "d"):
+    for name in ("a", "d", "e"):
         model = PeftModel.from_pretrained(_base(tiny_model_dir), pack.save(name, tmp_path / name)).eval()
         with torch.no_grad():
             theirs = model(input_ids=batches[name]["input_ids"], attention_mask=batches[name]["attention_mask"]).logits
         torch.testing.assert_close(theirs, mine[name], rtol=1e-5, atol=1e-5)
-        assert model.peft_config["default"].r == ADAPTERS[name][1]
+        # PiSSA is saved as PEFT saves it solo: plain LoRA of twice the rank on the base as loaded, the same scaling
+        double = 2 if name == "e" else 1
+        assert model.peft_config["default"].r == double * ADAPTERS[name][1]
+        assert model.peft_config["default"].lora_alpha == double * ADAPTERS[name][2]
+        assert model.peft_config["default"].init_lora_weights is True
 
 
 def test_plain_copy_is_the_base_over_the_packs_own_weights(tiny_model_dir: Path, packed: tuple) -> None:
@@ -222,7 +231,7 @@ def test_plain_copy_is_the_base_over_the_packs_own_weights(tiny_model_dir: Path,
         torch.testing.assert_close(plain(input_ids=ids).logits, expected, rtol=0, atol=0)
         torch.testing.assert_close(pack.model(input_ids=ids).logits, expected, rtol=0, atol=0)
     assert not any(isinstance(m, PackedLinear) for m in plain.modules())
-    assert sorted(pack.names) == ["a", "c", "d"] and any(isinstance(m, PackedLinear) for m in pack.model.modules())
+    assert sorted(pack.names) == ["a", "c", "d", "e"] and any(isinstance(m, PackedLinear) for m in pack.model.modules())
     own = {p.data_ptr() for p in pack.model.parameters()}
     assert all(p.data_ptr() in own for p in plain.parameters())
 
@@ -232,12 +241,13 @@ def test_default_init_is_peft_init_and_detaching_all_restores_the_base(tiny_mode
     adapter detached the model holds no pack layer and the base's weights as loaded."""
     pack = Pack(_base(tiny_model_dir))
     loaded = {k: v.clone() for k, v in pack.model.state_dict().items()}
-    for name in ("b", "c"):
+    for name in ("b", "c", "e"):  # e: PiSSA's SVD, drawn as PEFT draws it
         torch.manual_seed(ord(name))
         pack.attach(name, VARIANTS[ADAPTERS[name][0]].peft_config(_adapter(name)), training=_training(name))
         torch.testing.assert_close(pack.state(name), solo[name][0], rtol=0, atol=0)
     pack.detach("b")
     pack.detach("c")
+    pack.detach("e")
     assert not any(isinstance(m, PackedLinear) for m in pack.model.modules())
     torch.testing.assert_close(pack.model.state_dict(), loaded, rtol=0, atol=0)
 
@@ -437,13 +447,14 @@ def test_a_checkpointed_pack_draws_the_same_dropout_masks_again(tiny_model_dir: 
         assert plain[name][-1] < plain[name][0], plain[name]
 
 
-@pytest.mark.parametrize("name", ["a", "c"])
+@pytest.mark.parametrize("name", ["a", "c", "e"])
 def test_an_adapter_resumed_from_its_training_state_goes_on_as_if_never_stopped(
     name: str, tiny_model_dir: Path, solo: dict, tmp_path: Path
 ) -> None:
-    """a (warmup, weight decay) and c (LoRA+: two parameter groups, unclipped) train 3 of their 6 steps, leave with
-    their weights and `training_state` (through torch.save and torch.load(weights_only=True), as a checkpoint keeps
-    it), and join a fresh pack with `resume=`: the whole curve is the uninterrupted solo run's. The same weights
+    """a (warmup, weight decay), c (LoRA+: two parameter groups, unclipped) and e (PiSSA: its correction's A0 and B0
+    in the state, its saved adapter converted) train 3 of their 6 steps, leave with their saved adapter and
+    `training_state` (through torch.save and torch.load(weights_only=True), as a checkpoint keeps them), and join a
+    fresh pack with `resume=`: the whole curve is the uninterrupted solo run's. The same weights
     without their training state start the optimizer and schedule afresh, and the curve leaves the solo one."""
     config = VARIANTS[ADAPTERS[name][0]].peft_config(_adapter(name))
     first = Pack(_base(tiny_model_dir))
@@ -451,10 +462,13 @@ def test_an_adapter_resumed_from_its_training_state_goes_on_as_if_never_stopped(
     data = _batches(name, first.model.config.vocab_size)
     curve = [first.step({name: b}).losses[name] for b in data[:3]]
     torch.save(first.training_state(name), tmp_path / "state.pt")
-    weights = first.state(name)
+    saved_dir = first.save(name, tmp_path / "adapter")  # a checkpoint's adapter dir (PiSSA's converted)
+    own = first.state(name)
     first.detach(name)
     state = torch.load(tmp_path / "state.pt", weights_only=True)
     assert state["step"] == 3
+    weights = trained_weights(load_file(str(saved_dir / "adapter_model.safetensors")), state)  # as pack_trial resumes
+    torch.testing.assert_close(weights, own, rtol=0, atol=0)
     pack = Pack(_base(tiny_model_dir))
     pack.attach(name, config, weights, training=_training(name), resume=state)
     pack.attach("afresh", config, weights, training=_training(name))
@@ -472,7 +486,7 @@ def test_attach_names_every_problem(tiny_model_dir: Path) -> None:
 
     pack = Pack(_base(tiny_model_dir))
     pack.attach("a", LoraConfig(r=2, target_modules=["q_proj"]), training=Training(lr=1e-3, total_steps=2))
-    bad = LoraConfig(r=2, target_modules=["qproj"], use_dora=True, init_lora_weights="pissa")
+    bad = LoraConfig(r=2, target_modules=["qproj"], use_dora=True, init_lora_weights="olora")
     with pytest.raises(ConfigError) as e:
         pack.attach("a", bad, training=Training(lr=1e-3, total_steps=2))
     for said in ("use_dora", "init_lora_weights", "matches no linear layer", "q_proj", "attached already"):
@@ -489,6 +503,21 @@ def test_attach_names_every_problem(tiny_model_dir: Path) -> None:
         pack.attach("c", two, {}, training=Training(lr=1e-3, total_steps=2), resume=kept)
     with pytest.raises(ConfigError, match="warmup_steps"):
         Training(lr=1e-3, total_steps=2, warmup_steps=2)
+    # a PiSSA adapter resumes with the A0, B0 it started from (its correction), whole and of its shapes
+    pissa = LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="pissa")
+    pack.attach("p", pissa, training=Training(lr=1e-3, total_steps=2))
+    weights, state = pack.state("p"), pack.training_state("p")
+    assert set(state["pissa_init"]) == set(weights)
+    with pytest.raises(ConfigError, match="has no pissa_init") as e:
+        pack.attach("q", pissa, weights, training=Training(lr=1e-3, total_steps=2), resume=kept)
+    assert "resume" in str(e.value)
+    a_key = next(k for k in weights if ".lora_A." in k)
+    short = {**state, "pissa_init": {a_key: state["pissa_init"][a_key][:1]}}
+    with pytest.raises(ConfigError) as e:
+        pack.attach("q", pissa, weights, training=Training(lr=1e-3, total_steps=2), resume=short)
+    for said in ("resume.pissa_init", "lacks 3 tensor", "should have shape (2, "):
+        assert said in str(e.value)
+    assert "q" not in pack.names
 
 
 def test_every_variant_packs_or_says_why_not() -> None:

@@ -20,7 +20,7 @@ from lora_search.pack import Pack, Training, _rates_as, _rates_plain
 from lora_search.variants import VARIANTS, Adapter
 
 ADAPTERS = {  # name: (variant, rank, alpha, targets, lr)
-    "a": ("lora", 4, 8.0, ("q_proj", "v_proj"), 1e-2),
+    "a": ("pissa", 4, 8.0, ("q_proj", "v_proj"), 1e-2),  # its frozen correction replays with it
     "b": ("rslora", 8, 4.0, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), 5e-3),
     "c": ("loraplus", 2, 4.0, ("v_proj",), 2e-3),
     "d": ("lora", 6, 12.0, ("o_proj", "down_proj"), 1e-2),

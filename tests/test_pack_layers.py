@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from lora_search import pack_layers
-from lora_search.pack_layers import PackedLinear, Rows, Step, products
+from lora_search.pack_layers import CORRECTION, PackedLinear, Rows, Step, products
 
 MIXED = {"a": 2, "b": 8, "c": 4, "d": 8}
 EQUAL = {"a": 4, "b": 4, "c": 4, "d": 4}
@@ -117,6 +117,56 @@ def test_batched_products_equal_one_adapter_at_a_time(
     for key in loop:
         torch.testing.assert_close(batched[key], loop[key], rtol=1e-5, atol=1e-5, msg=f"{asked} {path}: {key}")
     assert all(loop[f"{n}.B.grad"].abs().sum() > 0 for n in targeting)  # every adapter's update reached its rows
+
+
+@pytest.mark.parametrize(
+    ("asked", "ranks", "dropout", "blocks", "path"),
+    [
+        ("masked", MIXED, 0.0, EVEN, "masked"),
+        ("masked", MIXED, 0.0, UNEVEN, "masked"),
+        ("masked", MIXED, 0.3, EVEN, "loop"),
+        ("bmm", EQUAL, 0.0, EVEN, "bmm"),
+        ("bmm", EQUAL, 0.3, EVEN, "bmm"),
+    ],
+)
+def test_a_correction_is_its_adapters_frozen_negative_product_on_every_path(
+    asked: str, ranks: dict[str, int], dropout: float, blocks: dict[str, slice], path: str, how: object, taken: list
+) -> None:
+    """PiSSA's correction (`PackedLinear.correct`) on a and c: their rows get -s B0 A0 x on top of s B A dropout(x)
+    (no dropout on the correction: it stands for the base weight PEFT rewrites), on every path as one adapter at a
+    time; A0 and B0 get no gradient and stay as given; the adapters' own gradients are those without a correction
+    (a frozen product adds to the output, not to their gradients)."""
+    layer, rows = _layer(ranks, dropout)
+    g = torch.Generator().manual_seed(5)
+    given = {n: (torch.randn(ranks[n], 24, generator=g), torch.randn(40, ranks[n], generator=g)) for n in "ac"}
+    how("loop")
+    plain = _run(layer, rows, blocks)
+    for name, (a0, b0) in given.items():
+        layer.correct(name, a0, b0)
+    assert layer.adapters == list(ranks) and layer.correction("a") is not None and layer.correction("b") is None
+    loop = _run(layer, rows, blocks)
+    how(asked)
+    batched = _run(layer, rows, blocks)
+    assert taken == ["loop", "loop", path]
+    x = torch.randn(blocks[list(blocks)[-1]].stop, 5, 24, generator=torch.Generator().manual_seed(1))  # _run's
+    g_out = torch.randn(plain["out"].shape, generator=torch.Generator().manual_seed(3))  # _run's output gradient
+    want = {"out": plain["out"].clone(), "x.grad": plain["x.grad"].clone()}
+    for name, (a0, b0) in given.items():
+        if name in blocks:
+            s, rows_of = layer.scaling[name], blocks[name]
+            want["out"][rows_of] -= s * x[rows_of] @ a0.t() @ b0.t()
+            want["x.grad"][rows_of] -= s * g_out[rows_of] @ b0 @ a0
+    for key in loop:
+        torch.testing.assert_close(batched[key], loop[key], rtol=1e-5, atol=1e-5, msg=f"{asked} {path}: {key}")
+        torch.testing.assert_close(loop[key], want.get(key, plain[key]), rtol=1e-5, atol=1e-5, msg=key)
+    assert not torch.equal(want["out"], plain["out"]) and not torch.equal(want["x.grad"], plain["x.grad"])
+    for name, (a0, b0) in given.items():
+        frozen = layer.lora_A[name + CORRECTION].weight, layer.lora_B[name + CORRECTION].weight
+        assert all(w.grad is None and not w.requires_grad for w in frozen)
+        kept = layer.correction(name)
+        assert kept is not None and torch.equal(kept[0], a0) and torch.equal(kept[1], b0)
+    layer.remove("a")
+    assert "a" + CORRECTION not in layer.scaling and layer.adapters == [n for n in ranks if n != "a"]
 
 
 def test_masked_products_run_as_one_autograd_node_with_the_base(how: object) -> None:
@@ -236,8 +286,14 @@ def test_a_pack_with_batched_products_trains_as_one_adapter_at_a_time(
     from lora_search.pack import Pack, Training
 
     targets = {"a": ["q_proj", "v_proj", "up_proj"], "b": ["q_proj", "k_proj", "v_proj"], "c": ["v_proj", "up_proj"]}
-    configs = {
-        name: LoraConfig(r=r, lora_alpha=8, use_rslora=name == "b", target_modules=targets[name])
+    configs = {  # a: PiSSA, whose correction runs on every path too
+        name: LoraConfig(
+            r=r,
+            lora_alpha=8,
+            use_rslora=name == "b",
+            target_modules=targets[name],
+            init_lora_weights="pissa" if name == "a" else True,
+        )
         for name, r in zip("abc", ranks, strict=True)
     }
     trainings = {
@@ -261,8 +317,9 @@ def test_a_pack_with_batched_products_trains_as_one_adapter_at_a_time(
         live = torch.Generator().manual_seed(4)  # live B: every adapter's product matters from the first step
         with torch.no_grad():
             for layer in (m for m in pack.model.modules() if isinstance(m, PackedLinear)):
-                for b in layer.lora_B.values():
-                    b.weight.copy_(torch.randn(b.weight.shape, generator=live) * 0.02)
+                for key, b in layer.lora_B.items():
+                    if not key.endswith(CORRECTION):
+                        b.weight.copy_(torch.randn(b.weight.shape, generator=live) * 0.02)
         out: dict[str, list[float]] = {n: [] for n in configs}
         for batches in data:
             for name, loss in pack.step(batches).losses.items():

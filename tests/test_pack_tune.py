@@ -180,7 +180,7 @@ def test_pack_needs_one_device_per_host_and_says_why_variants_train_solo(tiny_mo
         space=SearchSpace(ranks=(4,), variants=("lora", "dora", "pissa")),
         resources=Resources(pack=2),
     )
-    assert set(pack_host.solo_reasons(sweep)) == {"dora", "pissa"}
+    assert set(pack_host.solo_reasons(sweep)) == {"dora"}  # pissa packs, with its correction
     assert pack_host.packed(sweep, "lora") and not pack_host.packed(sweep, "dora")
     alone = sweep.replace(resources=Resources())
     assert not pack_host.packed(alone, "lora") and not pack_host.solo_reasons(alone)
@@ -384,15 +384,17 @@ def _host_sweep(model_dir: Path, **fields: Any) -> Sweep:
     )
 
 
+@pytest.mark.parametrize(("variant", "lr"), [("loraplus", 1e-2), ("pissa", 5e-2)])
 def test_a_packed_trial_resumes_from_its_newest_checkpoint(
-    tiny_model_dir: Path, tiny_jsonl: Path, tmp_path: Path
+    variant: str, lr: float, tiny_model_dir: Path, tiny_jsonl: Path, tmp_path: Path
 ) -> None:
     """In-process (no Ray: the trial's host is a `PackHost` here, its reports reach no Tune, its checkpoints its run
     dir as a warm trial's): a trial trains its 10 steps; the same trial in a second storage that holds only what its
     process left after the step-5 report (that checkpoint, its progress, its reports log) attaches resumed from step 5,
     takes 5 steps, and its step-10 report is the uninterrupted one's: eval loss, train loss (the same batches),
     tokens, the base's eval loss; and it counts the restart and the steps redone. The killed process's adapter, still
-    attached when the rerun comes, leaves first."""
+    attached when the rerun comes, leaves first. PiSSA too: its checkpoint's adapter is PEFT's conversion (twice the
+    rank) and its state has the A0 and B0 its correction keeps (`pack.trained_weights`)."""
     import shutil
     import time
 
@@ -402,11 +404,14 @@ def test_a_packed_trial_resumes_from_its_newest_checkpoint(
 
     sweep = _sweep(tiny_model_dir, tiny_jsonl, tmp_path).replace(evals=None)
     host = pack_host.PackHost(sweep, str(tmp_path / "journal.jsonl"))
+    # the base loaded before the trial's own imports: in one process, TRL's lazy names resolved by the trial and the
+    # host's loading thread at once can fail ("cannot import name 'SFTConfig'"); a host and its trials are two
+    host._ready()
 
     def find_host(sweep: Sweep, storage: str, name: str, params: Any, resume: Any) -> tuple[Any, Any]:
         return host, host.attach(name, params, sweep.resources.pack, resume)
 
-    config = {"variant": "loraplus", "rank": 4, "alpha": 8.0, "targets": "attention", "lr": 1e-2, "dropout": 0.0}
+    config = {"variant": variant, "rank": 4, "alpha": 8.0, "targets": "attention", "lr": lr, "dropout": 0.0}
     storages = {run: tmp_path / run for run in ("whole", "resumed")}
     pack_trial.run_packed_trial(
         {**config, "tune_run_start": time.time()}, sweep, str(storages["whole"]), "t", find_host

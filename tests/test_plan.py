@@ -275,6 +275,9 @@ def test_pack_memory_by_hand(tiny_config_dir: Path, tiny: M.Architecture, monkey
     assert tiny.model_type == "llama"
     for k in (1, 3):
         assert M.pack_bytes(sweep, tiny, "lora", 4, "attention", k) == base + k * (adapter_state + blocks) + loss
+        # PiSSA's frozen correction: its A0 and B0 again, in fp32, without gradients or AdamW state
+        pissa = base + k * (adapter_state + 1792 * 4 + blocks) + loss
+        assert M.pack_bytes(sweep, tiny, "pissa", 4, "attention", k) == pissa
     # a solo trial of 8 rows still holds its whole micro-batch's logits: 12 x 16 x 8 x 320
     solo = M.trial_memory(sweep, tiny, "lora", 4, "attention", checkpointing=False, batch=8)
     assert solo.activations == blocks + 12 * 16 * 8 * 320

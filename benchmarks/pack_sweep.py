@@ -164,7 +164,32 @@ def compare(result: dict) -> bool:
     result["same_endings"] = f"{sum(same)} of {len(same)}"
     front = {config_key(t) for t in solo["trials"] if t["pareto"]}
     result["same_frontier"] = front == {config_key(t) for t in packed["trials"] if t["pareto"]}
+    if (full := full_rates(result)) is not None:
+        result["full_trial_steps_per_s"] = full
     return True
+
+
+def full_rates(result: dict) -> dict | None:
+    """Trial-steps a second with every slot full, for the packed and the solo sweep: what the two sweeps' training
+    can give, startup, waits and the sweep's tail aside (session 18: the solo sweeps' trials, sharing the GPU as Ray
+    fractions, out-stepped the packs). Packed: hosts x k over the hosts' mean step (`hosts_time`: each step's own
+    seconds, with up to k adapters). Solo: hosts x k trials at once, each at its mean steps over its mean `train_s`
+    (a trial's training phase, rung evaluations in it). None where a figure is missing."""
+    packed, solo = result["packed"], result["solo"]
+    hosts = packed.get("hosts_time") or []
+    n = len(solo["trials"])
+    train_s = solo["trial_phases_mean_s"].get("train_s")
+    steps = sum(h["steps"] for h in hosts)
+    if not (hosts and steps and n and train_s):
+        return None
+    slots = result["hosts"] * result["pack"]
+    pack_rate = slots / (sum(h["step_s"] for h in hosts) / steps)
+    solo_rate = slots * solo["trial_steps"] / n / train_s
+    return {
+        "packed": round(pack_rate, 1),
+        "solo": round(solo_rate, 1),
+        "packed_over_solo": round(pack_rate / solo_rate, 3),
+    }
 
 
 def config_key(trial: dict) -> tuple:
@@ -248,6 +273,11 @@ def main() -> None:
             f"{result['packed']['wall_s']} s, x{result['ratio']} sooner; same endings {result['same_endings']}; "
             f"same frontier: {result['same_frontier']}"
         )
+        if full := result.get("full_trial_steps_per_s"):
+            print(
+                f"every slot full: packed {full['packed']} trial-steps/s, solo {full['solo']} "
+                f"(x{full['packed_over_solo']})"
+            )
 
 
 if __name__ == "__main__":

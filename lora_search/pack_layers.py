@@ -448,7 +448,7 @@ class PackedLinear(nn.Module):
         W + s(BA - B0A0), the solo trial's W_res + sBA to float rounding: in fp32 exactly its arithmetic's order
         aside; on a bf16 base W_res's own rounding is not there. Computed as one more adapter (`CORRECTION`) of the
         same rank on the same rows, A0 and -B0 copied and frozen: every product path (loop, bmm, masked) takes it as
-        it takes adapters, at twice the adapter's low-rank work. It is also PEFT's save conversion, [A | A0] and
+        it takes adapters, at twice the adapter's low-rank work. It is also PEFT's save conversion, [A; A0] and
         [B | -B0] (`lora_search.pack.Pack.save`)."""
         key = name + CORRECTION
         a = nn.utils.skip_init(nn.Linear, a0.shape[1], a0.shape[0], bias=False, device=a0.device, dtype=a0.dtype)

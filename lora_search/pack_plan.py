@@ -1,8 +1,9 @@
 """What the plan says about packing (`Resources.pack`, `lora_search.pack_host`): per packable (rank, targets) how
 many trials one pack fits on a GPU (`memory.pack_bytes`) and how it runs its steps (checkpointed or not, in how many
 micro-batches: `memory.pack_fit`), and the measured speed-up a packed sweep's wall time is planned at: the
-trial-steps/s ratio of the nearest comparable GPU run of benchmarks/pack.py (`measured_ratio`), never a modelled one.
-Where the sweep's solo trials share a GPU (`Resources.gpus_per_worker` < 1), the baseline is those trials running side
+trial-steps/s ratio of the nearest comparable GPU run of benchmarks/pack.py (`measured_ratio`), never a modelled one:
+its captured steps' where the run has them (a host's default on a GPU), and only where its packs trained as their
+trials do (`row_ratio`). Where the sweep's solo trials share a GPU (`Resources.gpus_per_worker` < 1), the baseline is those trials running side
 by side, not one after another: then only a whole sweep's measurement counts (benchmarks/pack_sweep.py,
 `sweep_runs`), because solo trials sharing a GPU overlap their host work in separate processes, which a pack's one
 process does not (2026-12-05, H100, SmolLM2-135M's shape: 2.18x pack.py's solo trials one after another at k = 4,
@@ -88,7 +89,10 @@ class PackRun:
     seq: int
     rows_per_trial: int
     ratios: tuple[tuple[int, float], ...]
-    """(k, packed trial-steps per second / solo trial-steps per second), one per row of the file."""
+    """(k, packed trial-steps per second / solo trial-steps per second), one per row of the file whose packs trained
+    as their trials do (`row_ratio`): the captured steps' ratio where the row has one, else the steps' as they come."""
+    graphed: tuple[int, ...] = ()
+    """The k whose ratio is the captured steps' (`row_ratio`)."""
     micro_batches: int = 1
     """The file's `pack_micro_batches`: its packs ran each step in this many micro-batches (1: whole)."""
     checkpointing: bool = False
@@ -168,15 +172,18 @@ def pack_runs(directory: str | Path) -> list[PackRun]:
             )
             if not ok
         ]
-        ratios = []
+        ratios, graphed = [], []
         for i, row in enumerate(record.get("rows") if isinstance(record.get("rows"), list) else []):
             row = row if isinstance(row, dict) else {}
-            k, ratio = row.get("k"), row.get("ratio")
+            k = row.get("k")
             if not _positive_int(k):
                 found.append(Problem(f"{path}: rows[{i}].k", k, "must be a positive whole number of trials", fix))
-            if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 < ratio < math.inf:
-                found.append(Problem(f"{path}: rows[{i}].ratio", ratio, "must be a positive number", fix))
-            ratios.append((k, ratio))
+            ratio, captured, wrong = row_ratio(row)
+            found += [Problem(f"{path}: rows[{i}].{name}", value, why, fix) for name, value, why in wrong]
+            if ratio is not None:
+                ratios.append((k, ratio))
+                if captured:
+                    graphed.append(k)
         micro, recompute = record.get("pack_micro_batches", 1), record.get("pack_checkpointing", False)
         if not _positive_int(micro):
             found.append(Problem(f"{path}: pack_micro_batches", micro, "must be a positive whole number", fix))
@@ -202,6 +209,7 @@ def pack_runs(directory: str | Path) -> list[PackRun]:
                 seq=record["seq"],
                 rows_per_trial=record["rows_per_trial"],
                 ratios=tuple(ratios),
+                graphed=tuple(graphed),
                 micro_batches=micro,
                 checkpointing=recompute,
                 date=date,
@@ -210,6 +218,39 @@ def pack_runs(directory: str | Path) -> list[PackRun]:
     if problems:
         raise ConfigError(problems, header="cannot read the pack benchmarks")
     return runs
+
+
+def row_ratio(row: dict[str, Any]) -> tuple[float | None, bool, list[tuple[str, Any, str]]]:
+    """(the speed-up a row of benchmarks/pack.py measured as a pack host on a GPU runs its steps, whether that is the
+    captured steps', what in the row is malformed as (field, value, why)). A host captures its steps by default
+    (`lora_search.pack_graphs`), so where the row has its `graphs` entry that ratio counts, else the steps' as they
+    come (`ratio`). None where that pack did not train as its trials do (its `loss_match` or `update_match` false:
+    session 17 found packs timed while they trained on stale weights): a speed-up of a pack that trains wrong is
+    no speed-up."""
+    wrong: list[tuple[str, Any, str]] = []
+
+    def positive(x: object) -> bool:
+        return not isinstance(x, bool) and isinstance(x, int | float) and 0 < x < math.inf
+
+    def trained(entry: dict[str, Any], at: str) -> bool:
+        for name in ("loss_match", "update_match"):
+            if name in entry and not isinstance(entry[name], bool):
+                wrong.append((f"{at}{name}", entry[name], "must be true or false"))
+        return entry.get("loss_match", True) is True and entry.get("update_match", True) is True
+
+    ratio = row.get("ratio")
+    if not positive(ratio):
+        wrong.append(("ratio", ratio, "must be a positive number"))
+    graphs = row.get("graphs")
+    if graphs is not None and not (isinstance(graphs, dict) and positive(graphs.get("ratio"))):
+        shown = graphs.get("ratio") if isinstance(graphs, dict) else graphs
+        wrong.append(("graphs.ratio", shown, "must be a positive number"))
+    if wrong:
+        return None, False, wrong
+    if isinstance(graphs, dict):
+        ok = trained(graphs, "graphs.")
+        return (float(graphs["ratio"]) if ok else None), ok, wrong
+    return (float(ratio) if trained(row, "") else None), False, wrong
 
 
 def sweep_runs(directory: str | Path) -> list[PackRun]:

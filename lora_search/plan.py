@@ -577,6 +577,7 @@ def format_plan(p: Plan) -> str:
             f"host(s) of {m.k} on it), measured in {run.file}"
             if run.baseline == SHARING
             else f"{m.ratio:g}x the solo trial-steps/s, measured in {run.file} row k={m.k}"
+            + (" (captured steps)" if m.k in run.graphed else "")
         )
         out.append(
             f"  packed: {p.packed_trials:.3g} of {p.trials} trials ({', '.join(p.packing.packable)}) in packs of "

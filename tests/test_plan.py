@@ -496,6 +496,33 @@ def test_params_in_name() -> None:
     assert pack_plan.params_in_name("random_base tiny") is None
 
 
+def test_a_runs_captured_steps_count_and_a_pack_that_trained_wrong_does_not(
+    tmp_path: Path, tiny_config_dir: Path
+) -> None:
+    """A host captures its steps on a GPU, so a row's `graphs` ratio is the one planned with; a row whose packs did not
+    train as their trials do (`loss_match` or `update_match` false, as session 17's stale packs) gives no ratio; a
+    row of an older run without those entries keeps its ratio as the steps came."""
+    write_pack_run(
+        tmp_path / "pack_h200_tiny_16.json",
+        rows=[
+            {"k": 2, "ratio": 1.5, "loss_match": True, "update_match": True},  # no capture in this run: as they came
+            {"k": 4, "ratio": 2.5, "graphs": {"ratio": 6.0, "loss_match": True, "update_match": True}},
+            {"k": 8, "ratio": 3.0, "update_match": False, "graphs": {"ratio": 9.0, "update_match": False}},
+        ],
+    )
+    (run,) = pack_plan.pack_runs(tmp_path)
+    assert run.ratios == ((2, 1.5), (4, 6.0)) and run.graphed == (4,)
+    ask = {"params": 133_440, "seq": 16, "rows": 8, "gpu": "H200"}
+    m = pack_plan.measured_ratio([run], **ask, k=8)  # k=8 trained wrong: the nearest that trained right, 4
+    assert m is not None and (m.k, m.ratio) == (4, 6.0)
+    text = P.format_plan(P.plan(pack_sweep(tiny_config_dir), cluster_gpus=1, gpu="H200", pack_benchmarks=tmp_path))
+    assert "at 6x the solo trial-steps/s, measured in pack_h200_tiny_16.json row k=4 (captured steps)" in text
+    write_pack_run(tmp_path / "pack_h200_tiny_16.json", rows=[{"k": 4, "ratio": 2.5, "graphs": {"ratio": "fast"}}])
+    with pytest.raises(ConfigError) as raised:
+        pack_plan.pack_runs(tmp_path)
+    assert [(p.field.split(": ")[-1], p.value) for p in raised.value.problems] == [("rows[0].graphs.ratio", "fast")]
+
+
 def test_bad_pack_benchmarks_name_field_value_and_fix(tmp_path: Path, tiny_config_dir: Path) -> None:
     write_pack_run(tmp_path / "pack_a.json", seq="long", rows=[{"k": 2, "ratio": 1.5}, {"k": 0, "ratio": -1}])
     (tmp_path / "pack_b.json").write_text("{not json")

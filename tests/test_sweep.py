@@ -60,7 +60,10 @@ def test_small_sweep_end_to_end(shared_sweep, tmp_path) -> None:
         assert row.steady_tokens_per_s > 0  # steps 3-5 at least: every trial reaches the first rung
         # the cold start's parts, each measured: worker start + imports, load, Trainer build, step-0 eval
         assert 0 < row.startup_s and 0 < row.load_s and 0 < row.prepare_s and 0 < row.base_eval_s
-        assert row.startup_s + row.load_s + row.prepare_s + row.base_eval_s + row.train_s < row.trial_s
+        # within the trial's time: Tune's clock (time_total_s, its own reading) against the trial's own parts, which
+        # a warm trial (no worker to start) fills almost whole: a CI run saw its parts 0.11 s past Tune's 4.35 s
+        parts = row.startup_s + row.load_s + row.prepare_s + row.base_eval_s + row.train_s
+        assert parts < row.trial_s + 0.5, (parts, row.trial_s)
         assert 0 < row.imports_s < row.startup_s  # the worker's imports, within its start
         assert row.eval_loss == row.eval_loss  # not NaN
         if row.status == "completed":

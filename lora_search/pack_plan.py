@@ -1,13 +1,14 @@
-"""What the plan says about packing (`Resources.pack`, `lora_search.pack_host`): per packable (rank, targets) how
-many trials one pack fits on a GPU (`memory.pack_bytes`) and how it runs its steps (checkpointed or not, in how many
+"""What the plan says about packing (`Resources.pack`, `lora_search.pack_host`): per packable (rank, targets) how many
+trials one pack fits on a GPU (`memory.pack_bytes`) and how it runs its steps (checkpointed or not, in how many
 micro-batches: `memory.pack_fit`), and the measured speed-up a packed sweep's wall time is planned at: the
 trial-steps/s ratio of the nearest comparable GPU run of benchmarks/pack.py (`measured_ratio`), never a modelled one:
 its captured steps' where the run has them (a host's default on a GPU), and only where its packs trained as their
-trials do (`row_ratio`). Where the sweep's solo trials share a GPU (`Resources.gpus_per_worker` < 1), the baseline is those trials running side
-by side, not one after another: then only a whole sweep's measurement counts (benchmarks/pack_sweep.py,
-`sweep_runs`), because solo trials sharing a GPU overlap their host work in separate processes, which a pack's one
-process does not (2026-12-05, H100, SmolLM2-135M's shape: 2.18x pack.py's solo trials one after another at k = 4,
-yet the packed sweep took 1.85x the wall time of 4 solo trials sharing the GPU). `lora_search.plan` prints it.
+trials do (`row_ratio`). Where the sweep's solo trials share a GPU (`Resources.gpus_per_worker` < 1), the baseline is
+those trials running side by side, not one after another: then only a whole sweep's measurement counts
+(benchmarks/pack_sweep.py, `sweep_runs`), because solo trials sharing a GPU overlap their host work in separate
+processes, which a pack's one process does not (2026-12-05, H100, SmolLM2-135M's shape: 2.18x pack.py's solo trials
+one after another at k = 4, yet the packed sweep took 1.85x the wall time of 4 solo trials sharing the GPU).
+`lora_search.plan` prints it.
 """
 
 from __future__ import annotations

@@ -391,6 +391,8 @@ class PackedLinear(nn.Module):
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
         self.scaling: dict[str, float] = {}
+        self.corrections: dict[str, str] = {}
+        """Adapter -> the key of its frozen correction in these dicts (`correct`; PiSSA's), for those that have one."""
         self._scaling_cache: dict[tuple[Any, ...], torch.Tensor] = {}
         self._masks: dict[tuple[Any, ...], torch.Tensor] = {}
         self._stacks: dict[tuple[Any, ...], _Stack] = {}
@@ -461,18 +463,19 @@ class PackedLinear(nn.Module):
         self.lora_A[key], self.lora_B[key] = a, b
         self.lora_dropout[key] = nn.Identity()  # the base's product, which PEFT's W_res is, sees no dropout
         self.scaling[key] = self.scaling[name]
+        self.corrections[name] = key
         self.forget_layouts()
 
     def correction(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Adapter `name`'s (A0, B0) of its correction (`correct`), copies; None where it has none."""
-        key = name + CORRECTION
-        if key not in self.scaling:
+        key = self.corrections.get(name)
+        if key is None:
             return None
         return self.lora_A[key].weight.detach().clone(), self.lora_B[key].weight.detach().neg()
 
     def remove(self, name: str) -> None:
-        for key in (name, name + CORRECTION):
-            if key in self.scaling:
+        for key in (name, self.corrections.pop(name, None)):
+            if key is not None:
                 del self.lora_A[key], self.lora_B[key], self.lora_dropout[key], self.scaling[key]
         self.forget_layouts()
 
@@ -487,17 +490,15 @@ class PackedLinear(nn.Module):
     @property
     def adapters(self) -> list[str]:
         """The adapters' names (their corrections not among them)."""
-        return [n for n in self.scaling if not n.endswith(CORRECTION)]
+        corrections = set(self.corrections.values())
+        return [n for n in self.scaling if n not in corrections]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.rows.blocks:  # outside a step: the base alone
             return self.base_layer(x)
-        blocks = [
-            (key, rows)
-            for n, rows in self.rows.blocks.items()
-            for key in (n, n + CORRECTION)  # a correction (PiSSA's) right after its adapter, on the same rows
-            if key in self.scaling
-        ]
+        blocks = [(n, rows) for n, rows in self.rows.blocks.items() if n in self.scaling]
+        if self.corrections:  # a correction (PiSSA's) right after its adapter, on the same rows
+            blocks = [(k, rows) for n, rows in blocks for k in (n, self.corrections.get(n)) if k is not None]
         if not blocks:  # no adapter of this step targets this module
             return self.base_layer(x)
         how = products(PRODUCTS, self._shape(blocks, x), device_peak_tflops(x.device))

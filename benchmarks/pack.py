@@ -27,7 +27,8 @@ difference, and `update_match`: each packed adapter's weight update over the ste
 stale weights passed `loss_match` in sessions 15-16). With `--graphs`, each row's `graphs`: the same pack with its
 steps captured as CUDA graphs and replayed (`lora_search.pack_graphs`, a pack host's default on a GPU): its `ratio`
 against the same solo runs, `vs_as_they_come` (its speed over the pack's steps as they come), its loss and update
-match, captures and replays. CPU ratios say little (a
+match, captures and replays; and each forced path of `products` captured too (its own `graphs`: under capture a
+launch costs the host nothing, so the path with the fewest FLOPs may win there). CPU ratios say little (a
 CPU's matrix products do not batch like a GPU's); they check the script.
 
 --base: `smollm2` (sweeps/smollm2.py's base, its GGUF converted once by `lora_search.gguf.resolve`, needs the
@@ -380,7 +381,8 @@ def main() -> None:
         "--graphs",
         action="store_true",
         help="also run each pack with its steps captured as CUDA graphs and replayed (`lora_search.pack_graphs`; a "
-        "pack host's default on a GPU): each row's `graphs` entry, beside the steps as they come",
+        "pack host's default on a GPU): each row's `graphs` entry, beside the steps as they come, and each forced "
+        "product path's own `graphs` under `products`",
     )
     parser.add_argument("--work", type=Path, default=Path("/tmp/pack_bench"))
     parser.add_argument(
@@ -464,6 +466,23 @@ def main() -> None:
                 "update_match": min(update_cosines(k, runs)) >= UPDATE_COSINE,
                 "step_s": other_s,
             }
+            if args.graphs:  # the same path captured: its launches cost the host nothing there, its FLOPs still count
+                pack_layers.PRODUCTS = how
+                reset_peak(args.device)
+                curves_g, graph_s_how, _ = packed(k, adapters, model, data, inits, args, graphs=True)
+                pack_layers.PRODUCTS = "auto"
+                others[how]["graphs"] = {
+                    "packed_trial_steps_per_s": round(k / graph_s_how, 3),
+                    "step_s": graph_s_how,
+                    "peak_gb": peak_gb(args.device),
+                    "loss_match": all(
+                        max(abs(p - s) / abs(s) for p, s in zip(curves_g[i], runs[i]["losses"], strict=True))
+                        <= tolerance
+                        for i in range(k)
+                    ),
+                    "update_match": min(update_cosines(k, runs)) >= UPDATE_COSINE,
+                    **GRAPHS,
+                }
         graphed = None
         if args.graphs:  # the same pack, its steps captured and replayed
             reset_peak(args.device)
@@ -493,6 +512,8 @@ def main() -> None:
             other_s = other.pop("step_s")
             other["ratio"] = round(solo_s / other_s, 3)
             other["auto_vs_this"] = round(other_s / step_s, 3)
+            if "graphs" in other:
+                other["graphs"]["ratio"] = round(solo_s / other["graphs"].pop("step_s"), 3)
         row = {
             "k": k,
             "solo_trial_steps_per_s": round(k / solo_s, 3),

@@ -60,10 +60,13 @@ def test_small_sweep_end_to_end(shared_sweep, tmp_path) -> None:
         assert row.steady_tokens_per_s > 0  # steps 3-5 at least: every trial reaches the first rung
         # the cold start's parts, each measured: worker start + imports, load, Trainer build, step-0 eval
         assert 0 < row.startup_s and 0 < row.load_s and 0 < row.prepare_s and 0 < row.base_eval_s
-        # within the trial's time: Tune's clock (time_total_s, its own reading) against the trial's own parts, which
-        # a warm trial (no worker to start) fills almost whole: a CI run saw its parts 0.11 s past Tune's 4.35 s
+        # within the trial's time, as Tune's clock (time_total_s) has it. The two clocks differ: Tune counts only the
+        # time inside its own train() calls, while the trial's parts are wall time and include each report's wait for
+        # the driver to take it (the training thread pauses in `ray.tune.report`), which a busy 2-core machine
+        # stretches: CI runs saw parts 0.11 s past 4.35 s, and 1.26 s past 3.25 s. A part measured from the wrong
+        # start (the sweep's, or a queued trial's wait) or counted twice still lands far outside.
         parts = row.startup_s + row.load_s + row.prepare_s + row.base_eval_s + row.train_s
-        assert parts < row.trial_s + 0.5, (parts, row.trial_s)
+        assert parts < row.trial_s * 1.5 + 0.5, (parts, row.trial_s)
         assert 0 < row.imports_s < row.startup_s  # the worker's imports, within its start
         assert row.eval_loss == row.eval_loss  # not NaN
         if row.status == "completed":

@@ -36,6 +36,24 @@ WORDS = "the a cat dog bird red blue green big small runs eats sleeps joy anger 
 LABELS = ("joy", "anger", "fear", "calm")
 
 
+SHARED_SWEEPS = ("shared_sweep", "failed_sweep")
+"""The session's real sweeps that several test files read (each a minute or two of a 2-core machine)."""
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`make test`'s two workers (`--dist loadgroup`) take whole files, as `--dist loadfile` would, except that every
+    file reading a sweep of `SHARED_SWEEPS` goes to one worker together: a session fixture runs once per worker, so
+    split over two workers those sweeps ran twice (about 150 s of a CI run). xdist reads the marks after this hook."""
+    readers = {item.path for item in items if _reads_shared_sweep(item)}
+    for item in items:
+        group = "shared-sweeps" if item.path in readers else item.path.stem
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
+def _reads_shared_sweep(item: pytest.Item) -> bool:
+    return any(name in getattr(item, "fixturenames", ()) for name in SHARED_SWEEPS)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer random LlamaForCausalLM (hidden 64) + byte-level BPE tokenizer, saved as a HF model dir."""

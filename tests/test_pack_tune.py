@@ -207,7 +207,7 @@ def test_a_sweep_counts_only_the_pack_hosts_its_cluster_can_place(tiny_model_dir
 
 
 def test_a_host_detaches_an_adapter_that_stopped_stepping_and_steps_without_a_late_one(
-    tiny_model_dir: Path, tmp_path: Path
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """In-process (no Ray): a steps alone, then b joins it (waiting for a, which took part in the step before), then b
     goes silent (its process killed, say): a's next step waits `GATHER_S` for b and runs without it, and after
@@ -225,11 +225,18 @@ def test_a_host_detaches_an_adapter_that_stopped_stepping_and_steps_without_a_la
     ids = torch.randint(3, 300, (2, 8))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     assert host.step("a", batch)["pack"] == 1  # the pack's first step runs with whoever came
+    # b waits for a, which took part in the previous step: for longer than this loop can miss on a busy machine (a CI
+    # run's loop did not see b pending within the default 0.5 s, b stepped alone, and the loop waited for ever)
+    monkeypatch.setattr(pack_host, "GATHER_S", 10.0)
     with ThreadPoolExecutor(1) as pool:
         b = pool.submit(host.step, "b", batch)
-        while "b" not in host.pending:  # b waits for a, which took part in the previous step
+        deadline = time.monotonic() + 10
+        while "b" not in host.pending:
+            assert not b.done(), f"b stepped without waiting for a: {b.result()}"
+            assert time.monotonic() < deadline, host.status()
             time.sleep(0.01)
         assert host.step("a", batch)["pack"] == 2 and b.result()["pack"] == 2
+    monkeypatch.setattr(pack_host, "GATHER_S", 0.5)  # a's wait for late b, below stale_s
     start = time.monotonic()
     assert host.step("a", batch)["pack"] == 1  # b is late: a waited for it, then stepped alone
     assert time.monotonic() - start >= pack_host.GATHER_S * 0.9
@@ -269,7 +276,10 @@ def test_a_step_does_not_wait_for_an_adapter_whose_trial_is_reporting(
     def together() -> None:
         with ThreadPoolExecutor(1) as pool:
             b = pool.submit(host.step, "b", batch)
+            deadline = time.monotonic() + 10
             while "b" not in host.pending:
+                assert not b.done(), f"b stepped without waiting for a: {b.result()}"
+                assert time.monotonic() < deadline, host.status()
                 time.sleep(0.01)
             assert host.step("a", batch)["pack"] == 2 and b.result()["pack"] == 2
 

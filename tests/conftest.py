@@ -36,22 +36,28 @@ WORDS = "the a cat dog bird red blue green big small runs eats sleeps joy anger 
 LABELS = ("joy", "anger", "fear", "calm")
 
 
-SHARED_SWEEPS = ("shared_sweep", "failed_sweep")
-"""The session's real sweeps that several test files read (each a minute or two of a 2-core machine)."""
+SHARED_SWEEP_FILES = frozenset(
+    {"test_answers.py", "test_logged_models.py", "test_serving.py", "test_sweep.py", "test_tracking.py"}
+)
+"""The test files whose tests read the session's real sweeps (`shared_sweep`, `failed_sweep`: a minute or two each of
+a 2-core machine). tests/test_architecture.py checks that the list names every such file and no other."""
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """`make test`'s two workers (`--dist loadgroup`) take whole files, as `--dist loadfile` would, except that every
-    file reading a sweep of `SHARED_SWEEPS` goes to one worker together: a session fixture runs once per worker, so
-    split over two workers those sweeps ran twice (about 150 s of a CI run). xdist reads the marks after this hook."""
-    readers = {item.path for item in items if _reads_shared_sweep(item)}
-    for item in items:
-        group = "shared-sweeps" if item.path in readers else item.path.stem
-        item.add_marker(pytest.mark.xdist_group(group))
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """`make test`'s two workers (`--dist loadfile`) take whole files, except that the `SHARED_SWEEP_FILES` go to one
+    worker together: a session fixture runs once per worker, so split over two workers those sweeps ran twice (about
+    150 s of a CI run). A scheduler of our own because `--dist loadgroup` does not group on pytest 9.2
+    (pytest-dev/pytest-xdist#1386: the `xdist_group` suffix it writes into a test's id no longer takes)."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
 
+    class SharedSweepsTogether(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "shared-sweeps" if Path(path).name in SHARED_SWEEP_FILES else path
 
-def _reads_shared_sweep(item: pytest.Item) -> bool:
-    return any(name in getattr(item, "fixturenames", ()) for name in SHARED_SWEEPS)
+    return SharedSweepsTogether(config, log)
 
 
 @pytest.fixture(scope="session")

@@ -238,6 +238,28 @@ def packed(
     return curves, statistics.median(times[args.skip :]), calls
 
 
+def captured(
+    k: int, adapters: list, model: Any, data: list, inits: list, args: argparse.Namespace, runs: list, tolerance: float
+) -> dict[str, Any]:
+    """The first k trials' pack with its steps captured and replayed (`packed(graphs=True)`, on the product path
+    `pack_layers.PRODUCTS` names), against their solo `runs`: speed, peak memory, what one more step dispatched, the
+    loss and update match, and what the graphs did (`GRAPHS`). `step_s` is left for the caller's ratio."""
+    reset_peak(args.device)
+    curves, step_s, calls = packed(k, adapters, model, data, inits, args, graphs=True)
+    diffs = [max(abs(p - s) / abs(s) for p, s in zip(curves[i], runs[i]["losses"], strict=True)) for i in range(k)]
+    return {
+        "packed_trial_steps_per_s": round(k / step_s, 3),
+        "step_s": step_s,
+        "peak_gb": peak_gb(args.device),
+        "dispatched": calls,
+        "loss_max_rel_diff": [float(f"{d:.3g}") for d in diffs],
+        "loss_match": all(d <= tolerance for d in diffs),
+        "update_cosine": (cosines := update_cosines(k, runs)),
+        "update_match": min(cosines) >= UPDATE_COSINE,
+        **GRAPHS,
+    }
+
+
 FINAL: list[dict[str, Any]] = []
 """The last `packed` run's adapters' weights after the curves' steps (`Pack.state`)."""
 GRAPHS: dict[str, Any] = {}
@@ -468,40 +490,10 @@ def main() -> None:
             }
             if args.graphs:  # the same path captured: its launches cost the host nothing there, its FLOPs still count
                 pack_layers.PRODUCTS = how
-                reset_peak(args.device)
-                curves_g, graph_s_how, _ = packed(k, adapters, model, data, inits, args, graphs=True)
+                others[how]["graphs"] = captured(k, adapters, model, data, inits, args, runs, tolerance)
                 pack_layers.PRODUCTS = "auto"
-                others[how]["graphs"] = {
-                    "packed_trial_steps_per_s": round(k / graph_s_how, 3),
-                    "step_s": graph_s_how,
-                    "peak_gb": peak_gb(args.device),
-                    "loss_match": all(
-                        max(abs(p - s) / abs(s) for p, s in zip(curves_g[i], runs[i]["losses"], strict=True))
-                        <= tolerance
-                        for i in range(k)
-                    ),
-                    "update_match": min(update_cosines(k, runs)) >= UPDATE_COSINE,
-                    **GRAPHS,
-                }
-        graphed = None
-        if args.graphs:  # the same pack, its steps captured and replayed
-            reset_peak(args.device)
-            graph_curves, graph_s, graph_calls = packed(k, adapters, model, data, inits, args, graphs=True)
-            graph_diffs = [
-                max(abs(p - s) / abs(s) for p, s in zip(graph_curves[i], runs[i]["losses"], strict=True))
-                for i in range(k)
-            ]
-            graphed = {
-                "packed_trial_steps_per_s": round(k / graph_s, 3),
-                "step_s": graph_s,
-                "peak_gb": peak_gb(args.device),
-                "dispatched": graph_calls,
-                "loss_max_rel_diff": [float(f"{d:.3g}") for d in graph_diffs],
-                "loss_match": all(d <= tolerance for d in graph_diffs),
-                "update_cosine": (graph_cosines := update_cosines(k, runs)),
-                "update_match": min(graph_cosines) >= UPDATE_COSINE,
-                **GRAPHS,
-            }
+        # the same pack, its steps captured and replayed
+        graphed = captured(k, adapters, model, data, inits, args, runs, tolerance) if args.graphs else None
         reset_peak(args.device)
         curves, step_s, calls = packed(k, adapters, model, data, inits, args)
         diffs = [max(abs(p - s) / abs(s) for p, s in zip(curves[i], runs[i]["losses"], strict=True)) for i in range(k)]

@@ -40,7 +40,7 @@ SHARED_SWEEP_FILES = frozenset(
     {"test_answers.py", "test_logged_models.py", "test_serving.py", "test_sweep.py", "test_tracking.py"}
 )
 """The test files whose tests read the session's real sweeps (`shared_sweep`, `failed_sweep`: a minute or two each of
-a 2-core machine). tests/test_architecture.py checks that the list names every such file and no other."""
+a 2-core machine). tests/test_ci_layout.py checks that the list names every such file and no other."""
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:

@@ -406,6 +406,12 @@ def main() -> None:
         "pack host's default on a GPU): each row's `graphs` entry, beside the steps as they come, and each forced "
         "product path's own `graphs` under `products`",
     )
+    parser.add_argument(
+        "--head-loss",
+        default="fused",
+        help="the pack loss's gradient paths to time (lora_search.pack.HEAD_LOSS): fused (the default, every row) "
+        "and checkpointed (each row's `head_loss.checkpointed`: the pack as it comes, and captured with --graphs)",
+    )
     parser.add_argument("--work", type=Path, default=Path("/tmp/pack_bench"))
     parser.add_argument(
         "--profile",
@@ -418,6 +424,7 @@ def main() -> None:
     global PROFILE_DIR
     PROFILE_DIR = args.profile
     args.products = {p.strip() for p in args.products.split(",")}
+    args.head_loss = {p.strip() for p in args.head_loss.split(",")}
     paths = ("auto", "loop", "bmm", "masked")
     bad = [f"--{name} {value}: give {want}" for name, value, ok, want in (
         ("ks", " ".join(map(str, args.ks)), all(1 <= k <= len(TRIALS) for k in args.ks),
@@ -428,11 +435,14 @@ def main() -> None:
         ("seq", args.seq, args.seq >= 2, "2 or more tokens"),
         ("products", ",".join(sorted(args.products)), args.products <= set(paths) and "auto" in args.products,
          f"auto and any of {', '.join(paths[1:])}, e.g. --products auto,masked (auto sets `ratio`)"),
+        ("head-loss", ",".join(sorted(args.head_loss)), "fused" in args.head_loss <= {"fused", "checkpointed"},
+         "fused, or fused,checkpointed"),
     ) if not ok]  # fmt: skip
     if bad:
         parser.error("; ".join(bad))
     import torch
 
+    from lora_search import pack as lora_pack
     from lora_search import pack_layers
 
     if args.threads:
@@ -492,6 +502,21 @@ def main() -> None:
                 pack_layers.PRODUCTS = how
                 others[how]["graphs"] = captured(k, adapters, model, data, inits, args, runs, tolerance)
                 pack_layers.PRODUCTS = "auto"
+        head_loss = {}
+        if "checkpointed" in args.head_loss:  # the loss's chunks recomputed in the backward, in the same run
+            lora_pack.HEAD_LOSS = "checkpointed"
+            old_curves, old_s, _ = packed(k, adapters, model, data, inits, args)
+            head_loss["checkpointed"] = {
+                "packed_trial_steps_per_s": round(k / old_s, 3),
+                "loss_max_rel_diff": [
+                    float(f"{max(abs(p - s) / abs(s) for p, s in zip(c, r['losses'], strict=True)):.3g}")
+                    for c, r in zip(old_curves, runs, strict=False)
+                ],
+                "step_s": old_s,
+            }
+            if args.graphs:
+                head_loss["checkpointed"]["graphs"] = captured(k, adapters, model, data, inits, args, runs, tolerance)
+            lora_pack.HEAD_LOSS = "fused"
         # the same pack, its steps captured and replayed
         graphed = captured(k, adapters, model, data, inits, args, runs, tolerance) if args.graphs else None
         reset_peak(args.device)
@@ -506,6 +531,12 @@ def main() -> None:
             other["auto_vs_this"] = round(other_s / step_s, 3)
             if "graphs" in other:
                 other["graphs"]["ratio"] = round(solo_s / other["graphs"].pop("step_s"), 3)
+        for other in head_loss.values():
+            other_s = other.pop("step_s")
+            other["ratio"] = round(solo_s / other_s, 3)
+            other["fused_vs_this"] = round(other_s / step_s, 3)
+            if "graphs" in other:
+                other["graphs"]["ratio"] = round(solo_s / other["graphs"].pop("step_s"), 3)
         row = {
             "k": k,
             "solo_trial_steps_per_s": round(k / solo_s, 3),
@@ -514,6 +545,7 @@ def main() -> None:
             "solo_peft_trial_steps_per_s": round(k / peft_s, 3),
             "ratio_vs_peft": round(peft_s / step_s, 3),
             "products": dict(sorted(others.items())),
+            "head_loss": head_loss,
         }
         if graphed is not None:
             graph_s = graphed.pop("step_s")

@@ -15,12 +15,12 @@ One step concatenates the adapters' micro-batches (right-padded to one length: p
 -100), runs the base once, and in every targeted linear layer adds each adapter's update into its own rows only
 (`pack_layers.PackedLinear`). Each adapter's loss is the mean over its own label tokens, as Transformers' causal-LM
 loss computes it for a solo batch. The loss runs through the LM head a chunk of tokens at a time
-(`memory.LOSS_CHUNK_LOGITS`), each chunk recomputed in the backward, so a step never holds the whole batch's logits
-(32 rows x 2048 tokens of Llama-3's vocabulary would be 100 GB); bases whose forward does more than `lm_head(hidden)`
-compute them whole (`memory.PLAIN_HEADS`). The backward runs on the sum of the losses: rows never mix in a decoder
-(attention is within a row, norms are per token) and adapters share no parameters, so each adapter's gradient is its
-solo gradient. Then each adapter clips its own gradients and steps its own AdamW and learning-rate schedule, in the
-order the Transformers Trainer does. An adapter without a batch in a step sits that step out.
+(`memory.LOSS_CHUNK_LOGITS`), each chunk's gradient computed in its forward, so a step never holds the whole batch's
+logits (32 rows x 2048 tokens of Llama-3's vocabulary would be 100 GB); bases whose forward does more than
+`lm_head(hidden)` compute them whole (`memory.PLAIN_HEADS`). The backward runs on the sum of the losses: rows never
+mix in a decoder (attention is within a row, norms are per token) and adapters share no parameters, so each adapter's
+gradient is its solo gradient. Then each adapter clips its own gradients and steps its own AdamW and learning-rate
+schedule, in the order the Transformers Trainer does. An adapter without a batch in a step sits that step out.
 
 An adapter continues where it was (`training_state`, then `attach(..., init_state=its weights, resume=that state)`):
 its AdamW moments and step count, its learning-rate schedule's position and its step, so its next step is the step an
@@ -607,24 +607,69 @@ def _losses(labels: torch.Tensor, per_token: torch.Tensor, blocks: dict[str, sli
     return {n: per_token[rows].sum() / (shifted[rows] != -100).sum() for n, rows in blocks.items()}
 
 
+HEAD_LOSS: Literal["fused", "checkpointed"] = "fused"
+"""How a step's chunked loss takes its gradient where the head is frozen (`_chunked_cross_entropy`): "fused", each
+chunk's gradient computed in its forward (`_HeadCrossEntropy`), or "checkpointed", each chunk recomputed in the
+backward (what a head that trains runs). benchmarks/pack.py's `--head-loss` times both in one run."""
+
+
 def _chunked_cross_entropy(head: nn.Linear, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """`cross_entropy(head(hidden).float(), labels, reduction="none")` (hidden: tokens x hidden size), computed
-    `memory.loss_chunk_tokens` tokens at a time. With gradients on, each chunk is checkpointed (non-reentrant: it
-    keeps only its slice of `hidden`, a view, and recomputes its logits when the backward reaches it; the autograd
-    engine runs one chunk's backward after another, the last first), so the forward and the backward each hold one
-    chunk's logits. The head draws no random numbers, so no RNG state is kept for the recompute."""
+    `memory.loss_chunk_tokens` tokens at a time, so the forward and the backward each hold one chunk's logits.
+
+    With gradients on and the head frozen (a pack's base is; an adapter on the head turns chunking off,
+    `Pack.chunked_head`), each chunk's gradient to `hidden` is computed in the forward (`_HeadCrossEntropy`): one head
+    product a chunk in the forward and one in its gradient, and no recompute. With a head that trains, each chunk is
+    checkpointed (non-reentrant: it keeps only its slice of `hidden`, a view, and recomputes its logits when the
+    backward reaches it); the head draws no random numbers, so no RNG state is kept for the recompute."""
     size = max(1, memory.LOSS_CHUNK_LOGITS // head.out_features)  # as memory.loss_chunk_tokens counts it
 
     def chunk(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return nn.functional.cross_entropy(head(h).float(), y, reduction="none")
 
-    if not torch.is_grad_enabled():
+    if not (torch.is_grad_enabled() and hidden.requires_grad):
         return torch.cat([chunk(h, y) for h, y in zip(hidden.split(size), labels.split(size), strict=True)])
+    if HEAD_LOSS == "fused" and not any(p.requires_grad for p in head.parameters()):
+        return _HeadCrossEntropy.apply(head, hidden, labels, size)
     parts = [
         checkpoint(chunk, h, y, use_reentrant=False, preserve_rng_state=False)
         for h, y in zip(hidden.split(size), labels.split(size), strict=True)
     ]
     return torch.cat(parts)
+
+
+class _HeadCrossEntropy(torch.autograd.Function):
+    """Each token's cross-entropy of a frozen head's fp32-upcast logits (-100: no label, loss 0), with its gradient
+    to the hidden state computed in the forward, a chunk of tokens at a time: softmax minus the label's one-hot, cast
+    to the head's dtype, times the head's weight, as the autograd of `chunk` in `_chunked_cross_entropy` computes it.
+    The backward only scales each token's row by its incoming gradient (each token's loss depends on its own row
+    alone), so no chunk's logits are recomputed: one head product less a chunk than a checkpointed chunk, and the
+    softmax's forward and backward in one pass.
+
+    Liger's fused linear cross-entropy does this (and a head's weight gradient) in Triton, but reads the count of
+    labelled tokens back to the host (`.item()`, linkedin/Liger-Kernel#1292, open), which a CUDA graph cannot
+    capture, so the pack's captured steps could not use it. Ours is plain torch: no host read, captured with the
+    rest of a step (`pack_graphs`)."""
+
+    @staticmethod
+    def forward(ctx: Any, head: nn.Linear, hidden: torch.Tensor, labels: torch.Tensor, size: int) -> torch.Tensor:
+        losses, grads = [], []
+        for h, y in zip(hidden.split(size), labels.split(size), strict=True):
+            logits = head(h).float()
+            lse = logits.logsumexp(-1)
+            keep = y != -100
+            label = y.masked_fill(~keep, 0)[:, None]
+            losses.append(torch.where(keep, lse - logits.gather(1, label).squeeze(1), 0.0))
+            softmax = logits.sub_(lse[:, None]).exp_()  # in place: the fp32 logits are not needed again
+            softmax.scatter_add_(1, label, -keep[:, None].to(softmax.dtype)).mul_(keep[:, None])
+            grads.append(softmax.to(head.weight.dtype) @ head.weight)
+        ctx.save_for_backward(torch.cat(grads))
+        return torch.cat(losses)
+
+    @staticmethod
+    def backward(ctx: Any, grad_losses: torch.Tensor) -> tuple[None, torch.Tensor, None, None]:
+        (grad,) = ctx.saved_tensors
+        return None, (grad.float() * grad_losses[:, None]).to(grad.dtype), None, None
 
 
 def _key(module: str, matrix: str) -> str:

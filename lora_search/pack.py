@@ -661,8 +661,9 @@ class _HeadCrossEntropy(torch.autograd.Function):
             label = y.masked_fill(~keep, 0)[:, None]
             losses.append(torch.where(keep, lse - logits.gather(1, label).squeeze(1), 0.0))
             softmax = logits.sub_(lse[:, None]).exp_()  # in place: the fp32 logits are not needed again
-            softmax.scatter_add_(1, label, -keep[:, None].to(softmax.dtype)).mul_(keep[:, None])
-            grads.append(softmax.to(head.weight.dtype) @ head.weight)
+            softmax.scatter_add_(1, label, -keep[:, None].to(softmax.dtype))
+            # unlabelled tokens zeroed on the product (tokens x hidden), not on the softmax (tokens x vocab)
+            grads.append((softmax.to(head.weight.dtype) @ head.weight) * keep[:, None])
         ctx.save_for_backward(torch.cat(grads))
         return torch.cat(losses)
 

@@ -246,7 +246,7 @@ def captured(
     loss and update match, and what the graphs did (`GRAPHS`). `step_s` is left for the caller's ratio."""
     reset_peak(args.device)
     curves, step_s, calls = packed(k, adapters, model, data, inits, args, graphs=True)
-    diffs = [max(abs(p - s) / abs(s) for p, s in zip(curves[i], runs[i]["losses"], strict=True)) for i in range(k)]
+    diffs = loss_diffs(curves, runs)
     return {
         "packed_trial_steps_per_s": round(k / step_s, 3),
         "step_s": step_s,
@@ -258,6 +258,15 @@ def captured(
         "update_match": min(cosines) >= UPDATE_COSINE,
         **GRAPHS,
     }
+
+
+def loss_diffs(curves: list[list[float]], runs: list[dict[str, Any]]) -> list[float]:
+    """Per packed trial (the first len(curves) of `runs`), the largest relative difference between its loss curve and
+    its solo run's."""
+    return [
+        max(abs(p - s) / abs(s) for p, s in zip(c, r["losses"], strict=True))
+        for c, r in zip(curves, runs[: len(curves)], strict=True)
+    ]
 
 
 FINAL: list[dict[str, Any]] = []
@@ -486,10 +495,7 @@ def main() -> None:
             pack_layers.PRODUCTS = how
             other_curves, other_s, other_calls = packed(k, adapters, model, data, inits, args)
             pack_layers.PRODUCTS = "auto"
-            other_diffs = [
-                max(abs(p - s) / abs(s) for p, s in zip(other_curves[i], runs[i]["losses"], strict=True))
-                for i in range(k)
-            ]
+            other_diffs = loss_diffs(other_curves, runs)
             others[how] = {
                 "packed_trial_steps_per_s": round(k / other_s, 3),
                 "auto_vs_this": None,  # set below, once auto's step time is known
@@ -506,12 +512,12 @@ def main() -> None:
         if "checkpointed" in args.head_loss:  # the loss's chunks recomputed in the backward, in the same run
             lora_pack.HEAD_LOSS = "checkpointed"
             old_curves, old_s, _ = packed(k, adapters, model, data, inits, args)
+            old_diffs = loss_diffs(old_curves, runs)
             head_loss["checkpointed"] = {
                 "packed_trial_steps_per_s": round(k / old_s, 3),
-                "loss_max_rel_diff": [
-                    float(f"{max(abs(p - s) / abs(s) for p, s in zip(c, r['losses'], strict=True)):.3g}")
-                    for c, r in zip(old_curves, runs, strict=False)
-                ],
+                "fused_vs_this": None,  # set below, once the fused loss's step time is known
+                "loss_max_rel_diff": [float(f"{d:.3g}") for d in old_diffs],
+                "loss_match": all(d <= tolerance for d in old_diffs),
                 "step_s": old_s,
             }
             if args.graphs:
@@ -521,20 +527,17 @@ def main() -> None:
         graphed = captured(k, adapters, model, data, inits, args, runs, tolerance) if args.graphs else None
         reset_peak(args.device)
         curves, step_s, calls = packed(k, adapters, model, data, inits, args)
-        diffs = [max(abs(p - s) / abs(s) for p, s in zip(curves[i], runs[i]["losses"], strict=True)) for i in range(k)]
+        diffs = loss_diffs(curves, runs)
         cosines = update_cosines(k, runs)
         solo_s = sum(r["step_s"] for r in runs[:k])  # one step of each of the k trials
         peft_s = sum(r["step_s"] for r in peft_runs[:k])
-        for other in others.values():
+        for other, versus in [
+            *((o, "auto_vs_this") for o in others.values()),
+            *((o, "fused_vs_this") for o in head_loss.values()),
+        ]:
             other_s = other.pop("step_s")
             other["ratio"] = round(solo_s / other_s, 3)
-            other["auto_vs_this"] = round(other_s / step_s, 3)
-            if "graphs" in other:
-                other["graphs"]["ratio"] = round(solo_s / other["graphs"].pop("step_s"), 3)
-        for other in head_loss.values():
-            other_s = other.pop("step_s")
-            other["ratio"] = round(solo_s / other_s, 3)
-            other["fused_vs_this"] = round(other_s / step_s, 3)
+            other[versus] = round(other_s / step_s, 3)
             if "graphs" in other:
                 other["graphs"]["ratio"] = round(solo_s / other["graphs"].pop("step_s"), 3)
         row = {

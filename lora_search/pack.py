@@ -653,19 +653,23 @@ class _HeadCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, head: nn.Linear, hidden: torch.Tensor, labels: torch.Tensor, size: int) -> torch.Tensor:
-        losses, grads = [], []
-        for h, y in zip(hidden.split(size), labels.split(size), strict=True):
+        # written a chunk at a time: the gradient (one hidden state's size, the one extra tensor a step holds from
+        # its loss's forward to its backward) is never held twice, as a concatenation of chunks would
+        losses = hidden.new_empty(labels.shape, dtype=torch.float32)
+        grad = torch.empty_like(hidden)
+        for start in range(0, hidden.shape[0], size):
+            h, y = hidden[start : start + size], labels[start : start + size]
             logits = head(h).float()
             lse = logits.logsumexp(-1)
             keep = y != -100
             label = y.masked_fill(~keep, 0)[:, None]
-            losses.append(torch.where(keep, lse - logits.gather(1, label).squeeze(1), 0.0))
+            losses[start : start + size] = torch.where(keep, lse - logits.gather(1, label).squeeze(1), 0.0)
             softmax = logits.sub_(lse[:, None]).exp_()  # in place: the fp32 logits are not needed again
             softmax.scatter_add_(1, label, -keep[:, None].to(softmax.dtype))
             # unlabelled tokens zeroed on the product (tokens x hidden), not on the softmax (tokens x vocab)
-            grads.append((softmax.to(head.weight.dtype) @ head.weight) * keep[:, None])
-        ctx.save_for_backward(torch.cat(grads))
-        return torch.cat(losses)
+            grad[start : start + size] = (softmax.to(head.weight.dtype) @ head.weight) * keep[:, None]
+        ctx.save_for_backward(grad)
+        return losses
 
     @staticmethod
     def backward(ctx: Any, grad_losses: torch.Tensor) -> tuple[None, torch.Tensor, None, None]:

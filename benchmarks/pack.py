@@ -417,9 +417,10 @@ def main() -> None:
     )
     parser.add_argument(
         "--head-loss",
-        default="fused",
-        help="the pack loss's gradient paths to time (lora_search.pack.HEAD_LOSS): fused (the default, every row) "
-        "and checkpointed (each row's `head_loss.checkpointed`: the pack as it comes, and captured with --graphs)",
+        default="",
+        help="the pack loss's other gradient paths to time beside lora_search.pack.HEAD_LOSS's (every row's): "
+        "fused or checkpointed, each in the rows' `head_loss.<path>` (the pack as it comes, and captured with "
+        "--graphs), e.g. --head-loss fused",
     )
     parser.add_argument("--work", type=Path, default=Path("/tmp/pack_bench"))
     parser.add_argument(
@@ -433,7 +434,7 @@ def main() -> None:
     global PROFILE_DIR
     PROFILE_DIR = args.profile
     args.products = {p.strip() for p in args.products.split(",")}
-    args.head_loss = {p.strip() for p in args.head_loss.split(",")}
+    args.head_loss = {p.strip() for p in args.head_loss.split(",") if p.strip()}
     paths = ("auto", "loop", "bmm", "masked")
     bad = [f"--{name} {value}: give {want}" for name, value, ok, want in (
         ("ks", " ".join(map(str, args.ks)), all(1 <= k <= len(TRIALS) for k in args.ks),
@@ -444,8 +445,8 @@ def main() -> None:
         ("seq", args.seq, args.seq >= 2, "2 or more tokens"),
         ("products", ",".join(sorted(args.products)), args.products <= set(paths) and "auto" in args.products,
          f"auto and any of {', '.join(paths[1:])}, e.g. --products auto,masked (auto sets `ratio`)"),
-        ("head-loss", ",".join(sorted(args.head_loss)), "fused" in args.head_loss <= {"fused", "checkpointed"},
-         "fused, or fused,checkpointed"),
+        ("head-loss", ",".join(sorted(args.head_loss)), args.head_loss <= {"fused", "checkpointed"},
+         "fused and/or checkpointed, e.g. --head-loss fused"),
     ) if not ok]  # fmt: skip
     if bad:
         parser.error("; ".join(bad))
@@ -508,21 +509,21 @@ def main() -> None:
                 pack_layers.PRODUCTS = how
                 others[how]["graphs"] = captured(k, adapters, model, data, inits, args, runs, tolerance)
                 pack_layers.PRODUCTS = "auto"
-        head_loss = {}
-        if "checkpointed" in args.head_loss:  # the loss's chunks recomputed in the backward, in the same run
-            lora_pack.HEAD_LOSS = "checkpointed"
-            old_curves, old_s, _ = packed(k, adapters, model, data, inits, args)
-            old_diffs = loss_diffs(old_curves, runs)
-            head_loss["checkpointed"] = {
-                "packed_trial_steps_per_s": round(k / old_s, 3),
-                "fused_vs_this": None,  # set below, once the fused loss's step time is known
-                "loss_max_rel_diff": [float(f"{d:.3g}") for d in old_diffs],
-                "loss_match": all(d <= tolerance for d in old_diffs),
-                "step_s": old_s,
+        head_loss, default = {}, lora_pack.HEAD_LOSS
+        for path in sorted(args.head_loss - {default}):  # the loss's other gradient paths, in the same run
+            lora_pack.HEAD_LOSS = path
+            other_curves, other_s, _ = packed(k, adapters, model, data, inits, args)
+            other_diffs = loss_diffs(other_curves, runs)
+            head_loss[path] = {
+                "packed_trial_steps_per_s": round(k / other_s, 3),
+                "default_vs_this": None,  # set below, once the default path's step time is known
+                "loss_max_rel_diff": [float(f"{d:.3g}") for d in other_diffs],
+                "loss_match": all(d <= tolerance for d in other_diffs),
+                "step_s": other_s,
             }
             if args.graphs:
-                head_loss["checkpointed"]["graphs"] = captured(k, adapters, model, data, inits, args, runs, tolerance)
-            lora_pack.HEAD_LOSS = "fused"
+                head_loss[path]["graphs"] = captured(k, adapters, model, data, inits, args, runs, tolerance)
+            lora_pack.HEAD_LOSS = default
         # the same pack, its steps captured and replayed
         graphed = captured(k, adapters, model, data, inits, args, runs, tolerance) if args.graphs else None
         reset_peak(args.device)
@@ -533,7 +534,7 @@ def main() -> None:
         peft_s = sum(r["step_s"] for r in peft_runs[:k])
         for other, versus in [
             *((o, "auto_vs_this") for o in others.values()),
-            *((o, "fused_vs_this") for o in head_loss.values()),
+            *((o, "default_vs_this") for o in head_loss.values()),
         ]:
             other_s = other.pop("step_s")
             other["ratio"] = round(solo_s / other_s, 3)
@@ -548,7 +549,7 @@ def main() -> None:
             "solo_peft_trial_steps_per_s": round(k / peft_s, 3),
             "ratio_vs_peft": round(peft_s / step_s, 3),
             "products": dict(sorted(others.items())),
-            "head_loss": head_loss,
+            "head_loss": {"default": default, **head_loss},
         }
         if graphed is not None:
             graph_s = graphed.pop("step_s")

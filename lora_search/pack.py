@@ -15,8 +15,8 @@ One step concatenates the adapters' micro-batches (right-padded to one length: p
 -100), runs the base once, and in every targeted linear layer adds each adapter's update into its own rows only
 (`pack_layers.PackedLinear`). Each adapter's loss is the mean over its own label tokens, as Transformers' causal-LM
 loss computes it for a solo batch. The loss runs through the LM head a chunk of tokens at a time
-(`memory.LOSS_CHUNK_LOGITS`), each chunk's gradient computed in its forward, so a step never holds the whole batch's
-logits (32 rows x 2048 tokens of Llama-3's vocabulary would be 100 GB); bases whose forward does more than
+(`memory.LOSS_CHUNK_LOGITS`), each chunk recomputed in the backward (`HEAD_LOSS`), so a step never holds the whole
+batch's logits (32 rows x 2048 tokens of Llama-3's vocabulary would be 100 GB); bases whose forward does more than
 `lm_head(hidden)` compute them whole (`memory.PLAIN_HEADS`). The backward runs on the sum of the losses: rows never
 mix in a decoder (attention is within a row, norms are per token) and adapters share no parameters, so each adapter's
 gradient is its solo gradient. Then each adapter clips its own gradients and steps its own AdamW and learning-rate
@@ -607,21 +607,26 @@ def _losses(labels: torch.Tensor, per_token: torch.Tensor, blocks: dict[str, sli
     return {n: per_token[rows].sum() / (shifted[rows] != -100).sum() for n, rows in blocks.items()}
 
 
-HEAD_LOSS: Literal["fused", "checkpointed"] = "fused"
-"""How a step's chunked loss takes its gradient where the head is frozen (`_chunked_cross_entropy`): "fused", each
-chunk's gradient computed in its forward (`_HeadCrossEntropy`), or "checkpointed", each chunk recomputed in the
-backward (what a head that trains runs). benchmarks/pack.py's `--head-loss` times both in one run."""
+HEAD_LOSS: Literal["fused", "checkpointed"] = "checkpointed"
+"""How a step's chunked loss takes its gradient where the head is frozen (`_chunked_cross_entropy`): "checkpointed",
+each chunk recomputed in the backward (what a head that trains runs), or "fused", each chunk's gradient computed in
+its forward (`_HeadCrossEntropy`). benchmarks/pack.py's `--head-loss fused` times the other in the same run.
+
+"fused" is not the default yet: on an H100 it ran 6% faster captured (135M shape, k = 4; 2.6% on the 1.1B shape),
+but with it two GPU tests of tests/test_pack_graphs.py failed and an 8B-shape packed sweep's captures failed, cause
+not yet found (benchmarks/NOTES.md, change 46)."""
 
 
 def _chunked_cross_entropy(head: nn.Linear, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """`cross_entropy(head(hidden).float(), labels, reduction="none")` (hidden: tokens x hidden size), computed
     `memory.loss_chunk_tokens` tokens at a time, so the forward and the backward each hold one chunk's logits.
 
-    With gradients on and the head frozen (a pack's base is; an adapter on the head turns chunking off,
-    `Pack.chunked_head`), each chunk's gradient to `hidden` is computed in the forward (`_HeadCrossEntropy`): one head
-    product a chunk in the forward and one in its gradient, and no recompute. With a head that trains, each chunk is
-    checkpointed (non-reentrant: it keeps only its slice of `hidden`, a view, and recomputes its logits when the
-    backward reaches it); the head draws no random numbers, so no RNG state is kept for the recompute."""
+    With gradients on, the head frozen (a pack's base is; an adapter on the head turns chunking off,
+    `Pack.chunked_head`) and `HEAD_LOSS` "fused", each chunk's gradient to `hidden` is computed in the forward
+    (`_HeadCrossEntropy`): one head product a chunk in the forward and one in its gradient, and no recompute.
+    Otherwise each chunk is checkpointed (non-reentrant: it keeps only its slice of `hidden`, a view, and recomputes
+    its logits when the backward reaches it); the head draws no random numbers, so no RNG state is kept for the
+    recompute."""
     size = max(1, memory.LOSS_CHUNK_LOGITS // head.out_features)  # as memory.loss_chunk_tokens counts it
 
     def chunk(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -212,6 +212,10 @@ class Graphs:
                         captured.losses = captured.body(pack)
             except Exception as e:  # noqa: BLE001  (any failure: this pack's steps run as they come, said why)
                 self.why = f"capture failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
+                try:
+                    _release_generator(device)
+                except Exception as again:  # noqa: BLE001  (said: later random draws on the device may fail)
+                    self.why += f"; the device's generator stayed in capture mode: {type(again).__name__}: {again}"
                 self._captured.clear()
                 for layer in pack.layers():  # what the capture made is unfilled: it is made again as steps come
                     layer.forget_layouts()
@@ -230,6 +234,17 @@ class Graphs:
         ]
         self._captured[layout] = captured
         return captured
+
+
+def _release_generator(device: torch.device) -> None:
+    """After a failed capture, the device's default generator out of capture mode. A capture that ends in an error
+    never runs the generator's capture epilogue (`CUDAGraph.capture_end` raises first), so the generator stays in
+    capture mode and every later random draw on the device raises "Offset increment outside graph capture
+    encountered unexpectedly" (seen on the GPU: the next adapter's init in a pack host, `nn.Linear`'s
+    kaiming_uniform_). A clone of its state (same seed and offset) is out of capture mode; it takes the old one's
+    place."""
+    generator = torch.cuda.default_generators[device.index if device.index is not None else 0]
+    generator.graphsafe_set_state(generator.clone_state())
 
 
 def _pinned(t: torch.Tensor) -> torch.Tensor:

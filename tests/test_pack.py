@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from lora_search import memory
+from lora_search import pack as pack_module
 from lora_search.memory import PLAIN_HEADS
 from lora_search.pack import PACKED, SOLO, Pack, Training, packs, trained_weights
 from lora_search.pack_layers import PackedLinear
@@ -185,11 +186,12 @@ def _pack_steps(pack: Pack, solo: dict, micro_batches: int = 1) -> tuple[Pack, d
         for name, loss in pack.step(batches, micro_batches).losses.items():
             curves[name].append(loss)
         chunks += _chunks(batches)
-    # each chunk's head product runs once, in the forward (its gradient computed there too), never the whole batch's
+    # each chunk's head product runs in the forward and again in the backward's recompute (once, its gradient
+    # computed in the forward, with pack.HEAD_LOSS "fused"), never the whole batch's
     assert pack.chunked_head() is not None and chunks > 10 * TOTAL
     assert max(calls) == CHUNK, calls
     if micro_batches == 1:
-        assert len(calls) == chunks, calls
+        assert len(calls) == (1 if pack_module.HEAD_LOSS == "fused" else 2) * chunks, calls
     return pack, curves
 
 
@@ -333,14 +335,18 @@ def test_a_step_refuses_fewer_than_one_micro_batch(packed: tuple) -> None:
         packed[0].step({}, micro_batches=0)
 
 
+@pytest.mark.parametrize("head_loss", ["checkpointed", "fused"])
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_the_chunked_loss_is_the_whole_logits_loss(tiny_model_dir: Path, checkpointing: bool) -> None:
+def test_the_chunked_loss_is_the_whole_logits_loss(
+    tiny_model_dir: Path, checkpointing: bool, head_loss: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Chunks of 5 tokens (a step's ~130 make 27, across rows and adapters) against the whole batch's logits through the
     model's forward (what a base outside `PLAIN_HEADS` runs), on a base whose head is tied to its embedding: each step's
     losses, every adapter's gradients (as the backward leaves them, before the optimizer) and the evaluated losses
     agree to fp32 rounding."""
     from peft import LoraConfig
 
+    monkeypatch.setattr(pack_module, "HEAD_LOSS", head_loss)
     configs = {
         "a": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
         "b": LoraConfig(r=8, lora_alpha=8, target_modules=list(ALL)),
@@ -396,14 +402,19 @@ def test_the_chunked_loss_is_the_whole_logits_loss(tiny_model_dir: Path, checkpo
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("trains", [False, True])
-def test_the_chunked_loss_and_its_gradient_are_the_plain_ones(dtype: torch.dtype, trains: bool) -> None:
+@pytest.mark.parametrize(("trains", "head_loss"), [(False, "fused"), (False, "checkpointed"), (True, "fused")])
+def test_the_chunked_loss_and_its_gradient_are_the_plain_ones(
+    dtype: torch.dtype, trains: bool, head_loss: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """`_chunked_cross_entropy` (chunks of 7 of 40 tokens, a last short chunk, 9 tokens without a label) against
     `cross_entropy(head(hidden).float(), labels, reduction="none")` through autograd, under an uneven incoming
     gradient per token (each adapter's 1 / its label tokens, in a pack): each token's loss and its gradient to the
-    hidden state; and to the head's weight where the head trains (the checkpointed chunks). A frozen head's chunks
-    compute their gradient in the forward: the head runs once a chunk, where the checkpointed chunks run it twice."""
+    hidden state; and to the head's weight where the head trains (the checkpointed chunks, whatever
+    `pack.HEAD_LOSS`). A frozen head's chunks under "fused" compute their gradient in the forward: the head runs once
+    a chunk, where the checkpointed chunks run it twice."""
     from lora_search.pack import _chunked_cross_entropy
+
+    monkeypatch.setattr(pack_module, "HEAD_LOSS", head_loss)
 
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 50, bias=False).to(dtype).requires_grad_(trains)
@@ -429,7 +440,8 @@ def test_the_chunked_loss_and_its_gradient_are_the_plain_ones(dtype: torch.dtype
     plain = run(chunked=False)
     calls.clear()
     chunked = run(chunked=True)
-    assert calls == [7] * 5 + [5] + ([5] + [7] * 5 if trains else []), calls  # a recompute runs the last chunk first
+    recomputed = trains or head_loss == "checkpointed"
+    assert calls == [7] * 5 + [5] + ([5] + [7] * 5 if recomputed else []), calls  # a recompute: the last chunk first
     torch.testing.assert_close(chunked[0], plain[0], rtol=1e-5, atol=1e-6)  # fp32 either way
     assert (chunked[0][labels == -100] == 0).all() and (chunked[0][labels != -100] > 0).all()
     # to float rounding: bf16's, where the head's products and the gradients' casts round to 8 bits

@@ -9,6 +9,7 @@ the capture; the `gpu` test captures and replays on the device.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -385,3 +386,36 @@ def test_captured_masked_steps_and_evaluations_follow_the_weights_on_the_gpu(
     for step, (g, w) in enumerate(zip(got_losses, want_losses, strict=True)):
         assert list(g.values()) == pytest.approx(list(w.values()), rel=1e-2, abs=0), step
     assert got_evals == pytest.approx(want_evals, rel=1e-2, abs=0)
+
+
+@pytest.mark.gpu
+def test_a_failed_capture_leaves_the_devices_random_draws_working(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A capture that fails (here a host read inside it, as Liger's loss would make) turns the pack's graphs off with
+    the reason, and leaves the device's default generator out of capture mode: random draws, a new adapter's init
+    among them, work after it (before `pack_graphs._release_generator`, the next adapter's attach raised "Offset
+    increment outside graph capture encountered unexpectedly" in an 8B-shape packed sweep)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from transformers import AutoModelForCausalLM
+
+    per_token = Pack._per_token
+
+    def reads_the_host(self: Pack, ids: torch.Tensor, *args: object) -> torch.Tensor:
+        if torch.cuda.is_current_stream_capturing():
+            ids.sum().item()  # not allowed while capturing: the capture fails
+        return per_token(self, ids, *args)
+
+    monkeypatch.setattr(Pack, "_per_token", reads_the_host)
+    pack = Pack(AutoModelForCausalLM.from_pretrained(tiny_model_dir).to("cuda"), drop_mask=True, graphs=True)
+    for name in "ab":
+        pack.attach(name, _config(name), training=_training(name))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(pack_graphs.WARMUP_STEPS + 2):
+        losses = pack.step({n: _batch(g, pack.model.config.vocab_size, rows=2) for n in "ab"}).losses
+        assert all(math.isfinite(v) for v in losses.values()), losses
+    assert pack.graphs.captures == 0 and (pack.graphs.why or "").startswith("capture failed"), pack.graphs.why
+    assert torch.rand(4, device="cuda").shape == (4,)
+    pack.attach("c", _config("c"), training=_training("c"))  # draws its init on the device
+    assert set(pack.step({n: _batch(g, pack.model.config.vocab_size, rows=2) for n in "abc"}).losses) == set("abc")

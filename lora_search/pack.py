@@ -613,8 +613,8 @@ each chunk recomputed in the backward (what a head that trains runs), or "fused"
 its forward (`_HeadCrossEntropy`). benchmarks/pack.py's `--head-loss fused` times the other in the same run.
 
 "fused" is not the default yet: on an H100 it ran 6% faster captured (135M shape, k = 4; 2.6% on the 1.1B shape),
-but with it two GPU tests of tests/test_pack_graphs.py failed and an 8B-shape packed sweep's captures failed, cause
-not yet found (benchmarks/NOTES.md, change 46)."""
+but with it a GPU test of tests/test_pack_graphs.py saw its adapters not move (bf16, one of them PiSSA, two layouts),
+cause not yet found (benchmarks/NOTES.md, change 46)."""
 
 
 def _chunked_cross_entropy(head: nn.Linear, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -17,8 +17,14 @@ REPO = Path(__file__).resolve().parents[1]
     [
         (
             "pack.py",
-            ["--device", "cpu", "--ks", "0", "20", "--skip", "5", "--steps", "3", "--products", "masked"],
-            ("--ks 0 20: give packs of 1 to 8", "--skip 5: give 0 to 2", "--products masked: give auto and any of"),
+            ["--device", "cpu", "--ks", "0", "20", "--skip", "5", "--steps", "3", "--products", "masked"]
+            + ["--head-loss", "fused,bogus"],
+            (
+                "--ks 0 20: give packs of 1 to 8",
+                "--skip 5: give 0 to 2",
+                "--products masked: give auto and any of",
+                "--head-loss bogus,fused: give fused and/or checkpointed",
+            ),
         ),
         (
             "pack_sweep.py",

@@ -43,31 +43,15 @@ SHARED_SWEEP_FILES = frozenset(
 a 2-core machine). tests/test_ci_layout.py checks that the list names every such file and no other."""
 
 
-HEAVIEST_FIRST = (
-    "shared-sweeps",
-    "test_resume.py",
-    "test_multinode.py",
-    "test_pack_tune.py",
-    "test_smollm2.py",
-    "test_security.py",
-    "test_ray_job.py",
-    "test_fastpath.py",
-    "test_trainer.py",
-    "test_checks.py",
-)
-"""The work units `make test`'s workers take first, heaviest first (the `SHARED_SWEEP_FILES` as one, then files, by
-their tests' summed seconds: 1612, 515, 482, 409, 259, 248, 204, 85, 68, 58 in a fresh-clone run that ran about
-twice as slowly as a normal one, so about half that in CI); the others follow in xdist's order (most tests first).
-xdist's own order puts the single-test files of two minutes last: in CI's tail the CPUs were 67% busy, against
-93-99% before it."""
-
-
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
     """`make test`'s two workers (`--dist loadfile`) take whole files, except that the `SHARED_SWEEP_FILES` go to one
     worker together: a session fixture runs once per worker, so split over two workers those sweeps ran twice (about
     150 s of a CI run). A scheduler of our own because `--dist loadgroup` does not group on pytest 9.2
-    (pytest-dev/pytest-xdist#1386: the `xdist_group` suffix it writes into a test's id no longer takes). The work
-    units go out `HEAVIEST_FIRST`."""
+    (pytest-dev/pytest-xdist#1386: the `xdist_group` suffix it writes into a test's id no longer takes).
+
+    The units keep xdist's order (most tests first). Heaviest first was tried and measured worse (parallel part
+    1,024 s against 924 s), likely because xdist hands each worker two units at the start: the worker of the shared
+    sweeps then also holds the third heaviest file."""
     if config.getvalue("dist") != "loadfile":
         return None
     from xdist.scheduler import LoadFileScheduling
@@ -76,15 +60,6 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
         def _split_scope(self, nodeid: str) -> str:
             path = nodeid.split("::", 1)[0]
             return "shared-sweeps" if Path(path).name in SHARED_SWEEP_FILES else path
-
-        def _assign_work_unit(self, node: object) -> None:
-            if not getattr(self, "_heaviest_first", False):  # the first assignment: the queue is complete
-                rank = {name: i for i, name in enumerate(HEAVIEST_FIRST)}
-                order = sorted(self.workqueue, key=lambda scope: rank.get(Path(scope).name, len(rank)))
-                for scope in order:  # a stable sort: the others keep xdist's order
-                    self.workqueue.move_to_end(scope)
-                self._heaviest_first = True
-            super()._assign_work_unit(node)
 
     return SharedSweepsTogether(config, log)
 

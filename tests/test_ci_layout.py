@@ -35,12 +35,3 @@ def test_the_check_sees_a_reader_and_a_non_reader() -> None:
     assert readers("def test_x(shared_sweep, tmp_path):\n    pass\n")
     assert readers("import pytest\n@pytest.fixture\ndef copy(failed_sweep):\n    return failed_sweep\n")
     assert not readers("def test_x(tmp_path):\n    shared_sweep = 1\n")
-
-
-def test_the_heaviest_first_names_are_work_units_that_exist() -> None:
-    from conftest import HEAVIEST_FIRST
-
-    files = {p.name for p in TESTS.glob("test_*.py")} - SHARED_SWEEP_FILES
-    missing = [name for name in HEAVIEST_FIRST if name != "shared-sweeps" and name not in files]
-    assert not missing, f"tests/conftest.py HEAVIEST_FIRST names no test file (or a shared-sweep one): {missing}"
-    assert len(set(HEAVIEST_FIRST)) == len(HEAVIEST_FIRST)

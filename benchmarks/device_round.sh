@@ -8,6 +8,8 @@
 #   bash benchmarks/device_round.sh graphs   # the `gpu` tests of tests/test_pack_graphs.py, then benchmarks/pack.py
 #                                            # --graphs (captured steps beside steps as they come): 135M shape, k = 1,
 #                                            # 2, 4, 8 at 512; 1.1B shape, k = 4 at 512 (KS_1B)
+#   bash benchmarks/device_round.sh heads    # the `gpu` tests of tests/test_pack_graphs.py under each pack.HEAD_LOSS,
+#                                            # then pack.py --graphs timing the other beside the default (135M, k = 4)
 #   bash benchmarks/device_round.sh speed    # benchmarks/speed.py, the 8B r16 headline: the trial path (ATTN=sdpa)
 #                                            # (+two-node: LoRA layers on autograd's graph, NOTES.md change 20)
 #                                            # beside HF PEFT and + Liger (EXTRA=--no-liger-reference skips it)
@@ -74,6 +76,14 @@ graphs)
     --graphs --out "$OUT/pack_1b_512_graphs.json" "${profile[@]}"
   [ -d /tmp/pack_profiles ] && (cd /tmp && tar czf "$OUT/pack_profiles.tgz" pack_profiles)
   ;;
+heads)  # the `gpu` tests of tests/test_pack_graphs.py under each HEAD_LOSS, then pack.py timing the other one
+  step gpu_tests python -m pytest -q -m gpu tests/test_pack_graphs.py -p no:cacheprovider
+  other=$(python -c 'from lora_search import pack; print({"fused": "checkpointed"}.get(pack.HEAD_LOSS, "fused"))')
+  step "gpu_tests_$other" python -c "import sys, pytest; from lora_search import pack; pack.HEAD_LOSS = '$other'; \
+sys.exit(pytest.main(['-q', '-m', 'gpu', 'tests/test_pack_graphs.py', '-p', 'no:cacheprovider']))"
+  step pack_135m_heads python benchmarks/pack.py --device cuda --base 135m --seq 512 --ks 4 --products auto --graphs \
+    --head-loss "$other" --out "$OUT/pack_135m_512_heads.json"
+  ;;
 speed)
   # ATTN: the trial paths (+two-node measured no gain, NOTES.md change 20); EXTRA: e.g. --no-liger-reference
   step speed_8b python benchmarks/speed.py --out "$OUT/speed" --work /tmp/w --configs 8b:16 --bs 2 --accum 4 \
@@ -95,8 +105,9 @@ varlen)
     --accum 4 --steps 16 --paths "${PATHS:-trl,padded,grouped,flex,auto}"
   ;;
 pack_sweep)
-  step pack_sweep python benchmarks/pack_sweep.py --shape "${SHAPE:-1b}" --seq 512 --pack 4 --hosts "${HOSTS:-1}" \
-    --trials "${TRIALS:-16}" --steps "${STEPS:-60}" --order "${ORDER:-packed,solo}" --work /tmp/pack_sweep --out "$OUT"
+  step pack_sweep python benchmarks/pack_sweep.py --shape "${SHAPE:-1b}" --seq 512 --pack "${PACK:-4}" \
+    --bs "${BS:-8}" --hosts "${HOSTS:-1}" --trials "${TRIALS:-16}" --steps "${STEPS:-60}" --order "${ORDER:-packed,solo}" \
+    --work /tmp/pack_sweep --out "$OUT"
   # the host journals: where each host's time went (load, attaches, steps, graph replays)
   (cd /tmp/pack_sweep && find . -name "pack_host_*.jsonl" | tar czf "$OUT/journals.tgz" -T -) 2>/dev/null
   ;;
@@ -109,7 +120,7 @@ sweep)
      -not -path "*/adapters/*" | tar czf "$OUT/sweeps.tgz" -T -) && ls -l "$OUT"
   ;;
 *)
-  echo "usage: bash benchmarks/device_round.sh pack|pack_smollm2|pack_1b|pack_135m|graphs|speed|varlen|idle|pack_sweep|sweep" >&2
+  echo "usage: bash benchmarks/device_round.sh pack|pack_smollm2|pack_1b|pack_135m|graphs|heads|speed|varlen|idle|pack_sweep|sweep" >&2
   exit 2
   ;;
 esac

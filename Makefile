@@ -41,7 +41,7 @@ test: setup browser
 	@# Two workers (most of a Ray test's time is waiting), then the `serial` tests alone (they compare an idle run
 	@# with a busy one). Exit 5 (nothing collected) is no failure, in one part or both (make itself could only
 	@# pass it on as 2); otherwise the worse exit of the two is make's.
-	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile -m "not serial" --durations=15 $(ARGS); a=$$?; \
-	$(VENV)/bin/python -m pytest -q -m serial $(ARGS); b=$$?; \
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile -m "not serial" --durations=40 $(ARGS); a=$$?; \
+	$(VENV)/bin/python -m pytest -q -m serial --durations=8 $(ARGS); b=$$?; \
 	if [ $$a -eq 5 ] && [ $$b -eq 5 ]; then echo "pytest collected no tests"; fi; \
 	[ $$a -eq 5 ] && a=0; [ $$b -eq 5 ] && b=0; exit $$(( a > b ? a : b ))

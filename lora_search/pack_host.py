@@ -134,6 +134,7 @@ class PackHost:
         stale_s: float = STALE_S,
         idle_s: float | None = None,
         requested_at: float | None = None,
+        started_by: str = "trial",
     ) -> None:
         """Returns at once: the base loads in a thread of its own (`_load`), so the host answers `attach` from the
         start. A trial that finds its place waits for the base there, and one that finds the host full hears so at
@@ -145,6 +146,8 @@ class PackHost:
         """When `start_host` asked Ray for this actor (time.time()): the "load" line says how long the actor took to
         start, apart from its imports and its base's load."""
         self.created_at = time.time()
+        self.started_by = started_by
+        """"sweep": the driver started it before Tune's first trials (`start_hosts`); "trial": a trial found none."""
         self.stale_s = stale_s
         self.cond = threading.Condition()
         self.claimed: set[str] = set()
@@ -246,6 +249,7 @@ class PackHost:
             # where a host's start went before its load: Ray starting the actor's process, then the libraries' imports
             actor_start_s=None if self.requested_at is None else round(self.created_at - self.requested_at, 3),
             imports_s=round(imports_s, 3),
+            started_by=self.started_by,
             device=self.device,
             checkpointing=self.fit.checkpointing,
             micro_batches=self.fit.micro_batches,
@@ -577,10 +581,27 @@ def host_for(
     raise RuntimeError(f"every pack host of sweep {sweep.name!r} is full; lower max_concurrent_trials")
 
 
-def start_host(sweep: Sweep, storage_path: str, index: int) -> Any:
+def start_hosts(sweep: Sweep, storage_path: str, trials_at_once: int, cluster: dict[str, float]) -> int:
+    """Start the hosts the sweep's first `trials_at_once` trials attach to, before Tune starts them; how many. Only
+    where every variant of the space packs (`solo_reasons` empty): a host then stays for the whole sweep, while one
+    started for a sweep with solo trials could hold a device they wait for, until `IDLE_S` without a trial.
+
+    A host a trial starts begins after that trial's own process start, imports and tokenizing, and Ray's start of
+    the host's actor and the host's imports come after them (session 21, 8B shape on an H100: the host's base was
+    loaded 44 s after the first trial started, its load itself 4.1 s). Started by the driver, that work overlaps
+    Tune's start of the trials."""
+    if solo_reasons(sweep):
+        return 0
+    n = min(hosts(sweep, cluster), math.ceil(min(sweep.num_samples, trials_at_once) / sweep.resources.pack))
+    for index in range(n):
+        start_host(sweep, storage_path, index, started_by="sweep")
+    return n
+
+
+def start_host(sweep: Sweep, storage_path: str, index: int, started_by: str = "trial") -> Any:
     """The sweep's host `index` (its actor handle), started where it is not running (`get_if_exists`: two trials
     starting the same host get the one actor). Returns at once: the host loads its base in the background
-    (`PackHost._load`)."""
+    (`PackHost._load`). `started_by`: who asked (the host's "load" line says)."""
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -604,7 +625,7 @@ def start_host(sweep: Sweep, storage_path: str, index: int) -> Any:
     return (
         ray.remote(PackHost)
         .options(**options)
-        .remote(sweep, str(journal(storage_path, index)), requested_at=time.time())
+        .remote(sweep, str(journal(storage_path, index)), requested_at=time.time(), started_by=started_by)
     )
 
 

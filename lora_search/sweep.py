@@ -499,6 +499,9 @@ def run(
     global _SESSION
     _SESSION = session
     try:
+        if sweep.resources.pack > 1:  # the hosts load while Tune starts the trials (`pack_host.start_hosts`)
+            cluster = ray.cluster_resources()
+            pack_host.start_hosts(sweep, str(storage), tune_concurrency(sweep, cluster), cluster)
         grid = tuner.fit()
     finally:
         session, _SESSION = _SESSION, None

@@ -91,9 +91,11 @@ def test_packed_trials_are_ordinary_tune_trials(tiny_model_dir: Path, tiny_jsonl
     events = [json.loads(line) for line in (out / "ray" / "pack_host_0.jsonl").read_text().splitlines()]
     assert not (out / "ray" / "pack_host_1.jsonl").exists()
     assert [e["event"] for e in events].count("load") == 1
-    # the load line says where the host's start went: Ray starting its actor, its imports, its base's load
+    # the load line says where the host's start went: Ray starting its actor, its imports, its base's load; every
+    # variant packs, so the driver started the host before Tune's first trials (`pack_host.start_hosts`)
     (load,) = (e for e in events if e["event"] == "load")
     assert all(0 <= load[k] < 300 for k in ("actor_start_s", "imports_s", "load_s")), load
+    assert load["started_by"] == "sweep", load
     attached = {e["name"]: i for i, e in enumerate(events) if e["event"] == "attach"}
     left = {e["name"]: (i, e["why"]) for i, e in enumerate(events) if e["event"] == "detach"}
     assert set(attached) == set(left) == set(frame["trial_id"])
@@ -150,7 +152,9 @@ def test_packed_trials_are_ordinary_tune_trials(tiny_model_dir: Path, tiny_jsonl
         shares[row.trial_id] = json.loads(report.read_text())[DEVICE_SHARE]
         assert 0 < shares[row.trial_id] <= 1
         assert row.spend_device_s == pytest.approx(row.trial_s * devices * shares[row.trial_id], rel=1e-9)
-    assert min(shares.values()) < 0.8, shares  # trials stepped together: each held part of the device
+    # trials that stepped together held part of the device in those steps (the host, started before them by the
+    # driver, steps the first trial alone until the next attaches, so how much they overlap varies)
+    assert sum(share < 1 for share in shares.values()) >= 2, shares
     assert solo_rows.loc[solo_id, "spend_device_s"] == pytest.approx(solo_rows.loc[solo_id, "trial_s"] * devices)
 
 
@@ -623,6 +627,8 @@ print("STATUSES", sorted(zip(frame["variant"], frame["status"])))
     events = [json.loads(line) for line in (tmp_path / "mixed" / "ray" / "pack_host_0.jsonl").read_text().splitlines()]
     kinds = [e["event"] for e in events]
     assert kinds[:3] == ["load", "attach", "detach"] and "leave" in kinds, kinds
+    # dora trains solo: the host a packed trial needs is that trial's to start, or it could hold the device first
+    assert {e["started_by"] for e in events if e["event"] == "load"} == {"trial"}, events
 
 
 @pytest.mark.parametrize("value", ["abc", "-1", "inf", "nan", ""])

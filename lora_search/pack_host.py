@@ -227,6 +227,7 @@ class PackHost:
         self.loads = 1
         self.steps = 0
         self.step_s = 0.0  # the steps' own seconds (`Pack.step`), summed
+        self.replayed_s = 0.0  # of which the steps that replayed a captured graph (`pack_graphs`)
         self.between_s = 0.0  # seconds from a step's end to the next one's start: the host waiting for batches
         self.last_end: float | None = None
         self.attaches = 0
@@ -459,9 +460,12 @@ class PackHost:
         batches, self.pending = self.pending, {}
         if self.last_end is not None:
             self.between_s += time.monotonic() - self.last_end
+        replays = self.pack.graphs.replays
         with self._autocast():
             done = self.pack.step(batches, self.fit.micro_batches)
         self.step_s += done.seconds
+        if self.pack.graphs.replays > replays:
+            self.replayed_s += done.seconds
         real = {n: int(b["attention_mask"].sum()) for n, b in batches.items()}
         total = max(sum(real.values()), 1)
         step_s = done.seconds * self.units
@@ -532,7 +536,7 @@ class PackHost:
         # where a pack's time goes: its steps, and the waits for its trials' next batches between them
         if getattr(self, "steps", 0):
             line.update(steps=self.steps, step_s=round(self.step_s, 3), between_steps_s=round(self.between_s, 3))
-            line.update(graph_replays=self.pack.graphs.replays)
+            line.update(graph_replays=self.pack.graphs.replays, replayed_step_s=round(self.replayed_s, 3))
         with self.journal.open("a") as f:
             f.write(json.dumps(line) + "\n")
 

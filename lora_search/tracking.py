@@ -239,10 +239,10 @@ STORE_TEMPLATE = "mlflow-store-{version}.db"
 def _new_store(path: Path) -> None:
     """Put a copy of an empty, migrated store of this MLflow at `path` (where none is yet), from `STORE_TEMPLATE`,
     made at the first new store. MLflow creates a new SQLite store by running every schema migration (1.2 s on a
-    2-core machine, MLflow 3.17, against 0.04 s for copying and opening the template), and each sweep in a new output dir opens one.
-    The template has no "Default" experiment: MLflow makes it at the open, with its artifact location from the
-    working directory of the open, as in a store of its own. Our own code, as MLflow keeps no such template. Where
-    the template cannot be made or copied, MLflow creates the store itself."""
+    2-core machine, MLflow 3.17, against 0.04 s for copying and opening the template), and each sweep in a new
+    output dir opens one. The template has no "Default" experiment: MLflow makes it at the open, with its artifact
+    location from the working directory of the open, as in a store of its own. Our own code, as MLflow keeps no
+    such template. Where the template cannot be made or copied, MLflow creates the store itself."""
     import shutil
     import sqlite3
 

@@ -170,13 +170,23 @@ class MemoryRow:
 
 
 def meta_model(base: BaseModel) -> torch.nn.Module:
-    """`base` built from its config alone on the meta device (no weights). Raises OSError/ValueError if no config."""
+    """`base` built from its config alone on the meta device (no weights). Raises OSError/ValueError if no config.
+
+    A GGUF base's config comes from the file's own metadata (Transformers' `gguf_file=`), so a plan needs neither
+    its conversion nor a config dir: in fp32, as `gguf.convert` writes its converted dir."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(
-        base.name_or_path, revision=base.revision, trust_remote_code=base.trust_remote_code
-    )
+    from lora_search import gguf
+
+    if gguf.is_gguf(base.name_or_path):
+        path = gguf.locate(base.name_or_path)
+        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        config.dtype = torch.float32
+    else:
+        config = AutoConfig.from_pretrained(
+            base.name_or_path, revision=base.revision, trust_remote_code=base.trust_remote_code
+        )
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=base.trust_remote_code)
 

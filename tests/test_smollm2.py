@@ -211,3 +211,14 @@ def test_a_plan_reads_a_gguf_bases_architecture_from_the_file(tmp_path, monkeypa
     want = memory.read_architecture(BaseModel(str(ROOT / "sweeps" / "configs" / "smollm2-135m-instruct")))
     assert got.params == 134_515_008 and dataclasses.replace(got, source=want.source) == want
     assert not (tmp_path / gguf.CACHE_SUBDIR).exists()  # read, not converted
+
+
+def test_a_plan_names_a_gguf_base_that_is_not_there() -> None:
+    from lora_search import memory
+    from lora_search.config import ConfigError
+
+    with pytest.raises(ConfigError) as raised:
+        memory.read_architecture(BaseModel("gguf:no_such_package_here/model.gguf"))
+    (problem,) = raised.value.problems
+    assert problem.field == "base.name_or_path" and "is not installed" in problem.message
+    assert "pip install" in problem.fix

@@ -93,14 +93,14 @@ keeps for backward (4), and in backward its fp32 gradient (4) and the logits' bf
 
 LOSS_CHUNK_LOGITS = 2**26
 """Logits one chunk of a pack step's loss holds at a time: the step runs the decoder once, then the LM head and
-cross-entropy over `LOSS_CHUNK_LOGITS // vocab` tokens at a time, each chunk recomputed in the backward
-(`pack._chunked_cross_entropy`; with `pack.HEAD_LOSS` "fused", its gradient to the hidden state computed in its
-forward instead). 2**26 logits x LOGIT_BYTES (12: bf16 logits, fp32 log-softmax, their gradients) = 768 MiB, where
-the whole batch's are 12 x rows x tokens x vocab (an 8B pack of 32 rows x 2048 tokens of Llama-3's 128,256-token
-vocab: 100 GB). A chunk is 523 tokens of Llama-3 (a 523 x 4096 x 128,256 head product, 0.55 TFLOP: a GEMM large
-enough to run near the GPU's peak), 1365 of SmolLM2's 49,152; the chunks' extra kernel launches (~15 each, forward,
-recompute and backward) are small beside their products. The recompute costs one more head product (2 x tokens x
-hidden x vocab FLOPs) per step."""
+cross-entropy over `LOSS_CHUNK_LOGITS // vocab` tokens at a time, each chunk's gradient to the hidden state computed
+in its forward (`pack._chunked_cross_entropy`, `pack.HEAD_LOSS` "fused", the default; with "checkpointed", or a head
+that trains, each chunk is recomputed in the backward instead: one more head product, 2 x tokens x hidden x vocab
+FLOPs, a step). 2**26 logits x LOGIT_BYTES (12: bf16 logits, fp32 log-softmax, their gradients) = 768 MiB, where the
+whole batch's are 12 x rows x tokens x vocab (an 8B pack of 32 rows x 2048 tokens of Llama-3's 128,256-token vocab:
+100 GB). A chunk is 523 tokens of Llama-3 (a 523 x 4096 x 128,256 head product, 0.55 TFLOP: a GEMM large enough to
+run near the GPU's peak), 1365 of SmolLM2's 49,152; the chunks' extra kernel launches (~10 each) are small beside
+their products, two a chunk (its logits and its gradient)."""
 
 PLAIN_HEADS = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "olmo2", "smollm3"})
 """Architectures (`config.model_type`) whose causal-LM forward computes its logits as `lm_head` of the decoder's

@@ -15,7 +15,7 @@ One step concatenates the adapters' micro-batches (right-padded to one length: p
 -100), runs the base once, and in every targeted linear layer adds each adapter's update into its own rows only
 (`pack_layers.PackedLinear`). Each adapter's loss is the mean over its own label tokens, as Transformers' causal-LM
 loss computes it for a solo batch. The loss runs through the LM head a chunk of tokens at a time
-(`memory.LOSS_CHUNK_LOGITS`), each chunk recomputed in the backward (`HEAD_LOSS`), so a step never holds the whole
+(`memory.LOSS_CHUNK_LOGITS`), each chunk's gradient taken in its forward (`HEAD_LOSS`), so a step never holds the whole
 batch's logits (32 rows x 2048 tokens of Llama-3's vocabulary would be 100 GB); bases whose forward does more than
 `lm_head(hidden)` compute them whole (`memory.PLAIN_HEADS`). The backward runs on the sum of the losses: rows never
 mix in a decoder (attention is within a row, norms are per token) and adapters share no parameters, so each adapter's

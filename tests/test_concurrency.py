@@ -225,13 +225,15 @@ def _wait_healthy(uri: str, server: subprocess.Popen, log: Path, seconds: float 
 
 @contextmanager
 def _mlflow_server(backend_uri: str, root: Path) -> Iterator[str]:
-    """A real `mlflow server` (its default 4 uvicorn workers) on a free 127.0.0.1 port; stopped at the end."""
+    """A real `mlflow server` (its default 4 uvicorn workers) on a free 127.0.0.1 port; stopped at the end. Its GenAI
+    job runner (7 huey consumer processes, ~27 CPU-s to start) is off: no tracking request goes through it."""
     port = _free_port()
     command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
     command += ["--backend-store-uri", backend_uri, "--artifacts-destination", str(root / "artifacts")]
     log = root / "server.log"
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     with log.open("w") as sink:
-        server = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        server = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     uri = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(uri, server, log)

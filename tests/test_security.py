@@ -120,18 +120,25 @@ def test_ui_beyond_localhost_is_an_opt_in_that_says_what_it_exposes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     (tmp_path / "mlflow.db").touch()
-    executed: list[list[str]] = []
-    monkeypatch.setattr(os, "execv", lambda _exe, argv: executed.append(argv))  # what would replace the process
+    executed: list[tuple[list[str], dict[str, str]]] = []
+    monkeypatch.setattr(os, "execve", lambda _exe, argv, env: executed.append((argv, env)))  # what would replace it
     with pytest.raises(SystemExit) as done:
         main(["ui", "--output-dir", str(tmp_path), "--host", "0.0.0.0", "--port", "5123"])
     assert done.value.code == 0
-    (argv,) = executed
+    ((argv, env),) = executed
     assert argv[argv.index("--host") + 1] == "0.0.0.0" and argv[argv.index("--port") + 1] == "5123"
     assert "warning: --host 0.0.0.0" in capsys.readouterr().err
+    # a one-user UI: one worker, no GenAI job runner, unless the user's environment asks for it
+    assert argv[argv.index("--workers") + 1] == "1" and env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
+    assert "MLFLOW_SERVER_ENABLE_JOB_EXECUTION" not in os.environ
+    monkeypatch.setenv("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "true")
+    with pytest.raises(SystemExit):
+        main(["ui", "--output-dir", str(tmp_path), "--port", "5123"])
+    assert executed[-1][1]["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "true"
 
     with pytest.raises(SystemExit) as done:
         main(["ui", "--output-dir", str(tmp_path), "--host", " "])
-    assert done.value.code == 2 and "--host" in capsys.readouterr().err and len(executed) == 1
+    assert done.value.code == 2 and "--host" in capsys.readouterr().err and len(executed) == 2
 
 
 def _cluster_lines() -> list[tuple[str, int, str, str]]:

@@ -7,7 +7,8 @@
     lora-search eval sweeps/tiny.py [--adapters DIR ...]  # rescore saved adapters on the golden sets
     lora-search export RUN_ID_OR_ADAPTER_DIR [--merge] [--output DIR] [--base PATH_OR_ID]  # checked export
     (eval and export read adapters from safetensors only; --allow-pickle also admits adapter_model.bin)
-    lora-search nightly sweeps/nightly.py --baseline mlflow|FILE [--promote]  # regression check; exit 1 on one
+    lora-search nightly sweeps/nightly.py --baseline mlflow|FILE [--promote] [--timing-tolerance 0.3]
+                                            # regression check; exit 1 on one
     lora-search ui [--port 5000] [--host 127.0.0.1]  # the MLflow UI for the embedded store (reports/mlflow.db);
                                             # on this machine only unless --host says otherwise
     lora-search report NAME_OR_DIR [--output-dir DIR]  # the sweep's results as one offline HTML page
@@ -243,15 +244,25 @@ def _export(
     return 0
 
 
-def _nightly(sweep: Sweep, problems: list[Problem], source: str, promote: bool) -> int:
+def _nightly(sweep: Sweep, problems: list[Problem], source: str, promote: bool, tolerance: str) -> int:
     from lora_search import nightly
     from lora_search.sweep import run, sweep_dir, write_sweep_report
 
-    baseline = nightly.load_baseline(source, sweep)  # a broken baseline fails here, before any compute
-    run(sweep, fresh=True, construction_problems=problems)
+    # A broken baseline or tolerance is reported with the sweep's own problems, before any compute (`run`'s check).
+    own: list[Problem] = []
+    baseline, timing_tolerance = None, nightly.TIMING_TOLERANCE
+    try:
+        timing_tolerance = nightly.timing_tolerance(tolerance)
+    except ConfigError as e:
+        own += e.problems
+    try:
+        baseline = nightly.load_baseline(source, sweep)
+    except ConfigError as e:
+        own += e.problems
+    run(sweep, fresh=True, construction_problems=problems + own)
     out = sweep_dir(sweep)
     summary = nightly.summarise(out)
-    verdicts = nightly.compare(summary, baseline) if baseline is not None else []
+    verdicts = nightly.compare(summary, baseline, timing_tolerance) if baseline is not None else []
     if baseline is None:
         print(f"\nnightly {sweep.name!r}: no baseline at {source!r} yet; --promote makes this run the baseline")
     else:
@@ -430,10 +441,18 @@ def main(argv: list[str] | None = None) -> None:
         help="with --for: keep an export whose reloaded logits differ from the trial's by more than 2%% of their "
         "scale (recorded in the export record)",
     )
+    from lora_search.nightly import TIMING_TOLERANCE
+
     p_nightly = sub.add_parser("nightly", help="run a pinned sweep and compare it with a baseline (exit 1: regressed)")
     p_nightly.add_argument("sweep_file")
     p_nightly.add_argument("--baseline", required=True, help="'mlflow' (the last promoted nightly) or a JSON file")
     p_nightly.add_argument("--promote", action="store_true", help="a passing run becomes the baseline")
+    p_nightly.add_argument(
+        "--timing-tolerance",
+        default=str(TIMING_TOLERANCE),
+        help=f"how much worse cost per trial and tokens/s may get (default {TIMING_TOLERANCE}: 30%%); more on a "
+        "shared runner whose neighbours slow a run",
+    )
     p_ui = sub.add_parser("ui", help="start the MLflow UI for the sweeps' tracking store")
     p_ui.add_argument("--output-dir", help="where the sweeps ran (default: $LORA_SEARCH_OUTPUT_DIR, else reports)")
     p_ui.add_argument("--tracking-uri", help="another store, e.g. a PostgreSQL URI (default: the embedded one)")
@@ -496,7 +515,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         sys.exit(_guarded(export))
     if args.command == "nightly":
-        sys.exit(_guarded(load_and(lambda s, p: _nightly(s, p, args.baseline, args.promote))))
+        sys.exit(_guarded(load_and(lambda s, p: _nightly(s, p, args.baseline, args.promote, args.timing_tolerance))))
     if args.command == "ui":
         sys.exit(_guarded(lambda: _ui(args.output_dir, args.tracking_uri, args.host, args.port)))
     if args.command == "plan":  # the sweep file's --dry-run, with its shipped architecture found by name

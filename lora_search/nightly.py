@@ -15,9 +15,9 @@ The checks, each with a tolerance that comes from the data where the data has on
   gain x fraction of size saved x fraction of cost saved (lora_search.pareto), with both fractions at most 1,
   so lowering every frontier quality by d lowers it by at most d;
 - cost per completed trial and training tokens/s: worse by more than `timing_tolerance` (relative, default
-  30%). Timings have no standard error of their own; 30% is above the run-to-run jitter of a shared machine. The
-  cost is the configurations' cost (lora_search.cost: device-seconds at each trial's steady rate, CPU time on CPU),
-  which a busy machine barely moves;
+  30%; `--timing-tolerance`). Timings have no standard error of their own; 30% is above the run-to-run jitter of
+  a shared machine. The cost is the configurations' cost (lora_search.cost: device-seconds at each trial's steady
+  rate, CPU time on CPU), which a busy machine barely moves;
 - any failed trial.
 The sweep's spend (every device-second it held, wall clock) is reported beside them and never fails a run: a slower or
 busier machine is not a regression of the sweep.
@@ -49,6 +49,8 @@ from lora_search.userfiles import load_json
 Z = 1.96
 """Two-sided 95%: a drop of the best score beyond Z combined standard errors is not noise."""
 TIMING_TOLERANCE = 0.30
+"""How much worse (relative) cost per completed trial and tokens/s may get; `--timing-tolerance` sets another, e.g.
+on a shared CI runner whose neighbours slow a run by more than 30%."""
 BASELINE_TAG = "lora_search.nightly_baseline"
 VERDICT_TAG = "lora_search.nightly"
 SUMMARY_FILE = NIGHTLY_FILE
@@ -229,6 +231,18 @@ def report_section(verdicts: list[Verdict], source: str) -> dict[str, Any]:
 
 
 # --- baselines: a file, or the last promoted nightly in MLflow -----------------------------------------------
+
+
+def timing_tolerance(text: str) -> float:
+    """`--timing-tolerance`'s value: a fraction at least 0 (0.3: 30% worse passes)."""
+    fix = f"a fraction at least 0, e.g. {TIMING_TOLERANCE} (30% worse passes; the default)"
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError([Problem("--timing-tolerance", text, "is not a number", fix)]) from None
+    if not (math.isfinite(value) and value >= 0):
+        raise ConfigError([Problem("--timing-tolerance", text, "must be a finite fraction at least 0", fix)])
+    return value
 
 
 def load_baseline(source: str, sweep: Any) -> Summary | None:

@@ -270,3 +270,31 @@ def test_a_sweep_script_run_with_python_exits_2_without_a_traceback(tiny_model_d
     assert "Traceback" not in text, text
     assert "base.dtype = 'bfloat61'" in text and "num_samples = '10'" in text, text
     assert not (tmp_path / "out" / "mine" / "ray").exists()
+
+
+@pytest.mark.parametrize("tolerance", ["-0.1", "30%", "nan"])
+def test_nightly_options_are_refused_with_the_sweeps_own_problems(
+    tolerance: str, tiny_model_dir: Path, tmp_path: Path, tripwire: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`lora-search nightly` with a bad --timing-tolerance, a baseline file that is not a summary and a bad sweep
+    field: all three in one exit-2 message, before Ray starts."""
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(_rows()) + "\n")
+    baseline = tmp_path / "baseline.json"
+    baseline.write_text('{"sweep": "nightly"}')
+    sweep_file = tmp_path / "nightly_file.py"
+    sweep_file.write_text(
+        textwrap.dedent(f"""
+        from lora_search import BaseModel, Dataset, Sweep
+        SWEEP = Sweep(name="bad", base=BaseModel({str(tiny_model_dir)!r}), dataset=Dataset({str(data)!r}),
+                      num_samples=0, output_dir={str(tmp_path / "out")!r})
+        """)
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["nightly", str(sweep_file), "--baseline", str(baseline), "--timing-tolerance", tolerance])
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert exit_info.value.code == 2 and "Traceback" not in text, text
+    assert f"--timing-tolerance = '{tolerance}'" in text and "e.g. 0.3" in text, text
+    assert "is not a nightly summary" in text and "num_samples = 0" in text, text
+    assert not (tmp_path / "out" / "bad" / "ray").exists()

@@ -75,10 +75,10 @@ def test_hypervolume_cost_throughput_and_failures() -> None:
     assert not nothing[0].passed and nothing[0].reason == "no completed trial was scored"
 
 
-# serial: its second run must PASS against the first on tokens/s too (30% tolerance); beside another test file
-# (make test's two workers) the second run was 34% slower and the nightly rightly said REGRESSED.
+# Not serial: its second run must PASS against the first on tokens/s too, and beside another test file (make test's
+# two workers) a second run was once 34% slower, beyond the default 30%, and the nightly rightly said REGRESSED. So
+# the runs pass --timing-tolerance 0.9, as a shared CI runner would; the 30% default's verdicts are the pure tests'.
 @pytest.mark.slow
-@pytest.mark.serial
 def test_nightly_passes_twice_then_flags_broken_changes(tmp_path, capsys) -> None:
     """The shipped nightly sweep (one trial, a smaller budget), three times: baseline, same again, lr x 1e-30.
 
@@ -109,7 +109,7 @@ def test_nightly_passes_twice_then_flags_broken_changes(tmp_path, capsys) -> Non
 
     def nightly(scale: float, *flags: str, max_steps: int = 50) -> tuple[int, str, dict]:
         with pytest.raises(SystemExit) as exit_:
-            main(["nightly", sweep_file(scale, max_steps), *flags])
+            main(["nightly", sweep_file(scale, max_steps), *flags, "--timing-tolerance", "0.9"])
         out = capsys.readouterr().out
         record = json.loads((tmp_path / "reports" / "nightly" / "nightly.json").read_text())
         return exit_.value.code, out, record
@@ -123,6 +123,8 @@ def test_nightly_passes_twice_then_flags_broken_changes(tmp_path, capsys) -> Non
         code, out, second = nightly(1.0, "--baseline", "mlflow")
         assert code == 0 and "nightly PASSED" in out, out[-3000:]
         assert [v["passed"] for v in second["verdicts"]] == [True] * 6
+        timing = [v for v in second["verdicts"] if v["check"] in ("cost per completed trial", "tokens/s (median)")]
+        assert [v["tolerance"] for v in timing] == [0.9, 0.9]  # the option reached the verdicts
         assert second["summary"]["best"] == first["summary"]["best"]  # pinned: the same trial, the same scores
 
         # lr x 1e-30: the adapter stays ~0, so its trial fails the guard and is never scored. Half the steps: the

@@ -331,10 +331,12 @@ def test_the_rayjob_runs_the_nightly_command_of_the_cli(monkeypatch: pytest.Monk
     assert script.value == "lora_search.cli:main"
     calls = []
     monkeypatch.setattr(cli, "load_sweep", lambda path: (path, []))  # the path stands in for the Sweep
-    monkeypatch.setattr(cli, "_nightly", lambda sweep, _, source, promote: calls.append((sweep, source, promote)))
+    monkeypatch.setattr(
+        cli, "_nightly", lambda sweep, _, source, promote, tolerance: calls.append((sweep, source, promote, tolerance))
+    )
     with pytest.raises(SystemExit):
         cli.main(argv[1:])
-    assert calls == [("sweeps/nightly.py", "mlflow", True)]
+    assert calls == [("sweeps/nightly.py", "mlflow", True, "0.3")]  # the default timing tolerance
 
 
 def test_the_nightly_sweep_file_defines_the_sweep_the_cluster_is_sized_for() -> None:

@@ -35,8 +35,6 @@ TOLERANCE = 0.5
 """Largest relative difference allowed between a trial's configuration cost on the idle and the busy run (the
 module docstring says what was measured)."""
 KEY = ["variant", "rank", "targets", "lr"]
-NEAR_TIE = 0.05
-"""Trials whose configuration costs are this close (relative) may change places on the frontier between runs."""
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -117,15 +115,21 @@ def test_configuration_cost_and_frontier_hold_on_a_busy_machine(tiny_model_dir, 
     shown = pd.concat([both[[*KEY, "cost_idle", "cost_busy", *columns, "pareto_idle", "pareto_busy"]], spread], axis=1)
     print(f"\nconfiguration cost, idle vs busy (tolerance {TOLERANCE:.0%}):\n{shown.to_string(float_format='%.3g')}")
     assert (both["cost_idle"] > 0).all() and (spread <= TOLERANCE).all(), shown.to_string()
-    # The same frontier, but for near-ties: a trial on it in one run only must, in the run that left it off, cost
-    # within NEAR_TIE of a trial on both runs' frontier (a fresh-clone CI run: lora r16 attention cost 1.7% more than
-    # r2 all-linear idle and 12% less busy, each within the spread the costs have between runs, and left the frontier).
+    # The same frontier, but where two trials' costs crossed: quality and size are the same in both runs, so a trial
+    # on one run's frontier only left the other through cost. It must then, in the run that left it off, cost within
+    # its own and a kept trial's measured spread of that trial (on both runs' frontiers): the two costs' moves between
+    # the runs account for the crossing. Fresh-clone CI runs: lora r16 attention cost 1.7% more than r2 all-linear
+    # idle and 12% less busy; in another its idle cost was 27% above its busy one (the first trial of the run) and
+    # 13.4% above r2 all-linear's. A frontier that changed for another reason (a quality or size read differently,
+    # a frontier computed wrongly) shows a gap beyond what the costs moved.
     assert both["pareto_idle"].any() and both["pareto_busy"].any(), shown.to_string()
     kept = both[both["pareto_idle"] & both["pareto_busy"]]
-    for _, row in both[both["pareto_idle"] != both["pareto_busy"]].iterrows():
+    for index, row in both[both["pareto_idle"] != both["pareto_busy"]].iterrows():
         off = "idle" if not row["pareto_idle"] else "busy"
-        gap = (kept[f"cost_{off}"] - row[f"cost_{off}"]).abs().min() / row[f"cost_{off}"]
-        assert gap <= NEAR_TIE, (f"rank {row['rank']} {row['targets']} left the {off} frontier {gap:.1%} off", shown)
+        gaps = (kept[f"cost_{off}"] - row[f"cost_{off}"]).abs() / row[f"cost_{off}"]
+        moved = spread[kept.index] + spread[index]
+        where = f"rank {row['rank']} {row['targets']} left the {off} frontier"
+        assert (gaps <= moved).any(), (f"{where}: gaps {list(gaps)} beyond the costs' moves {list(moved)}", shown)
 
     # The spend is every device-second held, by part: the parts sum to it, and it is not the configuration's cost.
     for run_dir, frame in ((tmp_path / "idle", idle), (tmp_path / "busy", busy)):

@@ -17,7 +17,10 @@ GPU they would wait for ever); the next packed trial starts a host again.
 
 The host runs a step once every adapter that took part in the previous step has sent its batch, or `GATHER_S` after the
 first batch came (the late ones sit that step out); an adapter whose trial is reporting (after `save`) is not waited
-for. A step's wall time is split over its adapters by their real tokens: that is each packed trial's device-seconds.
+for. A trial sends each batch with its step number and, between two reports, sends the next step's batch before the
+answer to this one comes (`pack_trial`): the host finds it queued when the step ends and runs the next step at once,
+instead of waiting for every trial's answer, its Python and its next request to come round. A step's wall time is
+split over its adapters by their real tokens: that is each packed trial's device-seconds.
 Every load, attach (with `resumed_from`: the step a resumed trial's checkpoint holds) and detach is a line in the host's
 journal, `<sweep>/ray/pack_host_<i>.jsonl`.
 
@@ -229,10 +232,12 @@ class PackHost:
         self.step_s = 0.0  # the steps' own seconds (`Pack.step`), summed
         self.replayed_s = 0.0  # of which the steps that replayed a captured graph (`pack_graphs`)
         self.between_s = 0.0  # seconds from a step's end to the next one's start: the host waiting for batches
+        self.sent_ahead = 0  # batches that came before their adapter's previous step had run (`step`'s `at`)
         self.last_end: float | None = None
         self.attaches = 0
-        self.pending: dict[str, Any] = {}
-        self.outcomes: dict[str, dict[str, Any]] = {}
+        self.pending: dict[str, dict[int, Any]] = {}
+        """Each adapter's queued batches by the step they are for (only adapters with one)."""
+        self.outcomes: dict[tuple[str, int], dict[str, Any]] = {}
         self.previous: set[str] = set()
         self.away: set[str] = set()
         """Adapters whose trial has its checkpoint saved and is reporting (`save`, `golden`): a step does not wait
@@ -328,24 +333,42 @@ class PackHost:
         # base_reused: the base was loaded for an earlier trial (as `StepReport.base_reused` says of a warm process)
         return {"trainable_params": trainable, "base_reused": self.attaches > 1, "device": self.device}
 
-    def step(self, name: str, batch: dict[str, Any]) -> dict[str, Any]:
+    def step(self, name: str, batch: dict[str, Any], at: int | None = None) -> dict[str, Any]:
         """Train `name` one step on `batch` with whichever adapters step with it; its loss, real tokens, its share of
         the step's device-seconds (`device_s`, by real tokens), the step's device-seconds (`step_s`) and the pack's
-        size in that step."""
+        size in that step.
+
+        `at`: the adapter's step this batch is for (its first is 1), so that a trial may send the next step's batch
+        while this one's is still queued (Ray runs a threaded actor's calls in any order); None: the step after the
+        batches already queued. The call answers once its own step has run."""
         with self.cond:
             self._attached(name)
-            self.pending[name] = batch
+            queued = self.pending.get(name, {})
+            at = self.pack.steps(name) + 1 + len(queued) if at is None else at
+            if at <= self.pack.steps(name) or at in queued:
+                raise RuntimeError(f"trial {name}: a batch for its step {at} came twice")
+            self.sent_ahead += at > self.pack.steps(name) + 1  # its previous step had not run yet
+            self.pending[name] = {**queued, at: batch}
             self.away.discard(name)
             self.seen[name] = time.monotonic()
             self.cond.notify_all()
-            deadline = time.monotonic() + GATHER_S
-            while name not in self.outcomes:
-                waiting_for = (self.previous & set(self.pack.names)) - set(self.pending) - self.away
-                if name in self.pending and (not waiting_for or time.monotonic() >= deadline):
-                    self._run()
-                else:
+            deadline = None  # GATHER_S from when this batch is the adapter's next one
+            while (name, at) not in self.outcomes:
+                self._attached(name)  # detached while it waited: its trial has gone
+                if self.pack.steps(name) + 1 == at:
+                    deadline = time.monotonic() + GATHER_S if deadline is None else deadline
+                    waiting_for = (self.previous & set(self.pack.names)) - self._next_ready() - self.away
+                    if not waiting_for or time.monotonic() >= deadline:
+                        self._run()
+                        continue
                     self.cond.wait(max(deadline - time.monotonic(), 0.01))
-            return self.outcomes.pop(name)
+                else:
+                    self.cond.wait(1.0)
+            return self.outcomes.pop((name, at))
+
+    def _next_ready(self) -> set[str]:
+        """The adapters whose next step's batch is queued."""
+        return {n for n, queued in self.pending.items() if self.pack.steps(n) + 1 in queued}
 
     def evaluate(self, name: str, batches: list[dict[str, Any]]) -> dict[str, Any]:
         """`name`'s loss on each batch (the mean over its label tokens) and the device-seconds it took."""
@@ -456,8 +479,10 @@ class PackHost:
         return {"names": self.pack.names, "loads": self.loads, "steps": self.steps}
 
     def _run(self) -> None:
-        """One pack step of the pending batches (called holding the lock)."""
-        batches, self.pending = self.pending, {}
+        """One pack step of each adapter's next queued batch (called holding the lock)."""
+        ready = self._next_ready()
+        batches = {n: self.pending[n].pop(self.pack.steps(n) + 1) for n in self.pack.names if n in ready}
+        self.pending = {n: queued for n, queued in self.pending.items() if queued}
         if self.last_end is not None:
             self.between_s += time.monotonic() - self.last_end
         replays = self.pack.graphs.replays
@@ -474,7 +499,7 @@ class PackHost:
             self.seen[n] = now  # its silence counts from its step's end: a slow step is not a silent trial
             share = step_s * real[n] / total
             out = {"loss": done.losses[n], "tokens": real[n], "device_s": share, "step_s": step_s, "pack": len(batches)}
-            self.outcomes[n] = out
+            self.outcomes[(n, self.pack.steps(n))] = out
         self.previous = set(batches)
         self.steps += 1
         if self.pack.graphs.why != self.graphs_why:  # its capture failed: every step runs as it comes from now on
@@ -499,7 +524,9 @@ class PackHost:
         self.pack.detach(name)
         self.claimed.discard(name)
         self.seen.pop(name, None)
-        self.outcomes.pop(name, None)  # a step that ran after its trial's process was killed
+        self.pending.pop(name, None)
+        for key in [k for k in self.outcomes if k[0] == name]:  # steps that ran after its trial's process was killed
+            del self.outcomes[key]
         self.previous.discard(name)
         self.away.discard(name)
         if not self.claimed:
@@ -537,6 +564,7 @@ class PackHost:
         if getattr(self, "steps", 0):
             line.update(steps=self.steps, step_s=round(self.step_s, 3), between_steps_s=round(self.between_s, 3))
             line.update(graph_replays=self.pack.graphs.replays, replayed_step_s=round(self.replayed_s, 3))
+            line.update(sent_ahead=self.sent_ahead)
         with self.journal.open("a") as f:
             f.write(json.dumps(line) + "\n")
 
@@ -555,6 +583,14 @@ class Blocking:
         remote = getattr(self.actor, method).remote
         timeout = DETACH_S if method == "detach" else None
         return lambda *args: ray.get(remote(*args), timeout=timeout)
+
+    def send_step(self, name: str, batch: dict[str, Any], at: int) -> Any:
+        """`PackHost.step` without waiting: a callable that waits for its answer. A trial sends its next step's batch
+        this way before it waits for this one's (`pack_trial`)."""
+        import ray
+
+        ref = self.actor.step.remote(name, batch, at)
+        return lambda: ray.get(ref)
 
 
 def host_for(
@@ -619,7 +655,7 @@ def start_host(sweep: Sweep, storage_path: str, index: int, started_by: str = "t
         "namespace": NAMESPACE,
         "get_if_exists": True,
         "num_cpus": r.cpus_per_worker,
-        "max_concurrency": r.pack + 2,
+        "max_concurrency": 2 * r.pack + 2,  # each trial's step and its next one (`step`'s `at`), and two more
         "lifetime": "detached",  # it outlives the trial that created it; `stop_hosts` ends it
         # out of the trial's placement group (Tune's, of PACKED_TRIAL_CPU): the host reserves its own device
         "scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=None),

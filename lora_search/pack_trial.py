@@ -34,6 +34,7 @@ prior_s come from the trial's progress file (`checkpoints.ProgressTracker`), as 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -189,8 +190,18 @@ def _train_packed(config: dict[str, Any], sweep: Sweep, storage_path: str, trial
         eval_wall_s = float(earlier.get("eval_wall_s", 0.0))
         tokens, window = int(earlier.get("tokens", 0)), []
         train_start = time.perf_counter()
+        # A host actor (`pack_host.Blocking`) takes the next step's batch before this one's answer comes, so it
+        # finds that batch queued when this step ends; not across a report (the eval and the saved adapter are of
+        # this step's weights). An in-process host (the tests') answers each step as it is called.
+        ahead = hasattr(host, "send_step")
+        send = host.send_step if ahead else lambda name, batch, at: functools.partial(host.step, name, batch, at)
+        sent = None
         for step in range(start + 1, budget.max_steps + 1):
-            out = host.step(trial_id, next(batches))
+            answer = sent if sent is not None else send(trial_id, next(batches), step)
+            sent = None
+            if ahead and step % budget.eval_every and step < budget.max_steps:
+                sent = send(trial_id, next(batches), step + 1)
+            out = answer()
             tracker.step(step)
             device_s += out["device_s"]
             steps_s += out["step_s"]

@@ -106,6 +106,9 @@ def test_packed_trials_are_ordinary_tune_trials(tiny_model_dir: Path, tiny_jsonl
     for trial_id in frame[frame["status"] == "completed"]["trial_id"]:
         assert left[trial_id][1] == "finished", left[trial_id]
     assert max(len(e["attached"]) for e in events) == 2 and events[-1]["attached"] == []
+    # between two reports a trial sent its next step's batch before its answer came (`pack_trial`), and the host had
+    # it queued: the faster of two trials does so whenever its step waits for the other's batch
+    assert events[-1]["sent_ahead"] > 0, events[-1]
     first_out = min(i for i, _ in left.values())
     later = [t for t, i in attached.items() if i > first_out]
     assert later and all(events[attached[t]]["loads"] == 1 for t in later)
@@ -299,6 +302,66 @@ def test_a_step_does_not_wait_for_an_adapter_whose_trial_is_reporting(
     start = time.monotonic()
     assert host.step("a", batch)["pack"] == 1 and time.monotonic() - start >= 4.5  # late, not reporting: the wait
     host.close()
+
+
+def test_a_batch_sent_ahead_waits_for_its_step_and_trains_as_sent_in_order(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In-process (no Ray): Ray runs a threaded actor's calls in any order, so a trial's batch for its next step may
+    come before the one for this step. Each batch trains at its own step (`step`'s `at`): six calls of a and b sent
+    last step first train the losses of the same batches sent one step at a time; a step's batch sent twice is
+    refused; a call waiting for its step while its adapter is detached raises instead of waiting for ever."""
+    import time
+
+    import torch
+
+    from lora_search.records import TrialParams
+
+    params = TrialParams(variant="lora", rank=2, alpha=4.0, targets="attention", lr=1e-2, dropout=0.0)
+    generator = torch.Generator().manual_seed(0)
+    batches = {}
+    for name in ("a", "b"):
+        for at in (1, 2, 3):
+            ids = torch.randint(3, 300, (2, 8), generator=generator)
+            batches[name, at] = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+    monkeypatch.setattr(pack_host, "GATHER_S", 30.0)  # every step waits for both: no slow runner splits one
+
+    def host_of(journal: str) -> pack_host.PackHost:
+        host = pack_host.PackHost(_host_sweep(tiny_model_dir), str(tmp_path / journal))
+        assert host.attach("a", params, room=2) and host.attach("b", params, room=2)
+        host.previous = {"a", "b"}  # as after a step of both: the first step waits for both too
+        return host
+
+    ahead = host_of("ahead.jsonl")
+    with ThreadPoolExecutor(6) as pool:
+        sent = {key: pool.submit(ahead.step, key[0], batches[key], key[1]) for key in sorted(batches, reverse=True)}
+        answers = {key: future.result(timeout=120) for key, future in sent.items()}
+    in_order = host_of("in_order.jsonl")
+    with ThreadPoolExecutor(2) as pool:
+        for at in (1, 2, 3):
+            sent = {name: pool.submit(in_order.step, name, batches[name, at], at) for name in ("a", "b")}
+            for name, future in sent.items():
+                expected = future.result(timeout=120)
+                assert answers[name, at]["pack"] == expected["pack"] == 2
+                assert answers[name, at]["loss"] == expected["loss"], (name, at)
+    assert answers["a", 3]["loss"] != answers["a", 1]["loss"]  # the steps trained: the comparison has teeth
+    assert ahead.status()["steps"] == 3 and ahead.sent_ahead >= 1
+
+    with pytest.raises(RuntimeError, match="step 3 came twice"):
+        ahead.step("a", batches["a", 3], 3)
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(ahead.step, "a", batches["a", 1], 5)  # step 4 never comes
+        deadline = time.monotonic() + 10
+        while 5 not in ahead.pending.get("a", {}):
+            assert time.monotonic() < deadline and not waiting.done()
+            time.sleep(0.01)
+        ahead.detach("a", "stopped")
+        with pytest.raises(RuntimeError, match="not attached"):
+            waiting.result(timeout=30)
+    assert "a" not in ahead.pending
+    for host in (ahead, in_order):
+        host.close()
 
 
 def test_closing_a_host_says_how_each_adapter_it_still_holds_left(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -44,6 +44,7 @@ import logging
 import math
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -232,9 +233,15 @@ class PackHost:
         self.step_s = 0.0  # the steps' own seconds (`Pack.step`), summed
         self.replayed_s = 0.0  # of which the steps that replayed a captured graph (`pack_graphs`)
         self.between_s = 0.0  # seconds from a step's end to the next one's start: the host waiting for batches
-        self.sent_ahead = 0  # batches that came before their adapter's previous step had run (`step`'s `at`)
+        self.sent_ahead = 0  # batches that came before their adapter's previous step had ended (`step`'s `at`)
         self.last_end: float | None = None
         self.attaches = 0
+        self.stepper = ThreadPoolExecutor(1, thread_name_prefix="pack-step")
+        """The one thread every pack step runs on, warm-up, capture and replays alike (Ray runs each call on any
+        thread of the actor's pool). One H100 sweep with batches sent ahead (more request threads) lost its graphs at
+        its first capture: "operation failed due to a previous error during capture". The likely cause, not
+        confirmed: a capture on a thread that had never run a step, which makes that thread's cuBLAS handle and
+        workspace inside the capture."""
         self.pending: dict[str, dict[int, Any]] = {}
         """Each adapter's queued batches by the step they are for (only adapters with one)."""
         self.outcomes: dict[tuple[str, int], dict[str, Any]] = {}
@@ -341,13 +348,16 @@ class PackHost:
         `at`: the adapter's step this batch is for (its first is 1), so that a trial may send the next step's batch
         while this one's is still queued (Ray runs a threaded actor's calls in any order); None: the step after the
         batches already queued. The call answers once its own step has run."""
+        arrived = time.monotonic()
         with self.cond:
             self._attached(name)
             queued = self.pending.get(name, {})
             at = self.pack.steps(name) + 1 + len(queued) if at is None else at
             if at <= self.pack.steps(name) or at in queued:
                 raise RuntimeError(f"trial {name}: a batch for its step {at} came twice")
-            self.sent_ahead += at > self.pack.steps(name) + 1  # its previous step had not run yet
+            # sent ahead: it came before its adapter's previous step had ended (queued, or waiting on the lock)
+            ran_since = self.last_end is not None and arrived < self.last_end and name in self.previous
+            self.sent_ahead += at > self.pack.steps(name) + 1 or ran_since
             self.pending[name] = {**queued, at: batch}
             self.away.discard(name)
             self.seen[name] = time.monotonic()
@@ -359,7 +369,8 @@ class PackHost:
                     deadline = time.monotonic() + GATHER_S if deadline is None else deadline
                     waiting_for = (self.previous & set(self.pack.names)) - self._next_ready() - self.away
                     if not waiting_for or time.monotonic() >= deadline:
-                        self._run()
+                        self.stepper.submit(self._run).result()  # holding the lock: the stepper's run is ours
+                        self.cond.notify_all()
                         continue
                     self.cond.wait(max(deadline - time.monotonic(), 0.01))
                 else:
@@ -479,7 +490,8 @@ class PackHost:
         return {"names": self.pack.names, "loads": self.loads, "steps": self.steps}
 
     def _run(self) -> None:
-        """One pack step of each adapter's next queued batch (called holding the lock)."""
+        """One pack step of each adapter's next queued batch, on the stepper thread while a `step` call holds the
+        lock and waits for it."""
         ready = self._next_ready()
         batches = {n: self.pending[n].pop(self.pack.steps(n) + 1) for n in self.pack.names if n in ready}
         self.pending = {n: queued for n, queued in self.pending.items() if queued}
@@ -506,7 +518,6 @@ class PackHost:
             self.graphs_why = self.pack.graphs.why
             self._log("graphs_off", why=self.graphs_why)
         self.last_end = time.monotonic()
-        self.cond.notify_all()
 
     def _autocast(self) -> Any:
         """The bf16 autocast a solo trial of the same sweep trains, evaluates and probes under (train.py's SFTConfig

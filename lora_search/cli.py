@@ -281,6 +281,7 @@ def _nightly(sweep: Sweep, problems: list[Problem], source: str, promote: bool, 
 def _ui(output_dir: str | None, tracking_uri: str | None, host: str, port: int) -> int:
     """Start the MLflow UI (an `mlflow server` process) in the foreground; Ctrl+C stops it."""
     from lora_search.layout import default_tracking_uri
+    from lora_search.tracking import server_env
 
     uri = tracking_uri or default_tracking_uri(output_dir or os.environ.get("LORA_SEARCH_OUTPUT_DIR", "reports"))
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
@@ -291,12 +292,11 @@ def _ui(output_dir: str | None, tracking_uri: str | None, host: str, port: int) 
     if not host.strip():
         raise ConfigError([Problem("--host", host, "is empty", "drop it (127.0.0.1: this machine only)")])
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host]
-    # One uvicorn worker (MLflow's default is 4) and no job runner (MLflow's GenAI jobs: its huey consumers, 7
-    # processes each importing MLflow): a one-user UI for the sweep's runs needs neither. Measured on a 2-core
-    # machine: healthy after 8.2 s and 8 CPU-s, against 16.9 s and 47 CPU-s with MLflow's defaults. A user's own
-    # MLFLOW_SERVER_ENABLE_JOB_EXECUTION is kept.
+    # One uvicorn worker (MLflow's default is 4) and no GenAI job runner (`tracking.server_env`): a one-user UI for
+    # the sweep's runs needs neither. Measured on a 2-core machine: healthy after 8.2 s and 8 CPU-s, against 16.9 s
+    # and 47 CPU-s with MLflow's defaults.
     command += ["--port", str(port), "--workers", "1"]
-    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
+    env = server_env()
     if host not in LOOPBACK_HOSTS:  # the opt-in: say what it exposes
         print(
             f"warning: --host {host} serves the MLflow UI beyond this machine, without a login: whoever reaches "

@@ -129,6 +129,8 @@ def _free_port() -> int:
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real tracking server: SQLite backend, proxied artifact store, on a free localhost port."""
+    from lora_search import tracking
+
     root = tmp_path_factory.mktemp("mlflow_server")
     port = _free_port()
     command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
@@ -137,8 +139,9 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     # One worker, no GenAI job runner (as `lora-search ui` starts it): the driver is the server's one writer, and
     # MLflow's defaults cost 47 CPU-s against 8 on this 2-core machine.
     command += ["--workers", "1"]
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    server = subprocess.Popen(
+        command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=tracking.server_env()
+    )
     uri = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
     while True:

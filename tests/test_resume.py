@@ -29,7 +29,7 @@ MAX_STEPS = 30
 """The killed-driver sweep's budget: rungs at 10 and 20, so its 4 trials end both pruned and completed."""
 
 KILLS = 2
-"""Driver kills in the resume test: one while `run` drives, one while `resume` does."""
+"""Driver stops in the resume test: a SIGKILL while `run` drives, then a Ctrl+C (SIGINT) while `resume` does."""
 
 
 def _sweep_file(tmp: Path, name: str, model: Path, data: Path, out: Path, **fields: str) -> Path:
@@ -132,11 +132,14 @@ def _wait_session_gone(sid: int, timeout: float = 60) -> int:
 
 
 @pytest.mark.slow
-def test_driver_killed_twice_resumes_to_the_uninterrupted_sweep(tiny_model_dir, tiny_jsonl, tmp_path) -> None:
-    """SIGKILL the driver at two seeded random points (a `run`, then a `resume`, each killed); a last `run` brings the
-    sweep to the same end as an uninterrupted run with the same seed: the same trials (by params), statuses and eval
-    losses, the same frontier (the 3-D one up to measured cost: wall time), one MLflow child run per Ray trial with a
-    truthful status."""
+def test_driver_killed_then_interrupted_resumes_to_the_uninterrupted_sweep(
+    tiny_model_dir, tiny_jsonl, tmp_path
+) -> None:
+    """Stop the driver at two seeded random points: SIGKILL a `run`, then Ctrl+C (SIGINT) the `resume` (exit 130,
+    "run the same command again"; the parent and the unfinished child runs KILLED, the cut-short trials tagged
+    interrupted). A last `run` brings the sweep to the same end as an uninterrupted run with the same seed: the same
+    trials (by params), statuses and eval losses, the same frontier (the 3-D one up to measured cost: wall time), one
+    MLflow child run per Ray trial with a truthful status, all under the parent the first `run` opened."""
     import ray
     from mlflow import MlflowClient
 
@@ -182,20 +185,30 @@ def test_driver_killed_twice_resumes_to_the_uninterrupted_sweep(tiny_model_dir, 
             assert returncode == 0, output[-3000:]
             break
         driver_start = time.monotonic()
-        while (done_steps := sum(json.loads(f.read_text())["step"] for f in progress.glob("*.json"))) < targets[kills]:
+        interrupt = kills == KILLS - 1  # the last stop is a Ctrl+C, the ones before a SIGKILL
+        while True:
+            done_steps = sum(json.loads(f.read_text())["step"] for f in progress.glob("*.json"))
+            if done_steps >= targets[kills] and (not interrupt or _mid_trial(progress)):
+                break
             if driver.poll() is not None or time.monotonic() - driver_start > 600:
                 driver.kill()
                 pytest.fail(f"the driver ended before its kill: {driver_log.read_text()[-3000:]}")
             time.sleep(0.1)
         time.sleep(rng.uniform(0, 0.1))
-        os.kill(driver.pid, signal.SIGKILL)
-        driver.wait()
+        os.kill(driver.pid, signal.SIGINT if interrupt else signal.SIGKILL)
+        try:
+            returncode = driver.wait(timeout=180)
+        except subprocess.TimeoutExpired:
+            _wait_session_gone(driver.pid, timeout=0)
+            pytest.fail(f"the driver did not end within 180 s of Ctrl+C: {driver_log.read_text()[-3000:]}")
         kills += 1
         log.append(
-            f"kill {kills} at step {done_steps} of {plain_steps}, {time.monotonic() - driver_start:.0f}s "
-            f"into `{command[3]}`"
+            f"{'SIGINT' if interrupt else 'SIGKILL'} {kills} at step {done_steps} of {plain_steps}, "
+            f"{time.monotonic() - driver_start:.0f}s into `{command[3]}`"
         )
         outlived += _wait_session_gone(driver.pid)
+        if interrupt:
+            _check_interrupted(returncode, driver_log.read_text(), tmp_path / "killed", name)
     total_s = time.monotonic() - start
     if kills:
         assert "resuming sweep" in output, output[-3000:]
@@ -246,6 +259,7 @@ def test_driver_killed_twice_resumes_to_the_uninterrupted_sweep(tiny_model_dir, 
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     ids = [c.data.tags["lora_search.trial_id"] for c in children]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert parents[0].info.run_id == _parent_id(tmp_path / "killed", name)  # the first `run`'s, resumed each time
     assert sorted(ids) == sorted(truth) == sorted(resumed["trial_id"]), (ids, truth)
     rows = resumed.set_index("trial_id")
     for child in children:
@@ -267,6 +281,42 @@ def test_driver_killed_twice_resumes_to_the_uninterrupted_sweep(tiny_model_dir, 
     # retrained more than one checkpoint interval (steps_redone, above), and no killed driver left a Ray running
     # that a resume would wait on or share the machine with.
     assert outlived == 0, f"{outlived} process(es) of a killed driver's Ray outlived it by 60 s: {log}"
+
+
+def _mid_trial(progress: Path) -> bool:
+    """A trial is training between two rungs (10, 20, 30): the newest progress file's step is past a rung and short
+    of the next, so a trial is surely running and not between trials."""
+    files = sorted(progress.glob("*.json"), key=lambda f: f.stat().st_mtime)
+    return bool(files) and json.loads(files[-1].read_text())["step"] % 10 not in (0, 9)
+
+
+def _mlflow_runs(out: Path, name: str) -> tuple[list, list]:
+    """(parent runs, child runs) of the sweep in its embedded store."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name(name).experiment_id], max_results=1000)
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return [r for r in runs if "mlflow.parentRunId" not in r.data.tags], children
+
+
+def _parent_id(out: Path, name: str) -> str:
+    parents, _ = _mlflow_runs(out, name)
+    assert len(parents) == 1, [p.info.run_id for p in parents]
+    return parents[0].info.run_id
+
+
+def _check_interrupted(returncode: int, output: str, out: Path, name: str) -> None:
+    """What a Ctrl+C on the driver leaves: exit 130 and how to resume; in MLflow the parent and every unfinished
+    child run KILLED, each tagged "interrupted" (at least the trial cut short)."""
+    assert returncode == 130, output[-3000:]
+    assert "Run the same command again to resume" in output, output[-3000:]
+    parents, children = _mlflow_runs(out, name)
+    assert [p.info.status for p in parents] == ["KILLED"]
+    killed = [c for c in children if c.info.status == "KILLED"]
+    assert killed and all(c.data.tags["lora_search.status"] == "interrupted" for c in killed), [
+        (c.info.status, c.data.tags.get("lora_search.status")) for c in children
+    ]
 
 
 def _trial_worker(driver: psutil.Process) -> psutil.Process | None:

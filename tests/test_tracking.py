@@ -9,11 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
-import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -214,68 +209,6 @@ def test_failed_trial_is_a_failed_run_with_its_reason(failed_sweep, mlflow_serve
     reasons = frame.set_index("trial_id")["reason"]
     for child in children:
         assert child.data.tags["lora_search.failure_reason"] == reasons[child.data.tags["lora_search.trial_id"]] != ""
-
-
-def test_interrupted_sweep_is_killed_then_resumed(tiny_model_dir, tiny_jsonl, tmp_path, mlflow_server) -> None:
-    """Ctrl+C on the driver: unfinished runs and the parent turn KILLED; rerunning resumes into the same runs."""
-    import ray
-    from mlflow import MlflowClient
-
-    ray.shutdown()  # the driver below starts its own local Ray
-    sweep_file = tmp_path / "interrupted.py"
-    sweep_file.write_text(
-        textwrap.dedent(f"""
-        from lora_search import BaseModel, Budget, Dataset, SearchSpace, Sweep, main
-        SWEEP = Sweep(
-            name="interrupted",
-            base=BaseModel({str(tiny_model_dir)!r}),
-            dataset=Dataset({str(tiny_jsonl)!r}, eval_fraction=0.2, max_length=96),
-            space=SearchSpace(ranks=(2,), targets=("attention",), variants=("lora",), lr=(1e-3, 2e-3)),
-            budget=Budget(max_steps=150, eval_every=10, grace_period=150, batch_size=4),
-            num_samples=2, max_concurrent_trials=1, seed=0, output_dir={str(tmp_path)!r},
-            tracking_uri={mlflow_server!r},
-        )
-        if __name__ == "__main__":
-            main(SWEEP)
-        """)
-    )
-    client = MlflowClient(mlflow_server)
-    driver = subprocess.Popen(
-        [sys.executable, str(sweep_file)], cwd=tmp_path, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
-    deadline = time.monotonic() + 240
-    while True:  # wait until a trial is training and has logged a step
-        experiment = client.get_experiment_by_name("interrupted")
-        runs = client.search_runs([experiment.experiment_id]) if experiment else []
-        if any(r.data.metrics.get("eval_loss") for r in runs):
-            break
-        assert driver.poll() is None and time.monotonic() < deadline, driver.stdout.read()[-3000:]
-        time.sleep(1)
-    os.kill(driver.pid, signal.SIGINT)
-    output, _ = driver.communicate(timeout=180)
-    assert driver.returncode == 130, output[-3000:]
-    assert "Run the same command again to resume" in output
-    sweep = _load(sweep_file)
-    _, parents, children = _runs(client, sweep)
-    assert parents[0].info.status == "KILLED"
-    killed = [c for c in children if c.info.status == "KILLED"]
-    assert killed and all(c.data.tags["lora_search.status"] == "interrupted" for c in killed)
-    first_parent = parents[0].info.run_id
-
-    # The same command resumes: the trial cut short trains again, the one never started starts.
-    done = subprocess.run([sys.executable, str(sweep_file)], cwd=tmp_path, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
-    _, parents, children = _runs(client, sweep)
-    assert [p.info.run_id for p in parents] == [first_parent] and parents[0].info.status == "FINISHED"
-    truth = _ray_truth(tmp_path, "interrupted", 150)
-    assert sorted(c.data.tags["lora_search.trial_id"] for c in children) == sorted(truth)  # no duplicate child
-    assert all(c.info.status == "FINISHED" and c.data.tags["lora_search.status"] == "completed" for c in children)
-
-
-def _load(sweep_file: Path) -> Sweep:
-    from lora_search.cli import load_sweep
-
-    return load_sweep(sweep_file)[0]
 
 
 def test_mlflow_ui_renders_the_sweep_in_headless_chromium(shared_sweep, mlflow_server, tmp_path) -> None:

@@ -120,6 +120,10 @@ def score(model: Any, tokenizer: Any, evals: Evals, seed: int, autocast_bf16: bo
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
+    from lora_search.strategies import deepspeed_when_used
+
+    deepspeed_when_used()  # HFLM unwraps the model through Accelerate too
+
     # `autocast_bf16`: a trial that trains under bf16 autocast is scored under it (`fastpath.autocast`). lm-eval
     # wraps its own forwards in `torch.autocast(enabled=mixed_precision_dtype is not None)`, which turns an outer
     # autocast off, so it is asked for here.

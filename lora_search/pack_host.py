@@ -183,6 +183,10 @@ class PackHost:
         import torch
         from transformers import AutoTokenizer
 
+        from lora_search.strategies import deepspeed_when_used
+
+        deepspeed_when_used()
+
         from lora_search import fastpath, targets
         from lora_search.devices import device_name
         from lora_search.memory import pack_host_fit, worker_memory

@@ -162,6 +162,7 @@ def train_loop(config: dict[str, Any]) -> None:
     from transformers import AutoConfig, AutoTokenizer
     from trl import SFTConfig
 
+    strategies.deepspeed_when_used()
     sweep: Sweep = config["sweep"]
     params = TrialParams.from_config(config)
     budget = sweep.budget

@@ -71,6 +71,9 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+    from lora_search.strategies import deepspeed_when_used
+
+    deepspeed_when_used()  # save_pretrained below would import DeepSpeed into this test process
     out = tmp_path_factory.mktemp("tiny_model")
     rng = random.Random(0)
     text = [" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(300)]

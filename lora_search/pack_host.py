@@ -249,6 +249,8 @@ class PackHost:
         self.pending: dict[str, dict[int, Any]] = {}
         """Each adapter's queued batches by the step they are for (only adapters with one)."""
         self.outcomes: dict[tuple[str, int], dict[str, Any]] = {}
+        self.failed: tuple[dict[str, int], str] | None = None
+        """A pack step that raised: its adapters' steps and why (`_run` on the stepper thread; `_step_failed`)."""
         self.previous: set[str] = set()
         self.away: set[str] = set()
         """Adapters whose trial has its checkpoint saved and is reporting (`save`, `golden`): a step does not wait
@@ -374,12 +376,18 @@ class PackHost:
                     waiting_for = (self.previous & set(self.pack.names)) - self._next_ready() - self.away
                     if not waiting_for or time.monotonic() >= deadline:
                         self.stepper.submit(self._run).result()  # holding the lock: the stepper's run is ours
+                        if self.failed is not None:
+                            self._step_failed(*self.failed)
+                            self.failed = None
                         self.cond.notify_all()
                         continue
                     self.cond.wait(max(deadline - time.monotonic(), 0.01))
                 else:
                     self.cond.wait(1.0)
-            return self.outcomes.pop((name, at))
+            out = self.outcomes.pop((name, at))
+            if "error" in out:
+                raise RuntimeError(out["error"])
+            return out
 
     def _next_ready(self) -> set[str]:
         """The adapters whose next step's batch is queued."""
@@ -502,8 +510,13 @@ class PackHost:
         if self.last_end is not None:
             self.between_s += time.monotonic() - self.last_end
         replays = self.pack.graphs.replays
-        with self._autocast():
-            done = self.pack.step(batches, self.fit.micro_batches)
+        ats = {n: self.pack.steps(n) + 1 for n in batches}
+        try:
+            with self._autocast():
+                done = self.pack.step(batches, self.fit.micro_batches)
+        except Exception as e:  # noqa: BLE001  (whatever it was, every trial in the step hears it, none waits on)
+            self.failed = (ats, f"{type(e).__name__}: {str(e).strip()[:400]}")  # `step`'s caller, holding the lock
+            return
         self.step_s += done.seconds
         if self.pack.graphs.replays > replays:
             self.replayed_s += done.seconds
@@ -521,6 +534,21 @@ class PackHost:
         if self.pack.graphs.why != self.graphs_why:  # its capture failed: every step runs as it comes from now on
             self.graphs_why = self.pack.graphs.why
             self._log("graphs_off", why=self.graphs_why)
+        self.last_end = time.monotonic()
+
+    def _step_failed(self, ats: dict[str, int], why: str) -> None:
+        """A pack step raised: each adapter in it leaves the pack (its weights and optimizer state may be half
+        stepped; its trial restarts from its newest checkpoint, as after any failure) and its waiting `step` call
+        raises `why`. Without this the other adapters' calls waited for an answer that never came."""
+        self._log("step_failed", names=sorted(ats), why=why)
+        for name, at in ats.items():
+            try:
+                self._detach(name, f"its pack step {at} failed")
+            except Exception as e:  # noqa: BLE001  (a broken device: the answer below still goes out)
+                self.pending.pop(name, None)
+                self._log("detach_failed", name=name, why=f"{type(e).__name__}: {e}"[:300])
+            self.outcomes[(name, at)] = {"error": f"trial {name}: its pack step {at} failed on the host: {why}"}
+        self.previous = set()
         self.last_end = time.monotonic()
 
     def _autocast(self) -> Any:

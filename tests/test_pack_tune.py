@@ -364,6 +364,49 @@ def test_a_batch_sent_ahead_waits_for_its_step_and_trains_as_sent_in_order(
         host.close()
 
 
+def test_a_failed_pack_step_answers_every_adapter_in_it_with_why(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In-process (no Ray): a pack step that raises on the host (a device error, an out-of-memory) is every stepping
+    adapter's failure, not one caller's: each waiting `step` call raises with the host's reason, each adapter leaves
+    the pack (its trial restarts from its checkpoint), a batch already sent ahead for the next step is refused as
+    detached, and the journal says so. Before, only the call that ran the step heard it; the others waited for ever."""
+    import torch
+
+    from lora_search.records import TrialParams
+
+    params = TrialParams(variant="lora", rank=2, alpha=4.0, targets="attention", lr=1e-2, dropout=0.0)
+    ids = torch.randint(3, 300, (2, 8), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    monkeypatch.setattr(pack_host, "GATHER_S", 30.0)  # the step waits for both adapters' batches
+    journal = tmp_path / "journal.jsonl"
+    host = pack_host.PackHost(_host_sweep(tiny_model_dir), str(journal))
+    assert host.attach("a", params, room=2) and host.attach("b", params, room=2)
+    host.previous = {"a", "b"}
+
+    def boom(*args: Any, **kwargs: Any) -> Any:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(host.pack, "step", boom)
+    with ThreadPoolExecutor(3) as pool:
+        calls = [pool.submit(host.step, "a", batch, 1), pool.submit(host.step, "b", batch, 1)]
+        ahead = pool.submit(host.step, "a", batch, 2)
+        for name, call in zip("ab", calls, strict=True):
+            with pytest.raises(RuntimeError, match=f"trial {name}: its pack step 1 failed on the host: OutOfMemory"):
+                call.result(timeout=60)
+        with pytest.raises(RuntimeError, match="trial a is not attached"):
+            ahead.result(timeout=60)
+    assert host.pack.names == [] and host.pending == {} and host.outcomes == {}
+    events = [json.loads(line) for line in journal.read_text().splitlines()]
+    failed = [e for e in events if e["event"] == "step_failed"]
+    assert len(failed) == 1 and failed[0]["names"] == ["a", "b"] and "out of memory" in failed[0]["why"]
+    assert {e["name"]: e["why"] for e in events if e["event"] == "detach"} == {
+        "a": "its pack step 1 failed",
+        "b": "its pack step 1 failed",
+    }
+    host.close()
+
+
 def test_closing_a_host_says_how_each_adapter_it_still_holds_left(tiny_model_dir: Path, tmp_path: Path) -> None:
     """In-process (no Ray): Tune may end a trial's process after its last report and before its own detach; when the
     sweep ends, `close` detaches what is left, an adapter that took every step as "finished" and any other with the

@@ -243,3 +243,37 @@ def test_fsdp2_adapter_gather_and_empty_guard(tmp_path: Path) -> None:
     ids = torch.tensor([[1, 5, 9, 2, 7]])
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, reference(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("on_demand", [True, False])
+def test_a_trial_that_does_not_use_deepspeed_never_imports_it(tiny_model_dir: Path, on_demand: bool) -> None:
+    """In a fresh process (this one may have imported DeepSpeed): a base's `save_pretrained` and Accelerate's unwrap
+    (what every trial runs) import DeepSpeed wherever it is installed, unless `deepspeed_when_used` ran first; the
+    unwrap still takes a model out of its DistributedDataParallel, and a model of a process that imported DeepSpeed
+    is still checked against DeepSpeedEngine."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("deepspeed")
+    script = f"""
+import sys, tempfile
+import torch
+from accelerate.utils import extract_model_from_parallel
+from transformers import AutoModelForCausalLM
+from lora_search.strategies import deepspeed_when_used
+if {on_demand}:
+    deepspeed_when_used()
+model = AutoModelForCausalLM.from_pretrained({str(tiny_model_dir)!r})
+with tempfile.TemporaryDirectory() as out:
+    model.save_pretrained(out)
+imported = "deepspeed" in sys.modules
+wrapped = torch.nn.DataParallel(model)
+assert extract_model_from_parallel(wrapped) is model
+import deepspeed
+from accelerate.utils import other
+assert other.is_deepspeed_available()  # once imported, DeepSpeedEngine is among the wrappers again
+print("IMPORTED", imported)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"IMPORTED {not on_demand}" in done.stdout, done.stdout[-2000:]

@@ -187,10 +187,8 @@ class PackHost:
         from lora_search.devices import device_name
         from lora_search.memory import pack_host_fit, worker_memory
         from lora_search.pack import Pack, packs
-        from lora_search.strategies import deepspeed_when_used
         from lora_search.train import load_base
 
-        deepspeed_when_used()  # the pack saves adapters through PEFT and Accelerate
         sweep = self.sweep
         start = time.perf_counter()
         imports_s = start - imports_start

@@ -37,6 +37,7 @@ to the one-micro-batch step's (`Pack.step`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import json
@@ -44,6 +45,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -55,7 +57,10 @@ from lora_search.records import TrialParams
 log = logging.getLogger("lora_search.pack_host")
 
 GATHER_S = 0.5
-"""How long a step waits for adapters of the previous step that have not sent their batch (at an eval, say)."""
+"""How long a step waits for adapters of the previous step that have not sent their batch (at an eval, say), and for
+a newly attached adapter's first batch (its trial runs its step-0 eval first): without that wait, a trial that
+attached while another was stepping trailed it by a step or more, and on a small base (steps of milliseconds) the
+two never shared a step."""
 STALE_S = 60.0
 """An adapter that sent nothing for this long is detached: its trial was stopped and its process killed."""
 
@@ -154,6 +159,9 @@ class PackHost:
         """"sweep": the driver started it before Tune's first trials (`start_hosts`); "trial": a trial found none."""
         self.stale_s = stale_s
         self.cond = threading.Condition()
+        self.turns = threading.Lock()
+        self.callers = 0
+        """Calls other than steps waiting for `cond` (`_turn`)."""
         self.claimed: set[str] = set()
         """Trials with a place here: attached, or waiting for the base to attach (what `attach`'s room counts)."""
         self.leaving = False
@@ -248,6 +256,8 @@ class PackHost:
         self.failed: tuple[dict[str, int], str] | None = None
         """A pack step that raised: its adapters' steps and why (`_run` on the stepper thread; `_step_failed`)."""
         self.previous: set[str] = set()
+        self.joining: set[str] = set()
+        """Adapters attached that have sent no batch yet: the next step waits `GATHER_S` for them too."""
         self.away: set[str] = set()
         """Adapters whose trial has its checkpoint saved and is reporting (`save`, `golden`): a step does not wait
         for them, as it waits `GATHER_S` for one that is merely late; their next batch brings them back."""
@@ -256,7 +266,7 @@ class PackHost:
         self.idle_s = idle_s if solo_reasons(sweep) else None
         """Seconds empty after which the host leaves (`IDLE_S`, or the `idle_s` given); None: it stays (no trial of the
         sweep trains solo)."""
-        with self.cond:  # a trial waiting for the base to attach keeps it from counting as empty
+        with self._turn():  # a trial waiting for the base to attach keeps it from counting as empty
             self.empty_since: float | None = None if self.claimed else time.monotonic()
         self._log(
             "load",
@@ -286,7 +296,7 @@ class PackHost:
 
         An adapter of the same name still attached is an earlier process of the same trial that died without
         detaching (Tune retries a trial in a new process): it leaves first, so the retry finds its place."""
-        with self.cond:
+        with self._turn():
             if self.leaving:  # it gave its device back: `host_for` starts a new host
                 return {"leaving": True}
             if name not in self.claimed and len(self.claimed) >= room:
@@ -315,7 +325,7 @@ class PackHost:
                 schedule=budget.lr_schedule,
                 loraplus_lr_ratio=LORAPLUS_LR_RATIO if params.variant == "loraplus" else None,
             )
-            with self.cond:
+            with self._turn():
                 if self.leaving:
                     self.claimed.discard(name)
                     return {"leaving": True}
@@ -330,12 +340,13 @@ class PackHost:
                     self.pack.attach(name, config, resume["weights"], training=training, resume=resume["training"])
                 step = 0 if resume is None else int(resume["training"]["step"])
                 self.seen[name] = time.monotonic()
+                self.joining.add(name)
                 self.empty_since = None
                 self.attaches += 1
                 self._log("attach", name=name, **({"resumed_from": step} if resume is not None else {}))
                 trainable = sum(t.numel() for t in self.pack.state(name).values())
         except BaseException:  # its place goes back: the load failed, or the adapter did not attach
-            with self.cond:
+            with self._turn():
                 if self.load_error is not None or name not in self.pack.names:
                     self.claimed.discard(name)
             raise
@@ -361,16 +372,22 @@ class PackHost:
             ran_since = self.last_end is not None and arrived < self.last_end and name in self.previous
             self.sent_ahead += at > self.pack.steps(name) + 1 or ran_since
             self.pending[name] = {**queued, at: batch}
+            self.joining.discard(name)
             self.away.discard(name)
             self.seen[name] = time.monotonic()
             self.cond.notify_all()
             deadline = None  # GATHER_S from when this batch is the adapter's next one
             while (name, at) not in self.outcomes:
                 self._attached(name)  # detached while it waited: its trial has gone
+                if self.callers:  # another call waits for the lock (`_turn`): it goes first
+                    self.cond.wait(0.005)
+                    continue
                 if self.pack.steps(name) + 1 == at:
                     deadline = time.monotonic() + GATHER_S if deadline is None else deadline
-                    waiting_for = (self.previous & set(self.pack.names)) - self._next_ready() - self.away
+                    waiting = (self.previous | self.joining) & set(self.pack.names)
+                    waiting_for = waiting - self._next_ready() - self.away
                     if not waiting_for or time.monotonic() >= deadline:
+                        self.joining -= waiting_for  # waited for once: a slow newcomer joins when its batch comes
                         self.stepper.submit(self._run).result()  # holding the lock: the stepper's run is ours
                         if self.failed is not None:
                             self._step_failed(*self.failed)
@@ -391,7 +408,7 @@ class PackHost:
 
     def evaluate(self, name: str, batches: list[dict[str, Any]]) -> dict[str, Any]:
         """`name`'s loss on each batch (the mean over its label tokens) and the device-seconds it took."""
-        with self.cond:
+        with self._turn():
             self._attached(name)
             start = time.perf_counter()
             with self._autocast():
@@ -409,7 +426,7 @@ class PackHost:
 
         from lora_search.devices import peak_memory_bytes
 
-        with self.cond:
+        with self._turn():
             self._attached(name)
             with tempfile.TemporaryDirectory() as tmp:
                 self.pack.save(name, tmp)
@@ -449,7 +466,7 @@ class PackHost:
         from lora_search import evals, fastpath
 
         assert self.sweep.evals is not None
-        with self.cond:
+        with self._turn():
             self._attached(name)
             start = time.perf_counter()
             if self.scorer is None:
@@ -475,7 +492,7 @@ class PackHost:
 
     def detach(self, name: str, why: str) -> None:
         self._ready()
-        with self.cond:
+        with self._turn():
             if name in self.pack.names:
                 self._detach(name, why)
 
@@ -484,7 +501,7 @@ class PackHost:
         last report is in, sometimes before the trial's own `finally` detaches it: such an adapter that took the
         sweep's every step left as "finished", any other as "sweep ended at step N"."""
         self._ready()
-        with self.cond:
+        with self._turn():
             names = list(self.pack.names)
             for name in names:
                 steps = self.pack.steps(name)
@@ -555,6 +572,25 @@ class PackHost:
 
         return fastpath.autocast(self.pack.model, self.bf16)
 
+    @contextlib.contextmanager
+    def _turn(self) -> Iterator[None]:
+        """The host's lock for a call that is not a step (attach, evaluate, save, golden, detach, the reaper). Steps
+        yield to it (`step` waits while `callers` > 0): a trial that sends its next batch ahead always has a step
+        call waiting for the lock, and the lock is not fair, so a trial attaching beside it waited for the stepping
+        trial's next report (seen on the CPU: a second trial's attach held back until the first had taken all its
+        10 steps alone)."""
+        with self.turns:
+            self.callers += 1
+        try:
+            self.cond.acquire()
+        finally:
+            with self.turns:
+                self.callers -= 1
+        try:
+            yield
+        finally:
+            self.cond.release()
+
     def _attached(self, name: str) -> None:
         if name not in self.pack.names:
             raise RuntimeError(f"trial {name} is not attached to this pack host (detached after {self.stale_s:g}s)")
@@ -567,6 +603,7 @@ class PackHost:
         for key in [k for k in self.outcomes if k[0] == name]:  # steps that ran after its trial's process was killed
             del self.outcomes[key]
         self.previous.discard(name)
+        self.joining.discard(name)
         self.away.discard(name)
         if not self.claimed:
             self.empty_since = time.monotonic()
@@ -576,7 +613,7 @@ class PackHost:
     def _reap(self) -> None:
         while True:
             time.sleep(min(1.0, self.stale_s / 4))
-            with self.cond:
+            with self._turn():
                 now = time.monotonic()
                 for name in [n for n in self.pack.names if n not in self.pending]:
                     if now - self.seen.get(name, now) > self.stale_s:

@@ -169,7 +169,7 @@ def test_driver_killed_then_interrupted_resumes_to_the_uninterrupted_sweep(
     )
     targets = sorted(rng.uniform(0.1, 0.9) * plain_steps for _ in range(KILLS))
     progress = tmp_path / "killed" / name / "ray" / "progress"
-    kills, outlived, log = 0, 0, []
+    kills, outlived, log, interrupted_parent = 0, 0, [], None
     start = time.monotonic()
     while True:
         if kills % 2 == 0:
@@ -208,7 +208,7 @@ def test_driver_killed_then_interrupted_resumes_to_the_uninterrupted_sweep(
         )
         outlived += _wait_session_gone(driver.pid)
         if interrupt:
-            _check_interrupted(returncode, driver_log.read_text(), tmp_path / "killed", name)
+            interrupted_parent = _check_interrupted(returncode, driver_log.read_text(), tmp_path / "killed", name)
     total_s = time.monotonic() - start
     if kills:
         assert "resuming sweep" in output, output[-3000:]
@@ -253,13 +253,10 @@ def test_driver_killed_then_interrupted_resumes_to_the_uninterrupted_sweep(
     # MLflow: one child run per Ray trial, no duplicates, no orphans, statuses as Ray's.
     truth = _ray_trials(tmp_path / "killed", name)
     client = MlflowClient(f"sqlite:///{tmp_path / 'killed' / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name(name)
-    runs = client.search_runs([experiment.experiment_id], max_results=1000)
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    parents, children = _mlflow_runs(tmp_path / "killed", name)
     ids = [c.data.tags["lora_search.trial_id"] for c in children]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    assert parents[0].info.run_id == _parent_id(tmp_path / "killed", name)  # the first `run`'s, resumed each time
+    assert parents[0].info.run_id == interrupted_parent  # the one the Ctrl+C left KILLED, resumed
     assert sorted(ids) == sorted(truth) == sorted(resumed["trial_id"]), (ids, truth)
     rows = resumed.set_index("trial_id")
     for child in children:
@@ -300,15 +297,9 @@ def _mlflow_runs(out: Path, name: str) -> tuple[list, list]:
     return [r for r in runs if "mlflow.parentRunId" not in r.data.tags], children
 
 
-def _parent_id(out: Path, name: str) -> str:
-    parents, _ = _mlflow_runs(out, name)
-    assert len(parents) == 1, [p.info.run_id for p in parents]
-    return parents[0].info.run_id
-
-
-def _check_interrupted(returncode: int, output: str, out: Path, name: str) -> None:
+def _check_interrupted(returncode: int, output: str, out: Path, name: str) -> str:
     """What a Ctrl+C on the driver leaves: exit 130 and how to resume; in MLflow the parent and every unfinished
-    child run KILLED, each tagged "interrupted" (at least the trial cut short)."""
+    child run KILLED, each tagged "interrupted" (at least the trial cut short). Returns the parent's run id."""
     assert returncode == 130, output[-3000:]
     assert "Run the same command again to resume" in output, output[-3000:]
     parents, children = _mlflow_runs(out, name)
@@ -317,6 +308,7 @@ def _check_interrupted(returncode: int, output: str, out: Path, name: str) -> No
     assert killed and all(c.data.tags["lora_search.status"] == "interrupted" for c in killed), [
         (c.info.status, c.data.tags.get("lora_search.status")) for c in children
     ]
+    return parents[0].info.run_id
 
 
 def _trial_worker(driver: psutil.Process) -> psutil.Process | None:

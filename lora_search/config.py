@@ -417,6 +417,11 @@ class Evals:
     batch_size: Annotated[int, Range(ge=1, example="16")] = 16
     limit: Annotated[int, Range(ge=1, example="100")] | None = None
     """Score only the first N examples of each task (a quick look; the full set is the real score)."""
+    reuse_base_scores: bool = True
+    """Reuse the base's golden scores from an earlier sweep that scored the same base (weights fingerprint, dtype) on
+    the same golden sets (task YAML, data and code files), limit, batch size, seed, device kind and library versions
+    (`lora_search.evals.BaseScoresCache`, under `$LORA_SEARCH_CACHE/base_scores/`): a nightly sweep then scores the
+    base once, not every night. False: score it again."""
 
     def problems(self, ok: Fields = _everything) -> list[Problem]:
         if not ok("objective", "tasks"):

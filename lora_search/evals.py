@@ -21,16 +21,21 @@ them side by side.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import hashlib
 import json
 import math
 import numbers
+import os
 import re
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lora_search.config import ConfigError, Evals, Problem
 from lora_search.data import consistency_problem, jsonl_lines, parse_line
 from lora_search.gguf import resolve
+from lora_search.layout import default_cache_dir
 from lora_search.userfiles import load_yaml
 
 if TYPE_CHECKING:
@@ -228,6 +233,108 @@ def score_base(sweep: Any) -> dict[str, Any]:
         device_map="auto" if torch.cuda.is_available() else None,
     )
     return score(model, tokenizer, sweep.evals, sweep.seed)
+
+
+BASE_SCORES_DIR = "base_scores"
+"""Under `$LORA_SEARCH_CACHE`: one JSON file per way of scoring a base (`BaseScoresCache`)."""
+SCORED_WITH = ("torch", "transformers", "tokenizers", "accelerate", "lm_eval")
+"""The libraries whose versions are part of a base score's key: a new version may score differently."""
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _source_digest() -> str:
+    """One digest of lora_search's own sources: a change to how anything is loaded or scored misses the cache."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def base_scores_key(sweep: Any, fingerprint: str, device: str) -> dict[str, Any]:
+    """Everything the base's golden scores depend on (the key of `BaseScoresCache`): the base's weights
+    (`registry.fingerprint`), dtype and code switch; each golden task's YAML, its data files by digest and the code
+    files beside the YAMLs; limit, batch size and seed; the kind of device (`device`: "cpu", or the cluster's
+    accelerator types); the scoring libraries' versions and lora_search's own sources."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    evals = sweep.evals
+    configs = task_configs(evals)
+    for config in configs:  # data files by content: the same golden set anywhere, a changed row misses
+        files = config["dataset_kwargs"]["data_files"]
+        config["dataset_kwargs"]["data_files"] = {split: _sha256(Path(f)) for split, f in files.items()}
+    versions = {}
+    for name in SCORED_WITH:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    return json.loads(
+        json.dumps(
+            {
+                "base": fingerprint,
+                "dtype": sweep.base.dtype,
+                "trust_remote_code": sweep.base.trust_remote_code,
+                "tasks": configs,
+                "task_code": {p.name: _sha256(p) for p in sorted(Path(evals.tasks_dir).glob("*.py"))},
+                "limit": evals.limit,
+                "batch_size": evals.batch_size,
+                "seed": sweep.seed,
+                "device": device,
+                "versions": versions,
+                "lora_search": _source_digest(),
+            },
+            sort_keys=True,
+            default=str,
+        )
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseScoresCache:
+    """The base's golden scores kept from the sweep that computed them, for the next sweep that would compute the
+    same (`Evals.reuse_base_scores`). Our own: lm-eval's `use_cache` keeps each request's answer, but the base would
+    still be loaded and every task built in a worker of its own; here a hit costs one file read. The whole key is
+    stored and compared on read, so neither a digest collision nor an edited file passes for another key."""
+
+    key: dict[str, Any]
+    root: Path
+
+    @property
+    def path(self) -> Path:
+        digest = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()
+        return self.root / BASE_SCORES_DIR / f"{digest[:32]}.json"
+
+    def read(self) -> dict[str, Any] | None:
+        """The kept scores (with `reused_from`: when and by which sweep they were computed), or None."""
+        try:
+            entry = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(entry, dict) or entry.get("key") != self.key or not isinstance(entry.get("scores"), dict):
+            return None
+        return {**entry["scores"], "reused_from": {k: entry.get(k) for k in ("sweep", "scored_at", "path")}}
+
+    def write(self, scores: dict[str, Any], sweep_name: str) -> None:
+        """Keep `scores` (written whole, then renamed: a reader never sees half a file)."""
+        path = self.path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        entry = {
+            "sweep": sweep_name,
+            "scored_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "path": str(path),
+            "key": self.key,
+            "scores": {k: v for k, v in scores.items() if k != "reused_from"},
+        }
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(entry))
+        os.replace(tmp, path)
+
+
+def base_scores_cache(sweep: Any, fingerprint: str, device: str, root: Path | None = None) -> BaseScoresCache:
+    return BaseScoresCache(base_scores_key(sweep, fingerprint, device), root or default_cache_dir())
 
 
 def _probe_ids(adapter_dir: Path, tokenizer: Any) -> torch.Tensor:

@@ -259,6 +259,15 @@ def _headline(r: SweepResults) -> str:
         items.append(("golden sets", "none (no base_scores.json): quality is eval loss, lower is better"))
     elif r.base is not None and "error" in r.base:
         items.append(("base model", f"not scored on the golden sets: {r.base['error']}"))
+    elif r.base is not None and isinstance(r.base.get("reused_from"), dict):
+        reused = r.base["reused_from"]
+        items.append(
+            (
+                "base model",
+                f"golden scores reused from sweep {reused.get('sweep')} ({reused.get('scored_at')}): the same base, "
+                "golden sets, settings and libraries (evals.reuse_base_scores=False scores it again)",
+            )
+        )
     items.append(
         (
             "Pareto frontier",

@@ -248,18 +248,34 @@ class _Events(Callback):
             s.interrupted = bool(s.unfinished) or len(trials) < space.total_trials(s.sweep)
 
 
-def _base_scores(sweep: Sweep, pending: Any, out: Path) -> dict[str, Any] | None:
-    """Wait for the base model's golden scores; a failure there is reported, and loses no trial result."""
+def _device_kind(sweep: Sweep, cluster: dict[str, float]) -> str:
+    """What the base is scored on, as a base score's key names it: "cpu", or the cluster's accelerator types (Ray's
+    `accelerator_type:*` resources), "gpu" where Ray names none."""
+    if sweep.resources.gpus_per_worker <= 0:
+        return "cpu"
+    kinds = sorted(k.removeprefix("accelerator_type:") for k in cluster if k.startswith("accelerator_type:"))
+    return ",".join(kinds) or "gpu"
+
+
+def _base_scores(sweep: Sweep, pending: Any, out: Path, kept: Any = None) -> dict[str, Any] | None:
+    """Wait for the base model's golden scores (`pending`: a Ray ref, or scores already read from `kept`, the
+    `evals.BaseScoresCache`, which keeps scores computed here); a failure there is reported, and loses no trial
+    result."""
     import ray
 
     try:
-        base = ray.get(pending)
+        base = pending if isinstance(pending, dict) else ray.get(pending)
     except Exception as e:  # whatever broke, the trials' results are already on disk
         reason = records.error_reason(e)
         (out / BASE_SCORES_FILE).write_text(json.dumps({"error": reason}, indent=1))
         print(f"\nthe base model could not be scored on the golden sets: {reason}")
         return None
-    summary = {k: base[k] for k in ("metrics", "objective", "higher_is_better")}
+    if kept is not None and "reused_from" not in base:
+        try:
+            kept.write(base, sweep.name)
+        except OSError as e:  # a read-only cache costs the next sweep a scoring, nothing more
+            print(f"\nthe base's golden scores were not kept for the next sweep ({kept.path}: {e})")
+    summary = {k: base[k] for k in ("metrics", "objective", "higher_is_better", "reused_from") if k in base}
     (out / BASE_SCORES_FILE).write_text(json.dumps(summary, indent=1))
     (out / BASE_LM_EVAL_RESULTS).write_text(json.dumps(base["results"], indent=1))
     return base
@@ -488,14 +504,24 @@ def run(
                 verbose=0,
             ),
         )
-    base_scores = None
+    base_scores, kept = None, None
     if sweep.evals is not None:
-        # The base reference is scored once, on the devices one trial worker would get, beside the trials.
-        from lora_search.evals import score_base
+        # The base reference is scored once, on the devices one trial worker would get, beside the trials; or read
+        # back from the sweep that last scored it the same way (`Evals.reuse_base_scores`).
+        from lora_search.evals import base_scores_cache, score_base
 
         r = sweep.resources
-        base_scores = ray.remote(score_base).options(num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker)
-        base_scores = base_scores.remote(sweep)
+        try:
+            kept = base_scores_cache(sweep, fingerprint, _device_kind(sweep, ray.cluster_resources()))
+        except (OSError, ConfigError) as e:  # a golden file unreadable now: scored (and reported) as before
+            print(f"base golden scores: not kept ({e})")
+        base_scores = kept.read() if kept is not None and sweep.evals.reuse_base_scores else None
+        if base_scores is not None:
+            kept_at = base_scores["reused_from"]
+            print(f"base golden scores: reused from sweep {kept_at['sweep']!r} ({kept_at['scored_at']}, {kept.path})")
+        else:
+            base_scores = ray.remote(score_base).options(num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker)
+            base_scores = base_scores.remote(sweep)
     global _SESSION
     _SESSION = session
     try:
@@ -522,7 +548,7 @@ def run(
         history = list({int(h.get("step", 0)): h for h in history}.values())  # a step reported again after a resume
         records.append(results.record(trial_id, result.config, history, result.error, sweep, out / ADAPTERS_DIR))
         configs[trial_id], histories[trial_id] = result.config, history
-    base = _base_scores(sweep, base_scores, out) if base_scores is not None else None
+    base = _base_scores(sweep, base_scores, out, kept) if base_scores is not None else None
     cluster = ray.cluster_resources() if ray.is_initialized() else {}
     held = min(trials_at_once(sweep, cluster), max(len(records), 1)) * cost.devices_per_trial(sweep.resources)
     wall_s = time.monotonic() - session.start

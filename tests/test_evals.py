@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -156,3 +157,69 @@ def test_task_yaml_that_lm_eval_rejects(tmp_path) -> None:
     (tasks / "tiny_mood.yaml").write_text(bad)
     problems = check(Evals(tasks=("tiny_mood",), objective="tiny_mood/acc", tasks_dir=str(tasks)))
     assert problems and "lm-eval rejects the task YAML" in str(problems[0]), [str(p) for p in problems]
+
+
+def _key_inputs(tasks_dir: Path, **changes) -> tuple:
+    from types import SimpleNamespace
+
+    from lora_search import BaseModel
+
+    evals = Evals(tasks=("tiny_mood", "tiny_antonym"), objective="tiny_mood/acc", tasks_dir=str(tasks_dir), limit=8)
+    sweep = SimpleNamespace(evals=evals, base=BaseModel("some/base"), seed=0)
+    for name, value in changes.items():
+        if name in ("limit", "batch_size"):
+            sweep.evals = dataclasses.replace(evals, **{name: value})
+        elif name == "dtype":
+            sweep.base = dataclasses.replace(sweep.base, dtype=value)
+        else:
+            setattr(sweep, name, value)
+    return sweep, changes.get("fingerprint", "sha256:base"), changes.get("device", "cpu")
+
+
+def test_a_base_score_is_kept_under_everything_it_depends_on(tmp_path) -> None:
+    """The key of the kept base scores: the same golden sets anywhere give the same key; a changed golden row, task
+    code file, limit, batch size, seed, base, dtype or device kind gives another. A kept entry is read back whole,
+    and an entry whose stored key is not the asked one (or is not JSON) is no hit."""
+    from lora_search.evals import BaseScoresCache, base_scores_key
+
+    project = tmp_path / "project"
+    shutil.copytree(REPO / "evals", project / "evals")
+    tasks = project / "evals" / "tasks"
+
+    def key(**changes) -> dict:
+        sweep, fingerprint, device = _key_inputs(tasks, **changes)
+        return base_scores_key(sweep, fingerprint, device)
+
+    first = key()
+    assert first == base_scores_key(*_key_inputs(TASKS))  # the shipped golden sets, copied: the same key
+    others = {
+        "limit": key(limit=9),
+        "batch_size": key(batch_size=4),
+        "seed": key(seed=1),
+        "fingerprint": key(fingerprint="sha256:other"),
+        "dtype": key(dtype="bfloat16"),
+        "device": key(device="H100"),
+    }
+    golden = project / "evals" / "golden" / "tiny_mood.jsonl"
+    golden.write_text(golden.read_text().replace("joy", "calm", 1))
+    others["golden row"] = key()
+    (tasks / "utils.py").write_text("def process(doc):\n    return doc\n")
+    others["task code"] = key()
+    for what, other in others.items():
+        assert other != first, what
+    assert len({json.dumps(k, sort_keys=True) for k in others.values()}) == len(others)
+
+    scores = {"metrics": {"tiny_mood/acc": 0.25}, "objective": 0.25, "higher_is_better": True, "results": {"a": 1}}
+    kept = BaseScoresCache(first, tmp_path / "cache")
+    assert kept.read() is None
+    kept.write(scores, "nightly")
+    again = BaseScoresCache(json.loads(json.dumps(first)), tmp_path / "cache").read()
+    assert {k: v for k, v in again.items() if k != "reused_from"} == scores
+    assert again["reused_from"]["sweep"] == "nightly" and again["reused_from"]["path"] == str(kept.path)
+    assert BaseScoresCache(others["seed"], tmp_path / "cache").read() is None
+    entry = json.loads(kept.path.read_text())
+    entry["key"]["seed"] = 1  # the file named for one key holding another's
+    kept.path.write_text(json.dumps(entry))
+    assert kept.read() is None
+    kept.path.write_text("{not json")
+    assert kept.read() is None

@@ -93,8 +93,8 @@ def test_nightly_passes_twice_then_flags_broken_changes(tmp_path, capsys) -> Non
     from lora_search.cli import main
     from lora_search.layout import default_tracking_uri
 
-    def sweep_file(scale: float, max_steps: int) -> str:
-        path = tmp_path / f"nightly_{scale:g}.py"
+    def sweep_file(scale: float, max_steps: int, reuse: bool) -> str:
+        path = tmp_path / f"nightly_{scale:g}_{reuse}.py"
         path.write_text(
             "import dataclasses, runpy\n"
             "from lora_search import Budget\n"
@@ -103,19 +103,24 @@ def test_nightly_passes_twice_then_flags_broken_changes(tmp_path, capsys) -> Non
             f"    output_dir={str(tmp_path / 'reports')!r}, num_samples=1,\n"
             f"    budget=Budget(max_steps={max_steps}, eval_every=25, grace_period={max_steps}, batch_size=16),\n"
             f"    space=dataclasses.replace(SWEEP.space, lr=tuple(x * {scale!r} for x in SWEEP.space.lr)),\n"
+            f"    evals=dataclasses.replace(SWEEP.evals, reuse_base_scores={reuse!r}),\n"
             ")\n"
         )
         return str(path)
 
-    def nightly(scale: float, *flags: str, max_steps: int = 50) -> tuple[int, str, dict]:
+    def nightly(scale: float, *flags: str, max_steps: int = 50, reuse: bool = True) -> tuple[int, str, dict]:
         with pytest.raises(SystemExit) as exit_:
-            main(["nightly", sweep_file(scale, max_steps), *flags, "--timing-tolerance", "0.9"])
+            main(["nightly", sweep_file(scale, max_steps, reuse), *flags, "--timing-tolerance", "0.9"])
         out = capsys.readouterr().out
         record = json.loads((tmp_path / "reports" / "nightly" / "nightly.json").read_text())
+        base_scores.append(json.loads((tmp_path / "reports" / "nightly" / "base_scores.json").read_text()))
         return exit_.value.code, out, record
 
+    base_scores: list[dict] = []  # each run's base_scores.json
     try:
-        code, out, first = nightly(1.0, "--baseline", "mlflow", "--promote")
+        # The base's golden scores: scored by the first run (reuse_base_scores=False: whatever an earlier run of this
+        # machine kept), reused by the second, scored again by the third and equal to the kept ones.
+        code, out, first = nightly(1.0, "--baseline", "mlflow", "--promote", reuse=False)
         assert code == 0 and "no baseline" in out and "is the new baseline" in out, out[-2000:]
         assert first["summary"]["best"] > 0.4, first["summary"]  # the adapter learned the task (base: 0.2)
         assert first["summary"]["best_stderr"] > 0, first["summary"]  # lm-eval's own: the quality check's tolerance
@@ -126,13 +131,19 @@ def test_nightly_passes_twice_then_flags_broken_changes(tmp_path, capsys) -> Non
         timing = [v for v in second["verdicts"] if v["check"] in ("cost per completed trial", "tokens/s (median)")]
         assert [v["tolerance"] for v in timing] == [0.9, 0.9]  # the option reached the verdicts
         assert second["summary"]["best"] == first["summary"]["best"]  # pinned: the same trial, the same scores
+        assert "reused_from" not in base_scores[0] and "base golden scores: reused from sweep 'nightly'" in out
+        assert base_scores[1]["reused_from"]["sweep"] == "nightly"
+        report = (tmp_path / "reports" / "nightly" / "index.html").read_text()
+        assert "golden scores reused from sweep nightly" in report
+        assert base_scores[1]["metrics"] == base_scores[0]["metrics"]
 
         # lr x 1e-30: the adapter stays ~0, so its trial fails the guard and is never scored. Half the steps: the
         # guard runs when the trial ends, however long it trained.
         baseline_file = tmp_path / "baseline.json"
         baseline_file.write_text(json.dumps(second["summary"]))
-        code, out, third = nightly(1e-30, "--baseline", str(baseline_file), max_steps=25)
+        code, out, third = nightly(1e-30, "--baseline", str(baseline_file), max_steps=25, reuse=False)
         assert code == 1 and "REGRESSION" in out, out[-3000:]
+        assert "reused_from" not in base_scores[2] and base_scores[2]["metrics"] == base_scores[0]["metrics"]
         failing = {v["check"]: v for v in third["verdicts"] if not v["passed"]}
         assert "does not change the model's outputs" in failing["failed trials"]["reason"]
         assert failing["best tiny_mood/acc"]["reason"] == "no completed trial was scored"

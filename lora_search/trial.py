@@ -90,6 +90,12 @@ def run_trial(config: dict[str, Any], sweep: Sweep, storage_path: str) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     trial_id = ray.tune.get_context().get_trial_id()
+    # Tune hands a trial's process on to the next trial (`reuse_actors`) once the training thread of the stopped
+    # (pruned or finished) one has unwound, which it does at its next report: a warm trial's next steps, a packed
+    # trial's next pack steps. Tune waits TUNE_FUNCTION_THREAD_TIMEOUT_S (2 s by default) and then fails the next
+    # trial ("Could not re-use actor"); a CI run lost a packed sweep's fourth trial so. Set for every trial, since a
+    # process may run a packed trial after a solo one or the other way round.
+    os.environ["TUNE_FUNCTION_THREAD_TIMEOUT_S"] = "60"
     if sweep.resources.pack > 1:
         from lora_search import pack_host, pack_trial
 
@@ -143,9 +149,6 @@ def _fit_here(loop_config: dict[str, Any], run_dir: Path) -> None:
     if earlier is not None:
         raise earlier
     _log_to_stderr()
-    # Tune hands this process to the next trial once the training thread of a stopped (pruned) one has unwound
-    # (by default it waits 2 s, then starts a new process instead).
-    os.environ["TUNE_FUNCTION_THREAD_TIMEOUT_S"] = "60"
     try:
         _train_worker({**loop_config, "warm": True})
     except Exception as e:

@@ -13,8 +13,10 @@
 #   bash benchmarks/device_round.sh speed    # benchmarks/speed.py, the 8B r16 headline: the trial path (ATTN=sdpa)
 #                                            # (+two-node: LoRA layers on autograd's graph, NOTES.md change 20)
 #                                            # beside HF PEFT and + Liger (EXTRA=--no-liger-reference skips it)
-#   bash benchmarks/device_round.sh varlen   # benchmarks/speed.py --varlen: TRL, padded, length-grouped, flex,
-#                                            # auto (HF PEFT + Liger left out: measured, 2,359 tokens/s)
+#   bash benchmarks/device_round.sh varlen   # benchmarks/speed.py --varlen: TRL, padded, length-grouped, torch_varlen,
+#                                            # auto (PATHS=...,flex adds flex attention; HF PEFT + Liger left out:
+#                                            # measured, 2,359 tokens/s). GPU_TESTS=1 runs tests/test_varlen.py's
+#                                            # `gpu` tests first
 #   bash benchmarks/device_round.sh idle     # the trial path alone, 8B fixed-length and varlen length-grouped, for
 #                                            # its profiles: kernels and where the GPU waited on the host (idle_*.txt)
 #   bash benchmarks/device_round.sh pack_sweep  # benchmarks/pack_sweep.py: 16 trials of the 1.1B shape, ASHA, packed 4
@@ -101,8 +103,9 @@ print(json.dumps(r))"
   head -14 "$OUT"/varlen/idle_*grouped* 2>/dev/null | cut -c1-250
   ;;
 varlen)
+  [ -n "${GPU_TESTS:-}" ] && step gpu_tests_varlen python -m pytest -q -m gpu -p no:cacheprovider tests/test_varlen.py
   step varlen_8b python benchmarks/speed.py --out "$OUT/varlen" --work /tmp/w --varlen --configs 8b:16 --bs 2 \
-    --accum 4 --steps 16 --paths "${PATHS:-trl,padded,grouped,flex,auto}"
+    --accum 4 --steps 16 --paths "${PATHS:-trl,padded,grouped,varlen,auto}"
   ;;
 pack_sweep)
   step pack_sweep python benchmarks/pack_sweep.py --shape "${SHAPE:-1b}" --seq 512 --pack "${PACK:-4}" \

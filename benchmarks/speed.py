@@ -47,12 +47,13 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-VARLEN_PATHS = ("trl", "liger", "padded", "grouped", "flex", "auto")
+VARLEN_PATHS = ("trl", "liger", "padded", "grouped", "varlen", "flex", "auto")
 ATTN_OPTIONS = frozenset({"compiled", "two-node", "ungrouped"})  # --attn KERNEL+OPTION: what each switches, in `ours`
 """--varlen's paths: TRL + PEFT as they come, HF PEFT + Liger padded, the trial path padded (SDPA), the same with
-length-grouped steps (`Budget(sampling="group_by_length")`), padding-free on flex attention, and the trial path as a
-sweep runs it by default (`attn_implementation="auto"`: flex where it trains, tried in the trial; after "flex" its
-compile finds Inductor's cache warm, as a sweep's later trials do). "eager": HF PEFT padded without Liger, on
+length-grouped steps (`Budget(sampling="group_by_length")`), padding-free on torch's varlen flash kernel
+("torch_varlen", `lora_search.varlen`), padding-free on flex attention, and the trial path as a sweep runs it by
+default (`attn_implementation="auto"`: torch_varlen where it matches SDPA, else flex where its compile pays, tried in
+the trial; after "flex" its compile finds Inductor's cache warm, as a sweep's later trials do). "eager": HF PEFT padded without Liger, on
 request."""
 COLD_START = ("startup_s", "imports_s", "load_s", "prepare_s", "base_eval_s")  # lora_search.results.TrialRecord's parts
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, by device name
@@ -623,8 +624,8 @@ def varlen_main(args: argparse.Namespace) -> None:
                     row[path] = {"skipped": "Liger needs CUDA"}
                     continue
                 row[path] = run_varlen_reference(args, shape, rank, path, data)
-            elif path in ("padded", "grouped", "flex", "auto"):
-                attn = {"flex": "flex_attention", "auto": "auto"}.get(path, "sdpa")
+            elif path in ("padded", "grouped", "varlen", "flex", "auto"):
+                attn = {"varlen": "torch_varlen", "flex": "flex_attention", "auto": "auto"}.get(path, "sdpa")
                 sampling = "group_by_length" if path == "grouped" else "random"
                 try:
                     row[path] = ours(

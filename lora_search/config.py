@@ -37,8 +37,9 @@ Scheduler = Literal["asha", "pareto-asha"]
 ServeWith = Literal["any", "vllm", "sglang", "tensorrt-llm"]
 """`Sweep.serve_with` values: "any", or an engine of `lora_search.serving.ENGINES`."""
 Placement = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
-Attention = Literal["auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"]
-"""Transformers' attention kernels (`attn_implementation`); preflight checks the kernel's package is installed."""
+Attention = Literal["auto", "sdpa", "eager", "torch_varlen", "flash_attention_2", "flash_attention_3", "flex_attention"]
+"""Transformers' attention kernels (`attn_implementation`), and "torch_varlen", torch's own varlen flash kernel that
+lora_search registers with transformers (`lora_search.varlen`); preflight checks the kernel's package is installed."""
 ATTENTION: tuple[str, ...] = get_args(Attention)
 Name = Annotated[str, Range(ge=1, example="'q_proj'")]
 """A non-empty string."""
@@ -70,11 +71,12 @@ class BaseModel:
     trust_remote_code: bool = False
     """Run modelling code shipped with the checkpoint. Off unless you trust that repository."""
     attn_implementation: Attention = "auto"
-    """Transformers' attention kernel. "auto": padding-free batches on flex attention where it runs (each trial
-    tries it on its CUDA device, `lora_search.fastpath.resolve_attention`), else "sdpa" on padded batches; the
-    trial's fast path summary says which and why. A named varlen kernel ("flash_attention_2" with flash-attn
-    installed, "flash_attention_3", "flex_attention") also turns on padding-free batches; "sdpa" keeps padded
-    ones; "eager" is the slow reference."""
+    """Transformers' attention kernel. "auto": padding-free batches where the rows pad, on torch's own varlen flash
+    kernel ("torch_varlen", `lora_search.varlen`: no compile, no extra package) where it matches SDPA on the trial's
+    CUDA device, else on flex attention where its compile pays (`lora_search.fastpath.resolve_attention`), else
+    "sdpa" on padded batches; the trial's fast path summary says which and why. A named varlen kernel
+    ("torch_varlen", "flash_attention_2" with flash-attn installed, "flash_attention_3", "flex_attention") also turns
+    on padding-free batches; "sdpa" keeps padded ones; "eager" is the slow reference."""
     compile_layers: bool = False
     """Train through compiled decoder layers (`lora_search.compiled_layers`: one `torch.compile` of the layer class,
     shared by every layer; inference forwards stay eager). Fewer, fused kernels a step for tens of seconds of compile

@@ -11,8 +11,8 @@ MLflow (`fast_path`, tag `lora_search.fast_path`), so a slow trial says which pi
   tokens x vocab logits). Needs CUDA, Triton, liger-kernel and an architecture Liger patches.
 - padding-free: each batch is one row of its sequences end to end, with per-sequence position ids, so every matrix
   product sees only real tokens; the loss is unchanged (the same tokens count: `tests/test_fastpath.py` checks the
-  curve). Needs a varlen attention kernel (flash attention 2/3, flex attention) and an architecture whose masks read
-  packed position ids.
+  curve). Needs a varlen attention kernel (torch's own varlen flash kernel, `lora_search.varlen`; flash attention
+  2/3; flex attention) and an architecture whose masks read packed position ids.
 - attention: SDPA (flash / memory-efficient kernels) instead of eager attention; transformers' default, reported.
 - no-cudnn-sdpa: on GPU, SDPA's cuDNN backend is turned off in the trial's process (`CUDNN_WHY`).
 - no-pad-mask: padded batches go without their attention mask (`NO_PAD_MASK_WHY`), so SDPA runs causal flash.
@@ -23,8 +23,8 @@ MLflow (`fast_path`, tag `lora_search.fast_path`), so a slow trial says which pi
 - keep-activations: gradient checkpointing off where the activations fit (`lora_search.train.micro_batching`).
 - merge-micro-batches: `budget.grad_accum` micro-batches run as fewer, larger ones where memory allows (the same
   sequences per optimizer step and the same loss: the Trainer normalises by the step's label tokens either way).
-- inference-attention: a trial that trains on a training-only kernel (flex attention) runs its inference forwards
-  (eval loss, the probe, golden scoring) on SDPA (`inference_attention`, `INFERENCE_ATTENTION_WHY`).
+- inference-attention: a trial that trains on a training-only kernel (torch_varlen, flex attention) runs its
+  inference forwards (eval loss, the probe, golden scoring) on SDPA (`inference_attention`, `INFERENCE_ATTENTION_WHY`).
 
 Padding-free stays off under plain SDPA: SDPA has no variable-length kernel, so a packed row of T tokens would
 cost T^2 attention (a block-diagonal mask computes the masked blocks too) where the padded batch costs
@@ -42,10 +42,12 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
+
+from lora_search import varlen
 
 log = logging.getLogger("lora_search.fastpath")
 
@@ -115,16 +117,22 @@ class FastPath:
     def collator(self, pad_token_id: int) -> Any:
         """The data collator for the active pieces: TRL's, padded or padding-free, that also counts each batch's
         real tokens on the CPU (`REAL_TOKENS`), with `NO_PAD_MASK` leaves out the attention mask, with
-        `TOKEN_BUDGET` lists each row's tokens (`ROW_TOKENS`), and with `LABEL_INDEX` keeps which labels count, on the
-        CPU (`LABEL_MASK`)."""
+        `TOKEN_BUDGET` lists each row's tokens (`ROW_TOKENS`), with `LABEL_INDEX` keeps which labels count, on the
+        CPU (`LABEL_MASK`), and padding-free lists the packed row's sequence lengths (`SEQ_LENGTHS`)."""
         return collator_class()(
             pad_token_id=pad_token_id,
             padding_free=self.active("padding-free"),
             drop_mask=self.active(NO_PAD_MASK),
             lengths=self.active(TOKEN_BUDGET),
             label_mask=self.active(LABEL_INDEX),
+            seq_lengths=self.active("padding-free"),
         )
 
+
+SEQ_LENGTHS = "lora_search_seq_lengths"
+"""The batch key of a padding-free batch listing its packed row's sequence lengths (NumPy, so Accelerate leaves it on
+the CPU): the trial's trainer hands them to the model as cumulative lengths (`varlen.cu_lengths`), which varlen kernels
+read (torch_varlen, flash attention) instead of finding the sequences on the device from the position ids."""
 
 ROW_TOKENS = "lora_search_row_tokens"
 """The batch key listing each row's tokens (CPU ints), which the trainer splits a step by (`token_chunks`)."""
@@ -189,6 +197,7 @@ def collator_class() -> type:
     `max_length` (it expects packing then); truncation must stay."""
     from dataclasses import dataclass as _dataclass
 
+    import numpy as np
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     @_dataclass
@@ -196,12 +205,15 @@ def collator_class() -> type:
         drop_mask: bool = False
         lengths: bool = False  # also each row's tokens (`ROW_TOKENS`), for the token-budget split
         label_mask: bool = False  # also which labels count, as a NumPy array (`LABEL_MASK`), for the LM head
+        seq_lengths: bool = False  # also a padding-free row's sequence lengths, as a NumPy array (`SEQ_LENGTHS`)
 
         def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
             batch = super().torch_call(examples)
             batch[REAL_TOKENS] = sum(len(e["input_ids"]) for e in examples)
             if self.lengths:
                 batch[ROW_TOKENS] = [len(e["input_ids"]) for e in examples]
+            if self.seq_lengths and self.padding_free:  # NumPy, as the label mask below
+                batch[SEQ_LENGTHS] = np.array([len(e["input_ids"]) for e in examples], dtype=np.int64)
             if self.label_mask:  # NumPy, not a tensor: Accelerate moves every tensor of a batch to the device
                 batch[LABEL_MASK] = (batch["labels"] != -100).numpy()
             if self.drop_mask:  # TRL pads on the right: each row's mask is ones, then zeros
@@ -278,40 +290,52 @@ def _liger_models() -> frozenset[str]:
     return frozenset(MODEL_TYPE_TO_APPLY_LIGER_FN)
 
 
-VARLEN_ATTENTION = frozenset({"flash_attention_2", "flash_attention_3", "flex_attention"})
+VARLEN_ATTENTION = frozenset({varlen.NAME, "flash_attention_2", "flash_attention_3", "flex_attention"})
 
 AUTO_ATTENTION = "auto"
 """`BaseModel.attn_implementation`'s default: the trial's kernel is chosen by `resolve_attention`."""
 AUTO_FALLBACK = "sdpa"
 _flex_tried: dict[tuple[Any, ...], str | None] = {}
 
+Pays = Callable[[float], tuple[bool, str]]
+"""Whether padding-free batches are worth `compile_s` seconds of compile to a trial, and why (`padding_free_pays`)."""
+
 
 def resolve_attention(
-    requested: str, on_gpu: bool, model_config: Any, pays: tuple[bool, str] = (True, "")
+    requested: str, on_gpu: bool, model_config: Any, pays: Pays = lambda compile_s: (True, "")
 ) -> tuple[str, str]:
     """The attention kernel a trial trains with, and why. A kernel the sweep names is used as named. "auto" (the
     default) is padding-free wherever it works and pays: on a CUDA device, for an architecture that masks packed
-    rows, when `pays` (`padding_free_pays`: the padding it saves outweighs flex attention's compile), flex attention
-    if a packed forward and backward at the model's head shape runs here (`flex_failure`, tried once a process);
-    otherwise SDPA on padded batches, with the reason. Flex attention is the varlen kernel in torch itself
-    (flash-attn is a separate build that a cluster may lack). On the H200 it trained the 8B shape on
-    variable-length chat rows at 1.39x the padded path's real tokens/s (benchmarks/NOTES.md, change 15)."""
+    rows, torch's own varlen flash kernel (`lora_search.varlen`: no compile, so any padding saved pays) if it trains
+    this model's attention here (`varlen.failure`, tried once a process); else flex attention if the padding saved
+    outweighs its compile (`pays`) and a packed forward and backward runs here (`flex_failure`); otherwise SDPA on
+    padded batches, with the reason. Both are in torch itself (flash-attn is a separate build that a cluster may
+    lack). On the H200 flex trained the 8B shape on variable-length chat rows at 1.39x the padded path's real
+    tokens/s (benchmarks/NOTES.md, change 15)."""
     if requested != AUTO_ATTENTION:
         return requested, "set in base.attn_implementation"
     if not on_gpu:
-        return AUTO_FALLBACK, "auto: no CUDA device (torch's flex attention has no CPU backward), so padded batches"
+        return AUTO_FALLBACK, "auto: no CUDA device (torch's varlen kernels are CUDA only), so padded batches"
     model_type = getattr(model_config, "model_type", None)
     if model_type not in PADDING_FREE_MODELS:
         return AUTO_FALLBACK, f"auto: {model_type!r} is not known to mask packed rows, so padded batches"
-    worth, why = pays
+    worth, why = pays(0.0)
     if not worth:
         return AUTO_FALLBACK, why
-    failure = flex_failure(model_config)
-    if failure is not None:
-        return AUTO_FALLBACK, f"auto: flex attention failed its trial here ({failure}), so padded batches"
-    return "flex_attention", "auto: flex attention ran a packed row's forward and backward here" + (
-        f"; {why}" if why else ""
-    )
+    failure = varlen.failure(model_config)
+    if failure is None:
+        varlen.register()
+        return varlen.NAME, "auto: torch's varlen flash kernel matched SDPA here on packed rows" + (
+            f"; {why}" if why else ""
+        )
+    worth, why = pays(0.0 if flex_compiled(model_config) else FLEX_COMPILE_S)
+    if not worth:
+        return AUTO_FALLBACK, f"{why} (torch's varlen kernel: {failure})"
+    flex = flex_failure(model_config)
+    if flex is not None:
+        return AUTO_FALLBACK, f"auto: neither varlen kernel trains here (torch's: {failure}; flex: {flex}), so padded"
+    ran = f"auto: flex attention ran a packed row's forward and backward here (torch's varlen kernel: {failure})"
+    return "flex_attention", ran + (f"; {why}" if why else "")
 
 
 FLEX_COMPILE_S = 41.0
@@ -350,22 +374,21 @@ def padding_free_pays(
     micro_batches: int,
     params: int,
     peak_tflops: float,
-    compiled: bool,
+    compile_s: float,
     grouped: bool = False,
 ) -> tuple[bool, str]:
-    """Whether padding-free batches save a trial more than flex attention's compile costs it, and why: the padding
+    """Whether padding-free batches save a trial more than its kernel's compile costs it, and why: the padding
     tokens of its `micro_batches` micro-batches of `rows` rows (`padding_fraction`, `grouped` by length where the
-    trial's steps are), each costing 4 x `params` FLOPs at `PADDED_MFU` of `peak_tflops`, against twice
-    `FLEX_COMPILE_S` (none if flex is `compiled` in this process already). Twice: the estimate is a model, and a
-    compile that does not pay back costs the trial outright."""
+    trial's steps are), each costing 4 x `params` FLOPs at `PADDED_MFU` of `peak_tflops`, against twice `compile_s`
+    (`FLEX_COMPILE_S` for flex attention not yet compiled in this process; none for torch's varlen kernel). Twice: the
+    estimate is a model, and a compile that does not pay back costs the trial outright."""
     share, pad_tokens = padding_fraction(lengths, rows, grouped=grouped)
     saved = micro_batches * pad_tokens * 4 * params / (peak_tflops * 1e12 * PADDED_MFU)
-    cost = 0.0 if compiled else FLEX_COMPILE_S
     numbers = (
         f"{share:.0%} of its padded batches' tokens would be padding, about {saved:.0f} s of compute over "
-        f"{micro_batches} micro-batches of {rows}, against {cost:.0f} s to compile flex attention"
+        f"{micro_batches} micro-batches of {rows}, against {compile_s:.0f} s of compile"
     )
-    if share == 0.0 or saved < 2 * cost:
+    if share == 0.0 or saved < 2 * compile_s:
         hint = ""
         if not grouped and share > 0.0 and (in_groups := padding_fraction(lengths, rows, grouped=True)[0]) < share / 2:
             # the lever that needs no compile, but changes which rows share a step: the user's to choose
@@ -469,7 +492,7 @@ def choose(on_gpu: bool, model_type: str, attn: str, attn_why: str = "") -> Fast
         pieces.append(
             Piece(INFERENCE_ATTN, True, f"evals, probe and scoring on {INFERENCE_ATTENTION}: {attn} trains only")
         )
-    if on_gpu and attn == "sdpa":
+    if on_gpu and (attn == "sdpa" or attn in TRAINING_ONLY_ATTENTION):  # the latter's inference forwards run SDPA
         pieces.append(Piece(CUDNN_OFF, True, "SDPA on flash / memory-efficient kernels: " + CUDNN_WHY))
     return FastPath(tuple(pieces))
 
@@ -582,14 +605,17 @@ CUDNN_WHY = (
 picks cuDNN first on Hopper; the trial then ran at 0.76x HF PEFT's tokens/s on the 8B shape while its GPU kernels
 took half its step (benchmarks/NOTES.md). Unmasked calls (is_causal) go to flash attention instead, as fast."""
 
-TRAINING_ONLY_ATTENTION = frozenset({"flex_attention"})
+TRAINING_ONLY_ATTENTION = frozenset({varlen.NAME, "flex_attention"})
 """Attention kernels a trial trains on but never runs inference on (`inference_attention`)."""
 INFERENCE_ATTENTION = "sdpa"
-INFERENCE_ATTENTION_WHY = (
-    "flex attention's short forwards go to Inductor's flex decoding kernel, which raised NoValidChoicesError on the "
-    "H200 (torch 2.11), and every switch between training and eval recompiles it"
-)
-"""Why a trial's inference forwards leave a training-only kernel. The probe's one-prompt forward under
+INFERENCE_ATTENTION_WHY = {
+    "flex_attention": "flex attention's short forwards go to Inductor's flex decoding kernel, which raised "
+    "NoValidChoicesError on the H200 (torch 2.11), and every switch between training and eval recompiles it",
+    varlen.NAME: "torch_varlen reads packed rows' sequence lengths, not the attention mask of padded rows",
+}
+"""Why a trial's inference forwards leave a training-only kernel. torch_varlen (`lora_search.varlen`) takes one
+packed row's sequences from the lengths the collator lists; the probe's and lm-eval's batches are padded rows with an
+attention mask, which SDPA reads. The probe's one-prompt forward under
 flex_attention went to Inductor's flex *decoding* kernel (short queries), which failed to lower on the GPU
 (`LoweringException: NoValidChoicesError`) and ended the trial at its first report (issue 23). Transformers also
 compiles flex attention again whenever the module's training flag flips (`WrappedFlexAttention`), so evaluations
@@ -621,7 +647,10 @@ def inference_attention(model: Any, enabled: bool = True) -> Iterator[None]:
     if kernel not in _switch_logged:
         _switch_logged.add(kernel)
         log.info(
-            "inference forwards run on %s, training on %s: %s", INFERENCE_ATTENTION, kernel, INFERENCE_ATTENTION_WHY
+            "inference forwards run on %s, training on %s: %s",
+            INFERENCE_ATTENTION,
+            kernel,
+            INFERENCE_ATTENTION_WHY[kernel],
         )
     base.set_attn_implementation(INFERENCE_ATTENTION)
     try:

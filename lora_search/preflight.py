@@ -13,7 +13,7 @@ import math
 import os
 from typing import TYPE_CHECKING
 
-from lora_search import data, environment, gguf, targets
+from lora_search import data, environment, gguf, targets, varlen
 from lora_search.config import BaseModel, ConfigError, Problem, Sweep
 from lora_search.memory import meta_model
 from lora_search.variants import VARIANTS
@@ -69,6 +69,16 @@ def problems(sweep: Sweep) -> list[Problem]:
                 out.append(p)
     if sweep.conforms("base.attn_implementation", "space.variants", "resources"):
         out.extend(_hardware(sweep))
+    if model is not None and sweep.base.attn_implementation == varlen.NAME:
+        if (why := varlen.unsupported(model.config)) is not None:
+            out.append(
+                Problem(
+                    "base.attn_implementation",
+                    varlen.NAME,
+                    f"{sweep.base.name_or_path}'s attention has {why}, which torch_varlen does not compute",
+                    "use 'auto' (it picks a kernel this model's attention runs on) or 'flex_attention'",
+                )
+            )
     if sweep.conforms("dataset"):
         found = data.check(sweep.dataset)
         out.extend(found)
@@ -246,6 +256,8 @@ def _hardware(sweep: Sweep) -> list[Problem]:
                 "pip install flash-attn on every GPU node, or use 'sdpa' (or 'flex_attention' for padding-free)",
             )
         )
+    if sweep.base.attn_implementation == varlen.NAME:
+        out.extend(_torch_varlen_problems(sweep))
     missing = [m for m in RAY_DASHBOARD_MODULES if importlib.util.find_spec(m) is None]
     if missing and not os.environ.get("RAY_ADDRESS"):  # a cluster's head node has its own install
         out.append(
@@ -297,6 +309,33 @@ def _hardware(sweep: Sweep) -> list[Problem]:
                 names,
                 "needs bitsandbytes, which is not installed",
                 "pip install 'lora-search[gpu]' (or bitsandbytes)",
+            )
+        )
+    return out
+
+
+def _torch_varlen_problems(sweep: Sweep) -> list[Problem]:
+    """What "torch_varlen" needs: CUDA workers, and torch 2.10 or later where this driver's torch is the trials' (no
+    `RAY_ADDRESS`: a cluster's nodes have their own install)."""
+    out = []
+    if sweep.resources.gpus_per_worker <= 0:
+        out.append(
+            Problem(
+                "base.attn_implementation",
+                varlen.NAME,
+                "torch's varlen flash kernel runs on CUDA GPUs only, but resources.gpus_per_worker = 0",
+                "use 'auto' (it takes torch_varlen wherever a trial has a GPU it runs on), or give the workers GPUs",
+            )
+        )
+    if not os.environ.get("RAY_ADDRESS") and not varlen.available():
+        import torch
+
+        out.append(
+            Problem(
+                "base.attn_implementation",
+                varlen.NAME,
+                f"torch {torch.__version__} has no torch.nn.attention.varlen",
+                "pip install 'torch>=2.10', or use 'auto' / 'sdpa'",
             )
         )
     return out

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from transformers import PrinterCallback, TrainerCallback
 
-from lora_search import checkpoints, compiled_layers, data, environment, fastpath, strategies, targets, variants
+from lora_search import checkpoints, compiled_layers, data, environment, fastpath, strategies, targets, variants, varlen
 from lora_search.callbacks import Reporter, StepHook, replay_reports
 from lora_search.config import BaseModel, Sweep
 from lora_search.devices import (
@@ -59,6 +59,8 @@ def load_base(base: BaseModel, quantized: bool, sharded: bool = False, attn: str
     if attn is None:
         auto = base.attn_implementation == fastpath.AUTO_ATTENTION
         attn = fastpath.AUTO_FALLBACK if auto else base.attn_implementation
+    if attn == varlen.NAME:
+        varlen.register()
     kwargs: dict[str, Any] = {
         "revision": base.revision,
         "trust_remote_code": base.trust_remote_code,
@@ -209,7 +211,9 @@ def train_loop(config: dict[str, Any]) -> None:
         strategies.skip_cpu_shm_all_reduce()  # before the SFTConfig below starts DeepSpeed's backend
     # "auto" trains padded on SDPA until the rows are tokenized, then decides (`_auto_attention`)
     auto = sweep.base.attn_implementation == fastpath.AUTO_ATTENTION
-    attn, attn_why = fastpath.resolve_attention(sweep.base.attn_implementation, on_gpu, model_config, (False, ""))
+    attn, attn_why = fastpath.resolve_attention(
+        sweep.base.attn_implementation, on_gpu, model_config, lambda compile_s: (False, "")
+    )
     attn_why = attn_why or "auto: until the rows are tokenized"
     chosen = fastpath.choose(on_gpu, model_config.model_type, attn, attn_why)
     path = chosen
@@ -336,7 +340,7 @@ def train_loop(config: dict[str, Any]) -> None:
     if path.active(fastpath.LABEL_INDEX) and trainer.label_index_off:  # the head cannot take the positions
         path = path.with_piece(fastpath.Piece(fastpath.LABEL_INDEX, False, trainer.label_index_off))
         trainer.data_collator = path.collator(tokenizer.pad_token_id)
-    if auto and on_gpu:  # the rows are tokenized now: padding-free on flex attention where it works and pays
+    if auto and on_gpu:  # the rows are tokenized now: padding-free where a varlen kernel works and pays
         micro_batches = budget.max_steps * batching.accum
         path = auto_fast_path(trainer, model_config, batching.micro, micro_batches, path, chosen)
     path = path.with_piece(fastpath.FROZEN_HEAP_PIECE)
@@ -380,9 +384,9 @@ def auto_fast_path(
     """`attn_implementation="auto"` on a CUDA device, decided on the trial's tokenized rows (`trainer.train_dataset`):
     their lengths as the Trainer batches them (`rows` a micro-batch, `micro_batches` in the trial), the base's size
     and the GPU's peak (`memory.GPUS`; a GPU not listed counts as an H100, which can only make padding-free look
-    less worth it) (`fastpath.padding_free_pays`, `resolve_attention`). Padding-free: the model trains on flex
-    attention and the trainer's collator packs each micro-batch into one row. Returns `path` with `chosen`'s pieces
-    (what `fastpath.choose` decided on SDPA) chosen again."""
+    less worth it) (`fastpath.padding_free_pays`, `resolve_attention`). Padding-free: the model trains on torch's
+    varlen kernel (or flex attention) and the trainer's collator packs each micro-batch into one row. Returns `path`
+    with `chosen`'s pieces (what `fastpath.choose` decided on SDPA) chosen again."""
     from lora_search.memory import GPUS
 
     model = trainer.model
@@ -394,9 +398,11 @@ def auto_fast_path(
     peak = next((gpu.bf16_tflops for kind, gpu in GPUS.items() if kind.lower() in name.lower()), None)
     peak = peak or GPUS["H100"].bf16_tflops
     params = sum(p.numel() for p in model.parameters())
-    compiled = fastpath.flex_compiled(model_config)
     grouped = trainer.args.train_sampling_strategy == "group_by_length"  # `Budget.sampling`: less padding to save
-    pays = fastpath.padding_free_pays(lengths, rows, micro_batches, params, peak, compiled, grouped)
+
+    def pays(compile_s: float) -> tuple[bool, str]:
+        return fastpath.padding_free_pays(lengths, rows, micro_batches, params, peak, compile_s, grouped)
+
     attn, why = fastpath.resolve_attention(fastpath.AUTO_ATTENTION, True, model_config, pays)
     if attn != fastpath.AUTO_FALLBACK:
         fastpath.pretrained_model(model).set_attn_implementation(attn)

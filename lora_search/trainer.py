@@ -12,7 +12,7 @@ from typing import Any
 
 from trl import SFTTrainer
 
-from lora_search import fastpath, fused_lora
+from lora_search import fastpath, fused_lora, varlen
 
 
 class TrialTrainer(SFTTrainer):
@@ -142,6 +142,9 @@ class TrialTrainer(SFTTrainer):
         inputs.pop(fastpath.REAL_TOKENS, None)
         inputs.pop(fastpath.ROW_TOKENS, None)  # eval batches list their rows too; they run whole
         counted = inputs.pop(fastpath.LABEL_MASK, None)
+        lengths = inputs.pop(fastpath.SEQ_LENGTHS, None)
+        if lengths is not None:  # a padding-free row: its sequences for varlen kernels, without a device read
+            inputs.update(varlen.cu_lengths(lengths, inputs["input_ids"].shape[1], inputs["input_ids"].device))
         # (an all-masked micro-batch goes to TRL's head, as does every batch where the indexed head is not there)
         if counted is not None and self.label_index_off is None and counted[:, 1:].any():
             inputs["label_index"] = _label_positions(counted, inputs["labels"].device)
@@ -234,6 +237,8 @@ def _rows_of(inputs: dict[str, Any], chunk: list[int], rows: list[int], padded: 
     for key, value in inputs.items():
         if isinstance(value, np.ndarray) and value.ndim >= 2:  # `fastpath.LABEL_MASK`, cut as the labels are
             out[key] = value[chunk, :length] if padded else value[:, span]
+        elif key == fastpath.SEQ_LENGTHS:  # a padding-free row's sequences: those of the chunk's rows
+            out[key] = value[chunk]
         elif not isinstance(value, torch.Tensor) or value.dim() < 2:
             out[key] = value
         elif padded:

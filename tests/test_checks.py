@@ -277,6 +277,9 @@ def test_the_closed_sets_of_names_are_what_the_libraries_offer() -> None:
     from lora_search.config import ATTENTION, OPTIMIZERS, SCHEDULES, Dtype, Placement
 
     assert all(isinstance(getattr(torch, d), torch.dtype) for d in get_args(Dtype) if d != "auto")
+    from lora_search import varlen
+
+    varlen.register()  # "torch_varlen": lora_search's attention function, registered with transformers
     transformers_kernels = {k for key in ALL_ATTENTION_FUNCTIONS.valid_keys() for k in key.split("|")}
     ours = {"auto"}  # lora_search decides it per trial (`fastpath.resolve_attention`)
     assert set(ATTENTION) - ours <= transformers_kernels | {"eager"}, set(ATTENTION) - transformers_kernels - ours

@@ -82,6 +82,36 @@ def test_the_kernel_is_asked_for_causal_grouped_attention_in_each_torch_releases
         assert len(seen) == 1
 
 
+def _one_step(model_dir: Path, attn: str, lengths: list[int], device: str) -> tuple[float, dict[str, Any]]:
+    """One forward and backward of LoRA (random A and B) on rows of `lengths` random tokens: padded with a mask on
+    SDPA, or packed into one row with per-sequence position ids and `varlen.cu_lengths` on "torch_varlen"; fp32 on
+    the CPU, bf16 on CUDA. The loss and every adapter gradient (fp32)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    ids = [torch.randint(3, 300, (n,), generator=torch.Generator().manual_seed(n)).to(device) for n in lengths]
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attn).to(device)
+    model = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False)).train()
+    if attn == "sdpa":
+        batch = torch.zeros(len(ids), max(lengths), dtype=torch.long, device=device)
+        labels, mask = torch.full_like(batch, -100), torch.zeros_like(batch)
+        for i, row in enumerate(ids):
+            batch[i, : len(row)], labels[i, : len(row)], mask[i, : len(row)] = row, row, 1
+        out = model(input_ids=batch, attention_mask=mask, labels=labels)
+    else:
+        packed = torch.cat(ids)[None]
+        labels = packed.clone()
+        labels[0, [sum(lengths[:i]) for i in range(len(lengths))]] = -100  # no sequence predicts the next one's start
+        positions = torch.cat([torch.arange(n, device=device) for n in lengths])[None]
+        kwargs = varlen.cu_lengths(lengths, packed.shape[1], device)
+        out = model(input_ids=packed, position_ids=positions, labels=labels, **kwargs)
+    out.loss.backward()
+    return float(out.loss.detach()), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+
+
 def test_one_step_on_packed_rows_gives_padded_sdpas_loss_and_gradients(
     tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -89,37 +119,11 @@ def test_one_step_on_packed_rows_gives_padded_sdpas_loss_and_gradients(
     "torch_varlen" with the cumulative lengths the trainer hands it (`varlen.cu_lengths`; the kernel stood in on the
     CPU, `torch_varlen_on_cpu`). The loss and every adapter gradient agree to float32 rounding."""
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
 
     calls = torch_varlen_on_cpu(monkeypatch)
     lengths = [5, 17, 9, 30]
-    ids = [torch.randint(3, 300, (n,), generator=torch.Generator().manual_seed(n)) for n in lengths]
-
-    def step(attn: str) -> tuple[float, dict[str, Any]]:
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation=attn)
-        model = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False)).train()
-        if attn == "sdpa":
-            batch = torch.zeros(len(ids), max(lengths), dtype=torch.long)
-            labels = torch.full_like(batch, -100)
-            mask = torch.zeros_like(batch)
-            for i, row in enumerate(ids):
-                batch[i, : len(row)], labels[i, : len(row)], mask[i, : len(row)] = row, row, 1
-            out = model(input_ids=batch, attention_mask=mask, labels=labels)
-        else:
-            packed = torch.cat(ids)[None]
-            labels = packed.clone()
-            starts = [sum(lengths[:i]) for i in range(len(lengths))]
-            labels[0, starts] = -100  # a sequence's first token is not predicted from the one before
-            positions = torch.cat([torch.arange(n) for n in lengths])[None]
-            kwargs = varlen.cu_lengths(lengths, packed.shape[1], "cpu")
-            out = model(input_ids=packed, position_ids=positions, labels=labels, **kwargs)
-        out.loss.backward()
-        return float(out.loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    padded_loss, padded_grads = step("sdpa")
-    packed_loss, packed_grads = step("torch_varlen")
+    padded_loss, padded_grads = _one_step(tiny_model_dir, "sdpa", lengths, "cpu")
+    packed_loss, packed_grads = _one_step(tiny_model_dir, "torch_varlen", lengths, "cpu")
     assert calls == [len(lengths)] * 2  # both layers, on the four sequences
     assert packed_loss == pytest.approx(padded_loss, rel=1e-5)
     assert padded_grads.keys() == packed_grads.keys() and len(padded_grads) > 0
@@ -204,42 +208,13 @@ def test_torch_varlen_matches_sdpa_on_this_gpu_and_auto_takes_it() -> None:
 def test_a_bf16_step_on_torch_varlen_matches_padded_sdpa_on_the_gpu(tiny_model_dir: Path) -> None:
     """The loss and adapter gradients of one bf16 step on the real kernel, packed, against padded SDPA, on CUDA."""
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
 
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU (run with -m gpu on the device machine)")
     varlen.register()
     lengths = [5, 17, 9, 30, 64, 3]
-    ids = [torch.randint(3, 300, (n,), generator=torch.Generator().manual_seed(n)).cuda() for n in lengths]
-
-    def step(attn: str) -> tuple[float, dict[str, Any]]:
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16, attn_implementation=attn)
-        model = get_peft_model(model.cuda(), LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False))
-        model.train()
-        if attn == "sdpa":
-            batch = torch.zeros(len(ids), max(lengths), dtype=torch.long, device="cuda")
-            labels, mask = torch.full_like(batch, -100), torch.zeros_like(batch)
-            for i, row in enumerate(ids):
-                batch[i, : len(row)], labels[i, : len(row)], mask[i, : len(row)] = row, row, 1
-            out = model(input_ids=batch, attention_mask=mask, labels=labels)
-        else:
-            packed = torch.cat(ids)[None]
-            labels = packed.clone()
-            labels[0, [sum(lengths[:i]) for i in range(len(lengths))]] = -100
-            positions = torch.cat([torch.arange(n, device="cuda") for n in lengths])[None]
-            out = model(
-                input_ids=packed,
-                position_ids=positions,
-                labels=labels,
-                **varlen.cu_lengths(lengths, packed.shape[1], "cuda"),
-            )
-        out.loss.backward()
-        return float(out.loss.detach()), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
-
-    padded_loss, padded_grads = step("sdpa")
-    packed_loss, packed_grads = step("torch_varlen")
+    padded_loss, padded_grads = _one_step(tiny_model_dir, "sdpa", lengths, "cuda")
+    packed_loss, packed_grads = _one_step(tiny_model_dir, "torch_varlen", lengths, "cuda")
     assert packed_loss == pytest.approx(padded_loss, rel=1e-2)
     for name, grad in padded_grads.items():
         scale = float(grad.abs().max()) or 1.0

@@ -34,6 +34,7 @@ NAME = "torch_varlen"
 
 _tried: dict[tuple[Any, ...], str | None] = {}
 _repeat_kv = False  # set where the kernel refused fewer key/value heads than query heads (no `enable_gqa`)
+_found_logged: list[bool] = []  # the position-id fallback is logged once a process
 
 
 def available() -> bool:
@@ -143,6 +144,13 @@ def attention(
     rows, heads, tokens, dim = query.shape
     cu, longest = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
     if cu is None:
+        if not _found_logged:
+            _found_logged.append(True)
+            log.warning(
+                "%s: a batch came without cu_seq_lens_q, so each layer finds its sequences from the position ids "
+                "(a device read a layer); lora_search's collator and trainer hand them over (fastpath.SEQ_LENGTHS)",
+                NAME,
+            )
         cu, longest = sequences(kwargs.get("position_ids"), rows, tokens, query.device)
     q, k, v = (t.transpose(1, 2).reshape(rows * tokens, t.shape[1], dim) for t in (query, key, value))
     out = varlen(q, k, v, cu.to(torch.int32), int(longest), scaling)

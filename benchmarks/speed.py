@@ -53,8 +53,8 @@ ATTN_OPTIONS = frozenset({"compiled", "two-node", "ungrouped"})  # --attn KERNEL
 length-grouped steps (`Budget(sampling="group_by_length")`), padding-free on torch's varlen flash kernel
 ("torch_varlen", `lora_search.varlen`), padding-free on flex attention, and the trial path as a sweep runs it by
 default (`attn_implementation="auto"`: torch_varlen where it matches SDPA, else flex where its compile pays, tried in
-the trial; after "flex" its compile finds Inductor's cache warm, as a sweep's later trials do). "eager": HF PEFT padded without Liger, on
-request."""
+the trial; after "flex" its compile finds Inductor's cache warm, as a sweep's later trials do). "eager": HF PEFT
+padded without Liger, on request."""
 COLD_START = ("startup_s", "imports_s", "load_s", "prepare_s", "base_eval_s")  # lora_search.results.TrialRecord's parts
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, by device name
 

@@ -186,14 +186,16 @@ def _key(model_config: Any) -> tuple[Any, ...]:
 
 
 TOLERANCE = 2e-2
-"""How far (max abs) the kernel's output and input gradients may be from SDPA's on each sequence alone, in bf16."""
+"""How far the kernel's bf16 output and input gradients may be from SDPA's in fp32 on each sequence alone, as the
+largest difference over the largest value of each tensor. bf16 keeps 8 bits of mantissa (0.4% a value); an absolute
+bound failed on the H100 (0.031 on gradients of about 8, 2026-12-07), where the kernel was right."""
 
 
 def failure(model_config: Any) -> str | None:
     """None if the kernel trains this model's attention here: the forward and backward of three packed sequences at
     the model's query heads, key/value heads and head size, bf16, on the current CUDA device, through `attention`
-    itself, matching causal SDPA on each sequence alone within `TOLERANCE`. Else why not, one line. Tried once a
-    process and shape; no compile."""
+    itself, matching causal SDPA (fp32) on each sequence alone within `TOLERANCE`. Else why not, one line. Tried once
+    a process and shape; no compile."""
     import torch
 
     if not available():
@@ -220,8 +222,11 @@ def failure(model_config: Any) -> str | None:
         grad = torch.randn(out.shape, device=device, dtype=out.dtype, generator=generator)
         got = [out, *torch.autograd.grad(out, (q, k, v), grad)]
         want = _reference(q, k, v, lengths, scale, grad)
-        worst = max(float((a.float() - b.float()).abs().max()) for a, b in zip(got, want, strict=True))
-        failure_ = None if worst <= TOLERANCE else f"differs from SDPA by {worst:.3g} (tolerance {TOLERANCE})"
+        worst = max(
+            float((a.float() - b).abs().max()) / max(float(b.abs().max()), 1e-6) for a, b in zip(got, want, strict=True)
+        )
+        failure_ = None if worst <= TOLERANCE else f"differs from SDPA by {worst:.3g} of its largest value"
+        log.info("torch's varlen kernel against SDPA at %s: %.3g of the largest value (at most %s)", key, worst, TOLERANCE)
     except Exception as e:  # any failure to run means another kernel, with its reason
         failure_ = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
     _tried[key] = failure_
@@ -231,11 +236,12 @@ def failure(model_config: Any) -> str | None:
 
 
 def _reference(q: Any, k: Any, v: Any, lengths: list[int], scale: float, grad: Any) -> list[Any]:
-    """SDPA on each sequence alone: the output (batch, tokens, heads, dim) and the gradients of q, k, v."""
+    """SDPA in fp32 on each sequence alone: the output (batch, tokens, heads, dim) and the gradients of q, k, v."""
     import torch
     import torch.nn.functional as F
 
-    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    leaves = [t.detach().float().requires_grad_(True) for t in (q, k, v)]
+    grad = grad.float()
     parts, start = [], 0
     for n in lengths:
         span = slice(start, start + n)

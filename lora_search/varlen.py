@@ -226,7 +226,7 @@ def failure(model_config: Any) -> str | None:
             float((a.float() - b).abs().max()) / max(float(b.abs().max()), 1e-6) for a, b in zip(got, want, strict=True)
         )
         failure_ = None if worst <= TOLERANCE else f"differs from SDPA by {worst:.3g} of its largest value"
-        log.info("torch's varlen kernel against SDPA at %s: %.3g of the largest value (at most %s)", key, worst, TOLERANCE)
+        log.info("torch's varlen kernel vs SDPA at %s: %.3g of the largest value (at most %s)", key, worst, TOLERANCE)
     except Exception as e:  # any failure to run means another kernel, with its reason
         failure_ = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
     _tried[key] = failure_

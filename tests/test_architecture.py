@@ -35,6 +35,7 @@ ROOMS = {
         "devices",
         "memory",
         "fastpath",
+        "varlen",  # torch's varlen flash kernel as transformers' "torch_varlen" attention (padding-free)
         "compiled_layers",  # the compiled-layers piece: one torch.compile of the decoder layer, shared by every layer
         "idle",  # a profiled window's device idle gaps named by the host's ops (the trial's kernel profile)
         "fused_lora",  # fused-lora-add: a LoRA layer's forward and its one-autograd-node form (solo and packed)

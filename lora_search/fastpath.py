@@ -402,16 +402,7 @@ def padding_free_pays(
 
 def flex_compiled(model_config: Any) -> bool:
     """Whether flex attention at this model's head shape already trained in this process (`flex_failure`)."""
-    return _flex_tried.get(_flex_key(model_config), "untried") is None
-
-
-def _flex_key(model_config: Any) -> tuple[Any, ...]:
-    import torch
-
-    heads = int(model_config.num_attention_heads)
-    kv_heads = int(getattr(model_config, "num_key_value_heads", None) or heads)
-    head_dim = int(getattr(model_config, "head_dim", None) or model_config.hidden_size // heads)
-    return (torch.cuda.get_device_name(torch.cuda.current_device()), heads, kv_heads, head_dim)
+    return _flex_tried.get(varlen.head_shape(model_config), "untried") is None
 
 
 def flex_failure(model_config: Any) -> str | None:
@@ -422,7 +413,7 @@ def flex_failure(model_config: Any) -> str | None:
     the model's first packed batch recompiles it for dynamic lengths, as it would without this try."""
     import torch
 
-    key = _flex_key(model_config)
+    key = varlen.head_shape(model_config)
     _, heads, kv_heads, head_dim = key
     device = torch.device("cuda", torch.cuda.current_device())
     if key in _flex_tried:

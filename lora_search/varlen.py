@@ -176,7 +176,8 @@ def cu_lengths(lengths: Any, tokens: int, device: Any) -> dict[str, Any]:
     return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
 
-def _key(model_config: Any) -> tuple[Any, ...]:
+def head_shape(model_config: Any) -> tuple[Any, ...]:
+    """(the current CUDA device's name, query heads, key/value heads, head size): what a kernel's trial is kept by."""
     import torch
 
     heads = int(model_config.num_attention_heads)
@@ -202,7 +203,7 @@ def failure(model_config: Any) -> str | None:
         return f"torch {torch.__version__} has no torch.nn.attention.varlen (torch 2.10 and later)"
     if (why := unsupported(model_config)) is not None:
         return why
-    key = _key(model_config)
+    key = head_shape(model_config)
     if key in _tried:
         return _tried[key]
     _, heads, kv_heads, head_dim = key

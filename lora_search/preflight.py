@@ -241,6 +241,9 @@ def _token_problems(sweep: Sweep) -> list[Problem]:
 # are then never given back, and the next trial waits for them for ever (seen on a GPU machine: no error, no report).
 RAY_DASHBOARD_MODULES = ("aiohttp_cors", "opencensus")
 
+CUDA_ONLY_ATTENTION = frozenset({varlen.NAME, "flash_attention_2", "flash_attention_3"})
+"""Attention kernels with no CPU implementation: a sweep naming one on CPU-only workers fails in every trial."""
+
 
 def _hardware(sweep: Sweep) -> list[Problem]:
     out = []
@@ -256,8 +259,28 @@ def _hardware(sweep: Sweep) -> list[Problem]:
                 "pip install flash-attn on every GPU node, or use 'sdpa' (or 'flex_attention' for padding-free)",
             )
         )
-    if sweep.base.attn_implementation == varlen.NAME:
-        out.extend(_torch_varlen_problems(sweep))
+    attn = sweep.base.attn_implementation
+    if attn in CUDA_ONLY_ATTENTION and sweep.resources.gpus_per_worker <= 0:
+        out.append(
+            Problem(
+                "base.attn_implementation",
+                attn,
+                f"{attn} runs on CUDA GPUs only, but resources.gpus_per_worker = 0",
+                "use 'auto' (it picks a varlen kernel wherever a trial has a GPU it runs on, SDPA elsewhere), or "
+                "give the workers GPUs",
+            )
+        )
+    if attn == varlen.NAME and not os.environ.get("RAY_ADDRESS") and not varlen.available():
+        import torch  # this driver's torch is the trials' (no RAY_ADDRESS: a cluster's nodes have their own)
+
+        out.append(
+            Problem(
+                "base.attn_implementation",
+                attn,
+                f"torch {torch.__version__} has no torch.nn.attention.varlen",
+                "pip install 'torch>=2.10', or use 'auto' / 'sdpa'",
+            )
+        )
     missing = [m for m in RAY_DASHBOARD_MODULES if importlib.util.find_spec(m) is None]
     if missing and not os.environ.get("RAY_ADDRESS"):  # a cluster's head node has its own install
         out.append(
@@ -309,33 +332,6 @@ def _hardware(sweep: Sweep) -> list[Problem]:
                 names,
                 "needs bitsandbytes, which is not installed",
                 "pip install 'lora-search[gpu]' (or bitsandbytes)",
-            )
-        )
-    return out
-
-
-def _torch_varlen_problems(sweep: Sweep) -> list[Problem]:
-    """What "torch_varlen" needs: CUDA workers, and torch 2.10 or later where this driver's torch is the trials' (no
-    `RAY_ADDRESS`: a cluster's nodes have their own install)."""
-    out = []
-    if sweep.resources.gpus_per_worker <= 0:
-        out.append(
-            Problem(
-                "base.attn_implementation",
-                varlen.NAME,
-                "torch's varlen flash kernel runs on CUDA GPUs only, but resources.gpus_per_worker = 0",
-                "use 'auto' (it takes torch_varlen wherever a trial has a GPU it runs on), or give the workers GPUs",
-            )
-        )
-    if not os.environ.get("RAY_ADDRESS") and not varlen.available():
-        import torch
-
-        out.append(
-            Problem(
-                "base.attn_implementation",
-                varlen.NAME,
-                f"torch {torch.__version__} has no torch.nn.attention.varlen",
-                "pip install 'torch>=2.10', or use 'auto' / 'sdpa'",
             )
         )
     return out

@@ -155,7 +155,9 @@ def test_preflight_names_what_torch_varlen_needs_before_any_compute(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A sweep naming "torch_varlen" gets, at once: CPU-only workers, a torch without the kernel, and a base whose
-    attention has a sliding window, each with the field, the value and a fix."""
+    attention has a sliding window, each with the field, the value and a fix; any kernel with no CPU implementation
+    on CPU-only workers is named the same way."""
+    import dataclasses
     import json
     import shutil
 
@@ -182,10 +184,15 @@ def test_preflight_names_what_torch_varlen_needs_before_any_compute(
     found = [p for p in preflight.problems(sweep) if p.field == "base.attn_implementation"]
     texts = [f"{p.value}: {p.message} ({p.fix})" for p in found]
     assert len(found) == 3, texts
-    assert any("CUDA GPUs only, but resources.gpus_per_worker = 0" in t and "use 'auto'" in t for t in texts)
+    assert any("torch_varlen runs on CUDA GPUs only, but resources.gpus_per_worker = 0" in t for t in texts)
     assert any("has no torch.nn.attention.varlen" in t and "torch>=2.10" in t for t in texts)
     assert any("a sliding window of 64 tokens" in t and "'flex_attention'" in t for t in texts)
     assert all(p.value == "torch_varlen" for p in found)
+    # the class: every kernel with no CPU implementation, on CPU-only workers
+    for kernel in ("flash_attention_2", "flash_attention_3"):
+        named = dataclasses.replace(sweep, base=dataclasses.replace(sweep.base, attn_implementation=kernel))
+        cpu = [p for p in preflight.problems(named) if "CUDA GPUs only" in p.message]
+        assert [(p.field, p.value) for p in cpu] == [("base.attn_implementation", kernel)], cpu
 
 
 @pytest.mark.gpu

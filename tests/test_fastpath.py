@@ -762,16 +762,21 @@ def test_an_auto_trial_decides_on_its_tokenized_rows_and_switches_kernel_and_col
 
 
 @pytest.mark.gpu
-def test_flex_attention_trains_on_this_gpu_and_the_verdict_is_kept() -> None:
+def test_flex_attention_trains_on_this_gpu_and_the_verdict_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flex attention as auto's second choice: where torch's varlen kernel is refused (stood in here), auto trains on
+    flex if it runs on this GPU."""
     from types import SimpleNamespace
 
     import torch
+
+    from lora_search import varlen
 
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU (run with -m gpu on the device machine)")
 
     llama = SimpleNamespace(model_type="llama", num_attention_heads=32, num_key_value_heads=8, hidden_size=4096)
     assert fastpath.flex_failure(llama) is None
+    monkeypatch.setattr(varlen, "failure", lambda config: "refused here for this test")
     assert fastpath.resolve_attention("auto", True, llama)[0] == "flex_attention"
     assert list(fastpath._flex_tried.values()) == [None]  # tried once, kept for the process's next trial
 
